@@ -198,3 +198,65 @@ def test_samples_decode_only_their_own_frames_and_pad_the_action_chunk(data, mon
         np.testing.assert_array_equal(sample["targets"].numpy(),
                                       training.targets.cache.read(episode.key, step)[0])
     assert decoded == [1, 1, 1]                       # one step's frames per sample, none for the chunk
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--align-weight", "0", "--align-layer", "99"], "--align-layer must be in 1..4 for --model-size tiny"),
+    (["--align-weight", "0", "--align-layer", "0"], "--align-layer must be in 1..4"),
+    (["--align-weight", "0", "--lr", "-1"], "--lr must be a positive finite number, got -1.0"),
+    (["--align-weight", "0", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
+    (["--align-weight", "0", "--workers", "-1"], "these must be >= 0: --workers -1"),
+    (["--align-weight", "0", "--val-episodes", "-1"], "--val-episodes -1"),
+    (["--online-vggt", "random:tiny", "--cache-layer", "99"], "--cache-layer 99: the --online-vggt model random:tiny "
+                                                               "has layers 0..3"),
+])
+def test_bad_options_are_one_line_errors(data, tmp_path, capsys, option, message):
+    source, _ = data
+    status = sf("train", "--source", str(source), "--out", str(tmp_path / "run"), "--steps", "1", *TINY, *option)
+    error = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in error
+    assert message in error
+
+
+def test_an_unusable_out_or_checkpoint_is_a_one_line_error(data, tmp_path, capsys):
+    source, store = data
+    args = ["train", "--source", str(source), "--cache", str(store), "--steps", "1", *TINY]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    assert sf(*args, "--out", str(a_file)) == 2
+    assert f"--out {a_file}: is a file" in capsys.readouterr().err
+    out = tmp_path / "run"
+    out.mkdir()
+    for damaged, expected in [(b"garbage", "not a readable sf train checkpoint"), (None, "missing step, model")]:
+        if damaged is None:
+            torch.save({"weights": 1}, out / CHECKPOINT)
+        else:
+            (out / CHECKPOINT).write_bytes(damaged)
+        assert sf(*args, "--out", str(out)) == 2
+        error = capsys.readouterr().err
+        assert "Traceback" not in error and expected in error and "--no-resume" in error
+    assert sf(*args, "--out", str(out), "--no-resume", "--val-episodes", "0") == 0   # the way out it names works
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_metrics_stay_json(data, tmp_path, monkeypatch):
+    import train.loop as loop
+
+    source, store = data
+    real, calls = loop.compute_losses, []
+
+    def turns_nan_at_step_3(model, sf_loss, batch, align_weight):
+        losses = real(model, sf_loss, batch, align_weight)
+        calls.append(1)
+        if len(calls) == 3:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(loop, "compute_losses", turns_nan_at_step_3)
+    out = tmp_path / "run"
+    config = TrainConfig(source=source, cache=store, out=out, steps=6, batch_size=4, model_size="tiny", grid=GRID,
+                         workers=0, warmup_steps=2, save_every=1, val_every=100, log_every=1, val_episodes=0)
+    with pytest.raises(loop.SfcacheError, match="step 3: the loss is not finite .*is kept as it was"):
+        Trainer(config).run()
+    logged = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]   # strict JSON, no NaN
+    assert [r["step"] for r in logged] == [1, 2]
+    assert torch.load(out / CHECKPOINT, weights_only=False)["step"] == 2

@@ -102,8 +102,13 @@ def open_training_data(source_path: Path, cache_path: Path | None, views: tuple[
     return TrainingData(
         train=StepDataset(source, train, chunk, text_len, targets),
         val=StepDataset(source, [e for i, e in enumerate(episodes) if i in held_out], chunk, text_len, targets),
-        views=tuple(source.views), proprio_mean=proprio.mean(0), proprio_std=proprio.std(0).clamp(min=1e-3),
+        views=tuple(source.views), proprio_mean=proprio.mean(0), proprio_std=_spread(proprio),
         action_dim=source.read(train[0].key, 0, 1).actions.shape[1], targets=targets, identity=identity)
+
+
+def _spread(proprio: torch.Tensor) -> torch.Tensor:
+    """Per-dimension std for standardising; 1 where one sample leaves it undefined, floored against zero."""
+    return proprio.std(0).clamp(min=1e-3) if len(proprio) > 1 else torch.ones(proprio.shape[1])
 
 
 def _proprio_sample(source: Source, episodes: list[EpisodeRows], per_episode: int = 2,

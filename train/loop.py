@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,16 @@ class TrainConfig:
         small = [f"--{name} {value}" for name, value in counts.items() if value < 1]
         if small:
             raise SfcacheError(f"these must be >= 1: {', '.join(small)}")
+        negative = {"warmup-steps": self.warmup_steps, "val-episodes": self.val_episodes, "workers": self.workers}
+        below = [f"--{name} {value}" for name, value in negative.items() if value < 0]
+        if below:
+            raise SfcacheError(f"these must be >= 0: {', '.join(below)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SfcacheError(f"--lr must be a positive finite number, got {self.lr}")
+        depth = SIZES[self.model_size][1]
+        if self.align_layer is not None and not 1 <= self.align_layer <= depth:
+            raise SfcacheError(f"--align-layer must be in 1..{depth} for --model-size {self.model_size} "
+                               f"(default {round(depth * 3 / 4)}), got {self.align_layer}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -160,10 +171,9 @@ class Trainer:
         self.device = resolve_device(c.device)
         if c.deterministic:
             torch.use_deterministic_algorithms(True)
-        c.out.mkdir(parents=True, exist_ok=True)
+        _writable_folder(c.out)
         self.checkpoint_path, self.metrics_path, self.plot_path = c.out / CHECKPOINT, c.out / METRICS, c.out / PLOT
-        saved = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False) \
-            if c.resume and self.checkpoint_path.exists() else None
+        saved = load_checkpoint(self.checkpoint_path) if c.resume and self.checkpoint_path.exists() else None
         self.data: TrainingData = open_training_data(  # the baseline (alpha = 0) reads no targets
             c.source, c.cache if c.align_weight > 0 else None, c.views, (c.grid, c.grid),
             chunk=PolicyConfig.chunk, text_len=PolicyConfig.text_len,
@@ -255,8 +265,10 @@ class Trainer:
             self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
+        """One JSON line; a non-finite number (an overflowing gradient norm) is written as null, never NaN."""
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
 
     # -- training
 
@@ -286,6 +298,11 @@ class Trainer:
         self.model.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             losses = compute_losses(self.model, self.sf_loss, batch, c.align_weight)
+        if not torch.isfinite(losses["loss"]):
+            parts = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
+            kept = f"{self.checkpoint_path} is kept as it was" if self.checkpoint_path.exists() else "nothing was saved"
+            raise SfcacheError(f"step {self.step + 1}: the loss is not finite ({parts}); {kept}. "
+                               "Lower --lr, or check the data's actions and proprio for extreme values")
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -340,6 +357,38 @@ class Trainer:
         return {"out": str(c.out), "checkpoint": str(self.checkpoint_path), "metrics": str(self.metrics_path),
                 "plot": str(self.plot_path), "steps": self.step, "resumed_from": self.resumed_from,
                 "mean_step_time_s": float(np.median(step_times)) if step_times else None, **val_metrics}
+
+
+REQUIRED_CHECKPOINT_KEYS = ("step", "model", "sf_loss", "optimizer", "scheduler", "rng", "action_sum",
+                            "action_count", "policy", "identity", "config")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by `sf train`; a truncated or foreign file is a one-line error saying what to do."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch.load raises many kinds (unpickling, zip, EOF) for a damaged file
+        raise SfcacheError(f"{path}: not a readable sf train checkpoint ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else 'no detail'}); delete it or pass "
+                           "--no-resume to start over") from None
+    missing = [k for k in REQUIRED_CHECKPOINT_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise SfcacheError(f"{path}: not an sf train checkpoint (missing {', '.join(missing)}); delete it or pass "
+                           "--no-resume to start over")
+    return saved
+
+
+def _writable_folder(out: Path) -> None:
+    """Create the run folder and prove it takes files now, before any data is read."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except FileExistsError:
+        raise SfcacheError(f"--out {out}: is a file; expected a run folder (new or from an earlier sf train)") from None
+    except OSError as error:
+        raise SfcacheError(f"--out {out}: cannot write there ({error.strerror or error}); "
+                           "choose a writable folder") from None
 
 
 def train(config: TrainConfig) -> dict:
