@@ -45,8 +45,10 @@ def _message_classes() -> dict[str, type]:
                       type_name=".tensorflow.Features")
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fd)
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.{name}"))
-            for name in ("Example", "Features", "Feature")}
+    # protobuf >= 4.21 has GetMessageClass; older ones (TensorFlow 2.15 allows 3.20) only the factory
+    message_class = (getattr(message_factory, "GetMessageClass", None)
+                     or message_factory.MessageFactory(pool).GetPrototype)
+    return {name: message_class(pool.FindMessageTypeByName(f"tensorflow.{name}")) for name in ("Example", "Feature")}
 
 
 Example = _message_classes()["Example"]
