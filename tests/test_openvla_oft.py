@@ -32,12 +32,13 @@ from sfcache.errors import SfcacheError, StoreError
 from sfcache.extract import ExtractConfig, extract
 from sfcache.integrations import openvla_oft as sf_oft
 from sfcache.pooling import pooled_targets
-from sfcache.sources import open_source
+from sfcache.sources import EpisodeInfo, open_source
 from sfcache.sources.synthetic import write_libero_rlds
-from sfcache.store import open_cache
+from sfcache.store import create_store, lock_store, open_cache, pack_episodes
 from sfcache.torch import CachedTargets, SpatialForcingLoss, crop_target_grid
 from sfcache.vggt import load_vggt
 from sfcache.vggt.preprocess import preprocess
+from tests.test_store import build, make_config
 from train.augment import crop_images
 
 EPISODES, STEPS, FUTURE, SIZE, POLICY = 4, 6, 2, 96, 224
@@ -242,3 +243,24 @@ def test_sfcache_imports_after_tensorflow():
             "print(tensorflow.train.Example.FromString(Example().SerializeToString()) is not None)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("True"), result.stderr[-2000:]
+
+
+def test_tfds_ids_resolve_through_recorded_shards_and_old_stores_still_open_and_resume(tmp_path):
+    build(tmp_path / "old")                                   # a store made before shards were recorded
+    old = CachedTargets(tmp_path / "old", add_position_embedding=False)
+    assert old.cache.key_for("s-train.tfrecord-00000-of-00002__0") == "s-train.tfrecord-00000-of-00002__0"
+    with pytest.raises(StoreError, match="is not in the cache"):
+        old.get("s-train.tfrecord-00000-of-00002__0", 0)
+    episodes = pack_episodes([EpisodeInfo(f"suite_no_noops/episode_{i:06d}", "x", n) for i, n in enumerate((5, 7, 3))])
+    shards = [["suite_no_noops", "s-train.tfrecord-00000-of-00002", 2],
+              ["suite_no_noops", "s-train.tfrecord-00001-of-00002", 1]]
+    source = {**make_config().source, "format": "libero_rlds", "tfds_shards": shards}
+    _, values = build(tmp_path / "new", episodes=episodes, source=source)
+    new = CachedTargets(tmp_path / "new", add_position_embedding=False)
+    got = new.targets_for([b"s-train.tfrecord-00001-of-00002__0", "s-train.tfrecord-00000-of-00002__1"], [2, 6],
+                          lengths=torch.tensor([3, 7]))
+    np.testing.assert_array_equal(got.numpy(), values[[5 + 7 + 2, 5 + 6]].astype(np.float16).astype(np.float32))
+    with pytest.raises(StoreError, match="'s-train.tfrecord-00000-of-00002__1' has 7 steps in the cache but 8"):
+        new.get("s-train.tfrecord-00000-of-00002__1", 0, length=8)
+    with lock_store(tmp_path / "new"):                        # shards recorded or not: the same store resumes
+        create_store(tmp_path / "new", make_config(episodes=episodes, source={**source, "tfds_shards": None}))
