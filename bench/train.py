@@ -24,12 +24,13 @@ import numpy as np
 import torch
 import zarr
 
+from sfcache.crop import crop_target_grid
 from sfcache.extract import ExtractConfig, extract
 from sfcache.sources import EpisodeInfo
 from sfcache.sources.synthetic import write_libero_hdf5
 from sfcache.store import StoreConfig, create_store, lock_store, pack_episodes
 from sfcache.torch import CachedTargets
-from train.augment import crop_target_grid, random_boxes
+from train.augment import random_boxes
 from train.loop import StepBatches, TrainConfig, Trainer, prepare
 
 PRESETS = {"tiny": {"weights": "random:tiny", "model": "tiny", "demos": 2, "steps": 8, "batch": 8, "timed": 8,

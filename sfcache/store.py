@@ -168,7 +168,7 @@ def _differences(stored: dict, asked: dict) -> dict[str, tuple[object, object]]:
               "targets.layers", "targets.grid", "targets.views", "targets.channels", "targets.dtype",
               "targets.codec", "targets.checksum", "steps_per_shard", "selection"]
     fields += sorted(f"source.{k}" for k in set(stored.get("source", {})) | set(asked.get("source", {}))
-                     if k != "path")   # a moved dataset is the same dataset; the fingerprint says so
+                     if k not in ("path", "tfds_shards"))   # a moved dataset is the same; the fingerprint says so
     diff = {f: (at(stored, f), at(asked, f)) for f in fields if at(stored, f) != at(asked, f)}
     if stored.get("episodes") != asked.get("episodes"):
         diff["episodes"] = tuple(_episodes_summary(a.get("episodes") or []) for a in (stored, asked))
@@ -359,13 +359,14 @@ class Cache:
         self._zstore = None
         self._arrays: dict[str, zarr.Array] = {}
         self._records: dict[str, EpisodeRecord] | None = None
+        self._tfds_ids: dict[str, str] | None = None
         self._known_done: set[int] = set()
 
     def __getstate__(self):
         if self.mode != "r":
             raise StoreError(f"{self.path}: only a read-only Cache can be sent to another process")
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("_zstore", "_arrays", "_records", "_known_done")}
+                if k not in ("_zstore", "_arrays", "_records", "_tfds_ids", "_known_done")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -378,14 +379,22 @@ class Cache:
     # -- index
 
     def episode(self, key: str) -> EpisodeRecord:
-        """The rows of episode `key`."""
+        """The rows of episode `key` (a store key, or an RLDS episode's TFDS id: see `key_for`)."""
         if self._records is None:
             self._records = {e[0]: EpisodeRecord(*e) for e in self.attrs["episodes"]}
         try:
-            return self._records[key]
+            return self._records[self.key_for(key)]
         except KeyError:
             raise StoreError(f"{self.path}: episode {key!r} is not in this store "
                              f"({len(self.episodes)} episodes, e.g. {self.episodes[:3]})") from None
+
+    def key_for(self, name: str) -> str:
+        """The store key of `name`: a key is itself; a TFDS id (`<shard file>__<index>`, what TFDS's
+        `ReadConfig(add_tfds_id=True)` yields) maps through the source's recorded shard list."""
+        if self._tfds_ids is None:
+            from sfcache.sources.libero_rlds import tfds_ids   # only RLDS stores record shards
+            self._tfds_ids = tfds_ids(self.attrs.get("source", {}).get("tfds_shards", []))
+        return self._tfds_ids.get(name, name)
 
     def shard_rows(self, shard: int) -> slice:
         """Rows [start, stop) of a shard."""

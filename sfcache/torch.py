@@ -8,6 +8,7 @@ with the pooled position embedding added) and `SpatialForcingLoss` (projector + 
 
 from __future__ import annotations
 
+import math
 import os
 from operator import itemgetter
 from pathlib import Path
@@ -18,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sfcache.crop import crop_target_grid
 from sfcache.errors import SfcacheError, StoreError
 from sfcache.pooling import pool_grid, position_embedding
 from sfcache.store import open_cache
 
-__all__ = ["CachedTargets", "SpatialForcingLoss", "WithTargets", "pooled_position_embedding"]
+__all__ = ["CachedTargets", "SpatialForcingLoss", "WithTargets", "crop_target_grid", "pooled_position_embedding"]
 
 class CachedTargets(torch.utils.data.Dataset):
     """Cached SF targets, float32 [V, h*w, C] per step, indexed by flat row or (episode key, step).
@@ -69,28 +71,56 @@ class CachedTargets(torch.utils.data.Dataset):
         """DataLoader's batched fetch: one store read for the whole batch."""
         return list(self.read_rows(indices))
 
-    def row(self, key: str, step: int) -> int:
-        """Flat row of `step` in episode `key`; StoreError naming the key and range if absent."""
-        if key not in self._starts:
+    @property
+    def tokens(self) -> int:
+        """Target tokens per sample (views x h*w): how many visual tokens of the policy to align."""
+        return len(self.views) * self.grid[0] * self.grid[1]
+
+    def row(self, key: str | bytes, step: int, length: int | None = None) -> int:
+        """Flat row of `step` in episode `key` (a store key or an RLDS TFDS id); StoreError naming the key
+        and range if absent. With `length` (the episode's length in your pipeline) a store episode of
+        another length is an error, so a key that names other data cannot silently misalign."""
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        found = self._starts.get(key) or self._starts.get(self.cache.key_for(key))
+        if found is None:
             raise StoreError(f"{self.store}: episode {key!r} is not in the cache")
-        start, length = self._starts[key]
-        if not 0 <= step < length:
-            raise StoreError(f"{self.store}: episode {key!r} has steps [0, {length}), asked step {step}")
+        start, stored = found
+        if length is not None and int(length) != stored:
+            raise StoreError(f"{self.store}: episode {key!r} has {stored} steps in the cache but {int(length)} in "
+                             "your data pipeline; the cache was made from other data (re-extract it from this dataset)")
+        if not 0 <= step < stored:
+            raise StoreError(f"{self.store}: episode {key!r} has steps [0, {stored}), asked step {step}")
         return start + int(step)
 
-    def get(self, key: str, step: int) -> torch.Tensor:
+    def get(self, key: str, step: int, length: int | None = None) -> torch.Tensor:
         """Targets of one step: float32 [V, h*w, C]."""
-        return self.read_rows([self.row(key, step)])[0]
+        return self.read_rows([self.row(key, step, length)])[0]
 
-    def targets_for(self, keys: Sequence[str], steps: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """Targets of a batch joined by (episode key, step): float32 [B, V, h*w, C]."""
+    def targets_for(self, keys: Sequence[str], steps: Sequence[int] | torch.Tensor,
+                    lengths: Sequence[int] | torch.Tensor | None = None,
+                    boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """Targets of a batch joined by (episode key or TFDS id, step): float32 [B, V, h*w, C].
+
+        `lengths`: each episode's length in your pipeline, checked against the store (see `row`).
+        `boxes`: the crop each sample's views were augmented with, [B, 4] or [B, V, 4] (y0, x0, y1, x1
+        in image fractions): the grid is resampled over the box before the position embedding is added.
+        """
         steps = steps.tolist() if isinstance(steps, torch.Tensor) else steps
-        return self.read_rows([self.row(k, int(s)) for k, s in zip(keys, steps, strict=True)])
+        lengths = lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths
+        lengths = [None] * len(keys) if lengths is None else lengths
+        rows = [self.row(k, int(s), n) for k, s, n in zip(keys, steps, lengths, strict=True)]
+        if boxes is None:
+            return self.read_rows(rows)
+        values = crop_target_grid(self._read(rows), self.grid, self.native_grid, boxes)
+        return values + self.position_embedding() if self.add_position_embedding else values
 
     def read_rows(self, rows: Sequence[int]) -> torch.Tensor:
         """Targets of flat rows: float32 [B, V, h*w, C] (one batched store read)."""
-        values = torch.from_numpy(np.ascontiguousarray(self.cache.read_rows(np.asarray(rows), layer=self.layer)))
+        values = self._read(rows)
         return values + self.position_embedding() if self.add_position_embedding else values
+
+    def _read(self, rows: Sequence[int]) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.cache.read_rows(np.asarray(rows), layer=self.layer)))
 
     def position_embedding(self) -> torch.Tensor:
         """pool(E): SF's position embedding pooled from VGGT's native grid to the cache grid, [h*w, C].
@@ -183,10 +213,12 @@ class SpatialForcingLoss(nn.Module):
         `per_sample` also the [B] per-sample losses.
         """
         batch, tokens = vla_tokens.shape[:2]
-        targets = targets.reshape(batch, tokens, -1) if targets.dim() == 4 else targets
-        if targets.shape[:2] != (batch, tokens):
-            raise SfcacheError(f"SpatialForcingLoss: {tokens} VLA tokens per sample but targets have shape "
-                               f"{tuple(targets.shape)}")
+        if targets.dim() not in (3, 4) or targets.shape[0] != batch or math.prod(targets.shape[1:-1]) != tokens:
+            raise SfcacheError(f"SpatialForcingLoss: VLA tokens {tuple(vla_tokens.shape)} [B, N, D] do not pair with "
+                               f"targets {tuple(targets.shape)} [B, N, C] or [B, V, T, C] with V*T = N: slice exactly "
+                               "the visual tokens (OpenVLA-OFT: hidden_states[L][:, 2:2 + targets.tokens], with or "
+                               "without proprio)")
+        targets = targets.reshape(batch, tokens, -1)
         cos = (F.normalize(self.project(vla_tokens).float(), dim=-1) * F.normalize(targets.float(), dim=-1)).sum(-1)
         if mask is None:
             per = 1.0 - cos.mean(dim=1)

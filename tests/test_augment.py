@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.augment import center_boxes, colour_jitter, crop_images, crop_target_grid, random_boxes
+from sfcache.crop import crop_target_grid
+from sfcache.errors import SfcacheError
+from train.augment import center_boxes, colour_jitter, crop_images, random_boxes
 
 NATIVE, GRID, CHANNELS = 37, 16, 6
 
@@ -105,3 +107,16 @@ def test_colour_jitter_is_seeded_bounded_and_keeps_grey_grey():
     assert torch.allclose(jittered[:, :, 1], jittered[:, :, 2], atol=1e-5)
     no_change = colour_jitter(images, torch.Generator().manual_seed(0), 0, 0, 0, 0)
     assert torch.allclose(no_change, images, atol=1e-5)
+
+
+def test_per_view_boxes_crop_each_view_like_its_own_per_sample_box():
+    torch.manual_seed(0)
+    cached = torch.randn(3, 2, GRID * GRID, CHANNELS)
+    boxes = random_boxes(6, torch.Generator().manual_seed(4)).view(3, 2, 4)
+    both = crop_target_grid(cached, (GRID, GRID), (NATIVE, NATIVE), boxes)
+    for view in range(2):
+        alone = crop_target_grid(cached[:, view:view + 1], (GRID, GRID), (NATIVE, NATIVE), boxes[:, view])
+        torch.testing.assert_close(both[:, view:view + 1], alone)
+    assert not torch.allclose(both[:, 0], crop_target_grid(cached, (GRID, GRID), (NATIVE, NATIVE), boxes[:, 1])[:, 0])
+    with pytest.raises(SfcacheError, match=r"crop boxes of shape \(3, 3, 4\) do not fit 3 samples x 2 views"):
+        crop_target_grid(cached, (GRID, GRID), (NATIVE, NATIVE), torch.zeros(3, 3, 4))

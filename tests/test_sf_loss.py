@@ -105,8 +105,11 @@ def test_shape_and_option_errors_are_clear():
     with pytest.raises(SfcacheError, match="norm must be one of"):
         SpatialForcingLoss(4, 4, norm="rmsnorm")
     loss_fn = SpatialForcingLoss(4, 6)
-    with pytest.raises(SfcacheError, match="5 VLA tokens per sample"):
+    with pytest.raises(SfcacheError, match=r"VLA tokens \(2, 5, 4\) .* targets \(2, 4, 6\)"):
         loss_fn(torch.randn(2, 5, 4), torch.randn(2, 4, 6))
+    # OFT with proprio: 2 views x 4 tokens + the proprio token sliced by mistake
+    with pytest.raises(SfcacheError, match=r"VLA tokens \(2, 9, 4\) .* targets \(2, 2, 4, 6\).*without proprio"):
+        loss_fn(torch.randn(2, 9, 4), torch.randn(2, 2, 4, 6))
     with pytest.raises(SfcacheError, match="does not divide"):
         loss_fn(torch.randn(2, 5, 4), torch.randn(2, 5, 6), torch.ones(2, 2, dtype=torch.bool))
 

@@ -17,15 +17,14 @@ import h5py
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from tfrecord.example_pb2 import Example
-from tfrecord.writer import TFRecordWriter
 from typer.testing import CliRunner
 
 from cli.main import app, main
 from sfcache.errors import SourceError
 from sfcache.sources import open_source
 from sfcache.sources import synthetic as syn
-from sfcache.sources.libero_rlds import read_record
+from sfcache.sources.libero_rlds import read_record, write_record
+from sfcache.sources.tf_example import Example
 
 
 @dataclass
@@ -61,9 +60,7 @@ def rewrite_record(shard: Path, index: int, mutate: Callable[[Example], None]) -
     mutate(records[index].features.feature)
     with open(shard, "wb") as handle:
         for example in records:
-            data = example.SerializeToString()
-            length = struct.pack("<Q", len(data))
-            handle.write(length + TFRecordWriter.masked_crc(length) + data + TFRecordWriter.masked_crc(data))
+            write_record(handle, example.SerializeToString())
 
 
 def set_floats(feature, values) -> None:

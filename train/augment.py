@@ -5,7 +5,8 @@ targets of the un-augmented frame; resampling the cached grid over the same crop
 each target token on the image content its VLA token sees. Colour jitter changes no geometry,
 so it leaves targets alone.
 
-Boxes are (y0, x0, y1, x1) in fractions of the image, one per sample.
+Boxes are (y0, x0, y1, x1) in fractions of the image, one per sample; `sfcache.crop.crop_target_grid`
+resamples the cached grid over them.
 """
 
 from __future__ import annotations
@@ -53,34 +54,6 @@ def crop_images(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
     grid = F.affine_grid(theta, [flat.shape[0], 3, size, size], align_corners=False)
     out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.view(batch, views, 3, size, size)
-
-
-def crop_target_grid(targets: torch.Tensor, grid: tuple[int, int], native: tuple[int, int],
-                     boxes: torch.Tensor) -> torch.Tensor:
-    """Resample cached targets [B, V, h*w, C] over each sample's crop box (bilinear): same shape.
-
-    SF pools VGGT's native grid (n tokens per side) to the VLA grid (h) bilinearly with
-    align_corners=True, so VLA token j sits at native index j*(n-1)/(h-1). After a crop, online
-    SF's token j sees native position j*(n-1)/(h-1) of the cropped image, i.e. image fraction
-    y0 + (y1 - y0) * (0.5 + j*(n-1)/(h-1)) / n. This samples the cached grid at those points.
-    """
-    batch, views, tokens, channels = targets.shape
-    h, w = grid
-    (nh, nw) = native
-    # Cached index i <-> image fraction p: p = (0.5 + i*(n-1)/(h-1)) / n; grid_sample coordinate
-    # with align_corners=True is g = 2*i/(h-1) - 1 = 2*(p*n - 0.5)/(n-1) - 1. Compose with the box.
-    theta = torch.zeros(batch, 2, 3, dtype=torch.float32)
-    for axis, (n, lo, hi) in enumerate(((nw, boxes[:, 1], boxes[:, 3]), (nh, boxes[:, 0], boxes[:, 2]))):
-        # output coordinate t in [-1, 1] -> box fraction u = (0.5 + (t+1)/2*(n-1)) / n
-        # -> image fraction p = lo + (hi-lo)*u -> g = 2*(p*n - 0.5)/(n-1) - 1
-        span = hi - lo
-        theta[:, axis, axis] = span
-        theta[:, axis, 2] = (2 * (lo * n + span * (0.5 + (n - 1) / 2) - 0.5)) / (n - 1) - 1
-    theta = theta.repeat_interleave(views, dim=0).to(targets.device)
-    maps = targets.reshape(batch * views, h, w, channels).permute(0, 3, 1, 2).float()
-    sample_at = F.affine_grid(theta, [batch * views, channels, h, w], align_corners=True)
-    out = F.grid_sample(maps, sample_at, mode="bilinear", padding_mode="border", align_corners=True)
-    return out.permute(0, 2, 3, 1).reshape(batch, views, tokens, channels)
 
 
 def colour_jitter(images: torch.Tensor, generator: torch.Generator, brightness: float = 0.2,

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from sfcache.crop import crop_target_grid
 from sfcache.errors import ConfigMismatch, SfcacheError
 from sfcache.progress import progress_bar
 from sfcache.torch import SpatialForcingLoss
-from train.augment import center_boxes, colour_jitter, crop_images, crop_target_grid, random_boxes
+from train.augment import center_boxes, colour_jitter, crop_images, random_boxes
 from train.data import StepDataset, TrainingData, check_resume, open_training_data
 from train.model import SIZES, Policy, PolicyConfig
 from train.online import OnlineTargets

@@ -4,10 +4,13 @@ Layout: `<suite>_no_noops/<version>/dataset_info.json` + shards `{name}-train.tf
 where `name` is the TFDS builder name (`liber_o10` for LIBERO-10). One record = one episode = one
 tf.train.Example with step fields flattened over T. Without TensorFlow: the framing (u64 length,
 masked CRC32C of it, data, masked CRC32C of the data) is read here with both CRCs checked, because
-the `tfrecord` package skips CRCs and needs an index file to seek; its Example proto parses the data.
+the `tfrecord` package skips CRCs and needs an index file to seek; `tf_example.Example` (a private
+protobuf pool, so this works next to TensorFlow) parses the data.
 episodes() reads every record once (sequential I/O, CRC check, proto parse, no JPEG decoding) and
 keeps byte offsets, so read() reads exactly one record. Keys: `<dataset folder>/episode_<i:06d>`,
-i counting records over shards in order. Frames are stored already rotated; proprio is `state` (8).
+i counting records over shards in order, so episode i is TFDS's `train[i:i+1]`; its TFDS id
+(`ReadConfig(add_tfds_id=True)`) is `<shard file name>__<index in shard>` (`tfds_ids`).
+Frames are stored already rotated; proprio is `state` (8).
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from pathlib import Path
 import crc32c
 import numpy as np
 from google.protobuf.message import DecodeError
-from tfrecord.example_pb2 import Example
 
 from sfcache.errors import SourceError
 from sfcache.sources.base import Episode, EpisodeInfo, Source, require_finite
 from sfcache.sources.images import decode_views
+from sfcache.sources.tf_example import Example
 
 _MASK_DELTA = 0xA282EAD8
 # Step fields every episode must hold: (list kind in the proto, values per step).
@@ -55,6 +58,27 @@ def read_record(handle, file: Path, offset: int, index: int) -> tuple[bytes, int
     if masked_crc(data) != data_crc:
         raise SourceError(file, f"record {index} at byte {offset}: data CRC mismatch (corrupt record)")
     return data, offset + 12 + length + 4
+
+
+def write_record(handle, data: bytes) -> None:
+    """Append one TFRecord: u64 length, its masked CRC32C, the data, the data's masked CRC32C."""
+    length = struct.pack("<Q", len(data))
+    handle.write(length + struct.pack("<I", masked_crc(length)) + data + struct.pack("<I", masked_crc(data)))
+
+
+def episode_key(prefix: str, index: int) -> str:
+    """sfcache's key of the `index`-th record (over shards in order) of the dataset folder `prefix`."""
+    return f"{prefix}/episode_{index:06d}"
+
+
+def tfds_ids(shards: list) -> dict[str, str]:
+    """{TFDS id: episode key} from `describe()["tfds_shards"]` ([dataset folder, shard file, episodes])."""
+    ids, first = {}, {}
+    for prefix, file, count in shards:
+        start = first.get(prefix, 0)
+        ids.update({f"{file}__{i}": episode_key(prefix, start + i) for i in range(int(count))})
+        first[prefix] = start + int(count)
+    return ids
 
 
 class LiberoRLDS(Source):
@@ -91,6 +115,16 @@ class LiberoRLDS(Source):
     def _files(self) -> list[Path]:
         return sorted(file for folder in self._datasets() for file, _ in self._shards(folder) if file.exists())
 
+    def describe(self) -> dict:
+        """Adds each shard's file name and episode count: a store maps TFDS ids to keys with them (`tfds_ids`)."""
+        shards = []
+        for folder in self._datasets():
+            try:
+                shards += [[folder.parent.name, file.name, count] for file, count in self._shards(folder)]
+            except SourceError:          # unreadable metadata: its episodes are skipped (skip_bad) or fail
+                continue
+        return {**super().describe(), "tfds_shards": shards}
+
     def _scan(self) -> Iterator[Episode | SourceError]:
         for folder in self._datasets():
             prefix = folder.parent.name
@@ -111,7 +145,7 @@ class LiberoRLDS(Source):
         size, offset, index = file.stat().st_size, 0, 0
         with open(file, "rb") as handle:
             while offset < size:
-                key = f"{prefix}/episode_{first + index:06d}"
+                key = episode_key(prefix, first + index)
                 try:
                     data, next_offset = read_record(handle, file, offset, index)
                 except SourceError as err:

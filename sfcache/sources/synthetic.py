@@ -19,10 +19,11 @@ import h5py
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tfrecord.writer import TFRecordWriter
 
 from sfcache.sources.images import encode_jpeg, encode_png
 from sfcache.sources.libero_hdf5 import instruction_from_file_name
+from sfcache.sources.libero_rlds import episode_key, write_record
+from sfcache.sources.tf_example import encode_example
 
 LIBERO_TASKS = {
     "libero_spatial": ["pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate",
@@ -194,40 +195,39 @@ def write_libero_rlds(root: Path, *, suite: str = "libero_10", episodes: int = 3
     index = 0
     for shard, count in enumerate(lengths):
         file = folder / f"{name}-train.tfrecord-{shard:05d}-of-{shards:05d}"
-        writer = TFRecordWriter(str(file))
-        for _ in range(count):
-            instruction = instruction_from_file_name(Path(tasks[index % len(tasks)]))
-            actions, path = _episode_motion(rng, steps, 7)
-            frames = _render_episode(path, 2, size, size)          # stored already rotated
-            state = np.concatenate([path, np.full((steps, 1), 0.9), rng.normal(size=(steps, 5))],
-                                   axis=1).astype(np.float32)
-            flags = np.zeros(steps, np.int64)
-            record = {
-                "steps/observation/image": ([encode_jpeg(f) for f in frames[:, 0]], "byte"),
-                "steps/observation/wrist_image": ([encode_jpeg(f) for f in frames[:, 1]], "byte"),
-                "steps/observation/state": (state.ravel().tolist(), "float"),
-                "steps/observation/joint_state": (rng.normal(size=steps * 7).tolist(), "float"),
-                "steps/action": (actions.ravel().tolist(), "float"),
-                "steps/reward": (np.eye(1, steps, steps - 1)[0].tolist(), "float"),
-                "steps/discount": (np.ones(steps).tolist(), "float"),
-                "steps/is_first": ((flags + np.eye(1, steps, 0, dtype=np.int64)[0]).tolist(), "int"),
-                "steps/is_last": ((flags + np.eye(1, steps, steps - 1, dtype=np.int64)[0]).tolist(), "int"),
-                "steps/is_terminal": ((flags + np.eye(1, steps, steps - 1, dtype=np.int64)[0]).tolist(), "int"),
-                "steps/language_instruction": ([instruction.encode()] * steps, "byte"),
-                "episode_metadata/file_path": ([f"/data/{suite}_no_noops/{tasks[0]}_demo.hdf5".encode()], "byte"),
-            }
-            order = rng.permutation(len(record))                   # key order varies with protobuf versions
-            writer.write(dict(list(record.items())[i] for i in order))
-            written.episodes[f"{suite}_no_noops/episode_{index:06d}"] = ExpectedEpisode(instruction, frames, actions,
-                                                                                        state)
-            index += 1
-        writer.close()
+        with open(file, "wb") as handle:
+            for _ in range(count):
+                instruction = instruction_from_file_name(Path(tasks[index % len(tasks)]))
+                actions, path = _episode_motion(rng, steps, 7)
+                frames = _render_episode(path, 2, size, size)          # stored already rotated
+                state = np.concatenate([path, np.full((steps, 1), 0.9), rng.normal(size=(steps, 5))],
+                                       axis=1).astype(np.float32)
+                flags = np.zeros(steps, np.int64)
+                record = {
+                    "steps/observation/image": ([encode_jpeg(f) for f in frames[:, 0]], "byte"),
+                    "steps/observation/wrist_image": ([encode_jpeg(f) for f in frames[:, 1]], "byte"),
+                    "steps/observation/state": (state.ravel().tolist(), "float"),
+                    "steps/observation/joint_state": (rng.normal(size=steps * 7).tolist(), "float"),
+                    "steps/action": (actions.ravel().tolist(), "float"),
+                    "steps/reward": (np.eye(1, steps, steps - 1)[0].tolist(), "float"),
+                    "steps/discount": (np.ones(steps).tolist(), "float"),
+                    "steps/is_first": ((flags + np.eye(1, steps, 0, dtype=np.int64)[0]).tolist(), "int"),
+                    "steps/is_last": ((flags + np.eye(1, steps, steps - 1, dtype=np.int64)[0]).tolist(), "int"),
+                    "steps/is_terminal": ((flags + np.eye(1, steps, steps - 1, dtype=np.int64)[0]).tolist(), "int"),
+                    "steps/language_instruction": ([instruction.encode()] * steps, "byte"),
+                    "episode_metadata/file_path": ([f"/data/{suite}_no_noops/{tasks[0]}_demo.hdf5".encode()], "byte"),
+                }
+                order = rng.permutation(len(record))                   # key order varies with protobuf versions
+                write_record(handle, encode_example(dict(list(record.items())[i] for i in order)))
+                key = episode_key(f"{suite}_no_noops", index)
+                written.episodes[key] = ExpectedEpisode(instruction, frames, actions, state)
+                index += 1
         written.files.append(file)
-    _write_tfds_metadata(folder, name, lengths)
+    _write_tfds_metadata(folder, name, lengths, size)
     return written
 
 
-def _write_tfds_metadata(folder: Path, name: str, lengths: list[int]) -> None:
+def _write_tfds_metadata(folder: Path, name: str, lengths: list[int], size: int) -> None:
     split = {"filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}", "name": "train",
              "numBytes": str(sum(f.stat().st_size for f in folder.glob(f"{name}-train.tfrecord-*"))),
              "shardLengths": [str(n) for n in lengths]}
@@ -241,7 +241,7 @@ def _write_tfds_metadata(folder: Path, name: str, lengths: list[int]) -> None:
                 "tensor": {"shape": {"dimensions": [str(d) for d in shape]}, "dtype": dtype, "encoding": encoding}}
 
     image = {"pythonClassName": "tensorflow_datasets.core.features.image_feature.Image",
-             "image": {"shape": {"dimensions": ["256", "256", "3"]}, "dtype": "uint8", "encodingFormat": "jpeg"}}
+             "image": {"shape": {"dimensions": [str(size), str(size), "3"]}, "dtype": "uint8", "encodingFormat": "jpeg"}}
     step = {"observation": {"pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
                             "featuresDict": {"features": {"image": image, "wrist_image": image,
                                                           "state": tensor([8], "float32"),

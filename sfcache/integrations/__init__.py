@@ -1,0 +1,1 @@
+"""Drop-in pieces that join users' own training pipelines to an sfcache store (see docs/)."""
