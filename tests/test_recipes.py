@@ -12,6 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed import LocalCluster
+from typer.testing import CliRunner
+
+from cli.main import app
 
 from sfcache.errors import ConfigMismatch, SfcacheError, StoreError
 from sfcache.extract import ExtractConfig, extract
@@ -133,6 +136,8 @@ def test_openpi_store_from_two_cameras_has_three_slots_blank_masked(tmp_path, sc
     assert summary["recipe"]["slots"] == ["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"]
     result = verify(cache, steps=2)
     assert result["ok"] and result["mask_errors"] == 0
+    shown = CliRunner().invoke(app, ["inspect-cache", str(tmp_path / "s")], catch_exceptions=False).output
+    assert "openpi: matches OpenHelix-Team/Spatial-Forcing openpi-SF" in " ".join(shown.split())
     resumed = ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="none",
                             views=("head", "left_wrist"), scheduler=scheduler)
     with pytest.raises(ConfigMismatch, match="recipe"):
