@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from cli.main import app
 
 from sfcache.errors import ConfigMismatch, SfcacheError, StoreError
-from sfcache.extract import ExtractConfig, extract
-from sfcache.inspect import open_store, summarize, verify
+from sfcache.extract import ExtractConfig, extract, plan
+from sfcache.inspect import check, open_store, summarize, verify
 from sfcache.pooling import pooled_targets
 from sfcache.recipes import RECIPES, recipe_inputs
 from sfcache.sources import open_source
@@ -115,9 +115,13 @@ def test_openpi_vggt_input_is_the_white_padded_policy_image_upsampled():
 
 def test_openpi_store_from_two_cameras_has_three_slots_blank_masked(tmp_path, scheduler):
     written = write_robotwin(tmp_path / "data", tasks=1, episodes=1, steps=2, height=48, width=64)
-    extract(ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="openpi",
-                          views=("head", "left_wrist"), scheduler=scheduler), progress=False)
+    config = ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="openpi",
+                           views=("head", "left_wrist"), scheduler=scheduler)
+    planned = plan(config)
+    assert planned["views"] == ["head", "left_wrist", "blank"] and planned["bytes_per_step"] == 3 * 256 * (256 * 2 + 1)
+    extract(config, progress=False)
     cache = open_store(tmp_path / "s")
+    assert check(tmp_path / "s")["ok"]
     assert cache.views == ("head", "left_wrist", "blank") and cache.recipe == "openpi" and cache.has_mask
     assert cache.attrs["vggt"]["preprocess"] == "letterbox" and cache.attrs["source"]["views"] == ["head", "left_wrist"]
     key = cache.episodes[0]
