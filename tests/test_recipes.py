@@ -23,7 +23,7 @@ from sfcache.pooling import pooled_targets
 from sfcache.recipes import RECIPES, recipe_inputs
 from sfcache.sources import open_source
 from sfcache.sources.images import decode_image, encode_jpeg
-from sfcache.sources.synthetic import write_libero_hdf5, write_libero_rlds, write_robotwin
+from sfcache.sources.synthetic import write_lerobot, write_libero_hdf5, write_libero_rlds, write_robotwin
 from sfcache.store import open_cache
 from sfcache.torch import CachedTargets, SpatialForcingLoss
 from sfcache.vggt import load_vggt
@@ -206,6 +206,12 @@ def test_views_that_do_not_fit_the_recipe_are_refused(tmp_path, options, message
     written = write_robotwin(tmp_path / "data", tasks=1, episodes=1, steps=1, height=24, width=32)
     with pytest.raises(SfcacheError, match=message):
         extract(ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", **options), progress=False)
+
+
+def test_openpi_fills_pi0_slots_from_the_default_views(tmp_path):
+    written = write_lerobot(tmp_path / "data", episodes=1, steps=1, size=32)
+    planned = plan(ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="openpi"))
+    assert planned["recipe"] == "openpi" and planned["views"] == ["primary", "wrist", "blank"]
 
 
 def test_version_1_store_stays_readable_and_is_not_resumed(tmp_path, scheduler):
