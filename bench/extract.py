@@ -6,6 +6,8 @@ as its own row), against a loop in this process doing only what cannot be avoide
 same model forward, pooling) on the same frames already decoded in memory. Ratio goal >= 0.9.
 Fidelity: the float32 targets of that loop stored per dtype/codec and read back (per-token cosine),
 and bytes per step on disk. Random weights: real VGGT features may compress differently.
+int8 outliers: heavy-tailed synthetic features (Student-t, spread channel magnitudes, 1% of tokens 50x)
+through the store's int8 encoding, against version 1's per-channel scales on the same features.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from sfcache.inspect import token_cosine
 from sfcache.pooling import pool_grid
 from sfcache.sources import EpisodeInfo, open_source
 from sfcache.sources.synthetic import write_libero_rlds
-from sfcache.store import CODECS, DTYPES, StoreConfig, create_store, lock_store, open_cache, pack_episodes
+from sfcache.store import (CODECS, DTYPES, StoreConfig, create_store, decode, encode, lock_store, open_cache,
+                           pack_episodes)
 from sfcache.vggt import load_vggt, preprocess
 
 PRESETS = {
@@ -64,7 +67,25 @@ def run(workdir: Path, preset: str) -> list[dict]:
              "baseline: the extraction itself"),
     ]
     rows += _fidelity_and_size(workdir, targets, where)
+    rows += _int8_outliers(where)
     return rows
+
+
+def _int8_outliers(where: str, steps: int = 4, channels: int = 2048) -> list[dict]:
+    """Per-token cosine after int8 on heavy-tailed features with 1% of tokens 50x larger (VGGT-1B width)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_t(3, (steps, 2, GRID[0] * GRID[1], channels)).astype(np.float32)
+    x *= np.exp(rng.normal(0.0, 1.0, channels)).astype(np.float32)          # channels of very different size
+    x[rng.random(x.shape[:3]) < 0.01] *= 50
+    stored, scale = encode(x, "int8")
+    cosine = token_cosine(decode(stored, "int8", scale), x)
+    legacy_scale = np.abs(x).max(axis=2) / np.float32(127)                 # format 1: per step/view/channel
+    legacy = np.clip(np.rint(x / legacy_scale[:, :, None]), -127, 127).astype(np.int8)
+    baseline = token_cosine(decode(legacy, "int8", legacy_scale), x)
+    notes = (f"{steps} steps x 2 views x {GRID[0] * GRID[1]} tokens x {channels} ch, Student-t(3), log-normal channel "
+             "sizes, 1% of tokens x50; per-token 128-channel-block scales; baseline: format-1 per-channel scales")
+    return [_row("int8_outlier_cosine_worst", float(cosine.min()), float(baseline.min()), "cosine", where, notes),
+            _row("int8_outlier_cosine_mean", float(cosine.mean()), float(baseline.mean()), "cosine", where, notes)]
 
 
 def _bare_loop(data: Path, weights: str, batch_size: int, device: str) -> tuple[np.ndarray, float]:

@@ -33,11 +33,18 @@ def extract(
     vggt: str = typer.Option(..., "--vggt", help="VGGT weights: checkpoint path, hub id (facebook/VGGT-1B) "
                                                   "or random:<preset> for tests."),
     format: str = typer.Option("auto", "--format", help="Source format, or auto to detect it."),
-    views: str = typer.Option(None, "--views", help="Comma list of views in VGGT order (default: the format's)."),
+    views: str = typer.Option(None, "--views", help="Comma list of views in VGGT order (default: the format's); "
+                                                    "with --recipe openpi, 'blank' marks an empty camera slot."),
+    recipe: str = typer.Option("none", "--recipe", help="Feed VGGT exactly what a public SF trainer does: "
+                               "openvla-oft (TF JPEG decode, lanczos 224, primary+wrist) or openpi (letterbox 224, "
+                               "3 camera slots, token mask); none: the source's decode and --preprocess."),
     layers: str = typer.Option("-1", "--layers", help="Comma list of VGGT layers; -1 is the last "
                                                       "(23 on VGGT-1B, the one SF uses)."),
     grid: str = typer.Option("16x16", "--grid", help="Target grid per view: HxW, or native (VGGT's patch grid)."),
-    preprocess: str = typer.Option("sf", "--preprocess", help="sf (as SF's trainer), crop or pad (official VGGT)."),
+    preprocess: str = typer.Option(None, "--preprocess", help="sf (OpenVLA's 224 px resize; the default), crop or "
+                                   "pad (official VGGT); a --recipe fixes it."),
+    compute_dtype: str = typer.Option("auto", "--compute-dtype", help="VGGT autocast: auto (bfloat16 on Ampere+ "
+                                      "GPUs, float32 on CPU), bfloat16 (as SF on GPU, also on CPU) or float32."),
     dtype: str = typer.Option("float16", "--dtype", help="Stored dtype: float16, bfloat16 or int8."),
     codec: str = typer.Option("none", "--codec", help="Compression: none, zstd or blosc-zstd."),
     checksum: bool = typer.Option(False, "--checksum/--no-checksum",
@@ -56,7 +63,8 @@ def extract(
     cfg = ExtractConfig(
         source=source_path, out=out, vggt=vggt, format=format,
         views=tuple(v.strip() for v in views.split(",")) if views else None,
-        layers=_parse_layers(layers), grid=_parse_grid(grid), preprocess=preprocess, dtype=dtype, codec=codec, checksum=checksum,
+        layers=_parse_layers(layers), grid=_parse_grid(grid), recipe=recipe, preprocess=preprocess,
+        compute_dtype=compute_dtype, dtype=dtype, codec=codec, checksum=checksum,
         batch_size=batch_size, steps_per_shard=steps_per_shard, workers=workers, scheduler=scheduler,
         episodes=episodes, device=device, skip_bad=skip_bad, overwrite=overwrite)
     console = Console(soft_wrap=True)
@@ -69,7 +77,8 @@ def extract(
         return
     summary = run_extract(cfg)
     console.print(f"store {summary['store']}: {summary['shards_done']}/{summary['shards']} shards done, "
-                  f"{summary['steps']} steps of {summary['episodes']} episodes ({summary['format']}, views "
+                  f"{summary['steps']} steps of {summary['episodes']} episodes ({summary['format']}, recipe "
+                  f"{summary['recipe']}, views "
                   f"{','.join(summary['views'])}, layers {','.join(map(str, summary['layers']))})", highlight=False)
     console.print(f"extracted {summary['extracted_steps']} steps in {summary['extract_s']:.1f} s "
                   f"({summary['steps_per_s']:.2f} steps/s on {summary['workers']} worker(s), {summary['device']}); "

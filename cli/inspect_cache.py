@@ -104,6 +104,7 @@ def _render_summary(console: Console, summary: dict) -> None:
         ("source", f"{source['format']} at {source['path']}"),
         ("episodes / steps", f"{summary['episodes']} / {summary['steps']}"),
         ("views (VGGT order)", ", ".join(summary["views"])),
+        ("recipe", _recipe(summary["recipe"])),
         ("layers", ", ".join(map(str, summary["layers"]))),
         ("grid x channels", f"{summary['grid'][0]}x{summary['grid'][1]} tokens per view x {summary['channels']}"),
         ("dtype / codec", f"{summary['dtype']} / {summary['codec']} (checksum {summary['checksum']})"),
@@ -127,6 +128,14 @@ def _render_summary(console: Console, summary: dict) -> None:
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)
+
+
+def _recipe(recipe: dict) -> str:
+    if recipe["name"] == "none":
+        return f"none (JPEG DCT {recipe['jpeg_dct']}; VGGT input per preprocess)"
+    slots = f"; slots {', '.join(recipe['slots'])}" if recipe["slots"] else ""
+    mask = "; token mask stored" if recipe["token_mask"] else ""
+    return f"{recipe['name']}: matches {recipe['matches']}; JPEG DCT {recipe['jpeg_dct']}{slots}{mask}"
 
 
 def _render_episode(console: Console, report: dict) -> None:
@@ -166,6 +175,8 @@ def _render_verify(console: Console, result: dict) -> None:
     status = "[bold green]verify: OK[/]" if result["ok"] else "[bold red]verify: FAILED[/]"
     console.print(f"{status} {len(result['steps'])} steps recomputed on {result['device']}: per-token cosine "
                   f"mean {result['mean_cos']:.6f}, worst {result['min_cos']:.6f} (threshold {result['threshold']})")
+    if result["mask_errors"]:
+        console.print(f"  [red]token mask: {result['mask_errors']} stored values differ from the recomputed mask[/]")
     for layer, figures in result["layers"].items():
         worst = figures["worst"]
         console.print(f"  layer {layer}: mean {figures['mean_cos']:.6f}, worst {figures['min_cos']:.6f} at episode "

@@ -36,10 +36,10 @@ from distributed.scheduler import KilledWorker
 from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError
 from sfcache.pooling import pooled_targets
 from sfcache.progress import progress_bar
+from sfcache.recipes import Recipe, camera_views, get_recipe, recipe_inputs, resolve_preprocess, slot_layout
 from sfcache.sources import Source, open_source
-from sfcache.store import CODECS, DTYPES, StoreConfig, create_store, lock_store, open_cache, pack_episodes
+from sfcache.store import CODECS, DTYPES, StoreConfig, create_store, lock_store, open_cache, pack_episodes, step_bytes
 from sfcache.vggt import VGGTConfig, load_vggt, preprocess, weights_config
-from sfcache.vggt.preprocess import MODES
 
 __all__ = ["ExtractConfig", "extract", "plan", "torch_threads"]
 
@@ -47,6 +47,8 @@ STOP_NAME = ".sfcache.stop"   # created by the client to make running tasks fini
 MAX_SHARDS_PER_TASK = 8
 TASKS_PER_WORKER = 4          # enough tasks to balance workers and move the progress bar smoothly
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc mallopt parameters
+PREPROCESS_MODES = ("sf", "crop", "pad")      # --preprocess; letterbox comes with --recipe openpi
+COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,12 @@ class ExtractConfig:
     out: Path
     vggt: str                                  # checkpoint path, hub id, or random:<preset>[@seed]
     format: str = "auto"
-    views: tuple[str, ...] | None = None       # None = the format's default views and order
+    views: tuple[str, ...] | None = None       # None = the format's default views and order; "blank" = empty slot
     layers: tuple[int, ...] = (-1,)            # -1 = the last (23 on VGGT-1B, what SF aligns to)
     grid: tuple[int, int] | None = (16, 16)    # None = VGGT's native patch grid
-    preprocess: str = "sf"
+    recipe: str = "none"                       # sfcache.recipes: none | openvla-oft | openpi
+    preprocess: str | None = None              # None = the recipe's VGGT input, else sf
+    compute_dtype: str = "auto"                # VGGT autocast dtype: auto (bf16 on Ampere+, fp32 on CPU) | bfloat16 | float32
     dtype: str = "float16"
     codec: str = "none"
     checksum: bool = False                     # CRC32C per stored step (see sfcache.store)
@@ -77,8 +81,13 @@ class ExtractConfig:
         object.__setattr__(self, "source", Path(self.source))
         object.__setattr__(self, "out", Path(self.out))
         problems = []
-        if self.preprocess not in MODES:
-            problems.append(f"--preprocess must be one of {', '.join(MODES)}, not {self.preprocess!r}")
+        try:
+            object.__setattr__(self, "preprocess",
+                               resolve_preprocess(get_recipe(self.recipe), self.preprocess, PREPROCESS_MODES))
+        except SfcacheError as error:
+            problems.append(str(error))
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            problems.append(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {self.compute_dtype!r}")
         if self.dtype not in DTYPES:
             problems.append(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.codec not in CODECS:
@@ -110,6 +119,9 @@ class _Job:
     layers: tuple[int, ...]      # as asked (negative allowed); the client has checked them against the model
     grid: tuple[int, int] | None
     preprocess: str
+    recipe: Recipe
+    layout: tuple[str, ...]      # VGGT sequence: source views and blank slots
+    compute_dtype: str           # auto | bfloat16 | float32
     batch_size: int
     skip_bad: bool
     store: Path
@@ -128,7 +140,8 @@ class VGGTWorker(WorkerPlugin):
         torch.set_num_threads(torch_threads(sharing))
         _keep_freed_memory()
         device = torch.device("cuda" if self.job.device == "cuda" else "cpu")
-        self.model, self.weights_id = load_vggt(self.job.weights, device)
+        dtype = None if self.job.compute_dtype == "auto" else getattr(torch, self.job.compute_dtype)
+        self.model, self.weights_id = load_vggt(self.job.weights, device, compute_dtype=dtype)
         self.device = device
 
     def teardown(self, worker=None):
@@ -152,15 +165,16 @@ class VGGTWorker(WorkerPlugin):
         pending: deque = deque()
         with ThreadPoolExecutor(1, thread_name_prefix="sfcache-write") as writer, \
                 _prefetch(self._batches(cache, index, todo, stop_file), depth=2) as batches:
-            outputs: list[dict[int, np.ndarray]] = []
-            for shard, images, last in batches:
-                if isinstance(images, SourceError):
+            outputs: list[tuple[dict[int, np.ndarray], np.ndarray | None]] = []
+            for shard, inputs, last in batches:
+                if isinstance(inputs, SourceError):
                     outputs = []
-                    report["failed"].append({"shard": shard, **_error_fields(images)})
+                    report["failed"].append({"shard": shard, **_error_fields(inputs)})
                     if self.job.skip_bad:
                         continue
                     break
-                outputs.append(self._targets(images))
+                images, mask = inputs
+                outputs.append((self._targets(images), mask))
                 if last:
                     pending.append(writer.submit(self._write, cache, shard, outputs))
                     outputs = []
@@ -174,7 +188,7 @@ class VGGTWorker(WorkerPlugin):
         return report
 
     def _batches(self, cache, index: "_RowIndex", shards: list[int], stop_file: Path) -> Iterator[tuple]:
-        """(shard, preprocessed images | SourceError, last batch of the shard?) in row order."""
+        """(shard, (images, token mask | None) | SourceError, last batch of the shard?) in row order."""
         img_size = self.model.config.img_size
         for shard in shards:
             if stop_file.exists():
@@ -187,16 +201,18 @@ class VGGTWorker(WorkerPlugin):
             except SourceError as error:
                 yield shard, error, True
 
-    def _images(self, pieces: list[tuple[str, int, int]], img_size: int) -> torch.Tensor:
+    def _images(self, pieces: list[tuple[str, int, int]], img_size: int) -> tuple[torch.Tensor, np.ndarray | None]:
         """Read and preprocess each episode's piece of a batch (episodes may differ in frame size)."""
-        parts = [preprocess(self.job.source.read(key, a, b).frames, self.job.preprocess, img_size)
-                 for key, a, b in pieces]
-        shapes = {tuple(part.shape[-2:]) for part in parts}
+        job = self.job
+        parts = [recipe_inputs(job.source.read(key, a, b).frames, job.recipe, job.layout, job.preprocess, img_size,
+                               job.grid, self.model.config.patch_size) for key, a, b in pieces]
+        shapes = {tuple(images.shape[-2:]) for images, _ in parts}
         if len(shapes) > 1:
             raise SourceError(self.job.source.path, f"episodes {[key for key, _, _ in pieces]} preprocess to "
                               f"different image sizes {sorted(shapes)} with --preprocess {self.job.preprocess}; "
                               "expected one size (use --preprocess sf or pad for mixed frame sizes)")
-        return torch.cat(parts)
+        masks = [mask for _, mask in parts]
+        return torch.cat([images for images, _ in parts]), None if masks[0] is None else np.concatenate(masks)
 
     def _targets(self, images: torch.Tensor) -> dict[int, np.ndarray]:
         """Pooled float32 targets [B, V, H*W, C] per (non-negative) layer for a batch of steps."""
@@ -205,10 +221,11 @@ class VGGTWorker(WorkerPlugin):
         return {layer: tokens.float().cpu().numpy() for layer, tokens in targets.items()}
 
     @staticmethod
-    def _write(cache, shard: int, outputs: list[dict[int, np.ndarray]]) -> int:
-        """Write one shard from its batches' targets; returns its number of steps."""
-        targets = {layer: np.concatenate([out[layer] for out in outputs]) for layer in outputs[0]}
-        cache.write_shard(shard, targets)
+    def _write(cache, shard: int, outputs: list[tuple[dict[int, np.ndarray], np.ndarray | None]]) -> int:
+        """Write one shard from its batches' (targets, mask); returns its number of steps."""
+        targets = {layer: np.concatenate([out[layer] for out, _ in outputs]) for layer in outputs[0][0]}
+        masks = [mask for _, mask in outputs]
+        cache.write_shard(shard, targets, None if masks[0] is None else np.concatenate(masks))
         return len(next(iter(targets.values())))
 
 
@@ -340,14 +357,15 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
     ConfigMismatch (store made differently), WeightsError.
     """
     started = time.perf_counter()
-    source = open_source(Path(cfg.source).resolve(), cfg.format, cfg.views, skip_bad=cfg.skip_bad)
+    source, recipe, layout = _open(cfg, Path(cfg.source).resolve())
     infos = _select(source, cfg)
     with lock_store(cfg.out), ExitStack() as stack:
         (cfg.out / STOP_NAME).unlink(missing_ok=True)
         cluster_started = time.perf_counter()
         cluster = _connect(cfg, stack)
         job = _Job(source=source, weights=cfg.vggt, device=cluster.device, layers=cfg.layers,
-                   grid=cfg.grid, preprocess=cfg.preprocess, batch_size=cfg.batch_size, skip_bad=cfg.skip_bad,
+                   grid=cfg.grid, preprocess=cfg.preprocess, recipe=recipe, layout=layout,
+                   compute_dtype=cfg.compute_dtype, batch_size=cfg.batch_size, skip_bad=cfg.skip_bad,
                    store=cfg.out.resolve(), workers_per_host=_workers_per_host(cluster.client))
         plugin, facts, devices = _load_models(cluster.client, job, cfg, stack)
         cluster_seconds = time.perf_counter() - cluster_started
@@ -356,14 +374,16 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
         native, aspect = _native_grid(source, infos, cfg.preprocess, config)
         cache = create_store(cfg.out, StoreConfig(
             episodes=pack_episodes(infos), layers=layers, grid=cfg.grid or native, native_grid=native,
-            aspect_ratio=aspect, views=source.views, channels=config.out_channels,
+            aspect_ratio=aspect, views=layout, channels=config.out_channels,
             vggt={"weights": cfg.vggt, **facts, "preprocess": cfg.preprocess},
-            source=source.describe(), dtype=cfg.dtype, codec=cfg.codec, checksum=cfg.checksum,
-            steps_per_shard=cfg.steps_per_shard, selection=cfg.episodes), overwrite=cfg.overwrite)
+            source=source.describe(), recipe=recipe.name, token_mask=recipe.token_mask, dtype=cfg.dtype,
+            codec=cfg.codec, checksum=cfg.checksum, steps_per_shard=cfg.steps_per_shard, selection=cfg.episodes),
+            overwrite=cfg.overwrite)
         pending = [int(s) for s in np.flatnonzero(~cache.done_shards())]
         outcome = _run_shards(cluster, cache, plugin, pending, progress, cfg.skip_bad)
     final = open_cache(cfg.out)
-    return {"store": str(cfg.out), "format": source.format, "views": list(source.views), "layers": list(layers),
+    return {"store": str(cfg.out), "format": source.format, "views": list(layout), "recipe": recipe.name,
+            "layers": list(layers),
             "episodes": len(infos), "steps": final.num_steps,
             "shards_done": int(final.done_shards().sum()), "shards": final.num_shards,
             "extracted_steps": outcome["steps"], "already_done_steps": final.num_steps - _steps_of(cache, pending),
@@ -376,6 +396,14 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
 
 def _steps_of(cache, shards: list[int]) -> int:
     return sum(cache.shard_rows(s).stop - cache.shard_rows(s).start for s in shards)
+
+
+def _open(cfg: ExtractConfig, path: Path) -> tuple[Source, Recipe, tuple[str, ...]]:
+    """The source as the recipe reads it (decode), the recipe, and the VGGT slot layout."""
+    recipe = get_recipe(cfg.recipe)
+    source = open_source(path, cfg.format, camera_views(cfg.views), skip_bad=cfg.skip_bad)
+    source.jpeg_fast_dct = recipe.jpeg_fast_dct
+    return source, recipe, slot_layout(recipe, cfg.views, source.views)
 
 
 def _select(source: Source, cfg: ExtractConfig) -> list:
@@ -560,18 +588,17 @@ def _consecutive_groups(shards: list[int], size: int) -> list[list[int]]:
 
 def plan(cfg: ExtractConfig) -> dict:
     """What `extract` would do, without Dask or a model forward: episodes, steps, shards, store size."""
-    source = open_source(cfg.source, cfg.format, cfg.views, skip_bad=cfg.skip_bad)
+    source, recipe, layout = _open(cfg, Path(cfg.source))
     infos = _select(source, cfg)
     config = weights_config(cfg.vggt)
     layers = _resolve_layers(cfg.layers, config)
     native, _ = _native_grid(source, infos, cfg.preprocess, config)
     grid = cfg.grid or native
     steps = sum(info.num_steps for info in infos)
-    values = len(source.views) * grid[0] * grid[1] * config.out_channels
-    per_step = len(layers) * (values * (1 if cfg.dtype == "int8" else 2)
-                              + (len(source.views) * config.out_channels * 4 if cfg.dtype == "int8" else 0))
+    per_step = step_bytes(len(layout), grid[0] * grid[1], config.out_channels, cfg.dtype, len(layers),
+                          recipe.token_mask)
     frame = source.read(infos[0].key, 0, 1).frames.shape[2:4]
-    return {"format": source.format, "source": str(cfg.source), "views": list(source.views),
+    return {"format": source.format, "source": str(cfg.source), "recipe": recipe.name, "views": list(layout),
             "frame_size": list(frame), "episodes": len(infos), "steps": steps,
             "skipped_episodes": [str(e) for e in source.skipped], "layers": list(layers), "grid": list(grid),
             "channels": config.out_channels, "dtype": cfg.dtype, "codec": cfg.codec,

@@ -21,15 +21,16 @@ from rich.progress import Progress
 
 from sfcache.errors import StoreError, WeightsError
 from sfcache.pooling import pooled_targets
+from sfcache.recipes import get_recipe, insert_blanks, recipe_inputs
 from sfcache.sources import Source, open_source
-from sfcache.store import LOCK_NAME, Cache, decode, open_cache
-from sfcache.vggt import load_vggt, preprocess
+from sfcache.store import LOCK_NAME, MASK_ARRAY, Cache, decode, int8_block, open_cache, step_bytes
+from sfcache.vggt import load_vggt
 
 __all__ = ["DEFAULT_THRESHOLDS", "REQUIRED_PROVENANCE", "check", "episode_report", "missing_provenance",
            "open_store", "pca_picture", "pca_picture_size", "pca_rgb", "read_provenance", "summarize", "verify"]
 
 # Worst per-token cosine `verify` accepts. Storing alone costs: float16 < 1e-7, bfloat16 ~3e-6, int8 with
-# per-step/view/channel scales ~4e-4 (measured worst on heavy-tailed 2048-channel features); the rest of
+# per-token, 128-channel-block scales ~3e-4 (measured worst on heavy-tailed 2048-channel features); the rest of
 # the margin is for recomputation noise (autocast kernels, batch composition). Wrong targets score far lower.
 DEFAULT_THRESHOLDS = {"float16": 0.999, "bfloat16": 0.999, "int8": 0.995}
 RANDOM_WEIGHTS = "random:"
@@ -98,12 +99,19 @@ def summarize(cache: Cache) -> dict:
                         "for tests and demos only, never for training a policy")
     if (cache.path / LOCK_NAME).exists():
         warnings.append("store is locked: an extractor is writing it, or one crashed (run `sf extract` again)")
+    recipe = get_recipe(cache.recipe)
+    if recipe.jpeg_fast_dct and attrs["source"].get("format") != "libero_rlds":
+        warnings.append(f"recipe {recipe.name} from {attrs['source'].get('format')}: these frames were not decoded "
+                        "from the RLDS release's JPEGs, so the targets match openvla-SF's RLDS recipe only when "
+                        "extracted from modified_libero_rlds")
     return {
         "store": str(cache.path),
         "source": attrs["source"],
         "episodes": len(cache.episodes),
         "steps": cache.num_steps,
         "views": list(cache.views),
+        "recipe": {"name": recipe.name, "matches": recipe.trainer, "jpeg_dct": "ifast" if recipe.jpeg_fast_dct
+                   else "islow", "slots": list(recipe.slots), "token_mask": cache.has_mask},
         "layers": list(cache.layers),
         "grid": list(cache.grid),
         "tokens_per_view": cache.grid[0] * cache.grid[1],
@@ -131,12 +139,11 @@ def summarize(cache: Cache) -> dict:
 
 
 def _raw_bytes_per_step(cache: Cache) -> int:
-    """Bytes of one step in the stored dtype, uncompressed, all layers (int8 scales included)."""
-    values = len(cache.views) * cache.grid[0] * cache.grid[1] * cache.channels
-    per_layer = values * np.dtype(_STORED_DTYPES[cache.dtype]).itemsize
-    if cache.dtype == "int8":
-        per_layer += len(cache.views) * cache.channels * np.dtype(np.float32).itemsize
-    return per_layer * len(cache.layers)
+    """Bytes of one step in the stored dtype, uncompressed, all layers (int8 scales and mask included)."""
+    views, tokens = len(cache.views), cache.grid[0] * cache.grid[1]
+    if cache.dtype == "int8" and cache.attrs["format_version"] == 1:   # per-channel scales
+        return (views * tokens * cache.channels + views * cache.channels * 4) * len(cache.layers)
+    return step_bytes(views, tokens, cache.channels, cache.dtype, len(cache.layers), cache.has_mask)
 
 
 def _shard_length(cache: Cache, shard: int) -> int:
@@ -271,8 +278,10 @@ def _check_index(cache: Cache, fail) -> None:
 def _check_arrays(cache: Cache, fail) -> dict[int, dict[str, zarr.Array]] | None:
     """Each layer's arrays (values, and int8 scales) exist with the shape, shard shape and dtype promised."""
     views, tokens = len(cache.views), cache.grid[0] * cache.grid[1]
+    scale = (views, cache.channels) if cache.attrs["format_version"] == 1 else \
+        (views, tokens, cache.channels // int8_block(cache.channels))
     expected = {"": ((cache.num_steps, views, tokens, cache.channels), _STORED_DTYPES[cache.dtype]),
-                "_scale": ((cache.num_steps, views, cache.channels), np.float32)}
+                "_scale": ((cache.num_steps, *scale), np.float32)}
     arrays, ok = {}, True
     for layer in cache.layers:
         arrays[layer] = {}
@@ -292,6 +301,16 @@ def _check_arrays(cache: Cache, fail) -> dict[int, dict[str, zarr.Array]] | None
                 fail(name, f"shards {array.shards}, expected {cache.steps_per_shard} steps per shard")
                 ok = False
             arrays[layer][name] = array
+    if cache.has_mask:
+        try:
+            mask = zarr.open_array(str(cache.path / MASK_ARRAY), mode="r", zarr_format=3)
+        except (FileNotFoundError, ValueError, OSError) as error:
+            fail(MASK_ARRAY, f"token mask missing or unreadable ({type(error).__name__}: {error})")
+            return None
+        if mask.shape != (cache.num_steps, views, tokens) or mask.dtype != np.uint8:
+            fail(MASK_ARRAY, f"shape {mask.shape} {mask.dtype}, expected {(cache.num_steps, views, tokens)} uint8")
+            return None
+        arrays[MASK_ARRAY] = {MASK_ARRAY: mask}
     return arrays if ok else None
 
 
@@ -324,6 +343,10 @@ def _check_shard(cache: Cache, shard: int, arrays: dict[int, dict[str, zarr.Arra
                 fail(str(file), f"shard {shard} unreadable ({type(error).__name__}: {error})")
         if len(read) != len(named):
             continue
+        if layer == MASK_ARRAY:
+            if not np.isin(read[MASK_ARRAY], (0, 1)).all():
+                fail(f"{MASK_ARRAY} shard {shard}", "values other than 0 and 1")
+            continue
         values = f"targets/layer_{layer}"
         bad = ~np.isfinite(decode(read[values], cache.dtype, read.get(f"{values}_scale")))
         if bad.any():
@@ -355,14 +378,18 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
                            f"with {vggt['weights_id']}; pass --vggt with the checkpoint used for extraction")
     source = _open_recorded_source(cache, source_path)
     locate = _locator(cache.attrs)
+    recipe = get_recipe(cache.recipe)
     task = progress.add_task("verify", total=len(rows)) if progress else None
-    cosines = []
+    cosines, mask_errors = [], 0
     for first in range(0, len(rows), batch_size):
         batch = rows[first:first + batch_size]
         frames = np.concatenate([source.read(key, step, step + 1).frames
                                  for key, step in map(locate, batch)])
-        images = preprocess(frames, vggt["preprocess"], model.config.img_size).to(device)
-        targets = pooled_targets(model, images, cache.layers, cache.grid)
+        images, mask = recipe_inputs(frames, recipe, cache.views, vggt["preprocess"], model.config.img_size,
+                                     cache.grid, model.config.patch_size)
+        if mask is not None:
+            mask_errors += int((mask != cache.read_rows(batch, mask=True)[1]).sum())
+        targets = pooled_targets(model, images.to(device), cache.layers, cache.grid)
         cosines.append(np.stack([token_cosine(targets[layer].cpu().numpy(), cache.read_rows(batch, layer=layer))
                                  for layer in cache.layers]))  # [layers, B, V, tokens]
         if progress:
@@ -376,7 +403,7 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
                               "worst": {"episode": key, "step": step, "view": cache.views[worst[1]],
                                         "token": int(worst[2])}}
     min_cos = float(cosine.min())
-    return {"ok": min_cos >= threshold, "threshold": threshold, "mean_cos": float(cosine.mean()), "min_cos": min_cos,
+    return {"ok": min_cos >= threshold and mask_errors == 0, "threshold": threshold, "mask_errors": mask_errors, "mean_cos": float(cosine.mean()), "min_cos": min_cos,
             "layers": layers, "steps": [list(locate(row)) for row in rows],
             "weights_id": weights_id, "device": str(device),
             "source_changed": source.fingerprint() != cache.attrs["source"].get("fingerprint")}
@@ -399,10 +426,12 @@ def _extracted_rows(cache: Cache, purpose: str) -> np.ndarray:
 
 
 def _open_recorded_source(cache: Cache, source_path: str | Path | None) -> Source:
-    """The dataset exactly as extraction read it: recorded format, views (order) and rotation."""
+    """The dataset exactly as extraction read it: recorded format, views (order), rotation, recipe's decode."""
     recorded = cache.attrs["source"]
-    return open_source(source_path or recorded["path"], recorded["format"], tuple(recorded["views"]),
-                       rotate=recorded["rotate"])
+    source = open_source(source_path or recorded["path"], recorded["format"], tuple(recorded["views"]),
+                         rotate=recorded["rotate"])
+    source.jpeg_fast_dct = get_recipe(cache.recipe).jpeg_fast_dct
+    return source
 
 
 def token_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -451,8 +480,8 @@ def pca_picture(cache: Cache, out: str | Path, steps: int = 4, episode: str | No
     rows = _picture_rows(cache, steps, episode)
     source = _open_recorded_source(cache, source_path)
     locate = _locator(cache.attrs)
-    frames = np.concatenate([source.read(key, step, step + 1).frames
-                             for key, step in map(locate, rows)])                    # [n, V, H, W, 3]
+    frames = insert_blanks(np.concatenate([source.read(key, step, step + 1).frames
+                                           for key, step in map(locate, rows)]), cache.views)  # [n, V, H, W, 3]
     colours = pca_rgb(cache.read_rows(rows, layer=layer)).reshape(*frames.shape[:2], *cache.grid, 3)
     count, views, height, width, _ = frames.shape
     canvas = Image.new("RGB", pca_picture_size((height, width), views, count))

@@ -33,15 +33,31 @@ class CachedTargets(torch.utils.data.Dataset):
     their own handle and training can never modify the cache). With `add_position_embedding`
     the pooled sinusoidal embedding pool(E) is added, so values equal what online SF computes
     on the un-augmented frame: pool(f + E) = pool(f) + pool(E) because pooling is linear.
+
+    `recipe` (e.g. "openpi") refuses a store extracted with another `sf extract --recipe`. A store
+    with a token mask (`--recipe openpi`) returns `(targets, mask)` pairs, mask bool [V, h*w] per step
+    (True = token holds image content), from every read; pass both to `SpatialForcingLoss(..., mask=)`.
+    A pair rather than a dict keeps the default collate and `targets_for` symmetric. `return_mask`
+    forces pairs on a store without a mask (all True); False on a masked store is refused, since
+    ignoring the mask would align padding and blank-camera tokens.
     """
 
-    def __init__(self, store: str | Path, layer: int | None = None, add_position_embedding: bool = True):
+    def __init__(self, store: str | Path, layer: int | None = None, add_position_embedding: bool = True,
+                 recipe: str | None = None, return_mask: bool | None = None):
         self.store = Path(store)
         self.add_position_embedding = add_position_embedding
         self._cache, self._pid = None, None
         self._pos: torch.Tensor | None = None
         cache = self.cache  # validate the store and the layer now, not in a worker
         self.layer = _resolve_layer(cache, layer)
+        self.recipe = cache.recipe
+        if recipe is not None and recipe != cache.recipe:
+            raise SfcacheError(f"{self.store}: targets were extracted with --recipe {cache.recipe}, but recipe "
+                               f"{recipe!r} was asked; re-extract with `sf extract --recipe {recipe}`")
+        if return_mask is False and cache.has_mask:
+            raise SfcacheError(f"{self.store}: this store carries a token mask (recipe {cache.recipe}); read it "
+                               "(return_mask=None or True) and pass it to SpatialForcingLoss(mask=)")
+        self.return_mask = cache.has_mask if return_mask is None else return_mask
         self.views, self.grid, self.channels = tuple(cache.views), tuple(cache.grid), int(cache.channels)
         targets = cache.attrs["targets"]
         self.native_grid = tuple(int(v) for v in targets["native_grid"])   # VGGT's patch grid before pooling
@@ -62,14 +78,15 @@ class CachedTargets(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self._num_rows
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < self._num_rows:
             raise IndexError(f"{self.store}: row {index} out of range [0, {self._num_rows})")
-        return self.read_rows([index])[0]
+        return _first(self.read_rows([index]))
 
-    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+    def __getitems__(self, indices: list[int]) -> list:
         """DataLoader's batched fetch: one store read for the whole batch."""
-        return list(self.read_rows(indices))
+        batch = self.read_rows(indices)
+        return list(zip(*batch)) if self.return_mask else list(batch)
 
     @property
     def tokens(self) -> int:
@@ -92,14 +109,14 @@ class CachedTargets(torch.utils.data.Dataset):
             raise StoreError(f"{self.store}: episode {key!r} has steps [0, {stored}), asked step {step}")
         return start + int(step)
 
-    def get(self, key: str, step: int, length: int | None = None) -> torch.Tensor:
-        """Targets of one step: float32 [V, h*w, C]."""
-        return self.read_rows([self.row(key, step, length)])[0]
+    def get(self, key: str, step: int, length: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Targets of one step: float32 [V, h*w, C] (with the mask: a pair, see the class)."""
+        return _first(self.read_rows([self.row(key, step, length)]))
 
     def targets_for(self, keys: Sequence[str], steps: Sequence[int] | torch.Tensor,
                     lengths: Sequence[int] | torch.Tensor | None = None,
-                    boxes: torch.Tensor | None = None) -> torch.Tensor:
-        """Targets of a batch joined by (episode key or TFDS id, step): float32 [B, V, h*w, C].
+                    boxes: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Targets of a batch joined by (episode key or TFDS id, step): float32 [B, V, h*w, C] (or a pair).
 
         `lengths`: each episode's length in your pipeline, checked against the store (see `row`).
         `boxes`: the crop each sample's views were augmented with, [B, 4] or [B, V, 4] (y0, x0, y1, x1
@@ -111,16 +128,25 @@ class CachedTargets(torch.utils.data.Dataset):
         rows = [self.row(k, int(s), n) for k, s, n in zip(keys, steps, lengths, strict=True)]
         if boxes is None:
             return self.read_rows(rows)
-        values = crop_target_grid(self._read(rows), self.grid, self.native_grid, boxes)
-        return values + self.position_embedding() if self.add_position_embedding else values
+        values, mask = self._read(rows)
+        if mask is not None:
+            raise SfcacheError(f"{self.store}: crop boxes were given, but this store carries a token mask (recipe "
+                               f"{self.recipe}), whose trainer feeds VGGT the un-augmented image; join without boxes")
+        return self._finish(crop_target_grid(values, self.grid, self.native_grid, boxes), None)
 
-    def read_rows(self, rows: Sequence[int]) -> torch.Tensor:
-        """Targets of flat rows: float32 [B, V, h*w, C] (one batched store read)."""
-        values = self._read(rows)
-        return values + self.position_embedding() if self.add_position_embedding else values
+    def read_rows(self, rows: Sequence[int]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Targets of flat rows: float32 [B, V, h*w, C], and with the mask bool [B, V, h*w] (one batched read)."""
+        return self._finish(*self._read(rows))
 
-    def _read(self, rows: Sequence[int]) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.cache.read_rows(np.asarray(rows), layer=self.layer)))
+    def _read(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stored values of flat rows without the position embedding, and the mask when this dataset returns it."""
+        read = self.cache.read_rows(np.asarray(rows), layer=self.layer, mask=self.return_mask)
+        values, mask = read if self.return_mask else (read, None)
+        return torch.from_numpy(np.ascontiguousarray(values)), None if mask is None else torch.from_numpy(mask)
+
+    def _finish(self, values: torch.Tensor, mask: torch.Tensor | None):
+        values = values + self.position_embedding() if self.add_position_embedding else values
+        return values if mask is None else (values, mask)
 
     def position_embedding(self) -> torch.Tensor:
         """pool(E): SF's position embedding pooled from VGGT's native grid to the cache grid, [h*w, C].
@@ -130,6 +156,11 @@ class CachedTargets(torch.utils.data.Dataset):
         if self._pos is None:
             self._pos = pooled_position_embedding(self.native_grid, self.grid, self.channels, self.aspect_ratio)
         return self._pos
+
+
+def _first(batch):
+    """Row 0 of a read: a tensor, or a (targets, mask) pair."""
+    return tuple(part[0] for part in batch) if isinstance(batch, tuple) else batch[0]
 
 
 def pooled_position_embedding(native: tuple[int, int], grid: tuple[int, int], channels: int,
@@ -208,8 +239,10 @@ class SpatialForcingLoss(nn.Module):
                 per_sample: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """L_align for VLA tokens [B, N, D] and targets [B, N, C] or [B, V, T, C] (N = V*T).
 
-        `mask` (bool, True = use) is [B, N], [B, V, T] or per view [B, V]; a sample whose tokens are
-        all masked gets loss 0 and is left out of the batch mean. Returns the loss, and with
+        `mask` (bool, True = use) is [B, N], [B, V, T] (what `CachedTargets` returns) or per view [B, V];
+        a sample whose tokens are all masked gets loss 0 and is left out of the batch mean (openpi-SF's
+        masked mean gives NaN there). Masked targets are zeroed before use, so even a non-finite value
+        under the mask reaches neither the loss nor the gradients. Returns the loss, and with
         `per_sample` also the [B] per-sample losses.
         """
         batch, tokens = vla_tokens.shape[:2]
@@ -218,13 +251,15 @@ class SpatialForcingLoss(nn.Module):
                                f"targets {tuple(targets.shape)} [B, N, C] or [B, V, T, C] with V*T = N: slice exactly "
                                "the visual tokens (OpenVLA-OFT: hidden_states[L][:, 2:2 + targets.tokens], with or "
                                "without proprio)")
-        targets = targets.reshape(batch, tokens, -1)
-        cos = (F.normalize(self.project(vla_tokens).float(), dim=-1) * F.normalize(targets.float(), dim=-1)).sum(-1)
+        targets = targets.reshape(batch, tokens, -1).float()
+        if mask is not None:
+            mask = _token_mask(mask, batch, tokens).to(targets.device)
+            targets = torch.where(mask[..., None] > 0, targets, torch.zeros((), device=targets.device))
+        cos = (F.normalize(self.project(vla_tokens).float(), dim=-1) * F.normalize(targets, dim=-1)).sum(-1)
         if mask is None:
             per = 1.0 - cos.mean(dim=1)
             loss = per.mean()
         else:
-            mask = _token_mask(mask, batch, tokens).to(cos.device)
             counts = mask.sum(dim=1)
             has_tokens = counts > 0
             mean_cos = (cos * mask).sum(dim=1) / counts.clamp(min=1)

@@ -25,9 +25,9 @@ class LoggedSlowWrites(WorkerPlugin):
         original = Cache.write_shard
         log, delay = self.log, self.delay
 
-        def write_shard(cache, shard, targets):
+        def write_shard(cache, shard, targets, mask=None):
             time.sleep(delay)
-            original(cache, shard, targets)
+            original(cache, shard, targets, mask)
             with open(log, "a") as handle:
                 handle.write(f"{shard} {os.getpid()}\n")
 

@@ -323,7 +323,8 @@ def test_int8_store_verifies_at_its_threshold_and_nan_scales_are_caught(built, t
     """The float16 store re-encoded as int8 through the store's writer: same values, int8 rounding."""
     store = rewrite(built[1], tmp_path / "int8", dtype="int8")
     summary = inspection.summarize(inspection.open_store(store))
-    assert summary["raw_bytes_per_step"] == 2 * GRID[0] * GRID[1] * CHANNELS + 2 * CHANNELS * 4
+    tokens = GRID[0] * GRID[1]
+    assert summary["raw_bytes_per_step"] == 2 * tokens * CHANNELS + 2 * tokens * (CHANNELS // 128) * 4
     assert inspection.check(store)["ok"]
     result = inspection.verify(inspection.open_store(store), steps=1, seed=0)
     assert result["threshold"] == inspection.DEFAULT_THRESHOLDS["int8"] == 0.995

@@ -16,7 +16,8 @@ import zarr
 
 from sfcache.errors import ConfigMismatch, StoreError
 from sfcache.sources.base import EpisodeInfo
-from sfcache.store import (Cache, StoreConfig, create_store, decode, encode, lock_store, open_cache,
+from sfcache.inspect import token_cosine
+from sfcache.store import (Cache, StoreConfig, create_store, decode, encode, int8_block, lock_store, open_cache,
                            pack_episodes)
 
 EPISODES = pack_episodes([EpisodeInfo("suite/a/demo_0", "pick the bowl", 5),
@@ -68,15 +69,29 @@ def test_float16_and_bfloat16_round_exactly_like_torch():
     np.testing.assert_array_equal(decode(half, "float16"), x.astype(np.float16).astype(np.float32))
 
 
-def test_int8_error_is_within_half_a_step_per_channel():
+def test_int8_error_is_within_half_a_step_per_token_and_channel_block():
     x = np.random.default_rng(2).standard_normal((4, 2, 9, 6)).astype(np.float32) * np.arange(1, 7)
-    x[1, 0, :, 2] = 0.0  # an all-zero channel must not divide by zero
+    x[1, 0, 3] = 0.0  # an all-zero token must not divide by zero
     stored, scale = encode(x, "int8")
-    assert stored.dtype == np.int8 and scale.shape == (4, 2, 6) and scale.dtype == np.float32
+    assert int8_block(6) == 2 and int8_block(2048) == 128
+    assert stored.dtype == np.int8 and scale.shape == (4, 2, 9, 3) and scale.dtype == np.float32
     back = decode(stored, "int8", scale)
-    assert np.all(np.abs(back - x) <= scale[:, :, None, :] / 2 + 1e-6)
-    assert np.all(back[1, 0, :, 2] == 0)
-    np.testing.assert_allclose(np.abs(x).max(axis=2), np.abs(back).max(axis=2), rtol=1e-6)
+    assert np.all(np.abs(back - x) <= np.repeat(scale, 2, axis=-1) / 2 + 1e-6)
+    assert np.all(back[1, 0, 3] == 0)
+    blocks = lambda a: np.abs(a).reshape(4, 2, 9, 3, 2).max(axis=-1)
+    np.testing.assert_allclose(blocks(x), blocks(back), rtol=1e-6)
+
+
+def test_int8_keeps_other_tokens_exact_next_to_a_50x_outlier_token():
+    """Per-channel scales (format 1) let one loud token crush the rest; per-token block scales do not."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 2, 256, 256)).astype(np.float32)
+    x[:, :, 7] *= 50
+    stored, scale = encode(x, "int8")
+    cosine = token_cosine(decode(stored, "int8", scale), x)
+    legacy = decode(np.clip(np.rint(x / (np.abs(x).max(axis=2) / 127)[:, :, None]), -127, 127).astype(np.int8),
+                    "int8", np.abs(x).max(axis=2) / 127)   # a version-1 store: per-channel scales [T, V, C]
+    assert cosine.min() >= 0.9999 and token_cosine(legacy, x).min() < 0.99
 
 
 # ----------------------------------------------------------------------------- layout and reads
@@ -85,18 +100,19 @@ def test_layout_and_provenance_follow_the_architecture(tmp_path):
     config, _ = build(tmp_path / "s", dtype="int8", codec="zstd")
     root = zarr.open_group(str(tmp_path / "s"), mode="r")
     attrs = root.attrs["sfcache"]
-    assert attrs["format_version"] == 1 and attrs["num_steps"] == 15 and attrs["num_shards"] == 4
+    assert attrs["format_version"] == 2 and attrs["recipe"] == "none" and attrs["num_steps"] == 15 and attrs["num_shards"] == 4
     assert attrs["episodes"] == [["suite/a/demo_0", "pick the bowl", 0, 5], ["suite/a/demo_1", "place the bowl", 5, 7],
                                  ["suite/b/demo_0", "open the drawer", 12, 3]]
     assert attrs["targets"] == {"layers": [3], "grid": [2, 3], "native_grid": [4, 4], "aspect_ratio": 1.0,
                                 "views": ["primary", "wrist"], "channels": 8, "dtype": "int8", "codec": "zstd",
-                                "checksum": "none", "position_embedding": "not baked in"}
+                                "checksum": "none", "position_embedding": "not baked in", "mask": "none",
+                                "int8_block": 8}
     assert attrs["source"]["fingerprint"] == "abc" and attrs["vggt"]["weights_id"] == "random:tiny+seed0"
     data, scale, done = root["targets/layer_3"], root["targets/layer_3_scale"], root["done"]
     assert data.shape == (15, 2, 6, 8) and data.dtype == np.int8
     assert data.chunks == (1, 2, 6, 8) and data.shards == (4, 2, 6, 8)
     assert data.compressors[0].to_dict()["name"] == "zstd"
-    assert scale.shape == (15, 2, 8) and scale.dtype == np.float32
+    assert scale.shape == (15, 2, 6, 1) and scale.dtype == np.float32
     assert done.shape == (4,) and done.chunks == (1,) and done[:].tolist() == [1, 1, 1, 1]
     assert not (tmp_path / "s" / ".sfcache.lock").exists()
 
@@ -321,6 +337,6 @@ def test_shard_files_reach_the_disk_before_their_done_flag(tmp_path, monkeypatch
         create_store(tmp_path / "s", config).write_shard(0, {LAYER: values[:4]})
     names = [path.removeprefix(str(tmp_path / "s") + "/") for path, _ in synced]
     assert names == ["targets/layer_3/c/0/0/0/0", "targets/layer_3/c/0/0/0",
-                     "targets/layer_3_scale/c/0/0/0", "targets/layer_3_scale/c/0/0"]
+                     "targets/layer_3_scale/c/0/0/0/0", "targets/layer_3_scale/c/0/0/0"]
     assert not any(done_flag_existed for _, done_flag_existed in synced)
     assert open_cache(tmp_path / "s").done_shards().tolist() == [True, False, False, False]

@@ -87,6 +87,10 @@ def open_training_data(source_path: Path, cache_path: Path | None, views: tuple[
                        cache_layer: int | None = None) -> TrainingData:
     """Open source and cache, check they belong together, and split episodes into train / validation."""
     targets = CachedTargets(cache_path, layer=cache_layer, add_position_embedding=False) if cache_path else None
+    if targets is not None and targets.recipe not in TRAINER_RECIPES:
+        raise SfcacheError(f"{cache_path}: extracted with --recipe {targets.recipe}, but sf train trains an "
+                           f"OpenVLA-OFT-style policy (square 224 px views, crop augmentation, no token mask); "
+                           f"use a store made with --recipe {' or '.join(TRAINER_RECIPES)}")
     source = open_source(source_path, views=views or (targets.views if targets else None))
     identity = {"views": list(source.views), "grid": list(grid), "source": _source_identity(source.describe())}
     if targets is not None:
@@ -121,6 +125,7 @@ def _proprio_sample(source: Source, episodes: list[EpisodeRows], per_episode: in
 
 
 SOURCE_FIELDS = ("format", "variant", "rotate", "fingerprint")
+TRAINER_RECIPES = ("none", "openvla-oft")   # what this trainer's inputs and augmentation match
 
 
 def _source_identity(describe: dict) -> dict:

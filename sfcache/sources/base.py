@@ -80,6 +80,7 @@ class Source(ABC):
     view_keys: dict[str, str]         # canonical view name -> on-disk name
     default_views: tuple[str, ...]
     default_rotate: bool = False      # LIBERO HDF5 stores frames upside down
+    jpeg_fast_dct: bool = False       # IFAST JPEG DCT as TF decodes (set by `--recipe openvla-oft`; RLDS reads it)
 
     def __init__(self, path: str | Path, views: tuple[str, ...] | None = None, *,
                  rotate: bool | None = None, skip_bad: bool = False):

@@ -1,5 +1,8 @@
 """Decode the frames datasets embed as bytes: JPEG with libjpeg-turbo (simplejpeg), PNG with Pillow.
 
+JPEG DCT: libjpeg's accurate ISLOW by default; `fast_dct` selects IFAST, which is what TensorFlow's
+default `tf.io.decode_image` uses (so RLDS frames decode bit for bit as OpenVLA-OFT's pipeline sees them).
+
 RoboTwin quirk: its JPEGs were written by `cv2.imencode` from RGB arrays, so a true-RGB decoder
 returns BGR. XPolicyLab's newer encoder stores real RGB and stamps a JPEG comment (COM) segment
 `XPL-RGB1`; `opencv_channel_order` tells the two apart from the bytes alone.
@@ -27,12 +30,13 @@ class ImageDecodeError(ValueError):
     """The bytes are not a decodable JPEG/PNG; readers turn it into a SourceError with context."""
 
 
-def decode_image(data: bytes, *, bgr: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+def decode_image(data: bytes, *, bgr: bool = False, out: np.ndarray | None = None,
+                 fast_dct: bool = False) -> np.ndarray:
     """One embedded image -> uint8 [H, W, 3] RGB; `bgr` swaps channels (in libjpeg-turbo for JPEG);
-    `out` is a contiguous [H, W, 3] slot a JPEG is decoded straight into."""
+    `out` is a contiguous [H, W, 3] slot a JPEG is decoded straight into; `fast_dct`: IFAST like TF."""
     if data[:2] == _JPEG_MAGIC:
         try:
-            image = simplejpeg.decode_jpeg(data, colorspace="BGR" if bgr else "RGB", buffer=out)
+            image = simplejpeg.decode_jpeg(data, colorspace="BGR" if bgr else "RGB", buffer=out, fastdct=fast_dct)
         except ValueError as err:
             if out is not None and "too small" in str(err):
                 raise ImageDecodeError(f"frame larger than the episode's {out.shape[:2]} (expected one size)") from None
@@ -69,16 +73,17 @@ def opencv_channel_order(data: bytes) -> bool:
 
 
 def decode_views(views: Sequence[Sequence[bytes]], names: Sequence[str], keys: Sequence[str], first_step: int,
-                 file: Path, episode: str, robotwin_channels: bool = False) -> np.ndarray:
+                 file: Path, episode: str, robotwin_channels: bool = False, fast_dct: bool = False) -> np.ndarray:
     """Encoded frames per view -> uint8 [T, V, H, W, 3], each frame decoded straight into place.
 
-    robotwin_channels: swap cv2-written JPEGs (no XPL-RGB1 marker) back to RGB. A bad frame is named
-    by view key and step; views must share one frame size.
+    robotwin_channels: swap cv2-written JPEGs (no XPL-RGB1 marker) back to RGB; fast_dct: IFAST JPEG DCT
+    (TF's default decode). A bad frame is named by view key and step; views must share one frame size.
     """
     def decode(blob, view: int, step: int, out=None) -> np.ndarray:
         data = bytes(blob)
         try:
-            return decode_image(data, bgr=robotwin_channels and opencv_channel_order(data), out=out)
+            return decode_image(data, bgr=robotwin_channels and opencv_channel_order(data), out=out,
+                                fast_dct=fast_dct)
         except ImageDecodeError as err:
             raise SourceError(file, f"step {first_step + step}: {err}", episode=episode, key=keys[view]) from None
 

@@ -198,7 +198,7 @@ class LiberoRLDS(Source):
         features = self._features(episode)
         names = [self.view_keys[view] for view in self.views]
         return decode_views([features[name].bytes_list.value[start:stop] for name in names], self.views, names,
-                            start, episode.file, episode.info.key)
+                            start, episode.file, episode.info.key, fast_dct=self.jpeg_fast_dct)
 
     def _read_vectors(self, episode: Episode, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         key, file, features = episode.info.key, episode.file, self._features(episode)

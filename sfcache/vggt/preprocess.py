@@ -8,6 +8,10 @@ Modes:
 - "crop": the official `load_and_preprocess_images(mode="crop")`: width -> img_size, height kept in
           aspect ratio rounded to a multiple of 14 (PIL bicubic), center-cropped to img_size if taller.
 - "pad":  the same with the long side -> img_size and white (1.0) padding to img_size x img_size.
+- "letterbox": what openpi-SF feeds VGGT: the policy's 224x224 image made by openpi's `resize_with_pad`
+          (PIL bilinear, aspect kept, centred, black padding), as float via openpi's [-1, 1] round trip,
+          padding set to white (1.0), then bicubic (align_corners=False) to img_size, not clamped.
+          `letterbox_mask` gives the pixels that hold image content.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-MODES = ("sf", "crop", "pad")
+MODES = ("sf", "crop", "pad", "letterbox")
 POLICY_SIZE = 224            # OpenVLA-OFT's image size (RLDS resize_resolution)
 PATCH = 14                   # the official preprocessing rounds to multiples of VGGT's patch size
 POLICY_MEAN = (0.485, 0.456, 0.406)   # OpenVLA's DINOv2 normalisation, undone by SF before VGGT
@@ -40,8 +44,53 @@ def preprocess(frames: np.ndarray | torch.Tensor, mode: str = "sf", img_size: in
         raise ValueError(f"img_size {img_size} is not a multiple of {PATCH}")
     batch, views = frames.shape[:2]
     flat = frames.reshape(batch * views, *frames.shape[2:])
-    images = _sf_images(flat, img_size) if mode == "sf" else _official_images(flat, mode, img_size)
+    if mode == "sf":
+        images = _sf_images(flat, img_size)
+    elif mode == "letterbox":
+        images = _letterbox_images(flat, img_size)
+    else:
+        images = _official_images(flat, mode, img_size)
     return images.reshape(batch, views, *images.shape[1:])
+
+
+def letterbox_geometry(height: int, width: int, size: int = POLICY_SIZE) -> tuple[int, int, int, int]:
+    """(top, left, resized height, resized width) of an H x W frame in openpi's size x size letterbox,
+    with openpi's own float arithmetic and truncations (`_resize_with_pad_pil`)."""
+    if (height, width) == (size, size):
+        return 0, 0, size, size
+    ratio = max(width / size, height / size)
+    new_height, new_width = int(height / ratio), int(width / ratio)
+    return max(0, int((size - new_height) / 2)), max(0, int((size - new_width) / 2)), new_height, new_width
+
+
+def letterbox(frames: np.ndarray, size: int = POLICY_SIZE) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> uint8 [N, size, size, 3] as `openpi_client.image_tools.resize_with_pad`:
+    PIL bilinear resize keeping the aspect ratio, pasted into a black canvas."""
+    height, width = frames.shape[1:3]
+    if (height, width) == (size, size):
+        return frames
+    top, left, new_height, new_width = letterbox_geometry(height, width, size)
+    out = np.zeros((len(frames), size, size, 3), np.uint8)
+    for canvas, frame in zip(out, frames):
+        resized = Image.fromarray(frame).resize((new_width, new_height), Image.Resampling.BILINEAR)
+        canvas[top:top + new_height, left:left + new_width] = np.asarray(resized)
+    return out
+
+
+def letterbox_mask(height: int, width: int, size: int = POLICY_SIZE) -> np.ndarray:
+    """bool [size, size]: True where the letterboxed H x W frame has image content (openpi's padding mask)."""
+    top, left, new_height, new_width = letterbox_geometry(height, width, size)
+    mask = np.zeros((size, size), bool)
+    mask[top:top + new_height, left:left + new_width] = True
+    return mask
+
+
+def _letterbox_images(frames: np.ndarray, img_size: int) -> torch.Tensor:
+    content = torch.from_numpy(letterbox_mask(*frames.shape[1:3]))
+    images = torch.from_numpy(letterbox(frames)).permute(0, 3, 1, 2).float()
+    images = (images / 255.0 * 2.0 - 1.0) / 2.0 + 0.5     # openpi's uint8 -> [-1, 1], then SF's back to [0, 1]
+    images = images.masked_fill(~content, 1.0)            # padding -> white in the VGGT copy
+    return F.interpolate(images, size=(img_size, img_size), mode="bicubic", align_corners=False)
 
 
 def _sf_images(frames: np.ndarray, img_size: int) -> torch.Tensor:
