@@ -21,7 +21,7 @@ from rich.progress import Progress
 
 from sfcache.errors import StoreError, WeightsError
 from sfcache.pooling import pooled_targets
-from sfcache.sources import Source, open_source
+from sfcache.sources import Source, open_source, recorded_views
 from sfcache.store import LOCK_NAME, Cache, decode, open_cache
 from sfcache.vggt import load_vggt, preprocess
 
@@ -401,7 +401,7 @@ def _extracted_rows(cache: Cache, purpose: str) -> np.ndarray:
 def _open_recorded_source(cache: Cache, source_path: str | Path | None) -> Source:
     """The dataset exactly as extraction read it: recorded format, views (order) and rotation."""
     recorded = cache.attrs["source"]
-    return open_source(source_path or recorded["path"], recorded["format"], tuple(recorded["views"]),
+    return open_source(source_path or recorded["path"], recorded["format"], recorded_views(recorded),
                        rotate=recorded["rotate"])
 
 
