@@ -290,6 +290,8 @@ def write_lerobot(root: Path, *, episodes: int = 3, steps: int = 8, size: int = 
     """
     if version not in ("v2.1", "v3.0"):
         raise ValueError(f"version must be 'v2.1' or 'v3.0', not {version!r}")
+    if videos and size < 32:
+        raise ValueError(f"video frames of {size} px: libsvtav1 needs at least 32 (smaller ones crash it)")
     columns = LEROBOT_CAMERAS[names][:cameras]
     action_name, state_name = LEROBOT_VECTORS[names]
     action_dim = action_dim or (7 if names == "openpi" else 14)
