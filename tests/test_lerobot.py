@@ -230,3 +230,25 @@ def test_joins_refuse_a_store_of_other_episodes(lerobot_store, tmp_path):
     assert joined[0]["sf_targets"].shape == (2, GRID * GRID, CHANNELS)
     with pytest.raises(SfcacheError, match="pass lengths="):
         WithTargets([{"index": 0}], partial, index="index")
+
+
+def test_extract_mapped_video_views_and_verify(tmp_path):
+    """sf extract with --views name=column on a video LeRobot dataset; --verify reopens the recorded mapping."""
+    import logging
+
+    from distributed import LocalCluster
+
+    from sfcache.store import open_cache
+    written = syn.write_lerobot(tmp_path / "data", episodes=2, steps=2, size=32, version="v3.0", names="lerobot",
+                                cameras=3, videos=2)
+    store = tmp_path / "store"
+    views = "base=observation.images.cam_high,right=observation.images.cam_right_wrist"
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=":0",
+                      silence_logs=logging.CRITICAL) as cluster:
+        result = CliRunner().invoke(app, ["extract", str(written.path), "--out", str(store), "--vggt", "random:tiny",
+                                          "--views", views, "--scheduler", cluster.scheduler_address])
+    assert result.exit_code == 0, result.output
+    cache = open_cache(store)
+    assert cache.views == ("base", "right") and cache.attrs["source"]["view_map"]["right"].endswith("cam_right_wrist")
+    result = CliRunner().invoke(app, ["inspect-cache", str(store), "--verify", "2", "--json"])
+    assert result.exit_code == 0, result.output

@@ -8,6 +8,8 @@ XPolicyLab (`vision/` group): `<bench>/<task>/<env_cfg>/data/episode_{N:07d}.hdf
 `vision/<cam>/colors`, `state/*` and `action/*` packed [left arm, left ee, right arm, right ee],
 `instructions` a JSON list. Key: `<bench>/<task>/<env_cfg>/episode_{N:07d}`.
 JPEG channel order: cv2-written frames (no XPL-RGB1 marker) decode to BGR and are swapped.
+Views by mapping: `name=column` reads any camera, as an HDF5 dataset path or a camera group name
+(`front_camera`, `cam_third_view`), resolved per file.
 """
 
 from __future__ import annotations
