@@ -16,11 +16,11 @@ from cli.main import app
 from sfcache.errors import SfcacheError, SourceError, StoreError
 from sfcache.sources import open_source, recorded_views
 from sfcache.sources import synthetic as syn
+from sfcache.sources.video import VideoFiles
 from sfcache.torch import CachedTargets, WithTargets
 from tests._train_helpers import CHANNELS, GRID, content_targets, write_store
 from tests.data.make_lerobot_real import expected as real_expected
 
-REAL = Path(__file__).parent / "data" / "lerobot_v30_real"
 CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
 
 
@@ -48,6 +48,35 @@ def test_lerobot_names_and_video_cameras(aloha):
         for step in (3, 1):                                                 # seeks back and forth in the file
             np.testing.assert_array_equal(source.read(key, step, step + 2).frames, expected.frames[step:step + 2])
     assert mean_error(steps.frames[:1, :2], rendered[:, :2]) < 40
+
+
+class CountingContainer:
+    """A PyAV container that counts the frames its decoder yields."""
+
+    def __init__(self, container, decoded: list):
+        self._container, self._decoded = container, decoded
+
+    def __getattr__(self, name):
+        return getattr(self._container, name)
+
+    def decode(self, *args, **kwargs):
+        for frame in self._container.decode(*args, **kwargs):
+            self._decoded.append(frame.pts)
+            yield frame
+
+
+def test_video_seeks_and_decodes_only_up_to_the_asked_frames(aloha):
+    """GOP 2: a read of one late step decodes at most the keyframe before it and the step itself."""
+    source = open_source(aloha.path, views=("cam_high",))
+    source.episodes()
+    decoded: list = []
+    files = source._process_local("videos", VideoFiles)
+    opened = files.container
+    files.container = lambda *args: CountingContainer(opened(*args), decoded)
+    key = "episode_000002"
+    steps = source.read(key, 4, 5)
+    np.testing.assert_array_equal(steps.frames, aloha.episodes[key].frames[4:5, :1])
+    assert 1 <= len(decoded) <= 3            # v3.0 packs 15 frames in the file, v2.1 5 in the episode's
 
 
 def test_views_by_mapping_lerobot(aloha):
@@ -113,24 +142,31 @@ def test_missing_columns_name_file_and_what_exists(tmp_path):
         open_source(video.path).episodes()
 
 
-def test_dataset_written_by_real_lerobot():
-    """tests/data/lerobot_v30_real was written by lerobot 0.4.4 (make_lerobot_real.py): AV1 video + PNG cameras."""
-    source = open_source(REAL)
-    assert source.views == ("cam_high", "cam_left_wrist") and source.describe()["variant"] == "v3.0"
+@pytest.mark.parametrize("version", ["v21", "v30"])
+def test_dataset_written_by_real_lerobot(version):
+    """tests/data/lerobot_<version>_real were written by lerobot 0.3.2 (v2.1) and 0.4.4 (v3.0) with
+    make_lerobot_real.py: an AV1 video camera and a PNG camera, 3 episodes of 4, 6, 5 frames."""
+    import av
+
+    root = Path(__file__).parent / "data" / f"lerobot_{version}_real"
+    source = open_source(root)
+    assert source.views == ("cam_high", "cam_left_wrist") and source.describe()["variant"] == f"v{version[1]}.{version[2]}"
     assert [(i.key, i.instruction, i.num_steps) for i in source.episodes()] == [
         ("episode_000000", "task 0", 4), ("episode_000001", "task 1", 6), ("episode_000002", "task 0", 5)]
-    import av
-    with av.open(str(next(REAL.rglob("*.mp4")))) as container:       # independent path: decode every frame
-        sequential = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    sequential = []                                        # independent path: decode every frame of every file
+    for file in sorted(root.rglob("*.mp4")):
+        with av.open(str(file)) as container:
+            sequential += [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     first = 0
     for info, (high, wrist, state, action, _) in zip(source.episodes(), real_expected()):
         steps = source.read(info.key)
         np.testing.assert_array_equal(steps.frames[:, 1], wrist)                      # PNG: exact
-        np.testing.assert_array_equal(steps.frames[:, 0], sequential[first:first + len(high)])
+        np.testing.assert_array_equal(steps.frames[:, 0], np.stack(sequential[first:first + len(high)]))
         assert mean_error(steps.frames[:, 0], high) < 12                              # AV1 crf 30 of the scene
         np.testing.assert_array_equal(steps.proprio, state)
         np.testing.assert_array_equal(steps.actions, action)
         first += len(high)
+    assert first == len(sequential)
 
 
 # --- WithTargets: joins to LeRobot-style samples ------------------------------------------------------
