@@ -33,7 +33,8 @@ def extract(
     vggt: str = typer.Option(..., "--vggt", help="VGGT weights: checkpoint path, hub id (facebook/VGGT-1B) "
                                                   "or random:<preset> for tests."),
     format: str = typer.Option("auto", "--format", help="Source format, or auto to detect it."),
-    views: str = typer.Option(None, "--views", help="Comma list of views in VGGT order (default: the format's)."),
+    views: str = typer.Option(None, "--views", help="Comma list of views in VGGT order, each a name or "
+                                                    "name=column (default: the format's)."),
     layers: str = typer.Option("-1", "--layers", help="Comma list of VGGT layers; -1 is the last "
                                                       "(23 on VGGT-1B, the one SF uses)."),
     grid: str = typer.Option("16x16", "--grid", help="Target grid per view: HxW, or native (VGGT's patch grid)."),
