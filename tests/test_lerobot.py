@@ -88,7 +88,6 @@ def test_views_by_mapping_lerobot(aloha):
     described = source.describe()
     assert described["view_map"] == {"base": "observation.images.cam_high",
                                      "right_wrist": "observation.images.cam_right_wrist"}
-    assert described["columns"]["base"] == "observation.images.cam_high"
     assert recorded_views(described) == views
     with pytest.raises(SourceError, match=r"view top=observation.images.top: not an image or video feature "
                                           r"\(cameras: \['observation.images.cam_high'"):

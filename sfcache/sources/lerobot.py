@@ -288,7 +288,3 @@ class LeRobot(Source):
 
     def _variant(self) -> str:
         return self._info()["codebase_version"]
-
-    def describe(self) -> dict:
-        """Also records which column each view was read from."""
-        return {**super().describe(), "columns": {view: self.view_keys[view] for view in self.views}}
