@@ -290,3 +290,15 @@ def test_extract_mapped_video_views_and_verify(tmp_path):
     from train.data import open_training_data
     data = open_training_data(written.path, store, None, grid=(16, 16), chunk=2, text_len=8, val_episodes=1)
     assert data.views == ("base", "right")                 # sf train reopens the recorded mapping
+
+
+def test_video_timestamp_without_a_frame_is_a_clear_error(tmp_path):
+    written = syn.write_lerobot(tmp_path, episodes=1, steps=4, size=32, names="lerobot", cameras=1, videos=1)
+    data = written.files[0]
+    table = pq.read_table(data)
+    shifted = table.set_column(table.schema.get_field_index("timestamp"), "timestamp",
+                               [table.column("timestamp").to_numpy() + np.float32(0.05)])
+    pq.write_table(shifted, data)
+    with pytest.raises(SourceError, match=r"episode_000000.mp4, episode episode_000000, key 'observation.images.cam_high'"
+                                          r": no frame within 0.0001 s of timestamp 0.0500 s"):
+        open_source(written.path).read("episode_000000")

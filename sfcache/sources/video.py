@@ -73,9 +73,9 @@ def frames_at(container: av.container.InputContainer, timestamps: np.ndarray, fi
     nearest = np.abs(decoded[None, :] - timestamps[:, None]).argmin(axis=1)
     off = np.abs(decoded[nearest] - timestamps)
     if (off > tolerance_s).any():
-        worst = int(off.argmax())
-        raise SourceError(file, f"no frame within {tolerance_s} s of timestamp {timestamps[worst]:.4f} s "
-                                f"(closest {decoded[nearest[worst]]:.4f} s; expected one frame per row timestamp)",
+        first_bad = int(np.flatnonzero(off > tolerance_s)[0])
+        raise SourceError(file, f"no frame within {tolerance_s} s of timestamp {timestamps[first_bad]:.4f} s "
+                                f"(closest {decoded[nearest[first_bad]]:.4f} s; expected one frame per row timestamp)",
                           episode=episode, key=key)
     rgb = {int(i): frames[int(i)].to_ndarray(format="rgb24") for i in np.unique(nearest)}
     return np.stack([rgb[int(i)] for i in nearest])
