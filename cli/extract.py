@@ -33,7 +33,8 @@ def extract(
     vggt: str = typer.Option(..., "--vggt", help="VGGT weights: checkpoint path, hub id (facebook/VGGT-1B) "
                                                   "or random:<preset> for tests."),
     format: str = typer.Option("auto", "--format", help="Source format, or auto to detect it."),
-    views: str = typer.Option(None, "--views", help="Comma list of views in VGGT order (default: the format's); "
+    views: str = typer.Option(None, "--views", help="Comma list of views in VGGT order, each a name or name=column "
+                                                    "(default: the format's); "
                                                     "with --recipe openpi, 'blank' marks an empty camera slot."),
     recipe: str = typer.Option("none", "--recipe", help="Feed VGGT exactly what a public SF trainer does: "
                                "openvla-oft (TF JPEG decode, lanczos 224, primary+wrist) or openpi (letterbox 224, "

@@ -17,7 +17,8 @@ SHOWN_EPISODES = 8
 def inspect_source(
     path: Path = typer.Argument(..., help="Dataset folder or file."),
     format: str = typer.Option("auto", "--format", help=f"auto or one of: {', '.join(FORMATS)}."),
-    views: str = typer.Option(None, "--views", help="Comma list of views in VGGT order (default: the format's)."),
+    views: str = typer.Option(None, "--views", help="Comma list of views in VGGT order, each a name or "
+                                                    "name=column (default: the format's)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="List structurally bad episodes instead of stopping."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON report instead of tables."),
 ) -> None:

@@ -22,7 +22,7 @@ from rich.progress import Progress
 from sfcache.errors import StoreError, WeightsError
 from sfcache.pooling import pooled_targets
 from sfcache.recipes import get_recipe, insert_blanks, recipe_inputs
-from sfcache.sources import Source, open_source
+from sfcache.sources import Source, open_source, recorded_views
 from sfcache.store import LOCK_NAME, MASK_ARRAY, Cache, decode, int8_block, open_cache, step_bytes
 from sfcache.vggt import load_vggt
 
@@ -428,7 +428,7 @@ def _extracted_rows(cache: Cache, purpose: str) -> np.ndarray:
 def _open_recorded_source(cache: Cache, source_path: str | Path | None) -> Source:
     """The dataset exactly as extraction read it: recorded format, views (order), rotation, recipe's decode."""
     recorded = cache.attrs["source"]
-    source = open_source(source_path or recorded["path"], recorded["format"], tuple(recorded["views"]),
+    source = open_source(source_path or recorded["path"], recorded["format"], recorded_views(recorded),
                          rotate=recorded["rotate"])
     source.jpeg_fast_dct = get_recipe(cache.recipe).jpeg_fast_dct
     return source

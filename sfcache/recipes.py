@@ -84,8 +84,12 @@ def camera_views(asked: tuple[str, ...] | None) -> tuple[str, ...] | None:
 
 
 def slot_layout(recipe: Recipe, asked: tuple[str, ...] | None, source_views: tuple[str, ...]) -> tuple[str, ...]:
-    """The VGGT sequence in order: views and `blank` slots, padded with blanks to the recipe's slot count."""
-    layout = tuple(asked) if asked is not None else tuple(source_views)
+    """The VGGT sequence in order: views and `blank` slots, padded with blanks to the recipe's slot count.
+
+    `source_views` are the names of the source opened with `camera_views(asked)`, so a `name=column` entry
+    of `asked` takes its name from there."""
+    cameras = iter(source_views)
+    layout = tuple(source_views) if asked is None else tuple(BLANK if v == BLANK else next(cameras) for v in asked)
     if recipe.views is not None and layout != recipe.views:
         raise SfcacheError(f"--recipe {recipe.name} takes views {','.join(recipe.views)} in that order, "
                            f"got {','.join(layout)}")

@@ -24,7 +24,8 @@ from sfcache.errors import SfcacheError, StoreError
 from sfcache.pooling import pool_grid, position_embedding
 from sfcache.store import open_cache
 
-__all__ = ["CachedTargets", "SpatialForcingLoss", "WithTargets", "crop_target_grid", "pooled_position_embedding"]
+__all__ = ["CachedTargets", "SpatialForcingLoss", "WithTargets", "crop_target_grid", "lerobot_episodes",
+           "pooled_position_embedding"]
 
 class CachedTargets(torch.utils.data.Dataset):
     """Cached SF targets, float32 [V, h*w, C] per step, indexed by flat row or (episode key, step).
@@ -182,25 +183,102 @@ def _resolve_layer(cache, layer: int | None) -> int:
 
 
 class WithTargets(torch.utils.data.Dataset):
-    """Wraps any dataset of dict samples and adds `sf_targets` joined by episode key and step.
+    """Wraps any dataset of dict samples and adds `sf_targets` (and `sf_mask` from a masked store).
 
-    e.g. `WithTargets(lerobot_ds, CachedTargets(store), key=lambda s: s["episode_key"])`.
+    Joined by episode key and step (`key=`, `step=`: field names or functions of the sample), or by
+    LeRobot's global frame `index` (`index="index"`): the flat row, equal to the store's row when the
+    store holds the dataset's episodes in order. The index field survives LeRobot's and openpi's
+    transforms, which drop unknown keys such as `sf_targets`: build with `out=None` and call
+    `targets_for(batch)` after them. Every join is checked against the dataset's episode lengths
+    (`lengths=`, or read from a LeRobotDataset's metadata): a store made from other episodes fails here
+    instead of silently pairing frames with another step's targets.
     """
 
     def __init__(self, dataset: Any, targets: CachedTargets, key: str | Callable[[dict], str] = "episode_key",
-                 step: str | Callable[[dict], int] = "step", out: str = "sf_targets"):
-        self.dataset, self.targets, self.out = dataset, targets, out
+                 step: str | Callable[[dict], int] = "step", *, index: str | None = None,
+                 lengths: dict[str, int] | None = None, out: str | None = "sf_targets", mask_out: str = "sf_mask"):
+        self.dataset, self.targets, self.out, self.mask_out = dataset, targets, out, mask_out
         self._key = key if callable(key) else itemgetter(key)      # itemgetter pickles into spawned workers
         self._step = step if callable(step) else itemgetter(step)
+        self.index = index
+        episodes = lerobot_episodes(dataset) if lengths is None else {k: (None, n) for k, n in lengths.items()}
+        if index is not None and episodes is None:
+            raise SfcacheError("WithTargets(index=...): pass lengths={episode key: length} or a LeRobotDataset, "
+                               "so the join can check that store rows equal the dataset's global index")
+        if episodes is not None:
+            _check_episodes(targets, episodes, by_index=index is not None)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
         sample = dict(self.dataset[index])
-        step = self._step(sample)
-        sample[self.out] = self.targets.get(str(self._key(sample)), int(step))
+        if self.out is not None:
+            value = self.targets[self._row(sample)]
+            targets, mask = value if isinstance(value, tuple) else (value, None)
+            sample[self.out] = targets
+            if mask is not None:
+                sample[self.mask_out] = mask
         return sample
+
+    def targets_for(self, batch: dict) -> Any:
+        """Targets of a collated batch (after any preprocessor that kept the join fields): float32
+        [B, V, h*w, C], or a (targets, mask) pair from a masked store."""
+        if self.index is not None:
+            return self.targets.read_rows([int(i) for i in torch.as_tensor(batch[self.index]).reshape(-1).tolist()])
+        keys, steps = self._key(batch), self._step(batch)
+        steps = steps.reshape(-1).tolist() if isinstance(steps, torch.Tensor) else steps
+        return self.targets.targets_for([str(k) for k in keys], [int(s) for s in steps])
+
+    def _row(self, sample: dict) -> int:
+        if self.index is None:
+            return self.targets.row(str(self._key(sample)), int(self._step(sample)))
+        row = int(sample[self.index])
+        if not 0 <= row < len(self.targets):
+            raise StoreError(f"{self.targets.store}: {self.index} {row} is past the store's {len(self.targets)} rows")
+        if "episode_index" in sample and "frame_index" in sample:     # LeRobot samples say where they are
+            key, step = f"episode_{int(sample['episode_index']):06d}", int(sample["frame_index"])
+            if self.targets.row(key, step) != row:
+                raise StoreError(f"{self.targets.store}: {self.index} {row} is {key} step {step}, which is row "
+                                 f"{self.targets.row(key, step)} in the store (join by key and step)")
+        return row
+
+
+def lerobot_episodes(dataset: Any) -> dict[str, tuple[int, int]] | None:
+    """{sfcache key: (global first index, length)} of the episodes a LeRobotDataset holds (v3.0 metadata
+    rows with `dataset_from_index`; v2.1 a dict of episodes, indices counted in episode order); None for
+    any other dataset."""
+    meta = getattr(getattr(dataset, "meta", None), "episodes", None)
+    if meta is None:
+        return None
+    if isinstance(meta, dict) and all(isinstance(i, int) for i in meta):    # lerobot 0.3 (v2.1): {index: row}
+        starts = np.cumsum([0] + [int(meta[i]["length"]) for i in sorted(meta)])
+        every = {int(i): (int(starts[n]), int(meta[i]["length"])) for n, i in enumerate(sorted(meta))}
+    else:                                                           # lerobot 0.4 (v3.0): columns
+        every = {int(e): (int(f), int(n)) for e, f, n in zip(meta["episode_index"], meta["dataset_from_index"],
+                                                             meta["length"])}
+    chosen = getattr(dataset, "episodes", None)
+    return {f"episode_{i:06d}": every[i] for i in (sorted(every) if chosen is None else chosen)}
+
+
+def _check_episodes(targets: CachedTargets, episodes: dict[str, tuple[int | None, int]], by_index: bool) -> None:
+    """Every episode the dataset serves is in the store with the same length (and, joined by index,
+    the same first row); StoreError naming the first few that differ."""
+    bad = []
+    for key, (first, length) in episodes.items():
+        try:
+            start, stored = targets.row(key, 0), targets.cache.episode(key).length
+        except StoreError:
+            bad.append(f"{key} is not in the store")
+            continue
+        if stored != length:
+            bad.append(f"{key} has {stored} steps in the store, {length} in the dataset")
+        elif by_index and first is not None and start != first:
+            bad.append(f"{key} starts at row {start} in the store, at index {first} in the dataset "
+                       "(the store holds other episodes: join by key and step)")
+    if bad:
+        raise StoreError(f"{targets.store}: does not match the dataset's episodes ({len(bad)} differ): "
+                         + "; ".join(bad[:3]))
 
 
 class SpatialForcingLoss(nn.Module):

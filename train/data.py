@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sfcache.errors import ConfigMismatch, SfcacheError, StoreError
-from sfcache.sources import Source, open_source
+from sfcache.sources import Source, open_source, recorded_views
 from sfcache.torch import CachedTargets
 from train.model import encode_instructions
 
@@ -91,7 +91,8 @@ def open_training_data(source_path: Path, cache_path: Path | None, views: tuple[
         raise SfcacheError(f"{cache_path}: extracted with --recipe {targets.recipe}, but sf train trains an "
                            f"OpenVLA-OFT-style policy (square 224 px views, crop augmentation, no token mask); "
                            f"use a store made with --recipe {' or '.join(TRAINER_RECIPES)}")
-    source = open_source(source_path, views=views or (targets.views if targets else None))
+    recorded = recorded_views(targets.cache.attrs["source"]) if targets else None    # with any name=column mapping
+    source = open_source(source_path, views=views or recorded)
     identity = {"views": list(source.views), "grid": list(grid), "source": _source_identity(source.describe())}
     if targets is not None:
         check_cache_matches(targets, source, grid)

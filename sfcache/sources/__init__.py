@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 
 from sfcache.errors import SfcacheError, SourceError
-from sfcache.sources.base import Episode, EpisodeInfo, Source, Steps
+from sfcache.sources.base import Episode, EpisodeInfo, Source, Steps, recorded_views
 from sfcache.sources.hdf5 import open_h5
 from sfcache.sources.libero_hdf5 import LiberoHDF5
 from sfcache.sources.libero_rlds import LiberoRLDS
@@ -20,14 +20,15 @@ from sfcache.sources.robotwin import RoboTwin
 
 FORMATS: dict[str, type[Source]] = {cls.format: cls for cls in (LiberoHDF5, LiberoRLDS, LeRobot, RoboTwin)}
 
-__all__ = ["FORMATS", "Episode", "EpisodeInfo", "Source", "Steps", "detect_format", "open_source"]
+__all__ = ["FORMATS", "Episode", "EpisodeInfo", "Source", "Steps", "detect_format", "open_source", "recorded_views"]
 
 
 def open_source(path: str | Path, format: str = "auto", views: tuple[str, ...] | None = None,
                 rotate: bool | None = None, skip_bad: bool = False) -> Source:
     """Open a dataset lazily; nothing is decoded until read().
 
-    format: "auto" or a name in FORMATS. views: canonical names in VGGT order (format default if None).
+    format: "auto" or a name in FORMATS. views: names in VGGT order (format default if None), each a
+    view name or `name=column` mapping an on-disk camera (any LeRobot `observation.images.*`, a RoboTwin camera).
     rotate: turn frames 180 degrees (default: only LIBERO HDF5). skip_bad: leave structurally bad
     episodes out (listed in `source.skipped`) instead of raising the first SourceError.
     """

@@ -87,12 +87,13 @@ class Source(ABC):
         self.path = Path(path)
         if not self.path.exists():
             raise SourceError(self.path, "no such file or directory")
-        wanted = self.default_views if views is None else tuple(views)
+        wanted, self.view_map = parse_views(self.path, self._default_views() if views is None else views)
+        self.view_keys = {**self._view_keys(), **self.view_map}    # view name -> on-disk name, this dataset's
         unknown = [view for view in wanted if view not in self.view_keys]
         if unknown or not wanted or len(set(wanted)) != len(wanted):
             raise SfcacheError(f"{self.path}: views {list(wanted)} not usable for {self.format}; "
-                               f"choose distinct names from {list(self.view_keys)}")
-        self.views = wanted           # canonical view names, in the order VGGT sees them
+                               f"choose distinct names from {list(self.view_keys)} or map name=column")
+        self.views = wanted           # view names, in the order VGGT sees them
         self.rotate = self.default_rotate if rotate is None else bool(rotate)
         self.skip_bad = skip_bad
         self.skipped: list[SourceError] = []
@@ -115,6 +116,13 @@ class Source(ABC):
     @abstractmethod
     def _read_vectors(self, episode: Episode, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 (actions [T, A], proprio [T, P]) of steps [start, stop), checked finite."""
+
+    def _view_keys(self) -> dict[str, str]:
+        """Canonical view name -> on-disk name; formats whose cameras come from metadata compute it."""
+        return dict(self.view_keys)
+
+    def _default_views(self) -> tuple[str, ...]:
+        return self.default_views
 
     def _variant(self) -> str | None:
         """Which flavour of the format was found, recorded in describe() (None if only one)."""
@@ -148,6 +156,8 @@ class Source(ABC):
         """Provenance recorded in a store: format, path, views, orientation, file fingerprint."""
         description = {"format": self.format, "path": str(self.path.resolve()), "views": list(self.views),
                        "rotate": self.rotate, "fingerprint": self.fingerprint()}
+        if self.view_map:
+            description["view_map"] = {view: self.view_map[view] for view in self.views if view in self.view_map}
         variant = self._variant()
         if variant is not None:
             description["variant"] = variant
@@ -208,6 +218,26 @@ class Source(ABC):
             last.clear()
             last.update(key=episode.info.key, value=load())
         return last["value"]
+
+
+def parse_views(path: Path, views: tuple[str, ...] | list[str]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """`--views` entries in VGGT order: a view name (`primary`) or `name=column` naming the on-disk camera
+    (`base=observation.images.cam_high`); returns the names and the explicit mapping."""
+    names, mapping = [], {}
+    for entry in views:
+        name, equals, column = (part.strip() for part in str(entry).partition("="))
+        if equals:
+            if not name or not column:
+                raise SfcacheError(f"{path}: view {entry!r}: expected name=column, e.g. base=observation.images.cam_high")
+            mapping[name] = column
+        names.append(name)
+    return tuple(names), mapping
+
+
+def recorded_views(description: dict) -> tuple[str, ...]:
+    """The `views` argument that reopens a source as `describe()` recorded it (names and mapping)."""
+    mapping = description.get("view_map", {})
+    return tuple(f"{view}={mapping[view]}" if view in mapping else view for view in description["views"])
 
 
 def rotate_180(frames: np.ndarray) -> np.ndarray:

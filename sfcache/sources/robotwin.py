@@ -8,6 +8,8 @@ XPolicyLab (`vision/` group): `<bench>/<task>/<env_cfg>/data/episode_{N:07d}.hdf
 `vision/<cam>/colors`, `state/*` and `action/*` packed [left arm, left ee, right arm, right ee],
 `instructions` a JSON list. Key: `<bench>/<task>/<env_cfg>/episode_{N:07d}`.
 JPEG channel order: cv2-written frames (no XPL-RGB1 marker) decode to BGR and are swapped.
+Views by mapping: `name=column` reads any camera, as an HDF5 dataset path or a camera group name
+(`front_camera`, `cam_third_view`), resolved per file.
 """
 
 from __future__ import annotations
@@ -54,12 +56,10 @@ class RoboTwin(Source):
                                     f"has {sorted(h5)}")
         parents = [parent.name for parent in file.parents[1:4]][::-1]
         key = "/".join((["robotwin"] + parents[1:] if layout == LEGACY else parents) + [file.stem])
-        lengths = {}
+        lengths, cameras = {}, []
         for view in self.views:
-            if view not in CAMERAS[layout]:
-                raise SourceError(file, f"view {view!r} does not exist in the {layout} layout "
-                                        f"(it has {list(CAMERAS[layout])})", episode=key)
-            name = CAMERAS[layout][view]
+            name = self._camera(h5, layout, view, file, key)
+            cameras.append(name)
             lengths[name] = checked(h5, name, file, key, kind="bytes", shape=(None,)).shape[0]
         if layout == LEGACY:
             lengths["joint_action/vector"] = checked(h5, "joint_action/vector", file, key, kind="float",
@@ -71,7 +71,22 @@ class RoboTwin(Source):
                     dataset = checked(h5, f"{group}/{joint}", file, key, kind="float", shape=(None, None))
                     lengths[dataset.name.lstrip("/")] = dataset.shape[0]
             instruction = self._xpolicylab_instruction(h5, file, key)
-        return Episode(EpisodeInfo(key, instruction, require_steps(file, key, lengths)), file, layout)
+        return Episode(EpisodeInfo(key, instruction, require_steps(file, key, lengths)), file, (layout, tuple(cameras)))
+
+    def _camera(self, h5: h5py.File, layout: str, view: str, file: Path, key: str) -> str:
+        """The dataset holding `view`'s JPEGs: the layout's canonical camera, or a mapped `name=column`
+        given as a dataset path or a camera group (`front_camera`, `cam_third_view`)."""
+        if view not in self.view_map:
+            if view not in CAMERAS[layout]:
+                raise SourceError(file, f"view {view!r} does not exist in the {layout} layout "
+                                        f"(it has {list(CAMERAS[layout])}; map others with name=camera)", episode=key)
+            return CAMERAS[layout][view]
+        column = self.view_map[view]
+        for name in (column, f"observation/{column}/rgb", f"vision/{column}/colors"):
+            if isinstance(h5.get(name), h5py.Dataset):
+                return name
+        group = h5["observation" if layout == LEGACY else "vision"]
+        raise SourceError(file, f"view {view}={column}: no such camera (cameras: {sorted(group)})", episode=key)
 
     @staticmethod
     def _legacy_instruction(file: Path, key: str) -> str:
@@ -100,14 +115,13 @@ class RoboTwin(Source):
         raise SourceError(file, f"{text[:60]!r} is not a list of instructions", episode=key, key="instructions")
 
     def _read_frames(self, episode: Episode, start: int, stop: int) -> np.ndarray:
-        layout, key, file = episode.where, episode.info.key, episode.file
+        (_, names), key, file = episode.where, episode.info.key, episode.file
         h5 = self._process_local("h5", HandleCache)
-        names = [CAMERAS[layout][view] for view in self.views]
         return decode_views([read_range(h5.dataset(file, name), start, stop, file, key) for name in names],
                             self.views, names, start, file, key, robotwin_channels=True)
 
     def _read_vectors(self, episode: Episode, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        layout, key, file = episode.where, episode.info.key, episode.file
+        (layout, _), key, file = episode.where, episode.info.key, episode.file
         h5 = self._process_local("h5", HandleCache)
         if layout == LEGACY:
             actions = read_range(h5.dataset(file, "joint_action/vector"), start, stop, file, key).astype(np.float32)
@@ -124,4 +138,4 @@ class RoboTwin(Source):
         return packed["action"], packed["state"]
 
     def _variant(self) -> str:
-        return "+".join(sorted({episode.where for episode in self._entries().values()}))
+        return "+".join(sorted({episode.where[0] for episode in self._entries().values()}))
