@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,hub]"
+	$(PY) -m pip install -q -e ".[dev,hub,libero]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 import sfcache
-from cli import extract, inspect_cache, inspect_source, train
+from cli import eval_libero, extract, inspect_cache, inspect_source, train
 from sfcache.errors import SfcacheError
 
 app = typer.Typer(
@@ -38,6 +38,7 @@ app.command("extract")(extract.extract)
 app.command("inspect-source")(inspect_source.inspect_source)
 app.command("inspect-cache")(inspect_cache.inspect_cache)
 app.command("train")(train.train)
+app.command("eval-libero")(eval_libero.eval_libero)
 
 
 def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
