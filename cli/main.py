@@ -6,6 +6,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import sfcache
 from cli import eval_libero, extract, inspect_cache, inspect_source, train
@@ -46,7 +47,7 @@ def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
     try:
         typer_app(args=argv, standalone_mode=True)
     except SfcacheError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
