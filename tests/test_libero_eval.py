@@ -26,7 +26,12 @@ from train.libero_policy import CheckpointPolicy
 from train.loop import TrainConfig, prepare, train
 
 MISSING = simulator_available()
-needs_simulator = pytest.mark.skipif(MISSING is not None, reason=f"LIBERO simulator not usable here: {MISSING}")
+skip_without_simulator = pytest.mark.skipif(MISSING is not None, reason=f"LIBERO simulator not usable: {MISSING}")
+
+
+def needs_simulator(test):
+    """Real simulator tests: marked `simulator` (`-m "not simulator"` leaves them out), skipped only without it."""
+    return pytest.mark.simulator(skip_without_simulator(test))
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:
@@ -201,3 +206,24 @@ def test_eval_config_is_checked_before_any_episode(tmp_path):
     with pytest.raises(libero_eval.SfcacheError, match="50 fixed init states"):
         libero_eval._check_config(EvalConfig("spatial", tmp_path, trials_per_task=51), tasks)
     assert [t.index for t in libero_eval._check_config(EvalConfig("spatial", tmp_path, tasks=(3, 1, 3)), tasks)] == [3, 1]
+
+
+def test_original_libero_first_import_questions_are_answered_by_a_config(tmp_path, monkeypatch):
+    """The original package calls input() on first import without ~/.libero/config.yaml: we write its defaults."""
+    from importlib.machinery import ModuleSpec
+
+    package = tmp_path / "site" / "libero"
+    (package / "libero").mkdir(parents=True)
+    (package / "libero" / "__init__.py").write_text("answer = input('Do you want to specify a custom path?')\n")
+    spec = ModuleSpec("libero", None, is_package=True)
+    spec.submodule_search_locations = [str(package)]
+    monkeypatch.setattr(libero_eval.importlib.util, "find_spec", lambda name: spec)
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "config"))
+    libero_eval._write_libero_config()
+    lines = (tmp_path / "config" / "config.yaml").read_text().splitlines()
+    assert f"bddl_files: {package / 'libero' / 'bddl_files'}" in lines
+    assert f"init_states: {package / 'libero' / 'init_files'}" in lines and len(lines) == 5
+    (package / "libero" / "__init__.py").write_text("paths = {}\n")        # a package that never asks
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "other"))
+    libero_eval._write_libero_config()
+    assert not (tmp_path / "other").exists()
