@@ -6,9 +6,10 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import sfcache
-from cli import extract, inspect_cache, inspect_source, train
+from cli import eval_libero, extract, inspect_cache, inspect_source, train
 from sfcache.errors import SfcacheError
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ app.command("extract")(extract.extract)
 app.command("inspect-source")(inspect_source.inspect_source)
 app.command("inspect-cache")(inspect_cache.inspect_cache)
 app.command("train")(train.train)
+app.command("eval-libero")(eval_libero.eval_libero)
 
 
 def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
@@ -45,7 +47,7 @@ def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
     try:
         typer_app(args=argv, standalone_mode=True)
     except SfcacheError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -1,8 +1,9 @@
 """`make reproduce-libero`: the whole Spatial Forcing pipeline over the four LIBERO suites, with a report.
 
 Per suite: extract a target cache once, train the policy with SF (alpha 0.5) and the baseline without
-(alpha 0), read validation action L1 on held-out episodes, then write report.md / report.json and one
-plot per suite. Every input is checked before any work starts. Every stage resumes: the extractor
+(alpha 0), read validation action L1 on held-out episodes, evaluate both in the LIBERO simulator when it
+is installed (`sf eval-libero`'s loop, OpenVLA-OFT's protocol), then write report.md / report.json and
+plots per suite. Every input is checked before any work starts. Every stage resumes: the extractor
 fills in unfinished shards, the trainer continues from its checkpoint, and a stage counts as done
 only when its outputs say so (a complete store, a checkpoint at the last step), never by a marker.
 
@@ -11,11 +12,11 @@ only when its outputs say so (a complete store, a checkpoint at the last step), 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import typer
 from rich.console import Console
@@ -24,10 +25,12 @@ from rich.table import Table
 from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError
 from sfcache.extract import ExtractConfig, extract
 from sfcache.inspect import read_provenance, summarize
+from sfcache.libero_eval import EvalConfig, evaluate, simulator_available
 from sfcache.sources import detect_format, open_source
 from sfcache.store import DTYPES, open_cache
 from sfcache.vggt.weights import HUB_ID, RANDOM_SPEC, weights_config
-from train.loop import CHECKPOINT, METRICS, TrainConfig, train
+from train.libero_policy import CheckpointPolicy
+from train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer
 from train.model import SIZES
 
 __all__ = ["SUITES", "ReproduceConfig", "SuiteData", "find_suites", "preflight", "reproduce", "main"]
@@ -66,6 +69,9 @@ class ReproduceConfig:
     loader_workers: int = 2
     extract_batch_size: int = 8
     steps_per_shard: int = 32
+    eval_trials: int = 50             # simulator episodes per task and checkpoint (0: no simulator evaluation)
+    eval_checkpoints: int = 1         # checkpoints evaluated per run, evenly spaced, the last one included
+    eval_max_steps: int | None = None  # policy steps per episode (None: the protocol's per-suite limit)
 
 
 @dataclass(frozen=True)
@@ -191,6 +197,9 @@ def _check_options(cfg: ReproduceConfig) -> list[str]:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.align_weight <= 0:
         problems.append(f"--align-weight must be > 0 for the SF runs (the baseline uses 0), got {cfg.align_weight}")
+    if cfg.eval_trials < 0 or cfg.eval_checkpoints < 1:
+        problems.append(f"--eval-trials must be >= 0 and --eval-checkpoints >= 1, got {cfg.eval_trials} and "
+                        f"{cfg.eval_checkpoints}")
     if cfg.val_episodes < 1:
         problems.append(f"--val-episodes must be >= 1 (validation L1 is the evaluation), got {cfg.val_episodes}")
     return problems
@@ -274,6 +283,27 @@ def _training_finished(config: TrainConfig) -> bool:
     return saved["step"] == config.steps and saved["config"] == asked and final_val
 
 
+SNAPSHOTS = "snapshots"
+
+
+class SnapshotTrainer(Trainer):
+    """The trainer, also keeping the weights of every checkpoint (RUN/snapshots/step_N.pt, no optimizer state)
+    so that several training steps can be evaluated in the simulator."""
+
+    def save(self) -> None:
+        super().save()
+        folder = self.config.out / SNAPSHOTS
+        folder.mkdir(exist_ok=True)
+        state = self._state()
+        torch.save({k: state[k] for k in ("step", "model", "policy", "identity", "config")},
+                   folder / f"step_{self.step:06d}.pt")
+
+
+def train(config: TrainConfig, snapshots: bool = False) -> dict:
+    """`train.loop.train`, keeping a weights snapshot at every checkpoint when asked."""
+    return (SnapshotTrainer if snapshots else Trainer)(config).run()
+
+
 def train_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: Console) -> dict:
     """Train with and without SF (each resumes from its checkpoint); returns both runs' curves and final L1."""
     runs = {}
@@ -282,7 +312,7 @@ def train_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: C
         if _training_finished(config):
             console.print(f"  train {RUNS[run]}: {config.out} finished {cfg.steps} steps, skipped")
         else:
-            summary = train(config)
+            summary = train(config, snapshots=cfg.eval_checkpoints > 1)
             resumed = f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] is not None else ""
             console.print(f"  train {RUNS[run]} (alpha {align_weight}): {summary['steps']} steps{resumed}")
         records = _read_metrics(config.out / METRICS)
@@ -295,6 +325,57 @@ def train_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: C
         console.print(f"    validation action L1 {runs[run]['val_action_l1']:.4f} "
                       f"(mean-action baseline {runs[run]['val_mean_action_l1']:.4f})")
     return runs
+
+
+def _checkpoints_to_evaluate(run: Path, count: int) -> list[Path]:
+    """The final checkpoint and up to count - 1 evenly spaced earlier snapshots, in step order."""
+    snapshots = sorted((run / SNAPSHOTS).glob("step_*.pt"))[:-1] if count > 1 else []
+    if snapshots:
+        chosen = np.unique(np.linspace(0, len(snapshots) - 1, min(count - 1, len(snapshots))).round().astype(int))
+        snapshots = [snapshots[i] for i in chosen]
+    return [*snapshots, run / CHECKPOINT]
+
+
+def evaluate_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: Console) -> dict | None:
+    """Simulator success rates of the SF and baseline runs (each resumes from its results.jsonl), or None."""
+    if cfg.eval_trials == 0 or simulator_available() is not None:
+        return None
+    runs = {}
+    for run in RUNS:
+        points = []
+        for checkpoint in _checkpoints_to_evaluate(folder / run, cfg.eval_checkpoints):
+            policy = CheckpointPolicy(checkpoint, device=cfg.device)
+            out = folder / run / "eval_libero" / f"step_{policy.step:06d}"
+            summary = evaluate(policy, EvalConfig(suite=suite.suite, out=out, trials_per_task=cfg.eval_trials,
+                                                  max_steps=cfg.eval_max_steps), policy.describe())
+            points.append({"step": policy.step, "success_rate": summary["success_rate"], "ci95": summary["ci95"],
+                           "episodes": summary["episodes"], "protocol": summary["protocol"],
+                           "summary": str(out / "summary.json")})
+            console.print(f"  simulator {RUNS[run]}, step {policy.step}: success {100 * summary['success_rate']:.1f}% "
+                          f"(95% {100 * summary['ci95'][0]:.1f}-{100 * summary['ci95'][1]:.1f}%) over "
+                          f"{summary['episodes']} episodes")
+        runs[run] = points
+    return runs
+
+
+def plot_success(name: str, evaluation: dict, png: Path) -> None:
+    """Simulator success rate (with its 95% interval) against training steps, with vs without SF."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run, label in RUNS.items():
+        points = evaluation[run]
+        steps = [p["step"] for p in points]
+        ax.plot(steps, [100 * p["success_rate"] for p in points], "o-", label=label)
+        ax.fill_between(steps, [100 * p["ci95"][0] for p in points], [100 * p["ci95"][1] for p in points], alpha=0.2)
+    ax.set(title=f"{name}: LIBERO simulator success", xlabel="training step", ylabel="success (%)", ylim=(0, 100))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- report
@@ -320,11 +401,24 @@ def plot_suite(name: str, runs: dict, png: Path) -> None:
     plt.close(fig)
 
 
-def simulator_note() -> str:
-    if importlib.util.find_spec("libero") is not None:
-        return ("the LIBERO simulator is installed, but simulation rollouts are not built into this release: "
-                "evaluated offline (validation action L1 on held-out episodes)")
-    return "the LIBERO simulator is not installed: evaluated offline (validation action L1 on held-out episodes)"
+def simulator_note(cfg: ReproduceConfig) -> str:
+    """How the runs are evaluated: in the simulator when it is installed and asked for, else offline only."""
+    offline = "evaluated offline (validation action L1 on held-out episodes)"
+    if cfg.eval_trials == 0:
+        return f"simulator evaluation off (--eval-trials 0): {offline}"
+    missing = simulator_available()
+    if missing is not None:
+        return f"{missing}: {offline} only"
+    steps = f"{cfg.eval_max_steps} steps per episode (shortened)" if cfg.eval_max_steps else "the protocol's step limits"
+    return (f"closed-loop success in the LIBERO simulator (OpenVLA-OFT protocol: {cfg.eval_trials} trials per task, "
+            f"{steps}) and validation action L1 on held-out episodes")
+
+
+def _success(evaluation: dict | None, run: str) -> str:
+    if not evaluation:
+        return "n/a"
+    last = evaluation[run][-1]
+    return f"{100 * last['success_rate']:.1f}% ({100 * last['ci95'][0]:.0f}-{100 * last['ci95'][1]:.0f})"
 
 
 def write_report(cfg: ReproduceConfig, results: dict, missing: list[str], out: Path) -> Path:
@@ -332,7 +426,7 @@ def write_report(cfg: ReproduceConfig, results: dict, missing: list[str], out: P
     random_weights = any(r["cache"]["random_weights"] for r in results.values())
     report = {"random_weights": random_weights, "is_reproduction": not random_weights,
               "warnings": [NO_GEOMETRY.format(spec=cfg.vggt)] if random_weights else [],
-              "evaluation": simulator_note(), "suites_missing": missing,
+              "evaluation": simulator_note(cfg), "suites_missing": missing,
               "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
               "suites": results}
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -346,16 +440,18 @@ def write_report(cfg: ReproduceConfig, results: dict, missing: list[str], out: P
     if missing:
         lines += [f"Suites not found in {cfg.libero_dir}: {', '.join(missing)}.", ""]
     lines += ["| suite | data | episodes | steps | cache bytes | bytes/step | extraction steps/s "
-              "| val L1 with SF | val L1 without SF | mean-action L1 |", "|" + "---|" * 10]
+              "| val L1 with SF | val L1 without SF | mean-action L1 | success with SF | success without SF |",
+              "|" + "---|" * 12]
     for name, r in results.items():
         c, runs = r["cache"], r["runs"]
         rate = f"{c['extract_steps_per_s']:.2f}" if c["extract_steps_per_s"] else "n/a (not timed here)"
         lines.append(f"| {name} | {r['format']} | {c['episodes']} | {c['steps']} | {c['bytes_on_disk']} | "
                      f"{c['bytes_per_step']:.0f} | {rate} | {runs['sf']['val_action_l1']:.4f} | "
-                     f"{runs['baseline']['val_action_l1']:.4f} | {runs['sf']['val_mean_action_l1']:.4f} |")
-    lines.append("")
+                     f"{runs['baseline']['val_action_l1']:.4f} | {runs['sf']['val_mean_action_l1']:.4f} | "
+                     f"{_success(r['evaluation'], 'sf')} | {_success(r['evaluation'], 'baseline')} |")
+    lines += ["", "Success: the last checkpoint's rate in the simulator, with its 95% Wilson interval.", ""]
     for name, r in results.items():
-        lines += [f"## {name}", "", f"![{name}]({Path(r['plot']).relative_to(out).as_posix()})", ""]
+        lines += [f"## {name}", ""] + [f"![{name}]({Path(p).relative_to(out).as_posix()})" for p in r["plots"]] + [""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
 
@@ -372,7 +468,7 @@ def reproduce(cfg: ReproduceConfig, console: Console | None = None) -> dict:
     console.print(f"suites found: {', '.join(f'{s.name} ({s.format}, {s.path})' for s in suites)}", highlight=False)
     if missing:
         console.print(f"[yellow]suites not found, left out:[/] {', '.join(missing)} (--require-all to stop instead)")
-    console.print(simulator_note())
+    console.print(simulator_note(cfg))
     cfg.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for suite in suites:
@@ -381,11 +477,15 @@ def reproduce(cfg: ReproduceConfig, console: Console | None = None) -> dict:
         folder.mkdir(exist_ok=True)
         cache = extract_suite(cfg, suite, folder, console)
         runs = train_suite(cfg, suite, folder, console)
-        plot = cfg.out / "plots" / f"{suite.name}.png"
-        plot.parent.mkdir(exist_ok=True)
-        plot_suite(suite.name, runs, plot)
+        evaluation = evaluate_suite(cfg, suite, folder, console)
+        plots = [cfg.out / "plots" / f"{suite.name}.png"]
+        plots[0].parent.mkdir(exist_ok=True)
+        plot_suite(suite.name, runs, plots[0])
+        if evaluation and len(evaluation["sf"]) > 1:
+            plots.append(cfg.out / "plots" / f"{suite.name}_success.png")
+            plot_success(suite.name, evaluation, plots[1])
         results[suite.name] = {"path": str(suite.path), "format": suite.format, "cache": cache, "runs": runs,
-                               "plot": str(plot)}
+                               "evaluation": evaluation, "plot": str(plots[0]), "plots": [str(p) for p in plots]}
     report_md = write_report(cfg, results, missing, cfg.out)
     _print_summary(console, results)
     if random_weights:
@@ -396,12 +496,14 @@ def reproduce(cfg: ReproduceConfig, console: Console | None = None) -> dict:
 
 
 def _print_summary(console: Console, results: dict) -> None:
-    table = Table("suite", "steps", "cache MiB", "steps/s", "val L1 SF", "val L1 baseline", title="LIBERO")
+    table = Table("suite", "steps", "cache MiB", "steps/s", "val L1 SF", "val L1 baseline", "success SF",
+                  "success baseline", title="LIBERO")
     for name, r in results.items():
         c, runs = r["cache"], r["runs"]
         table.add_row(name, str(c["steps"]), f"{c['bytes_on_disk'] / 2**20:.1f}",
                       f"{c['extract_steps_per_s']:.2f}" if c["extract_steps_per_s"] else "n/a",
-                      f"{runs['sf']['val_action_l1']:.4f}", f"{runs['baseline']['val_action_l1']:.4f}")
+                      f"{runs['sf']['val_action_l1']:.4f}", f"{runs['baseline']['val_action_l1']:.4f}",
+                      _success(r["evaluation"], "sf"), _success(r["evaluation"], "baseline"))
     console.print(table)
 
 
@@ -426,6 +528,12 @@ def command(
     loader_workers: int = typer.Option(2, "--loader-workers", help="DataLoader worker processes."),
     extract_batch_size: int = typer.Option(8, "--extract-batch-size", help="Steps per VGGT forward pass."),
     steps_per_shard: int = typer.Option(32, "--steps-per-shard", help="Steps per cache shard (unit of resume)."),
+    eval_trials: int = typer.Option(50, "--eval-trials", help="LIBERO simulator episodes per task and checkpoint "
+                                                              "(OFT: 50); 0 skips the simulator evaluation."),
+    eval_checkpoints: int = typer.Option(1, "--eval-checkpoints", help="Checkpoints evaluated per run, evenly "
+                                                                       "spaced (>1 plots success vs steps)."),
+    eval_max_steps: int = typer.Option(None, "--eval-max-steps", help="Policy steps per episode (default: the "
+                                                                      "protocol's per-suite limit)."),
 ) -> None:
     """Reproduce Spatial Forcing on LIBERO from cached VGGT targets: extract, train with/without SF, report."""
     config = ReproduceConfig(
@@ -434,7 +542,8 @@ def command(
         suites=tuple(s.strip().removeprefix("libero_") for s in suites.split(",") if s.strip()),
         require_all=require_all, steps=steps, model_size=model_size, batch_size=batch_size, grid=grid,
         dtype=dtype, align_weight=align_weight, val_episodes=val_episodes, eval_every=eval_every,
-        loader_workers=loader_workers, extract_batch_size=extract_batch_size, steps_per_shard=steps_per_shard)
+        loader_workers=loader_workers, extract_batch_size=extract_batch_size, steps_per_shard=steps_per_shard,
+        eval_trials=eval_trials, eval_checkpoints=eval_checkpoints, eval_max_steps=eval_max_steps)
     try:
         reproduce(config)
     except KeyboardInterrupt:

@@ -1,5 +1,12 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+CHILD = "SFCACHE_TEST_CHILD"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -10,3 +17,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """Run a test marked `own_process` in a fresh interpreter: MuJoCo 2.3.7 (the LIBERO simulator) and
+    TensorFlow 2.x crash when both are loaded into one process, and the suite imports TensorFlow elsewhere."""
+    if pyfuncitem.get_closest_marker("own_process") is None or os.environ.get(CHILD):
+        return None
+    root = Path(pyfuncitem.config.rootpath)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", pyfuncitem.nodeid],
+                            cwd=root, env={**os.environ, CHILD: "1"}, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        pytest.fail(f"in its own process, {pyfuncitem.nodeid} failed:\n{result.stdout[-6000:]}{result.stderr[-3000:]}",
+                    pytrace=False)
+    if " passed" not in result.stdout:
+        pytest.skip(f"in its own process: {result.stdout.strip().splitlines()[-1]}")
+    return True

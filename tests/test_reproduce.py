@@ -14,6 +14,7 @@ import pytest
 import zarr
 from distributed import LocalCluster
 
+from sfcache.libero_eval import wilson_interval
 from sfcache.reproduce import SUITES, find_suites, main
 from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_hdf5, write_libero_rlds
@@ -96,7 +97,7 @@ def rlds_root(tmp_path_factory) -> Path:
 
 def test_rlds_interrupted_then_resumed_then_skipped(tmp_path, rlds_root, scheduler, capsys, monkeypatch):
     out = tmp_path / "out"
-    args = ["--libero-dir", rlds_root, "--scheduler", scheduler, "--out", out, *TINY]
+    args = ["--libero-dir", rlds_root, "--scheduler", scheduler, "--out", out, *TINY, "--eval-trials", "0"]
 
     save = Trainer.save
 
@@ -128,7 +129,8 @@ def test_rlds_interrupted_then_resumed_then_skipped(tmp_path, rlds_root, schedul
     assert report["suites_missing"] == ["libero_object", "libero_goal", "libero_10"]
     assert report["suites"]["libero_spatial"]["format"] == "libero_rlds"
     assert [r["extracted_steps"] for r in report["suites"]["libero_spatial"]["cache"]["extract_runs"]] == [18, 2]
-    assert "RANDOM VGGT WEIGHTS" in output and "not installed: evaluated offline" in output
+    assert "RANDOM VGGT WEIGHTS" in output and "simulator evaluation off (--eval-trials 0): evaluated offline" in output
+    assert report["suites"]["libero_spatial"]["evaluation"] is None
     assert output.rstrip().splitlines()[-3] == f"report: {out / 'report.md'}"
 
     # finished: nothing is extracted or trained again
@@ -143,15 +145,40 @@ def test_rlds_interrupted_then_resumed_then_skipped(tmp_path, rlds_root, schedul
     assert json.loads((out / "report.json").read_text())["suites"] == report["suites"]
 
 
-def test_hdf5_layout_end_to_end(tmp_path, scheduler, capsys):
+def test_hdf5_layout_end_to_end_with_simulator_evaluation(tmp_path, scheduler, capsys, monkeypatch):
+    """The simulator stage is wired to every run and checkpoint; its loop is tested in test_libero_eval.py,
+    so here `evaluate` reports a success rate that grows with the checkpoint's step."""
+    calls = []
+
+    def fake_evaluate(policy, config, policy_info):
+        calls.append((policy.path.parent.name if policy.path.name == CHECKPOINT else policy.path.parent.parent.name,
+                      policy.step, config.suite, config.trials_per_task, config.max_steps, policy_info["step"]))
+        episodes = 10 * config.trials_per_task
+        successes = episodes * policy.step // 4
+        return {"success_rate": successes / episodes, "ci95": list(wilson_interval(successes, episodes)),
+                "episodes": episodes, "protocol": "shortened"}
+
+    monkeypatch.setattr("sfcache.reproduce.simulator_available", lambda: None)
+    monkeypatch.setattr("sfcache.reproduce.evaluate", fake_evaluate)
     root = tmp_path / "libero"
     written = write_libero_hdf5(root, suite="libero_goal", tasks=1, demos=3, steps=6, size=64)
     out = tmp_path / "out"
-    code, output = run(capsys, "--libero-dir", root, "--scheduler", scheduler, "--out", out, *TINY)
+    code, output = run(capsys, "--libero-dir", root, "--scheduler", scheduler, "--out", out, *TINY,
+                       "--eval-trials", "2", "--eval-checkpoints", "2", "--eval-max-steps", "5")
     assert code == 0, output
     report = assert_report_matches_outputs(out, "libero_goal", written.path)
     assert report["suites"]["libero_goal"]["format"] == "libero_hdf5"
     assert report["suites_missing"] == ["libero_spatial", "libero_object", "libero_10"]
+    # snapshot at step 2 and the final checkpoint (step 4) of each run, on the suite's own tasks
+    assert calls == [(run, step, "goal", 2, 5, step) for run in ("sf", "baseline") for step in (2, 4)]
+    evaluation = report["suites"]["libero_goal"]["evaluation"]
+    assert [p["step"] for p in evaluation["sf"]] == [2, 4] and evaluation["baseline"][-1]["success_rate"] == 1.0
+    assert evaluation["sf"][0]["success_rate"] == 0.5 and evaluation["sf"][0]["episodes"] == 20
+    assert "closed-loop success in the LIBERO simulator" in report["evaluation"]
+    row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| libero_goal |"))
+    assert [c.strip() for c in row.strip("|").split("|")][-2:] == ["100.0% (84-100)", "100.0% (84-100)"]
+    assert (out / "plots" / "libero_goal_success.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "libero_goal_success.png" in (out / "report.md").read_text()
 
 
 def test_find_suites_prefers_rlds_no_noops_and_reports_missing(tmp_path):

