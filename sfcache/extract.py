@@ -108,8 +108,11 @@ class ExtractConfig:
         if self.grid is not None and min(self.grid) < 1:
             problems.append(f"--grid must be positive, got {self.grid}")
         try:
-            if parse_reduce(self.reduce) == "auto" and self.min_cosine is None:
-                problems.append("--reduce pca:auto needs --min-cosine C (the held-out mean cosine to reach, e.g. 0.99)")
+            reduce = parse_reduce(self.reduce)
+            if reduce == "auto" and self.min_cosine is None:
+                problems.append("--reduce pca:auto needs --min-cosine C (the held-out mean cosine to reach, e.g. 0.98)")
+            if reduce is None and self.min_cosine is not None:
+                problems.append("--min-cosine applies only with --reduce pca:K or pca:auto")
         except SfcacheError as error:
             problems.append(str(error))
         if self.min_cosine is not None and not 0 < self.min_cosine <= 1:

@@ -95,6 +95,8 @@ def test_reduce_values_are_parsed_and_auto_needs_a_cosine(tmp_path):
             parse_reduce(bad)
     with pytest.raises(SfcacheError, match="pca:auto needs --min-cosine"):
         ExtractConfig(source=tmp_path, out=tmp_path / "o", vggt="random:tiny", reduce="pca:auto")
+    with pytest.raises(SfcacheError, match="--min-cosine applies only with --reduce"):
+        ExtractConfig(source=tmp_path, out=tmp_path / "o", vggt="random:tiny", min_cosine=0.9)
 
 
 def test_loaders_return_rebuilt_float32_targets_and_masks_still_work(tmp_path):
