@@ -382,7 +382,9 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
 
     weights: override the recorded checkpoint location (its sha256 must still match the record).
     source_path: where the dataset lives now, if it moved. ok = worst cosine >= threshold
-    (default DEFAULT_THRESHOLDS[dtype]). Raises WeightsError on other weights, StoreError if nothing is extracted.
+    (default DEFAULT_THRESHOLDS[dtype]; a reduced store: see REDUCED_MEAN_MARGIN, its per-layer means are also
+    checked against the recorded held-out fidelity). Raises WeightsError on other weights, StoreError if nothing
+    is extracted.
     """
     recorded = cache.attrs["targets"].get("reduce", {}).get("fidelity")
     if threshold is None:

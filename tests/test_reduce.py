@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from typer.testing import CliRunner
 
 from cli.main import app
-from sfcache.errors import SfcacheError
+from sfcache.errors import ConfigMismatch, SfcacheError
 from sfcache.extract import ExtractConfig, extract
 from sfcache.reduce import Moments, fit, parse_reduce, request, sample_rows
 from sfcache.sources.base import EpisodeInfo
-from sfcache.store import StoreConfig, create_store, lock_store, open_cache, pack_episodes
+from sfcache.store import (Reduction, StoreConfig, create_store, lock_store, open_cache, pack_episodes,
+                           resumable_reduction)
 from sfcache.torch import CachedTargets
 from tests.test_faults import REPO, SHARDED, assert_equal_stores, done_count, kill_process_group, sf_extract
 
@@ -120,6 +124,28 @@ def test_loaders_return_rebuilt_float32_targets_and_masks_still_work(tmp_path):
     assert cosine[torch.from_numpy(mask)].mean() > 0.99
 
 
+def test_a_store_resumes_with_its_stored_basis_and_refuses_another_reduce_before_any_fit(tmp_path):
+    values = low_rank(24, 6, 32, 0.01, tokens=8)
+    cache = write_reduced(tmp_path / "store", values, "pca:8")
+    stored = cache.reduction
+    config = StoreConfig(**{**_config_fields(cache), "reduce": Reduction(stored.request)})
+    again = resumable_reduction(tmp_path / "store", config)
+    np.testing.assert_array_equal(again.components[0], stored.components[0])
+    other = replace(config, reduce=Reduction(request("pca:16", None, 24)))
+    with pytest.raises(ConfigMismatch, match="targets.reduce.asked"):
+        resumable_reduction(tmp_path / "store", other)
+    assert resumable_reduction(tmp_path / "store", other, overwrite=True) is None
+
+
+def _config_fields(cache) -> dict:
+    """The StoreConfig fields `write_reduced` used, read back from the store."""
+    attrs, targets = cache.attrs, cache.attrs["targets"]
+    return dict(episodes=pack_episodes([EpisodeInfo(k, i, n) for k, i, _, n in attrs["episodes"]]), layers=cache.layers,
+                grid=cache.grid, native_grid=tuple(targets["native_grid"]), aspect_ratio=targets["aspect_ratio"],
+                views=cache.views, channels=cache.channels, vggt=attrs["vggt"], source=attrs["source"],
+                dtype=cache.dtype, steps_per_shard=cache.steps_per_shard, created=attrs["created"])
+
+
 # ----------------------------------------------------------------------------- through the extractor
 
 @pytest.fixture(scope="module")
@@ -155,6 +181,17 @@ def test_extract_records_fidelity_shown_by_inspect_and_rechecked_by_verify(refer
     shown = CliRunner().invoke(app, ["inspect-cache", str(reference), "--verify", "4"])
     assert shown.exit_code == 0, shown.output
     assert "pca:8" in shown.output and "K=8" in shown.output and "recorded held-out mean" in shown.output
+
+
+
+def test_verify_fails_a_reduced_store_whose_targets_fall_below_its_recorded_fidelity(reference, tmp_path):
+    copy = tmp_path / "store"
+    shutil.copytree(reference, copy)
+    layer = open_cache(copy).layers[0]
+    basis = zarr.open_array(str(copy / f"targets/layer_{layer}_basis"), mode="r+")
+    basis[...] = np.linalg.qr(np.random.default_rng(0).standard_normal(basis.shape[::-1]))[0].T   # another basis
+    shown = CliRunner().invoke(app, ["inspect-cache", str(copy), "--verify", "2"])
+    assert shown.exit_code == 1 and "below the recorded mean" in shown.output, shown.output
 
 
 def test_a_store_below_min_cosine_is_refused_and_not_written(dataset, scheduler, tmp_path):
