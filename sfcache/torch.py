@@ -137,10 +137,10 @@ class CachedTargets(torch.utils.data.Dataset):
         rows = [self.row(k, int(s), n) for k, s, n in zip(keys, steps, lengths, strict=True)]
         if boxes is None:
             return self.read_rows(rows)
-        values, mask = self._read(rows)
         if self.coefficients:
             raise SfcacheError(f"{self.store}: crop boxes need whole targets; join with boxes on a "
                                "CachedTargets(coefficients=False)")
+        values, mask = self._read(rows)
         if mask is not None:
             raise SfcacheError(f"{self.store}: crop boxes were given, but this store carries a token mask (recipe "
                                f"{self.recipe}), whose trainer feeds VGGT the un-augmented image; join without boxes")
