@@ -317,6 +317,8 @@ def _check_arrays(cache: Cache, fail) -> dict[int, dict[str, zarr.Array]] | None
                 fail(name, f"shards {array.shards}, expected {cache.steps_per_shard} steps per shard")
                 ok = False
             arrays[layer][name] = array
+        if cache.reduced:
+            ok = _check_basis(cache, layer, width, fail) and ok
     if cache.has_mask:
         try:
             mask = zarr.open_array(str(cache.path / MASK_ARRAY), mode="r", zarr_format=3)
@@ -328,6 +330,25 @@ def _check_arrays(cache: Cache, fail) -> dict[int, dict[str, zarr.Array]] | None
             return None
         arrays[MASK_ARRAY] = {MASK_ARRAY: mask}
     return arrays if ok else None
+
+
+def _check_basis(cache: Cache, layer: int, k: int, fail) -> bool:
+    """A reduced store's mean [C] and basis [K, C]: present, of the recorded shape, finite (every target uses them)."""
+    for name, shape in ((f"targets/layer_{layer}_mean", (cache.channels,)),
+                        (f"targets/layer_{layer}_basis", (k, cache.channels))):
+        try:
+            array = zarr.open_array(str(cache.path / name), mode="r", zarr_format=3)
+            if not (cache.path / name / array.metadata.encode_chunk_key((0,) * array.ndim)).is_file():
+                raise FileNotFoundError("its chunk file is gone (it would read as zeros)")
+            values = array[...]
+        except Exception as error:  # missing, truncated or undecodable: the store cannot rebuild any target
+            fail(name, f"PCA basis missing or unreadable ({type(error).__name__}: {error})")
+            return False
+        if values.shape != shape or not np.isfinite(values).all():
+            fail(name, f"shape {values.shape} (finite: {bool(np.isfinite(values).all())}), expected {shape} finite "
+                       "float32 from the provenance")
+            return False
+    return True
 
 
 def _check_done(cache: Cache, fail) -> np.ndarray | None:

@@ -514,6 +514,11 @@ class Cache:
                 means={layer: self._array(f"targets/layer_{layer}_mean")[...] for layer in self.layers},
                 components={layer: self._array(f"targets/layer_{layer}_basis")[...] for layer in self.layers},
                 fidelity=self._reduce_attrs.get("fidelity"))
+            for layer, components in self._reduction.components.items():
+                if not np.isfinite(components).all() or not np.abs(components).sum(axis=1).all():
+                    self._reduction = None   # an orthonormal row is never zero: its chunk is lost (reads as zeros)
+                    raise StoreError(f"{self.path}: targets/layer_{layer}_basis is damaged (zero or non-finite rows); "
+                                     "no target can be rebuilt (see `sf inspect-cache --check`)")
         return self._reduction
 
     def stored_channels(self, layer: int) -> int:

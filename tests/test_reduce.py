@@ -192,6 +192,9 @@ def test_verify_fails_a_reduced_store_whose_targets_fall_below_its_recorded_fide
     basis[...] = np.linalg.qr(np.random.default_rng(0).standard_normal(basis.shape[::-1]))[0].T   # another basis
     shown = CliRunner().invoke(app, ["inspect-cache", str(copy), "--verify", "2"])
     assert shown.exit_code == 1 and "below the recorded mean" in shown.output, shown.output
+    (copy / f"targets/layer_{layer}_mean/c/0").unlink()                 # and a basis array lost: --check names it
+    checked = CliRunner().invoke(app, ["inspect-cache", str(copy), "--check", "--json"])
+    assert checked.exit_code == 1 and f"targets/layer_{layer}_mean" in checked.output, checked.output
 
 
 def test_a_store_below_min_cosine_is_refused_and_not_written(dataset, scheduler, tmp_path):
