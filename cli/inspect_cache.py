@@ -196,7 +196,8 @@ def _render_verify(console: Console, result: dict) -> None:
             low = " [red](below the recorded mean)[/]" if layer in result["below_recorded"] else ""
             console.print(f"    reduced store: recorded held-out mean {figures['recorded']['mean']:.6f}, "
                           f"worst {figures['recorded']['worst']:.6f} (K={figures['recorded']['k']}); recomputed "
-                          f"mean {figures['mean_cos']:.6f}, 1st percentile {figures['p1_cos']:.6f}{low}")
+                          f"mean {figures['valid_mean_cos']:.6f} on image tokens, 1st percentile "
+                          f"{figures['p1_cos']:.6f}{low}")
     if result["source_changed"]:
         console.print("  [yellow]the source files changed since extraction (fingerprint differs)[/]")
 

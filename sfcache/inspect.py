@@ -422,13 +422,15 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
     locate = _locator(cache.attrs)
     recipe = get_recipe(cache.recipe)
     task = progress.add_task("verify", total=len(rows)) if progress else None
-    cosines, mask_errors = [], 0
+    cosines, valid, mask_errors = [], [], 0
     for first in range(0, len(rows), batch_size):
         batch = rows[first:first + batch_size]
         frames = np.concatenate([source.read(key, step, step + 1).frames
                                  for key, step in map(locate, batch)])
         images, mask = recipe_inputs(frames, recipe, cache.views, vggt["preprocess"], model.config.img_size,
                                      cache.grid, model.config.patch_size)
+        tokens = (len(batch), len(cache.views), cache.grid[0] * cache.grid[1])
+        valid.append(mask.astype(bool) if mask is not None else np.ones(tokens, bool))
         if mask is not None:
             mask_errors += int((mask != cache.read_rows(batch, mask=True)[1]).sum())
         targets = pooled_targets(model, images.to(device), cache.layers, cache.grid)
@@ -445,10 +447,12 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
                               "p1_cos": float(np.percentile(cosine[index], 1)),
                               "worst": {"episode": key, "step": step, "view": cache.views[worst[1]],
                                         "token": int(worst[2])}}
-        if recorded is not None:
+        if recorded is not None:   # recorded on tokens with image content: compare like with like
             layers[str(layer)]["recorded"] = recorded[str(layer)]
+            layers[str(layer)]["valid_mean_cos"] = float(cosine[index][np.concatenate(valid)].mean())
     below_recorded = [layer for layer, figures in layers.items()
-                      if "recorded" in figures and figures["mean_cos"] < figures["recorded"]["mean"] - REDUCED_MEAN_MARGIN]
+                      if "recorded" in figures
+                      and figures["valid_mean_cos"] < figures["recorded"]["mean"] - REDUCED_MEAN_MARGIN]
     min_cos = float(cosine.min())
     return {"ok": min_cos >= threshold and mask_errors == 0 and not below_recorded, "below_recorded": below_recorded, "threshold": threshold, "mask_errors": mask_errors, "mean_cos": float(cosine.mean()), "min_cos": min_cos,
             "layers": layers, "steps": [list(locate(row)) for row in rows],
