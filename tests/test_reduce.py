@@ -180,7 +180,8 @@ def test_extract_records_fidelity_shown_by_inspect_and_rechecked_by_verify(refer
     assert cache.read_rows([0, 11]).shape == (2, 2, 256, cache.channels)
     shown = CliRunner().invoke(app, ["inspect-cache", str(reference), "--verify", "4"])
     assert shown.exit_code == 0, shown.output
-    assert "pca:8" in shown.output and "K=8" in shown.output and "recorded held-out mean" in shown.output
+    text = " ".join(shown.output.split())
+    assert "pca:8" in text and "K=8" in text and "recorded held-out mean" in text
 
 
 
@@ -191,7 +192,7 @@ def test_verify_fails_a_reduced_store_whose_targets_fall_below_its_recorded_fide
     basis = zarr.open_array(str(copy / f"targets/layer_{layer}_basis"), mode="r+")
     basis[...] = np.linalg.qr(np.random.default_rng(0).standard_normal(basis.shape[::-1]))[0].T   # another basis
     shown = CliRunner().invoke(app, ["inspect-cache", str(copy), "--verify", "2"])
-    assert shown.exit_code == 1 and "below the recorded mean" in shown.output, shown.output
+    assert shown.exit_code == 1 and "below the recorded mean" in " ".join(shown.output.split()), shown.output
     (copy / f"targets/layer_{layer}_mean/c/0").unlink()                 # and a basis array lost: --check names it
     checked = CliRunner().invoke(app, ["inspect-cache", str(copy), "--check", "--json"])
     assert checked.exit_code == 1 and f"targets/layer_{layer}_mean" in checked.output, checked.output
