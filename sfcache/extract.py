@@ -404,8 +404,11 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
             vggt={"weights": cfg.vggt, **facts, "preprocess": cfg.preprocess},
             source=source.describe(), recipe=recipe.name, token_mask=recipe.token_mask, dtype=cfg.dtype,
             codec=cfg.codec, checksum=cfg.checksum, steps_per_shard=cfg.steps_per_shard, selection=cfg.episodes)
-        fitted = "none"
-        if parse_reduce(cfg.reduce) is not None:
+        fitted, k = "none", parse_reduce(cfg.reduce)
+        if isinstance(k, int) and k > config.out_channels:   # before computing any sample
+            raise SfcacheError(f"--reduce pca:{k}: this VGGT's targets have {config.out_channels} channels; "
+                               f"choose K <= {config.out_channels}")
+        if k is not None:
             store_config = replace(store_config, reduce=Reduction(request(cfg.reduce, cfg.min_cosine,
                                                                           store_config.num_steps)))
             reduction = resumable_reduction(cfg.out, store_config, cfg.overwrite)
