@@ -146,10 +146,16 @@ def fit(asked: dict, moments: dict[int, Moments], held: dict[int, tuple[np.ndarr
 
 
 def check_fidelity(reduction: Reduction) -> None:
-    """Refuse a reduction whose held-out mean cosine is below the asked --min-cosine (one clear line)."""
+    """Refuse a reduction whose held-out mean cosine is below the asked --min-cosine, or a pca:auto that
+    needs every channel (a store larger than no reduction at all), with one clear line."""
     floor = reduction.request.get("min_cosine")
     if floor is None:
         return
+    for layer, components in reduction.components.items():
+        if reduction.request["asked"] == "pca:auto" and len(components) == components.shape[1]:
+            raise SfcacheError(f"--reduce pca:auto: layer {layer} reaches --min-cosine {floor} only with all "
+                               f"{components.shape[1]} channels, so nothing is saved; extract without --reduce, or "
+                               "lower --min-cosine")
     low = {layer: f for layer, f in (reduction.fidelity or {}).items() if f["mean"] < floor}
     if low:
         layer, figures = next(iter(low.items()))

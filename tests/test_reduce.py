@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from sfcache.errors import ConfigMismatch, SfcacheError
 from sfcache.extract import ExtractConfig, extract
-from sfcache.reduce import Moments, fit, parse_reduce, request, sample_rows
+from sfcache.reduce import Moments, check_fidelity, fit, parse_reduce, request, sample_rows
 from sfcache.sources.base import EpisodeInfo
 from sfcache.store import (Reduction, StoreConfig, create_store, lock_store, open_cache, pack_episodes,
                            resumable_reduction)
@@ -90,6 +90,10 @@ def test_auto_picks_the_smallest_k_that_reaches_the_cosine(tmp_path, dtype):
     assert reduction.fidelity["0"]["mean"] >= 0.99
     assert fitted(values, "pca:auto", 0.9, dtype).fidelity["0"]["k"] == 16      # held-out cosine 0.937 at K=16
     np.testing.assert_allclose(reduction.components[0] @ reduction.components[0].T, np.eye(24), atol=1e-5)
+    check_fidelity(reduction)
+    noise = np.random.default_rng(2).standard_normal((40, 2, 8, 32)).astype(np.float32)   # no low-rank structure
+    with pytest.raises(SfcacheError, match="only with all 32 channels, so nothing is saved"):
+        check_fidelity(fitted(noise, "pca:auto", 0.999, dtype))
 
 
 def test_reduce_values_are_parsed_and_auto_needs_a_cosine(tmp_path):
