@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-AREAS = ("sources", "vggt", "extract", "train")
+AREAS = ("sources", "vggt", "extract", "compact", "train")
 
 
 def device_name() -> str:

@@ -48,6 +48,11 @@ def extract(
                                       "GPUs, float32 on CPU), bfloat16 (as SF on GPU, also on CPU) or float32."),
     dtype: str = typer.Option("float16", "--dtype", help="Stored dtype: float16, bfloat16 or int8."),
     codec: str = typer.Option("none", "--codec", help="Compression: none, zstd or blosc-zstd."),
+    reduce: str = typer.Option("none", "--reduce", help="Compact store: pca:K stores K PCA coefficients per token "
+                               "(basis fitted on a sample of steps, targets rebuilt on read); pca:auto picks the "
+                               "smallest K reaching --min-cosine; none stores full targets."),
+    min_cosine: float = typer.Option(None, "--min-cosine", help="Held-out mean per-token cosine a --reduce store "
+                                     "must reach, else extract refuses to write it (needed by pca:auto)."),
     checksum: bool = typer.Option(False, "--checksum/--no-checksum",
                                   help="CRC32C per stored step: inspect-cache --check then detects any flipped byte."),
     batch_size: int = typer.Option(8, "--batch-size", help="Steps per VGGT forward pass."),
@@ -67,7 +72,8 @@ def extract(
         layers=_parse_layers(layers), grid=_parse_grid(grid), recipe=recipe, preprocess=preprocess,
         compute_dtype=compute_dtype, dtype=dtype, codec=codec, checksum=checksum,
         batch_size=batch_size, steps_per_shard=steps_per_shard, workers=workers, scheduler=scheduler,
-        episodes=episodes, device=device, skip_bad=skip_bad, overwrite=overwrite)
+        episodes=episodes, device=device, skip_bad=skip_bad, overwrite=overwrite, reduce=reduce,
+        min_cosine=min_cosine)
     console = Console(soft_wrap=True)
     if dry_run:
         facts = plan(cfg)
@@ -85,6 +91,11 @@ def extract(
                   f"({summary['steps_per_s']:.2f} steps/s on {summary['workers']} worker(s), {summary['device']}); "
                   f"{summary['already_done_steps']} were already done; cluster startup "
                   f"{summary['cluster_startup_s']:.1f} s", highlight=False)
+    if summary["reduce"]:
+        figures = summary["reduce"]["fidelity"]
+        console.print(f"basis {summary['basis']} ({summary['reduce']['asked']}): " + "; ".join(
+            f"layer {layer} K={f['k']}, held-out cosine mean {f['mean']:.5f}, p1 {f['p1']:.5f}, worst {f['worst']:.5f}"
+            for layer, f in figures.items()) + f"; {summary['reduce']['bytes_per_step']} bytes per step", highlight=False)
     for skipped in summary["skipped_episodes"]:
         console.print(f"[yellow]skipped episode:[/] {skipped}", highlight=False, soft_wrap=True)
     for failure in summary["failed"]:

@@ -31,7 +31,8 @@ def inspect_cache(
                                "source with the recorded configuration; per-token cosine vs stored."),
     seed: int = typer.Option(0, "--seed", help="Seed choosing the --verify steps."),
     threshold: float | None = typer.Option(None, "--threshold", help="Worst cosine --verify accepts "
-                                           "(default 0.999 for float16/bfloat16, 0.995 for int8)."),
+                                           "(default 0.999 for float16/bfloat16, 0.995 for int8; a --reduce store: its recorded "
+                                           "held-out worst less 0.05, and a mean at most 0.01 below the recorded one)."),
     vggt: str | None = typer.Option(None, "--vggt", help="Checkpoint for --verify when the recorded one moved; "
                                     "its sha256 must match the store's."),
     device: str = typer.Option("auto", "--device", help="Device for --verify: auto, cpu or cuda."),
@@ -108,6 +109,7 @@ def _render_summary(console: Console, summary: dict) -> None:
         ("layers", ", ".join(map(str, summary["layers"]))),
         ("grid x channels", f"{summary['grid'][0]}x{summary['grid'][1]} tokens per view x {summary['channels']}"),
         ("dtype / codec", f"{summary['dtype']} / {summary['codec']} (checksum {summary['checksum']})"),
+        *([("reduce", _reduce(summary["reduce"]))] if summary["reduce"] else []),
         ("on disk", _bytes(summary["bytes_on_disk"])),
         ("per step", f"{_bytes(summary['bytes_per_step'])} on disk, {_bytes(summary['raw_bytes_per_step'])} raw"
          if summary["bytes_per_step"] is not None else f"{_bytes(summary['raw_bytes_per_step'])} raw"),
@@ -128,6 +130,15 @@ def _render_summary(console: Console, summary: dict) -> None:
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)
+
+
+def _reduce(reduce: dict) -> str:
+    floor = f", --min-cosine {reduce['min_cosine']}" if reduce["min_cosine"] is not None else ""
+    lines = [f"{reduce['asked']}{floor}; basis fitted on {reduce['sample_steps']} steps, fidelity measured on "
+             f"{reduce['held_out_steps']} held-out steps; {_bytes(reduce['bytes_per_step'])} per step"]
+    lines += [f"layer {layer}: K={f['k']}, per-token cosine mean {f['mean']:.5f}, 1st percentile {f['p1']:.5f}, "
+              f"worst {f['worst']:.5f}" for layer, f in reduce["fidelity"].items()]
+    return "\n".join(lines)
 
 
 def _recipe(recipe: dict) -> str:
@@ -181,6 +192,12 @@ def _render_verify(console: Console, result: dict) -> None:
         worst = figures["worst"]
         console.print(f"  layer {layer}: mean {figures['mean_cos']:.6f}, worst {figures['min_cos']:.6f} at episode "
                       f"{worst['episode']} step {worst['step']} view {worst['view']} token {worst['token']}")
+        if "recorded" in figures:
+            low = " [red](below the recorded mean)[/]" if layer in result["below_recorded"] else ""
+            console.print(f"    reduced store: recorded held-out mean {figures['recorded']['mean']:.6f}, "
+                          f"worst {figures['recorded']['worst']:.6f} (K={figures['recorded']['k']}); recomputed "
+                          f"mean {figures['valid_mean_cos']:.6f} on image tokens, 1st percentile "
+                          f"{figures['p1_cos']:.6f}{low}")
     if result["source_changed"]:
         console.print("  [yellow]the source files changed since extraction (fingerprint differs)[/]")
 

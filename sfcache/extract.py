@@ -23,7 +23,7 @@ import uuid
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
@@ -38,7 +38,9 @@ from sfcache.pooling import pooled_targets
 from sfcache.progress import progress_bar
 from sfcache.recipes import Recipe, camera_views, get_recipe, recipe_inputs, resolve_preprocess, slot_layout
 from sfcache.sources import Source, open_source
-from sfcache.store import CODECS, DTYPES, StoreConfig, create_store, lock_store, open_cache, pack_episodes, step_bytes
+from sfcache.reduce import Moments, check_fidelity, fit, parse_reduce, request, sample_rows, valid_tokens
+from sfcache.store import (CODECS, DTYPES, Reduction, StoreConfig, create_store, lock_store, open_cache, pack_episodes,
+                           resumable_reduction, step_bytes)
 from sfcache.vggt import VGGTConfig, load_vggt, preprocess, weights_config
 
 __all__ = ["ExtractConfig", "extract", "plan", "torch_threads"]
@@ -76,6 +78,8 @@ class ExtractConfig:
     device: str = "auto"                       # auto | cpu | cuda
     skip_bad: bool = False
     overwrite: bool = False
+    reduce: str = "none"                       # none | pca:K | pca:auto (sfcache.reduce)
+    min_cosine: float | None = None            # held-out mean per-token cosine a reduced store must reach
 
     def __post_init__(self):
         object.__setattr__(self, "source", Path(self.source))
@@ -103,6 +107,16 @@ class ExtractConfig:
             problems.append(f"--layers must be distinct layer indices, got {list(self.layers)}")
         if self.grid is not None and min(self.grid) < 1:
             problems.append(f"--grid must be positive, got {self.grid}")
+        try:
+            reduce = parse_reduce(self.reduce)
+            if reduce == "auto" and self.min_cosine is None:
+                problems.append("--reduce pca:auto needs --min-cosine C (the held-out mean cosine to reach, e.g. 0.98)")
+            if reduce is None and self.min_cosine is not None:
+                problems.append("--min-cosine applies only with --reduce pca:K or pca:auto")
+        except SfcacheError as error:
+            problems.append(str(error))
+        if self.min_cosine is not None and not 0 < self.min_cosine <= 1:
+            problems.append(f"--min-cosine must be in (0, 1], got {self.min_cosine}")
         if problems:
             raise SfcacheError("; ".join(problems))
 
@@ -220,6 +234,14 @@ class VGGTWorker(WorkerPlugin):
                                  self.job.grid)
         return {layer: tokens.float().cpu().numpy() for layer, tokens in targets.items()}
 
+    def sample(self, episodes: list, rows: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
+        """Exact targets of fit-sample rows (sfcache.reduce): float32 [len(rows), V, h*w, C] per layer and
+        the token mask, one step per piece, batched as given so every run computes the same numbers."""
+        index = _RowIndex(episodes)
+        images, mask = self._images([piece for row in rows for piece in index.pieces(row, row + 1)],
+                                    self.model.config.img_size)
+        return self._targets(images), mask
+
     @staticmethod
     def _write(cache, shard: int, outputs: list[tuple[dict[int, np.ndarray], np.ndarray | None]]) -> int:
         """Write one shard from its batches' (targets, mask); returns its number of steps."""
@@ -312,6 +334,10 @@ def _run_task(plugin: str, shards: list[int]) -> dict:
     return get_worker().plugins[plugin].run(shards)
 
 
+def _sample_task(plugin: str, episodes: list, rows: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
+    return get_worker().plugins[plugin].sample(episodes, rows)
+
+
 def _worker_facts(plugin: str, dask_worker=None) -> dict:
     return dask_worker.plugins[plugin].facts()
 
@@ -372,13 +398,25 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
         config = VGGTConfig.from_dict(facts["config"])
         layers = _resolve_layers(cfg.layers, config)
         native, aspect = _native_grid(source, infos, cfg.preprocess, config)
-        cache = create_store(cfg.out, StoreConfig(
+        store_config = StoreConfig(
             episodes=pack_episodes(infos), layers=layers, grid=cfg.grid or native, native_grid=native,
             aspect_ratio=aspect, views=layout, channels=config.out_channels,
             vggt={"weights": cfg.vggt, **facts, "preprocess": cfg.preprocess},
             source=source.describe(), recipe=recipe.name, token_mask=recipe.token_mask, dtype=cfg.dtype,
-            codec=cfg.codec, checksum=cfg.checksum, steps_per_shard=cfg.steps_per_shard, selection=cfg.episodes),
-            overwrite=cfg.overwrite)
+            codec=cfg.codec, checksum=cfg.checksum, steps_per_shard=cfg.steps_per_shard, selection=cfg.episodes)
+        fitted, k = "none", parse_reduce(cfg.reduce)
+        if isinstance(k, int) and k > config.out_channels:   # before computing any sample
+            raise SfcacheError(f"--reduce pca:{k}: this VGGT's targets have {config.out_channels} channels; "
+                               f"choose K <= {config.out_channels}")
+        if k is not None:
+            store_config = replace(store_config, reduce=Reduction(request(cfg.reduce, cfg.min_cosine,
+                                                                          store_config.num_steps)))
+            reduction = resumable_reduction(cfg.out, store_config, cfg.overwrite)
+            fitted = "reused" if reduction is not None else "fitted"
+            reduction = reduction or _fit_basis(cluster, plugin, store_config, cfg.batch_size, progress)
+            check_fidelity(reduction)
+            store_config = replace(store_config, reduce=reduction)
+        cache = create_store(cfg.out, store_config, overwrite=cfg.overwrite)
         pending = [int(s) for s in np.flatnonzero(~cache.done_shards())]
         outcome = _run_shards(cluster, cache, plugin, pending, progress, cfg.skip_bad)
     final = open_cache(cfg.out)
@@ -387,11 +425,49 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
             "episodes": len(infos), "steps": final.num_steps,
             "shards_done": int(final.done_shards().sum()), "shards": final.num_shards,
             "extracted_steps": outcome["steps"], "already_done_steps": final.num_steps - _steps_of(cache, pending),
-            "failed": outcome["failed"], "skipped_episodes": [str(e) for e in source.skipped],
+            "failed": outcome["failed"], "skipped_episodes": [str(e) for e in source.skipped], "basis": fitted,
+            "reduce": final.attrs["targets"].get("reduce"),
             "missing_episodes": final.missing_episodes(), "workers": cluster.workers, "device": devices,
             "cluster_startup_s": round(cluster_seconds, 3), "extract_s": round(outcome["seconds"], 3),
             "steps_per_s": round(outcome["steps"] / outcome["seconds"], 3) if outcome["seconds"] else 0.0,
             "total_s": round(time.perf_counter() - started, 3)}
+
+
+def _fit_basis(cluster: "_Cluster", plugin: str, config: StoreConfig, batch_size: int, progress: bool) -> Reduction:
+    """Fit the PCA basis on the workers' exact targets of the sample rows (sfcache.reduce.sample_rows).
+
+    One task per batch of `batch_size` sample rows; results are folded in submission order, so the
+    float64 sums and the basis are the same whatever the number of workers or the finishing order.
+    """
+    fit_rows, held_rows = sample_rows(config.num_steps)
+    rows = np.union1d(fit_rows, held_rows)
+    episodes = [list(e) for e in config.episodes]
+    futures = [cluster.client.submit(_sample_task, plugin, episodes, rows[i:i + batch_size].tolist(),
+                                     key=f"sfcache-fit-{int(rows[i])}-{plugin}", resources=cluster.task_resources,
+                                     retries=2, pure=False) for i in range(0, rows.size, batch_size)]
+    moments = {layer: Moments(config.channels) for layer in config.layers}
+    held: dict[int, list] = {layer: [] for layer in config.layers}
+    held_masks: list = []
+    bar = progress_bar("steps") if progress else None
+    with bar or nullcontext():
+        task = bar.add_task("fit basis", total=int(rows.size)) if bar else None
+        for start, future in zip(range(0, rows.size, batch_size), futures):
+            try:
+                targets, mask = future.result()
+            except KilledWorker as error:
+                raise SfcacheError(f"a Dask worker died repeatedly computing the basis sample ({error}); "
+                                   "run the same command again") from None
+            batch = rows[start:start + batch_size]
+            is_held = np.isin(batch, held_rows)
+            for layer, values in targets.items():
+                moments[layer].add(valid_tokens(values[~is_held], None if mask is None else mask[~is_held]))
+                held[layer].append(values[is_held])
+            held_masks.append(None if mask is None else mask[is_held])
+            if bar:
+                bar.advance(task, len(batch))
+    masks = None if held_masks[0] is None else np.concatenate(held_masks)
+    return fit(config.reduce.request, moments, {layer: (np.concatenate(v), masks) for layer, v in held.items()},
+               config.dtype)
 
 
 def _steps_of(cache, shards: list[int]) -> int:
@@ -595,13 +671,14 @@ def plan(cfg: ExtractConfig) -> dict:
     native, _ = _native_grid(source, infos, cfg.preprocess, config)
     grid = cfg.grid or native
     steps = sum(info.num_steps for info in infos)
-    per_step = step_bytes(len(layout), grid[0] * grid[1], config.out_channels, cfg.dtype, len(layers),
-                          recipe.token_mask)
+    k = parse_reduce(cfg.reduce)   # pca:auto's K is known only after the fit: counted at full width here
+    per_step = step_bytes(len(layout), grid[0] * grid[1], k if isinstance(k, int) else config.out_channels,
+                          cfg.dtype, len(layers), recipe.token_mask)
     frame = source.read(infos[0].key, 0, 1).frames.shape[2:4]
     return {"format": source.format, "source": str(cfg.source), "recipe": recipe.name, "views": list(layout),
             "frame_size": list(frame), "episodes": len(infos), "steps": steps,
             "skipped_episodes": [str(e) for e in source.skipped], "layers": list(layers), "grid": list(grid),
-            "channels": config.out_channels, "dtype": cfg.dtype, "codec": cfg.codec,
+            "channels": config.out_channels, "dtype": cfg.dtype, "codec": cfg.codec, "reduce": cfg.reduce,
             "shards": -(-steps // cfg.steps_per_shard), "bytes_per_step": per_step,
             "store_bytes_uncompressed": per_step * steps}
 

@@ -33,6 +33,10 @@ __all__ = ["DEFAULT_THRESHOLDS", "REQUIRED_PROVENANCE", "check", "episode_report
 # per-token, 128-channel-block scales ~3e-4 (measured worst on heavy-tailed 2048-channel features); the rest of
 # the margin is for recomputation noise (autocast kernels, batch composition). Wrong targets score far lower.
 DEFAULT_THRESHOLDS = {"float16": 0.999, "bfloat16": 0.999, "int8": 0.995}
+# A reduced store (--reduce) is checked against the fidelity it recorded on its held-out steps: per layer the
+# recomputed mean cosine may fall at most REDUCED_MEAN_MARGIN below the recorded mean (other steps, recomputation
+# noise), and the default worst-token threshold is the recorded worst less REDUCED_WORST_MARGIN.
+REDUCED_MEAN_MARGIN, REDUCED_WORST_MARGIN = 0.01, 0.05
 RANDOM_WEIGHTS = "random:"
 LISTED = 20          # episode keys named in one failure line before "... and N more"
 REQUIRED_PROVENANCE = (
@@ -117,6 +121,7 @@ def summarize(cache: Cache) -> dict:
         "tokens_per_view": cache.grid[0] * cache.grid[1],
         "channels": cache.channels,
         "dtype": cache.dtype,
+        "reduce": _reduce_summary(targets.get("reduce")),
         "codec": targets["codec"],
         "checksum": targets.get("checksum", "none"),
         "steps_per_shard": cache.steps_per_shard,
@@ -138,8 +143,19 @@ def summarize(cache: Cache) -> dict:
     }
 
 
+def _reduce_summary(reduce: dict | None) -> dict | None:
+    """A reduced store's request, K and held-out fidelity per layer (None for full targets)."""
+    if reduce is None:
+        return None
+    return {"asked": reduce["asked"], "min_cosine": reduce["min_cosine"], "sample_steps": reduce["sample_steps"],
+            "held_out_steps": reduce["held_out_steps"], "fidelity": reduce["fidelity"],
+            "bytes_per_step": reduce["bytes_per_step"]}
+
+
 def _raw_bytes_per_step(cache: Cache) -> int:
     """Bytes of one step in the stored dtype, uncompressed, all layers (int8 scales and mask included)."""
+    if cache.reduced:
+        return int(cache.attrs["targets"]["reduce"]["bytes_per_step"])
     views, tokens = len(cache.views), cache.grid[0] * cache.grid[1]
     if cache.dtype == "int8" and cache.attrs["format_version"] == 1:   # per-channel scales
         return (views * tokens * cache.channels + views * cache.channels * 4) * len(cache.layers)
@@ -278,12 +294,12 @@ def _check_index(cache: Cache, fail) -> None:
 def _check_arrays(cache: Cache, fail) -> dict[int, dict[str, zarr.Array]] | None:
     """Each layer's arrays (values, and int8 scales) exist with the shape, shard shape and dtype promised."""
     views, tokens = len(cache.views), cache.grid[0] * cache.grid[1]
-    scale = (views, cache.channels) if cache.attrs["format_version"] == 1 else \
-        (views, tokens, cache.channels // int8_block(cache.channels))
-    expected = {"": ((cache.num_steps, views, tokens, cache.channels), _STORED_DTYPES[cache.dtype]),
-                "_scale": ((cache.num_steps, *scale), np.float32)}
     arrays, ok = {}, True
     for layer in cache.layers:
+        width = cache.stored_channels(layer)
+        scale = (views, width) if cache.attrs["format_version"] == 1 else (views, tokens, width // int8_block(width))
+        expected = {"": ((cache.num_steps, views, tokens, width), _STORED_DTYPES[cache.dtype]),
+                    "_scale": ((cache.num_steps, *scale), np.float32)}
         arrays[layer] = {}
         for suffix in ("", "_scale") if cache.dtype == "int8" else ("",):
             name = f"targets/layer_{layer}{suffix}"
@@ -301,6 +317,8 @@ def _check_arrays(cache: Cache, fail) -> dict[int, dict[str, zarr.Array]] | None
                 fail(name, f"shards {array.shards}, expected {cache.steps_per_shard} steps per shard")
                 ok = False
             arrays[layer][name] = array
+        if cache.reduced:
+            ok = _check_basis(cache, layer, width, fail) and ok
     if cache.has_mask:
         try:
             mask = zarr.open_array(str(cache.path / MASK_ARRAY), mode="r", zarr_format=3)
@@ -312,6 +330,25 @@ def _check_arrays(cache: Cache, fail) -> dict[int, dict[str, zarr.Array]] | None
             return None
         arrays[MASK_ARRAY] = {MASK_ARRAY: mask}
     return arrays if ok else None
+
+
+def _check_basis(cache: Cache, layer: int, k: int, fail) -> bool:
+    """A reduced store's mean [C] and basis [K, C]: present, of the recorded shape, finite (every target uses them)."""
+    for name, shape in ((f"targets/layer_{layer}_mean", (cache.channels,)),
+                        (f"targets/layer_{layer}_basis", (k, cache.channels))):
+        try:
+            array = zarr.open_array(str(cache.path / name), mode="r", zarr_format=3)
+            if not (cache.path / name / array.metadata.encode_chunk_key((0,) * array.ndim)).is_file():
+                raise FileNotFoundError("its chunk file is gone (it would read as zeros)")
+            values = array[...]
+        except Exception as error:  # missing, truncated or undecodable: the store cannot rebuild any target
+            fail(name, f"PCA basis missing or unreadable ({type(error).__name__}: {error})")
+            return False
+        if values.shape != shape or not np.isfinite(values).all():
+            fail(name, f"shape {values.shape} (finite: {bool(np.isfinite(values).all())}), expected {shape} finite "
+                       "float32 from the provenance")
+            return False
+    return True
 
 
 def _check_done(cache: Cache, fail) -> np.ndarray | None:
@@ -366,9 +403,14 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
 
     weights: override the recorded checkpoint location (its sha256 must still match the record).
     source_path: where the dataset lives now, if it moved. ok = worst cosine >= threshold
-    (default DEFAULT_THRESHOLDS[dtype]). Raises WeightsError on other weights, StoreError if nothing is extracted.
+    (default DEFAULT_THRESHOLDS[dtype]; a reduced store: see REDUCED_MEAN_MARGIN, its per-layer means are also
+    checked against the recorded held-out fidelity). Raises WeightsError on other weights, StoreError if nothing
+    is extracted.
     """
-    threshold = DEFAULT_THRESHOLDS[cache.dtype] if threshold is None else threshold
+    recorded = cache.attrs["targets"].get("reduce", {}).get("fidelity")
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLDS[cache.dtype] if recorded is None else \
+            max(0.0, min(f["worst"] for f in recorded.values()) - REDUCED_WORST_MARGIN)
     rows = _sample_rows(cache, steps, seed)
     vggt = cache.attrs["vggt"]
     model, weights_id = load_vggt(weights or vggt["weights"], device,
@@ -380,13 +422,15 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
     locate = _locator(cache.attrs)
     recipe = get_recipe(cache.recipe)
     task = progress.add_task("verify", total=len(rows)) if progress else None
-    cosines, mask_errors = [], 0
+    cosines, valid, mask_errors = [], [], 0
     for first in range(0, len(rows), batch_size):
         batch = rows[first:first + batch_size]
         frames = np.concatenate([source.read(key, step, step + 1).frames
                                  for key, step in map(locate, batch)])
         images, mask = recipe_inputs(frames, recipe, cache.views, vggt["preprocess"], model.config.img_size,
                                      cache.grid, model.config.patch_size)
+        tokens = (len(batch), len(cache.views), cache.grid[0] * cache.grid[1])
+        valid.append(mask.astype(bool) if mask is not None else np.ones(tokens, bool))
         if mask is not None:
             mask_errors += int((mask != cache.read_rows(batch, mask=True)[1]).sum())
         targets = pooled_targets(model, images.to(device), cache.layers, cache.grid)
@@ -400,10 +444,17 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
         worst = np.unravel_index(int(np.argmin(cosine[index])), cosine[index].shape)
         key, step = locate(rows[worst[0]])
         layers[str(layer)] = {"mean_cos": float(cosine[index].mean()), "min_cos": float(cosine[index].min()),
+                              "p1_cos": float(np.percentile(cosine[index], 1)),
                               "worst": {"episode": key, "step": step, "view": cache.views[worst[1]],
                                         "token": int(worst[2])}}
+        if recorded is not None:   # recorded on tokens with image content: compare like with like
+            layers[str(layer)]["recorded"] = recorded[str(layer)]
+            layers[str(layer)]["valid_mean_cos"] = float(cosine[index][np.concatenate(valid)].mean())
+    below_recorded = [layer for layer, figures in layers.items()
+                      if "recorded" in figures
+                      and figures["valid_mean_cos"] < figures["recorded"]["mean"] - REDUCED_MEAN_MARGIN]
     min_cos = float(cosine.min())
-    return {"ok": min_cos >= threshold and mask_errors == 0, "threshold": threshold, "mask_errors": mask_errors, "mean_cos": float(cosine.mean()), "min_cos": min_cos,
+    return {"ok": min_cos >= threshold and mask_errors == 0 and not below_recorded, "below_recorded": below_recorded, "threshold": threshold, "mask_errors": mask_errors, "mean_cos": float(cosine.mean()), "min_cos": min_cos,
             "layers": layers, "steps": [list(locate(row)) for row in rows],
             "weights_id": weights_id, "device": str(device),
             "source_changed": source.fingerprint() != cache.attrs["source"].get("fingerprint")}

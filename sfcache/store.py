@@ -29,8 +29,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from sfcache import __version__
 from sfcache.errors import ConfigMismatch, StoreError
 
-__all__ = ["CODECS", "DTYPES", "Cache", "EpisodeRecord", "StoreConfig", "create_store", "decode",
-           "encode", "int8_block", "lock_store", "open_cache", "pack_episodes", "step_bytes"]
+__all__ = ["CODECS", "DTYPES", "Cache", "EpisodeRecord", "Reduction", "StoreConfig", "create_store", "decode",
+           "encode", "int8_block", "lock_store", "open_cache", "pack_episodes", "resumable_reduction", "step_bytes"]
 
 # 2: int8 scales per token and channel block, recipe and optional token mask. 1 (int8 scales per
 # step/view/channel) stays readable; resuming a version-1 store asks for --overwrite.
@@ -128,6 +128,36 @@ def step_bytes(views: int, tokens: int, channels: int, dtype: str, layers: int, 
     return per_layer * layers + (views * tokens if token_mask else 0)
 
 
+@dataclass(frozen=True, eq=False)
+class Reduction:
+    """`--reduce pca:...`: what was asked (part of the store's identity) and, once fitted (sfcache.reduce),
+    per layer the mean [C] and orthonormal components [K, C] (float32) and the held-out fidelity."""
+
+    request: dict                                  # method, asked, min_cosine, sample_steps, held_out_steps
+    means: Mapping[int, np.ndarray] | None = None
+    components: Mapping[int, np.ndarray] | None = None
+    fidelity: dict | None = None                   # str(layer) -> {k, mean, p1, worst}
+
+    @property
+    def fitted(self) -> bool:
+        return self.components is not None
+
+    def project(self, layer: int, values: np.ndarray) -> np.ndarray:
+        """float32 [..., C] -> coefficients [..., K]."""
+        return (np.asarray(values, np.float32) - self.means[layer]) @ self.components[layer].T
+
+    def reconstruct(self, layer: int, coefficients: np.ndarray) -> np.ndarray:
+        """coefficients [..., K] -> float32 [..., C]."""
+        return coefficients @ self.components[layer] + self.means[layer]
+
+
+def reduced_step_bytes(components: Mapping[int, np.ndarray], views: int, tokens: int, dtype: str,
+                       token_mask: bool) -> int:
+    """Uncompressed bytes of one stored step of a reduced store (K coefficients per layer, scales, mask)."""
+    per_layer = sum(step_bytes(views, tokens, len(c), dtype, 1, False) for c in components.values())
+    return per_layer + (views * tokens if token_mask else 0)
+
+
 # ----------------------------------------------------------------------------- configuration
 
 @dataclass(frozen=True)
@@ -150,6 +180,7 @@ class StoreConfig:
     checksum: bool = False                # CRC32C per step chunk (inspect-cache --check then sees any flipped byte)
     steps_per_shard: int = 32
     selection: str | None = None          # the --episodes pattern, None = all episodes
+    reduce: Reduction | None = None       # --reduce pca:...: coefficients stored, targets rebuilt on read
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def __post_init__(self):
@@ -181,9 +212,25 @@ class StoreConfig:
                         "aspect_ratio": self.aspect_ratio, "views": list(self.views), "channels": self.channels,
                         "dtype": self.dtype, "codec": self.codec, "checksum": "crc32c" if self.checksum else "none",
                         "position_embedding": "not baked in", "mask": "tokens" if self.token_mask else "none",
-                        **({"int8_block": int8_block(self.channels)} if self.dtype == "int8" else {})},
+                        **({"int8_block": int8_block(self.channels)} if self.dtype == "int8" else {}),
+                        **({"reduce": self._reduce_attrs()} if self.reduce else {})},
             "source": self.source,
         })
+
+    def _reduce_attrs(self) -> dict:
+        """targets.reduce: the request, and once fitted K, fidelity and bytes per step per layer."""
+        if not self.reduce.fitted:
+            return dict(self.reduce.request)
+        tokens = self.grid[0] * self.grid[1]
+        return {**self.reduce.request, "k": {str(layer): len(c) for layer, c in self.reduce.components.items()},
+                "fidelity": self.reduce.fidelity,
+                "bytes_per_step": reduced_step_bytes(self.reduce.components, len(self.views), tokens, self.dtype,
+                                                     self.token_mask),
+                "basis": "targets/layer_<L>_mean [C], targets/layer_<L>_basis [K, C] float32"}
+
+    def stored_channels(self, layer: int) -> int:
+        """Channels of a layer's stored array: C, or K coefficients on a reduced store."""
+        return len(self.reduce.components[layer]) if self.reduce else self.channels
 
 
 def _jsonable(value):
@@ -200,7 +247,8 @@ def _differences(stored: dict, asked: dict) -> dict[str, tuple[object, object]]:
     stored = {**stored, "recipe": stored.get("recipe", "none")}   # stores made before recipes existed
     fields = ["format_version", "recipe", "targets.mask", "vggt.weights_id", "vggt.config", "vggt.preprocess", "vggt.compute_dtype",
               "targets.layers", "targets.grid", "targets.views", "targets.channels", "targets.dtype",
-              "targets.codec", "targets.checksum", "steps_per_shard", "selection"]
+              "targets.codec", "targets.checksum", "steps_per_shard", "selection", "targets.reduce.asked",
+              "targets.reduce.min_cosine", "targets.reduce.sample_steps", "targets.reduce.held_out_steps"]
     fields += sorted(f"source.{k}" for k in set(stored.get("source", {})) | set(asked.get("source", {}))
                      if k not in ("path", "tfds_shards"))   # a moved dataset is the same; the fingerprint says so
     diff = {f: (at(stored, f), at(asked, f)) for f in fields if at(stored, f) != at(asked, f)}
@@ -308,21 +356,26 @@ def _create_or_resume(path: Path, config: StoreConfig, overwrite: bool) -> "Cach
     root = zarr.create_group(store=str(path), zarr_format=3, attributes={"sfcache_creating": True})
     targets = root.create_group("targets")
     n, views, tokens = config.num_steps, len(config.views), config.grid[0] * config.grid[1]
+    if config.reduce and not config.reduce.fitted:
+        raise StoreError(f"{path}: --reduce {config.reduce.request.get('asked')} needs its fitted basis to create the store")
     for layer in config.layers:
+        width = config.stored_channels(layer)
+        if config.reduce:
+            _write_basis(targets, layer, config.reduce)
         targets.create_array(
-            f"layer_{layer}", shape=(n, views, tokens, config.channels), dtype=_STORED_DTYPE[config.dtype],
-            chunks=(1, views, tokens, config.channels), shards=(config.steps_per_shard, views, tokens, config.channels),
+            f"layer_{layer}", shape=(n, views, tokens, width), dtype=_STORED_DTYPE[config.dtype],
+            chunks=(1, views, tokens, width), shards=(config.steps_per_shard, views, tokens, width),
             compressors=_compressors(config.codec, np.dtype(_STORED_DTYPE[config.dtype]).itemsize, config.checksum),
             fill_value=0,
             attributes={"layer": layer, "encoding": config.dtype,
                         **({"bits_of": "bfloat16"} if config.dtype == "bfloat16" else {})})
         if config.dtype == "int8":
-            blocks = config.channels // int8_block(config.channels)
+            blocks = width // int8_block(width)
             targets.create_array(
                 f"layer_{layer}_scale", shape=(n, views, tokens, blocks), dtype="float32",
                 chunks=(1, views, tokens, blocks), shards=(config.steps_per_shard, views, tokens, blocks),
                 compressors=_compressors("none", 4, config.checksum), fill_value=0,
-                attributes={"layer": layer, "scale_of": f"layer_{layer}", "block": int8_block(config.channels)})
+                attributes={"layer": layer, "scale_of": f"layer_{layer}", "block": int8_block(width)})
     if config.token_mask:
         targets.create_array(
             "mask", shape=(n, views, tokens), dtype="uint8", chunks=(1, views, tokens),
@@ -332,6 +385,28 @@ def _create_or_resume(path: Path, config: StoreConfig, overwrite: bool) -> "Cach
                       compressors=None)
     root.attrs.put({"sfcache": asked})
     return open_cache(path, mode="r+")
+
+
+def _write_basis(targets: zarr.Group, layer: int, reduce: Reduction) -> None:
+    """A layer's PCA mean [C] and components [K, C] as float32 arrays of one chunk each."""
+    for name, values in ((f"layer_{layer}_mean", reduce.means[layer]), (f"layer_{layer}_basis", reduce.components[layer])):
+        array = targets.create_array(name, shape=values.shape, dtype="float32", chunks=values.shape, fill_value=0,
+                                     compressors=None, attributes={"layer": layer, "basis_of": f"layer_{layer}"})
+        array[...] = values
+
+
+def resumable_reduction(path: str | Path, config: StoreConfig, overwrite: bool = False) -> Reduction | None:
+    """The fitted basis of the store at `path` if a run of `config` resumes it, so it is reused, never refitted;
+    None when there is no such store (or `overwrite`). A store made differently raises ConfigMismatch now,
+    before any fit is computed."""
+    path = Path(path)
+    existing = _existing_attrs(path) if path.is_dir() else None
+    if overwrite or existing is None or "sfcache" not in existing:
+        return None
+    diff = _differences(existing["sfcache"], config.attrs())
+    if diff:
+        raise ConfigMismatch(path, diff)
+    return open_cache(path).reduction
 
 
 def _existing_attrs(path: Path) -> dict | None:
@@ -395,6 +470,8 @@ class Cache:
         self.steps_per_shard = int(self.attrs["steps_per_shard"])
         self.num_shards = int(self.attrs["num_shards"])
         self.episodes = [e[0] for e in self.attrs["episodes"]]
+        self._reduce_attrs = targets.get("reduce")
+        self._reduction: Reduction | None = None
         self._reset_handles()
 
     def _reset_handles(self) -> None:
@@ -408,15 +485,45 @@ class Cache:
         if self.mode != "r":
             raise StoreError(f"{self.path}: only a read-only Cache can be sent to another process")
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("_zstore", "_arrays", "_records", "_tfds_ids", "_known_done")}
+                if k not in ("_zstore", "_arrays", "_records", "_tfds_ids", "_known_done", "_reduction")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self._reduction = None
         self._reset_handles()
 
     def __repr__(self) -> str:
         return (f"Cache({str(self.path)!r}, mode={self.mode!r}, steps={self.num_steps}, layers={self.layers}, "
                 f"views={self.views}, grid={self.grid}, dtype={self.dtype!r})")
+
+    # -- reduced stores
+
+    @property
+    def reduced(self) -> bool:
+        """True for a `--reduce pca:...` store: coefficients on disk, targets rebuilt by `read_rows`."""
+        return self._reduce_attrs is not None
+
+    @property
+    def reduction(self) -> Reduction | None:
+        """The stored bases (read once), or None for a store of full targets."""
+        if self._reduce_attrs is None:
+            return None
+        if self._reduction is None:
+            self._reduction = Reduction(
+                request={k: v for k, v in self._reduce_attrs.items() if k not in ("k", "fidelity", "bytes_per_step", "basis")},
+                means={layer: self._array(f"targets/layer_{layer}_mean")[...] for layer in self.layers},
+                components={layer: self._array(f"targets/layer_{layer}_basis")[...] for layer in self.layers},
+                fidelity=self._reduce_attrs.get("fidelity"))
+            for layer, components in self._reduction.components.items():
+                if not np.isfinite(components).all() or not np.abs(components).sum(axis=1).all():
+                    self._reduction = None   # an orthonormal row is never zero: its chunk is lost (reads as zeros)
+                    raise StoreError(f"{self.path}: targets/layer_{layer}_basis is damaged (zero or non-finite rows); "
+                                     "no target can be rebuilt (see `sf inspect-cache --check`)")
+        return self._reduction
+
+    def stored_channels(self, layer: int) -> int:
+        """Channels of a layer's stored array: `channels`, or its K coefficients on a reduced store."""
+        return int(self._reduce_attrs["k"][str(layer)]) if self.reduced else self.channels
 
     # -- index
 
@@ -484,11 +591,13 @@ class Cache:
         return self.read_rows(record.start + local, layer=layer, mask=mask)
 
     def read_rows(self, rows: Sequence[int] | np.ndarray | slice, layer: int | None = None,
-                  mask: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                  mask: bool = False, reconstruct: bool = True) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """float32 [T, V, h*w, C] by global row index, in the order asked (repeats allowed).
 
         With `mask`: (values, bool [T, V, h*w]), True where a token holds image content; all True for
-        a store without a mask (every token valid).
+        a store without a mask (every token valid). A reduced store's coefficients are rebuilt into
+        targets here, or with `reconstruct=False` returned as float32 [T, V, h*w, K] for
+        `reduction.reconstruct` elsewhere (e.g. on the training device).
 
         Rows are read as contiguous runs, each one slice read: zarr then fetches only the inner
         chunks of those rows from each shard, where a fancy (orthogonal) selection is ~10x slower.
@@ -502,6 +611,8 @@ class Cache:
         stored = self._read(name, runs, order)
         scale = self._read(f"{name}_scale", runs, order) if self.dtype == "int8" else None
         values = decode(stored, self.dtype, scale)
+        if self.reduced and reconstruct:
+            values = self.reduction.reconstruct(self._layer(layer), values)
         if not mask:
             return values
         if not self.has_mask:
@@ -575,7 +686,7 @@ class Cache:
                 if tuple(values.shape) != expected:
                     raise StoreError(f"{self.path}: shard {shard} layer {layer} has shape {tuple(values.shape)}, "
                                      f"expected {expected}")
-                stored, scale = encode(values, self.dtype)
+                stored, scale = encode(self.reduction.project(layer, values) if self.reduced else values, self.dtype)
                 self._write_verified(f"targets/layer_{layer}", rows, stored, shard)
                 if scale is not None:
                     self._write_verified(f"targets/layer_{layer}_scale", rows, scale, shard)

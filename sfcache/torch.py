@@ -41,10 +41,17 @@ class CachedTargets(torch.utils.data.Dataset):
     A pair rather than a dict keeps the default collate and `targets_for` symmetric. `return_mask`
     forces pairs on a store without a mask (all True); False on a masked store is refused, since
     ignoring the mask would align padding and blank-camera tokens.
+
+    A compact store (`sf extract --reduce pca:...`) returns targets rebuilt from its PCA coefficients on
+    the CPU. With `coefficients=True` reads return float32 [..., V, h*w, K] coefficients instead (K/C of the
+    bytes through DataLoader workers and host-to-device copies) and `reconstruct(batch, device)` turns
+    them into the targets on the training device: one [K, C] matmul, plus the position embedding.
+    On a store of full targets `reconstruct` only moves them and adds the embedding, so one trainer
+    code path serves both.
     """
 
     def __init__(self, store: str | Path, layer: int | None = None, add_position_embedding: bool = True,
-                 recipe: str | None = None, return_mask: bool | None = None):
+                 recipe: str | None = None, return_mask: bool | None = None, coefficients: bool = False):
         self.store = Path(store)
         self.add_position_embedding = add_position_embedding
         self._cache, self._pid = None, None
@@ -59,6 +66,8 @@ class CachedTargets(torch.utils.data.Dataset):
             raise SfcacheError(f"{self.store}: this store carries a token mask (recipe {cache.recipe}); read it "
                                "(return_mask=None or True) and pass it to SpatialForcingLoss(mask=)")
         self.return_mask = cache.has_mask if return_mask is None else return_mask
+        self.coefficients = coefficients
+        self._basis: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # device -> (components, mean)
         self.views, self.grid, self.channels = tuple(cache.views), tuple(cache.grid), int(cache.channels)
         targets = cache.attrs["targets"]
         self.native_grid = tuple(int(v) for v in targets["native_grid"])   # VGGT's patch grid before pooling
@@ -74,7 +83,7 @@ class CachedTargets(torch.utils.data.Dataset):
         return self._cache
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_cache": None, "_pid": None}
+        return {**self.__dict__, "_cache": None, "_pid": None, "_basis": {}}
 
     def __len__(self) -> int:
         return self._num_rows
@@ -129,6 +138,9 @@ class CachedTargets(torch.utils.data.Dataset):
         rows = [self.row(k, int(s), n) for k, s, n in zip(keys, steps, lengths, strict=True)]
         if boxes is None:
             return self.read_rows(rows)
+        if self.coefficients:
+            raise SfcacheError(f"{self.store}: crop boxes need whole targets; join with boxes on a "
+                               "CachedTargets(coefficients=False)")
         values, mask = self._read(rows)
         if mask is not None:
             raise SfcacheError(f"{self.store}: crop boxes were given, but this store carries a token mask (recipe "
@@ -141,13 +153,33 @@ class CachedTargets(torch.utils.data.Dataset):
 
     def _read(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stored values of flat rows without the position embedding, and the mask when this dataset returns it."""
-        read = self.cache.read_rows(np.asarray(rows), layer=self.layer, mask=self.return_mask)
+        read = self.cache.read_rows(np.asarray(rows), layer=self.layer, mask=self.return_mask,
+                                    reconstruct=not self.coefficients)
         values, mask = read if self.return_mask else (read, None)
         return torch.from_numpy(np.ascontiguousarray(values)), None if mask is None else torch.from_numpy(mask)
 
     def _finish(self, values: torch.Tensor, mask: torch.Tensor | None):
-        values = values + self.position_embedding() if self.add_position_embedding else values
+        if self.add_position_embedding and not self.coefficients:   # coefficients get it in `reconstruct`
+            values = values + self.position_embedding()
         return values if mask is None else (values, mask)
+
+    def reconstruct(self, coefficients: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """float32 targets [..., V, h*w, C] on `device` from a `coefficients=True` read [..., V, h*w, K]
+        (with the position embedding when asked); a store of full targets is only moved."""
+        if not self.coefficients:
+            raise SfcacheError(f"{self.store}: reads already return whole targets; reconstruct() is for "
+                               "CachedTargets(coefficients=True)")
+        device = torch.device(device) if device is not None else coefficients.device
+        values = coefficients.to(device, non_blocking=True).float()
+        reduction = self.cache.reduction
+        if reduction is not None:
+            if str(device) not in self._basis:
+                self._basis[str(device)] = tuple(torch.from_numpy(np.ascontiguousarray(array)).to(device) for array in
+                                                 (reduction.components[self.layer], reduction.means[self.layer]))
+            components, mean = self._basis[str(device)]
+            values = torch.addmm(mean, values.reshape(-1, values.shape[-1]), components).reshape(
+                *values.shape[:-1], components.shape[1])
+        return values + self.position_embedding().to(device) if self.add_position_embedding else values
 
     def position_embedding(self) -> torch.Tensor:
         """pool(E): SF's position embedding pooled from VGGT's native grid to the cache grid, [h*w, C].
