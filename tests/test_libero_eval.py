@@ -24,6 +24,7 @@ from sfcache.sources.synthetic import write_libero_hdf5
 from train.augment import center_boxes
 from train.libero_policy import CheckpointPolicy
 from train.loop import TrainConfig, prepare, train
+from tests._cli_helpers import run_main
 
 MISSING = simulator_available()
 skip_without_simulator = pytest.mark.skipif(MISSING is not None, reason=f"LIBERO simulator not usable: {MISSING}")
@@ -36,13 +37,7 @@ def needs_simulator(test):
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    return run_main(main, capsys, *args)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_hdf5, write_libero_rlds
 from sfcache.store import open_cache
 from train.loop import CHECKPOINT, METRICS, Trainer
+from tests._cli_helpers import run_main
 
 TINY = ["--vggt", "random:tiny", "--device", "cpu", "--steps", "4", "--model-size", "tiny", "--batch-size", "4",
         "--grid", "4", "--val-episodes", "1", "--eval-every", "2", "--loader-workers", "0",
@@ -34,14 +35,7 @@ def scheduler():
 
 
 def run(capsys, *args) -> tuple[int, str]:
-    """Exit status and console output (stdout + stderr) of `python -m sfcache.reproduce ARGS`."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    return run_main(main, capsys, *args)
 
 
 def metrics(run_dir: Path) -> list[dict]:

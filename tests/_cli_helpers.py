@@ -1,0 +1,16 @@
+"""Running a command's `main(argv)` in-process, the way a user's shell would see it."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+def run_main(main: Callable[[list[str]], None], capsys, *args) -> tuple[int, str]:
+    """Exit status and console output (stdout + stderr) of `main(ARGS)`."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
