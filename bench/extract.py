@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from distributed import LocalCluster
 
+from bench import preset_settings
 from sfcache.extract import ExtractConfig, extract, torch_threads
 from sfcache.inspect import token_cosine
 from sfcache.pooling import pool_grid
@@ -38,7 +39,7 @@ GRID = (16, 16)
 
 def run(workdir: Path, preset: str) -> list[dict]:
     """Rows in the ARCHITECTURE.md benchmark format."""
-    settings = PRESETS[preset]
+    settings = preset_settings(PRESETS, preset, "extract")
     workdir = Path(workdir)
     data = write_libero_rlds(workdir / "data", episodes=settings["episodes"], steps=settings["steps"]).path
     device = "cuda" if torch.cuda.is_available() else "cpu"
