@@ -28,6 +28,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from sfcache import __version__
 from sfcache.errors import ConfigMismatch, StoreError
+from sfcache.shard_file import direct_layout, write_shard_file
 
 __all__ = ["CODECS", "DTYPES", "Cache", "EpisodeRecord", "StoreConfig", "create_store", "decode",
            "encode", "int8_block", "lock_store", "open_cache", "pack_episodes", "step_bytes"]
@@ -487,11 +488,12 @@ class Cache:
         return self.read_rows(record.start + local, layer=layer, mask=mask)
 
     def read_rows(self, rows: Sequence[int] | np.ndarray | slice, layer: int | None = None,
-                  mask: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                  mask: bool = False, decoded: bool = True) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """float32 [T, V, h*w, C] by global row index, in the order asked (repeats allowed).
 
         With `mask`: (values, bool [T, V, h*w]), True where a token holds image content; all True for
-        a store without a mask (every token valid).
+        a store without a mask (every token valid). `decoded=False` (float16 stores): the float16 values
+        as stored, for a loader that converts them where they are used (`CachedTargets(device=)`).
 
         Rows are read as contiguous runs, each one slice read: zarr then fetches only the inner
         chunks of those rows from each shard, where a fancy (orthogonal) selection is ~10x slower.
@@ -504,7 +506,9 @@ class Cache:
         runs, order = _contiguous_runs(rows)
         stored = self._read(name, runs, order)
         scale = self._read(f"{name}_scale", runs, order) if self.dtype == "int8" else None
-        values = decode(stored, self.dtype, scale)
+        if not decoded and self.dtype != "float16":
+            raise StoreError(f"{self.path}: only float16 stores are read undecoded; this one is {self.dtype}")
+        values = decode(stored, self.dtype, scale) if decoded else stored
         if not mask:
             return values
         if not self.has_mask:
@@ -578,10 +582,14 @@ class Cache:
                              f"expected {expected[:3] if self.has_mask else 'none'}")
         try:
             for layer, values in targets.items():
+                shape = tuple((values[0] if isinstance(values, tuple) else values).shape)
+                if shape != expected:
+                    raise StoreError(f"{self.path}: shard {shard} layer {layer} has shape {shape}, "
+                                     f"expected {expected}")
                 stored, scale = values if isinstance(values, tuple) else encode(values, self.dtype)
-                if tuple(stored.shape) != expected or stored.dtype != np.dtype(_STORED_DTYPE[self.dtype]):
-                    raise StoreError(f"{self.path}: shard {shard} layer {layer} has shape {tuple(stored.shape)} "
-                                     f"{stored.dtype}, expected {expected} ({self.dtype})")
+                if stored.dtype != np.dtype(_STORED_DTYPE[self.dtype]):
+                    raise StoreError(f"{self.path}: shard {shard} layer {layer} is stored as {stored.dtype}, "
+                                     f"expected {_STORED_DTYPE[self.dtype]} (a {self.dtype} store)")
                 self._write_synced(f"targets/layer_{layer}", rows, stored)
                 if scale is not None:
                     self._write_synced(f"targets/layer_{layer}_scale", rows, scale)
@@ -600,9 +608,13 @@ class Cache:
         by `--checksum`'s CRC32C per step (and the shard index's own CRC32C).
         """
         array = self._array(name)
-        array[rows] = stored
         shard_file = self.path / name / array.metadata.encode_chunk_key((rows.start // self.steps_per_shard,)
                                                                         + (0,) * (array.ndim - 1))
+        checksum = direct_layout(array)
+        if checksum is None:     # compressed: through zarr's codecs
+            array[rows] = stored
+        else:                    # uncompressed: the shard file itself, at plain-write speed
+            write_shard_file(shard_file, stored, self.steps_per_shard, checksum)
         if shard_file.exists():   # an all-zero shard is stored as no file at all
             for target in (shard_file, shard_file.parent):   # the data, then the rename that published it
                 descriptor = os.open(target, os.O_RDONLY)

@@ -63,8 +63,8 @@ def test_encode_on_device_equals_store_encode_bit_for_bit(dtype):
 
 def _config(dtype: str, steps: int = 4) -> StoreConfig:
     return StoreConfig(episodes=pack_episodes([EpisodeInfo("e", "", steps)]), layers=(0,), grid=(2, 2),
-                       native_grid=(4, 4), aspect_ratio=1.0, views=("a", "b"), channels=256, vggt={}, source={},
-                       dtype=dtype, steps_per_shard=steps)
+                       native_grid=(4, 4), aspect_ratio=1.0, views=("a", "b"), channels=256,
+                       vggt={"config": {"depth": 1}}, source={}, dtype=dtype, steps_per_shard=steps)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
@@ -82,7 +82,7 @@ def test_pre_encoded_shard_of_another_dtype_is_refused(tmp_path):
     values = np.zeros((4, 2, 4, 256), np.float32)
     with lock_store(tmp_path / "s"):
         cache = create_store(tmp_path / "s", _config("int8"))
-        with pytest.raises(StoreError, match="expected .*int8"):
+        with pytest.raises(StoreError, match="stored as float16, expected int8"):
             cache.write_shard(0, {0: encode(values, "float16")})
         assert not cache.done_shards()[0]
 
@@ -112,3 +112,48 @@ def test_gpu_bench_dry_runs_on_cpu_with_the_tiny_preset(tmp_path):
         assert row["steps"] == 32 and row["extract_steps_per_s"] > 0 and row["bare_steps_per_s"] > 0
         assert row["ratio"] == pytest.approx(row["extract_steps_per_s"] / row["bare_steps_per_s"])
         assert row["cpu_cores_busy_machine"] >= 0
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_direct_shard_files_are_byte_identical_to_zarrs(tmp_path, dtype, checksum):
+    """Rows 0-7 in two full shards and a last one of 2 rows past which the array ends (10 steps)."""
+    from sfcache.shard_file import direct_layout
+    values = np.random.default_rng(2).standard_normal((10, 2, 4, 256), dtype=np.float32) + 0.5
+    config = StoreConfig(episodes=pack_episodes([EpisodeInfo("e", "", 10)]), layers=(0,), grid=(2, 2),
+                         native_grid=(4, 4), aspect_ratio=1.0, views=("a", "b"), channels=256, vggt={}, source={},
+                         dtype=dtype, checksum=checksum, steps_per_shard=4)
+    with lock_store(tmp_path / "ours"):
+        ours = create_store(tmp_path / "ours", config)
+        for shard in range(3):
+            ours.write_shard(shard, {0: values[ours.shard_rows(shard)]})
+    with lock_store(tmp_path / "zarr"):
+        theirs = create_store(tmp_path / "zarr", config)
+        for name, part in zip(("targets/layer_0", "targets/layer_0_scale"), encode(values, dtype)):
+            if part is not None:
+                assert direct_layout(theirs._array(name)) is checksum
+                theirs._array(name)[:] = part     # zarr's own codec pipeline
+    files = sorted(p.relative_to(tmp_path / "ours") for p in (tmp_path / "ours" / "targets").rglob("c/*/*/*/*")
+                   if p.is_file())
+    assert len(files) == (6 if dtype == "int8" else 3)
+    for file in files:
+        assert (tmp_path / "ours" / file).read_bytes() == (tmp_path / "zarr" / file).read_bytes(), file
+    assert np.array_equal(open_cache(tmp_path / "ours").read_rows(slice(0, 10)), decode(*encode(values, dtype)[:1],
+                          dtype, encode(values, dtype)[1]))
+
+
+@pytest.mark.parametrize("store_dtype", ["float16", "int8"])
+def test_cached_targets_in_float16_and_on_a_device_equal_the_float32_read(tmp_path, store_dtype):
+    from sfcache.torch import CachedTargets
+    values = np.random.default_rng(4).standard_normal((4, 2, 4, 256), dtype=np.float32)
+    with lock_store(tmp_path / "s"):
+        create_store(tmp_path / "s", _config(store_dtype)).write_shard(0, {0: values})
+    rows = [3, 0, 3, 1]
+    reference = CachedTargets(tmp_path / "s").read_rows(rows)
+    half = CachedTargets(tmp_path / "s", dtype=torch.float16).read_rows(rows)
+    on_device = CachedTargets(tmp_path / "s", device="cpu").read_rows(rows)
+    assert half.dtype == torch.float16 and torch.equal(half, reference.half())
+    assert on_device.dtype == torch.float32 and torch.equal(on_device, reference)
+    if store_dtype == "int8":
+        with pytest.raises(StoreError, match="only float16 stores"):
+            open_cache(tmp_path / "s").read_rows([0], decoded=False)
