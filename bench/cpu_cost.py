@@ -98,11 +98,14 @@ def _write_ms_per_step(path: Path, views: int, steps: int) -> tuple[float, float
         config = StoreConfig(episodes=pack_episodes([EpisodeInfo("cost", "", steps)]), layers=(0,), grid=(16, 16),
                              native_grid=(37, 37), aspect_ratio=1.0, views=tuple(f"v{i}" for i in range(views)),
                              channels=CHANNELS, vggt={}, source={}, steps_per_shard=steps)
-        with lock_store(path / str(k)):
-            cache = create_store(path / str(k), config)
-            started = time.perf_counter()
-            cache.write_shard(0, {0: given})
-            out.append(1000 * (time.perf_counter() - started) / steps)
+        best = float("inf")
+        for repeat in range(2):
+            with lock_store(path / f"{k}-{repeat}"):
+                cache = create_store(path / f"{k}-{repeat}", config)
+                started = time.perf_counter()
+                cache.write_shard(0, {0: given})
+                best = min(best, time.perf_counter() - started)
+        out.append(1000 * best / steps)
     return out[0], out[1]
 
 

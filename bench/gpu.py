@@ -23,6 +23,7 @@ from distributed import Client, LocalCluster
 
 from bench import PRESETS, preset_settings
 from sfcache.extract import ExtractConfig, extract
+from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_rlds
 from sfcache.vggt import load_vggt, preprocess
 
@@ -55,8 +56,9 @@ def run(workdir: Path, preset: str, batches: tuple[int, ...] = (1, 4, 8, 16), de
                          "extract_peak_gpu_gib": max(client.run(_peak_gib).values()),
                          "cpu_cores_busy_machine": busy / seconds, "cpu_cores_busy_worker": worker_busy / seconds,
                          "cpu_cores": psutil.cpu_count()})
+    model, _ = load_vggt(settings["weights"], torch.device(device))
     for row in rows:
-        row.update(_bare_forward(data, settings, row["batch"], torch.device(device)))
+        row.update(_bare_forward(model, data, settings["bare_steps"], row["batch"]))
         row["ratio"] = row["extract_steps_per_s"] / row["bare_steps_per_s"]
     return rows
 
@@ -79,12 +81,11 @@ class _cluster:
             self.local.close()
 
 
-def _bare_forward(data: Path, settings: dict, batch: int, device: torch.device) -> dict:
+def _bare_forward(model, data: Path, steps: int, batch: int) -> dict:
     """Steps/s of the forward alone on preprocessed images already on the device, and its peak memory."""
-    from sfcache.sources import open_source
+    device = next(model.parameters()).device
     source = open_source(data)
     frames = source.read(source.episodes()[0].key, 0, batch).frames
-    model, _ = load_vggt(settings["weights"], device)
     images = preprocess(frames, "sf", model.config.img_size).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -92,14 +93,13 @@ def _bare_forward(data: Path, settings: dict, batch: int, device: torch.device) 
     with torch.inference_mode():
         model(images, layers=(-1,))
         sync()
-        rounds = max(1, settings["bare_steps"] // batch)
+        rounds = max(1, steps // batch)
         started = time.perf_counter()
         for _ in range(rounds):
             model(images, layers=(-1,))
         sync()
         seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    del model
     return {"bare_steps_per_s": rounds * batch / seconds, "bare_peak_gpu_gib": peak}
 
 

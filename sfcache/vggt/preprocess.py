@@ -192,9 +192,11 @@ def _resize_like_rlds(frames: torch.Tensor, height: int, width: int) -> torch.Te
     return image.round().clamp(0, 255).to(torch.uint8)
 
 
+@functools.lru_cache(maxsize=16)
 def _spans_on(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_lanczos3_spans` kept on `device` (copied there once, not per batch)."""
     indices, weights = _lanczos3_spans(in_size, out_size)
-    return indices.to(device, non_blocking=True), weights.to(device, non_blocking=True)
+    return indices.to(device), weights.to(device)
 
 
 @functools.lru_cache(maxsize=16)
