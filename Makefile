@@ -52,8 +52,8 @@ bench-gpu:
 	    --target .whl/site .whl/*.whl; fi
 	PYTHONPATH=.whl/site:. $(GPU_PY) -m bench.gpu --out bench-out $(BENCH_GPU_ARGS)
 
-gpu-wheels: $(STAMP)
-	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	    --platform manylinux1_x86_64 -d .whl $(GPU_WHEELS)
 

@@ -4,7 +4,7 @@ On a synthetic LIBERO-RLDS dataset (256 px JPEGs, two views) with random VGGT-1B
 extraction steps/s (one warm Dask worker; cluster start and model load excluded, as in `make bench`), the
 bare forward's steps/s in the same run (preprocessed images already on the device, forward to the last
 layer, synchronised), their ratio, peak GPU memory of each, and CPU use (cores busy, machine-wide and the
-worker process's) while extracting. Prints a table and writes `OUT/gpu.json`. Runs in minutes on an
+worker process's) while extracting; and how far device preprocessing is from the CPU path there. Prints a table and writes `OUT/gpu.json`. Runs in minutes on an
 H100/H200; `--preset tiny --device cpu` is a dry run of the same code (the tests run it).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from sfcache.extract import ExtractConfig, extract
 from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_rlds
 from sfcache.vggt import load_vggt, preprocess
+from sfcache.vggt.preprocess import POLICY_SIZE, device_images, resize_like_rlds, resize_like_rlds_tensor
 
 SETTINGS = {"tiny": {"weights": "random:tiny", "episodes": 2, "steps": 16, "bare_steps": 16},
             "vggt-1b": {"weights": "random:vggt-1b", "episodes": 8, "steps": 64, "bare_steps": 128}}
@@ -57,7 +59,9 @@ def run(workdir: Path, preset: str, batches: tuple[int, ...] = (1, 4, 8, 16), de
                          "cpu_cores_busy_machine": busy / seconds, "cpu_cores_busy_worker": worker_busy / seconds,
                          "cpu_cores": psutil.cpu_count()})
     model, _ = load_vggt(settings["weights"], torch.device(device))
+    agreement = device_agreement(data, model.config.img_size, torch.device(device))
     for row in rows:
+        row.update(agreement)
         row.update(_bare_forward(model, data, settings["bare_steps"], row["batch"]))
         row["ratio"] = row["extract_steps_per_s"] / row["bare_steps_per_s"]
     return rows
@@ -103,6 +107,18 @@ def _bare_forward(model, data: Path, steps: int, batch: int) -> dict:
     return {"bare_steps_per_s": rounds * batch / seconds, "bare_peak_gpu_gib": peak}
 
 
+def device_agreement(data: Path, img_size: int, device: torch.device) -> dict:
+    """Device preprocessing against the CPU path on the same frames: lanczos3 levels off, bicubic float error."""
+    source = open_source(data)
+    frames = source.read(source.episodes()[0].key, 0, 8).frames
+    flat = frames.reshape(-1, *frames.shape[2:])
+    on_device = resize_like_rlds_tensor(torch.from_numpy(flat).to(device), POLICY_SIZE, POLICY_SIZE).cpu().numpy()
+    off = np.abs(on_device.astype(int) - resize_like_rlds(flat, POLICY_SIZE, POLICY_SIZE).astype(int))
+    images = device_images(torch.from_numpy(frames).to(device), "sf", img_size, frames.shape[2:4]).cpu()
+    return {"lanczos_fraction_off_by_one": float((off == 1).mean()), "lanczos_max_levels_off": int(off.max()),
+            "preprocess_max_abs_diff": float((images - preprocess(frames, "sf", img_size)).abs().max())}
+
+
 def _busy_seconds(before, after) -> float:
     """CPU seconds spent busy across all cores between two `psutil.cpu_times()` readings."""
     idle = (after.idle - before.idle) + (getattr(after, "iowait", 0) - getattr(before, "iowait", 0))
@@ -132,7 +148,6 @@ def main() -> int:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA GPU is visible (use --device cpu --preset tiny for a dry run)")
-    import tempfile
     with tempfile.TemporaryDirectory(prefix="sfbench-gpu-") as workdir:
         started = time.perf_counter()
         rows = run(Path(workdir), args.preset, tuple(int(b) for b in args.batches.split(",")), args.device)
@@ -147,6 +162,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu.json").write_text(json.dumps({"preset": args.preset, "device": device, "rows": rows,
                                                    "torch": torch.__version__, "numpy": np.__version__}, indent=2))
+    agree = rows[0]
+    print(f"device vs CPU preprocessing: lanczos3 {agree['lanczos_fraction_off_by_one']:.2e} of levels off by one "
+          f"(max {agree['lanczos_max_levels_off']}), images max abs diff {agree['preprocess_max_abs_diff']:.2e}")
     print(f"wrote {args.out / 'gpu.json'}")
     return 0
 

@@ -17,7 +17,8 @@ from sfcache.device import HostCopy, encode_on_device, pinned, to_device
 from sfcache.errors import StoreError
 from sfcache.sources.base import EpisodeInfo
 from sfcache.store import StoreConfig, create_store, decode, encode, lock_store, open_cache, pack_episodes
-from sfcache.vggt.preprocess import (MODES, device_images, host_frames, output_size, preprocess, resize_like_rlds)
+from sfcache.vggt.preprocess import (MODES, device_images, host_frames, output_size, preprocess, resize_like_rlds,
+                                     resize_like_rlds_tensor)
 
 CPU = torch.device("cpu")
 
@@ -38,10 +39,8 @@ def test_device_stage_on_cpu_equals_preprocess(mode, size):
 
 def test_device_lanczos_is_bit_exact_after_uint8_rounding():
     """The lanczos3 taps on a device tensor against the numpy-in path: no pixel off by even one level."""
-    import importlib
-    module = importlib.import_module("sfcache.vggt.preprocess")
     frames = np.random.default_rng(3).integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
-    on_device = module._resize_like_rlds(torch.from_numpy(frames).to(CPU), 224, 224).numpy()
+    on_device = resize_like_rlds_tensor(torch.from_numpy(frames).to(CPU), 224, 224).numpy()
     off_by = np.abs(on_device.astype(int) - resize_like_rlds(frames, 224, 224).astype(int))
     assert off_by.max() == 0
 
@@ -112,6 +111,7 @@ def test_gpu_bench_dry_runs_on_cpu_with_the_tiny_preset(tmp_path):
         assert row["steps"] == 32 and row["extract_steps_per_s"] > 0 and row["bare_steps_per_s"] > 0
         assert row["ratio"] == pytest.approx(row["extract_steps_per_s"] / row["bare_steps_per_s"])
         assert row["cpu_cores_busy_machine"] >= 0
+        assert row["lanczos_max_levels_off"] == 0 and row["preprocess_max_abs_diff"] == 0.0   # the CPU is the device
 
 
 @pytest.mark.parametrize("checksum", [False, True])
@@ -157,3 +157,17 @@ def test_cached_targets_in_float16_and_on_a_device_equal_the_float32_read(tmp_pa
     if store_dtype == "int8":
         with pytest.raises(StoreError, match="only float16 stores"):
             open_cache(tmp_path / "s").read_rows([0], decoded=False)
+
+
+def test_a_failed_direct_shard_write_leaves_no_partial_file_and_the_shard_not_done(tmp_path, monkeypatch):
+    import sfcache.shard_file as shard_file
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+    values = np.ones((4, 2, 4, 256), np.float32)
+    with lock_store(tmp_path / "s"):
+        cache = create_store(tmp_path / "s", _config("float16"))
+        monkeypatch.setattr(shard_file.os, "replace", disk_full)
+        with pytest.raises(StoreError, match="writing shard 0 .rows 0-3. failed.*No space left"):
+            cache.write_shard(0, {0: values})
+    assert not list(tmp_path.rglob("*.partial")) and not open_cache(tmp_path / "s").done_shards()[0]

@@ -128,7 +128,7 @@ def _letterbox_images(frames: torch.Tensor, img_size: int, source_size: tuple[in
 
 def _sf_images(frames: torch.Tensor, img_size: int) -> torch.Tensor:
     if frames.shape[1:3] != (POLICY_SIZE, POLICY_SIZE):
-        frames = _resize_like_rlds(frames, POLICY_SIZE, POLICY_SIZE)
+        frames = resize_like_rlds_tensor(frames, POLICY_SIZE, POLICY_SIZE)
     images = frames.permute(0, 3, 1, 2).float().div(255)
     # pixel_values -> VGGT input in SF: torchvision normalize, then normalize with (-mean/std, 1/std)
     mean, std = np.array(POLICY_MEAN), np.array(POLICY_STD)
@@ -181,10 +181,10 @@ def resize_like_rlds(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     Reimplemented from TF's ScaleAndTranslate kernel: same spans and normalised float32 weights, rows then
     columns, float32 multiply-adds in span order (a matrix product would round differently near .5).
     """
-    return _resize_like_rlds(torch.from_numpy(frames), height, width).numpy()
+    return resize_like_rlds_tensor(torch.from_numpy(frames), height, width).numpy()
 
 
-def _resize_like_rlds(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def resize_like_rlds_tensor(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """`resize_like_rlds` on a uint8 tensor of any device, computed there."""
     device = frames.device
     image = _resample_rows(frames.float(), *_spans_on(frames.shape[1], height, device))
