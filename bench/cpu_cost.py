@@ -2,13 +2,14 @@
 
 What a GPU worker's CPU does per step, on one thread, on frames of each format's real size: read + decode
 (`Source.read` in batches, as the worker reads), the host part of preprocessing (`host_frames`; nothing for
-`sf`, whose lanczos3 and bicubic run on the device) and the page-locked copy for the transfer, and the
+`sf`, whose lanczos3 and bicubic run on the device) and the page-locked copy for the transfer (made only
+where CUDA is: 0 on a CPU-only machine, about a 0.4 MB memcpy per step where it is), and the
 store write of [steps, V, 256, 2048] float16 already cast on the device (2 MiB per step for 2 views).
 `..._cpu_preprocess` adds what moves to the device (the lanczos3 / bicubic to 518 on the CPU) and the
 cast to float16 on the CPU: the per-step CPU cost before this pipeline, or of extraction on a CPU.
 `cores_per_gpu_at_100_steps_per_s_<format>`: that value x 100 steps/s, against the same for the CPU path.
 The forward baseline: VGGT-1B's ms per step at this batch on this device with the `vggt-1b` preset (on a
-CPU at batch 1: a 1B forward on a CPU takes about a minute per step); with `tiny`, 10 ms, the time a GPU
+CPU at batch 1: about 100 s per 2-view step on one thread of this 2-core VM, estimated from its blocks); with `tiny`, 10 ms, the time a GPU
 has per step at 100 steps/s, so the ratio is the cores one GPU needs.
 """
 
