@@ -15,7 +15,7 @@ SCHEDULER  ?=
 OUT        ?= out/reproduce-libero
 REPRO_ARGS ?=
 
-.PHONY: install test demo bench reproduce-libero clean
+.PHONY: install test demo bench bench-gpu gpu-wheels reproduce-libero clean
 
 install: $(STAMP)
 
@@ -37,8 +37,28 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run --out bench-out
 
+# bench-gpu on a GPU machine. GPU_PY=python3 uses that machine's own torch; the packages its image lacks
+# come from .whl/ (made here by `make gpu-wheels`, Python 3.12 x86-64), so it needs no network.
+# Dry run on a CPU: make bench-gpu BENCH_GPU_ARGS="--device cpu --preset tiny"
+GPU_PY ?= $(PY)
+BENCH_GPU_ARGS ?=
+GPU_WHEELS := zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 crc32c==2.9.post0 \
+              dask==2026.8.0 distributed==2026.8.0 locket==1.0.0 partd==1.4.2 tblib==3.2.2 tornado==6.6.1 \
+              zict==3.0.0 simplejpeg==1.9.0
+
+bench-gpu:
+	test "$(GPU_PY)" != "$(PY)" || $(MAKE) install
+	if [ -d .whl ]; then $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+	    --target .whl/site .whl/*.whl; fi
+	PYTHONPATH=.whl/site:. $(GPU_PY) -m bench.gpu --out bench-out $(BENCH_GPU_ARGS)
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    --platform manylinux1_x86_64 -d .whl $(GPU_WHEELS)
+
 reproduce-libero: $(STAMP)
 	$(PY) -m sfcache.reproduce --libero-dir "$(LIBERO_DIR)" --vggt "$(VGGT)" --device "$(DEVICE)" --scheduler "$(SCHEDULER)" --out "$(OUT)" $(REPRO_ARGS)
 
 clean:
-	rm -rf $(VENV) demo-out bench-out out
+	rm -rf $(VENV) demo-out bench-out out .whl

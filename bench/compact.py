@@ -23,6 +23,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.codecs.numcodecs import BitRound
 
+from bench import preset_settings
 from bench.extract import _bare_loop
 from sfcache.extract import torch_threads
 from sfcache.inspect import token_cosine
@@ -34,7 +35,6 @@ PRESETS = {
     "tiny": {"weights": "random:tiny", "episodes": 4, "steps": 12, "batch_size": 4, "synthetic_steps": 32},
     "vggt-1b": {"weights": "random:vggt-1b", "episodes": 8, "steps": 32, "batch_size": 8, "synthetic_steps": 128},
 }
-PRESETS["full"] = PRESETS["vggt-1b"]
 KS = (64, 128, 256, 512)
 DTYPES = ("float16", "int8")
 KEEPBITS = (3, 5, 7)
@@ -42,7 +42,7 @@ LIBERO_STEPS, LIBERO_VIEWS, LIBERO_TOKENS, LIBERO_CHANNELS = 273_465, 2, 256, 20
 
 
 def run(workdir: Path, preset: str) -> list[dict]:
-    settings = PRESETS[preset]
+    settings = preset_settings(PRESETS, preset, "compact")
     workdir = Path(workdir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     where = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch_threads(1)} torch threads)"

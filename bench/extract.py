@@ -1,11 +1,12 @@
 """Extraction throughput against a bare model loop, and stored-target fidelity and size per dtype/codec.
 
-Throughput: `extract` on a LIBERO-RLDS fixture (JPEG decode, preprocess, VGGT, pooling, encode, write,
-read-back check, done flags) with one Dask worker, cluster startup and model load excluded (reported
+Throughput: `extract` on a LIBERO-RLDS fixture (JPEG decode, preprocess, VGGT, pooling, cast, write,
+fsync, done flags) with one Dask worker, cluster startup and model load excluded (reported
 as its own row), against a loop in this process doing only what cannot be avoided (preprocess, the
 same model forward, pooling) on the same frames already decoded in memory. Ratio goal >= 0.9.
 Fidelity: the float32 targets of that loop stored per dtype/codec and read back (per-token cosine),
 and bytes per step on disk. Random weights: real VGGT features may compress differently.
+CPU cost per step at real shapes per source format: see bench/cpu_cost.py.
 int8 outliers: heavy-tailed synthetic features (Student-t, spread channel magnitudes, 1% of tokens 50x)
 through the store's int8 encoding, against version 1's per-channel scales on the same features.
 """
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 from distributed import LocalCluster
 
+from bench import preset_settings
+from bench.cpu_cost import cpu_cost_rows
 from sfcache.extract import ExtractConfig, extract, torch_threads
 from sfcache.inspect import token_cosine
 from sfcache.pooling import pool_grid
@@ -38,7 +41,7 @@ GRID = (16, 16)
 
 def run(workdir: Path, preset: str) -> list[dict]:
     """Rows in the ARCHITECTURE.md benchmark format."""
-    settings = PRESETS[preset]
+    settings = preset_settings(PRESETS, preset, "extract")
     workdir = Path(workdir)
     data = write_libero_rlds(workdir / "data", episodes=settings["episodes"], steps=settings["steps"]).path
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,6 +71,7 @@ def run(workdir: Path, preset: str) -> list[dict]:
     ]
     rows += _fidelity_and_size(workdir, targets, where)
     rows += _int8_outliers(where)
+    rows += cpu_cost_rows(workdir, preset, settings["batch_size"], where)
     return rows
 
 

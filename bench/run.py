@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+
+from bench import PRESETS
 from rich.table import Table
 
-AREAS = ("sources", "vggt", "extract", "compact", "train")
+AREAS = ("sources", "vggt", "store", "extract", "compact", "train")
 
 
 def device_name() -> str:
@@ -53,6 +55,8 @@ def main() -> int:
     parser.add_argument("--preset", default=os.environ.get("BENCH_PRESET", "tiny"))
     parser.add_argument("--areas", default=",".join(AREAS), help="comma list of " + ", ".join(AREAS))
     args = parser.parse_args()
+    if args.preset not in PRESETS:
+        parser.error(f"BENCH_PRESET / --preset {args.preset!r} is unknown; expected one of {', '.join(PRESETS)}")
     console = Console()
     device = device_name()
     rows: list[dict] = []

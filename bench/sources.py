@@ -18,10 +18,11 @@ import simplejpeg
 from PIL import Image
 from tfrecord.reader import example_loader
 
+from bench import preset_settings
 from sfcache.sources import open_source
 from sfcache.sources import synthetic as syn
 
-PRESETS = {"tiny": {"episodes": 4, "steps": 40, "repeats": 2}, "full": {"episodes": 10, "steps": 100, "repeats": 3}}
+PRESETS = {"tiny": {"episodes": 4, "steps": 40, "repeats": 2}, "vggt-1b": {"episodes": 10, "steps": 100, "repeats": 3}}
 
 
 def _best_rate(frames: int, work: Callable[[], object], repeats: int) -> float:
@@ -83,7 +84,7 @@ def _robotwin_baseline(files: list[Path], cameras: list[str]) -> Callable[[], No
 
 def run(workdir: Path, preset: str) -> list[dict]:
     """One row per format: frames/s through open_source vs a bare read + decode of the same files."""
-    settings = PRESETS.get(preset, PRESETS["tiny"])
+    settings = preset_settings(PRESETS, preset, "sources")
     episodes, steps, repeats = settings["episodes"], settings["steps"], settings["repeats"]
     legacy_cams = [f"observation/{c}/rgb" for c in ("head_camera", "left_camera", "right_camera")]
     xpl_cams = [f"vision/{c}/colors" for c in ("cam_head", "cam_left_wrist", "cam_right_wrist")]

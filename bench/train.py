@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import zarr
 
+from bench import preset_settings
 from sfcache.crop import crop_target_grid
 from sfcache.extract import ExtractConfig, extract
 from sfcache.sources import EpisodeInfo
@@ -35,8 +36,8 @@ from train.loop import StepBatches, TrainConfig, Trainer, prepare
 
 PRESETS = {"tiny": {"weights": "random:tiny", "model": "tiny", "demos": 2, "steps": 8, "batch": 8, "timed": 8,
                     "small_batch": 2, "small_timed": 7, "loader_rows": 512, "loader_batches": 24},
-           "full": {"weights": "random:vggt-1b", "model": "small", "demos": 4, "steps": 16, "batch": 8, "timed": 20,
-                    "loader_rows": 512, "loader_batches": 64}}
+           "vggt-1b": {"weights": "random:vggt-1b", "model": "small", "demos": 4, "steps": 16, "batch": 8, "timed": 20,
+                    "small_batch": 2, "small_timed": 7, "loader_rows": 512, "loader_batches": 64}}
 WARM_UP = 2
 
 
@@ -149,7 +150,7 @@ def _target_agreement(cached: Trainer, online: Trainer) -> tuple[float, float]:
 
 
 def run(workdir: Path, preset: str) -> list[dict]:
-    settings = PRESETS.get(preset, PRESETS["tiny"])
+    settings = preset_settings(PRESETS, preset, "train")
     source = write_libero_hdf5(workdir / "data", tasks=2, demos=settings["demos"], steps=settings["steps"],
                                size=128).path
     store = workdir / "store"

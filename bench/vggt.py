@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench import preset_settings
 from sfcache.vggt import load_vggt, preprocess
 from sfcache.vggt.preprocess import POLICY_SIZE
 
 PRESETS = {"tiny": {"weights": "random:tiny", "batch": 4, "views": 2, "repeats": 3, "frames": 64},
-           "full": {"weights": "random:vggt-1b", "batch": 4, "views": 2, "repeats": 3, "frames": 256}}
+           "vggt-1b": {"weights": "random:vggt-1b", "batch": 4, "views": 2, "repeats": 3, "frames": 256}}
 
 
 def _best_rate(frames: int, work: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
@@ -41,7 +42,7 @@ def _row(metric: str, value: float, baseline: float, unit: str, notes: str) -> d
 
 
 def run(workdir: Path, preset: str) -> list[dict]:
-    settings = PRESETS.get(preset, PRESETS["tiny"])
+    settings = preset_settings(PRESETS, preset, "vggt")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model, _ = load_vggt(settings["weights"], device)

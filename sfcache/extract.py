@@ -33,6 +33,7 @@ import torch
 from distributed import Client, Nanny, Scheduler, SpecCluster, WorkerPlugin, as_completed, get_worker, wait
 from distributed.scheduler import KilledWorker
 
+from sfcache.device import HostCopy, encode_on_device, pinned, to_device
 from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError
 from sfcache.pooling import pooled_targets
 from sfcache.progress import progress_bar
@@ -42,6 +43,7 @@ from sfcache.reduce import Moments, check_fidelity, fit, parse_reduce, request, 
 from sfcache.store import (CODECS, DTYPES, Reduction, StoreConfig, create_store, lock_store, open_cache, pack_episodes,
                            resumable_reduction, step_bytes)
 from sfcache.vggt import VGGTConfig, load_vggt, preprocess, weights_config
+from sfcache.vggt.preprocess import device_images, output_size
 
 __all__ = ["ExtractConfig", "extract", "plan", "torch_threads"]
 
@@ -179,7 +181,7 @@ class VGGTWorker(WorkerPlugin):
         pending: deque = deque()
         with ThreadPoolExecutor(1, thread_name_prefix="sfcache-write") as writer, \
                 _prefetch(self._batches(cache, index, todo, stop_file), depth=2) as batches:
-            outputs: list[tuple[dict[int, np.ndarray], np.ndarray | None]] = []
+            outputs: list[tuple[HostCopy, np.ndarray | None]] = []
             for shard, inputs, last in batches:
                 if isinstance(inputs, SourceError):
                     outputs = []
@@ -188,7 +190,7 @@ class VGGTWorker(WorkerPlugin):
                         continue
                     break
                 images, mask = inputs
-                outputs.append((self._targets(images), mask))
+                outputs.append((self._targets(images, "float32" if cache.reduced else cache.dtype), mask))
                 if last:
                     pending.append(writer.submit(self._write, cache, shard, outputs))
                     outputs = []
@@ -215,24 +217,43 @@ class VGGTWorker(WorkerPlugin):
             except SourceError as error:
                 yield shard, error, True
 
-    def _images(self, pieces: list[tuple[str, int, int]], img_size: int) -> tuple[torch.Tensor, np.ndarray | None]:
-        """Read and preprocess each episode's piece of a batch (episodes may differ in frame size)."""
+    def _images(self, pieces: list[tuple[str, int, int]], img_size: int) -> tuple[list[tuple], np.ndarray | None]:
+        """Read each episode's piece of a batch and run the host part of preprocessing: ([(uint8 frames ready
+        for the device, source (H, W))] per piece (episodes may differ in frame size), token mask | None)."""
         job = self.job
-        parts = [recipe_inputs(job.source.read(key, a, b).frames, job.recipe, job.layout, job.preprocess, img_size,
-                               job.grid, self.model.config.patch_size) for key, a, b in pieces]
-        shapes = {tuple(images.shape[-2:]) for images, _ in parts}
+        parts, masks = [], []
+        for key, a, b in pieces:
+            frames = job.source.read(key, a, b).frames
+            staged, mask = recipe_inputs(frames, job.recipe, job.layout, job.preprocess, img_size, job.grid,
+                                         self.model.config.patch_size, on_host=True)
+            parts.append((staged, pinned(staged, self.device), frames.shape[2:4]))
+            masks.append(mask)
+        shapes = {output_size(staged, job.preprocess, img_size) for staged, _, _ in parts}
         if len(shapes) > 1:
             raise SourceError(self.job.source.path, f"episodes {[key for key, _, _ in pieces]} preprocess to "
                               f"different image sizes {sorted(shapes)} with --preprocess {self.job.preprocess}; "
                               "expected one size (use --preprocess sf or pad for mixed frame sizes)")
-        masks = [mask for _, mask in parts]
-        return torch.cat([images for images, _ in parts]), None if masks[0] is None else np.concatenate(masks)
+        frames = [(host, size) for _, host, size in parts]
+        mask = None if masks[0] is None else np.concatenate(masks)
+        if self.device.type == "cpu":   # no accelerator to hand the rest to: finish here, beside the model
+            return self._device_images(frames), mask
+        return frames, mask
 
-    def _targets(self, images: torch.Tensor) -> dict[int, np.ndarray]:
-        """Pooled float32 targets [B, V, H*W, C] per (non-negative) layer for a batch of steps."""
-        targets = pooled_targets(self.model, images.to(self.device, non_blocking=True), self.job.layers,
-                                 self.job.grid)
-        return {layer: tokens.float().cpu().numpy() for layer, tokens in targets.items()}
+    def _device_images(self, frames: list[tuple[torch.Tensor, tuple[int, int]]]) -> torch.Tensor:
+        """The device part of preprocessing, on the model's device: float32 images [B, V, 3, H', W']."""
+        img_size = self.model.config.img_size
+        with torch.inference_mode():
+            return torch.cat([device_images(to_device(host, self.device), self.job.preprocess, img_size, size)
+                              for host, size in frames])
+
+    def _targets(self, inputs: torch.Tensor | list[tuple[torch.Tensor, tuple[int, int]]], dtype: str) -> HostCopy:
+        """Pooled targets [B, V, H*W, C] per (non-negative) layer for a batch of steps (images, or host frames
+        preprocessed here on the model's device), cast to the store's dtype there; the copy back is queued,
+        not waited for."""
+        images = inputs if isinstance(inputs, torch.Tensor) else self._device_images(inputs)
+        with torch.inference_mode():
+            targets = pooled_targets(self.model, images, self.job.layers, self.job.grid)
+            return HostCopy({layer: encode_on_device(tokens, dtype) for layer, tokens in targets.items()})
 
     def sample(self, episodes: list, rows: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
         """Exact targets of fit-sample rows (sfcache.reduce): float32 [len(rows), V, h*w, C] per layer and
@@ -240,15 +261,24 @@ class VGGTWorker(WorkerPlugin):
         index = _RowIndex(episodes)
         images, mask = self._images([piece for row in rows for piece in index.pieces(row, row + 1)],
                                     self.model.config.img_size)
-        return self._targets(images), mask
+        return {layer: stored for layer, (stored, _) in self._targets(images, "float32").get().items()}, mask
 
     @staticmethod
-    def _write(cache, shard: int, outputs: list[tuple[dict[int, np.ndarray], np.ndarray | None]]) -> int:
-        """Write one shard from its batches' (targets, mask); returns its number of steps."""
-        targets = {layer: np.concatenate([out[layer] for out, _ in outputs]) for layer in outputs[0][0]}
+    def _write(cache, shard: int, outputs: list[tuple[HostCopy, np.ndarray | None]]) -> int:
+        """Write one shard from its batches' (encoded targets, mask); returns its number of steps."""
+        batches = [copy.get() for copy, _ in outputs]
+        targets = {layer: _concat([batch[layer] for batch in batches]) for layer in batches[0]}
+        targets = {layer: stored if stored.dtype == np.float32 else (stored, scales)   # float32: the store encodes
+                   for layer, (stored, scales) in targets.items()}
         masks = [mask for _, mask in outputs]
         cache.write_shard(shard, targets, None if masks[0] is None else np.concatenate(masks))
-        return len(next(iter(targets.values())))
+        return len(next(iter(targets.values()))[0])
+
+
+def _concat(parts: list[tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray | None]:
+    """One (stored, scales) pair from the batches of a shard."""
+    stored = np.concatenate([part[0] for part in parts])
+    return stored, None if parts[0][1] is None else np.concatenate([part[1] for part in parts])
 
 
 def _collect(future, report: dict) -> bool:

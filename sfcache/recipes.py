@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sfcache.errors import SfcacheError
-from sfcache.vggt.preprocess import POLICY_SIZE, letterbox_mask, preprocess
+from sfcache.vggt.preprocess import POLICY_SIZE, host_frames, letterbox_mask, preprocess
 
 __all__ = ["BLANK", "RECIPES", "Recipe", "camera_views", "get_recipe", "insert_blanks", "recipe_inputs",
            "resolve_preprocess", "slot_layout"]
@@ -114,17 +114,21 @@ def insert_blanks(frames: np.ndarray, layout: Sequence[str]) -> np.ndarray:
 
 
 def recipe_inputs(frames: np.ndarray, recipe: Recipe, layout: Sequence[str], mode: str, img_size: int,
-                  grid: tuple[int, int] | None, patch: int) -> tuple[torch.Tensor, np.ndarray | None]:
+                  grid: tuple[int, int] | None, patch: int,
+                  on_host: bool = False) -> tuple[torch.Tensor | np.ndarray, np.ndarray | None]:
     """Source frames [T, cameras, H, W, 3] -> (VGGT images [T, slots, 3, h, w], token mask or None).
 
     The mask (recipe with token_mask) is bool [T, slots, grid_h*grid_w]: the letterbox padding mask
     resized nearest to the target grid, as openpi-SF does (F.interpolate nearest 224 -> 16), and False
     everywhere in a blank slot. `grid` is the stored target grid (None: VGGT's native grid, `patch` px).
+    `on_host`: return `host_frames` (uint8 [T, slots, h, w, 3]) instead of images, for `device_images`
+    to finish on the model's device (extraction's path; `preprocess` is the two run on the CPU).
     """
-    images = preprocess(insert_blanks(frames, layout), mode, img_size)
+    slots = insert_blanks(frames, layout)
+    images = host_frames(slots, mode, img_size) if on_host else preprocess(slots, mode, img_size)
     if not recipe.token_mask:
         return images, None
-    grid = grid or (images.shape[-2] // patch, images.shape[-1] // patch)
+    grid = grid or (img_size // patch, img_size // patch)     # a token-mask recipe's letterbox is square
     content = torch.from_numpy(letterbox_mask(*frames.shape[2:4], POLICY_SIZE)).float()[None, None]
     tokens = F.interpolate(content, size=grid, mode="nearest").bool().flatten().numpy()
     present = np.array([view != BLANK for view in layout])

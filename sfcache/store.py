@@ -2,8 +2,8 @@
 
 Layout (see ARCHITECTURE.md): root attrs["sfcache"] hold the provenance and the episode index,
 `targets/layer_<L>` hold [N, V, h*w, C] with one step per inner chunk and `steps_per_shard`
-steps per shard file, and `done[shard]` is set only after that shard's data is written and read
-back. A shard file is replaced atomically by zarr's LocalStore, so a killed writer leaves either
+steps per shard file, and `done[shard]` is set only after that shard's data is written and fsynced
+(not read back: that would read the page cache). A shard file is replaced atomically by zarr's LocalStore, so a killed writer leaves either
 the old shard or the new one, never a torn one; shard files are fsynced before their flag is set, so
 even a power loss cannot leave a flag without its data. Resuming redoes every shard whose flag is unset.
 """
@@ -28,6 +28,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from sfcache import __version__
 from sfcache.errors import ConfigMismatch, StoreError
+from sfcache.shard_file import direct_layout, write_shard_file
 
 __all__ = ["CODECS", "DTYPES", "Cache", "EpisodeRecord", "Reduction", "StoreConfig", "create_store", "decode",
            "encode", "int8_block", "lock_store", "open_cache", "pack_episodes", "resumable_reduction", "step_bytes"]
@@ -42,6 +43,9 @@ DTYPES = ("float16", "bfloat16", "int8")
 CODECS = ("none", "zstd", "blosc-zstd")
 LOCK_NAME = ".sfcache.lock"
 _STORED_DTYPE = {"float16": "float16", "bfloat16": "uint16", "int8": "int8"}
+
+
+Encoded = tuple[np.ndarray, "np.ndarray | None"]   # (stored values, int8 scales or None), as `encode` returns
 
 
 class EpisodeRecord(NamedTuple):
@@ -591,13 +595,16 @@ class Cache:
         return self.read_rows(record.start + local, layer=layer, mask=mask)
 
     def read_rows(self, rows: Sequence[int] | np.ndarray | slice, layer: int | None = None,
-                  mask: bool = False, reconstruct: bool = True) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                  mask: bool = False, reconstruct: bool = True,
+                  decoded: bool = True) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """float32 [T, V, h*w, C] by global row index, in the order asked (repeats allowed).
 
         With `mask`: (values, bool [T, V, h*w]), True where a token holds image content; all True for
         a store without a mask (every token valid). A reduced store's coefficients are rebuilt into
         targets here, or with `reconstruct=False` returned as float32 [T, V, h*w, K] for
-        `reduction.reconstruct` elsewhere (e.g. on the training device).
+        `reduction.reconstruct` elsewhere (e.g. on the training device). `decoded=False` (float16 stores
+        without --reduce): the float16 values as stored, for a loader that converts them where they are
+        used (`CachedTargets(device=)`).
 
         Rows are read as contiguous runs, each one slice read: zarr then fetches only the inner
         chunks of those rows from each shard, where a fancy (orthogonal) selection is ~10x slower.
@@ -610,7 +617,10 @@ class Cache:
         runs, order = _contiguous_runs(rows)
         stored = self._read(name, runs, order)
         scale = self._read(f"{name}_scale", runs, order) if self.dtype == "int8" else None
-        values = decode(stored, self.dtype, scale)
+        if not decoded and (self.dtype != "float16" or self.reduced):
+            raise StoreError(f"{self.path}: only float16 stores without --reduce are read undecoded; this one is "
+                             f"{self.dtype}{' and reduced' if self.reduced else ''}")
+        values = decode(stored, self.dtype, scale) if decoded else stored
         if self.reduced and reconstruct:
             values = self.reduction.reconstruct(self._layer(layer), values)
         if not mask:
@@ -665,12 +675,15 @@ class Cache:
 
     # -- writes (extractor only)
 
-    def write_shard(self, shard: int, targets: Mapping[int, np.ndarray], mask: np.ndarray | None = None) -> None:
-        """Encode and write every layer of one shard (and its token mask), read it back, then mark it done.
+    def write_shard(self, shard: int, targets: Mapping[int, np.ndarray | Encoded],
+                    mask: np.ndarray | None = None) -> None:
+        """Encode and write every layer of one shard (and its token mask), fsync it, then mark it done.
 
-        `targets[layer]` is float32 [rows in shard, V, h*w, C]; `mask` bool [rows, V, h*w], given exactly
-        when the store has one. An OSError (disk full, read-only file system) becomes a StoreError;
-        the done flag is only set when every array matched.
+        `targets[layer]` is float32 [rows in shard, V, h*w, C], or that already encoded as
+        (stored, int8 scales or None) in this store's dtype (`sfcache.device.encode_on_device` casts on
+        the model's device); `mask` bool [rows, V, h*w], given exactly when the store has one. An OSError
+        (disk full, read-only file system) becomes a StoreError; the done flag is only set after every
+        array is written and on disk.
         """
         if self.mode == "r":
             raise StoreError(f"{self.path}: opened read-only; cannot write shard {shard}")
@@ -683,29 +696,43 @@ class Cache:
                              f"expected {expected[:3] if self.has_mask else 'none'}")
         try:
             for layer, values in targets.items():
-                if tuple(values.shape) != expected:
-                    raise StoreError(f"{self.path}: shard {shard} layer {layer} has shape {tuple(values.shape)}, "
+                shape = tuple((values[0] if isinstance(values, tuple) else values).shape)
+                if shape != expected:
+                    raise StoreError(f"{self.path}: shard {shard} layer {layer} has shape {shape}, "
                                      f"expected {expected}")
-                stored, scale = encode(self.reduction.project(layer, values) if self.reduced else values, self.dtype)
-                self._write_verified(f"targets/layer_{layer}", rows, stored, shard)
+                if isinstance(values, tuple):   # encoded on the model's device
+                    stored, scale = values
+                    if stored.dtype != np.dtype(_STORED_DTYPE[self.dtype]):
+                        raise StoreError(f"{self.path}: shard {shard} layer {layer} is stored as {stored.dtype}, "
+                                         f"expected {_STORED_DTYPE[self.dtype]} (a {self.dtype} store)")
+                else:
+                    stored, scale = encode(self.reduction.project(layer, values) if self.reduced else values,
+                                           self.dtype)
+                self._write_synced(f"targets/layer_{layer}", rows, stored)
                 if scale is not None:
-                    self._write_verified(f"targets/layer_{layer}_scale", rows, scale, shard)
+                    self._write_synced(f"targets/layer_{layer}_scale", rows, scale)
             if mask is not None:
-                self._write_verified(MASK_ARRAY, rows, mask.astype(np.uint8), shard)
+                self._write_synced(MASK_ARRAY, rows, mask.astype(np.uint8))
             self._array("done")[shard] = 1
         except OSError as err:
             raise StoreError(f"{self.path}: writing shard {shard} (rows {rows.start}-{rows.stop - 1}) failed: "
                              f"{err}; the shard stays not done") from err
 
-    def _write_verified(self, name: str, rows: slice, stored: np.ndarray, shard: int) -> None:
-        """Write, read back, and flush the shard file to disk, so a done flag never outlives its data."""
+    def _write_synced(self, name: str, rows: slice, stored: np.ndarray) -> None:
+        """Write, then flush the shard file and its directory to disk, so a done flag never outlives its data.
+
+        Nothing is read back: before or after the fsync a read is served from the page cache, so it
+        would compare memory with itself, not with the disk. Bytes that rot on disk are caught on read
+        by `--checksum`'s CRC32C per step (and the shard index's own CRC32C).
+        """
         array = self._array(name)
-        array[rows] = stored
-        back = array[rows]
-        if back.tobytes() != np.ascontiguousarray(stored).tobytes():
-            raise StoreError(f"{self.path}: shard {shard} of {name} read back different bytes; the disk or "
-                             "file system is corrupting writes")
-        shard_file = self.path / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+        shard_file = self.path / name / array.metadata.encode_chunk_key((rows.start // self.steps_per_shard,)
+                                                                        + (0,) * (array.ndim - 1))
+        checksum = direct_layout(array)
+        if checksum is None:     # compressed: through zarr's codecs
+            array[rows] = stored
+        else:                    # uncompressed: the shard file itself, at plain-write speed
+            write_shard_file(shard_file, stored, self.steps_per_shard, checksum)
         if shard_file.exists():   # an all-zero shard is stored as no file at all
             for target in (shard_file, shard_file.parent):   # the data, then the rename that published it
                 descriptor = os.open(target, os.O_RDONLY)

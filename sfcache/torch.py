@@ -30,6 +30,10 @@ __all__ = ["CachedTargets", "SpatialForcingLoss", "WithTargets", "crop_target_gr
 class CachedTargets(torch.utils.data.Dataset):
     """Cached SF targets, float32 [V, h*w, C] per step, indexed by flat row or (episode key, step).
 
+    `dtype=torch.float16` returns half the bytes (pool(E) is still added in float32, then rounded);
+    `device="cuda"` (for `targets_for` in the training process, not in DataLoader workers) moves a
+    float16 store's values as stored and widens them and adds pool(E) on that device.
+
     The store is opened lazily and read-only in each process (so DataLoader workers each get
     their own handle and training can never modify the cache). With `add_position_embedding`
     the pooled sinusoidal embedding pool(E) is added, so values equal what online SF computes
@@ -51,11 +55,16 @@ class CachedTargets(torch.utils.data.Dataset):
     """
 
     def __init__(self, store: str | Path, layer: int | None = None, add_position_embedding: bool = True,
-                 recipe: str | None = None, return_mask: bool | None = None, coefficients: bool = False):
+                 recipe: str | None = None, return_mask: bool | None = None, coefficients: bool = False,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
         self.store = Path(store)
         self.add_position_embedding = add_position_embedding
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise SfcacheError(f"{self.store}: dtype must be torch.float32, float16 or bfloat16, not {dtype}")
+        self.dtype, self.device = dtype, None if device is None else torch.device(device)
         self._cache, self._pid = None, None
         self._pos: torch.Tensor | None = None
+        self._pos_on: torch.Tensor | None = None      # pool(E) on the device the values were last on
         cache = self.cache  # validate the store and the layer now, not in a worker
         self.layer = _resolve_layer(cache, layer)
         self.recipe = cache.recipe
@@ -152,15 +161,29 @@ class CachedTargets(torch.utils.data.Dataset):
         return self._finish(*self._read(rows))
 
     def _read(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Stored values of flat rows without the position embedding, and the mask when this dataset returns it."""
+        """Stored values of flat rows without the position embedding, float32 on `device` (a float16 store's
+        values cross as float16 and are widened there), and the mask when this dataset returns it."""
+        undecoded = self.cache.dtype == "float16" and not self.cache.reduced and (
+            self.device is not None or self.dtype != torch.float32)
         read = self.cache.read_rows(np.asarray(rows), layer=self.layer, mask=self.return_mask,
-                                    reconstruct=not self.coefficients)
+                                    reconstruct=not self.coefficients, decoded=not undecoded)
         values, mask = read if self.return_mask else (read, None)
-        return torch.from_numpy(np.ascontiguousarray(values)), None if mask is None else torch.from_numpy(mask)
+        values = torch.from_numpy(np.ascontiguousarray(values))
+        if self.device is not None:
+            values = values.to(self.device, non_blocking=True)
+            mask = None if mask is None else torch.from_numpy(mask).to(self.device)
+        elif mask is not None:
+            mask = torch.from_numpy(mask)
+        return values.float(), mask
 
     def _finish(self, values: torch.Tensor, mask: torch.Tensor | None):
-        if self.add_position_embedding and not self.coefficients:   # coefficients get it in `reconstruct`
-            values = values + self.position_embedding()
+        """Add pool(E) in float32 where the values are (coefficients get it in `reconstruct`), then return them
+        in `dtype`."""
+        if self.add_position_embedding and not self.coefficients:
+            if self._pos_on is None or self._pos_on.device != values.device:
+                self._pos_on = self.position_embedding().to(values.device)
+            values = values + self._pos_on
+        values = values.to(self.dtype)
         return values if mask is None else (values, mask)
 
     def reconstruct(self, coefficients: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:

@@ -215,6 +215,8 @@ def test_bad_frames_fail_cleanly_or_are_skipped(tmp_path, schedulers, capsys):
 
 
 def test_a_write_failure_ends_the_run_and_marks_nothing_it_did_not_write(tmp_path, schedulers, monkeypatch):
+    import sfcache.store as store_module
+
     written = write_libero_hdf5(tmp_path / "data", tasks=1, demos=2, steps=3, size=64)
     out = tmp_path / "store"
     original = zarr.storage.LocalStore.set
@@ -228,6 +230,15 @@ def test_a_write_failure_ends_the_run_and_marks_nothing_it_did_not_write(tmp_pat
         return await original(self, key, value, *args, **kwargs)
 
     monkeypatch.setattr(zarr.storage.LocalStore, "set", fail_after_first_shard)
+    direct = store_module.write_shard_file       # uncompressed shards bypass zarr's LocalStore.set
+
+    def direct_fail_after_first_shard(path, *args):
+        calls["shard writes"] += 1
+        if calls["shard writes"] > 1:
+            raise OSError(28, "No space left on device")
+        return direct(path, *args)
+
+    monkeypatch.setattr(store_module, "write_shard_file", direct_fail_after_first_shard)
     cfg = ExtractConfig(source=written.path, out=out, vggt="random:tiny", layers=(-1,), steps_per_shard=2,
                         batch_size=2, scheduler=schedulers["in-process"])
     with pytest.raises(StoreError, match="writing shard .* failed.*No space left on device"):

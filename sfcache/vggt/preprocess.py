@@ -34,20 +34,53 @@ TF_PI = np.float32(3.14159265359)     # the constant TF's sampling kernels use
 
 
 def preprocess(frames: np.ndarray | torch.Tensor, mode: str = "sf", img_size: int = 518) -> torch.Tensor:
-    """uint8 frames [B, S, H, W, 3] -> float32 images [B, S, 3, H', W'] for VGGTFeatures."""
+    """uint8 frames [B, S, H, W, 3] -> float32 images [B, S, 3, H', W'] for VGGTFeatures (on the CPU)."""
     frames = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    staged = host_frames(frames, mode, img_size)
+    return device_images(torch.from_numpy(staged), mode, img_size, frames.shape[2:4])
+
+
+def host_frames(frames: np.ndarray, mode: str = "sf", img_size: int = 518) -> np.ndarray:
+    """The part of `preprocess` that stays on the CPU, uint8 [B, S, H, W, 3] -> uint8 [B, S, h, w, 3].
+
+    PIL's resizes (crop/pad bicubic, letterbox bilinear) run here; everything after them, and all of
+    "sf" (TF lanczos3 included), is `device_images`, so only uint8 frames cross to an accelerator.
+    """
     if frames.dtype != np.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [B, S, H, W, 3], got {frames.dtype} {frames.shape}")
     if mode not in MODES:
         raise ValueError(f"preprocess mode must be one of {', '.join(MODES)}, not {mode!r}")
     if img_size % PATCH:
         raise ValueError(f"img_size {img_size} is not a multiple of {PATCH}")
+    if mode == "sf":
+        return frames
+    batch, views = frames.shape[:2]
+    flat = frames.reshape(batch * views, *frames.shape[2:])
+    staged = letterbox(flat) if mode == "letterbox" else _official_resize(flat, mode, img_size)
+    return staged.reshape(batch, views, *staged.shape[1:])
+
+
+def output_size(frames: np.ndarray, mode: str, img_size: int) -> tuple[int, int]:
+    """(H', W') that `device_images` makes of these `host_frames`, without computing them."""
+    if mode == "crop":
+        return min(frames.shape[-3], img_size), img_size
+    return img_size, img_size
+
+
+def device_images(frames: torch.Tensor, mode: str, img_size: int, source_size: tuple[int, int]) -> torch.Tensor:
+    """`host_frames` output as a uint8 tensor on any device -> float32 [B, S, 3, H', W'] on that device.
+
+    `source_size` is the (H, W) of the frames before `host_frames` (the letterbox mask needs it).
+    The same code runs on the CPU (`preprocess`) and on the model's GPU, so they agree: the lanczos3
+    taps are separate float32 multiplies and adds (no fused multiply-add) in TF's order, hence bit-exact
+    after the uint8 rounding on any IEEE device; only the bicubic kernel's float rounding may differ.
+    """
     batch, views = frames.shape[:2]
     flat = frames.reshape(batch * views, *frames.shape[2:])
     if mode == "sf":
         images = _sf_images(flat, img_size)
     elif mode == "letterbox":
-        images = _letterbox_images(flat, img_size)
+        images = _letterbox_images(flat, img_size, source_size)
     else:
         images = _official_images(flat, mode, img_size)
     return images.reshape(batch, views, *images.shape[1:])
@@ -85,23 +118,29 @@ def letterbox_mask(height: int, width: int, size: int = POLICY_SIZE) -> np.ndarr
     return mask
 
 
-def _letterbox_images(frames: np.ndarray, img_size: int) -> torch.Tensor:
-    content = torch.from_numpy(letterbox_mask(*frames.shape[1:3]))
-    images = torch.from_numpy(letterbox(frames)).permute(0, 3, 1, 2).float()
+def _letterbox_images(frames: torch.Tensor, img_size: int, source_size: tuple[int, int]) -> torch.Tensor:
+    content = torch.from_numpy(letterbox_mask(*source_size)).to(frames.device)
+    images = frames.permute(0, 3, 1, 2).float()
     images = (images / 255.0 * 2.0 - 1.0) / 2.0 + 0.5     # openpi's uint8 -> [-1, 1], then SF's back to [0, 1]
     images = images.masked_fill(~content, 1.0)            # padding -> white in the VGGT copy
-    return F.interpolate(images, size=(img_size, img_size), mode="bicubic", align_corners=False)
+    return _upsample(images, img_size)
 
 
-def _sf_images(frames: np.ndarray, img_size: int) -> torch.Tensor:
+def _sf_images(frames: torch.Tensor, img_size: int) -> torch.Tensor:
     if frames.shape[1:3] != (POLICY_SIZE, POLICY_SIZE):
-        frames = resize_like_rlds(frames, POLICY_SIZE, POLICY_SIZE)
-    images = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(255)
+        frames = resize_like_rlds_tensor(frames, POLICY_SIZE, POLICY_SIZE)
+    images = frames.permute(0, 3, 1, 2).float().div(255)
     # pixel_values -> VGGT input in SF: torchvision normalize, then normalize with (-mean/std, 1/std)
     mean, std = np.array(POLICY_MEAN), np.array(POLICY_STD)
     images = _normalize(images, mean, std)
     images = _normalize(images, -mean / std, 1 / std)
-    return F.interpolate(images, size=(img_size, img_size), mode="bicubic", align_corners=False)
+    return _upsample(images, img_size)
+
+
+def _upsample(images: torch.Tensor, img_size: int) -> torch.Tensor:
+    """Bicubic (align_corners=False) to img_size, not clamped; a contiguous input takes torch's faster
+    kernel (the channels-last one that a permuted HWC frame would select gives the same values, slower)."""
+    return F.interpolate(images.contiguous(), size=(img_size, img_size), mode="bicubic", align_corners=False)
 
 
 def _normalize(images: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
@@ -112,15 +151,22 @@ def _normalize(images: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> torch
     return images.sub(as_channels(mean)).div(as_channels(std))
 
 
-def _official_images(frames: np.ndarray, mode: str, img_size: int) -> torch.Tensor:
-    height, width = frames.shape[1:3]
+def _official_size(height: int, width: int, mode: str, img_size: int) -> tuple[int, int]:
+    """(height, width) the official preprocessing resizes an H x W frame to, before crop or pad."""
     if mode == "crop" or width >= height:
-        new_width, new_height = img_size, round(height * (img_size / width) / PATCH) * PATCH
-    else:
-        new_width, new_height = round(width * (img_size / height) / PATCH) * PATCH, img_size
-    resized = np.stack([np.asarray(Image.fromarray(frame).resize((new_width, new_height), Image.Resampling.BICUBIC))
-                        for frame in frames])
-    images = torch.from_numpy(resized).permute(0, 3, 1, 2).float().div(255)
+        return round(height * (img_size / width) / PATCH) * PATCH, img_size
+    return img_size, round(width * (img_size / height) / PATCH) * PATCH
+
+
+def _official_resize(frames: np.ndarray, mode: str, img_size: int) -> np.ndarray:
+    new_height, new_width = _official_size(*frames.shape[1:3], mode, img_size)
+    return np.stack([np.asarray(Image.fromarray(frame).resize((new_width, new_height), Image.Resampling.BICUBIC))
+                     for frame in frames])
+
+
+def _official_images(resized: torch.Tensor, mode: str, img_size: int) -> torch.Tensor:
+    new_height, new_width = resized.shape[1:3]
+    images = resized.permute(0, 3, 1, 2).float().div(255)
     if mode == "crop":
         top = max(new_height - img_size, 0) // 2
         return images[:, :, top:top + img_size]
@@ -135,10 +181,22 @@ def resize_like_rlds(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     Reimplemented from TF's ScaleAndTranslate kernel: same spans and normalised float32 weights, rows then
     columns, float32 multiply-adds in span order (a matrix product would round differently near .5).
     """
-    image = torch.from_numpy(frames).float()
-    image = _resample_rows(image, *_lanczos3_spans(frames.shape[1], height))
-    image = _resample_rows(image.transpose(1, 2), *_lanczos3_spans(frames.shape[2], width)).transpose(1, 2)
-    return image.round().clamp(0, 255).to(torch.uint8).numpy()
+    return resize_like_rlds_tensor(torch.from_numpy(frames), height, width).numpy()
+
+
+def resize_like_rlds_tensor(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`resize_like_rlds` on a uint8 tensor of any device, computed there."""
+    device = frames.device
+    image = _resample_rows(frames.float(), *_spans_on(frames.shape[1], height, device))
+    image = _resample_rows(image.transpose(1, 2), *_spans_on(frames.shape[2], width, device)).transpose(1, 2)
+    return image.round().clamp(0, 255).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=16)
+def _spans_on(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_lanczos3_spans` kept on `device` (copied there once, not per batch)."""
+    indices, weights = _lanczos3_spans(in_size, out_size)
+    return indices.to(device), weights.to(device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -169,8 +227,8 @@ def _lanczos3_spans(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Te
 def _resample_rows(image: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted sums over spans of axis 1 of [N, H, W, C], accumulated tap by tap like TF."""
     image = image.contiguous()
-    out = torch.zeros(image.shape[0], len(indices), *image.shape[2:])
-    for tap in range(indices.shape[1]):
+    out = torch.zeros(image.shape[0], len(indices), *image.shape[2:], device=image.device)
+    for tap in range(indices.shape[1]):   # a separate multiply, then add: never fused, so exact anywhere
         out += image.index_select(1, indices[:, tap]) * weights[:, tap].view(1, -1, 1, 1)
     return out
 

@@ -1,0 +1,83 @@
+"""What crosses between the host and the model's device during extraction, and the cast to the stored dtype.
+
+Only uint8 frames go to the device (pinned host memory, non-blocking copy) and only stored bytes come
+back (cast there: float16 / bfloat16 bits / int8 with scales), copied into pinned memory without
+blocking the thread that launches the work; a CUDA event tells the writer thread when they are there.
+So copies in, VGGT, pooling and copies out are queued back to back on the GPU, and the CPU never
+waits for the GPU except in the writer, when it needs the bytes. On the CPU all of it is a no-op.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sfcache.store import DTYPES, Encoded, int8_block
+
+__all__ = ["HostCopy", "encode_on_device", "pinned", "to_device"]
+
+
+def pinned(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host tensor of `array` ready for a non-blocking copy to `device` (page-locked when it is CUDA).
+
+    Called in the reader thread, so the pinning copy is off the model's thread."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.pin_memory() if device.type == "cuda" else tensor
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Queue the copy of a `pinned` tensor to `device` (returns at once on CUDA; the tensor itself on CPU)."""
+    return tensor.to(device, non_blocking=True)
+
+
+def encode_on_device(values: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sfcache.store.encode` on the values' own device, bit for bit (tested on CPU): float32 [..., C] ->
+    (stored, int8 scales [..., C // block] or None). bfloat16 comes back as int16 bits (see `HostCopy`).
+
+    torch's float -> bfloat16 conversion rounds to nearest even like `encode`'s bit arithmetic; int8
+    uses the same float32 max / 127, division and round-half-even.
+    """
+    values = values.float()
+    if dtype == "float32":   # not encoded: the fit sample of --reduce, or a reduced store's projection on the host
+        return values, None
+    if dtype == "float16":
+        return values.half(), None
+    if dtype == "bfloat16":
+        return values.to(torch.bfloat16).view(torch.int16), None
+    if dtype == "int8":
+        blocks = values.reshape(*values.shape[:-1], -1, int8_block(values.shape[-1]))
+        scale = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        stored = (blocks / safe).round().clamp(-127, 127).to(torch.int8).reshape(values.shape)
+        return stored, scale[..., 0]
+    raise ValueError(f"unknown target dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+
+
+class HostCopy:
+    """Encoded device tensors on their way to host memory; `get()` waits for them (in the writer thread)."""
+
+    def __init__(self, encoded: dict[int, tuple[torch.Tensor, torch.Tensor | None]]):
+        self.event = None
+        if any(stored.device.type == "cuda" for stored, _ in encoded.values()):
+            encoded = {layer: tuple(None if t is None else _pinned_copy(t) for t in pair)
+                       for layer, pair in encoded.items()}
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.encoded = encoded
+
+    def get(self) -> dict[int, Encoded]:
+        """{layer: (stored numpy in the store's dtype, scales or None)} once the copies have landed."""
+        if self.event is not None:
+            self.event.synchronize()
+        return {layer: (_numpy(stored), None if scale is None else _numpy(scale))
+                for layer, (stored, scale) in self.encoded.items()}
+
+
+def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    array = tensor.numpy()
+    return array.view(np.uint16) if array.dtype == np.int16 else array   # bfloat16 bits, as the store keeps them
