@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import simplejpeg
 from PIL import Image
-from tfrecord.reader import example_loader
 
 from bench import preset_settings
 from sfcache.sources import open_source
@@ -53,6 +52,10 @@ def _libero_hdf5_baseline(files: list[Path]) -> Callable[[], None]:
 
 
 def _rlds_baseline(files: list[Path]) -> Callable[[], None]:
+    # imported here: the tfrecord package registers tf.train.Example in protobuf's default pool, which
+    # TensorFlow then fails to import beside (importing this module must stay harmless)
+    from tfrecord.reader import example_loader
+
     keys = {"steps/observation/image": "byte", "steps/observation/wrist_image": "byte", "steps/action": "float",
             "steps/observation/state": "float"}
 
