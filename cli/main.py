@@ -9,7 +9,7 @@ from rich.console import Console
 
 import sfcache
 from cli import extract, inspect_cache, inspect_source, train
-from sfcache.errors import SfcacheError
+from sfcache.errors import Interrupted, SfcacheError
 
 app = typer.Typer(
     name="sf",
@@ -46,7 +46,7 @@ def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
         typer_app(args=argv, standalone_mode=True)
     except SfcacheError as err:
         Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(128 + err.signum if isinstance(err, Interrupted) else 2)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,11 +7,13 @@ test controls); afterwards the store must hold exactly what an uninterrupted run
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import pickle
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,12 +29,12 @@ from distributed import Client, LocalCluster
 from typer.testing import CliRunner
 
 from cli.main import app, main
-from sfcache.errors import ConfigMismatch, SourceError
+from sfcache.errors import ConfigMismatch, RunSuperseded, SourceError, StoreError
 from sfcache.extract import ExtractConfig, extract
 from sfcache.pooling import pool_grid
 from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_hdf5
-from sfcache.store import open_cache
+from sfcache.store import lock_store, open_cache
 from sfcache.vggt import load_vggt, preprocess
 from tests import test_sources_bad_input as bad
 from tests._faults_helpers import LoggedSlowWrites, ReadOnlyAfter, TaskLog, running_tasks
@@ -239,7 +241,7 @@ def test_a_second_extractor_on_the_same_store_is_refused_and_the_first_completes
     err = logs[runs.index(loser)].read_text().strip()
     assert "\n" not in err and "Traceback" not in err, err
     assert f"{out / '.sfcache.lock'}: store is locked by pid {winner.pid}" in err
-    assert f"If none is running, delete {out / '.sfcache.lock'}" in err
+    assert "held open by a live process" in err
     assert_equal_stores(out, reference)
 
 
@@ -356,3 +358,143 @@ def test_an_unwritable_out_directory_is_a_one_line_error(tmp_path, dataset, monk
     assert exited.value.code == 2 and "\n" not in err and "Traceback" not in err, err
     assert f"{out / '.sfcache.lock'}: cannot create the store lock (Permission denied)" in err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- a real cluster: fencing, scheduler loss
+
+DASK = Path(sys.executable).parent / "dask"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ExternalCluster:
+    """A separately started `dask scheduler` and `dask worker` (1 thread) on loopback, as a user runs them;
+    the worker preloads LoggedSlowWrites (SFCACHE_TEST_WRITE_LOG / _DELAY)."""
+
+    def __init__(self, tmp: Path, delay: float, wrap: list[str] | None = None):
+        self.tmp, self.delay, self.wrap = tmp, delay, wrap or []
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.writes = tmp / "writes.log"
+        self.processes: list[subprocess.Popen] = []
+
+    def _spawn(self, command: list[str], log: str, env: dict | None = None) -> subprocess.Popen:
+        with (self.tmp / log).open("ab") as out:
+            process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def start_scheduler(self) -> subprocess.Popen:
+        self.scheduler = self._spawn([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--no-dashboard"], "scheduler.log")
+        return self.scheduler
+
+    def start_worker(self) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONPATH=str(REPO), SFCACHE_TEST_WRITE_LOG=str(self.writes),
+                   SFCACHE_TEST_WRITE_DELAY=str(self.delay))
+        return self._spawn([*self.wrap, str(DASK), "worker", self.address, "--nthreads", "1", "--nworkers", "1",
+                            "--no-dashboard", "--memory-limit", "0", "--preload", "tests._faults_helpers"],
+                           "worker.log", env)
+
+    def wait_for_worker(self) -> None:
+        with Client(self.address, timeout="30s") as client:
+            client.wait_for_workers(1, timeout=60)
+
+    def __enter__(self) -> "ExternalCluster":
+        self.start_scheduler()
+        self.start_worker()
+        self.wait_for_worker()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def spawn_client(dataset: Path, out: Path, log: Path, *args: str) -> subprocess.Popen:
+    """`sf extract` as a client of a running scheduler, in its own process group (the cluster is not its child)."""
+    command = [sys.executable, "-m", "cli.main", "extract", str(dataset), "--out", str(out), *SHARDED, *args]
+    with log.open("wb") as stderr:
+        return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+
+
+def wait_until(condition, process: subprocess.Popen | None, log: Path | None = None, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process is None or process.poll() is None, log.read_text() if log else "the process ended"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_orphaned_tasks_of_a_killed_client_cannot_write_into_the_store_that_replaced_it(
+        tmp_path, dataset, scheduler):
+    """kill -9 of the client while the cluster lives on, then `--overwrite` with other weights: the dead run's
+    running task is fenced out (its writes refused), and the new store holds the new weights' values only."""
+    seed1 = tmp_path / "seed1"
+    assert sf_extract(dataset, "--out", seed1, *SHARDED, "--vggt", "random:tiny@1", "--scheduler", scheduler
+                      ).exit_code == 0
+    out, log = tmp_path / "store", tmp_path / "client.log"
+    with ExternalCluster(tmp_path, delay=1.0) as cluster:
+        victim = spawn_client(dataset, out, log, "--scheduler", cluster.address)
+        wait_until(lambda: done_count(out) >= 1, victim, log)
+        os.killpg(victim.pid, signal.SIGKILL)       # the client only: its task goes on writing
+        victim.wait()
+        replaced = sf_extract(dataset, "--out", out, *SHARDED, "--vggt", "random:tiny@1", "--overwrite",
+                              "--scheduler", cluster.address)
+        assert replaced.exit_code == 0, replaced.output
+        refused = [line for line in cluster.writes.read_text().splitlines() if line.startswith("refused")]
+    assert refused, cluster.writes.read_text()          # the orphan did try to write, after the new run began
+    assert_equal_stores(out, seed1)
+
+
+def test_a_task_of_a_finished_run_cannot_write_a_shard_or_a_done_flag(tmp_path, dataset, scheduler, reference):
+    out = tmp_path / "store"
+    config = ExtractConfig(source=dataset, out=out, vggt="random:tiny", steps_per_shard=2, batch_size=2,
+                           scheduler=scheduler)
+    summary = extract(config, progress=False)
+    cache = open_cache(out, mode="r+")
+    cache.mark_not_done([1])                              # a shard a partitioned worker might still own
+    with pytest.raises(RunSuperseded, match=f"extraction run {summary['run'][:12]}.*no run .it ended."):
+        cache.write_shard(1, {3: np.zeros((2, 2, 256, 64), np.float32)}, run=summary["run"])
+    assert open_cache(out).done_shards().tolist() == [True, False, True, True, True, True]
+    assert sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler).exit_code == 0
+    assert_equal_stores(out, reference)
+
+
+def test_a_live_extractor_in_another_pid_namespace_keeps_the_lock(tmp_path, dataset, capsys):
+    """Same host name, pids that mean nothing here: a pid check cannot judge it; its flock says it is alive."""
+    store = tmp_path / "store"
+    holder_code = ("import sys, time; from sfcache.store import lock_store\n"
+                   "with lock_store(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)")
+    command = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", holder_code, str(store)]
+    try:
+        holder = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    except OSError as error:
+        pytest.skip(f"unshare unavailable: {error}")
+    inner = []
+    try:
+        if holder.stdout.readline().strip() != "locked":
+            pytest.skip("unshare --pid needs root here")
+        recorded = json.loads((store / ".sfcache.lock").read_text())
+        inner = [p for p in psutil.Process(holder.pid).children(recursive=True) if "lock_store" in " ".join(p.cmdline())]
+        assert recorded["host"] == socket.gethostname() and recorded["pid"] != inner[0].pid   # its pid is not ours
+        with pytest.raises(StoreError, match=f"store is locked by pid {recorded['pid']} on host"):
+            with lock_store(store):
+                pass
+        with pytest.raises(SystemExit) as exited:
+            main(["extract", str(dataset), "--out", str(store), *TINY])
+        err = capsys.readouterr().err.strip()
+        assert exited.value.code == 2 and "\n" not in err and "held open by a live process" in err, err
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+        psutil.wait_procs(inner, timeout=10)
+    with lock_store(store):                                   # released by the kernel when it died
+        pass
