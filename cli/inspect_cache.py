@@ -160,6 +160,8 @@ def _render_check(console: Console, result: dict) -> None:
     for failure in result["failures"]:
         table.add_row(failure["where"], failure["what"])
     console.print(table)
+    console.print("to repair: run `sf extract` again with the same options and --repair; it redoes every shard "
+                  "that fails here (a missing shard file is redone by any rerun)", highlight=False)
 
 
 def _render_verify(console: Console, result: dict) -> None:

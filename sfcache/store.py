@@ -682,12 +682,20 @@ class Cache:
                      if not file.is_file()), None)
 
     def mark_not_done(self, shards: Sequence[int]) -> None:
-        """Clear the done flags of `shards` (so the next `sf extract` redoes them)."""
+        """Clear the done flags of `shards`, then delete their target files (damaged ones cannot even be
+        overwritten: zarr reads a shard's index before replacing it), so `sf extract` redoes them afresh."""
         if self.mode == "r":
             raise StoreError(f"{self.path}: opened read-only; cannot change done flags")
         done = self._array("done")
-        for shard in shards:
-            done[int(shard)] = 0
+        try:
+            for shard in shards:
+                done[int(shard)] = 0
+            for shard in shards:
+                for name in self._target_arrays():
+                    self.shard_file(name, int(shard)).unlink(missing_ok=True)
+        except OSError as err:
+            raise StoreError(f"{self.path}: cannot reset shards {list(shards)} for redoing ({err}); "
+                             "--out must be writable") from None
         self._known_done.difference_update(int(s) for s in shards)
 
     def _target_arrays(self) -> list[str]:

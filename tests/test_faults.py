@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -498,3 +499,91 @@ def test_a_live_extractor_in_another_pid_namespace_keeps_the_lock(tmp_path, data
         psutil.wait_procs(inner, timeout=10)
     with lock_store(store):                                   # released by the kernel when it died
         pass
+
+
+# ----------------------------------------------------------------------------- never done what the client cannot read
+
+def one_line_error(capsys, argv: list[str], code: int = 2) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == code and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_a_worker_that_cannot_see_the_store_is_refused_at_start_up(tmp_path, dataset, capsys):
+    """The worker runs in its own mount namespace with a private tmpfs over the store's folder (like a job's
+    private /tmp): it would write where the client cannot read."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    private = ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"', str(shared)]
+    if subprocess.run([*private, "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --mount needs root here")
+    out = shared / "store"
+    with ExternalCluster(tmp_path, delay=0, wrap=private) as cluster:
+        err = one_line_error(capsys, ["extract", str(dataset), "--out", str(out), *SHARDED,
+                                      "--scheduler", cluster.address])
+    assert f"{out.resolve()}: the Dask worker tcp://127.0.0.1:" in err and f"on host {socket.gethostname()}" in err
+    assert "does not see this store" in err and "shared by this client and every worker" in err
+    assert not (out / "done").exists() and not (out / ".sfcache.lock").exists()
+
+
+def test_a_shard_the_client_cannot_read_back_is_an_error_naming_the_worker_and_is_redone(
+        tmp_path, dataset, scheduler, reference, monkeypatch, capsys):
+    from sfcache.extract import VGGTWorker
+
+    original = VGGTWorker._write
+
+    def write_then_vanish(cache, shard, outputs, run):   # the worker saw its file; the client will not
+        written = original(cache, shard, outputs, run)
+        if shard == 2:
+            cache.shard_file("targets/layer_3", shard).unlink()
+        return written
+
+    monkeypatch.setattr(VGGTWorker, "_write", staticmethod(write_then_vanish))
+    out = tmp_path / "store"
+    err = one_line_error(capsys, ["extract", str(dataset), "--out", str(out), *SHARDED, "--scheduler", scheduler])
+    monkeypatch.undo()
+    shard_file = "targets/layer_3/c/2/0/0/0"
+    assert f"{out / shard_file}: shard 2 was written by the Dask worker on host {socket.gethostname()} at " \
+           f"{out.resolve() / shard_file}, but this client finds it missing; 1 shard(s) left not done" in err
+    assert open_cache(out).done_shards().tolist() == [True, True, False, True, True, True]
+    resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
+    assert resumed.exit_code == 0 and "10 were already done" in resumed.output, resumed.output
+    assert_equal_stores(out, reference)
+
+
+def test_reads_of_a_done_shard_without_its_file_fail_and_sf_extract_redoes_it(
+        tmp_path, dataset, scheduler, reference):
+    from sfcache.torch import CachedTargets
+
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    lost = out / "targets/layer_3/c/1/0/0/0"
+    lost.unlink()
+    key = open_cache(out).episodes[0]
+    with pytest.raises(StoreError, match=f"{lost}: shard 1 is marked done but this file is missing"):
+        open_cache(out).read(key)
+    with pytest.raises(StoreError, match="shard 1 is marked done but this file is missing"):
+        CachedTargets(out)[2]
+    check = CliRunner().invoke(app, ["inspect-cache", str(out), "--check"])
+    assert check.exit_code == 1 and "sf extract" in check.output and "--repair" in check.output, check.output
+    resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
+    assert resumed.exit_code == 0, resumed.output
+    assert f"redid shard 1: {lost} is missing" in resumed.output and "extracted 2 steps" in resumed.output
+    assert_equal_stores(out, reference)
+
+
+def test_sf_extract_repair_redoes_a_damaged_shard_that_check_finds(tmp_path, dataset, scheduler, reference):
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    damaged = out / "targets/layer_3/c/2/0/0/0"
+    damaged.write_bytes(damaged.read_bytes()[:100])          # truncated: the shard index is gone
+    with pytest.raises(StoreError, match=f"{damaged}: reading targets/layer_3 shard.s. .2. failed"):
+        open_cache(out).read_rows([4])
+    assert CliRunner().invoke(app, ["inspect-cache", str(out), "--check"]).exit_code == 1
+    plain = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
+    assert plain.exit_code == 0 and "extracted 0 steps" in plain.output      # a plain resume reads nothing back
+    repaired = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler, "--repair")
+    assert repaired.exit_code == 0 and "redid shard 2:" in repaired.output, repaired.output
+    assert_equal_stores(out, reference)
