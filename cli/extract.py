@@ -71,7 +71,9 @@ def extract(
         console.print(f"store size: about {facts['store_bytes_uncompressed'] / 2**30:.2f} GiB before compression",
                       highlight=False)
         return
-    logging.getLogger("distributed").setLevel(logging.CRITICAL)   # failures reach the user as one line of ours
+    for name in ["distributed", *logging.root.manager.loggerDict]:   # failures reach the user as one line of ours
+        if name.startswith("distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     with interrupts_raise():
         summary = run_extract(cfg)
     console.print(f"store {summary['store']}: {summary['shards_done']}/{summary['shards']} shards done, "

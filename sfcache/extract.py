@@ -482,7 +482,7 @@ def _workers_ignore_interrupts() -> Iterator[None]:
 def _close_client(client: Client) -> None:
     """Disconnect without waiting out Dask's reconnect attempts when the scheduler is gone."""
     try:
-        client.close(timeout=5)
+        client.close(timeout=5 if client.status == "running" else 0.5)
     except Exception:  # already closed or unreachable: nothing left to release
         pass
 
@@ -549,6 +549,8 @@ def _load_models(client: Client, job: _Job, cfg: ExtractConfig, stack: ExitStack
 
 
 def _unregister(client: Client, name: str) -> None:
+    if client.status != "running":   # the scheduler is gone (Dask is trying to reconnect): nothing to free
+        return
     try:
         client.unregister_worker_plugin(name)
     except Exception:  # the cluster may already be gone; nothing to free then
@@ -642,7 +644,8 @@ class _LostScheduler(SfcacheError):
 
 
 def _lost_scheduler(address: str, error: BaseException) -> SfcacheError:
-    return _LostScheduler(f"lost the Dask scheduler {address} ({type(error).__name__}: {error}); finished shards "
+    reason = (str(error).strip().splitlines() or [""])[0]
+    return _LostScheduler(f"lost the Dask scheduler {address} ({type(error).__name__}: {reason}); finished shards "
                         "are kept: start the scheduler and its workers again (or pass another --scheduler) and run "
                         "the same command to resume")
 
@@ -662,6 +665,8 @@ def _first_error(futures: list, report: dict) -> str:
 
 
 def _unsubscribe(client: Client, topic: str) -> None:
+    if client.status != "running":
+        return
     try:
         client.unsubscribe_topic(topic)
     except Exception:  # the cluster may already be gone

@@ -35,7 +35,7 @@ from sfcache.extract import ExtractConfig, extract
 from sfcache.pooling import pool_grid
 from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_hdf5
-from sfcache.store import lock_store, open_cache
+from sfcache.store import is_locked, lock_store, open_cache
 from sfcache.vggt import load_vggt, preprocess
 from tests import test_sources_bad_input as bad
 from tests._faults_helpers import LoggedSlowWrites, ReadOnlyAfter, TaskLog, running_tasks
@@ -586,4 +586,64 @@ def test_sf_extract_repair_redoes_a_damaged_shard_that_check_finds(tmp_path, dat
     assert plain.exit_code == 0 and "extracted 0 steps" in plain.output      # a plain resume reads nothing back
     repaired = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler, "--repair")
     assert repaired.exit_code == 0 and "redid shard 2:" in repaired.output, repaired.output
+    assert_equal_stores(out, reference)
+
+
+# ----------------------------------------------------------------------------- scheduler loss, no workers, signals
+
+def test_scheduler_killed_mid_run_is_one_line_and_the_same_command_resumes_equal(tmp_path, dataset, reference):
+    out, log = tmp_path / "store", tmp_path / "client.log"
+    with ExternalCluster(tmp_path, delay=0.5) as cluster:
+        client = spawn_client(dataset, out, log, "--scheduler", cluster.address)
+        wait_until(lambda: done_count(out) >= 1, client, log)
+        os.killpg(cluster.scheduler.pid, signal.SIGKILL)
+        lost = time.monotonic()
+        assert client.wait(timeout=60) == 2
+        assert time.monotonic() - lost < 30
+        err = log.read_text().strip()
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+        assert f"lost the Dask scheduler {cluster.address}" in err and "run the same command to resume" in err
+        assert not is_locked(out) and done_count(out) < 6
+        cluster.start_scheduler()                 # the same address; its workers exited with it: start one
+        cluster.start_worker()
+        cluster.wait_for_worker()
+        resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", cluster.address)
+    assert resumed.exit_code == 0, resumed.output
+    assert_equal_stores(out, reference)
+
+
+def test_a_scheduler_without_workers_is_one_line_naming_it(tmp_path, dataset, monkeypatch, capsys):
+    import sfcache.extract as extract_module
+
+    monkeypatch.setattr(extract_module, "WORKER_WAIT_S", 1)
+    with LocalCluster(n_workers=0, processes=False, **QUIET) as empty:
+        started = time.monotonic()
+        err = one_line_error(capsys, ["extract", str(dataset), "--out", str(tmp_path / "store"), *SHARDED,
+                                      "--scheduler", empty.scheduler_address])
+    assert time.monotonic() - started < 20
+    assert f"the Dask scheduler {empty.scheduler_address} has no workers after 1 s" in err
+    assert f"`dask worker {empty.scheduler_address}`" in err
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_ends_within_seconds_in_one_line_and_a_rerun_resumes(
+        tmp_path, dataset, scheduler, reference, signum):
+    out, log = tmp_path / "store", tmp_path / "victim.log"
+    victim = spawn_extract(dataset, out, log)
+    try:
+        wait_until(lambda: done_count(out) >= 1, victim, log)
+        os.killpg(victim.pid, signum)            # what Ctrl-C in a terminal (or `kill -TERM -PGID`) does
+        sent = time.monotonic()
+        code = victim.wait(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        kill_process_group(victim)
+    err = log.read_text().strip()
+    assert code == 128 + signum and took < 20, (code, took, err)
+    assert err == (f"error: interrupted by {signal.Signals(signum).name}; work finished so far is kept: run the "
+                   "same command again to resume"), err
+    assert not is_locked(out) and not (out / ".sfcache.lock").exists()
+    resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
+    assert resumed.exit_code == 0, resumed.output
     assert_equal_stores(out, reference)
