@@ -433,9 +433,14 @@ def _existing_attrs(path: Path) -> dict | None:
     if not meta.exists():
         return None
     try:
-        return json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError) as err:
-        raise StoreError(f"{meta}: unreadable Zarr metadata ({err})") from err
+        attributes = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError) as err:
+        raise StoreError(f"{meta}: unreadable Zarr metadata ({err}); the store is damaged and cannot be told "
+                         f"from other data, so --overwrite will not replace it: delete {path} and run again") from None
+    if not isinstance(attributes, dict):
+        raise StoreError(f"{meta}: attributes is a {type(attributes).__name__}, expected an object; delete {path} "
+                         "and run again")
+    return attributes
 
 
 def _has_foreign_files(path: Path) -> bool:
@@ -456,6 +461,51 @@ def _remove_partial_writes(path: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
+def _validate_attrs(meta: Path, attrs: dict) -> None:
+    """Check the provenance fields readers rely on, so a hand-damaged zarr.json is one StoreError naming
+    the key and what was expected, not a ValueError or IndexError deep inside a read."""
+    def fail(key: str, expected: str, value) -> None:
+        raise StoreError(f"{meta}: attributes.sfcache.{key} is {json.dumps(value)[:80]}, expected {expected}; "
+                         "the store is damaged: delete it and run `sf extract` again")
+
+    def is_int(value, low: int = 0) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    targets = attrs.get("targets")
+    if not isinstance(targets, dict):
+        fail("targets", "an object", targets)
+    for key, expected, ok in [
+        ("layers", "a non-empty list of layer indices", lambda v: isinstance(v, list) and v and all(map(is_int, v))),
+        ("views", "a non-empty list of view names", lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v)),
+        ("grid", "[height, width] of positive integers", lambda v: isinstance(v, list) and len(v) == 2
+         and all(is_int(x, 1) for x in v)),
+        ("channels", "a positive integer", lambda v: is_int(v, 1)),
+        ("dtype", f"one of {', '.join(DTYPES)}", lambda v: v in DTYPES),
+    ]:
+        if not ok(targets.get(key)):
+            fail(f"targets.{key}", expected, targets.get(key))
+    for key, low in (("num_steps", 0), ("steps_per_shard", 1), ("num_shards", 0)):
+        if not is_int(attrs.get(key), low):
+            fail(key, f"an integer >= {low}", attrs.get(key))
+    if attrs["num_shards"] != -(-attrs["num_steps"] // attrs["steps_per_shard"]):
+        fail("num_shards", f"ceil(num_steps / steps_per_shard) = {-(-attrs['num_steps'] // attrs['steps_per_shard'])}",
+             attrs["num_shards"])
+    episodes = attrs.get("episodes")
+    if not isinstance(episodes, list):
+        fail("episodes", "a list of [key, instruction, start, length]", episodes)
+    row = 0
+    for index, episode in enumerate(episodes):
+        if not (isinstance(episode, list) and len(episode) == 4 and isinstance(episode[0], str)
+                and isinstance(episode[1], str) and is_int(episode[2]) and is_int(episode[3])):
+            fail(f"episodes[{index}]", "[key, instruction, start, length]", episode)
+        if episode[2] != row:
+            fail(f"episodes[{index}]", f"to start at row {row} (episodes are packed back to back)", episode)
+        row += episode[3]
+    if row != attrs["num_steps"]:
+        fail("episodes", f"lengths summing to num_steps = {attrs['num_steps']}, not {row}",
+             f"{len(episodes)} episodes")
+
+
 def open_cache(path: str | Path, mode: str = "r") -> "Cache":
     """Open a store; "r" is read-only at the Zarr level, "r+" lets an extractor write shards."""
     if mode not in ("r", "r+"):
@@ -474,9 +524,13 @@ class Cache:
         if "sfcache" not in attrs:
             raise StoreError(f"{self.path}: not a complete sfcache store (no provenance in zarr.json)")
         self.attrs: dict = attrs["sfcache"]
+        if not isinstance(self.attrs, dict):
+            raise StoreError(f"{self.path / 'zarr.json'}: attributes.sfcache is a {type(self.attrs).__name__}, "
+                             "expected an object; the store is damaged: delete it and run `sf extract` again")
         if self.attrs.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{self.path}: store format_version {self.attrs.get('format_version')} "
                              f"is not supported (expected {FORMAT_VERSION})")
+        _validate_attrs(self.path / "zarr.json", self.attrs)
         targets = self.attrs["targets"]
         self.layers = tuple(int(x) for x in targets["layers"])
         self.views = tuple(targets["views"])
@@ -637,9 +691,17 @@ class Cache:
             if self._zstore is None:
                 self._zstore = zarr.storage.LocalStore(self.path, read_only=self.mode == "r")
             try:
-                self._arrays[name] = zarr.open_array(self._zstore, path=name, mode=self.mode, zarr_format=3)
+                array = zarr.open_array(self._zstore, path=name, mode=self.mode, zarr_format=3)
             except FileNotFoundError:
                 raise StoreError(f"{self.path}: array {name!r} is missing; the store is damaged") from None
+            except Exception as err:   # a damaged array zarr.json: zarr raises many types
+                raise StoreError(f"{self.path / name / 'zarr.json'}: unreadable array metadata "
+                                 f"({type(err).__name__}: {err}); the store is damaged") from None
+            rows = self.num_shards if name == "done" else self.num_steps
+            if array.shape[0] < rows:
+                raise StoreError(f"{self.path / name / 'zarr.json'}: array {name!r} has {array.shape[0]} rows, but "
+                                 f"zarr.json's index needs {rows}; the store is damaged")
+            self._arrays[name] = array
         return self._arrays[name]
 
     def shard_file(self, name: str, shard: int) -> Path:

@@ -647,3 +647,51 @@ def test_a_signal_to_the_process_group_ends_within_seconds_in_one_line_and_a_rer
     resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
     assert resumed.exit_code == 0, resumed.output
     assert_equal_stores(out, reference)
+
+
+# ----------------------------------------------------------------------------- damaged zarr.json
+
+def damage_attrs(change):
+    def apply(meta: Path) -> None:
+        document = json.loads(meta.read_text())
+        change(document["attributes"]["sfcache"])
+        meta.write_text(json.dumps(document))
+    return apply
+
+
+ZARR_JSON_DAMAGE = {
+    "layers of the wrong type": (damage_attrs(lambda a: a["targets"].update(layers="3")), "targets.layers"),
+    "grid of one number": (damage_attrs(lambda a: a["targets"].update(grid=[16])), "targets.grid"),
+    "num_steps a string": (damage_attrs(lambda a: a.update(num_steps="12")), "num_steps"),
+    "an episode longer than the array": (damage_attrs(lambda a: a["episodes"][-1].__setitem__(3, 400)), "episodes"),
+    "an episode of the wrong shape": (damage_attrs(lambda a: a["episodes"].__setitem__(0, ["k", 0])), "episodes[0]"),
+    "corrupt JSON": (lambda meta: meta.write_text(meta.read_text()[:-7]), "unreadable Zarr metadata"),
+}
+
+
+@pytest.mark.parametrize("damage", list(ZARR_JSON_DAMAGE))
+def test_a_damaged_zarr_json_is_one_line_naming_the_key_in_every_reader(tmp_path, reference, dataset, scheduler,
+                                                                        capsys, damage):
+    from sfcache.torch import CachedTargets
+
+    change, named = ZARR_JSON_DAMAGE[damage]
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    change(out / "zarr.json")
+    for argv in (["inspect-cache", str(out)], ["inspect-cache", str(out), "--json"]):
+        err = one_line_error(capsys, argv)
+        assert str(out / "zarr.json") in err and named in err, err
+    with pytest.raises(SystemExit) as exited:
+        main(["inspect-cache", str(out), "--check"])
+    captured = capsys.readouterr()
+    assert exited.value.code in (1, 2) and "Traceback" not in captured.out + captured.err
+    for reader in (open_cache, CachedTargets):
+        with pytest.raises(StoreError, match=named.replace("[", r"\[").replace("]", r"\]")):
+            reader(out)
+    overwrite = ["extract", str(dataset), "--out", str(out), *SHARDED, "--overwrite", "--scheduler", scheduler]
+    if damage == "corrupt JSON":     # cannot be told from someone else's data: the message says to delete it
+        err = one_line_error(capsys, overwrite)
+        assert f"{out / 'zarr.json'}: unreadable Zarr metadata" in err and f"delete {out}" in err, err
+    else:                            # recognisably ours: --overwrite replaces it
+        assert sf_extract(*overwrite[1:]).exit_code == 0
+        assert_equal_stores(out, reference)
