@@ -413,6 +413,9 @@ def _select(source: Source, cfg: ExtractConfig) -> list:
         infos = [info for info in infos if fnmatch.fnmatchcase(info.key, cfg.episodes)]
     if not infos:
         what = f"no episode key matches --episodes {cfg.episodes!r}" if cfg.episodes else "no episodes"
+        if source.skipped and not cfg.episodes:
+            what = (f"every episode is bad: all {len(source.skipped)} were skipped by --skip-bad, the first "
+                    f"because {source.skipped[0]}")
         raise SourceError(cfg.source, f"{what} (expected at least one)")
     return infos
 

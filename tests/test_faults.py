@@ -695,3 +695,26 @@ def test_a_damaged_zarr_json_is_one_line_naming_the_key_in_every_reader(tmp_path
     else:                            # recognisably ours: --overwrite replaces it
         assert sf_extract(*overwrite[1:]).exit_code == 0
         assert_equal_stores(out, reference)
+
+
+# ----------------------------------------------------------------------------- misleading messages
+
+def test_inspect_cache_refuses_a_bad_threshold_and_an_unwritable_pca_path_in_one_line(tmp_path, reference, capsys):
+    err = one_line_error(capsys, ["inspect-cache", str(reference), "--verify", "1", "--threshold", "2"])
+    assert "--threshold must be a cosine in (0, 1], got 2.0" in err
+    err = one_line_error(capsys, ["inspect-cache", str(reference), "--pca", str(tmp_path)])
+    assert f"--pca {tmp_path}: is a directory" in err
+    (tmp_path / "file").write_text("")
+    err = one_line_error(capsys, ["inspect-cache", str(reference), "--pca", str(tmp_path / "file" / "x.png")])
+    assert f"--pca {tmp_path / 'file' / 'x.png'}: cannot write the picture (" in err
+
+
+def test_every_episode_bad_with_skip_bad_says_so(tmp_path, capsys):
+    written = write_libero_hdf5(tmp_path / "data", tasks=1, demos=2, steps=4, size=16)
+    first = bad.libero_demo(written, lambda d: d.__delitem__("actions"), key="actions", expected="missing",
+                            demo="demo_0")
+    bad.libero_actions_shape(written)                              # demo_1
+    argv = ["extract", str(written.path), "--out", str(tmp_path / "store"), *TINY, "--skip-bad"]
+    err = one_line_error(capsys, argv)
+    assert "every episode is bad: all 2 were skipped by --skip-bad, the first because" in err
+    assert first.key in err and "missing" in err
