@@ -718,3 +718,20 @@ def test_every_episode_bad_with_skip_bad_says_so(tmp_path, capsys):
     err = one_line_error(capsys, argv)
     assert "every episode is bad: all 2 were skipped by --skip-bad, the first because" in err
     assert first.key in err and "missing" in err
+
+
+def test_long_work_off_a_terminal_prints_a_progress_line_regularly(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import sfcache.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.05)
+    log = io.StringIO()
+    with progress.progress_bar("steps", console=Console(file=log)) as bar:
+        task = bar.add_task("extract", total=10)
+        bar.advance(task, 3)
+        time.sleep(0.3)
+    lines = log.getvalue().splitlines()
+    assert len(lines) >= 2 and all(line.startswith("extract: 3/10 steps, ") for line in lines), lines
