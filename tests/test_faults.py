@@ -69,8 +69,13 @@ def reference(dataset, scheduler, tmp_path_factory) -> Path:
     return out
 
 
+OUTPUTS: list[str | Path] = []   # every fault test's user-visible output (text, or a log file): none may hold a traceback
+
+
 def sf_extract(*args) -> "CliRunner.Result":
-    return CliRunner().invoke(app, ["extract", *map(str, args)], catch_exceptions=False)
+    result = CliRunner().invoke(app, ["extract", *map(str, args)], catch_exceptions=False)
+    OUTPUTS.append(result.output)
+    return result
 
 
 def contents(path: Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -99,6 +104,7 @@ def spawn_extract(dataset: Path, out: Path, log: Path) -> subprocess.Popen:
     """`sf extract` with its own local cluster (1 worker process), in a new process group."""
     command = [sys.executable, "-m", "cli.main", "extract", str(dataset), "--out", str(out), *SHARDED,
                "--workers", "1"]
+    OUTPUTS.append(log)
     with log.open("wb") as stderr:
         return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
 
@@ -422,6 +428,7 @@ class ExternalCluster:
 def spawn_client(dataset: Path, out: Path, log: Path, *args: str) -> subprocess.Popen:
     """`sf extract` as a client of a running scheduler, in its own process group (the cluster is not its child)."""
     command = [sys.executable, "-m", "cli.main", "extract", str(dataset), "--out", str(out), *SHARDED, *args]
+    OUTPUTS.append(log)
     with log.open("wb") as stderr:
         return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
 
@@ -507,6 +514,7 @@ def one_line_error(capsys, argv: list[str], code: int = 2) -> str:
     with pytest.raises(SystemExit) as exited:
         main(argv)
     err = capsys.readouterr().err.strip()
+    OUTPUTS.append(err)
     assert exited.value.code == code and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     return err
 
@@ -735,3 +743,13 @@ def test_long_work_off_a_terminal_prints_a_progress_line_regularly(monkeypatch):
         time.sleep(0.3)
     lines = log.getvalue().splitlines()
     assert len(lines) >= 2 and all(line.startswith("extract: 3/10 steps, ") for line in lines), lines
+
+
+def test_no_fault_test_output_holds_a_traceback():
+    """Runs last: what every fault test above showed the user (CLI output, client logs) has no traceback."""
+    if not OUTPUTS:
+        pytest.skip("scans the outputs of the other tests in this module; run them together")
+    texts = [item.read_text(errors="replace") if isinstance(item, Path) else item for item in OUTPUTS
+             if not isinstance(item, Path) or item.exists()]
+    offending = [text for text in texts if "Traceback" in text]
+    assert not offending, offending[0]
