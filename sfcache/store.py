@@ -487,17 +487,28 @@ def _validate_attrs(meta: Path, attrs: dict) -> None:
     for key, low in (("num_steps", 0), ("steps_per_shard", 1), ("num_shards", 0)):
         if not is_int(attrs.get(key), low):
             fail(key, f"an integer >= {low}", attrs.get(key))
-    if attrs["num_shards"] != -(-attrs["num_steps"] // attrs["steps_per_shard"]):
-        fail("num_shards", f"ceil(num_steps / steps_per_shard) = {-(-attrs['num_steps'] // attrs['steps_per_shard'])}",
-             attrs["num_shards"])
     episodes = attrs.get("episodes")
     if not isinstance(episodes, list):
         fail("episodes", "a list of [key, instruction, start, length]", episodes)
-    row = 0
     for index, episode in enumerate(episodes):
         if not (isinstance(episode, list) and len(episode) == 4 and isinstance(episode[0], str)
                 and isinstance(episode[1], str) and is_int(episode[2]) and is_int(episode[3])):
             fail(f"episodes[{index}]", "[key, instruction, start, length]", episode)
+
+
+def _validate_index(meta: Path, attrs: dict) -> None:
+    """The episode index must tile rows [0, num_steps) back to back, in num_shards shards (checked before
+    the first read, so `inspect.check` can still list every inconsistency of an index it opened)."""
+    def fail(key: str, expected: str, value) -> None:
+        raise StoreError(f"{meta}: attributes.sfcache.{key} is {json.dumps(value)[:80]}, expected {expected}; "
+                         "the store is damaged: delete it and run `sf extract` again")
+
+    if attrs["num_shards"] != -(-attrs["num_steps"] // attrs["steps_per_shard"]):
+        fail("num_shards", f"ceil(num_steps / steps_per_shard) = {-(-attrs['num_steps'] // attrs['steps_per_shard'])}",
+             attrs["num_shards"])
+    row = 0
+    episodes = attrs["episodes"]
+    for index, episode in enumerate(episodes):
         if episode[2] != row:
             fail(f"episodes[{index}]", f"to start at row {row} (episodes are packed back to back)", episode)
         row += episode[3]
@@ -548,12 +559,13 @@ class Cache:
         self._arrays: dict[str, zarr.Array] = {}
         self._records: dict[str, EpisodeRecord] | None = None
         self._known_done: set[int] = set()
+        self._index_ok = False
 
     def __getstate__(self):
         if self.mode != "r":
             raise StoreError(f"{self.path}: only a read-only Cache can be sent to another process")
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("_zstore", "_arrays", "_records", "_known_done")}
+                if k not in ("_zstore", "_arrays", "_records", "_known_done", "_index_ok")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -567,6 +579,7 @@ class Cache:
 
     def episode(self, key: str) -> EpisodeRecord:
         """The rows of episode `key`."""
+        self._check_index()
         if self._records is None:
             self._records = {e[0]: EpisodeRecord(*e) for e in self.attrs["episodes"]}
         try:
@@ -574,6 +587,11 @@ class Cache:
         except KeyError:
             raise StoreError(f"{self.path}: episode {key!r} is not in this store "
                              f"({len(self.episodes)} episodes, e.g. {self.episodes[:3]})") from None
+
+    def _check_index(self) -> None:
+        if not self._index_ok:
+            _validate_index(self.path / "zarr.json", self.attrs)
+            self._index_ok = True
 
     def shard_rows(self, shard: int) -> slice:
         """Rows [start, stop) of a shard."""
@@ -590,6 +608,7 @@ class Cache:
 
     def missing_episodes(self) -> list[str]:
         """Keys of episodes with at least one row in a shard that is not done."""
+        self._check_index()
         done = self.done_shards()
         missing = []
         for key, _, start, length in self.attrs["episodes"]:
@@ -629,6 +648,7 @@ class Cache:
         if rows.size and (rows.dtype.kind not in "iu" or rows.min() < 0 or rows.max() >= self.num_steps):
             raise StoreError(f"{self.path}: rows must be integers in [0, {self.num_steps}), got {rows[:8].tolist()}")
         name = f"targets/layer_{self._layer(layer)}"
+        self._check_index()
         self._require_done(rows)
         runs, order = _contiguous_runs(rows)
         stored = self._checked_read(name, runs, order)
