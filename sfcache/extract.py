@@ -11,20 +11,19 @@ never depends on which task or which run computed it: a resumed store equals an 
 from __future__ import annotations
 
 import bisect
-import signal
 import ctypes
 import ctypes.util
 import fnmatch
 import logging
 import os
 import queue
+import signal
 import socket
 import threading
 import time
 import uuid
-from concurrent.futures import CancelledError
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -711,20 +710,21 @@ def _check_shared_store(cluster: _Cluster, job: _Job) -> None:
         views = cluster.client.run(_store_view, str(job.store), job.run)
     except (CancelledError, CommClosedError, OSError, TimeoutError) as error:
         raise _lost_scheduler(cluster.address, error) from None
-    for address, (host, found) in sorted(views.items()):
-        if found != job.run:
+    for address, (host, problem) in sorted(views.items()):
+        if problem:
             raise StoreError(f"{job.store}: the Dask worker {address} on host {host} does not see this store "
-                             f"({found or 'nothing there'}); --out must be on a file system shared by this client "
-                             "and every worker, at the same absolute path")
+                             f"({problem}); --out must be on a file system shared by this client and every worker, "
+                             "at the same absolute path")
 
 
 def _store_view(store: str, run: str) -> tuple[str, str]:
-    """(host, the run id this worker reads from the store's run marker, or why it cannot)."""
+    """(host, "" when this worker reads this run's id from the store's run marker, else what it finds)."""
+    marker = Path(store) / RUN_NAME
     try:
-        found = (Path(store) / RUN_NAME).read_text()
+        found = marker.read_text()
     except OSError as err:
-        found = f"{Path(store) / RUN_NAME}: {err.strerror}"
-    return socket.gethostname(), found if found == run else (found[:80] and f"it finds {found[:80]!r}")
+        return socket.gethostname(), f"{marker}: {err.strerror}"
+    return socket.gethostname(), "" if found == run else f"{marker} holds {found[:40]!r}, not this run's id"
 
 
 def _repair(cache, full: bool) -> list[dict]:
