@@ -634,7 +634,7 @@ def test_a_scheduler_without_workers_is_one_line_naming_it(tmp_path, dataset, mo
     assert not (tmp_path / "store").exists()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_to_the_process_group_ends_within_seconds_in_one_line_and_a_rerun_resumes(
         tmp_path, dataset, scheduler, reference, signum):
     out, log = tmp_path / "store", tmp_path / "victim.log"
