@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
 from sfcache.extract import ExtractConfig, extract as run_extract, plan
+from sfcache.errors import interrupts_raise
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
@@ -60,6 +62,8 @@ def extract(
     scheduler: str = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler (tcp://...)."),
     episodes: str = typer.Option(None, "--episodes", help="Only episodes whose key matches this fnmatch pattern."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with another configuration."),
+    repair: bool = typer.Option(False, "--repair", help="Also read back every done shard and redo those that fail "
+                                "(what `sf inspect-cache --check` reports); missing shard files are always redone."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     steps_per_shard: int = typer.Option(32, "--steps-per-shard", help="Steps per shard file (unit of resume)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable episodes out and list them at the end."),
@@ -72,7 +76,7 @@ def extract(
         layers=_parse_layers(layers), grid=_parse_grid(grid), recipe=recipe, preprocess=preprocess,
         compute_dtype=compute_dtype, dtype=dtype, codec=codec, checksum=checksum,
         batch_size=batch_size, steps_per_shard=steps_per_shard, workers=workers, scheduler=scheduler,
-        episodes=episodes, device=device, skip_bad=skip_bad, overwrite=overwrite, reduce=reduce,
+        episodes=episodes, device=device, skip_bad=skip_bad, overwrite=overwrite, repair=repair, reduce=reduce,
         min_cosine=min_cosine)
     console = Console(soft_wrap=True)
     if dry_run:
@@ -82,7 +86,11 @@ def extract(
         console.print(f"store size: about {facts['store_bytes_uncompressed'] / 2**30:.2f} GiB before compression",
                       highlight=False)
         return
-    summary = run_extract(cfg)
+    for name in ["distributed", *logging.root.manager.loggerDict]:   # failures reach the user as one line of ours
+        if name.startswith("distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    with interrupts_raise():
+        summary = run_extract(cfg)
     console.print(f"store {summary['store']}: {summary['shards_done']}/{summary['shards']} shards done, "
                   f"{summary['steps']} steps of {summary['episodes']} episodes ({summary['format']}, recipe "
                   f"{summary['recipe']}, views "
@@ -96,6 +104,8 @@ def extract(
         console.print(f"basis {summary['basis']} ({summary['reduce']['asked']}): " + "; ".join(
             f"layer {layer} K={f['k']}, held-out cosine mean {f['mean']:.5f}, p1 {f['p1']:.5f}, worst {f['worst']:.5f}"
             for layer, f in figures.items()) + f"; {summary['reduce']['bytes_per_step']} bytes per step", highlight=False)
+    for fixed in summary["repaired"]:
+        console.print(f"[yellow]redid shard {fixed['shard']}:[/] {fixed['why']}", highlight=False, soft_wrap=True)
     for skipped in summary["skipped_episodes"]:
         console.print(f"[yellow]skipped episode:[/] {skipped}", highlight=False, soft_wrap=True)
     for failure in summary["failed"]:

@@ -44,6 +44,10 @@ def inspect_cache(
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON on stdout instead."),
 ) -> None:
     """Summarise a target store; optionally check, verify and picture it. Exit 1 if --check or --verify fails."""
+    if threshold is not None and not 0 < threshold <= 1:
+        raise SfcacheError(f"--threshold must be a cosine in (0, 1], got {threshold}")
+    if pca is not None and pca.is_dir():
+        raise SfcacheError(f"--pca {pca}: is a directory; give the path of the PNG file to write")
     report: dict = {}
     if check:
         with _bar(as_json, "shards") as bar:
@@ -63,8 +67,12 @@ def inspect_cache(
             report["verify"] = inspection.verify(cache, verify, seed=seed, weights=vggt, device=resolve_device(device, torch.cuda.is_available()),
                                                  threshold=threshold, source_path=source, progress=bar)
     if pca is not None:
-        report["pca"] = inspection.pca_picture(cache, pca, steps=pca_steps, episode=episode, layer=layer,
-                                               source_path=source)
+        try:
+            report["pca"] = inspection.pca_picture(cache, pca, steps=pca_steps, episode=episode, layer=layer,
+                                                   source_path=source)
+        except OSError as error:
+            raise SfcacheError(f"--pca {pca}: cannot write the picture ({error.strerror or error}); "
+                               "choose a writable file path") from None
     _emit(report, as_json)
     if not report.get("check", {"ok": True})["ok"] or not report.get("verify", {"ok": True})["ok"]:
         raise typer.Exit(1)
@@ -180,6 +188,8 @@ def _render_check(console: Console, result: dict) -> None:
     for failure in result["failures"]:
         table.add_row(failure["where"], failure["what"])
     console.print(table)
+    console.print("to repair: run `sf extract` again with the same options and --repair; it redoes every shard "
+                  "that fails here (a missing shard file is redone by any rerun)", highlight=False)
 
 
 def _render_verify(console: Console, result: dict) -> None:

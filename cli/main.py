@@ -10,7 +10,7 @@ from rich.markup import escape
 
 import sfcache
 from cli import eval_libero, extract, inspect_cache, inspect_source, train
-from sfcache.errors import SfcacheError
+from sfcache.errors import Interrupted, SfcacheError
 
 app = typer.Typer(
     name="sf",
@@ -48,7 +48,7 @@ def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
         typer_app(args=argv, standalone_mode=True)
     except SfcacheError as err:
         Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(128 + err.signum if isinstance(err, Interrupted) else 2)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from functools import partial
+from typing import Iterator
 
 
 class SfcacheError(Exception):
@@ -45,3 +49,38 @@ class ConfigMismatch(StoreError):
     def __reduce__(self):
         """Rebuild from the fields, so the error survives pickling (Dask workers)."""
         return type(self), (self.store, self.differences)
+
+
+class RunSuperseded(StoreError):
+    """A task of an extraction run that is no longer the store's current run tried to write: it is fenced out."""
+
+
+class Interrupted(SfcacheError):
+    """SIGINT, SIGTERM or SIGHUP arrived; finished work is kept (the CLI exits 128 + signal)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; work finished so far is kept: "
+                         "run the same command again to resume")
+
+
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """Turn SIGINT, SIGTERM and SIGHUP (Ctrl-C, `kill`, a closed SSH terminal) into `Interrupted` in the main
+    thread, so long work unwinds its cleanup (stop tasks, release locks) and the CLI prints one line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in INTERRUPTS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

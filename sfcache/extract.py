@@ -17,11 +17,13 @@ import fnmatch
 import logging
 import os
 import queue
+import signal
+import socket
 import threading
 import time
 import uuid
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,23 +33,27 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 from distributed import Client, Nanny, Scheduler, SpecCluster, WorkerPlugin, as_completed, get_worker, wait
+from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
 from sfcache.device import HostCopy, encode_on_device, pinned, to_device
-from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError
+from sfcache.errors import Interrupted, SfcacheError, SourceError, StoreError, WeightsError
 from sfcache.pooling import pooled_targets
 from sfcache.progress import progress_bar
 from sfcache.recipes import Recipe, camera_views, get_recipe, recipe_inputs, resolve_preprocess, slot_layout
 from sfcache.sources import Source, open_source
 from sfcache.reduce import Moments, check_fidelity, fit, parse_reduce, request, sample_rows, valid_tokens
-from sfcache.store import (CODECS, DTYPES, Reduction, StoreConfig, create_store, lock_store, open_cache, pack_episodes,
-                           resumable_reduction, step_bytes)
+from sfcache.store import (CODECS, DTYPES, RUN_NAME, Reduction, StoreConfig, create_store, current_run, lock_store,
+                           open_cache, pack_episodes, resumable_reduction, step_bytes, store_run)
 from sfcache.vggt import VGGTConfig, load_vggt, preprocess, weights_config
 from sfcache.vggt.preprocess import device_images, output_size
 
 __all__ = ["ExtractConfig", "extract", "plan", "torch_threads"]
 
 STOP_NAME = ".sfcache.stop"   # created by the client to make running tasks finish their shard and return
+WORKER_WAIT_S = 60            # how long a running scheduler may have no workers before we give up
+STOP_WAIT_S = 600             # after a failure, how long running tasks may take to finish their shard
+INTERRUPT_WAIT_S = 5          # ... after Ctrl-C / SIGTERM / SIGHUP (the run fence stops any later write)
 MAX_SHARDS_PER_TASK = 8
 TASKS_PER_WORKER = 4          # enough tasks to balance workers and move the progress bar smoothly
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc mallopt parameters
@@ -82,6 +88,7 @@ class ExtractConfig:
     overwrite: bool = False
     reduce: str = "none"                       # none | pca:K | pca:auto (sfcache.reduce)
     min_cosine: float | None = None            # held-out mean per-token cosine a reduced store must reach
+    repair: bool = False                       # also decode every done shard; redo those that fail (see _repair)
 
     def __post_init__(self):
         object.__setattr__(self, "source", Path(self.source))
@@ -142,6 +149,7 @@ class _Job:
     skip_bad: bool
     store: Path
     workers_per_host: dict[str, int]   # to share a host's cores between its workers' torch threads
+    run: str = ""                      # the extraction run's id: tasks write only while it is the store's (fencing)
 
 
 class VGGTWorker(WorkerPlugin):
@@ -175,7 +183,8 @@ class VGGTWorker(WorkerPlugin):
         """Extract whole shards; expected failures come back as data (no Dask retry of a bad file)."""
         cache = open_cache(self.job.store, mode="r+")
         todo = [s for s, done in zip(shards, cache.done_shards(shards)) if not done]
-        report = {"steps": 0, "failed": [], "error": None}
+        report = {"steps": 0, "failed": [], "error": None, "written": {}, "host": socket.gethostname(),
+                  "store": os.path.realpath(self.job.store)}
         stop_file = self.job.store / STOP_NAME
         index = _RowIndex(cache.attrs["episodes"])
         pending: deque = deque()
@@ -191,10 +200,11 @@ class VGGTWorker(WorkerPlugin):
                     break
                 images, mask = inputs
                 outputs.append((self._targets(images, "float32" if cache.reduced else cache.dtype), mask))
+                _log_progress(self.job.run, _steps_in(images))
                 if last:
-                    pending.append(writer.submit(self._write, cache, shard, outputs))
+                    pending.append((shard, writer.submit(self._write, cache, shard, outputs, self.job.run)))
                     outputs = []
-                while pending and (pending[0].done() or len(pending) > 1):
+                while pending and (pending[0][1].done() or len(pending) > 1):
                     if not _collect(pending.popleft(), report):
                         break
                 if report["error"]:
@@ -207,8 +217,8 @@ class VGGTWorker(WorkerPlugin):
         """(shard, (images, token mask | None) | SourceError, last batch of the shard?) in row order."""
         img_size = self.model.config.img_size
         for shard in shards:
-            if stop_file.exists():
-                return
+            if stop_file.exists() or current_run(self.job.store) != self.job.run:
+                return   # asked to stop, or this run was superseded or has ended: compute nothing more
             rows = cache.shard_rows(shard)
             try:
                 for start in range(rows.start, rows.stop, self.job.batch_size):
@@ -264,15 +274,16 @@ class VGGTWorker(WorkerPlugin):
         return {layer: stored for layer, (stored, _) in self._targets(images, "float32").get().items()}, mask
 
     @staticmethod
-    def _write(cache, shard: int, outputs: list[tuple[HostCopy, np.ndarray | None]]) -> int:
-        """Write one shard from its batches' (encoded targets, mask); returns its number of steps."""
+    def _write(cache, shard: int, outputs: list[tuple[HostCopy, np.ndarray | None]], run: str) -> tuple[int, int, dict]:
+        """Write one shard (fenced by the run) from its batches' (encoded targets, mask); returns (shard, steps,
+        file digests)."""
         batches = [copy.get() for copy, _ in outputs]
-        targets = {layer: _concat([batch[layer] for batch in batches]) for layer in batches[0]}
+        encoded = {layer: _concat([batch[layer] for batch in batches]) for layer in batches[0]}
         targets = {layer: stored if stored.dtype == np.float32 else (stored, scales)   # float32: the store encodes
-                   for layer, (stored, scales) in targets.items()}
+                   for layer, (stored, scales) in encoded.items()}
         masks = [mask for _, mask in outputs]
-        cache.write_shard(shard, targets, None if masks[0] is None else np.concatenate(masks))
-        return len(next(iter(targets.values()))[0])
+        cache.write_shard(shard, targets, None if masks[0] is None else np.concatenate(masks), run=run)
+        return shard, len(next(iter(encoded.values()))[0]), cache.shard_digests(shard)
 
 
 def _concat(parts: list[tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -281,14 +292,31 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarr
     return stored, None if parts[0][1] is None else np.concatenate([part[1] for part in parts])
 
 
-def _collect(future, report: dict) -> bool:
-    """Fold a finished shard write into the task report; False after a store error."""
+def _steps_in(images: torch.Tensor | list[tuple[torch.Tensor, tuple[int, int]]]) -> int:
+    """Steps in a batch: preprocessed images [B, ...], or each episode piece's host frames [T, ...]."""
+    return len(images) if isinstance(images, torch.Tensor) else sum(len(host) for host, _ in images)
+
+
+def _collect(pending: tuple, report: dict) -> bool:
+    """Fold a finished shard write into the task report; False after a store error (the first one is kept)."""
+    shard, future = pending
     try:
-        report["steps"] += future.result()
+        shard, steps, digests = future.result()
     except StoreError as error:
-        report["error"] = str(error)
+        if report["error"] is None:
+            report["error"], report["error_shard"] = str(error), shard
         return False
+    report["steps"] += steps
+    report["written"][shard] = digests
     return True
+
+
+def _log_progress(run: str, steps: int) -> None:
+    """Tell the client that `steps` more steps were computed (moves its progress bar per batch)."""
+    try:
+        get_worker().log_event(f"sfcache-progress-{run}", steps)
+    except ValueError:   # not inside a Dask worker (direct calls): no one to tell
+        pass
 
 
 def _error_fields(error: SourceError) -> dict:
@@ -415,14 +443,15 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
     source, recipe, layout = _open(cfg, Path(cfg.source).resolve())
     infos = _select(source, cfg)
-    with lock_store(cfg.out), ExitStack() as stack:
-        (cfg.out / STOP_NAME).unlink(missing_ok=True)
+    with lock_store(cfg.out), store_run(cfg.out) as run, ExitStack() as stack:
+        _remove_stop_file(cfg.out)
         cluster_started = time.perf_counter()
         cluster = _connect(cfg, stack)
         job = _Job(source=source, weights=cfg.vggt, device=cluster.device, layers=cfg.layers,
                    grid=cfg.grid, preprocess=cfg.preprocess, recipe=recipe, layout=layout,
                    compute_dtype=cfg.compute_dtype, batch_size=cfg.batch_size, skip_bad=cfg.skip_bad,
-                   store=cfg.out.resolve(), workers_per_host=_workers_per_host(cluster.client))
+                   store=cfg.out.resolve(), workers_per_host=_workers_per_host(cluster.client), run=run)
+        _check_shared_store(cluster, job)
         plugin, facts, devices = _load_models(cluster.client, job, cfg, stack)
         cluster_seconds = time.perf_counter() - cluster_started
         config = VGGTConfig.from_dict(facts["config"])
@@ -447,19 +476,24 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
             check_fidelity(reduction)
             store_config = replace(store_config, reduce=reduction)
         cache = create_store(cfg.out, store_config, overwrite=cfg.overwrite)
+        repaired = _repair(cache, cfg.repair)
         pending = [int(s) for s in np.flatnonzero(~cache.done_shards())]
-        outcome = _run_shards(cluster, cache, plugin, pending, progress, cfg.skip_bad)
+        outcome = _run_shards(cluster, cache, plugin, pending, progress, cfg.skip_bad, run)
+        _verify_written(cache, outcome["written"])
     final = open_cache(cfg.out)
+    extracted = _steps_of(final, list(outcome["written"]))
     return {"store": str(cfg.out), "format": source.format, "views": list(layout), "recipe": recipe.name,
             "layers": list(layers),
             "episodes": len(infos), "steps": final.num_steps,
             "shards_done": int(final.done_shards().sum()), "shards": final.num_shards,
-            "extracted_steps": outcome["steps"], "already_done_steps": final.num_steps - _steps_of(cache, pending),
-            "failed": outcome["failed"], "skipped_episodes": [str(e) for e in source.skipped], "basis": fitted,
+            "extracted_steps": extracted,
+            "already_done_steps": _steps_of(final, np.flatnonzero(final.done_shards()).tolist()) - extracted,
+            "failed": outcome["failed"], "repaired": repaired, "run": run,
+            "skipped_episodes": [str(e) for e in source.skipped], "basis": fitted,
             "reduce": final.attrs["targets"].get("reduce"),
             "missing_episodes": final.missing_episodes(), "workers": cluster.workers, "device": devices,
             "cluster_startup_s": round(cluster_seconds, 3), "extract_s": round(outcome["seconds"], 3),
-            "steps_per_s": round(outcome["steps"] / outcome["seconds"], 3) if outcome["seconds"] else 0.0,
+            "steps_per_s": round(extracted / outcome["seconds"], 3) if outcome["seconds"] else 0.0,
             "total_s": round(time.perf_counter() - started, 3)}
 
 
@@ -518,6 +552,9 @@ def _select(source: Source, cfg: ExtractConfig) -> list:
         infos = [info for info in infos if fnmatch.fnmatchcase(info.key, cfg.episodes)]
     if not infos:
         what = f"no episode key matches --episodes {cfg.episodes!r}" if cfg.episodes else "no episodes"
+        if source.skipped and not cfg.episodes:
+            what = (f"every episode is bad: all {len(source.skipped)} were skipped by --skip-bad, the first "
+                    f"because {source.skipped[0]}")
         raise SourceError(cfg.source, f"{what} (expected at least one)")
     return infos
 
@@ -525,6 +562,7 @@ def _select(source: Source, cfg: ExtractConfig) -> list:
 @dataclass(frozen=True)
 class _Cluster:
     client: Client
+    address: str                      # the scheduler's, for messages
     workers: int
     device: str                       # cpu | cuda, the same on every worker
     task_resources: dict | None       # {"GPU": 1} when every worker advertises a GPU resource
@@ -534,17 +572,19 @@ def _connect(cfg: ExtractConfig, stack: ExitStack) -> _Cluster:
     """A Dask client: the given scheduler, or a local cluster of one worker per GPU or N CPU workers."""
     if cfg.scheduler:
         try:
-            client = stack.enter_context(Client(cfg.scheduler, timeout="30s"))
+            client = Client(cfg.scheduler, timeout="30s")
         except OSError as error:
             raise SfcacheError(f"cannot reach Dask scheduler {cfg.scheduler}: {error}") from None
-        client.wait_for_workers(1, timeout=600)
+        stack.callback(_close_client, client)
+        _wait_for_workers(client, cfg.scheduler)
         infos = client.scheduler_info(n_workers=-1)["workers"].values()
         cuda = set(client.run(torch.cuda.is_available).values())
         if cfg.device == "cuda" and cuda != {True}:
             raise SfcacheError(f"--device cuda, but some workers of {cfg.scheduler} have no GPU")
         device = resolve_device(cfg.device, cuda == {True})
         gpu_resources = all(info.get("resources", {}).get("GPU", 0) >= 1 for info in infos)
-        return _Cluster(client, len(infos), device, {"GPU": 1} if device == "cuda" and gpu_resources else None)
+        return _Cluster(client, cfg.scheduler, len(infos), device,
+                        {"GPU": 1} if device == "cuda" and gpu_resources else None)
     device = resolve_device(cfg.device, torch.cuda.is_available())
     gpus = _visible_gpus() if device == "cuda" else []
     workers = cfg.workers or (len(gpus) if gpus else 1)
@@ -554,12 +594,58 @@ def _connect(cfg: ExtractConfig, stack: ExitStack) -> _Cluster:
         specs = {f"gpu{g}": _worker_spec({"CUDA_VISIBLE_DEVICES": g}, {"GPU": 1}) for g in gpus[:workers]}
     else:
         specs = {f"cpu{i}": _worker_spec({}, {}) for i in range(workers)}
-    local = stack.enter_context(SpecCluster(
-        scheduler={"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": ":0"}},
-        workers=specs, silence_logs=logging.CRITICAL, name="sfcache"))
-    client = stack.enter_context(Client(local))
-    client.wait_for_workers(workers, timeout=600)
-    return _Cluster(client, workers, device, {"GPU": 1} if device == "cuda" else None)
+    with _workers_ignore_interrupts():
+        local = stack.enter_context(SpecCluster(
+            scheduler={"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False,
+                                                     "dashboard_address": ":0"}},
+            workers=specs, silence_logs=logging.CRITICAL, name="sfcache"))
+        client = stack.enter_context(Client(local))
+        client.wait_for_workers(workers, timeout=600)
+    return _Cluster(client, local.scheduler_address, workers, device, {"GPU": 1} if device == "cuda" else None)
+
+
+@contextmanager
+def _workers_ignore_interrupts() -> Iterator[None]:
+    """Start local worker processes with SIGINT and SIGHUP ignored (they inherit it): Ctrl-C in a terminal
+    reaches the whole process group, and only this client should act on it (stop the tasks, release the
+    lock) instead of every worker printing a KeyboardInterrupt traceback. A Ctrl-C during these few
+    seconds of start-up is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _close_client(client: Client) -> None:
+    """Disconnect without waiting out Dask's reconnect attempts when the scheduler is gone."""
+    try:
+        client.close(timeout=5 if client.status == "running" else 0.5)
+    except Exception:  # already closed or unreachable: nothing left to release
+        pass
+
+
+def _wait_for_workers(client: Client, address: str) -> None:
+    """Wait up to WORKER_WAIT_S for a worker to join a running scheduler, saying so after a few seconds."""
+    first = min(5, WORKER_WAIT_S)
+    try:
+        client.wait_for_workers(1, timeout=first)
+        return
+    except TimeoutError:
+        pass
+    logging.getLogger("sfcache").warning("waiting for a Dask worker to join %s ...", address)
+    try:
+        client.wait_for_workers(1, timeout=max(WORKER_WAIT_S - first, 0.01))
+    except TimeoutError:
+        raise SfcacheError(f"the Dask scheduler {address} has no workers after {WORKER_WAIT_S} s; start some with "
+                           f"`dask worker {address}` (on machines that see --out at the same path), then run "
+                           "again") from None
+    except (CancelledError, CommClosedError, OSError) as error:
+        raise _lost_scheduler(address, error) from None
 
 
 def _worker_spec(env: dict, resources: dict) -> dict:
@@ -605,6 +691,8 @@ def _load_models(client: Client, job: _Job, cfg: ExtractConfig, stack: ExitStack
 
 
 def _unregister(client: Client, name: str) -> None:
+    if client.status != "running":   # the scheduler is gone (Dask is trying to reconnect): nothing to free
+        return
     try:
         client.unregister_worker_plugin(name)
     except Exception:  # the cluster may already be gone; nothing to free then
@@ -629,54 +717,200 @@ def _native_grid(source: Source, infos: list, mode: str, config: VGGTConfig) -> 
     return (height // config.patch_size, width // config.patch_size), width / height
 
 
-def _run_shards(cluster: _Cluster, cache, plugin: str, pending: list[int], progress: bool, skip_bad: bool) -> dict:
-    """Submit shard-range tasks, advance the bar as they finish, stop everything cleanly on a failure."""
+def _run_shards(cluster: _Cluster, cache, plugin: str, pending: list[int], progress: bool, skip_bad: bool,
+                run: str = "") -> dict:
+    """Submit shard-range tasks, advance the bar per batch, stop everything cleanly on a failure.
+
+    Returns {"steps", "failed", "written": {shard: {"host", "store", "digests"}}, "seconds"}.
+    """
     per_task = max(1, min(MAX_SHARDS_PER_TASK, -(-len(pending) // (cluster.workers * TASKS_PER_WORKER))))
     groups = _consecutive_groups(pending, per_task)
     started = time.perf_counter()
     futures = [cluster.client.submit(_run_task, plugin, group, key=f"sfcache-shards-{group[0]}-{group[-1]}-{plugin}",
                                      resources=cluster.task_resources, retries=2, pure=False) for group in groups]
-    outcome = {"steps": 0, "failed": []}
+    outcome: dict = {"steps": 0, "failed": [], "written": {}}
+    total = _steps_of(cache, pending)
     bar = progress_bar("steps") if progress else None
+    topic = f"sfcache-progress-{run}"
+    interrupted = False
     try:
         with bar or nullcontext():
-            task = bar.add_task("extract", total=_steps_of(cache, pending)) if bar else None
+            task = bar.add_task("extract", total=total) if bar else None
+            if bar:
+                cluster.client.subscribe_topic(topic, lambda event: bar.advance(task, event[1]))
             for future in as_completed(futures):
-                try:
-                    report = future.result()
-                except KilledWorker as error:
-                    raise SfcacheError(f"a Dask worker died repeatedly running shards ({error}); finished shards "
-                                       "are kept, run the same command again to resume") from None
+                report = _task_report(future, cluster)
                 outcome["steps"] += report["steps"]
                 outcome["failed"] += report["failed"]
-                if bar:
-                    bar.advance(task, report["steps"])
+                outcome["written"].update({int(shard): {"host": report["host"], "store": report["store"],
+                                                        "digests": digests}
+                                           for shard, digests in report["written"].items()})
+                if bar:   # per-batch events may count a batch twice after a worker death: settle on shards
+                    bar.update(task, completed=min(total, max(bar.tasks[0].completed,
+                                                              _steps_of(cache, list(outcome["written"])))))
                 if report["error"]:
-                    raise StoreError(report["error"])
+                    raise StoreError(_first_error(futures, report))
                 if report["failed"] and not skip_bad:
                     first = report["failed"][0]
                     raise SourceError(first["file"], f"{first['what']} (shard {first['shard']} left not done)",
                                       episode=first["episode"], key=first["key"])
-    except BaseException:
-        _stop_tasks(cache.path, futures)
+    except (KeyboardInterrupt, Interrupted):
+        interrupted = True
         raise
+    except _LostScheduler:   # nothing to stop from here; the run fence stops what still runs out there
+        raise
+    except BaseException:
+        _stop_tasks(cache.path, futures, STOP_WAIT_S)
+        raise
+    finally:
+        if interrupted:
+            _stop_tasks(cache.path, futures, INTERRUPT_WAIT_S)
+        if bar:
+            _unsubscribe(cluster.client, topic)
     return {**outcome, "seconds": time.perf_counter() - started}
 
 
-def _stop_tasks(store: Path, futures: list) -> None:
-    """Make running tasks finish their current shard and queued ones return at once, then wait for them,
-    so that no task writes after the lock is released."""
+def _task_report(future, cluster: _Cluster) -> dict:
+    """A finished task's report; a lost scheduler or a worker dying again and again as one SfcacheError."""
+    try:
+        return future.result()
+    except KilledWorker as error:
+        raise SfcacheError(f"a Dask worker died repeatedly running shards ({error}); finished shards "
+                           "are kept, run the same command again to resume") from None
+    except (CancelledError, CommClosedError, OSError, TimeoutError) as error:
+        raise _lost_scheduler(cluster.address, error) from None
+
+
+class _LostScheduler(SfcacheError):
+    """The client lost its Dask scheduler."""
+
+
+def _lost_scheduler(address: str, error: BaseException) -> SfcacheError:
+    reason = (str(error).strip().splitlines() or [""])[0]
+    return _LostScheduler(f"lost the Dask scheduler {address} ({type(error).__name__}: {reason}); finished shards "
+                        "are kept: start the scheduler and its workers again (or pass another --scheduler) and run "
+                        "the same command to resume")
+
+
+def _first_error(futures: list, report: dict) -> str:
+    """The write failure of the lowest shard among the tasks finished so far (the first to fix)."""
+    errors = [report]
+    for future in futures:
+        if future.status == "finished":
+            try:
+                other = future.result(timeout=1)
+            except Exception:   # a failed or lost task has no report to offer
+                continue
+            if other.get("error"):
+                errors.append(other)
+    return min(errors, key=lambda r: r.get("error_shard", 1 << 62))["error"]
+
+
+def _unsubscribe(client: Client, topic: str) -> None:
+    if client.status != "running":
+        return
+    try:
+        client.unsubscribe_topic(topic)
+    except Exception:  # the cluster may already be gone
+        pass
+
+
+def _stop_tasks(store: Path, futures: list, timeout: float) -> None:
+    """Make running tasks finish their current shard and queued ones return at once, then wait for them
+    (at most `timeout` s), so that no task writes after the lock is released; the run fence stops any
+    straggler from writing once this run has ended."""
     stop_file = store / STOP_NAME
     try:
         stop_file.touch()
     except OSError:   # a read-only store: running tasks stop at their next failing write instead
         pass
     try:
-        wait(futures, timeout=600)
-    except Exception:  # a timeout or a dead cluster: nothing more can be done from here
+        wait(futures, timeout=timeout)
+    except BaseException:  # a timeout, a dead cluster or a second Ctrl-C: the fence covers the rest
         pass
     finally:
-        stop_file.unlink(missing_ok=True)
+        for future in futures:
+            try:
+                future.cancel()
+            except Exception:  # the cluster is gone
+                pass
+        _remove_stop_file(store)
+
+
+def _remove_stop_file(store: Path) -> None:
+    try:
+        (store / STOP_NAME).unlink(missing_ok=True)
+    except OSError as err:
+        raise StoreError(f"{store / STOP_NAME}: cannot remove ({err.strerror}); --out must be writable") from None
+
+
+def _check_shared_store(cluster: _Cluster, job: _Job) -> None:
+    """Every worker must see the store the client locked, at the same absolute path (its run marker)."""
+    try:
+        views = cluster.client.run(_store_view, str(job.store), job.run)
+    except (CancelledError, CommClosedError, OSError, TimeoutError) as error:
+        raise _lost_scheduler(cluster.address, error) from None
+    for address, (host, problem) in sorted(views.items()):
+        if problem:
+            raise StoreError(f"{job.store}: the Dask worker {address} on host {host} does not see this store "
+                             f"({problem}); --out must be on a file system shared by this client and every worker, "
+                             "at the same absolute path")
+
+
+def _store_view(store: str, run: str) -> tuple[str, str]:
+    """(host, "" when this worker reads this run's id from the store's run marker, else what it finds)."""
+    marker = Path(store) / RUN_NAME
+    try:
+        found = marker.read_text()
+    except OSError as err:
+        return socket.gethostname(), f"{marker}: {err.strerror}"
+    return socket.gethostname(), "" if found == run else f"{marker} holds {found[:40]!r}, not this run's id"
+
+
+def _repair(cache, full: bool) -> list[dict]:
+    """Clear the done flags of done shards this client cannot read back, so that this run redoes them.
+
+    Always: a shard file that is missing. With `full` (--repair): every done shard is also decoded
+    (checksums, when the store has them) and checked for NaN/Inf.
+    """
+    broken = {shard: f"{file} is missing" for shard, file in cache.missing_shard_files().items()}
+    if full:
+        for shard in np.flatnonzero(cache.done_shards()).tolist():
+            for layer in () if shard in broken else cache.layers:
+                try:
+                    values = cache.read_rows(cache.shard_rows(shard), layer=layer)
+                except StoreError as error:
+                    broken[shard] = str(error)
+                    break
+                if not np.isfinite(values).all():
+                    broken[shard] = f"layer {layer} holds NaN or Inf"
+                    break
+    if broken:
+        cache.mark_not_done(sorted(broken))
+    return [{"shard": shard, "why": why} for shard, why in sorted(broken.items())]
+
+
+def _verify_written(cache, written: dict[int, dict]) -> None:
+    """Before reporting success: every shard a worker wrote must read back, from this client's view of the
+    file system, with the size and CRC the worker saw, and its done flag must be visible here. Shards
+    that fail are marked not done (redone on the next run) and named with the worker's host and path."""
+    shards = sorted(written)
+    seen_done = dict(zip(shards, cache.done_shards(shards).tolist()))
+    bad = []
+    for shard in shards:
+        ours, theirs = cache.shard_digests(shard), written[shard]["digests"]
+        if ours != theirs or not seen_done[shard]:
+            file = next((f for f in theirs if ours.get(f) != theirs[f]), f"done/c/{shard}")
+            bad.append((shard, file, "missing" if ours.get(file) is None else "different"))
+    if not bad:
+        return
+    cache.mark_not_done([shard for shard, _, _ in bad])
+    shard, file, how = bad[0]
+    where = written[shard]
+    raise StoreError(f"{cache.path / file}: shard {shard} was written by the Dask worker on host {where['host']} at "
+                     f"{Path(where['store']) / file}, but this client finds it {how}; {len(bad)} shard(s) left not "
+                     "done. --out must be on a file system shared by this client and every worker (not a job's "
+                     "private /tmp); fix that and run the same command again to redo them")
 
 
 def _consecutive_groups(shards: list[int], size: int) -> list[list[int]]:

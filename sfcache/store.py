@@ -10,13 +10,16 @@ even a power loss cannot leave a flag without its data. Resuming redoes every sh
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import shutil
 import socket
 import time
-from contextlib import contextmanager
+import uuid
+import zlib
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,11 +30,12 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from sfcache import __version__
-from sfcache.errors import ConfigMismatch, StoreError
+from sfcache.errors import ConfigMismatch, RunSuperseded, StoreError
 from sfcache.shard_file import direct_layout, write_shard_file
 
-__all__ = ["CODECS", "DTYPES", "Cache", "EpisodeRecord", "Reduction", "StoreConfig", "create_store", "decode",
-           "encode", "int8_block", "lock_store", "open_cache", "pack_episodes", "resumable_reduction", "step_bytes"]
+__all__ = ["CODECS", "DTYPES", "Cache", "EpisodeRecord", "Reduction", "StoreConfig", "create_store", "current_run",
+           "decode", "encode", "int8_block", "is_locked", "lock_store", "open_cache", "pack_episodes",
+           "resumable_reduction", "step_bytes", "store_run"]
 
 # 2: int8 scales per token and channel block, recipe and optional token mask. 1 (int8 scales per
 # step/view/channel) stays readable; resuming a version-1 store asks for --overwrite.
@@ -42,6 +46,9 @@ MASK_ARRAY = "targets/mask"
 DTYPES = ("float16", "bfloat16", "int8")
 CODECS = ("none", "zstd", "blosc-zstd")
 LOCK_NAME = ".sfcache.lock"
+RUN_NAME = ".sfcache.run"     # the id of the one extraction run allowed to write (see store_run)
+RUN_ENDED = "ended"
+KEPT = (LOCK_NAME, RUN_NAME)   # what clearing a store for --overwrite keeps (both are held open by flock)
 _STORED_DTYPE = {"float16": "float16", "bfloat16": "uint16", "int8": "int8"}
 
 
@@ -269,61 +276,189 @@ def _episodes_summary(episodes: list) -> str:
 
 @contextmanager
 def lock_store(path: str | Path) -> Iterator[Path]:
-    """Hold STORE/.sfcache.lock (O_CREAT|O_EXCL) for the duration; a lock of a dead pid on this host is stale."""
+    """Hold STORE/.sfcache.lock for the duration: an flock on the open file, not a pid in it.
+
+    The kernel drops the flock when its holder dies (kill -9 included), so a leftover, empty or garbage
+    lock file never blocks a later run, and a live holder that this process cannot see (another PID
+    namespace or container on the same host, another host on NFS) is never judged dead.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path}: is a file; a store is a directory (choose another --out)")
     created = not path.exists()
     lock = path / LOCK_NAME
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        descriptor = _hold_lock_file(lock)
+    except OSError as err:
+        raise StoreError(f"{lock}: cannot create the store lock ({err.strerror}); --out must be a writable "
+                         "directory on a file system with file locks") from None
     mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    for attempt in range(2):
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(lock)
-            if attempt == 0 and _is_stale(holder):
-                lock.unlink(missing_ok=True)
-                continue
-            since = datetime.fromtimestamp(holder.get("started", 0), timezone.utc).isoformat(timespec="seconds")
-            raise StoreError(f"{lock}: store is locked by pid {holder.get('pid')} on host {holder.get('host')} "
-                             f"since {since}; another extractor is writing it. If none is running, delete {lock}")
-        except OSError as err:
-            raise StoreError(f"{lock}: cannot create the store lock ({err.strerror}); --out must be a writable "
-                             "directory") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(mine, f)
-        break
+    try:
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, json.dumps(mine).encode(), 0)
+        os.fsync(descriptor)
+    except OSError as err:
+        _release_lock(descriptor, lock, path, created)
+        raise StoreError(f"{lock}: cannot write the store lock ({err.strerror}); free space or make {path} "
+                         "writable, then run again") from None
     try:
         yield lock
     finally:
+        _release_lock(descriptor, lock, path, created)
+
+
+def _hold_lock_file(lock: Path) -> int:
+    """An open descriptor of `lock` holding its exclusive flock; StoreError naming the holder if it is taken."""
+    while True:
+        descriptor = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            if _read_lock(lock) == mine:
-                lock.unlink(missing_ok=True)
-            if created and not any(path.iterdir()):   # nothing was written: leave no empty store behind
-                path.rmdir()
-        except OSError:   # the store turned read-only: keep the error that ended the run; once this
-            pass          # process is gone, its lock is stale and the next run takes it over
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise StoreError(_locked_message(lock)) from None
+        except OSError:
+            os.close(descriptor)
+            raise
+        try:
+            current = os.stat(lock).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(descriptor).st_ino:
+            return descriptor
+        os.close(descriptor)   # the holder removed the file as we opened it: lock the new one
+
+
+def _locked_message(lock: Path) -> str:
+    holder = _read_lock(lock)
+    if isinstance(holder.get("pid"), int) and isinstance(holder.get("started"), (int, float)):
+        since = datetime.fromtimestamp(holder["started"], timezone.utc).isoformat(timespec="seconds")
+        who = f"pid {holder['pid']} on host {holder.get('host')} since {since}"
+    else:
+        who = "a running process (its lock file names no owner)"
+    return (f"{lock}: store is locked by {who}; another extractor is writing it (the lock is held open by a "
+            "live process and is released when it ends). Wait for it, or stop it, then run again")
+
+
+def _release_lock(descriptor: int, lock: Path, path: Path, created: bool) -> None:
+    try:
+        lock.unlink(missing_ok=True)   # while still holding it, so no one locks a file about to vanish
+        if created and not any(path.iterdir()):   # nothing was written: leave no empty store behind
+            path.rmdir()
+    except OSError:   # the store turned read-only: the file stays, but unlocked it blocks no later run
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _read_lock(lock: Path) -> dict:
     try:
-        return json.loads(lock.read_text())
+        holder = json.loads(lock.read_text())
     except (OSError, ValueError):
         return {}
+    return holder if isinstance(holder, dict) else {}
 
 
-def _is_stale(holder: dict) -> bool:
-    """True only when the holder ran on this host and its pid no longer exists."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+def is_locked(path: str | Path) -> bool:
+    """True while an extractor holds the store lock (a leftover lock file of a dead one does not count)."""
+    try:
+        descriptor = os.open(Path(path) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
         return False
     try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
-    return False
+    except OSError:
+        return True
+    finally:
+        os.close(descriptor)
+
+
+# ----------------------------------------------------------------------------- run fence
+
+@contextmanager
+def store_run(path: str | Path, wait: float = 60.0) -> Iterator[str]:
+    """Make this extraction run the only one allowed to write the store; yields its run id.
+
+    The id goes into STORE/.sfcache.run under an exclusive flock; every shard write holds a shared
+    flock on that file and writes only while the file holds its task's run id (`Cache.write_shard(run=)`).
+    So once a new run has started, or this one has ended, no task of an older client (killed, or cut off
+    from a cluster that lives on) can write a shard or set a done flag any more. Call inside `lock_store`.
+    """
+    path = Path(path)
+    run = uuid.uuid4().hex
+    _fence(path, run, wait)
+    try:
+        yield run
+    finally:
+        try:
+            _fence(path, RUN_ENDED, wait, remove=True)
+        except (OSError, StoreError):   # a read-only store, or a hung old worker: the next run fences again
+            pass
+
+
+def _fence(path: Path, token: str, wait: float, remove: bool = False) -> None:
+    """Wait for writes in progress (shared flocks) to end, then publish `token` as the store's run."""
+    marker = path / RUN_NAME
+    try:
+        descriptor = os.open(marker, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as err:
+        raise StoreError(f"{marker}: cannot create the run marker ({err.strerror}); --out must be writable") from None
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{marker}: a Dask worker of an earlier run is still writing a shard after "
+                                     f"{wait:.0f} s; stop the old workers (or wait), then run again") from None
+                time.sleep(0.05)
+        try:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, token.encode(), 0)
+            os.fsync(descriptor)
+            if remove:
+                marker.unlink(missing_ok=True)
+        except OSError as err:
+            raise StoreError(f"{marker}: cannot write the run marker ({err.strerror}); free space or make "
+                             f"{path} writable, then run again") from None
+    finally:
+        os.close(descriptor)
+
+
+def current_run(path: str | Path) -> str:
+    """The run id allowed to write the store now ("" when none: never started, or ended)."""
+    try:
+        token = (Path(path) / RUN_NAME).read_text()
+    except OSError:
+        return ""
+    return "" if token == RUN_ENDED else token
+
+
+@contextmanager
+def _run_fence(path: Path, run: str, what: str) -> Iterator[None]:
+    """Hold a shared flock on the run marker while writing `what`; StoreError when `run` is no longer current."""
+    try:
+        descriptor = os.open(path / RUN_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        descriptor = None
+    try:
+        current = ""
+        if descriptor is not None:
+            fcntl.flock(descriptor, fcntl.LOCK_SH)
+            token = os.pread(descriptor, 64, 0).decode(errors="replace")
+            current = "" if token == RUN_ENDED else token
+        if current != run:
+            now = f"run {current[:12]}" if current else "no run (it ended)"
+            raise RunSuperseded(f"{path}: {what} not written: this task belongs to extraction run {run[:12]}, "
+                                f"but the store now belongs to {now}; the task of a dead, interrupted or finished "
+                                "client is fenced out")
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
 
 
 # ----------------------------------------------------------------------------- create / open
@@ -418,19 +553,24 @@ def _existing_attrs(path: Path) -> dict | None:
     if not meta.exists():
         return None
     try:
-        return json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError) as err:
-        raise StoreError(f"{meta}: unreadable Zarr metadata ({err})") from err
+        attributes = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError) as err:
+        raise StoreError(f"{meta}: unreadable Zarr metadata ({err}); the store is damaged and cannot be told "
+                         f"from other data, so --overwrite will not replace it: delete {path} and run again") from None
+    if not isinstance(attributes, dict):
+        raise StoreError(f"{meta}: attributes is a {type(attributes).__name__}, expected an object; delete {path} "
+                         "and run again")
+    return attributes
 
 
 def _has_foreign_files(path: Path) -> bool:
-    return path.exists() and any(p.name != LOCK_NAME for p in path.iterdir())
+    return path.exists() and any(p.name not in KEPT for p in path.iterdir())
 
 
 def _clear(path: Path) -> None:
-    """Delete a store's contents, keeping the lock this process holds."""
+    """Delete a store's contents, keeping the lock and run marker (their flocks live on their inodes)."""
     for entry in path.iterdir():
-        if entry.name == LOCK_NAME:
+        if entry.name in KEPT:
             continue
         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
@@ -439,6 +579,62 @@ def _remove_partial_writes(path: Path) -> None:
     """Drop temporary files of writers that were killed mid-write (zarr writes `*.partial`, then renames)."""
     for leftover in path.rglob("*.partial"):
         leftover.unlink(missing_ok=True)
+
+
+def _validate_attrs(meta: Path, attrs: dict) -> None:
+    """Check the provenance fields readers rely on, so a hand-damaged zarr.json is one StoreError naming
+    the key and what was expected, not a ValueError or IndexError deep inside a read."""
+    def fail(key: str, expected: str, value) -> None:
+        raise StoreError(f"{meta}: attributes.sfcache.{key} is {json.dumps(value)[:80]}, expected {expected}; "
+                         "the store is damaged: delete it and run `sf extract` again")
+
+    def is_int(value, low: int = 0) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    targets = attrs.get("targets")
+    if not isinstance(targets, dict):
+        fail("targets", "an object", targets)
+    for key, expected, ok in [
+        ("layers", "a non-empty list of layer indices", lambda v: isinstance(v, list) and v and all(map(is_int, v))),
+        ("views", "a non-empty list of view names", lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v)),
+        ("grid", "[height, width] of positive integers", lambda v: isinstance(v, list) and len(v) == 2
+         and all(is_int(x, 1) for x in v)),
+        ("channels", "a positive integer", lambda v: is_int(v, 1)),
+        ("dtype", f"one of {', '.join(DTYPES)}", lambda v: v in DTYPES),
+    ]:
+        if not ok(targets.get(key)):
+            fail(f"targets.{key}", expected, targets.get(key))
+    for key, low in (("num_steps", 0), ("steps_per_shard", 1), ("num_shards", 0)):
+        if not is_int(attrs.get(key), low):
+            fail(key, f"an integer >= {low}", attrs.get(key))
+    episodes = attrs.get("episodes")
+    if not isinstance(episodes, list):
+        fail("episodes", "a list of [key, instruction, start, length]", episodes)
+    for index, episode in enumerate(episodes):
+        if not (isinstance(episode, list) and len(episode) == 4 and isinstance(episode[0], str)
+                and isinstance(episode[1], str) and is_int(episode[2]) and is_int(episode[3])):
+            fail(f"episodes[{index}]", "[key, instruction, start, length]", episode)
+
+
+def _validate_index(meta: Path, attrs: dict) -> None:
+    """The episode index must tile rows [0, num_steps) back to back, in num_shards shards (checked before
+    the first read, so `inspect.check` can still list every inconsistency of an index it opened)."""
+    def fail(key: str, expected: str, value) -> None:
+        raise StoreError(f"{meta}: attributes.sfcache.{key} is {json.dumps(value)[:80]}, expected {expected}; "
+                         "the store is damaged: delete it and run `sf extract` again")
+
+    if attrs["num_shards"] != -(-attrs["num_steps"] // attrs["steps_per_shard"]):
+        fail("num_shards", f"ceil(num_steps / steps_per_shard) = {-(-attrs['num_steps'] // attrs['steps_per_shard'])}",
+             attrs["num_shards"])
+    row = 0
+    episodes = attrs["episodes"]
+    for index, episode in enumerate(episodes):
+        if episode[2] != row:
+            fail(f"episodes[{index}]", f"to start at row {row} (episodes are packed back to back)", episode)
+        row += episode[3]
+    if row != attrs["num_steps"]:
+        fail("episodes", f"lengths summing to num_steps = {attrs['num_steps']}, not {row}",
+             f"{len(episodes)} episodes")
 
 
 def open_cache(path: str | Path, mode: str = "r") -> "Cache":
@@ -459,9 +655,13 @@ class Cache:
         if "sfcache" not in attrs:
             raise StoreError(f"{self.path}: not a complete sfcache store (no provenance in zarr.json)")
         self.attrs: dict = attrs["sfcache"]
+        if not isinstance(self.attrs, dict):
+            raise StoreError(f"{self.path / 'zarr.json'}: attributes.sfcache is a {type(self.attrs).__name__}, "
+                             "expected an object; the store is damaged: delete it and run `sf extract` again")
         if self.attrs.get("format_version") not in READABLE_VERSIONS:
             raise StoreError(f"{self.path}: store format_version {self.attrs.get('format_version')} "
                              f"is not supported (this sfcache reads {', '.join(map(str, READABLE_VERSIONS))})")
+        _validate_attrs(self.path / "zarr.json", self.attrs)
         targets = self.attrs["targets"]
         self.layers = tuple(int(x) for x in targets["layers"])
         self.views = tuple(targets["views"])
@@ -484,12 +684,13 @@ class Cache:
         self._records: dict[str, EpisodeRecord] | None = None
         self._tfds_ids: dict[str, str] | None = None
         self._known_done: set[int] = set()
+        self._index_ok = False
 
     def __getstate__(self):
         if self.mode != "r":
             raise StoreError(f"{self.path}: only a read-only Cache can be sent to another process")
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("_zstore", "_arrays", "_records", "_tfds_ids", "_known_done", "_reduction")}
+                if k not in ("_zstore", "_arrays", "_records", "_tfds_ids", "_known_done", "_reduction", "_index_ok")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -533,6 +734,7 @@ class Cache:
 
     def episode(self, key: str) -> EpisodeRecord:
         """The rows of episode `key` (a store key, or an RLDS episode's TFDS id: see `key_for`)."""
+        self._check_index()
         if self._records is None:
             self._records = {e[0]: EpisodeRecord(*e) for e in self.attrs["episodes"]}
         try:
@@ -549,6 +751,11 @@ class Cache:
             self._tfds_ids = tfds_ids(self.attrs.get("source", {}).get("tfds_shards", []))
         return self._tfds_ids.get(name, name)
 
+    def _check_index(self) -> None:
+        if not self._index_ok:
+            _validate_index(self.path / "zarr.json", self.attrs)
+            self._index_ok = True
+
     def shard_rows(self, shard: int) -> slice:
         """Rows [start, stop) of a shard."""
         start = shard * self.steps_per_shard
@@ -564,6 +771,7 @@ class Cache:
 
     def missing_episodes(self) -> list[str]:
         """Keys of episodes with at least one row in a shard that is not done."""
+        self._check_index()
         done = self.done_shards()
         missing = []
         for key, _, start, length in self.attrs["episodes"]:
@@ -613,10 +821,11 @@ class Cache:
         if rows.size and (rows.dtype.kind not in "iu" or rows.min() < 0 or rows.max() >= self.num_steps):
             raise StoreError(f"{self.path}: rows must be integers in [0, {self.num_steps}), got {rows[:8].tolist()}")
         name = f"targets/layer_{self._layer(layer)}"
+        self._check_index()
         self._require_done(rows)
         runs, order = _contiguous_runs(rows)
-        stored = self._read(name, runs, order)
-        scale = self._read(f"{name}_scale", runs, order) if self.dtype == "int8" else None
+        stored = self._checked_read(name, runs, order)
+        scale = self._checked_read(f"{name}_scale", runs, order) if self.dtype == "int8" else None
         if not decoded and (self.dtype != "float16" or self.reduced):
             raise StoreError(f"{self.path}: only float16 stores without --reduce are read undecoded; this one is "
                              f"{self.dtype}{' and reduced' if self.reduced else ''}")
@@ -627,7 +836,19 @@ class Cache:
             return values
         if not self.has_mask:
             return values, np.ones(values.shape[:3], bool)
-        return values, self._read(MASK_ARRAY, runs, order).astype(bool)
+        return values, self._checked_read(MASK_ARRAY, runs, order).astype(bool)
+
+    def _checked_read(self, name: str, runs: list[slice], order: np.ndarray | None) -> np.ndarray:
+        """`_read`, with a damaged shard file (bad checksum, truncated, unreadable) named in one StoreError."""
+        try:
+            return self._read(name, runs, order)
+        except StoreError:
+            raise
+        except Exception as err:   # zarr and its codecs raise many types for damaged bytes
+            shards = sorted({row // self.steps_per_shard for run in runs for row in (run.start, run.stop - 1)})
+            files = ", ".join(str(self.shard_file(name, shard)) for shard in shards)
+            raise StoreError(f"{files}: reading {name} shard(s) {shards} failed ({type(err).__name__}: {err}); "
+                             "the file is damaged: run `sf extract` again with the same options and --repair") from None
 
     def _read(self, name: str, runs: list[slice], order: np.ndarray | None) -> np.ndarray:
         """Concatenate the slice reads of `runs`, then put rows back in request order (`order`, if any)."""
@@ -661,6 +882,11 @@ class Cache:
             key, _, start, _ = next(e for e in reversed(self.attrs["episodes"]) if e[2] <= row)
             raise StoreError(f"{self.path}: episode {key!r} step {row - start} (row {row}) is in shard {shard}, "
                              "which is not extracted yet; run `sf extract` again with the same options to finish it")
+        for shard in wanted.tolist():
+            file = self._missing_file(shard)
+            if file is not None:
+                raise StoreError(f"{file}: shard {shard} is marked done but this file is missing; run `sf extract` "
+                                 "again with the same options to redo it")
         self._known_done.update(shards)
 
     def _array(self, name: str) -> zarr.Array:
@@ -668,23 +894,98 @@ class Cache:
             if self._zstore is None:
                 self._zstore = zarr.storage.LocalStore(self.path, read_only=self.mode == "r")
             try:
-                self._arrays[name] = zarr.open_array(self._zstore, path=name, mode=self.mode, zarr_format=3)
+                array = zarr.open_array(self._zstore, path=name, mode=self.mode, zarr_format=3)
             except FileNotFoundError:
                 raise StoreError(f"{self.path}: array {name!r} is missing; the store is damaged") from None
+            except Exception as err:   # a damaged array zarr.json: zarr raises many types
+                raise StoreError(f"{self.path / name / 'zarr.json'}: unreadable array metadata "
+                                 f"({type(err).__name__}: {err}); the store is damaged") from None
+            rows = self.num_shards if name == "done" else self.num_steps if name in self._target_arrays() else 0
+            if array.shape[0] < rows:   # arrays of rows (not a --reduce basis) must hold every row of the index
+                raise StoreError(f"{self.path / name / 'zarr.json'}: array {name!r} has {array.shape[0]} rows, but "
+                                 f"zarr.json's index needs {rows}; the store is damaged")
+            self._arrays[name] = array
         return self._arrays[name]
+
+    def shard_file(self, name: str, shard: int) -> Path:
+        """The file holding shard `shard` of array `name` (every array has steps_per_shard rows per shard)."""
+        array = self._array(name)
+        return self.path / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+
+    def shard_digests(self, shard: int) -> dict[str, list[int] | None]:
+        """[size, crc32] of each target array's file of a shard (None where missing), as seen from here.
+
+        A worker reports these for each shard it wrote; the client compares them with its own view of
+        the file system before it counts the shard done (a worker writing to a private /tmp is caught).
+        """
+        digests: dict[str, list[int] | None] = {}
+        for name in self._target_arrays():
+            file = self.shard_file(name, shard)
+            try:
+                data = file.read_bytes()
+            except FileNotFoundError:
+                digests[str(file.relative_to(self.path))] = None
+                continue
+            except OSError as err:
+                raise StoreError(f"{file}: shard {shard} is unreadable ({err.strerror})") from None
+            digests[str(file.relative_to(self.path))] = [len(data), zlib.crc32(data)]
+        return digests
+
+    def missing_shard_files(self, shards: Sequence[int] | None = None) -> dict[int, Path]:
+        """Done shards (all, or the given ones) with a target file missing: {shard: first missing file}.
+
+        Real targets are never all zero, so a done shard always has a file per target array.
+        """
+        done = self.done_shards() if shards is None else np.zeros(self.num_shards, bool)
+        if shards is not None:
+            done[np.asarray(list(shards), dtype=np.int64)] = self.done_shards(list(shards))
+        missing = {shard: self._missing_file(shard) for shard in np.flatnonzero(done).tolist()}
+        return {shard: file for shard, file in missing.items() if file is not None}
+
+    def _missing_file(self, shard: int) -> Path | None:
+        return next((file for file in (self.shard_file(name, shard) for name in self._target_arrays())
+                     if not file.is_file()), None)
+
+    def mark_not_done(self, shards: Sequence[int]) -> None:
+        """Clear the done flags of `shards`, then delete their target files (damaged ones cannot even be
+        overwritten: zarr reads a shard's index before replacing it), so `sf extract` redoes them afresh."""
+        if self.mode == "r":
+            raise StoreError(f"{self.path}: opened read-only; cannot change done flags")
+        done = self._array("done")
+        try:
+            for shard in shards:
+                done[int(shard)] = 0
+            for shard in shards:
+                for name in self._target_arrays():
+                    self.shard_file(name, int(shard)).unlink(missing_ok=True)
+        except OSError as err:
+            raise StoreError(f"{self.path}: cannot reset shards {list(shards)} for redoing ({err}); "
+                             "--out must be writable") from None
+        self._known_done.difference_update(int(s) for s in shards)
+
+    def _target_arrays(self) -> list[str]:
+        """Every array stored shard by shard: a shard's data is whole only when each of these files is."""
+        names = [f"targets/layer_{layer}" for layer in self.layers]
+        scales = [f"{name}_scale" for name in names] if self.dtype == "int8" else []
+        return names + scales + ([MASK_ARRAY] if self.has_mask else [])
 
     # -- writes (extractor only)
 
     def write_shard(self, shard: int, targets: Mapping[int, np.ndarray | Encoded],
-                    mask: np.ndarray | None = None) -> None:
+                    mask: np.ndarray | None = None, run: str | None = None) -> None:
         """Encode and write every layer of one shard (and its token mask), fsync it, then mark it done.
 
         `targets[layer]` is float32 [rows in shard, V, h*w, C], or that already encoded as
         (stored, int8 scales or None) in this store's dtype (`sfcache.device.encode_on_device` casts on
         the model's device); `mask` bool [rows, V, h*w], given exactly when the store has one. An OSError
         (disk full, read-only file system) becomes a StoreError; the done flag is only set after every
-        array is written and on disk.
+        array is written and on disk. With `run` (an extraction task), nothing is written unless `run` is
+        the store's current run (RunSuperseded otherwise), and no new run can start until this write has ended.
         """
+        with _run_fence(self.path, run, f"shard {shard}") if run is not None else nullcontext():
+            self._write_shard(shard, targets, mask)
+
+    def _write_shard(self, shard: int, targets: Mapping[int, np.ndarray | Encoded], mask: np.ndarray | None) -> None:
         if self.mode == "r":
             raise StoreError(f"{self.path}: opened read-only; cannot write shard {shard}")
         rows = self.shard_rows(shard)
@@ -726,8 +1027,7 @@ class Cache:
         by `--checksum`'s CRC32C per step (and the shard index's own CRC32C).
         """
         array = self._array(name)
-        shard_file = self.path / name / array.metadata.encode_chunk_key((rows.start // self.steps_per_shard,)
-                                                                        + (0,) * (array.ndim - 1))
+        shard_file = self.shard_file(name, rows.start // self.steps_per_shard)
         checksum = direct_layout(array)
         if checksum is None:     # compressed: through zarr's codecs
             array[rows] = stored

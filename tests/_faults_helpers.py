@@ -11,12 +11,14 @@ from pathlib import Path
 from distributed import WorkerPlugin
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from sfcache.errors import RunSuperseded
 from sfcache.store import Cache
 
 
 class LoggedSlowWrites(WorkerPlugin):
     """Make each shard write take `delay` seconds (so a task is still running when its worker is killed) and
-    append "shard pid" to `log` after every completed write_shard (to count how often each shard was written)."""
+    append "shard pid" to `log` after every completed write_shard (to count how often each shard was written),
+    or "refused shard pid" when the run fence refused it."""
 
     def __init__(self, log: Path, delay: float):
         self.log, self.delay = str(log), delay
@@ -25,13 +27,25 @@ class LoggedSlowWrites(WorkerPlugin):
         original = Cache.write_shard
         log, delay = self.log, self.delay
 
-        def write_shard(cache, shard, targets, mask=None):
+        def write_shard(cache, shard, targets, mask=None, **kwargs):
             time.sleep(delay)
-            original(cache, shard, targets, mask)
+            try:
+                original(cache, shard, targets, mask, **kwargs)
+            except RunSuperseded:
+                with open(log, "a") as handle:
+                    handle.write(f"refused {shard} {os.getpid()}\n")
+                raise
             with open(log, "a") as handle:
                 handle.write(f"{shard} {os.getpid()}\n")
 
         Cache.write_shard = write_shard
+
+
+def dask_setup(worker):
+    """`dask worker --preload tests._faults_helpers`: LoggedSlowWrites from SFCACHE_TEST_WRITE_LOG/_DELAY."""
+    if os.environ.get("SFCACHE_TEST_WRITE_LOG"):
+        LoggedSlowWrites(Path(os.environ["SFCACHE_TEST_WRITE_LOG"]),
+                         float(os.environ.get("SFCACHE_TEST_WRITE_DELAY", "0"))).setup(worker)
 
 
 def running_tasks(dask_worker=None) -> tuple[int, list[str]]:

@@ -5,7 +5,6 @@ one process cluster per worker count is shared by the module (starting workers c
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import random
@@ -163,16 +162,16 @@ def test_other_configuration_is_refused_with_the_difference(tmp_path, schedulers
 
 def test_a_locked_store_is_refused(tmp_path, capsys):
     written = write_libero_hdf5(tmp_path / "data", tasks=1, demos=1, steps=2, size=64)
-    lock = tmp_path / "store" / ".sfcache.lock"
-    lock.parent.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    code = ("import sys, time; from sfcache.store import lock_store\n"
+            "with lock_store(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "store")], stdout=subprocess.PIPE, text=True)
     try:
-        lock.write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "started": time.time()}))
+        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(SystemExit) as exited:
             main(["extract", str(written.path), "--out", str(tmp_path / "store"), *TINY])
         assert exited.value.code == 2
         err = capsys.readouterr().err
-        assert f"store is locked by pid {holder.pid}" in err and "If none is running, delete" in err
+        assert f"store is locked by pid {holder.pid}" in err and "held open by a live process" in err
         assert ".sfcache.lock" in err and not (tmp_path / "store" / "zarr.json").exists()
     finally:
         holder.kill()

@@ -7,11 +7,14 @@ test controls); afterwards the store must hold exactly what an uninterrupted run
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import pickle
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,12 +30,12 @@ from distributed import Client, LocalCluster
 from typer.testing import CliRunner
 
 from cli.main import app, main
-from sfcache.errors import ConfigMismatch, SourceError
+from sfcache.errors import ConfigMismatch, RunSuperseded, SourceError, StoreError
 from sfcache.extract import ExtractConfig, extract
 from sfcache.pooling import pool_grid
 from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_hdf5
-from sfcache.store import open_cache
+from sfcache.store import is_locked, lock_store, open_cache
 from sfcache.vggt import load_vggt, preprocess
 from tests import test_sources_bad_input as bad
 from tests._faults_helpers import LoggedSlowWrites, ReadOnlyAfter, TaskLog, running_tasks
@@ -66,8 +69,13 @@ def reference(dataset, scheduler, tmp_path_factory) -> Path:
     return out
 
 
+OUTPUTS: list[str | Path] = []   # every fault test's user-visible output (text, or a log file): none may hold a traceback
+
+
 def sf_extract(*args) -> "CliRunner.Result":
-    return CliRunner().invoke(app, ["extract", *map(str, args)], catch_exceptions=False)
+    result = CliRunner().invoke(app, ["extract", *map(str, args)], catch_exceptions=False)
+    OUTPUTS.append(result.output)
+    return result
 
 
 def contents(path: Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -96,6 +104,7 @@ def spawn_extract(dataset: Path, out: Path, log: Path) -> subprocess.Popen:
     """`sf extract` with its own local cluster (1 worker process), in a new process group."""
     command = [sys.executable, "-m", "cli.main", "extract", str(dataset), "--out", str(out), *SHARDED,
                "--workers", "1"]
+    OUTPUTS.append(log)
     with log.open("wb") as stderr:
         return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
 
@@ -239,7 +248,7 @@ def test_a_second_extractor_on_the_same_store_is_refused_and_the_first_completes
     err = logs[runs.index(loser)].read_text().strip()
     assert "\n" not in err and "Traceback" not in err, err
     assert f"{out / '.sfcache.lock'}: store is locked by pid {winner.pid}" in err
-    assert f"If none is running, delete {out / '.sfcache.lock'}" in err
+    assert "held open by a live process" in err
     assert_equal_stores(out, reference)
 
 
@@ -356,3 +365,391 @@ def test_an_unwritable_out_directory_is_a_one_line_error(tmp_path, dataset, monk
     assert exited.value.code == 2 and "\n" not in err and "Traceback" not in err, err
     assert f"{out / '.sfcache.lock'}: cannot create the store lock (Permission denied)" in err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- a real cluster: fencing, scheduler loss
+
+DASK = Path(sys.executable).parent / "dask"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ExternalCluster:
+    """A separately started `dask scheduler` and `dask worker` (1 thread) on loopback, as a user runs them;
+    the worker preloads LoggedSlowWrites (SFCACHE_TEST_WRITE_LOG / _DELAY)."""
+
+    def __init__(self, tmp: Path, delay: float, wrap: list[str] | None = None):
+        self.tmp, self.delay, self.wrap = tmp, delay, wrap or []
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.writes = tmp / "writes.log"
+        self.processes: list[subprocess.Popen] = []
+
+    def _spawn(self, command: list[str], log: str, env: dict | None = None) -> subprocess.Popen:
+        with (self.tmp / log).open("ab") as out:
+            process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def start_scheduler(self) -> subprocess.Popen:
+        self.scheduler = self._spawn([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--no-dashboard"], "scheduler.log")
+        return self.scheduler
+
+    def start_worker(self) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONPATH=str(REPO), SFCACHE_TEST_WRITE_LOG=str(self.writes),
+                   SFCACHE_TEST_WRITE_DELAY=str(self.delay))
+        return self._spawn([*self.wrap, str(DASK), "worker", self.address, "--nthreads", "1", "--nworkers", "1",
+                            "--no-dashboard", "--memory-limit", "0", "--preload", "tests._faults_helpers"],
+                           "worker.log", env)
+
+    def wait_for_worker(self) -> None:
+        with Client(self.address, timeout="30s") as client:
+            client.wait_for_workers(1, timeout=60)
+
+    def __enter__(self) -> "ExternalCluster":
+        self.start_scheduler()
+        self.start_worker()
+        self.wait_for_worker()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def spawn_client(dataset: Path, out: Path, log: Path, *args: str) -> subprocess.Popen:
+    """`sf extract` as a client of a running scheduler, in its own process group (the cluster is not its child)."""
+    command = [sys.executable, "-m", "cli.main", "extract", str(dataset), "--out", str(out), *SHARDED, *args]
+    OUTPUTS.append(log)
+    with log.open("wb") as stderr:
+        return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+
+
+def wait_until(condition, process: subprocess.Popen | None, log: Path | None = None, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process is None or process.poll() is None, log.read_text() if log else "the process ended"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_orphaned_tasks_of_a_killed_client_cannot_write_into_the_store_that_replaced_it(
+        tmp_path, dataset, scheduler):
+    """kill -9 of the client while the cluster lives on, then `--overwrite` with other weights: the dead run's
+    running task is fenced out (its writes refused), and the new store holds the new weights' values only."""
+    seed1 = tmp_path / "seed1"
+    assert sf_extract(dataset, "--out", seed1, *SHARDED, "--vggt", "random:tiny@1", "--scheduler", scheduler
+                      ).exit_code == 0
+    out, log = tmp_path / "store", tmp_path / "client.log"
+    with ExternalCluster(tmp_path, delay=1.0) as cluster:
+        victim = spawn_client(dataset, out, log, "--scheduler", cluster.address)
+        wait_until(lambda: done_count(out) >= 1, victim, log)
+        os.killpg(victim.pid, signal.SIGKILL)       # the client only: its task goes on writing
+        victim.wait()
+        replaced = sf_extract(dataset, "--out", out, *SHARDED, "--vggt", "random:tiny@1", "--overwrite",
+                              "--scheduler", cluster.address)
+        assert replaced.exit_code == 0, replaced.output
+        refused = [line for line in cluster.writes.read_text().splitlines() if line.startswith("refused")]
+    assert refused, cluster.writes.read_text()          # the orphan did try to write, after the new run began
+    assert_equal_stores(out, seed1)
+
+
+def test_a_task_of_a_finished_run_cannot_write_a_shard_or_a_done_flag(tmp_path, dataset, scheduler, reference):
+    out = tmp_path / "store"
+    config = ExtractConfig(source=dataset, out=out, vggt="random:tiny", steps_per_shard=2, batch_size=2,
+                           scheduler=scheduler)
+    summary = extract(config, progress=False)
+    cache = open_cache(out, mode="r+")
+    cache.mark_not_done([1])                              # a shard a partitioned worker might still own
+    with pytest.raises(RunSuperseded, match=f"extraction run {summary['run'][:12]}.*no run .it ended."):
+        cache.write_shard(1, {3: np.zeros((2, 2, 256, 64), np.float32)}, run=summary["run"])
+    assert open_cache(out).done_shards().tolist() == [True, False, True, True, True, True]
+    assert sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler).exit_code == 0
+    assert_equal_stores(out, reference)
+
+
+def test_a_live_extractor_in_another_pid_namespace_keeps_the_lock(tmp_path, dataset, capsys):
+    """Same host name, pids that mean nothing here: a pid check cannot judge it; its flock says it is alive."""
+    store = tmp_path / "store"
+    holder_code = ("import sys, time; from sfcache.store import lock_store\n"
+                   "with lock_store(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)")
+    command = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", holder_code, str(store)]
+    try:
+        holder = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    except OSError as error:
+        pytest.skip(f"unshare unavailable: {error}")
+    inner = []
+    try:
+        if holder.stdout.readline().strip() != "locked":
+            pytest.skip("unshare --pid needs root here")
+        recorded = json.loads((store / ".sfcache.lock").read_text())
+        inner = [p for p in psutil.Process(holder.pid).children(recursive=True) if "lock_store" in " ".join(p.cmdline())]
+        assert recorded["host"] == socket.gethostname() and recorded["pid"] != inner[0].pid   # its pid is not ours
+        with pytest.raises(StoreError, match=f"store is locked by pid {recorded['pid']} on host"):
+            with lock_store(store):
+                pass
+        with pytest.raises(SystemExit) as exited:
+            main(["extract", str(dataset), "--out", str(store), *TINY])
+        err = capsys.readouterr().err.strip()
+        assert exited.value.code == 2 and "\n" not in err and "held open by a live process" in err, err
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+        psutil.wait_procs(inner, timeout=10)
+    with lock_store(store):                                   # released by the kernel when it died
+        pass
+
+
+# ----------------------------------------------------------------------------- never done what the client cannot read
+
+def one_line_error(capsys, argv: list[str], code: int = 2) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    OUTPUTS.append(err)
+    assert exited.value.code == code and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_a_worker_that_cannot_see_the_store_is_refused_at_start_up(tmp_path, dataset, capsys):
+    """The worker runs in its own mount namespace with a private tmpfs over the store's folder (like a job's
+    private /tmp): it would write where the client cannot read."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    private = ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"', str(shared)]
+    if subprocess.run([*private, "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare --mount needs root here")
+    out = shared / "store"
+    with ExternalCluster(tmp_path, delay=0, wrap=private) as cluster:
+        err = one_line_error(capsys, ["extract", str(dataset), "--out", str(out), *SHARDED,
+                                      "--scheduler", cluster.address])
+    assert f"{out.resolve()}: the Dask worker tcp://127.0.0.1:" in err and f"on host {socket.gethostname()}" in err
+    assert "does not see this store" in err and "shared by this client and every worker" in err
+    assert not (out / "done").exists() and not (out / ".sfcache.lock").exists()
+
+
+def test_a_shard_the_client_cannot_read_back_is_an_error_naming_the_worker_and_is_redone(
+        tmp_path, dataset, scheduler, reference, monkeypatch, capsys):
+    from sfcache.extract import VGGTWorker
+
+    original = VGGTWorker._write
+
+    def write_then_vanish(cache, shard, outputs, run):   # the worker saw its file; the client will not
+        written = original(cache, shard, outputs, run)
+        if shard == 2:
+            cache.shard_file("targets/layer_3", shard).unlink()
+        return written
+
+    monkeypatch.setattr(VGGTWorker, "_write", staticmethod(write_then_vanish))
+    out = tmp_path / "store"
+    err = one_line_error(capsys, ["extract", str(dataset), "--out", str(out), *SHARDED, "--scheduler", scheduler])
+    monkeypatch.undo()
+    shard_file = "targets/layer_3/c/2/0/0/0"
+    assert f"{out / shard_file}: shard 2 was written by the Dask worker on host {socket.gethostname()} at " \
+           f"{out.resolve() / shard_file}, but this client finds it missing; 1 shard(s) left not done" in err
+    assert open_cache(out).done_shards().tolist() == [True, True, False, True, True, True]
+    resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
+    assert resumed.exit_code == 0 and "10 were already done" in resumed.output, resumed.output
+    assert_equal_stores(out, reference)
+
+
+def test_reads_of_a_done_shard_without_its_file_fail_and_sf_extract_redoes_it(
+        tmp_path, dataset, scheduler, reference):
+    from sfcache.torch import CachedTargets
+
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    lost = out / "targets/layer_3/c/1/0/0/0"
+    lost.unlink()
+    key = open_cache(out).episodes[0]
+    with pytest.raises(StoreError, match=f"{lost}: shard 1 is marked done but this file is missing"):
+        open_cache(out).read(key)
+    with pytest.raises(StoreError, match="shard 1 is marked done but this file is missing"):
+        CachedTargets(out)[2]
+    check = CliRunner().invoke(app, ["inspect-cache", str(out), "--check"])
+    assert check.exit_code == 1 and "sf extract" in check.output and "--repair" in check.output, check.output
+    resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
+    assert resumed.exit_code == 0, resumed.output
+    assert f"redid shard 1: {lost} is missing" in resumed.output and "extracted 2 steps" in resumed.output
+    assert_equal_stores(out, reference)
+
+
+def test_sf_extract_repair_redoes_a_damaged_shard_that_check_finds(tmp_path, dataset, scheduler, reference):
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    damaged = out / "targets/layer_3/c/2/0/0/0"
+    damaged.write_bytes(damaged.read_bytes()[:100])          # truncated: the shard index is gone
+    with pytest.raises(StoreError, match=f"{damaged}: reading targets/layer_3 shard.s. .2. failed"):
+        open_cache(out).read_rows([4])
+    assert CliRunner().invoke(app, ["inspect-cache", str(out), "--check"]).exit_code == 1
+    plain = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
+    assert plain.exit_code == 0 and "extracted 0 steps" in plain.output      # a plain resume reads nothing back
+    repaired = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler, "--repair")
+    assert repaired.exit_code == 0 and "redid shard 2:" in repaired.output, repaired.output
+    assert_equal_stores(out, reference)
+
+
+# ----------------------------------------------------------------------------- scheduler loss, no workers, signals
+
+def test_scheduler_killed_mid_run_is_one_line_and_the_same_command_resumes_equal(tmp_path, dataset, reference):
+    out, log = tmp_path / "store", tmp_path / "client.log"
+    with ExternalCluster(tmp_path, delay=0.3) as cluster:
+        client = spawn_client(dataset, out, log, "--scheduler", cluster.address)
+        wait_until(lambda: done_count(out) >= 1, client, log)
+        os.killpg(cluster.scheduler.pid, signal.SIGKILL)
+        lost = time.monotonic()
+        assert client.wait(timeout=60) == 2
+        assert time.monotonic() - lost < 30
+        err = log.read_text().strip()
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+        assert f"lost the Dask scheduler {cluster.address}" in err and "run the same command to resume" in err
+        assert not is_locked(out) and done_count(out) < 6
+        cluster.start_scheduler()                 # the same address; its workers exited with it: start one
+        cluster.start_worker()
+        cluster.wait_for_worker()
+        resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", cluster.address)
+    assert resumed.exit_code == 0, resumed.output
+    assert_equal_stores(out, reference)
+
+
+def test_a_scheduler_without_workers_is_one_line_naming_it(tmp_path, dataset, monkeypatch, capsys):
+    import sfcache.extract as extract_module
+
+    monkeypatch.setattr(extract_module, "WORKER_WAIT_S", 1)
+    with LocalCluster(n_workers=0, processes=False, **QUIET) as empty:
+        started = time.monotonic()
+        err = one_line_error(capsys, ["extract", str(dataset), "--out", str(tmp_path / "store"), *SHARDED,
+                                      "--scheduler", empty.scheduler_address])
+    assert time.monotonic() - started < 20
+    assert f"the Dask scheduler {empty.scheduler_address} has no workers after 1 s" in err
+    assert f"`dask worker {empty.scheduler_address}`" in err
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_to_the_process_group_ends_within_seconds_in_one_line_and_a_rerun_resumes(
+        tmp_path, dataset, scheduler, reference, signum):
+    out, log = tmp_path / "store", tmp_path / "victim.log"
+    victim = spawn_extract(dataset, out, log)
+    try:
+        wait_until(lambda: done_count(out) >= 1, victim, log)
+        os.killpg(victim.pid, signum)            # what Ctrl-C in a terminal (or `kill -TERM -PGID`) does
+        sent = time.monotonic()
+        code = victim.wait(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        kill_process_group(victim)
+    err = log.read_text().strip()
+    assert code == 128 + signum and took < 20, (code, took, err)
+    assert err == (f"error: interrupted by {signal.Signals(signum).name}; work finished so far is kept: run the "
+                   "same command again to resume"), err
+    assert not is_locked(out) and not (out / ".sfcache.lock").exists()
+    resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
+    assert resumed.exit_code == 0, resumed.output
+    assert_equal_stores(out, reference)
+
+
+# ----------------------------------------------------------------------------- damaged zarr.json
+
+def damage_attrs(change):
+    def apply(meta: Path) -> None:
+        document = json.loads(meta.read_text())
+        change(document["attributes"]["sfcache"])
+        meta.write_text(json.dumps(document))
+    return apply
+
+
+ZARR_JSON_DAMAGE = {
+    "layers of the wrong type": (damage_attrs(lambda a: a["targets"].update(layers="3")), "targets.layers"),
+    "grid of one number": (damage_attrs(lambda a: a["targets"].update(grid=[16])), "targets.grid"),
+    "num_steps a string": (damage_attrs(lambda a: a.update(num_steps="12")), "num_steps"),
+    "an episode longer than the array": (damage_attrs(lambda a: a["episodes"][-1].__setitem__(3, 400)), "episodes"),
+    "an episode of the wrong shape": (damage_attrs(lambda a: a["episodes"].__setitem__(0, ["k", 0])), "episodes[0]"),
+    "corrupt JSON": (lambda meta: meta.write_text(meta.read_text()[:-7]), "unreadable Zarr metadata"),
+}
+
+
+@pytest.mark.parametrize("damage", list(ZARR_JSON_DAMAGE))
+def test_a_damaged_zarr_json_is_one_line_naming_the_key_in_every_reader(tmp_path, reference, dataset, scheduler,
+                                                                        capsys, damage):
+    from sfcache.torch import CachedTargets
+
+    change, named = ZARR_JSON_DAMAGE[damage]
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    change(out / "zarr.json")
+    for argv in (["inspect-cache", str(out)], ["inspect-cache", str(out), "--json"]):
+        err = one_line_error(capsys, argv)
+        assert str(out / "zarr.json") in err and named in err, err
+    with pytest.raises(SystemExit) as exited:
+        main(["inspect-cache", str(out), "--check"])
+    captured = capsys.readouterr()
+    assert exited.value.code in (1, 2) and "Traceback" not in captured.out + captured.err
+    for read in (lambda: open_cache(out).read(open_cache(out).episodes[-1]), lambda: CachedTargets(out)[0]):
+        with pytest.raises(StoreError, match=named.replace("[", r"\[").replace("]", r"\]")):
+            read()
+    overwrite = ["extract", str(dataset), "--out", str(out), *SHARDED, "--overwrite", "--scheduler", scheduler]
+    if damage == "corrupt JSON":     # cannot be told from someone else's data: the message says to delete it
+        err = one_line_error(capsys, overwrite)
+        assert f"{out / 'zarr.json'}: unreadable Zarr metadata" in err and f"delete {out}" in err, err
+    else:                            # recognisably ours: --overwrite replaces it
+        assert sf_extract(*overwrite[1:]).exit_code == 0
+        assert_equal_stores(out, reference)
+
+
+# ----------------------------------------------------------------------------- misleading messages
+
+def test_inspect_cache_refuses_a_bad_threshold_and_an_unwritable_pca_path_in_one_line(tmp_path, reference, capsys):
+    err = one_line_error(capsys, ["inspect-cache", str(reference), "--verify", "1", "--threshold", "2"])
+    assert "--threshold must be a cosine in (0, 1], got 2.0" in err
+    err = one_line_error(capsys, ["inspect-cache", str(reference), "--pca", str(tmp_path)])
+    assert f"--pca {tmp_path}: is a directory" in err
+    (tmp_path / "file").write_text("")
+    err = one_line_error(capsys, ["inspect-cache", str(reference), "--pca", str(tmp_path / "file" / "x.png")])
+    assert f"--pca {tmp_path / 'file' / 'x.png'}: cannot write the picture (" in err
+
+
+def test_every_episode_bad_with_skip_bad_says_so(tmp_path, capsys):
+    written = write_libero_hdf5(tmp_path / "data", tasks=1, demos=2, steps=4, size=16)
+    first = bad.libero_demo(written, lambda d: d.__delitem__("actions"), key="actions", expected="missing",
+                            demo="demo_0")
+    bad.libero_actions_shape(written)                              # demo_1
+    argv = ["extract", str(written.path), "--out", str(tmp_path / "store"), *TINY, "--skip-bad"]
+    err = one_line_error(capsys, argv)
+    assert "every episode is bad: all 2 were skipped by --skip-bad, the first because" in err
+    assert first.key in err and "missing" in err
+
+
+def test_long_work_off_a_terminal_prints_a_progress_line_regularly(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import sfcache.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.05)
+    log = io.StringIO()
+    with progress.progress_bar("steps", console=Console(file=log)) as bar:
+        task = bar.add_task("extract", total=10)
+        bar.advance(task, 3)
+        time.sleep(0.3)
+    lines = log.getvalue().splitlines()
+    assert len(lines) >= 2 and all(line.startswith("extract: 3/10 steps, ") for line in lines), lines
+
+
+def test_no_fault_test_output_holds_a_traceback():
+    """Runs last: what every fault test above showed the user (CLI output, client logs) has no traceback."""
+    if not OUTPUTS:
+        pytest.skip("scans the outputs of the other tests in this module; run them together")
+    texts = [item.read_text(errors="replace") if isinstance(item, Path) else item for item in OUTPUTS
+             if not isinstance(item, Path) or item.exists()]
+    offending = [text for text in texts if "Traceback" in text]
+    assert not offending, offending[0]
