@@ -230,7 +230,7 @@ def test_index_join_in_workers_and_after_a_preprocessor(lerobot_store, context):
     joined = WithTargets(dataset, targets, index="index")
     loader = torch.utils.data.DataLoader(joined, batch_size=4, shuffle=True, num_workers=2,
                                          multiprocessing_context=multiprocessing.get_context(context),
-                                         generator=torch.Generator().manual_seed(0))
+                                         generator=torch.Generator().manual_seed(0), timeout=120)   # fail, not hang
     seen = 0
     for batch in loader:
         assert set(batch["episode_index"].tolist()) <= {0, 2}
