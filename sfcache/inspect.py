@@ -23,7 +23,7 @@ from sfcache.errors import StoreError, WeightsError
 from sfcache.pooling import pooled_targets
 from sfcache.recipes import get_recipe, insert_blanks, recipe_inputs
 from sfcache.sources import Source, open_source, recorded_views
-from sfcache.store import LOCK_NAME, MASK_ARRAY, Cache, decode, int8_block, open_cache, step_bytes
+from sfcache.store import LOCK_NAME, MASK_ARRAY, Cache, decode, int8_block, is_locked, open_cache, step_bytes
 from sfcache.vggt import load_vggt
 
 __all__ = ["DEFAULT_THRESHOLDS", "REQUIRED_PROVENANCE", "check", "episode_report", "missing_provenance",
@@ -102,7 +102,7 @@ def summarize(cache: Cache) -> dict:
         warnings.append(f"RANDOM WEIGHTS ({vggt['weights_id']}): these targets carry no geometry; "
                         "for tests and demos only, never for training a policy")
     if (cache.path / LOCK_NAME).exists():
-        warnings.append("store is locked: an extractor is writing it, or one crashed (run `sf extract` again)")
+        warnings.append(_lock_state(cache.path))
     recipe = get_recipe(cache.recipe)
     if recipe.jpeg_fast_dct and attrs["source"].get("format") != "libero_rlds":
         warnings.append(f"recipe {recipe.name} from {attrs['source'].get('format')}: these frames were not decoded "
@@ -252,7 +252,7 @@ def check(path: str | Path, progress: Progress | None = None) -> dict:
         fail("done", f"shards {_ranges(np.flatnonzero(~done))} not done: {len(keys)} episode(s) incomplete "
                      f"({', '.join(keys[:LISTED])}{more}); run `sf extract` again to finish")
     if (path / LOCK_NAME).exists():
-        fail(str(path / LOCK_NAME), "store is locked: an extractor is writing it or crashed mid-run")
+        fail(str(path / LOCK_NAME), _lock_state(path))
     return _check_result(failures, checked, cache.num_shards)
 
 
@@ -260,6 +260,14 @@ def _ranges(numbers: np.ndarray) -> str:
     """[0, 1, 2, 5] -> "0-2, 5"."""
     runs = np.split(numbers, np.flatnonzero(np.diff(numbers) != 1) + 1)
     return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}" for run in runs)
+
+
+def _lock_state(path: Path) -> str:
+    """What a lock file means: a live extractor holds it (flock), or one stopped mid-run and left it."""
+    if is_locked(path):
+        return "store is locked: an extractor is writing it now"
+    return ("store was left locked by an extractor that stopped mid-run; run `sf extract` again to finish "
+            "(the leftover file blocks nothing)")
 
 
 def _check_result(failures: list[dict], checked: int, shards: int) -> dict:

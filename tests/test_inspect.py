@@ -202,8 +202,15 @@ def test_check_catches_inconsistent_index_and_provenance(damaged):
 
 def test_check_reports_a_lock_left_behind(damaged):
     (damaged / ".sfcache.lock").write_text('{"pid": 1, "host": "elsewhere", "started": 0}')
-    assert "locked" in failures_of(inspection.check(damaged))
-    assert any("locked" in w for w in inspection.summarize(inspection.open_store(damaged))["warnings"])
+    assert "left locked by an extractor that stopped mid-run" in failures_of(inspection.check(damaged))
+    assert any("stopped mid-run" in w for w in inspection.summarize(inspection.open_store(damaged))["warnings"])
+
+
+def test_check_tells_a_live_extractor_from_a_leftover_lock(damaged):
+    from sfcache.store import lock_store
+
+    with lock_store(damaged):                                          # held with flock, as a running extractor
+        assert "an extractor is writing it now" in failures_of(inspection.check(damaged))
 
 
 # ----------------------------------------------------------------------------- --verify
