@@ -204,7 +204,7 @@ FAILS = {
     "hub id not cached": ("{data}", "nobody-here/not-a-cached-vggt", [],
                           ["not in the local Hugging Face cache, and this command downloads nothing"]),
     "unknown random preset": ("{data}", "random:huge", [], ["unknown preset 'huge'"]),
-    "bad VGGT file": ("{data}", "{tmp}/bad.pt", [], ["cannot read checkpoint", "facebook/VGGT-1B"]),
+    "bad VGGT file": ("{data}", "{tmp}/bad.pt", [], ["not a PyTorch checkpoint", "facebook/VGGT-1B"]),
     "bad scheduler address": ("{data}", "random:tiny", ["--scheduler", "nowhere"],
                               ["SCHEDULER=nowhere: cannot reach the Dask scheduler (missing port number"]),
 }

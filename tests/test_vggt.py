@@ -184,7 +184,7 @@ def test_conv_embedder_checkpoint_is_inferred(tmp_path, small_images):
 
 @pytest.mark.parametrize("spec, message", [
     ("{tmp}/missing.pt", "no such file"),
-    ("{tmp}/garbage.pt", "cannot read checkpoint"),
+    ("{tmp}/garbage.pt", "not a PyTorch checkpoint .neither the zip archive torch.save writes"),
     ("{tmp}/weights.npz", "expected a .safetensors"),
     ("{tmp}", "holds none of model.safetensors, model.pt"),
     ("random:huge", "unknown preset 'huge'; choose one of vggt-1b, tiny"),

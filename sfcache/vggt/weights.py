@@ -6,6 +6,7 @@ import hashlib
 import math
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -107,15 +108,19 @@ def _download_from_hub(repo_id: str) -> Path:
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     """Tensors of a .safetensors or torch .pt/.pth file, memory-mapped where the format allows."""
+    zipped = path.suffix in TORCH_SUFFIXES and path.is_file() and zipfile.is_zipfile(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             state = load_file(path, device="cpu")
-        elif path.suffix in TORCH_SUFFIXES:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        elif path.suffix in TORCH_SUFFIXES:   # torch.save's zip archive maps; a legacy pickle file cannot
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
         else:
             raise WeightsError(f"{path}: expected a .safetensors, .pt or .pth checkpoint")
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
+        if not zipped and path.suffix != ".safetensors":   # torch's own message here talks about weights_only
+            raise WeightsError(f"{path}: not a PyTorch checkpoint (neither the zip archive torch.save writes nor "
+                               "a legacy torch file); expected VGGT's model.pt or a .safetensors") from None
         raise WeightsError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from None
     if isinstance(state, Mapping) and not any(key.startswith(CHECKPOINT_PREFIX) for key in state):
         state = next((state[key] for key in ("model", "state_dict") if isinstance(state.get(key), Mapping)), state)
