@@ -260,3 +260,15 @@ def test_a_non_finite_loss_stops_with_the_step_and_metrics_stay_json(data, tmp_p
     logged = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]   # strict JSON, no NaN
     assert [r["step"] for r in logged] == [1, 2]
     assert torch.load(out / CHECKPOINT, weights_only=False)["step"] == 2
+
+
+def test_resuming_with_another_align_weight_names_that_setting(data, tmp_path, capsys):
+    source, store = data
+    out = tmp_path / "run"
+    args = ["train", "--source", str(source), "--cache", str(store), "--out", str(out), "--steps", "1",
+            "--batch-size", "4", "--val-episodes", "0", *TINY]
+    assert sf(*args) == 0
+    assert sf(*args[:-len(TINY)], "--steps", "2", "--align-weight", "0", *TINY) == 2
+    error = capsys.readouterr().err
+    assert "align_weight: store has 0.5, asked 0.0" in error, error
+    assert "other settings" in error and "--no-resume" in error and "other data" not in error

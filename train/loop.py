@@ -195,7 +195,8 @@ class Trainer:
                 raise ConfigMismatch(c.cache, differences)
         if self.online:
             self.data.identity["online_vggt"] = self.online.weights_id
-        if saved is not None:
+        if saved is not None:   # the run's own settings first: they explain a different identity too
+            self._check_same_run(saved)
             check_resume(saved["identity"], self.data.identity, c.cache or c.source)
         target_width = self.online.channels if self.online else self.data.targets.channels if self.data.targets else 0
         self.sf_loss = SpatialForcingLoss(self.policy_config.dim, target_width).to(self.device) \
@@ -238,14 +239,18 @@ class Trainer:
         torch.save(self._state(), partial)
         os.replace(partial, self.checkpoint_path)
 
-    def _restore(self, saved: dict) -> None:
+    def _check_same_run(self, saved: dict) -> None:
+        """ConfigMismatch naming each run setting (policy, seed, batch size, alpha) that differs from the checkpoint's."""
         asked = {"policy": self.policy_config.to_dict(), "seed": self.config.seed,
                  "batch_size": self.config.batch_size, "align_weight": self.config.align_weight}
         had = {"policy": _jsonable(saved["policy"]), **{k: saved["config"][k] for k in asked if k != "policy"}}
         asked["policy"] = _jsonable(asked["policy"])
         diff = {k: (had[k], asked[k]) for k in asked if had[k] != asked[k]}
         if diff:
-            raise ConfigMismatch(f"{self.checkpoint_path} (use --no-resume to start over)", diff)
+            raise ConfigMismatch(f"{self.checkpoint_path} (resuming a run made with other settings; "
+                                 "use --no-resume to start over)", diff)
+
+    def _restore(self, saved: dict) -> None:
         self.model.load_state_dict(saved["model"])
         if self.sf_loss is not None:
             self.sf_loss.load_state_dict(saved["sf_loss"])
