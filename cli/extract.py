@@ -10,6 +10,7 @@ from rich.console import Console
 
 from sfcache.extract import ExtractConfig, extract as run_extract, plan
 from sfcache.errors import interrupts_raise
+from sfcache.vggt import random_weights_warning
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
@@ -104,6 +105,9 @@ def extract(
         console.print(f"basis {summary['basis']} ({summary['reduce']['asked']}): " + "; ".join(
             f"layer {layer} K={f['k']}, held-out cosine mean {f['mean']:.5f}, p1 {f['p1']:.5f}, worst {f['worst']:.5f}"
             for layer, f in figures.items()) + f"; {summary['reduce']['bytes_per_step']} bytes per step", highlight=False)
+    warning = random_weights_warning(summary["weights_id"])
+    if warning:
+        console.print(f"[bold red]{warning}[/]", highlight=False, soft_wrap=True)
     for fixed in summary["repaired"]:
         console.print(f"[yellow]redid shard {fixed['shard']}:[/] {fixed['why']}", highlight=False, soft_wrap=True)
     for skipped in summary["skipped_episodes"]:

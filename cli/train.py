@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
+from sfcache.vggt import random_weights_warning
 from train.loop import TrainConfig
 from train.loop import train as run_training
 
@@ -50,4 +52,7 @@ def train(
     if "val_action_l1" in summary:
         typer.echo(f"validation action L1 {summary['val_action_l1']:.4f} "
                    f"(mean-action baseline {summary['val_mean_action_l1']:.4f})")
+    warning = random_weights_warning(summary["weights_id"])
+    if warning:
+        Console(stderr=True).print(f"[bold red]{warning}[/]", highlight=False, soft_wrap=True)
     typer.echo(f"checkpoint: {summary['checkpoint']}\nmetrics:    {summary['metrics']}\nplot:       {summary['plot']}")

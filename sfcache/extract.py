@@ -492,6 +492,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
             "skipped_episodes": [str(e) for e in source.skipped], "basis": fitted,
             "reduce": final.attrs["targets"].get("reduce"),
             "missing_episodes": final.missing_episodes(), "workers": cluster.workers, "device": devices,
+            "weights_id": final.attrs["vggt"]["weights_id"],
             "cluster_startup_s": round(cluster_seconds, 3), "extract_s": round(outcome["seconds"], 3),
             "steps_per_s": round(extracted / outcome["seconds"], 3) if outcome["seconds"] else 0.0,
             "total_s": round(time.perf_counter() - started, 3)}

@@ -24,7 +24,7 @@ from sfcache.pooling import pooled_targets
 from sfcache.recipes import get_recipe, insert_blanks, recipe_inputs
 from sfcache.sources import Source, open_source, recorded_views
 from sfcache.store import LOCK_NAME, MASK_ARRAY, Cache, decode, int8_block, is_locked, open_cache, step_bytes
-from sfcache.vggt import load_vggt
+from sfcache.vggt import load_vggt, random_weights_warning
 
 __all__ = ["DEFAULT_THRESHOLDS", "REQUIRED_PROVENANCE", "check", "episode_report", "missing_provenance",
            "open_store", "pca_picture", "pca_picture_size", "pca_rgb", "read_provenance", "summarize", "verify"]
@@ -37,7 +37,6 @@ DEFAULT_THRESHOLDS = {"float16": 0.999, "bfloat16": 0.999, "int8": 0.995}
 # recomputed mean cosine may fall at most REDUCED_MEAN_MARGIN below the recorded mean (other steps, recomputation
 # noise), and the default worst-token threshold is the recorded worst less REDUCED_WORST_MARGIN.
 REDUCED_MEAN_MARGIN, REDUCED_WORST_MARGIN = 0.01, 0.05
-RANDOM_WEIGHTS = "random:"
 LISTED = 20          # episode keys named in one failure line before "... and N more"
 REQUIRED_PROVENANCE = (
     "format_version", "sfcache_version", "created", "num_steps", "steps_per_shard", "num_shards", "episodes",
@@ -96,11 +95,8 @@ def summarize(cache: Cache) -> dict:
     steps_done = sum(_shard_length(cache, shard) for shard in np.flatnonzero(done))
     on_disk = sum(file.stat().st_size for file in cache.path.rglob("*") if file.is_file())
     raw_per_step = _raw_bytes_per_step(cache)
-    random_weights = str(vggt["weights_id"]).startswith(RANDOM_WEIGHTS)
-    warnings = []
-    if random_weights:
-        warnings.append(f"RANDOM WEIGHTS ({vggt['weights_id']}): these targets carry no geometry; "
-                        "for tests and demos only, never for training a policy")
+    random_weights = random_weights_warning(vggt["weights_id"])
+    warnings = [random_weights] if random_weights else []
     if (cache.path / LOCK_NAME).exists():
         warnings.append(_lock_state(cache.path))
     recipe = get_recipe(cache.recipe)
@@ -134,7 +130,7 @@ def summarize(cache: Cache) -> dict:
         "steps_done": steps_done,
         "complete": bool(done.all()),
         "missing_episodes": cache.missing_episodes(),
-        "vggt": {"weights": vggt["weights"], "weights_id": vggt["weights_id"], "random_weights": random_weights,
+        "vggt": {"weights": vggt["weights"], "weights_id": vggt["weights_id"], "random_weights": bool(random_weights),
                  "preprocess": vggt["preprocess"], "compute_dtype": vggt["compute_dtype"], "config": vggt["config"]},
         "created": attrs["created"],
         "sfcache_version": attrs["sfcache_version"],

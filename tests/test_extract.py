@@ -151,6 +151,7 @@ def test_other_configuration_is_refused_with_the_difference(tmp_path, schedulers
     result = run_cli(written.path, "--out", out, *TINY, "--dtype", "int8", "--grid", "8x8", "--overwrite",
                      "--scheduler", schedulers["in-process"])
     assert result.exit_code == 0, result.output
+    assert "RANDOM WEIGHTS (random:tiny" in result.output and "carry no geometry" in result.output
     cache = open_cache(out)
     assert cache.dtype == "int8" and cache.grid == (8, 8) and cache.done_shards().all()
     want = reference_targets(written.path, grid=(8, 8))

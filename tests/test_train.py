@@ -47,9 +47,11 @@ def test_sf_train_beats_mean_action_baseline_and_leaves_cache_untouched(data, tm
     out = tmp_path / "run"
     status = sf("train", "--source", str(source), "--cache", str(store), "--out", str(out), "--steps", "24",
                 "--batch-size", "16", "--lr", "1e-3", "--val-every", "24", *TINY)
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert status == 0
     assert f"checkpoint: {out / CHECKPOINT}" in printed and "loss_curves.png" in printed
+    assert "RANDOM WEIGHTS (random:tiny+seed0): these targets carry no geometry" in captured.err
     final = records(out, "val")[-1]
     assert final["step"] == 24
     assert final["val_action_l1"] < final["val_mean_action_l1"], final

@@ -361,6 +361,7 @@ class Trainer:
                     self.save()
         plot_metrics(self.metrics_path, self.plot_path)
         return {"out": str(c.out), "checkpoint": str(self.checkpoint_path), "metrics": str(self.metrics_path),
+                "weights_id": self.data.identity.get("online_vggt") or self.data.identity.get("weights_id"),
                 "plot": str(self.plot_path), "steps": self.step, "resumed_from": self.resumed_from,
                 "mean_step_time_s": float(np.median(step_times)) if step_times else None, **val_metrics}
 

@@ -48,6 +48,14 @@ def load_vggt(spec: str, device: str | torch.device = "cpu",
     return model.to(device), file_fingerprint(path)
 
 
+def random_weights_warning(weights_id: str | None) -> str | None:
+    """The one warning every command prints for targets made with `random:` weights (None for real ones)."""
+    if not str(weights_id).startswith("random:"):
+        return None
+    return (f"RANDOM WEIGHTS ({weights_id}): these targets carry no geometry; for tests and demos only, "
+            "never for training a policy")
+
+
 def weights_config(spec: str) -> VGGTConfig:
     """The architecture a spec names, without building the model or hashing the file (for dry runs)."""
     random_spec = _random_spec(spec)
