@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 import zarr
-from PIL import Image
+from PIL import Image, ImageDraw
 from rich.progress import Progress
 
 from sfcache.errors import StoreError, WeightsError
@@ -517,10 +517,14 @@ def pca_rgb(tokens: np.ndarray) -> np.ndarray:
     return (np.clip(scaled, 0.0, 1.0) * 255).round().astype(np.uint8).reshape(*tokens.shape[:-1], 3)
 
 
+LABEL_BAND = 28   # pixels above the picture: a line of column labels, a line naming the weights
+
+
 def pca_picture_size(frame_size: tuple[int, int], views: int, steps: int) -> tuple[int, int]:
-    """(width, height) of a `pca_picture`: per step a row of [frame | PCA] per view, at the frame's size."""
+    """(width, height) of a `pca_picture`: a label band, then per step a row of [frame | PCA] per view, at the
+    frame's size."""
     height, width = frame_size
-    return 2 * views * width, steps * height
+    return 2 * views * width, LABEL_BAND + steps * height
 
 
 def pca_picture(cache: Cache, out: str | Path, steps: int = 4, episode: str | None = None,
@@ -540,11 +544,23 @@ def pca_picture(cache: Cache, out: str | Path, steps: int = 4, episode: str | No
     colours = pca_rgb(cache.read_rows(rows, layer=layer)).reshape(*frames.shape[:2], *cache.grid, 3)
     count, views, height, width, _ = frames.shape
     canvas = Image.new("RGB", pca_picture_size((height, width), views, count))
-    for i in range(count):
+    draw = ImageDraw.Draw(canvas)
+    for v, view in enumerate(cache.views):
+        draw.text((2 * v * width + 2, 1), f"{view}: frame", fill="white")
+        draw.text(((2 * v + 1) * width + 2, 1), f"{view}: PCA L{layer}", fill="white")
+    weights_id = cache.attrs["vggt"]["weights_id"]
+    random_weights = random_weights_warning(weights_id) is not None
+    draw.text((2, 14), f"VGGT weights {weights_id}" + (": RANDOM, no geometry" if random_weights else ""),
+              fill="red" if random_weights else "white")
+    for i, (key, step) in enumerate(map(locate, rows)):
+        top = LABEL_BAND + i * height
         for v in range(views):
             tokens = Image.fromarray(colours[i, v]).resize((width, height), Image.Resampling.NEAREST)
-            canvas.paste(Image.fromarray(frames[i, v]), (2 * v * width, i * height))
-            canvas.paste(tokens, ((2 * v + 1) * width, i * height))
+            canvas.paste(Image.fromarray(frames[i, v]), (2 * v * width, top))
+            canvas.paste(tokens, ((2 * v + 1) * width, top))
+        label = f"{key.rsplit('/', 1)[-1]} step {step}"
+        draw.rectangle(draw.textbbox((2, top + 2), label), fill="black")
+        draw.text((2, top + 2), label, fill="white")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG")

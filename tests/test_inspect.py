@@ -256,17 +256,22 @@ def test_pca_png_size_and_tiles(built, tmp_path):
     picture = json.loads(result.output)["pca"]
     image = np.asarray(Image.open(out))
     assert Image.open(out).format == "PNG"
-    assert (picture["width"], picture["height"]) == inspection.pca_picture_size((FRAME, FRAME), 2, 3) == (256, 192)
-    assert image.shape == (3 * FRAME, 4 * FRAME, 3)
+    assert (picture["width"], picture["height"]) == inspection.pca_picture_size((FRAME, FRAME), 2, 3) == (256, 28 + 192)
+    band = inspection.LABEL_BAND
+    assert image.shape == (band + 3 * FRAME, 4 * FRAME, 3)
+    assert image[:band].max() > 0 and image[:band].min() == 0                 # the column labels, written
     keys = list(written.episodes)
     assert picture["steps"] == [[keys[0], 0], [keys[1], 0], [keys[1], 3]]     # evenly over rows 0, 4, 7
     first = written.episodes[keys[0]].frames[0]                                # [views, H, W, 3]
-    np.testing.assert_array_equal(image[:FRAME, :FRAME], first[0])            # frames as the policy sees them
-    np.testing.assert_array_equal(image[:FRAME, 2 * FRAME:3 * FRAME], first[1])
+    below = 16                                                                 # rows under the step label
+    row = image[band + below:band + FRAME]
+    np.testing.assert_array_equal(row[:, :FRAME], first[0][below:])           # frames as the policy sees them
+    np.testing.assert_array_equal(row[:, 2 * FRAME:3 * FRAME], first[1][below:])
     tokens = inspection.open_store(store).read_rows([0, 4, 7])
     colours = inspection.pca_rgb(tokens).reshape(3, 2, *GRID, 3)
     cell = FRAME // GRID[0]
-    np.testing.assert_array_equal(image[:FRAME, FRAME:2 * FRAME], colours[0, 0].repeat(cell, 0).repeat(cell, 1))
+    np.testing.assert_array_equal(row[:, FRAME:2 * FRAME], colours[0, 0].repeat(cell, 0).repeat(cell, 1)[below:])
+    assert (image[band + 2:band + 12, :FRAME] != first[0][2:12]).any()        # the step label, written
 
 
 def test_pca_rgb_orders_components_and_is_deterministic():

@@ -25,6 +25,7 @@ from sfcache.crop import crop_target_grid
 from sfcache.errors import ConfigMismatch, SfcacheError
 from sfcache.progress import progress_bar
 from sfcache.torch import SpatialForcingLoss
+from sfcache.vggt import random_weights_warning
 from train.augment import center_boxes, colour_jitter, crop_images, random_boxes
 from train.data import StepDataset, TrainingData, check_resume, open_training_data
 from train.model import SIZES, Policy, PolicyConfig
@@ -359,7 +360,8 @@ class Trainer:
                         self.log({"step": self.step, "split": "val", **val_metrics})
                 if self.step % c.save_every == 0 or self.step == c.steps:
                     self.save()
-        plot_metrics(self.metrics_path, self.plot_path)
+        plot_metrics(self.metrics_path, self.plot_path, self.data.identity.get("online_vggt")
+                     or self.data.identity.get("weights_id"))
         return {"out": str(c.out), "checkpoint": str(self.checkpoint_path), "metrics": str(self.metrics_path),
                 "weights_id": self.data.identity.get("online_vggt") or self.data.identity.get("weights_id"),
                 "plot": str(self.plot_path), "steps": self.step, "resumed_from": self.resumed_from,
@@ -403,7 +405,7 @@ def train(config: TrainConfig) -> dict:
     return Trainer(config).run()
 
 
-def plot_metrics(metrics_path: Path, png_path: Path) -> None:
+def plot_metrics(metrics_path: Path, png_path: Path, weights_id: str | None = None) -> None:
     """Loss curves (train action L1, alignment loss, validation L1 vs the mean-action baseline) as a PNG."""
     import matplotlib
 
@@ -420,12 +422,20 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
         left.plot([r["step"] for r in train_rows if "align_loss" in r],
                   [r["align_loss"] for r in train_rows if "align_loss" in r], label="align loss (1 - cos)")
     left.set_xlabel("step")
+    left.set_ylabel("train loss")
+    left.set_title("training")
     left.legend()
     right.plot([r["step"] for r in val_rows], [r["val_action_l1"] for r in val_rows], "o-", label="val action L1")
     right.plot([r["step"] for r in val_rows], [r["val_mean_action_l1"] for r in val_rows], "--",
                label="mean-action baseline")
     right.set_xlabel("step")
+    right.set_ylabel("action L1")
+    right.set_title("validation (held-out episodes)")
     right.legend()
+    random_weights = random_weights_warning(weights_id) is not None
+    fig.suptitle("SF targets: " + (f"VGGT {weights_id}" + (" (RANDOM weights, no geometry)" if random_weights else "")
+                                   if weights_id else "none (baseline without SF)"),
+                 color="red" if random_weights else "black")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
