@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,hub,tf,libero]"
+	$(PY) -m pip install -q -e ".[dev,hub,tf,libero,slurm]"
 	# the `openpi` extra without its numpy<2 pin (its image_tools needs only numpy and Pillow)
 	$(PY) -m pip install -q --no-deps "openpi-client==0.1.2"
 	touch $(STAMP)
