@@ -198,14 +198,15 @@ def observation_from_env(obs: dict, instruction: str) -> Observation:
     return Observation(images, proprio, instruction, obs)
 
 
-def jpeg_roundtrip(image: np.ndarray, quality: int = 95) -> np.ndarray:
+def jpeg_roundtrip(image: np.ndarray, quality: int = 95, fast_dct: bool = True) -> np.ndarray:
     """JPEG-encode and decode uint8 [H, W, 3] as OFT's eval does to match RLDS-stored frames
-    (TF's encode_jpeg: quality 95, 4:2:0; TF decodes with the fast IDCT)."""
+    (TF's encode_jpeg: quality 95, 4:2:0). `fast_dct`: decode with the fast IDCT as TF does, for a policy
+    trained on TF-decoded frames; False for one trained on frames decoded with libjpeg's accurate IDCT."""
     import simplejpeg
 
     data = simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality, colorspace="RGB",
                                   colorsubsampling="420")
-    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True)
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=fast_dct)
 
 
 def resize_for_policy(image: np.ndarray, size: int = 224) -> np.ndarray:
@@ -258,6 +259,7 @@ class EpisodeResult:
     seconds: float              # wall time of the episode, reset and wait steps included
     sim_steps: int              # env.step calls, wait steps included
     frames: list[np.ndarray] = field(default_factory=list, repr=False)   # primary view per policy step
+    error: str | None = None    # why the episode ended early as a failure (non-finite actions, a simulator error)
 
 
 def _check_chunk(chunk: Any) -> np.ndarray:
@@ -266,8 +268,6 @@ def _check_chunk(chunk: Any) -> np.ndarray:
         actions = actions[None]
     if actions.ndim != 2 or actions.shape[1] != 7 or len(actions) == 0:
         raise SfcacheError(f"the policy returned actions of shape {tuple(np.shape(chunk))}; expected [chunk, 7]")
-    if not np.isfinite(actions).all():
-        raise SfcacheError("the policy returned NaN or Inf actions")
     return actions
 
 
@@ -281,19 +281,27 @@ def run_episode(env, policy: Policy, instruction: str, init_state: np.ndarray, m
         obs, _, _, _ = env.step(NOOP.tolist())
     queue: list[np.ndarray] = []
     frames: list[np.ndarray] = []
-    steps, success = 0, False
+    steps, success, error = 0, False, None
     while steps < max_steps:
         observation = observation_from_env(obs, instruction)
         if record:
             frames.append(observation.images["primary"])
         if not queue:
-            queue = list(_check_chunk(policy(observation)))
-        obs, _, done, _ = env.step(queue.pop(0).tolist())
+            chunk = _check_chunk(policy(observation))          # a wrong shape is a policy bug: it stops the run
+            if not np.isfinite(chunk).all():
+                error = f"the policy returned NaN or Inf actions at step {steps}"
+                break
+            queue = list(chunk)
+        try:
+            obs, _, done, _ = env.step(queue.pop(0).tolist())
+        except Exception as exc:  # noqa: BLE001  an unstable simulation ends this episode as a failure, as in OFT
+            error = f"the simulator failed at step {steps}: {type(exc).__name__}: {exc}"
+            break
         steps += 1
         if done:
             success = True
             break
-    return EpisodeResult(success, steps, time.perf_counter() - began, wait_steps + steps, frames)
+    return EpisodeResult(success, steps, time.perf_counter() - began, wait_steps + steps, frames, error)
 
 
 def write_video(frames: list[np.ndarray], path: Path, fps: int = 20) -> Path:
@@ -368,6 +376,15 @@ def _read_results(path: Path) -> dict[tuple[int, int], dict]:
     return done
 
 
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line a kill left unfinished, so the next record starts on a line of its own."""
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with path.open("r+b") as handle:
+                handle.truncate(data.rfind(b"\n") + 1)
+
+
 def _start(config: EvalConfig, policy_info: dict) -> None:
     """Record what this folder evaluates; a resume with another policy or protocol is refused."""
     asked = {"suite": config.suite, "seed": config.seed, "step_limit": config.step_limit,
@@ -396,6 +413,7 @@ def evaluate(policy: Policy, config: EvalConfig, policy_info: dict | None = None
     _start(config, policy_info or {})
     results_path = config.out / RESULTS
     done = _read_results(results_path)
+    _drop_torn_line(results_path)
     todo = [(t, trial) for t in tasks for trial in range(config.trials_per_task) if (t.index, trial) not in done]
     total = len(tasks) * config.trials_per_task
     with progress_bar(unit="episodes") as bar, results_path.open("a") as log:
@@ -413,6 +431,8 @@ def evaluate(policy: Policy, config: EvalConfig, policy_info: dict | None = None
                                          config.wait_steps, record=trial < config.video)
                     record = {"task": task.instruction, "task_id": task.index, "trial": trial, "success": result.success,
                               "steps": result.steps, "seconds": round(result.seconds, 3), "sim_steps": result.sim_steps}
+                    if result.error:
+                        record["error"] = result.error
                     if result.frames:
                         outcome = "success" if result.success else "failure"
                         video = write_video(result.frames, config.out / "videos" /
@@ -465,7 +485,8 @@ def summarize(records: Iterable[dict], config: EvalConfig, policy_info: dict) ->
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     return {"suite": SUITES[config.suite], "config": {**config_dict, "step_limit": config.step_limit},
             "policy": policy_info, "protocol": "OpenVLA-OFT run_libero_eval" if config.max_steps is None and
-            config.resolution == RESOLUTION else "shortened (not the protocol's step limit or resolution)",
+            config.resolution == RESOLUTION and config.trials_per_task == 50 and config.tasks is None
+            else "shortened (not the protocol's tasks, trials, step limit or resolution)",
             **_rate(records),
             "tasks": [{"task_id": i, "task": rs[0]["task"], **_rate(rs)} for i, rs in sorted(tasks.items())],
             "videos": [r["video"] for r in records if "video" in r]}

@@ -13,6 +13,7 @@ only when its outputs say so (a complete store, a checkpoint at the last step), 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -295,8 +296,10 @@ class SnapshotTrainer(Trainer):
         folder = self.config.out / SNAPSHOTS
         folder.mkdir(exist_ok=True)
         state = self._state()
-        torch.save({k: state[k] for k in ("step", "model", "policy", "identity", "config")},
-                   folder / f"step_{self.step:06d}.pt")
+        snapshot = folder / f"step_{self.step:06d}.pt"
+        partial = snapshot.with_suffix(".pt.partial")   # a kill mid-write leaves no torn snapshot to evaluate
+        torch.save({k: state[k] for k in ("step", "model", "policy", "identity", "config")}, partial)
+        os.replace(partial, snapshot)
 
 
 def train(config: TrainConfig, snapshots: bool = False) -> dict:

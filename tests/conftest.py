@@ -26,11 +26,17 @@ def pytest_pyfunc_call(pyfuncitem):
     if pyfuncitem.get_closest_marker("own_process") is None or os.environ.get(CHILD):
         return None
     root = Path(pyfuncitem.config.rootpath)
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", pyfuncitem.nodeid],
-                            cwd=root, env={**os.environ, CHILD: "1"}, capture_output=True, text=True, timeout=900)
+    try:   # the child's own pytest-timeout (pyproject) ends a stuck test well inside this parent's limit
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                                 "-o", "timeout=200", pyfuncitem.nodeid],
+                                cwd=root, env={**os.environ, CHILD: "1"}, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as expired:
+        pytest.fail(f"in its own process, {pyfuncitem.nodeid} did not end within 240 s:\n{expired.stdout or ''}",
+                    pytrace=False)
     if result.returncode != 0:
         pytest.fail(f"in its own process, {pyfuncitem.nodeid} failed:\n{result.stdout[-6000:]}{result.stderr[-3000:]}",
                     pytrace=False)
     if " passed" not in result.stdout:
-        pytest.skip(f"in its own process: {result.stdout.strip().splitlines()[-1]}")
+        last = result.stdout.strip().splitlines()[-1:] or ["no output"]
+        pytest.skip(f"in its own process: {last[0]}")
     return True

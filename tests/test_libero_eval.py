@@ -223,3 +223,43 @@ def test_original_libero_first_import_questions_are_answered_by_a_config(tmp_pat
     monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "other"))
     libero_eval._write_libero_config()
     assert not (tmp_path / "other").exists()
+
+
+class _ScriptedEnv:
+    """Stands in for OffScreenRenderEnv in loop tests: fixed observations, and a step that may fail."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.fail_at, self.calls = fail_at, 0
+        self.obs = {"agentview_image": np.zeros((8, 8, 3), np.uint8), "robot0_eye_in_hand_image":
+                    np.zeros((8, 8, 3), np.uint8), "robot0_eef_pos": np.zeros(3), "robot0_eef_quat":
+                    np.array([0.0, 0.0, 0.0, 1.0]), "robot0_gripper_qpos": np.zeros(2)}
+
+    def reset(self):
+        return self.obs
+
+    def set_init_state(self, state):
+        return self.obs
+
+    def step(self, action):
+        self.calls += 1
+        if self.fail_at is not None and self.calls > 10 + self.fail_at:
+            raise RuntimeError("MuJoCo: simulation unstable")
+        return self.obs, 0.0, False, {}
+
+
+def test_nan_actions_and_simulator_errors_end_the_episode_as_a_failure():
+    nan_policy = lambda obs: np.full((8, 7), np.nan)                          # noqa: E731
+    result = run_episode(_ScriptedEnv(), nan_policy, "task", np.zeros(1), max_steps=5)
+    assert not result.success and result.steps == 0 and "NaN or Inf actions at step 0" in result.error
+    result = run_episode(_ScriptedEnv(fail_at=3), lambda obs: np.tile(NOOP, (8, 1)), "task", np.zeros(1), max_steps=9)
+    assert not result.success and result.steps == 3 and "simulator failed at step 3" in result.error
+    with pytest.raises(libero_eval.SfcacheError, match="expected \\[chunk, 7\\]"):      # a policy bug still stops
+        run_episode(_ScriptedEnv(), lambda obs: np.zeros((8, 6)), "task", np.zeros(1), max_steps=2)
+
+
+def test_a_torn_results_line_is_cut_before_new_records(tmp_path):
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"task_id": 0, "trial": 0, "success": true}\n{"task_id": 0, "tri')
+    assert list(libero_eval._read_results(results)) == [(0, 0)]
+    libero_eval._drop_torn_line(results)
+    assert results.read_text() == '{"task_id": 0, "trial": 0, "success": true}\n'

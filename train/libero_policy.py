@@ -18,7 +18,7 @@ import torch
 from sfcache.errors import SfcacheError
 from sfcache.libero_eval import Observation, jpeg_roundtrip, normalize_gripper
 from train.augment import center_boxes, crop_images
-from train.loop import CHECKPOINT, resolve_device
+from train.loop import CHECKPOINT, load_checkpoint, resolve_device
 from train.model import Policy, PolicyConfig, encode_instructions
 
 JPEG_SOURCES = ("libero_rlds",)      # training frames that were JPEG-decoded
@@ -32,16 +32,13 @@ class CheckpointPolicy:
         self.path = path / CHECKPOINT if path.is_dir() else path
         if not self.path.is_file():
             raise SfcacheError(f"{path}: no checkpoint here (expected an `sf train` run folder or its {CHECKPOINT})")
+        saved = load_checkpoint(self.path, required=("step", "model", "policy", "identity"),
+                                advice="give an `sf train` run folder or its checkpoint")
         try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=False)
-            fields = {**saved["policy"], "grid": tuple(saved["policy"]["grid"])}
-            self.config = PolicyConfig(**fields)
-            self.identity, self.step = saved["identity"], int(saved["step"])
-            state = saved["model"]
-        except (KeyError, TypeError) as error:
-            raise SfcacheError(f"{self.path}: not an `sf train` checkpoint (missing {error})") from None
-        except Exception as error:  # pickle / zip errors of a truncated or foreign file
-            raise SfcacheError(f"{self.path}: cannot be read as a checkpoint ({type(error).__name__}: {error})") from None
+            self.config = PolicyConfig(**{**saved["policy"], "grid": tuple(saved["policy"]["grid"])})
+        except TypeError as error:
+            raise SfcacheError(f"{self.path}: its policy settings do not fit this sfcache ({error})") from None
+        self.identity, self.step, state = saved["identity"], int(saved["step"]), saved["model"]
         if (self.config.proprio_dim, self.config.action_dim) != (8, 7):
             raise SfcacheError(f"{self.path}: trained with proprio {self.config.proprio_dim} and actions "
                                f"{self.config.action_dim}; LIBERO has proprio 8 and actions 7")
@@ -67,7 +64,7 @@ class CheckpointPolicy:
                                f"gives {sorted(observation.images)}")
         frames = [observation.images[v] for v in self.views]
         if self.source_format in JPEG_SOURCES:
-            frames = [jpeg_roundtrip(f) for f in frames]
+            frames = [jpeg_roundtrip(f, fast_dct=False) for f in frames]   # `sf train` decodes as the source does
         stacked = torch.from_numpy(np.stack(frames)).to(self.device).permute(0, 3, 1, 2).float()[None] / 255
         return crop_images(stacked, center_boxes(1), self.config.image_size[0])
 
