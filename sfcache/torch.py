@@ -92,7 +92,7 @@ class CachedTargets(torch.utils.data.Dataset):
         return self._cache
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_cache": None, "_pid": None, "_basis": {}}
+        return {**self.__dict__, "_cache": None, "_pid": None, "_basis": {}, "_pos_on": None}   # no device tensors
 
     def __len__(self) -> int:
         return self._num_rows
@@ -151,10 +151,10 @@ class CachedTargets(torch.utils.data.Dataset):
             raise SfcacheError(f"{self.store}: crop boxes need whole targets; join with boxes on a "
                                "CachedTargets(coefficients=False)")
         values, mask = self._read(rows)
-        if mask is not None:
+        if self.cache.has_mask:
             raise SfcacheError(f"{self.store}: crop boxes were given, but this store carries a token mask (recipe "
                                f"{self.recipe}), whose trainer feeds VGGT the un-augmented image; join without boxes")
-        return self._finish(crop_target_grid(values, self.grid, self.native_grid, boxes), None)
+        return self._finish(crop_target_grid(values, self.grid, self.native_grid, boxes), mask)
 
     def read_rows(self, rows: Sequence[int]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Targets of flat rows: float32 [B, V, h*w, C], and with the mask bool [B, V, h*w] (one batched read)."""

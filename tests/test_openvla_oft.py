@@ -266,3 +266,11 @@ def test_tfds_ids_resolve_through_recorded_shards_and_old_stores_still_open_and_
         new.get("s-train.tfrecord-00000-of-00002__1", 0, length=8)
     with lock_store(tmp_path / "new"):                        # shards recorded or not: the same store resumes
         create_store(tmp_path / "new", make_config(episodes=episodes, source={**source, "tfds_shards": None}))
+
+
+def test_boxes_of_oft_views_are_refused_on_a_store_of_another_view_order():
+    from types import SimpleNamespace
+
+    store = SimpleNamespace(views=("wrist", "primary"), store="stores/swapped")
+    with pytest.raises(SfcacheError, match=r"holds views \['wrist', 'primary'\], but OFT's crop boxes are for"):
+        sf_oft.batch_targets(store, {})

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sfcache.errors import ConfigMismatch, SfcacheError, StoreError
+from sfcache.recipes import get_recipe
 from sfcache.sources import Source, open_source, recorded_views
 from sfcache.torch import CachedTargets
 from train.model import encode_instructions
@@ -94,6 +95,8 @@ def open_training_data(source_path: Path, cache_path: Path | None, views: tuple[
     recorded = recorded_views(targets.cache.attrs["source"]) if targets else None    # with any name=column mapping
     source = open_source(source_path, views=views or recorded)
     identity = {"views": list(source.views), "grid": list(grid), "source": _source_identity(source.describe())}
+    if targets is not None and get_recipe(targets.recipe).jpeg_fast_dct:   # the policy sees the frames VGGT saw
+        source.jpeg_fast_dct = identity["jpeg_fast_dct"] = True
     if targets is not None:
         check_cache_matches(targets, source, grid)
         identity.update(channels=targets.channels, layer=targets.layer,

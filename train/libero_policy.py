@@ -64,7 +64,8 @@ class CheckpointPolicy:
                                f"gives {sorted(observation.images)}")
         frames = [observation.images[v] for v in self.views]
         if self.source_format in JPEG_SOURCES:
-            frames = [jpeg_roundtrip(f, fast_dct=False) for f in frames]   # `sf train` decodes as the source does
+            fast = bool(self.identity.get("jpeg_fast_dct"))    # decoded in training as the store's recipe did
+            frames = [jpeg_roundtrip(f, fast_dct=fast) for f in frames]
         stacked = torch.from_numpy(np.stack(frames)).to(self.device).permute(0, 3, 1, 2).float()[None] / 255
         return crop_images(stacked, center_boxes(1), self.config.image_size[0])
 

@@ -188,6 +188,9 @@ def batch_targets(targets: CachedTargets, batch: dict[str, Any]) -> torch.Tensor
     Joined by TFDS id and step with the trajectory length checked, each view's grid cropped to the
     box its image was augmented with, then SF's position embedding added (if `targets` adds it).
     """
+    if tuple(targets.views) != tuple(VIEWS):   # the boxes come in VIEWS order: each must crop its own camera
+        raise SfcacheError(f"{targets.store}: holds views {list(targets.views)}, but OFT's crop boxes are for "
+                           f"{list(VIEWS)} in that order; extract with --recipe openvla-oft (views primary,wrist)")
     values = targets.targets_for(batch["sf_tfds_id"], batch["sf_step"], lengths=batch["sf_episode_length"],
                                  boxes=batch[BOXES])
     return values.flatten(1, 2)
