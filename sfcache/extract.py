@@ -779,6 +779,9 @@ def _task_report(future, cluster: _Cluster) -> dict:
         raise SfcacheError(f"a Dask worker died repeatedly running shards ({error}); finished shards "
                            "are kept, run the same command again to resume") from None
     except (CancelledError, CommClosedError, OSError, TimeoutError) as error:
+        if future.status == "error":   # the task's own exception (a worker's file error), not the connection
+            raise SfcacheError(f"an extraction task failed on its worker ({type(error).__name__}: {error}); "
+                               "finished shards are kept, fix the cause and run the same command again") from None
         raise _lost_scheduler(cluster.address, error) from None
 
 
@@ -850,6 +853,9 @@ def _check_shared_store(cluster: _Cluster, job: _Job) -> None:
     try:
         views = cluster.client.run(_store_view, str(job.store), job.run)
     except (CancelledError, CommClosedError, OSError, TimeoutError) as error:
+        if future.status == "error":   # the task's own exception (a worker's file error), not the connection
+            raise SfcacheError(f"an extraction task failed on its worker ({type(error).__name__}: {error}); "
+                               "finished shards are kept, fix the cause and run the same command again") from None
         raise _lost_scheduler(cluster.address, error) from None
     for address, (host, problem) in sorted(views.items()):
         if problem:

@@ -368,8 +368,10 @@ def is_locked(path: str | Path) -> bool:
     try:
         fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
-    except OSError:
+    except BlockingIOError:
         return True
+    except OSError:   # no file locks on this file system: nothing can be said to hold it
+        return False
     finally:
         os.close(descriptor)
 
@@ -440,15 +442,23 @@ def current_run(path: str | Path) -> str:
 @contextmanager
 def _run_fence(path: Path, run: str, what: str) -> Iterator[None]:
     """Hold a shared flock on the run marker while writing `what`; StoreError when `run` is no longer current."""
+    if not run:
+        raise StoreError(f"{path}: {what} not written: a fenced write needs the extraction run's id")
     try:
         descriptor = os.open(path / RUN_NAME, os.O_RDONLY)
     except FileNotFoundError:
         descriptor = None
+    except OSError as err:
+        raise StoreError(f"{path / RUN_NAME}: cannot open the run marker for {what} ({err.strerror})") from None
     try:
         current = ""
         if descriptor is not None:
-            fcntl.flock(descriptor, fcntl.LOCK_SH)
-            token = os.pread(descriptor, 64, 0).decode(errors="replace")
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_SH)
+                token = os.pread(descriptor, 64, 0).decode(errors="replace")
+            except OSError as err:
+                raise StoreError(f"{path / RUN_NAME}: cannot lock or read the run marker for {what} "
+                                 f"({err.strerror}); the store needs a file system with file locks") from None
             current = "" if token == RUN_ENDED else token
         if current != run:
             now = f"run {current[:12]}" if current else "no run (it ended)"
