@@ -514,14 +514,10 @@ def _fit_basis(cluster: "_Cluster", plugin: str, config: StoreConfig, batch_size
     held: dict[int, list] = {layer: [] for layer in config.layers}
     held_masks: list = []
     bar = progress_bar("steps") if progress else None
-    with bar or nullcontext():
+    with bar or nullcontext(), _cancelled_on_exit(cluster.client, futures):
         task = bar.add_task("fit basis", total=int(rows.size)) if bar else None
         for start, future in zip(range(0, rows.size, batch_size), futures):
-            try:
-                targets, mask = future.result()
-            except KilledWorker as error:
-                raise SfcacheError(f"a Dask worker died repeatedly computing the basis sample ({error}); "
-                                   "run the same command again") from None
+            targets, mask = _task_report(future, cluster)   # a lost scheduler or dying workers: one line
             batch = rows[start:start + batch_size]
             is_held = np.isin(batch, held_rows)
             for layer, values in targets.items():
@@ -533,6 +529,20 @@ def _fit_basis(cluster: "_Cluster", plugin: str, config: StoreConfig, batch_size
     masks = None if held_masks[0] is None else np.concatenate(held_masks)
     return fit(config.reduce.request, moments, {layer: (np.concatenate(v), masks) for layer, v in held.items()},
                config.dtype)
+
+
+@contextmanager
+def _cancelled_on_exit(client: Client, futures: list):
+    """Cancel what is left of `futures` when the block ends early (an error, an interrupt)."""
+    try:
+        yield
+    finally:
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            try:
+                client.cancel(pending)
+            except Exception:  # noqa: BLE001  the scheduler may be gone; nothing is left to cancel then
+                pass
 
 
 def _steps_of(cache, shards: list[int]) -> int:
