@@ -246,7 +246,8 @@ class WithTargets(torch.utils.data.Dataset):
     transforms, which drop unknown keys such as `sf_targets`: build with `out=None` and call
     `targets_for(batch)` after them. Every join is checked against the dataset's episode lengths
     (`lengths=`, or read from a LeRobotDataset's metadata): a store made from other episodes fails here
-    instead of silently pairing frames with another step's targets.
+    instead of silently pairing frames with another step's targets. With `index=`, `lengths=` lists every
+    episode of the dataset in its order, so their running sums are the first global indices checked.
     """
 
     def __init__(self, dataset: Any, targets: CachedTargets, key: str | Callable[[dict], str] = "episode_key",
@@ -256,7 +257,8 @@ class WithTargets(torch.utils.data.Dataset):
         self._key = key if callable(key) else itemgetter(key)      # itemgetter pickles into spawned workers
         self._step = step if callable(step) else itemgetter(step)
         self.index = index
-        episodes = lerobot_episodes(dataset) if lengths is None else {k: (None, n) for k, n in lengths.items()}
+        episodes = lerobot_episodes(dataset) if lengths is None else \
+            _first_rows(lengths) if index is not None else {k: (None, int(n)) for k, n in lengths.items()}
         if index is not None and episodes is None:
             raise SfcacheError("WithTargets(index=...): pass lengths={episode key: length} or a LeRobotDataset, "
                                "so the join can check that store rows equal the dataset's global index")
@@ -314,6 +316,15 @@ def lerobot_episodes(dataset: Any) -> dict[str, tuple[int, int]] | None:
                                                              meta["length"])}
     chosen = getattr(dataset, "episodes", None)
     return {f"episode_{i:06d}": every[i] for i in (sorted(every) if chosen is None else chosen)}
+
+
+def _first_rows(lengths: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """{key: (first global index, length)} for episodes given in the dataset's order, back to back."""
+    rows, first = {}, 0
+    for key, length in lengths.items():
+        rows[key] = (first, int(length))
+        first += int(length)
+    return rows
 
 
 def _check_episodes(targets: CachedTargets, episodes: dict[str, tuple[int | None, int]], by_index: bool) -> None:

@@ -267,6 +267,16 @@ def test_joins_refuse_a_store_of_other_episodes(lerobot_store, tmp_path):
         WithTargets([{"index": 0}], partial, index="index")
 
 
+def test_index_join_with_given_lengths_checks_first_rows(lerobot_store):
+    written, store, _ = lerobot_store
+    targets = CachedTargets(store, add_position_embedding=False)
+    in_order = {key: 5 for key in written.episodes}                      # 3 episodes of 5 steps, in order
+    WithTargets([{"index": 0}], targets, index="index", lengths=in_order)
+    swapped = dict(reversed(list(in_order.items())))                      # same lengths, other order
+    with pytest.raises(StoreError, match="starts at row 10 in the store, at index 0 in the dataset"):
+        WithTargets([{"index": 0}], targets, index="index", lengths=swapped)
+
+
 def test_extract_mapped_video_views_and_verify(tmp_path):
     """sf extract with --views name=column on a video LeRobot dataset; --verify reopens the recorded mapping."""
     import logging
