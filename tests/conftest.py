@@ -22,7 +22,8 @@ def one_torch_thread():
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem):
     """Run a test marked `own_process` in a fresh interpreter: MuJoCo 2.3.7 (the LIBERO simulator) and
-    TensorFlow 2.x crash when both are loaded into one process, and the suite imports TensorFlow elsewhere."""
+    TensorFlow 2.x crash when both are loaded into one process, and the suite imports TensorFlow elsewhere;
+    a fork of this long-lived process copies threads other tests left running (Dask, zarr IO) with their locks."""
     if pyfuncitem.get_closest_marker("own_process") is None or os.environ.get(CHILD):
         return None
     root = Path(pyfuncitem.config.rootpath)

@@ -222,6 +222,7 @@ def step_of(sample):
     return int(sample["frame_index"])
 
 
+@pytest.mark.own_process   # fork copies every thread's locks; other tests leave Dask and zarr threads behind
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_index_join_in_workers_and_after_a_preprocessor(lerobot_store, context):
     written, store, truth = lerobot_store

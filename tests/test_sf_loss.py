@@ -190,6 +190,7 @@ class KeyedSamples(torch.utils.data.Dataset):
         return {"episode_key": key, "step": step, "x": torch.tensor(float(i))}
 
 
+@pytest.mark.own_process   # forked DataLoader workers: away from threads other tests leave running
 def test_join_works_in_dataloader_workers_read_only(store):
     cache = open_cache(store)
     targets = CachedTargets(store)
