@@ -22,6 +22,7 @@ import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Mapping, NamedTuple, Sequence
 
@@ -591,12 +592,16 @@ def _remove_partial_writes(path: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
+def _damaged(meta: Path, key: str, expected: str, value) -> None:
+    """One line for a hand-damaged zarr.json: the attribute, what it holds and what was expected."""
+    raise StoreError(f"{meta}: attributes.sfcache.{key} is {json.dumps(value)[:80]}, expected {expected}; "
+                     "the store is damaged: delete it and run `sf extract` again")
+
+
 def _validate_attrs(meta: Path, attrs: dict) -> None:
     """Check the provenance fields readers rely on, so a hand-damaged zarr.json is one StoreError naming
     the key and what was expected, not a ValueError or IndexError deep inside a read."""
-    def fail(key: str, expected: str, value) -> None:
-        raise StoreError(f"{meta}: attributes.sfcache.{key} is {json.dumps(value)[:80]}, expected {expected}; "
-                         "the store is damaged: delete it and run `sf extract` again")
+    fail = partial(_damaged, meta)
 
     def is_int(value, low: int = 0) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= low
@@ -629,9 +634,7 @@ def _validate_attrs(meta: Path, attrs: dict) -> None:
 def _validate_index(meta: Path, attrs: dict) -> None:
     """The episode index must tile rows [0, num_steps) back to back, in num_shards shards (checked before
     the first read, so `inspect.check` can still list every inconsistency of an index it opened)."""
-    def fail(key: str, expected: str, value) -> None:
-        raise StoreError(f"{meta}: attributes.sfcache.{key} is {json.dumps(value)[:80]}, expected {expected}; "
-                         "the store is damaged: delete it and run `sf extract` again")
+    fail = partial(_damaged, meta)
 
     if attrs["num_shards"] != -(-attrs["num_steps"] // attrs["steps_per_shard"]):
         fail("num_shards", f"ceil(num_steps / steps_per_shard) = {-(-attrs['num_steps'] // attrs['steps_per_shard'])}",
