@@ -833,15 +833,15 @@ class Cache:
         rows = np.arange(self.num_steps)[rows] if isinstance(rows, slice) else np.atleast_1d(np.asarray(rows))
         if rows.size and (rows.dtype.kind not in "iu" or rows.min() < 0 or rows.max() >= self.num_steps):
             raise StoreError(f"{self.path}: rows must be integers in [0, {self.num_steps}), got {rows[:8].tolist()}")
+        if not decoded and (self.dtype != "float16" or self.reduced):
+            raise StoreError(f"{self.path}: only float16 stores without --reduce are read undecoded; this one is "
+                             f"{self.dtype}{' and reduced' if self.reduced else ''}")
         name = f"targets/layer_{self._layer(layer)}"
         self._check_index()
         self._require_done(rows)
         runs, order = _contiguous_runs(rows)
         stored = self._checked_read(name, runs, order)
         scale = self._checked_read(f"{name}_scale", runs, order) if self.dtype == "int8" else None
-        if not decoded and (self.dtype != "float16" or self.reduced):
-            raise StoreError(f"{self.path}: only float16 stores without --reduce are read undecoded; this one is "
-                             f"{self.dtype}{' and reduced' if self.reduced else ''}")
         values = decode(stored, self.dtype, scale) if decoded else stored
         if self.reduced and reconstruct:
             values = self.reduction.reconstruct(self._layer(layer), values)
