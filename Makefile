@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m sfcache.demo --out demo-out
+	$(PY) -m sfcache.cli.demo --out demo-out
 
 bench: $(STAMP)
 	$(PY) -m bench.run --out bench-out
@@ -58,7 +58,7 @@ gpu-wheels:
 	    --platform manylinux1_x86_64 -d .whl $(GPU_WHEELS)
 
 reproduce-libero: $(STAMP)
-	$(PY) -m sfcache.reproduce --libero-dir "$(LIBERO_DIR)" --vggt "$(VGGT)" --device "$(DEVICE)" --scheduler "$(SCHEDULER)" --out "$(OUT)" $(REPRO_ARGS)
+	$(SF) reproduce-libero --libero-dir "$(LIBERO_DIR)" --vggt "$(VGGT)" --device "$(DEVICE)" --scheduler "$(SCHEDULER)" --out "$(OUT)" $(REPRO_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-out bench-out out .whl

@@ -31,8 +31,8 @@ from sfcache.sources import EpisodeInfo
 from sfcache.sources.synthetic import write_libero_hdf5
 from sfcache.store import StoreConfig, create_store, lock_store, pack_episodes
 from sfcache.torch import CachedTargets
-from train.augment import random_boxes
-from train.loop import StepBatches, TrainConfig, Trainer, prepare
+from sfcache.train.augment import random_boxes
+from sfcache.train.loop import StepBatches, TrainConfig, Trainer, prepare
 
 PRESETS = {"tiny": {"weights": "random:tiny", "model": "tiny", "demos": 2, "steps": 8, "batch": 8, "timed": 8,
                     "small_batch": 2, "small_timed": 7, "loader_rows": 512, "loader_batches": 24},

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from sfcache.errors import SfcacheError
 from sfcache.libero_eval import MAX_STEPS, SUITES, EvalConfig, evaluate, results_table
-from train.libero_policy import CheckpointPolicy
+from sfcache.train.libero_policy import CheckpointPolicy
 
 
 def parse_tasks(tasks: str | None) -> tuple[int, ...] | None:

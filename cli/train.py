@@ -8,8 +8,8 @@ import typer
 from rich.console import Console
 
 from sfcache.vggt import random_weights_warning
-from train.loop import TrainConfig
-from train.loop import train as run_training
+from sfcache.train.loop import TrainConfig
+from sfcache.train.loop import train as run_training
 
 
 def train(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from sfcache.crop import crop_target_grid
 from sfcache.errors import SfcacheError
-from train.augment import center_boxes, colour_jitter, crop_images, random_boxes
+from sfcache.train.augment import center_boxes, colour_jitter, crop_images, random_boxes
 
 NATIVE, GRID, CHANNELS = 37, 16, 6
 

@@ -1,7 +1,7 @@
 from typer.testing import CliRunner
 
 import sfcache
-from cli.main import app
+from sfcache.cli.main import app
 
 
 def test_help_lists_commands():

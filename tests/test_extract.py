@@ -21,7 +21,7 @@ import zarr
 from distributed import LocalCluster
 from typer.testing import CliRunner
 
-from cli.main import app, main
+from sfcache.cli.main import app, main
 from sfcache.errors import StoreError
 from sfcache.extract import ExtractConfig, extract
 from sfcache.pooling import pool_grid
@@ -270,7 +270,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, schedulers):
     assert run_cli(written.path, "--out", reference, *options, "--scheduler", schedulers[2]).exit_code == 0
 
     out = tmp_path / "store"
-    command = [sys.executable, "-m", "cli.main", "extract", str(written.path), "--out", str(out), *options,
+    command = [sys.executable, "-m", "sfcache.cli.main", "extract", str(written.path), "--out", str(out), *options,
                "--workers", "2"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     kill_after = random.Random().randint(1, 3)   # a random moment: after 1..3 of the 6 shards are done

@@ -29,7 +29,7 @@ import zarr
 from distributed import Client, LocalCluster
 from typer.testing import CliRunner
 
-from cli.main import app, main
+from sfcache.cli.main import app, main
 from sfcache.errors import ConfigMismatch, RunSuperseded, SourceError, StoreError
 from sfcache.extract import ExtractConfig, extract
 from sfcache.pooling import pool_grid
@@ -102,7 +102,7 @@ def assert_equal_stores(path: Path, reference: Path) -> None:
 
 def spawn_extract(dataset: Path, out: Path, log: Path) -> subprocess.Popen:
     """`sf extract` with its own local cluster (1 worker process), in a new process group."""
-    command = [sys.executable, "-m", "cli.main", "extract", str(dataset), "--out", str(out), *SHARDED,
+    command = [sys.executable, "-m", "sfcache.cli.main", "extract", str(dataset), "--out", str(out), *SHARDED,
                "--workers", "1"]
     OUTPUTS.append(log)
     with log.open("wb") as stderr:
@@ -329,7 +329,7 @@ def test_a_source_with_skipped_episodes_travels_to_workers_intact(tmp_path):
 
 
 def test_a_crash_inside_a_training_step_leaves_the_store_unchanged(tmp_path, monkeypatch):
-    from train import loop
+    from sfcache.train import loop
 
     source = write_dataset(tmp_path / "data", demos=2, steps=6)
     store = write_store(tmp_path / "store", source)
@@ -427,7 +427,7 @@ class ExternalCluster:
 
 def spawn_client(dataset: Path, out: Path, log: Path, *args: str) -> subprocess.Popen:
     """`sf extract` as a client of a running scheduler, in its own process group (the cluster is not its child)."""
-    command = [sys.executable, "-m", "cli.main", "extract", str(dataset), "--out", str(out), *SHARDED, *args]
+    command = [sys.executable, "-m", "sfcache.cli.main", "extract", str(dataset), "--out", str(out), *SHARDED, *args]
     OUTPUTS.append(log)
     with log.open("wb") as stderr:
         return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)

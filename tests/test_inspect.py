@@ -13,7 +13,7 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.main import app, main
+from sfcache.cli.main import app, main
 from sfcache import inspect as inspection
 from sfcache.errors import StoreError, WeightsError
 from sfcache.extract import ExtractConfig, extract

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from sfcache.cli.main import app
 from sfcache.errors import SfcacheError, SourceError, StoreError
 from sfcache.sources import open_source, recorded_views
 from sfcache.sources import synthetic as syn
@@ -298,7 +298,7 @@ def test_extract_mapped_video_views_and_verify(tmp_path):
     assert cache.views == ("base", "right") and cache.attrs["source"]["view_map"]["right"].endswith("cam_right_wrist")
     result = CliRunner().invoke(app, ["inspect-cache", str(store), "--verify", "2", "--json"])
     assert result.exit_code == 0, result.output
-    from train.data import open_training_data
+    from sfcache.train.data import open_training_data
     data = open_training_data(written.path, store, None, grid=(16, 16), chunk=2, text_len=8, val_episodes=1)
     assert data.views == ("base", "right")                 # sf train reopens the recorded mapping
 

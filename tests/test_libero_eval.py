@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from cli.main import main
+from sfcache.cli.main import main
 from sfcache import libero_eval
 from sfcache.libero_eval import (NOOP, EvalConfig, Observation, center_crop, invert_gripper, jpeg_roundtrip,
                                  make_env, normalize_gripper, quat_to_axis_angle, resize_for_policy, run_episode,
                                  simulator_available, suite_tasks, wilson_interval)
 from sfcache.sources.synthetic import write_libero_hdf5
-from train.augment import center_boxes
-from train.libero_policy import CheckpointPolicy
-from train.loop import TrainConfig, prepare, train
+from sfcache.train.augment import center_boxes
+from sfcache.train.libero_policy import CheckpointPolicy
+from sfcache.train.loop import TrainConfig, prepare, train
 from tests._cli_helpers import run_main
 
 MISSING = simulator_available()

@@ -39,7 +39,7 @@ from sfcache.torch import CachedTargets, SpatialForcingLoss, crop_target_grid
 from sfcache.vggt import load_vggt
 from sfcache.vggt.preprocess import preprocess
 from tests.test_store import build, make_config
-from train.augment import crop_images
+from sfcache.train.augment import crop_images
 
 EPISODES, STEPS, FUTURE, SIZE, POLICY = 4, 6, 2, 96, 224
 IMAGE_KEYS = {"primary": "image", "wrist": "wrist_image"}

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from distributed import LocalCluster
 from typer.testing import CliRunner
 
-from cli.main import app
+from sfcache.cli.main import app
 
 from sfcache.errors import ConfigMismatch, SfcacheError, StoreError
 from sfcache.extract import ExtractConfig, extract, plan
@@ -28,7 +28,7 @@ from sfcache.store import open_cache
 from sfcache.torch import CachedTargets, SpatialForcingLoss
 from sfcache.vggt import load_vggt
 from sfcache.vggt.preprocess import letterbox, letterbox_mask, preprocess
-from train.data import open_training_data
+from sfcache.train.data import open_training_data
 
 GOLDEN = Path(__file__).parent / "data" / "tf_jpeg_golden.npz"
 

@@ -16,7 +16,7 @@ import torch
 import zarr
 from typer.testing import CliRunner
 
-from cli.main import app
+from sfcache.cli.main import app
 from sfcache.errors import ConfigMismatch, SfcacheError
 from sfcache.extract import ExtractConfig, extract
 from sfcache.reduce import Moments, check_fidelity, fit, parse_reduce, request, sample_rows
@@ -225,7 +225,7 @@ extract.VGGTWorker.sample = sample
 
 def spawn_and_kill(dataset: Path, out: Path, env: dict, happened) -> None:
     """`sf extract --reduce` with its own 1-worker cluster, SIGKILLed with all its processes once `happened()`."""
-    command = [sys.executable, "-m", "cli.main", "extract", str(dataset), "--out", str(out), *SHARDED, *REDUCE,
+    command = [sys.executable, "-m", "sfcache.cli.main", "extract", str(dataset), "--out", str(out), *SHARDED, *REDUCE,
                "--workers", "1"]
     victim = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)

@@ -15,11 +15,12 @@ import zarr
 from distributed import LocalCluster
 
 from sfcache.libero_eval import wilson_interval
-from sfcache.reproduce import SUITES, find_suites, main
+from sfcache.cli.main import main
+from sfcache.train.reproduce import SUITES, find_suites
 from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_hdf5, write_libero_rlds
 from sfcache.store import open_cache
-from train.loop import CHECKPOINT, METRICS, Trainer
+from sfcache.train.loop import CHECKPOINT, METRICS, Trainer
 from tests._cli_helpers import run_main
 
 TINY = ["--vggt", "random:tiny", "--device", "cpu", "--steps", "4", "--model-size", "tiny", "--batch-size", "4",
@@ -35,7 +36,7 @@ def scheduler():
 
 
 def run(capsys, *args) -> tuple[int, str]:
-    return run_main(main, capsys, *args)
+    return run_main(main, capsys, "reproduce-libero", *args)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -129,8 +130,8 @@ def test_rlds_interrupted_then_resumed_then_skipped(tmp_path, rlds_root, schedul
 
     # finished: nothing is extracted or trained again
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "plots" not in p.parts}
-    monkeypatch.setattr("sfcache.reproduce.extract", lambda *a, **k: pytest.fail("extracted again"))
-    monkeypatch.setattr("sfcache.reproduce.train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr("sfcache.train.reproduce.extract", lambda *a, **k: pytest.fail("extracted again"))
+    monkeypatch.setattr("sfcache.train.reproduce.train", lambda *a, **k: pytest.fail("trained again"))
     code, output = run(capsys, *args)
     assert code == 0, output
     assert output.count("skipped") == 3
@@ -152,8 +153,8 @@ def test_hdf5_layout_end_to_end_with_simulator_evaluation(tmp_path, scheduler, c
         return {"success_rate": successes / episodes, "ci95": list(wilson_interval(successes, episodes)),
                 "episodes": episodes, "protocol": "shortened"}
 
-    monkeypatch.setattr("sfcache.reproduce.simulator_available", lambda: None)
-    monkeypatch.setattr("sfcache.reproduce.evaluate", fake_evaluate)
+    monkeypatch.setattr("sfcache.train.reproduce.simulator_available", lambda: None)
+    monkeypatch.setattr("sfcache.train.reproduce.evaluate", fake_evaluate)
     root = tmp_path / "libero"
     written = write_libero_hdf5(root, suite="libero_goal", tasks=1, demos=3, steps=6, size=64)
     out = tmp_path / "out"
@@ -212,8 +213,8 @@ FAILS = {
 
 @pytest.mark.parametrize("case", FAILS)
 def test_fails_fast_before_any_work(tmp_path, rlds_root, capsys, monkeypatch, case):
-    monkeypatch.setattr("sfcache.reproduce.extract", lambda *a, **k: pytest.fail("extraction started"))
-    monkeypatch.setattr("sfcache.reproduce.train", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr("sfcache.train.reproduce.extract", lambda *a, **k: pytest.fail("extraction started"))
+    monkeypatch.setattr("sfcache.train.reproduce.train", lambda *a, **k: pytest.fail("training started"))
     scratch = tmp_path / "scratch"
     (scratch / "libero_spatial_no_noops").mkdir(parents=True)      # empty: not a suite
     (scratch / "bad.pt").write_bytes(b"not a checkpoint")

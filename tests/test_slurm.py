@@ -20,7 +20,7 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from sfcache.cli.main import app
 from sfcache.extract import ExtractConfig, extract
 from sfcache.sources.synthetic import write_libero_hdf5
 from tests.test_faults import assert_equal_stores

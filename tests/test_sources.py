@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from sfcache.cli.main import app
 from sfcache.errors import SfcacheError, SourceError
 from sfcache.sources import FORMATS, EpisodeInfo, Steps, open_source
 from sfcache.sources import synthetic as syn

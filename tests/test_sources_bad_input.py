@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app, main
+from sfcache.cli.main import app, main
 from sfcache.errors import SourceError
 from sfcache.sources import open_source
 from sfcache.sources import synthetic as syn

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from cli.main import main
-from train.data import open_training_data
-from train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer
+from sfcache.cli.main import main
+from sfcache.train.data import open_training_data
+from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer
 from tests._train_helpers import GRID, tree_digest, write_dataset, write_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def test_resume_continues_from_the_same_step_and_optimizer_state(data, tmp_path,
 
 def sf_subprocess(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "sfcache.cli.main", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -241,7 +241,7 @@ def test_an_unusable_out_or_checkpoint_is_a_one_line_error(data, tmp_path, capsy
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_metrics_stay_json(data, tmp_path, monkeypatch):
-    import train.loop as loop
+    import sfcache.train.loop as loop
 
     source, store = data
     real, calls = loop.compute_losses, []

@@ -19,7 +19,7 @@ from sfcache.errors import ConfigMismatch, SfcacheError, StoreError
 from sfcache.recipes import get_recipe
 from sfcache.sources import Source, open_source, recorded_views
 from sfcache.torch import CachedTargets
-from train.model import encode_instructions
+from sfcache.train.model import encode_instructions
 
 
 @dataclass(frozen=True)

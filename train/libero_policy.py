@@ -17,9 +17,9 @@ import torch
 
 from sfcache.errors import SfcacheError
 from sfcache.libero_eval import Observation, jpeg_roundtrip, normalize_gripper
-from train.augment import center_boxes, crop_images
-from train.loop import CHECKPOINT, load_checkpoint, resolve_device
-from train.model import Policy, PolicyConfig, encode_instructions
+from sfcache.train.augment import center_boxes, crop_images
+from sfcache.train.loop import CHECKPOINT, load_checkpoint, resolve_device
+from sfcache.train.model import Policy, PolicyConfig, encode_instructions
 
 JPEG_SOURCES = ("libero_rlds",)      # training frames that were JPEG-decoded
 

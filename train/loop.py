@@ -26,10 +26,10 @@ from sfcache.errors import ConfigMismatch, SfcacheError
 from sfcache.progress import progress_bar
 from sfcache.torch import SpatialForcingLoss
 from sfcache.vggt import random_weights_warning
-from train.augment import center_boxes, colour_jitter, crop_images, random_boxes
-from train.data import StepDataset, TrainingData, check_resume, open_training_data
-from train.model import SIZES, Policy, PolicyConfig
-from train.online import OnlineTargets
+from sfcache.train.augment import center_boxes, colour_jitter, crop_images, random_boxes
+from sfcache.train.data import StepDataset, TrainingData, check_resume, open_training_data
+from sfcache.train.model import SIZES, Policy, PolicyConfig
+from sfcache.train.online import OnlineTargets
 
 CHECKPOINT, METRICS, PLOT = "checkpoint.pt", "metrics.jsonl", "loss_curves.png"
 

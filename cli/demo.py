@@ -24,7 +24,7 @@ def sf(*args: str) -> None:
     """Run `sf ARGS` as a user would, stopping the demo if it fails."""
     console.rule(f"[bold]$ sf {shlex.join(args)}")
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "cli.main", *args])
+    done = subprocess.run([sys.executable, "-m", "sfcache.cli.main", *args])
     if done.returncode != 0:
         console.print(f"[red]`sf {args[0]}` failed (exit {done.returncode}); the demo stops here.")
         raise SystemExit(done.returncode)
