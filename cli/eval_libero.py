@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from sfcache.device import DEVICE_CHOICES
 from sfcache.errors import SfcacheError
 from sfcache.libero_eval import MAX_STEPS, SUITES, EvalConfig, evaluate, results_table
 from sfcache.train.libero_policy import CheckpointPolicy
@@ -39,7 +40,7 @@ def eval_libero(
     max_steps: int = typer.Option(None, "--max-steps", help="Policy steps per episode (default: the protocol's "
                                                             + ", ".join(f"{s} {n}" for s, n in MAX_STEPS.items())
                                                             + "); shorter only for quick checks."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (the policy's device)."),
+    device: str = typer.Option("auto", "--device", help=f"{DEVICE_CHOICES} (the policy's device)."),
 ) -> None:
     """Closed-loop success rates in the LIBERO simulator: results.jsonl, summary.json, videos, a table."""
     policy = CheckpointPolicy(checkpoint, device=device, seed=seed)

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from sfcache.device import DEVICE_CHOICES
 from sfcache.extract import ExtractConfig, extract as run_extract, plan
 from sfcache.errors import interrupts_raise
 from sfcache.vggt import random_weights_warning
@@ -65,7 +66,7 @@ def extract(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with another configuration."),
     repair: bool = typer.Option(False, "--repair", help="Also read back every done shard and redo those that fail "
                                 "(what `sf inspect-cache --check` reports); missing shard files are always redone."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help=f"{DEVICE_CHOICES}."),
     steps_per_shard: int = typer.Option(32, "--steps-per-shard", help="Steps per shard file (unit of resume)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable episodes out and list them at the end."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be extracted and the store size."),

@@ -6,7 +6,6 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
 import typer
 from rich import box
 from rich.console import Console
@@ -15,7 +14,7 @@ from rich.table import Table
 
 from sfcache import inspect as inspection
 from sfcache.errors import SfcacheError
-from sfcache.extract import resolve_device
+from sfcache.device import DEVICE_CHOICES, resolve_device
 from sfcache.progress import progress_bar
 
 MISSING_SHOWN = 10   # episode keys listed before "... and N more"
@@ -35,7 +34,7 @@ def inspect_cache(
                                            "held-out worst less 0.05, and a mean at most 0.01 below the recorded one)."),
     vggt: str | None = typer.Option(None, "--vggt", help="Checkpoint for --verify when the recorded one moved; "
                                     "its sha256 must match the store's."),
-    device: str = typer.Option("auto", "--device", help="Device for --verify: auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help=f"Device for --verify: {DEVICE_CHOICES}."),
     source: Path | None = typer.Option(None, "--source", help="Dataset location for --verify/--pca when it moved."),
     pca: Path | None = typer.Option(None, "--pca", help="Write a PNG: per step, each view's frame beside a "
                                     "PCA-to-RGB picture of its targets; 2*views*W x steps*H pixels."),
@@ -64,7 +63,7 @@ def inspect_cache(
         report["episode"] = inspection.episode_report(cache, episode, layer)
     if verify:
         with _bar(as_json, "steps") as bar:
-            report["verify"] = inspection.verify(cache, verify, seed=seed, weights=vggt, device=resolve_device(device, torch.cuda.is_available()),
+            report["verify"] = inspection.verify(cache, verify, seed=seed, weights=vggt, device=resolve_device(device),
                                                  threshold=threshold, source_path=source, progress=bar)
     if pca is not None:
         try:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from sfcache.device import DEVICE_CHOICES
 from sfcache.train.model import SIZES
 from sfcache.train.reproduce import SUITES, ReproduceConfig, reproduce
 
@@ -16,7 +17,7 @@ def reproduce_libero(
                                                             "HDF5) or libero_<suite>/ (HDF5) folders."),
     vggt: str = typer.Option("", "--vggt", help="VGGT checkpoint path, a cached hub id (facebook/VGGT-1B), "
                                                 "or random:<preset> (pipeline tests only)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help=f"{DEVICE_CHOICES}."),
     scheduler: str = typer.Option("", "--scheduler", help="Dask scheduler address; empty for a local cluster."),
     out: str = typer.Option("out/reproduce-libero", "--out", help="Output folder (caches, runs, report)."),
     suites: str = typer.Option(",".join(SUITES), "--suites", help="Comma list of suites to run."),

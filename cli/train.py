@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from sfcache.device import DEVICE_CHOICES
 from sfcache.vggt import random_weights_warning
 from sfcache.train.loop import TrainConfig
 from sfcache.train.loop import train as run_training
@@ -29,7 +30,7 @@ def train(
     views: str = typer.Option(None, "--views", help="Comma-separated camera views (default: the cache's)."),
     online_vggt: str = typer.Option(None, "--online-vggt", help="VGGT weights: compute targets inside each "
                                                                   "step like the public SF trainer (to compare)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    device: str = typer.Option("auto", "--device", help=f"{DEVICE_CHOICES}."),
     val_episodes: int = typer.Option(2, "--val-episodes", help="Episodes held out for validation action L1."),
     val_every: int = typer.Option(200, "--val-every"),
     save_every: int = typer.Option(200, "--save-every"),

@@ -9,12 +9,38 @@ waits for the GPU except in the writer, when it needs the bytes. On the CPU all 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
+from sfcache.errors import SfcacheError
 from sfcache.store import DTYPES, Encoded, int8_block
 
-__all__ = ["HostCopy", "encode_on_device", "pinned", "to_device"]
+__all__ = ["DEVICE_CHOICES", "HostCopy", "check_device", "encode_on_device", "pinned", "resolve_device", "to_device"]
+
+DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"   # what every --device accepts
+
+
+def check_device(asked: str) -> None:
+    """SfcacheError unless `asked` is one of DEVICE_CHOICES (checked before anything is loaded or started)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", asked or ""):
+        raise SfcacheError(f"--device {asked!r}: expected {DEVICE_CHOICES}")
+
+
+def resolve_device(asked: str, gpus: int | None = None) -> torch.device:
+    """The device for --device `asked` on a machine with `gpus` visible CUDA GPUs (this process's by default):
+    auto is the first GPU if there is one, else the CPU; asking for a GPU that is not there is an SfcacheError."""
+    check_device(asked)
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if asked == "auto":
+        return torch.device("cuda" if gpus else "cpu")
+    device = torch.device(asked)
+    if device.type == "cuda" and not gpus:
+        raise SfcacheError(f"--device {asked}: no CUDA GPU is visible here")
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise SfcacheError(f"--device {asked}: only {gpus} CUDA GPU(s) are visible here (cuda:0..cuda:{gpus - 1})")
+    return device
 
 
 def pinned(array: np.ndarray, device: torch.device) -> torch.Tensor:

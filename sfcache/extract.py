@@ -36,7 +36,7 @@ from distributed import Client, Nanny, Scheduler, SpecCluster, WorkerPlugin, as_
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
-from sfcache.device import HostCopy, encode_on_device, pinned, to_device
+from sfcache.device import HostCopy, check_device, encode_on_device, pinned, resolve_device, to_device
 from sfcache.errors import Interrupted, SfcacheError, SourceError, StoreError, WeightsError
 from sfcache.pooling import pooled_targets
 from sfcache.progress import progress_bar
@@ -83,7 +83,7 @@ class ExtractConfig:
     workers: int | None = None                 # None = one per GPU, else 1 CPU worker
     scheduler: str | None = None               # address of a running Dask scheduler
     episodes: str | None = None                # fnmatch pattern on episode keys
-    device: str = "auto"                       # auto | cpu | cuda
+    device: str = "auto"                       # auto | cpu | cuda | cuda:N
     skip_bad: bool = False
     overwrite: bool = False
     reduce: str = "none"                       # none | pca:K | pca:auto (sfcache.reduce)
@@ -105,8 +105,10 @@ class ExtractConfig:
             problems.append(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.codec not in CODECS:
             problems.append(f"--codec must be one of {', '.join(CODECS)}, not {self.codec!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            problems.append(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        try:
+            check_device(self.device)
+        except SfcacheError as problem:
+            problems.append(str(problem))
         for name in ("batch_size", "steps_per_shard"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -138,7 +140,7 @@ class _Job:
 
     source: Source
     weights: str
-    device: str                  # cpu | cuda (resolved by the client)
+    device: str                  # cpu | cuda | cuda:N as each worker sees its GPUs (resolved by the client)
     layers: tuple[int, ...]      # as asked (negative allowed); the client has checked them against the model
     grid: tuple[int, int] | None
     preprocess: str
@@ -163,14 +165,14 @@ class VGGTWorker(WorkerPlugin):
         sharing = self.job.workers_per_host.get(_host(worker.address), 1) if worker is not None else 1
         torch.set_num_threads(torch_threads(sharing))
         _keep_freed_memory()
-        device = torch.device("cuda" if self.job.device == "cuda" else "cpu")
+        device = torch.device(self.job.device)
         dtype = None if self.job.compute_dtype == "auto" else getattr(torch, self.job.compute_dtype)
         self.model, self.weights_id = load_vggt(self.job.weights, device, compute_dtype=dtype)
         self.device = device
 
     def teardown(self, worker=None):
         self.model = None
-        if self.job.device == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def facts(self) -> dict:
@@ -575,7 +577,7 @@ class _Cluster:
     client: Client
     address: str                      # the scheduler's, for messages
     workers: int
-    device: str                       # cpu | cuda, the same on every worker
+    device: str                       # what each worker uses: cpu | cuda | cuda:N, the same on every worker
     task_resources: dict | None       # {"GPU": 1} when every worker advertises a GPU resource
 
 
@@ -589,17 +591,19 @@ def _connect(cfg: ExtractConfig, stack: ExitStack) -> _Cluster:
         stack.callback(_close_client, client)
         _wait_for_workers(client, cfg.scheduler)
         infos = client.scheduler_info(n_workers=-1)["workers"].values()
-        cuda = set(client.run(torch.cuda.is_available).values())
-        if cfg.device == "cuda" and cuda != {True}:
-            raise SfcacheError(f"--device cuda, but some workers of {cfg.scheduler} have no GPU")
-        device = resolve_device(cfg.device, cuda == {True})
+        gpus = min(client.run(torch.cuda.device_count).values())
+        if cfg.device.startswith("cuda") and not gpus:
+            raise SfcacheError(f"--device {cfg.device}, but some workers of {cfg.scheduler} have no GPU")
+        device = resolve_device(cfg.device, gpus)
         gpu_resources = all(info.get("resources", {}).get("GPU", 0) >= 1 for info in infos)
-        return _Cluster(client, cfg.scheduler, len(infos), device,
-                        {"GPU": 1} if device == "cuda" and gpu_resources else None)
-    device = resolve_device(cfg.device, torch.cuda.is_available())
-    gpus = _visible_gpus() if device == "cuda" else []
+        return _Cluster(client, cfg.scheduler, len(infos), str(device),
+                        {"GPU": 1} if device.type == "cuda" and gpu_resources else None)
+    device = resolve_device(cfg.device)
+    gpus = _visible_gpus() if device.type == "cuda" else []
+    if device.index is not None:   # cuda:N: that GPU alone, which its worker then sees as its only one
+        gpus = [gpus[device.index]]
     workers = cfg.workers or (len(gpus) if gpus else 1)
-    if device == "cuda":
+    if gpus:
         if workers > len(gpus):
             raise SfcacheError(f"--workers {workers} asks for more GPU workers than the {len(gpus)} GPUs visible")
         specs = {f"gpu{g}": _worker_spec({"CUDA_VISIBLE_DEVICES": g}, {"GPU": 1}) for g in gpus[:workers]}
@@ -612,7 +616,7 @@ def _connect(cfg: ExtractConfig, stack: ExitStack) -> _Cluster:
             workers=specs, silence_logs=logging.CRITICAL, name="sfcache"))
         client = stack.enter_context(Client(local))
         client.wait_for_workers(workers, timeout=600)
-    return _Cluster(client, local.scheduler_address, workers, device, {"GPU": 1} if device == "cuda" else None)
+    return _Cluster(client, local.scheduler_address, workers, device.type, {"GPU": 1} if gpus else None)
 
 
 @contextmanager
@@ -670,15 +674,6 @@ def _visible_gpus() -> list[str]:
     if listed is not None:
         return [g.strip() for g in listed.split(",") if g.strip()]
     return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def resolve_device(asked: str, cuda_available: bool) -> str:
-    """"cpu" or "cuda" for --device auto|cpu|cuda, given what the machine that computes can see."""
-    if asked not in ("auto", "cpu", "cuda"):
-        raise SfcacheError(f"--device must be auto, cpu or cuda, not {asked!r}")
-    if asked == "cuda" and not cuda_available:
-        raise SfcacheError("--device cuda, but no CUDA GPU is visible")
-    return "cuda" if asked == "cuda" or (asked == "auto" and cuda_available) else "cpu"
 
 
 def _load_models(client: Client, job: _Job, cfg: ExtractConfig, stack: ExitStack) -> tuple[str, dict, str]:

@@ -4,17 +4,20 @@ stored dtype, host copies, pre-encoded shard writes, the store and GPU benchmark
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
 import torch
 from distributed import LocalCluster
+from typer.testing import CliRunner
 
 import bench
 import bench.gpu
 import bench.store
-from sfcache.device import HostCopy, encode_on_device, pinned, to_device
-from sfcache.errors import StoreError
+from sfcache.cli.main import app
+from sfcache.device import HostCopy, encode_on_device, pinned, resolve_device, to_device
+from sfcache.errors import SfcacheError, StoreError
 from sfcache.sources.base import EpisodeInfo
 from sfcache.store import StoreConfig, create_store, decode, encode, lock_store, open_cache, pack_episodes
 from sfcache.vggt.preprocess import (MODES, device_images, host_frames, output_size, preprocess, resize_like_rlds,
@@ -184,3 +187,26 @@ def test_a_failed_direct_shard_write_leaves_no_partial_file_and_the_shard_not_do
         with pytest.raises(StoreError, match="writing shard 0 .rows 0-3. failed.*No space left"):
             cache.write_shard(0, {0: values})
     assert not list(tmp_path.rglob("*.partial")) and not open_cache(tmp_path / "s").done_shards()[0]
+
+
+@pytest.mark.parametrize("asked, gpus, expected", [("auto", 0, "cpu"), ("auto", 2, "cuda"), ("cpu", 2, "cpu"),
+                                                   ("cuda", 1, "cuda"), ("cuda:1", 2, "cuda:1")])
+def test_every_device_word_resolves_by_the_gpus_the_computing_machine_sees(asked, gpus, expected):
+    assert resolve_device(asked, gpus) == torch.device(expected)
+
+
+@pytest.mark.parametrize("asked, gpus, message", [
+    ("gpu", 1, "--device 'gpu': expected auto | cpu | cuda | cuda:N"),
+    ("cuda:", 1, "expected auto | cpu | cuda | cuda:N"),
+    ("cuda", 0, "--device cuda: no CUDA GPU is visible here"),
+    ("cuda:2", 2, "--device cuda:2: only 2 CUDA GPU(s) are visible here (cuda:0..cuda:1)"),
+])
+def test_a_device_that_is_not_there_or_not_a_device_is_one_clear_error(asked, gpus, message):
+    with pytest.raises(SfcacheError, match=re.escape(message)):
+        resolve_device(asked, gpus)
+
+
+@pytest.mark.parametrize("command", ["extract", "train", "eval-libero", "inspect-cache", "reproduce-libero"])
+def test_every_command_names_the_same_device_choices(command):
+    help_text = CliRunner().invoke(app, [command, "--help"], terminal_width=200).output
+    assert "auto | cpu | cuda | cuda:N" in re.sub(r"[│\s]+", " ", help_text)   # the help box wraps lines

@@ -234,5 +234,5 @@ def test_bad_options_name_each_problem(tmp_path, rlds_root, capsys):
                        "--suites", "spatial,90", "--steps", "0", "--out", tmp_path / "out")
     assert code == 2
     assert "--suites spatial,90: choose from spatial,object,goal,10" in output
-    assert "--steps must be >= 1, got 0" in output and "DEVICE=tpu: expected auto, cpu or cuda" in output
+    assert "--steps must be >= 1, got 0" in output and "DEVICE=tpu: --device 'tpu': expected auto | cpu | cuda | cuda:N" in output
     assert not (tmp_path / "out").exists()

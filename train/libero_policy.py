@@ -18,7 +18,8 @@ import torch
 from sfcache.errors import SfcacheError
 from sfcache.libero_eval import Observation, jpeg_roundtrip, normalize_gripper
 from sfcache.train.augment import center_boxes, crop_images
-from sfcache.train.loop import CHECKPOINT, load_checkpoint, resolve_device
+from sfcache.device import resolve_device
+from sfcache.train.loop import CHECKPOINT, load_checkpoint
 from sfcache.train.model import Policy, PolicyConfig, encode_instructions
 
 JPEG_SOURCES = ("libero_rlds",)      # training frames that were JPEG-decoded

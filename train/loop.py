@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from sfcache.crop import crop_target_grid
+from sfcache.device import resolve_device
 from sfcache.errors import ConfigMismatch, SfcacheError
 from sfcache.progress import progress_bar
 from sfcache.torch import SpatialForcingLoss
@@ -89,14 +90,6 @@ class TrainConfig:
         if self.align_layer is not None and not 1 <= self.align_layer <= depth:
             raise SfcacheError(f"--align-layer must be in 1..{depth} for --model-size {self.model_size} "
                                f"(default {round(depth * 3 / 4)}), got {self.align_layer}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SfcacheError(f"--device {name}: no CUDA device is available here")
-    return torch.device(name)
 
 
 class StepBatches(Sampler):

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from sfcache.device import resolve_device
 from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError
 from sfcache.extract import ExtractConfig, extract
 from sfcache.inspect import read_provenance, summarize
@@ -163,10 +164,10 @@ def _check_hub_cache(repo_id: str) -> list[str]:
 
 
 def _check_device(device: str) -> list[str]:
-    if device not in ("auto", "cpu", "cuda"):
-        return [f"DEVICE={device}: expected auto, cpu or cuda"]
-    if device == "cuda" and not torch.cuda.is_available():
-        return ["DEVICE=cuda, but no CUDA GPU is visible here (use DEVICE=auto or cpu)"]
+    try:
+        resolve_device(device)
+    except SfcacheError as problem:
+        return [f"DEVICE={device}: {problem} (DEVICE=auto picks a GPU when there is one)"]
     return []
 
 
