@@ -15,7 +15,7 @@ SCHEDULER  ?=
 OUT        ?= out/reproduce-libero
 REPRO_ARGS ?=
 
-.PHONY: install test demo bench bench-gpu gpu-wheels reproduce-libero clean
+.PHONY: install lint test demo bench bench-gpu gpu-wheels reproduce-libero clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml
 	# the `openpi` extra without its numpy<2 pin (its image_tools needs only numpy and Pillow)
 	$(PY) -m pip install -q --no-deps "openpi-client==0.1.2"
 	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
