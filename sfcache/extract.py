@@ -858,9 +858,6 @@ def _check_shared_store(cluster: _Cluster, job: _Job) -> None:
     try:
         views = cluster.client.run(_store_view, str(job.store), job.run)
     except (CancelledError, CommClosedError, OSError, TimeoutError) as error:
-        if future.status == "error":   # the task's own exception (a worker's file error), not the connection
-            raise SfcacheError(f"an extraction task failed on its worker ({type(error).__name__}: {error}); "
-                               "finished shards are kept, fix the cause and run the same command again") from None
         raise _lost_scheduler(cluster.address, error) from None
     for address, (host, problem) in sorted(views.items()):
         if problem:

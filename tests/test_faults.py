@@ -753,3 +753,21 @@ def test_no_fault_test_output_holds_a_traceback():
              if not isinstance(item, Path) or item.exists()]
     offending = [text for text in texts if "Traceback" in text]
     assert not offending, offending[0]
+
+
+def test_losing_the_scheduler_while_checking_the_store_is_shared_is_one_error(tmp_path):
+    """The shared-store check runs before any task: a connection lost there is the lost-scheduler error too."""
+    from types import SimpleNamespace
+
+    from distributed.comm import CommClosedError
+
+    from sfcache.errors import SfcacheError
+    from sfcache.extract import _check_shared_store
+
+    class GoneClient:
+        def run(self, *args, **kwargs):
+            raise CommClosedError("in <TCP (closed)>: Stream is closed")
+
+    cluster = SimpleNamespace(client=GoneClient(), address="tcp://10.1.2.3:8786")
+    with pytest.raises(SfcacheError, match=r"lost the Dask scheduler tcp://10\.1\.2\.3:8786"):
+        _check_shared_store(cluster, SimpleNamespace(store=tmp_path, run="run-1"))
