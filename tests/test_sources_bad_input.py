@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
+import shutil
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -432,3 +434,13 @@ def test_cli_lists_skipped_episodes_and_prints_one_line_errors(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
     assert damage.episode in err and "observation/left_camera/rgb" in err
+
+
+def test_a_dataset_folder_with_two_versions_is_refused_naming_them(tmp_path):
+    """Two TFDS versions of one dataset hold the same episodes under shard names (TFDS ids) that collide."""
+    written = syn.write_libero_rlds(tmp_path, episodes=2, steps=3, size=16, shards=1)
+    shutil.copytree(written.path / "1.0.0", written.path / "1.1.0")
+    with pytest.raises(SourceError, match=r"holds 2 versions \(1\.0\.0, 1\.1\.0\); expected one version per dataset"):
+        open_source(tmp_path).episodes()
+    assert [e.key for e in open_source(written.path / "1.1.0").episodes()] == \
+        ["libero_10_no_noops/episode_000000", "libero_10_no_noops/episode_000001"]

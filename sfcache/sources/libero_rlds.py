@@ -96,6 +96,14 @@ class LiberoRLDS(Source):
                         for info in self.path.glob(pattern)})
         if not found:
             raise SourceError(self.path, "no TFDS dataset_info.json here or one/two folders below")
+        versions: dict[Path, list[str]] = {}
+        for folder in found:
+            versions.setdefault(folder.parent, []).append(folder.name)
+        for dataset, names in versions.items():
+            if len(names) > 1:   # the same episodes twice, under TFDS ids (shard file names) that collide
+                raise SourceError(dataset, f"holds {len(names)} versions ({', '.join(names)}); expected one version "
+                                           "per dataset: pass the version folder to extract, e.g. "
+                                           f"{dataset / names[-1]}")
         return found
 
     def _shards(self, folder: Path) -> list[tuple[Path, int]]:
