@@ -109,6 +109,8 @@ class ReproduceConfig:
             problems.append(f"--val-episodes must be >= 1 (validation L1 is the evaluation), got {self.val_episodes}")
         if self.loader_workers < 0:
             problems.append(f"--loader-workers must be >= 0, got {self.loader_workers}")
+        if self.out.is_file():
+            problems.append(f"--out {self.out}: is a file; expected an output folder (new or to resume)")
         try:
             check_device(self.device)
         except SfcacheError as problem:
