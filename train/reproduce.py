@@ -99,7 +99,8 @@ class ReproduceConfig:
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.align_weight <= 0:
-            problems.append(f"--align-weight must be > 0 for the SF runs (the baseline uses 0), got {self.align_weight}")
+            problems.append(f"--align-weight must be > 0 for the SF runs (the baseline uses 0), "
+                            f"got {self.align_weight}")
         if self.eval_trials < 0 or self.eval_checkpoints < 1:
             problems.append(f"--eval-trials must be >= 0 and --eval-checkpoints >= 1, got {self.eval_trials} and "
                             f"{self.eval_checkpoints}")
