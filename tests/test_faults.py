@@ -6,6 +6,7 @@ test controls); afterwards the store must hold exactly what an uninterrupted run
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -173,8 +174,8 @@ def test_a_worker_killed_mid_task_is_retried_on_the_survivor_and_every_shard_is_
         cluster.scheduler.add_plugin(tasks)
         client.register_plugin(LoggedSlowWrites(writes, delay=0.3), name="slow-writes")
         outcome: dict = {}
-        run = threading.Thread(target=lambda: outcome.update(
-            extract(replace(config, scheduler=cluster.scheduler_address), progress=False)))
+        run = threading.Thread(target=lambda: outcome.update(dataclasses.asdict(
+            extract(replace(config, scheduler=cluster.scheduler_address), progress=False))))
         run.start()
         deadline = time.monotonic() + 120
         victim = None
