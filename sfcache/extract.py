@@ -33,11 +33,13 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 from distributed import Client, Nanny, Scheduler, SpecCluster, WorkerPlugin, as_completed, get_worker, wait
+from distributed.comm.addressing import get_address_host_port, parse_address
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
-from sfcache.device import HostCopy, check_device, encode_on_device, pinned, resolve_device, to_device
+from sfcache.device import DEVICE_CHOICES, HostCopy, check_device, encode_on_device, pinned, resolve_device, to_device
 from sfcache.errors import Interrupted, SfcacheError, SourceError, StoreError, WeightsError
+from sfcache.options import comma_list, comma_text, option
 from sfcache.pooling import pooled_targets
 from sfcache.progress import progress_bar
 from sfcache.recipes import Recipe, camera_views, get_recipe, recipe_inputs, resolve_preprocess, slot_layout
@@ -48,7 +50,7 @@ from sfcache.store import (CODECS, DTYPES, RUN_NAME, Reduction, StoreConfig, cre
 from sfcache.vggt import VGGTConfig, load_vggt, preprocess, weights_config
 from sfcache.vggt.preprocess import device_images, output_size
 
-__all__ = ["ExtractConfig", "extract", "plan", "torch_threads"]
+__all__ = ["ExtractConfig", "ExtractSummary", "extract", "plan", "torch_threads"]
 
 STOP_NAME = ".sfcache.stop"   # created by the client to make running tasks finish their shard and return
 WORKER_WAIT_S = 60            # how long a running scheduler may have no workers before we give up
@@ -61,34 +63,80 @@ PREPROCESS_MODES = ("sf", "crop", "pad")      # --preprocess; letterbox comes wi
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 
 
+def _parse_layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError("expected comma-separated layer indices like 23 or -1,11") from None
+
+
+def _parse_grid(text: str) -> tuple[int, int] | None:
+    if text == "native":
+        return None
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError("expected HxW like 16x16, or native") from None
+    return height, width
+
+
+def _show_grid(grid: tuple[int, int]) -> str:
+    return "x".join(map(str, grid))
+
+
+def _scheduler_problem(address: str) -> str | None:
+    """Why `address` cannot be a Dask scheduler's (a network one needs host:port), checked before connecting."""
+    try:
+        if parse_address(address)[0] != "inproc":   # in-process clusters (tests) have no port
+            get_address_host_port(address)
+    except ValueError as error:
+        return f"--scheduler {address!r}: {error}; expected an address like tcp://host:8786"
+    return None
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
-    """What `sf extract` was asked to do."""
+    """What `sf extract` was asked to do (each field's help is its `sf extract` option's)."""
 
-    source: Path
-    out: Path
-    vggt: str                                  # checkpoint path, hub id, or random:<preset>[@seed]
-    format: str = "auto"
-    views: tuple[str, ...] | None = None       # None = the format's default views and order; "blank" = empty slot
-    layers: tuple[int, ...] = (-1,)            # -1 = the last (23 on VGGT-1B, what SF aligns to)
-    grid: tuple[int, int] | None = (16, 16)    # None = VGGT's native patch grid
-    recipe: str = "none"                       # sfcache.recipes: none | openvla-oft | openpi
-    preprocess: str | None = None              # None = the recipe's VGGT input, else sf
-    compute_dtype: str = "auto"                # VGGT autocast dtype: auto (bf16 on Ampere+, fp32 on CPU) | bfloat16 | float32
-    dtype: str = "float16"
-    codec: str = "none"
-    checksum: bool = False                     # CRC32C per stored step (see sfcache.store)
-    batch_size: int = 8                        # steps per forward pass (each step is V frames)
-    steps_per_shard: int = 32
-    workers: int | None = None                 # None = one per GPU, else 1 CPU worker
-    scheduler: str | None = None               # address of a running Dask scheduler
-    episodes: str | None = None                # fnmatch pattern on episode keys
-    device: str = "auto"                       # auto | cpu | cuda | cuda:N
-    skip_bad: bool = False
-    overwrite: bool = False
-    reduce: str = "none"                       # none | pca:K | pca:auto (sfcache.reduce)
-    min_cosine: float | None = None            # held-out mean per-token cosine a reduced store must reach
-    repair: bool = False                       # also decode every done shard; redo those that fail (see _repair)
+    source: Path = option(help="Dataset folder or file (LIBERO HDF5/RLDS, LeRobot, RoboTwin).", argument=True,
+                          metavar="SOURCE_PATH")
+    out: Path = option(help="Target store directory (created, or resumed if it exists).")
+    vggt: str = option(help="VGGT weights: checkpoint path, hub id (facebook/VGGT-1B) or random:<preset>[@seed] "
+                            "for tests.")
+    format: str = option("auto", "Source format, or auto to detect it.")
+    views: tuple[str, ...] | None = option(   # None = the format's default views and order
+        None, "Comma list of views in VGGT order, each a name or name=column (default: the format's); "
+              "with --recipe openpi, 'blank' marks an empty camera slot.", parse=comma_list, show=comma_text)
+    layers: tuple[int, ...] = option((-1,), "Comma list of VGGT layers; -1 is the last (23 on VGGT-1B, the one SF "
+                                            "uses).", parse=_parse_layers, show=comma_text)
+    grid: tuple[int, int] | None = option((16, 16), "Target grid per view: HxW, or native (VGGT's patch grid).",
+                                          parse=_parse_grid, show=_show_grid)
+    recipe: str = option("none", "Feed VGGT exactly what a public SF trainer does: openvla-oft (TF JPEG decode, "
+                                 "lanczos 224, primary+wrist) or openpi (letterbox 224, 3 camera slots, token mask); "
+                                 "none: the source's decode and --preprocess.")
+    preprocess: str | None = option(None, "sf (OpenVLA's 224 px resize; the default), crop or pad (official VGGT); "
+                                          "a --recipe fixes it.")
+    compute_dtype: str = option("auto", "VGGT autocast: auto (bfloat16 on Ampere+ GPUs, float32 on CPU), bfloat16 "
+                                        "(as SF on GPU, also on CPU) or float32.")
+    dtype: str = option("float16", "Stored dtype: float16, bfloat16 or int8.")
+    codec: str = option("none", "Compression: none, zstd or blosc-zstd.")
+    checksum: bool = option(False, "CRC32C per stored step: inspect-cache --check then detects any flipped byte.",
+                            flag="--checksum/--no-checksum")
+    batch_size: int = option(8, "Steps per VGGT forward pass (each step is V frames).")
+    steps_per_shard: int = option(32, "Steps per shard file (unit of resume).")
+    workers: int | None = option(None, "Worker processes (default: one per GPU, else 1).")
+    scheduler: str | None = option(None, "Address of a running Dask scheduler (tcp://...).")
+    episodes: str | None = option(None, "Only episodes whose key matches this fnmatch pattern.")
+    device: str = option("auto", f"{DEVICE_CHOICES}.")
+    skip_bad: bool = option(False, "Leave unreadable episodes out and list them at the end.")
+    overwrite: bool = option(False, "Replace a store made with another configuration.")
+    reduce: str = option("none", "Compact store: pca:K stores K PCA coefficients per token (basis fitted on a "
+                                 "sample of steps, targets rebuilt on read); pca:auto picks the smallest K reaching "
+                                 "--min-cosine; none stores full targets.")
+    min_cosine: float | None = option(None, "Held-out mean per-token cosine a --reduce store must reach, else "
+                                            "extract refuses to write it (needed by pca:auto).")
+    repair: bool = option(False, "Also read back every done shard and redo those that fail (what `sf inspect-cache "
+                                 "--check` reports); missing shard files are always redone.")
 
     def __post_init__(self):
         object.__setattr__(self, "source", Path(self.source))
@@ -118,6 +166,10 @@ class ExtractConfig:
             problems.append(f"--layers must be distinct layer indices, got {list(self.layers)}")
         if self.grid is not None and min(self.grid) < 1:
             problems.append(f"--grid must be positive, got {self.grid}")
+        if self.scheduler is not None and (problem := _scheduler_problem(self.scheduler)):
+            problems.append(problem)
+        if self.out.is_file():
+            problems.append(f"--out {self.out}: is a file; expected a store directory (new or to resume)")
         try:
             reduce = parse_reduce(self.reduce)
             if reduce == "auto" and self.min_cosine is None:
@@ -130,6 +182,37 @@ class ExtractConfig:
             problems.append(f"--min-cosine must be in (0, 1], got {self.min_cosine}")
         if problems:
             raise SfcacheError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ExtractSummary:
+    """What `extract` did: the store's state after the run, this run's work and timing (`sf extract` prints it)."""
+
+    store: str
+    format: str
+    views: list[str]
+    recipe: str
+    layers: list[int]
+    episodes: int                  # selected episodes
+    steps: int                     # rows of the store
+    shards_done: int
+    shards: int
+    extracted_steps: int           # by this run
+    already_done_steps: int
+    failed: list[dict]             # {"shard", "file", "what", "episode", "key", "message"}
+    repaired: list[dict]           # {"shard", "why"}
+    run: str                       # the run id (the store's write fence)
+    skipped_episodes: list[str]
+    basis: str                     # none | fitted | reused
+    reduce: dict | None            # attrs["targets"]["reduce"] of a reduced store
+    missing_episodes: list[str]
+    workers: int
+    device: str
+    weights_id: str
+    cluster_startup_s: float
+    extract_s: float
+    steps_per_s: float
+    total_s: float
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -436,8 +519,8 @@ def _workers_per_host(client: Client) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- client side
 
-def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
-    """Extract every selected step into `cfg.out`, resuming shards already done; returns a summary.
+def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
+    """Extract every selected step into `cfg.out`, resuming shards already done; returns what it did.
 
     Raises SourceError (bad data, unless skip_bad), StoreError (lock, write failure),
     ConfigMismatch (store made differently), WeightsError.
@@ -484,20 +567,17 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
         _verify_written(cache, outcome["written"])
     final = open_cache(cfg.out)
     extracted = _steps_of(final, list(outcome["written"]))
-    return {"store": str(cfg.out), "format": source.format, "views": list(layout), "recipe": recipe.name,
-            "layers": list(layers),
-            "episodes": len(infos), "steps": final.num_steps,
-            "shards_done": int(final.done_shards().sum()), "shards": final.num_shards,
-            "extracted_steps": extracted,
-            "already_done_steps": _steps_of(final, np.flatnonzero(final.done_shards()).tolist()) - extracted,
-            "failed": outcome["failed"], "repaired": repaired, "run": run,
-            "skipped_episodes": [str(e) for e in source.skipped], "basis": fitted,
-            "reduce": final.attrs["targets"].get("reduce"),
-            "missing_episodes": final.missing_episodes(), "workers": cluster.workers, "device": devices,
-            "weights_id": final.attrs["vggt"]["weights_id"],
-            "cluster_startup_s": round(cluster_seconds, 3), "extract_s": round(outcome["seconds"], 3),
-            "steps_per_s": round(extracted / outcome["seconds"], 3) if outcome["seconds"] else 0.0,
-            "total_s": round(time.perf_counter() - started, 3)}
+    return ExtractSummary(
+        store=str(cfg.out), format=source.format, views=list(layout), recipe=recipe.name, layers=list(layers),
+        episodes=len(infos), steps=final.num_steps, shards_done=int(final.done_shards().sum()), shards=final.num_shards,
+        extracted_steps=extracted,
+        already_done_steps=_steps_of(final, np.flatnonzero(final.done_shards()).tolist()) - extracted,
+        failed=outcome["failed"], repaired=repaired, run=run, skipped_episodes=[str(e) for e in source.skipped],
+        basis=fitted, reduce=final.attrs["targets"].get("reduce"), missing_episodes=final.missing_episodes(),
+        workers=cluster.workers, device=devices, weights_id=final.attrs["vggt"]["weights_id"],
+        cluster_startup_s=round(cluster_seconds, 3), extract_s=round(outcome["seconds"], 3),
+        steps_per_s=round(extracted / outcome["seconds"], 3) if outcome["seconds"] else 0.0,
+        total_s=round(time.perf_counter() - started, 3))
 
 
 def _fit_basis(cluster: "_Cluster", plugin: str, config: StoreConfig, batch_size: int, progress: bool) -> Reduction:

@@ -28,11 +28,13 @@ import numpy as np
 from rich.table import Table
 
 from sfcache.errors import SfcacheError
+from sfcache.options import comma_text, option
 from sfcache.progress import progress_bar
 from sfcache.vggt.preprocess import resize_like_rlds
 
 __all__ = ["SUITES", "MAX_STEPS", "WAIT_STEPS", "RESOLUTION", "NOOP", "Observation", "Policy", "EpisodeResult",
-           "EvalConfig", "SimulatorError", "suite_tasks", "make_env", "run_episode", "evaluate", "summarize",
+           "EvalConfig", "EvalSummary", "TaskSuccess", "SimulatorError", "suite_tasks", "make_env", "run_episode",
+           "evaluate", "summarize",
            "wilson_interval", "results_table", "observation_from_env", "quat_to_axis_angle", "jpeg_roundtrip",
            "resize_for_policy", "center_crop", "normalize_gripper", "invert_gripper", "write_video",
            "simulator_available"]
@@ -129,8 +131,7 @@ class Task:
 
 def suite_tasks(suite: str) -> list[Task]:
     """The tasks of `suite` (spatial | object | goal | 10) in LIBERO's order, with their init states."""
-    if suite not in SUITES:
-        raise SfcacheError(f"--suite {suite}: choose one of {', '.join(SUITES)}")
+    _check_suite(suite)
     benchmark, get_libero_path, _ = _libero()
     tasks = benchmark.get_benchmark_dict()[SUITES[suite]]()
     out = []
@@ -323,19 +324,56 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int = 20) -> Path:
     return path
 
 
+def _parse_tasks(text: str) -> tuple[int, ...]:
+    """'0,3,5' or '0-4' -> task indices."""
+    chosen: list[int] = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.strip().partition("-")
+            chosen += list(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise ValueError("expected task indices like 0,3,5 or 0-4") from None
+    return tuple(chosen)
+
+
+def _check_suite(suite: str) -> None:
+    if suite not in SUITES:
+        raise SfcacheError(f"--suite {suite}: choose one of {', '.join(SUITES)}")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """What to evaluate; `max_steps` None means the suite's protocol limit (shorter only for quick checks)."""
+    """What to evaluate (each option field's help is its `sf eval-libero` option's)."""
 
-    suite: str
-    out: Path
-    tasks: tuple[int, ...] | None = None      # task indices (default: all)
-    trials_per_task: int = 50
-    seed: int = 7
-    video: int = 1                            # videos of the first N trials of each task
-    max_steps: int | None = None
+    suite: str = option(help=" | ".join(SUITES))
+    out: Path = option(help="Results folder (default: RUN/eval_libero_<suite>); resumes the episodes it already "
+                            "holds.")
+    tasks: tuple[int, ...] | None = option(None, "Task indices, e.g. 0,3,5 or 0-4 (default: all 10).",
+                                           parse=_parse_tasks, show=comma_text)
+    trials_per_task: int = option(50, "Episodes per task, on LIBERO's fixed init states 0..N-1.")
+    seed: int = option(7, "Seed of the evaluation (OFT: 7).")
+    video: int = option(1, "Save rollout videos of the first N trials of each task.")
+    max_steps: int | None = option(None, "Policy steps per episode (default: the protocol's " + ", ".join(
+        f"{s} {n}" for s, n in MAX_STEPS.items()) + "); shorter only for quick checks.")
     resolution: int = RESOLUTION
     wait_steps: int = WAIT_STEPS
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out))
+        _check_suite(self.suite)
+        problems = []
+        if self.trials_per_task < 1:
+            problems.append(f"--trials-per-task must be >= 1, got {self.trials_per_task}")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.video < 0:
+            problems.append(f"--video must be >= 0, got {self.video}")
+        if self.tasks is not None and (not self.tasks or min(self.tasks) < 0):
+            problems.append(f"--tasks {','.join(map(str, self.tasks))}: expected task indices >= 0")
+        if self.out.is_file():
+            problems.append(f"--out {self.out}: is a file; expected a results folder")
+        if problems:
+            raise SfcacheError("; ".join(problems))
 
     @property
     def step_limit(self) -> int:
@@ -343,17 +381,12 @@ class EvalConfig:
 
 
 def _check_config(config: EvalConfig, tasks: list[Task]) -> list[Task]:
+    """The tasks to run; SfcacheError when the suite's own tasks and init states cannot serve `config`."""
     problems = []
-    if config.trials_per_task < 1:
-        problems.append(f"--trials-per-task must be >= 1, got {config.trials_per_task}")
     available = min(len(t.init_states) for t in tasks)
     if config.trials_per_task > available:
         problems.append(f"--trials-per-task {config.trials_per_task}: the suite has {available} fixed init "
                         f"states per task")
-    if config.max_steps is not None and config.max_steps < 1:
-        problems.append(f"--max-steps must be >= 1, got {config.max_steps}")
-    if config.video < 0:
-        problems.append(f"--video must be >= 0, got {config.video}")
     chosen = list(config.tasks) if config.tasks is not None else [t.index for t in tasks]
     wrong = [i for i in chosen if not 0 <= i < len(tasks)]
     if wrong or not chosen:
@@ -407,7 +440,7 @@ def _seed(seed: int, task: int, trial: int) -> None:
     np.random.seed(value % 2**32)
 
 
-def evaluate(policy: Policy, config: EvalConfig, policy_info: dict | None = None) -> dict:
+def evaluate(policy: Policy, config: EvalConfig, policy_info: dict | None = None) -> EvalSummary:
     """Run every (task, trial) not yet in OUT/results.jsonl, then write and return OUT/summary.json."""
     tasks = _check_config(config, suite_tasks(config.suite))
     _start(config, policy_info or {})
@@ -448,7 +481,7 @@ def evaluate(policy: Policy, config: EvalConfig, policy_info: dict | None = None
                 env.close()
     chosen = [done[(t.index, trial)] for t in tasks for trial in range(config.trials_per_task)]
     summary = summarize(chosen, config, policy_info or {})
-    (config.out / SUMMARY).write_text(json.dumps(summary, indent=1))
+    (config.out / SUMMARY).write_text(json.dumps(asdict(summary), indent=1))
     return summary
 
 
@@ -465,7 +498,42 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     return max(0.0, center - half), min(1.0, center + half)
 
 
+@dataclass(frozen=True)
+class TaskSuccess:
+    """One task's episodes and success rate."""
+
+    task_id: int
+    task: str
+    episodes: int
+    successes: int
+    success_rate: float
+    ci95: list[float]             # 95% Wilson interval [low, high]
+    mean_steps: float
+    seconds_per_episode: float
+    sim_steps_per_s: float
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """A suite's success rate over its chosen tasks (summary.json is `asdict` of it), per task in `tasks`."""
+
+    suite: str                    # libero_<suite>
+    config: dict                  # EvalConfig as JSON, with its step_limit
+    policy: dict                  # what the policy said of itself
+    protocol: str                 # "OpenVLA-OFT run_libero_eval" or "shortened (...)"
+    episodes: int
+    successes: int
+    success_rate: float
+    ci95: list[float]
+    mean_steps: float
+    seconds_per_episode: float
+    sim_steps_per_s: float
+    tasks: list[TaskSuccess]
+    videos: list[str]             # relative to OUT
+
+
 def _rate(records: list[dict]) -> dict:
+    """The success fields of `TaskSuccess` and `EvalSummary` over `records`."""
     successes = sum(bool(r["success"]) for r in records)
     low, high = wilson_interval(successes, len(records))
     seconds = sum(r["seconds"] for r in records)
@@ -476,32 +544,33 @@ def _rate(records: list[dict]) -> dict:
             "sim_steps_per_s": sum(r["sim_steps"] for r in records) / seconds if seconds else 0.0}
 
 
-def summarize(records: Iterable[dict], config: EvalConfig, policy_info: dict) -> dict:
+def summarize(records: Iterable[dict], config: EvalConfig, policy_info: dict) -> EvalSummary:
     """Per-task and suite success rates with 95% Wilson intervals, steps and timing."""
     records = list(records)
     tasks: dict[int, list[dict]] = {}
     for record in records:
         tasks.setdefault(record["task_id"], []).append(record)
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
-    return {"suite": SUITES[config.suite], "config": {**config_dict, "step_limit": config.step_limit},
-            "policy": policy_info, "protocol": "OpenVLA-OFT run_libero_eval" if config.max_steps is None and
-            config.resolution == RESOLUTION and config.trials_per_task == 50 and config.tasks is None
-            else "shortened (not the protocol's tasks, trials, step limit or resolution)",
-            **_rate(records),
-            "tasks": [{"task_id": i, "task": rs[0]["task"], **_rate(rs)} for i, rs in sorted(tasks.items())],
-            "videos": [r["video"] for r in records if "video" in r]}
+    return EvalSummary(
+        suite=SUITES[config.suite], config={**config_dict, "step_limit": config.step_limit}, policy=policy_info,
+        protocol="OpenVLA-OFT run_libero_eval" if config.max_steps is None and config.resolution == RESOLUTION
+        and config.trials_per_task == 50 and config.tasks is None
+        else "shortened (not the protocol's tasks, trials, step limit or resolution)",
+        **_rate(records),
+        tasks=[TaskSuccess(task_id=i, task=rs[0]["task"], **_rate(rs)) for i, rs in sorted(tasks.items())],
+        videos=[r["video"] for r in records if "video" in r])
 
 
-def results_table(summary: dict) -> Table:
+def results_table(summary: EvalSummary) -> Table:
     """The summary as a rich table: one row per task, then the suite."""
-    table = Table("task", "episodes", "success", "95% interval", "steps", "s/episode", title=summary["suite"])
+    table = Table("task", "episodes", "success", "95% interval", "steps", "s/episode", title=summary.suite)
 
-    def row(name: str, r: dict, style: str | None = None) -> None:
-        table.add_row(name, str(r["episodes"]), f"{100 * r['success_rate']:.1f}%",
-                      f"{100 * r['ci95'][0]:.1f}-{100 * r['ci95'][1]:.1f}%", f"{r['mean_steps']:.0f}",
-                      f"{r['seconds_per_episode']:.1f}", style=style)
+    def row(name: str, r: EvalSummary | TaskSuccess, style: str | None = None) -> None:
+        table.add_row(name, str(r.episodes), f"{100 * r.success_rate:.1f}%",
+                      f"{100 * r.ci95[0]:.1f}-{100 * r.ci95[1]:.1f}%", f"{r.mean_steps:.0f}",
+                      f"{r.seconds_per_episode:.1f}", style=style)
 
-    for task in summary["tasks"]:
-        row(f"{task['task_id']}: {task['task']}", task)
+    for task in summary.tasks:
+        row(f"{task.task_id}: {task.task}", task)
     row("suite", summary, style="bold")
     return table

@@ -258,7 +258,7 @@ def test_episode_pattern_and_dry_run(tmp_path, schedulers):
     assert f"bytes_per_step: {2 * 256 * 256 * 2}" in dry.output and not (tmp_path / "store").exists()
     summary = extract(ExtractConfig(source=written.path, out=tmp_path / "store", vggt="random:tiny", layers=(-1,),
                                     episodes=pattern, scheduler=schedulers["in-process"]), progress=False)
-    assert summary["episodes"] == 2 and summary["steps"] == 4 and summary["failed"] == []
+    assert summary.episodes == 2 and summary.steps == 4 and summary.failed == []
     cache = open_cache(tmp_path / "store")
     assert cache.episodes == [k.key for k in keys[2:]] and cache.attrs["selection"] == pattern
 
@@ -303,8 +303,9 @@ def test_bad_options_are_one_line_errors_naming_each_problem(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--dtype must be one of float16, bfloat16, int8, not 'float8'" in err
     assert "--batch-size must be >= 1, got 0" in err and "--codec must be one of none, zstd, blosc-zstd" in err
-    result = CliRunner().invoke(app, ["extract", str(tmp_path), "--out", str(tmp_path / "s"), *TINY, "--grid", "16"])
-    assert result.exit_code == 2 and "expected HxW like 16x16, or native" in result.output
+    with pytest.raises(SystemExit) as exited:
+        main(["extract", str(tmp_path), "--out", str(tmp_path / "s"), *TINY, "--grid", "16"])
+    assert exited.value.code == 2 and "--grid 16: expected HxW like 16x16, or native" in capsys.readouterr().err
     assert not (tmp_path / "store").exists() and not (tmp_path / "s").exists()
 
 

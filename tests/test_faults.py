@@ -6,6 +6,7 @@ test controls); afterwards the store must hold exactly what an uninterrupted run
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -173,8 +174,8 @@ def test_a_worker_killed_mid_task_is_retried_on_the_survivor_and_every_shard_is_
         cluster.scheduler.add_plugin(tasks)
         client.register_plugin(LoggedSlowWrites(writes, delay=0.3), name="slow-writes")
         outcome: dict = {}
-        run = threading.Thread(target=lambda: outcome.update(
-            extract(replace(config, scheduler=cluster.scheduler_address), progress=False)))
+        run = threading.Thread(target=lambda: outcome.update(dataclasses.asdict(
+            extract(replace(config, scheduler=cluster.scheduler_address), progress=False))))
         run.start()
         deadline = time.monotonic() + 120
         victim = None
@@ -469,8 +470,8 @@ def test_a_task_of_a_finished_run_cannot_write_a_shard_or_a_done_flag(tmp_path, 
     summary = extract(config, progress=False)
     cache = open_cache(out, mode="r+")
     cache.mark_not_done([1])                              # a shard a partitioned worker might still own
-    with pytest.raises(RunSuperseded, match=f"extraction run {summary['run'][:12]}.*no run .it ended."):
-        cache.write_shard(1, {3: np.zeros((2, 2, 256, 64), np.float32)}, run=summary["run"])
+    with pytest.raises(RunSuperseded, match=f"extraction run {summary.run[:12]}.*no run .it ended."):
+        cache.write_shard(1, {3: np.zeros((2, 2, 256, 64), np.float32)}, run=summary.run)
     assert open_cache(out).done_shards().tolist() == [True, False, True, True, True, True]
     assert sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler).exit_code == 0
     assert_equal_stores(out, reference)

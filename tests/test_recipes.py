@@ -67,7 +67,7 @@ def test_openvla_oft_recipe_decodes_rlds_as_tf_and_records_compute_dtype(tmp_pat
     summary = extract(ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="openvla-oft",
                                     compute_dtype="bfloat16", scheduler=scheduler), progress=False)
     cache = open_cache(tmp_path / "s")
-    assert summary["recipe"] == cache.recipe == "openvla-oft" and cache.attrs["vggt"]["preprocess"] == "sf"
+    assert summary.recipe == cache.recipe == "openvla-oft" and cache.attrs["vggt"]["preprocess"] == "sf"
     assert cache.attrs["vggt"]["compute_dtype"] == "bfloat16" and not cache.has_mask
     source = open_source(written.path)
     key = cache.episodes[0]

@@ -14,7 +14,7 @@ import pytest
 import zarr
 from distributed import LocalCluster
 
-from sfcache.libero_eval import wilson_interval
+from sfcache.libero_eval import EvalSummary, wilson_interval
 from sfcache.cli.main import main
 from sfcache.train.reproduce import SUITES, find_suites
 from sfcache.sources import open_source
@@ -150,8 +150,11 @@ def test_hdf5_layout_end_to_end_with_simulator_evaluation(tmp_path, scheduler, c
                       policy.step, config.suite, config.trials_per_task, config.max_steps, policy_info["step"]))
         episodes = 10 * config.trials_per_task
         successes = episodes * policy.step // 4
-        return {"success_rate": successes / episodes, "ci95": list(wilson_interval(successes, episodes)),
-                "episodes": episodes, "protocol": "shortened"}
+        rate = {"episodes": episodes, "successes": successes, "success_rate": successes / episodes,
+                "ci95": list(wilson_interval(successes, episodes)), "mean_steps": 5.0, "seconds_per_episode": 1.0,
+                "sim_steps_per_s": 15.0}
+        return EvalSummary(suite="libero_goal", config={}, policy=policy_info, protocol="shortened", tasks=[],
+                           videos=[], **rate)
 
     monkeypatch.setattr("sfcache.train.reproduce.simulator_available", lambda: None)
     monkeypatch.setattr("sfcache.train.reproduce.evaluate", fake_evaluate)

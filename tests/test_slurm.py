@@ -176,7 +176,7 @@ def test_extract_through_slurmcluster_equals_a_local_run(slurm, tmp_path):
                                           "--scheduler", cluster.scheduler_address])
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
-    assert local["shards_done"] == 4
+    assert local.shards_done == 4
     assert_equal_stores(tmp_path / "slurm", tmp_path / "local")
 
 

@@ -22,8 +22,9 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from sfcache.crop import crop_target_grid
-from sfcache.device import resolve_device
+from sfcache.device import DEVICE_CHOICES, resolve_device
 from sfcache.errors import ConfigMismatch, SfcacheError
+from sfcache.options import comma_list, comma_text, option
 from sfcache.progress import progress_bar
 from sfcache.torch import SpatialForcingLoss
 from sfcache.vggt import random_weights_warning
@@ -37,33 +38,37 @@ CHECKPOINT, METRICS, PLOT = "checkpoint.pt", "metrics.jsonl", "loss_curves.png"
 
 @dataclass
 class TrainConfig:
-    source: Path
-    out: Path
-    cache: Path | None = None
-    steps: int = 2000
-    batch_size: int = 16
-    lr: float = 3e-4
+    """What `sf train` was asked to do (each option field's help is its `sf train` option's)."""
+
+    source: Path = option(help="Dataset the cache was extracted from (any sf format).")
+    out: Path = option(help="Run folder: checkpoint.pt, metrics.jsonl, loss_curves.png.")
+    cache: Path | None = option(None, "Target store made by `sf extract` (read only).")
+    steps: int = option(2000, "Optimizer steps in total (a resumed run counts on).")
+    batch_size: int = option(16, "Steps per optimizer step.")
+    lr: float = option(3e-4, "Peak AdamW learning rate (linear warmup, cosine decay).")
     weight_decay: float = 0.01
-    warmup_steps: int = 100
+    warmup_steps: int = option(100, "Steps of linear learning-rate warmup.")
     grad_clip: float = 1.0
-    align_weight: float = 0.5            # alpha; 0 trains the baseline without SF
-    align_layer: int | None = None       # policy block whose visual tokens are aligned (default 3/4 depth)
-    model_size: str = "small"
-    grid: int = 16                       # visual tokens per side; images are grid * 14 px
-    views: tuple[str, ...] | None = None
-    cache_layer: int | None = None       # stored VGGT layer (default: the only one)
-    online_vggt: str | None = None       # VGGT weights: compute targets inside the step instead
-    device: str = "auto"
-    val_episodes: int = 2
-    val_every: int = 200
+    align_weight: float = option(0.5, "SF's alpha; 0 trains the baseline without SF.")
+    align_layer: int | None = option(None, "Policy block whose visual tokens are aligned (default: 3/4 of the depth).")
+    model_size: str = option("small", " | ".join(SIZES) + ".")
+    grid: int = option(16, "Visual tokens per side; images are grid*14 px (16 -> 224).")
+    views: tuple[str, ...] | None = option(None, "Comma-separated camera views (default: the cache's).",
+                                           parse=comma_list, show=comma_text)
+    cache_layer: int | None = option(None, "Stored VGGT layer (default: the only one).")
+    online_vggt: str | None = option(None, "VGGT weights: compute targets inside each step like the public SF "
+                                           "trainer (to compare).")
+    device: str = option("auto", f"{DEVICE_CHOICES}.")
+    val_episodes: int = option(2, "Episodes held out for validation action L1.")
+    val_every: int = option(200, "Validate every N steps.")
     val_samples: int = 256
-    save_every: int = 200
+    save_every: int = option(200, "Checkpoint every N steps.")
     log_every: int = 10
-    seed: int = 0
-    resume: bool = True
-    workers: int = 2
-    augment: bool = True
-    deterministic: bool = False
+    seed: int = option(0, "Seed of the initialisation, batch order and augmentation.")
+    resume: bool = option(True, "Continue from OUT/checkpoint.pt if present.")
+    workers: int = option(2, "DataLoader worker processes.")
+    augment: bool = option(True, "Random 90% crop + colour jitter.")
+    deterministic: bool = option(False, "Deterministic kernels (bitwise resume).")
 
     def __post_init__(self):
         self.source, self.out = Path(self.source), Path(self.out)
@@ -90,6 +95,22 @@ class TrainConfig:
         if self.align_layer is not None and not 1 <= self.align_layer <= depth:
             raise SfcacheError(f"--align-layer must be in 1..{depth} for --model-size {self.model_size} "
                                f"(default {round(depth * 3 / 4)}), got {self.align_layer}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a training run's outputs are, and its last validation (None when it held out no episode)."""
+
+    out: Path
+    checkpoint: Path
+    metrics: Path
+    plot: Path
+    weights_id: str | None          # the VGGT the targets came from; None for the baseline without SF
+    steps: int
+    resumed_from: int | None        # the checkpoint's step when the run resumed
+    mean_step_time_s: float | None  # median seconds per step of this process's steps
+    val_action_l1: float | None = None
+    val_mean_action_l1: float | None = None
 
 
 class StepBatches(Sampler):
@@ -331,7 +352,7 @@ class Trainer:
             count += batch.actions.numel()
         return {"val_action_l1": error / count, "val_mean_action_l1": baseline / count}
 
-    def run(self) -> dict:
+    def run(self) -> TrainResult:
         c = self.config
         step_times: list[float] = []
         val_metrics: dict[str, float] = {}
@@ -355,10 +376,10 @@ class Trainer:
                     self.save()
         plot_metrics(self.metrics_path, self.plot_path, self.data.identity.get("online_vggt")
                      or self.data.identity.get("weights_id"))
-        return {"out": str(c.out), "checkpoint": str(self.checkpoint_path), "metrics": str(self.metrics_path),
-                "weights_id": self.data.identity.get("online_vggt") or self.data.identity.get("weights_id"),
-                "plot": str(self.plot_path), "steps": self.step, "resumed_from": self.resumed_from,
-                "mean_step_time_s": float(np.median(step_times)) if step_times else None, **val_metrics}
+        return TrainResult(out=c.out, checkpoint=self.checkpoint_path, metrics=self.metrics_path, plot=self.plot_path,
+                           weights_id=self.data.identity.get("online_vggt") or self.data.identity.get("weights_id"),
+                           steps=self.step, resumed_from=self.resumed_from,
+                           mean_step_time_s=float(np.median(step_times)) if step_times else None, **val_metrics)
 
 
 REQUIRED_CHECKPOINT_KEYS = ("step", "model", "sf_loss", "optimizer", "scheduler", "rng", "action_sum",
@@ -393,7 +414,7 @@ def _writable_folder(out: Path) -> None:
                            "choose a writable folder") from None
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: TrainConfig) -> TrainResult:
     """Train a policy with (or without) the SF loss; returns where results are and the last validation."""
     return Trainer(config).run()
 

@@ -21,19 +21,21 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from sfcache.device import resolve_device
+from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
 from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError
 from sfcache.extract import ExtractConfig, extract
 from sfcache.inspect import read_provenance, summarize
 from sfcache.libero_eval import EvalConfig, evaluate, simulator_available
+from sfcache.options import comma_list, comma_text, option, user_path
 from sfcache.sources import detect_format, open_source
 from sfcache.store import DTYPES, open_cache
 from sfcache.vggt.weights import HUB_ID, RANDOM_SPEC, weights_config
 from sfcache.train.libero_policy import CheckpointPolicy
-from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer
+from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer, TrainResult
 from sfcache.train.model import SIZES
 
-__all__ = ["SUITES", "ReproduceConfig", "SuiteData", "find_suites", "preflight", "reproduce"]
+__all__ = ["SUITES", "ReproduceConfig", "ReproduceReport", "SuiteData", "SuiteResult", "find_suites", "preflight",
+           "reproduce"]
 
 SUITES = ("spatial", "object", "goal", "10")
 RUNS = {"sf": "with SF", "baseline": "without SF"}     # run folder -> label
@@ -47,31 +49,75 @@ NO_GEOMETRY = ("RANDOM VGGT WEIGHTS ({spec}): the targets carry no geometry. Thi
                "it is NOT a reproduction of Spatial Forcing.")
 
 
+def _parse_suites(text: str) -> tuple[str, ...]:
+    """'spatial, libero_object' -> ('spatial', 'object')."""
+    return tuple(suite.removeprefix("libero_") for suite in comma_list(text) if suite)
+
+
 @dataclass(frozen=True)
 class ReproduceConfig:
-    """Inputs of the reproduction; the defaults are for real runs on a GPU."""
+    """Inputs of the reproduction; the defaults are for real runs on a GPU (each help is its option's)."""
 
-    libero_dir: Path | None
-    vggt: str | None
-    out: Path
-    device: str = "auto"
-    scheduler: str | None = None
-    suites: tuple[str, ...] = SUITES
-    require_all: bool = False
-    steps: int = 2000                 # optimizer steps per training run
-    model_size: str = "small"
-    batch_size: int = 16
-    grid: int = 16                    # target grid and policy tokens per side (16 -> 224 px images)
-    dtype: str = "float16"            # stored targets: float16 (2 MiB/step for 2 views), bfloat16 or int8 (half)
-    align_weight: float = 0.5         # SF's alpha for the "with SF" runs
-    val_episodes: int = 10            # held-out episodes per suite
-    eval_every: int = 200             # validation and checkpoint interval (steps)
-    loader_workers: int = 2
-    extract_batch_size: int = 8
-    steps_per_shard: int = 32
-    eval_trials: int = 50             # simulator episodes per task and checkpoint (0: no simulator evaluation)
-    eval_checkpoints: int = 1         # checkpoints evaluated per run, evenly spaced, the last one included
-    eval_max_steps: int | None = None  # policy steps per episode (None: the protocol's per-suite limit)
+    libero_dir: Path | None = option(None, "Folder holding libero_<suite>_no_noops/ (RLDS or HDF5) or "
+                                           "libero_<suite>/ (HDF5) folders.", parse=user_path, show=str)
+    vggt: str | None = option(None, "VGGT checkpoint path, a cached hub id (facebook/VGGT-1B), or random:<preset> "
+                                    "(pipeline tests only).")
+    out: Path = option(Path("out/reproduce-libero"), "Output folder (caches, runs, report).")
+    device: str = option("auto", f"{DEVICE_CHOICES}.")
+    scheduler: str | None = option(None, "Dask scheduler address; empty for a local cluster.")
+    suites: tuple[str, ...] = option(SUITES, "Comma list of suites to run.", parse=_parse_suites, show=comma_text)
+    require_all: bool = option(False, "Stop if any asked suite is missing.")
+    steps: int = option(2000, "Optimizer steps per training run.")
+    model_size: str = option("small", "Policy size: " + " | ".join(SIZES))
+    batch_size: int = option(16, "Steps per optimizer step.")
+    grid: int = option(16, "Target grid and policy tokens per side (16 -> 224 px).")
+    dtype: str = option("float16", "Stored targets: float16 (2 MiB/step for 2 views), bfloat16 or int8 (half "
+                                   "the disk).")
+    align_weight: float = option(0.5, "SF's alpha for the runs with SF.")
+    val_episodes: int = option(10, "Held-out episodes per suite.")
+    eval_every: int = option(200, "Validate and checkpoint every N steps.")
+    loader_workers: int = option(2, "DataLoader worker processes.")
+    extract_batch_size: int = option(8, "Steps per VGGT forward pass.")
+    steps_per_shard: int = option(32, "Steps per cache shard (unit of resume).")
+    eval_trials: int = option(50, "LIBERO simulator episodes per task and checkpoint (OFT: 50); 0 skips the "
+                                  "simulator evaluation.")
+    eval_checkpoints: int = option(1, "Checkpoints evaluated per run, evenly spaced, the last one included (>1 "
+                                      "plots success vs steps).")
+    eval_max_steps: int | None = option(None, "Policy steps per episode (default: the protocol's per-suite limit).")
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out))
+        problems = []
+        unknown = [s for s in self.suites if s not in SUITES]
+        if unknown or not self.suites:
+            problems.append(f"--suites {','.join(self.suites)}: choose from {','.join(SUITES)}")
+        if self.dtype not in DTYPES:
+            problems.append(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
+        if self.model_size not in SIZES:
+            problems.append(f"--model-size {self.model_size}: choose one of {', '.join(SIZES)}")
+        for name in ("steps", "batch_size", "grid", "eval_every", "extract_batch_size", "steps_per_shard"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.align_weight <= 0:
+            problems.append(f"--align-weight must be > 0 for the SF runs (the baseline uses 0), "
+                            f"got {self.align_weight}")
+        if self.eval_trials < 0 or self.eval_checkpoints < 1:
+            problems.append(f"--eval-trials must be >= 0 and --eval-checkpoints >= 1, got {self.eval_trials} and "
+                            f"{self.eval_checkpoints}")
+        if self.eval_max_steps is not None and self.eval_max_steps < 1:
+            problems.append(f"--eval-max-steps must be >= 1, got {self.eval_max_steps}")
+        if self.val_episodes < 1:
+            problems.append(f"--val-episodes must be >= 1 (validation L1 is the evaluation), got {self.val_episodes}")
+        if self.loader_workers < 0:
+            problems.append(f"--loader-workers must be >= 0, got {self.loader_workers}")
+        if self.out.is_file():
+            problems.append(f"--out {self.out}: is a file; expected an output folder (new or to resume)")
+        try:
+            check_device(self.device)
+        except SfcacheError as problem:
+            problems.append(f"DEVICE={self.device}: {problem}")
+        if problems:
+            raise SfcacheError("nothing was run:\n  - " + "\n  - ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -85,6 +131,32 @@ class SuiteData:
     @property
     def name(self) -> str:
         return f"libero_{self.suite}"
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    """One suite's part of the report: its cache, both training runs and (when run) their simulator success."""
+
+    path: str
+    format: str
+    cache: dict                   # extract_suite's figures: steps, bytes, extraction timing, weights
+    runs: dict                    # {"sf" | "baseline": curves and final validation L1}
+    evaluation: dict | None       # {"sf" | "baseline": success per evaluated checkpoint}; None without simulator
+    plot: str
+    plots: list[str]
+
+
+@dataclass(frozen=True)
+class ReproduceReport:
+    """What `reproduce` found (report.json is `asdict` of it)."""
+
+    random_weights: bool
+    is_reproduction: bool
+    warnings: list[str]
+    evaluation: str               # how the runs were evaluated
+    suites_missing: list[str]
+    config: dict                  # ReproduceConfig as JSON
+    suites: dict[str, SuiteResult]
 
 
 # ----------------------------------------------------------------------------- checks before any work
@@ -183,33 +255,10 @@ def _check_scheduler(address: str | None) -> list[str]:
         return [f"SCHEDULER={address}: cannot reach the Dask scheduler ({error}); leave it empty for a local cluster"]
 
 
-def _check_options(cfg: ReproduceConfig) -> list[str]:
-    problems = []
-    unknown = [s for s in cfg.suites if s not in SUITES]
-    if unknown or not cfg.suites:
-        problems.append(f"--suites {','.join(cfg.suites)}: choose from {','.join(SUITES)}")
-    if cfg.dtype not in DTYPES:
-        problems.append(f"--dtype {cfg.dtype}: choose one of {', '.join(DTYPES)}")
-    if cfg.model_size not in SIZES:
-        problems.append(f"--model-size {cfg.model_size}: choose one of {', '.join(SIZES)}")
-    for name in ("steps", "batch_size", "grid", "eval_every", "extract_batch_size", "steps_per_shard"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.align_weight <= 0:
-        problems.append(f"--align-weight must be > 0 for the SF runs (the baseline uses 0), got {cfg.align_weight}")
-    if cfg.eval_trials < 0 or cfg.eval_checkpoints < 1:
-        problems.append(f"--eval-trials must be >= 0 and --eval-checkpoints >= 1, got {cfg.eval_trials} and "
-                        f"{cfg.eval_checkpoints}")
-    if cfg.val_episodes < 1:
-        problems.append(f"--val-episodes must be >= 1 (validation L1 is the evaluation), got {cfg.val_episodes}")
-    return problems
-
-
 def preflight(cfg: ReproduceConfig) -> tuple[list[SuiteData], list[str]]:
     """(suites to run, suites missing); SfcacheError listing every problem with the inputs, before any work."""
-    problems = _check_options(cfg)
-    found, missing, data_problems = _check_data(cfg)
-    problems += data_problems + _check_vggt(cfg.vggt) + _check_device(cfg.device) + _check_scheduler(cfg.scheduler)
+    found, missing, problems = _check_data(cfg)
+    problems += _check_vggt(cfg.vggt) + _check_device(cfg.device) + _check_scheduler(cfg.scheduler)
     if problems:
         raise SfcacheError("nothing was run:\n  - " + "\n  - ".join(problems))
     return found, missing
@@ -242,12 +291,12 @@ def extract_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console:
             source=suite.path, out=store, vggt=cfg.vggt, format=suite.format, layers=(-1,),   # SF: last layer
             grid=(cfg.grid, cfg.grid), dtype=cfg.dtype, batch_size=cfg.extract_batch_size,
             steps_per_shard=cfg.steps_per_shard, scheduler=cfg.scheduler, device=cfg.device))
-        runs.append({k: summary[k] for k in ("extracted_steps", "already_done_steps", "extract_s", "steps_per_s",
-                                             "cluster_startup_s", "workers", "device")})
+        runs.append({k: getattr(summary, k) for k in ("extracted_steps", "already_done_steps", "extract_s",
+                                                      "steps_per_s", "cluster_startup_s", "workers", "device")})
         log.write_text(json.dumps({"runs": runs}, indent=1))
-        console.print(f"  extract: {summary['extracted_steps']} steps in {summary['extract_s']:.1f} s "
-                      f"({summary['steps_per_s']:.2f} steps/s on {summary['workers']} worker(s), {summary['device']}); "
-                      f"{summary['already_done_steps']} were already done")
+        console.print(f"  extract: {summary.extracted_steps} steps in {summary.extract_s:.1f} s "
+                      f"({summary.steps_per_s:.2f} steps/s on {summary.workers} worker(s), {summary.device}); "
+                      f"{summary.already_done_steps} were already done")
     facts = summarize(open_cache(store))
     extracted = sum(r["extracted_steps"] for r in runs)
     seconds = sum(r["extract_s"] for r in runs)
@@ -301,7 +350,7 @@ class SnapshotTrainer(Trainer):
         os.replace(partial, snapshot)
 
 
-def train(config: TrainConfig, snapshots: bool = False) -> dict:
+def train(config: TrainConfig, snapshots: bool = False) -> TrainResult:
     """`sfcache.train.loop.train`, keeping a weights snapshot at every checkpoint when asked."""
     return (SnapshotTrainer if snapshots else Trainer)(config).run()
 
@@ -315,8 +364,8 @@ def train_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: C
             console.print(f"  train {RUNS[run]}: {config.out} finished {cfg.steps} steps, skipped")
         else:
             summary = train(config, snapshots=cfg.eval_checkpoints > 1)
-            resumed = f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] is not None else ""
-            console.print(f"  train {RUNS[run]} (alpha {align_weight}): {summary['steps']} steps{resumed}")
+            resumed = f" (resumed from step {summary.resumed_from})" if summary.resumed_from is not None else ""
+            console.print(f"  train {RUNS[run]} (alpha {align_weight}): {summary.steps} steps{resumed}")
         records = _read_metrics(config.out / METRICS)
         val = [r for r in records if r["split"] == "val"]
         runs[run] = {"out": str(config.out), "align_weight": align_weight,
@@ -350,12 +399,12 @@ def evaluate_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console
             out = folder / run / "eval_libero" / f"step_{policy.step:06d}"
             summary = evaluate(policy, EvalConfig(suite=suite.suite, out=out, trials_per_task=cfg.eval_trials,
                                                   max_steps=cfg.eval_max_steps), policy.describe())
-            points.append({"step": policy.step, "success_rate": summary["success_rate"], "ci95": summary["ci95"],
-                           "episodes": summary["episodes"], "protocol": summary["protocol"],
+            points.append({"step": policy.step, "success_rate": summary.success_rate, "ci95": summary.ci95,
+                           "episodes": summary.episodes, "protocol": summary.protocol,
                            "summary": str(out / "summary.json")})
-            console.print(f"  simulator {RUNS[run]}, step {policy.step}: success {100 * summary['success_rate']:.1f}% "
-                          f"(95% {100 * summary['ci95'][0]:.1f}-{100 * summary['ci95'][1]:.1f}%) over "
-                          f"{summary['episodes']} episodes")
+            console.print(f"  simulator {RUNS[run]}, step {policy.step}: success {100 * summary.success_rate:.1f}% "
+                          f"(95% {100 * summary.ci95[0]:.1f}-{100 * summary.ci95[1]:.1f}%) over "
+                          f"{summary.episodes} episodes")
         runs[run] = points
     return runs
 
@@ -423,45 +472,46 @@ def _success(evaluation: dict | None, run: str) -> str:
     return f"{100 * last['success_rate']:.1f}% ({100 * last['ci95'][0]:.0f}-{100 * last['ci95'][1]:.0f})"
 
 
-def write_report(cfg: ReproduceConfig, results: dict, missing: list[str], out: Path) -> Path:
-    """report.json (every number) and report.md (tables, warnings, plots)."""
-    random_weights = any(r["cache"]["random_weights"] for r in results.values())
-    report = {"random_weights": random_weights, "is_reproduction": not random_weights,
-              "warnings": [NO_GEOMETRY.format(spec=cfg.vggt)] if random_weights else [],
-              "evaluation": simulator_note(cfg), "suites_missing": missing,
-              "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-              "suites": results}
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+def write_report(cfg: ReproduceConfig, results: dict[str, SuiteResult], missing: list[str], out: Path
+                 ) -> ReproduceReport:
+    """report.json (every number) and report.md (tables, warnings, plots); returns the report."""
+    random_weights = any(r.cache["random_weights"] for r in results.values())
+    report = ReproduceReport(
+        random_weights=random_weights, is_reproduction=not random_weights,
+        warnings=[NO_GEOMETRY.format(spec=cfg.vggt)] if random_weights else [], evaluation=simulator_note(cfg),
+        suites_missing=missing, config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        suites=results)
+    (out / "report.json").write_text(json.dumps(asdict(report), indent=1))
     lines = ["# Spatial Forcing with sfcache: LIBERO", ""]
     if random_weights:
-        lines += [f"> **WARNING: {report['warnings'][0]}**", ""]
+        lines += [f"> **WARNING: {report.warnings[0]}**", ""]
     lines += [f"VGGT `{cfg.vggt}` (last layer, {cfg.grid}x{cfg.grid} grid, {cfg.dtype}); policy `{cfg.model_size}`, "
               f"{cfg.steps} steps, batch {cfg.batch_size}, alpha {cfg.align_weight} vs 0, "
               f"{cfg.val_episodes} held-out episodes per suite.", "",
-              f"Evaluation: {report['evaluation']}.", ""]
+              f"Evaluation: {report.evaluation}.", ""]
     if missing:
         lines += [f"Suites not found in {cfg.libero_dir}: {', '.join(missing)}.", ""]
     lines += ["| suite | data | episodes | steps | cache bytes | bytes/step | extraction steps/s "
               "| val L1 with SF | val L1 without SF | mean-action L1 | success with SF | success without SF |",
               "|" + "---|" * 12]
     for name, r in results.items():
-        c, runs = r["cache"], r["runs"]
+        c, runs = r.cache, r.runs
         rate = f"{c['extract_steps_per_s']:.2f}" if c["extract_steps_per_s"] else "n/a (not timed here)"
-        lines.append(f"| {name} | {r['format']} | {c['episodes']} | {c['steps']} | {c['bytes_on_disk']} | "
+        lines.append(f"| {name} | {r.format} | {c['episodes']} | {c['steps']} | {c['bytes_on_disk']} | "
                      f"{c['bytes_per_step']:.0f} | {rate} | {runs['sf']['val_action_l1']:.4f} | "
                      f"{runs['baseline']['val_action_l1']:.4f} | {runs['sf']['val_mean_action_l1']:.4f} | "
-                     f"{_success(r['evaluation'], 'sf')} | {_success(r['evaluation'], 'baseline')} |")
+                     f"{_success(r.evaluation, 'sf')} | {_success(r.evaluation, 'baseline')} |")
     lines += ["", "Success: the last checkpoint's rate in the simulator, with its 95% Wilson interval.", ""]
     for name, r in results.items():
-        lines += [f"## {name}", ""] + [f"![{name}]({Path(p).relative_to(out).as_posix()})" for p in r["plots"]] + [""]
+        lines += [f"## {name}", ""] + [f"![{name}]({Path(p).relative_to(out).as_posix()})" for p in r.plots] + [""]
     (out / "report.md").write_text("\n".join(lines))
-    return out / "report.md"
+    return report
 
 
 # ----------------------------------------------------------------------------- driver
 
-def reproduce(cfg: ReproduceConfig, console: Console | None = None) -> dict:
-    """Check inputs, then extract, train (with and without SF) and report every suite found; returns report.json."""
+def reproduce(cfg: ReproduceConfig, console: Console | None = None) -> ReproduceReport:
+    """Check inputs, then extract, train (with and without SF) and report every suite found (report.json)."""
     console = console or Console(soft_wrap=True)
     suites, missing = preflight(cfg)
     random_weights = bool(RANDOM_SPEC.match(cfg.vggt))
@@ -486,24 +536,24 @@ def reproduce(cfg: ReproduceConfig, console: Console | None = None) -> dict:
         if evaluation and len(evaluation["sf"]) > 1:
             plots.append(cfg.out / "plots" / f"{suite.name}_success.png")
             plot_success(suite.name, evaluation, plots[1])
-        results[suite.name] = {"path": str(suite.path), "format": suite.format, "cache": cache, "runs": runs,
-                               "evaluation": evaluation, "plot": str(plots[0]), "plots": [str(p) for p in plots]}
-    report_md = write_report(cfg, results, missing, cfg.out)
+        results[suite.name] = SuiteResult(path=str(suite.path), format=suite.format, cache=cache, runs=runs,
+                                          evaluation=evaluation, plot=str(plots[0]), plots=[str(p) for p in plots])
+    report = write_report(cfg, results, missing, cfg.out)
     _print_summary(console, results)
     if random_weights:
         console.print(f"[bold red]{NO_GEOMETRY.format(spec=cfg.vggt)}[/]", highlight=False)
-    console.print(f"report: {report_md}\nnumbers: {cfg.out / 'report.json'}\nplots: {cfg.out / 'plots'}",
+    console.print(f"report: {cfg.out / 'report.md'}\nnumbers: {cfg.out / 'report.json'}\nplots: {cfg.out / 'plots'}",
                   highlight=False)
-    return json.loads((cfg.out / "report.json").read_text())
+    return report
 
 
-def _print_summary(console: Console, results: dict) -> None:
+def _print_summary(console: Console, results: dict[str, SuiteResult]) -> None:
     table = Table("suite", "steps", "cache MiB", "steps/s", "val L1 SF", "val L1 baseline", "success SF",
                   "success baseline", title="LIBERO")
     for name, r in results.items():
-        c, runs = r["cache"], r["runs"]
+        c, runs = r.cache, r.runs
         table.add_row(name, str(c["steps"]), f"{c['bytes_on_disk'] / 2**20:.1f}",
                       f"{c['extract_steps_per_s']:.2f}" if c["extract_steps_per_s"] else "n/a",
                       f"{runs['sf']['val_action_l1']:.4f}", f"{runs['baseline']['val_action_l1']:.4f}",
-                      _success(r["evaluation"], "sf"), _success(r["evaluation"], "baseline"))
+                      _success(r.evaluation, "sf"), _success(r.evaluation, "baseline"))
     console.print(table)

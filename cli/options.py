@@ -1,0 +1,98 @@
+"""`sf` commands whose options are built from a config dataclass's fields (`sfcache.options.option`).
+
+The config holds each option's default, help text, flag and check; this module only turns its fields into the
+signature typer reads (`__signature__`), and the texts typed back into field values. An empty text means the
+option's default (what make passes for an unset variable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from dataclasses import MISSING
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+
+from sfcache.errors import SfcacheError
+from sfcache.options import OPTION, OptionInfo
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    """The option's first flag, as messages name it (--checksum of --checksum/--no-checksum)."""
+    info: OptionInfo = field.metadata[OPTION]
+    return (info.flag or "--" + field.name.replace("_", "-")).split("/")[0]
+
+
+def option_fields(config: type, exclude: tuple[str, ...] = ()) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(config) if OPTION in f.metadata and f.name not in exclude]
+
+
+def _cli_type(hint: Any, info: OptionInfo) -> type:
+    """What typer parses: text for fields with a parser, else the field's type without `| None`."""
+    if info.parse is not None:
+        return str
+    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)] or [hint]
+    if kinds[0] not in (str, int, float, bool, Path):
+        raise TypeError(f"option {hint}: give the field a parse= (typer reads only str, int, float, bool, Path)")
+    return kinds[0]
+
+
+def _parameter(field: dataclasses.Field, kind: type, default: Any) -> inspect.Parameter:
+    info: OptionInfo = field.metadata[OPTION]
+    shown = ... if default is MISSING else info.show(default) if info.parse and default is not None else default
+    if info.argument:
+        spec = typer.Argument(shown, help=info.help, metavar=info.metavar, show_default=True)
+    else:
+        flag = info.flag or "--" + field.name.replace("_", "-")
+        if kind is bool and default is True and info.flag is None:
+            flag = f"{flag}/--no-{flag[2:]}"
+        spec = typer.Option(shown, flag, help=info.help, metavar=info.metavar)
+    return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=spec, annotation=kind)
+
+
+def field_values(config: type, given: dict[str, Any]) -> dict[str, Any]:
+    """Typed-in option values -> config field values; a text its parser refuses is an SfcacheError naming it."""
+    values = {}
+    for field in option_fields(config):
+        if field.name not in given:
+            continue
+        value, info = given[field.name], field.metadata[OPTION]
+        if value == "" and field.default is not MISSING:
+            continue                                   # empty: the config's default
+        if info.parse is not None and isinstance(value, str):
+            try:
+                value = info.parse(value)
+            except ValueError as error:
+                raise SfcacheError(f"{flag_of(field)} {value}: {error}") from None
+        values[field.name] = value
+    return values
+
+
+def config_command(config: type, exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None
+                   ) -> Callable[[Callable], Callable]:
+    """Decorate `body(fields: dict, **extras)`: the command takes every option field of `config` (but `exclude`;
+    `defaults` replaces a field's CLI default) plus body's own typer parameters, and hands body the field values."""
+    defaults = defaults or {}
+
+    def build(body: Callable) -> Callable:
+        hints = typing.get_type_hints(config)
+        fields = option_fields(config, exclude)
+        own = list(inspect.signature(body, eval_str=True).parameters.values())[1:]
+        parameters = [_parameter(f, _cli_type(hints[f.name], f.metadata[OPTION]), defaults.get(f.name, f.default))
+                      for f in fields]
+        parameters += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        names = {f.name for f in fields}
+
+        def command(**given: Any) -> Any:
+            chosen = {name: value for name, value in given.items() if name in names}
+            return body(field_values(config, chosen), **{k: v for k, v in given.items() if k not in names})
+
+        command.__signature__ = inspect.Signature(parameters)
+        command.__annotations__ = {p.name: p.annotation for p in parameters}
+        command.__name__, command.__doc__ = body.__name__, body.__doc__
+        return command
+
+    return build

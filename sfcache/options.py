@@ -1,0 +1,46 @@
+"""Config fields that are also command-line options: the help text, flag and text parser live on the field.
+
+A config dataclass (`ExtractConfig`, `TrainConfig`, ...) stays the one place of each default and each check
+(its `__post_init__`); `sfcache.cli.options` builds the `sf` command's options from these fields, so the CLI
+repeats none of them. Fields made with plain `dataclasses.field` (or a bare default) are not options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import MISSING
+from pathlib import Path
+from typing import Any, Callable
+
+OPTION = "sfcache.option"   # the metadata key
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionInfo:
+    """How one field is offered on the command line."""
+
+    help: str
+    flag: str | None = None                            # e.g. "--checksum/--no-checksum"; default --field-name
+    parse: Callable[[str], Any] | None = None          # text -> value; raises ValueError("expected ...")
+    show: Callable[[Any], str] | None = None           # value -> text, for --help (needed with parse)
+    argument: bool = False                             # a positional argument instead of an option
+    metavar: str | None = None
+
+
+def option(default: Any = MISSING, help: str = "", **how: Any) -> Any:
+    """A dataclass field with a default (none: required) that is also a CLI option; `how`: `OptionInfo`'s fields."""
+    return dataclasses.field(default=default, metadata={OPTION: OptionInfo(help=help, **how)})
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """'a, b' -> ('a', 'b'); what every comma-list option (--views, --suites) takes."""
+    return tuple(part.strip() for part in text.split(","))
+
+
+def comma_text(values: tuple) -> str:
+    return ",".join(map(str, values))
+
+
+def user_path(text: str) -> Path:
+    """A path with ~ expanded (make passes it unexpanded)."""
+    return Path(text).expanduser()

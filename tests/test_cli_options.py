@@ -1,0 +1,189 @@
+"""Every option of every `sf` command, given a bad value, ends in exit 2 with one error naming it (or quoting the
+value as typed: the readers' own messages name the file, format or layer), no traceback.
+
+The options are enumerated from the click commands, so a new option is walked too: it gets the bad value of its
+type (a negative number, a missing path, an unknown word) unless the table below gives it one or exempts it.
+The other arguments are valid (small fixture data, random:tiny VGGT), so the bad value is the only problem;
+no command gets as far as extracting, training or evaluating (each is replaced by a failing stand-in).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import typer
+from typer.core import TyperArgument, TyperOption
+
+from sfcache.cli.main import app, main
+from sfcache.cli.options import flag_of, option_fields
+from sfcache.extract import ExtractConfig
+from sfcache.libero_eval import EvalConfig
+from sfcache.options import OPTION
+from sfcache.sources.synthetic import write_libero_hdf5
+from sfcache.train.loop import TrainConfig, Trainer
+from sfcache.train.reproduce import ReproduceConfig
+from tests._cli_helpers import run_main
+from tests._train_helpers import GRID, write_dataset, write_store
+
+COMMANDS = typer.main.get_command(app).commands   # typer 0.29 carries its own click: typer.core classes
+CONFIGS = {"extract": ExtractConfig, "train": TrainConfig, "reproduce-libero": ReproduceConfig,
+           "eval-libero": EvalConfig}
+
+MISSING = "{tmp}/no-such-path"
+A_FILE = "{file}"            # an existing file where a folder is expected
+EXEMPT = "exempt"
+# (command, option) -> bad value and the options that make the command use it, or (EXEMPT, why)
+BAD: dict[tuple[str, str], tuple[str, ...]] = {
+    ("extract", "--out"): (A_FILE,),
+    ("extract", "--workers"): ("0",),
+    ("extract", "--layers"): ("1,x",),
+    ("extract", "--grid"): ("16by16",),
+    ("extract", "--vggt"): ("random:huge",),
+    ("extract", "--min-cosine"): ("1.5", "--reduce", "pca:auto"),
+    ("extract", "--scheduler"): ("nowhere",),
+    ("extract", "--reduce"): ("pca:x",),
+    ("inspect-cache", "--episode"): ("nope",),
+    ("inspect-cache", "--verify"): ("-1",),
+    ("inspect-cache", "--seed"): (EXEMPT, "every integer is a seed"),
+    ("inspect-cache", "--threshold"): ("1.5",),
+    ("inspect-cache", "--vggt"): ("random:huge", "--verify", "1"),
+    ("inspect-cache", "--device"): ("tpu", "--verify", "1"),
+    ("inspect-cache", "--source"): (MISSING, "--verify", "1"),
+    ("inspect-cache", "--pca"): ("{tmp}",),
+    ("inspect-cache", "--pca-steps"): ("-1", "--pca", "{tmp}/pca.png"),
+    ("inspect-cache", "--layer"): ("99", "--episode", "{episode}"),
+    ("train", "--out"): (A_FILE,),
+    ("train", "--cache"): (MISSING,),
+    ("train", "--lr"): ("nan",),
+    ("train", "--align-layer"): ("99",),
+    ("train", "--cache-layer"): ("99",),
+    ("train", "--online-vggt"): ("random:huge",),
+    ("train", "--seed"): (EXEMPT, "every integer is a seed"),
+    ("eval-libero", "--out"): (A_FILE,),
+    ("eval-libero", "--tasks"): ("0-x",),
+    ("eval-libero", "--seed"): (EXEMPT, "every integer is a seed"),
+    ("reproduce-libero", "--out"): (A_FILE,),
+    ("reproduce-libero", "--suites"): ("spatial,90",),
+    ("reproduce-libero", "--vggt"): (MISSING,),
+    ("reproduce-libero", "--scheduler"): ("nowhere",),
+    ("reproduce-libero", "--eval-checkpoints"): ("0",),
+}
+BY_TYPE = {int: "-1", float: "-1", str: "nope", Path: MISSING}
+# reproduce-libero's inputs are named as `make reproduce-libero` takes them
+ALIASES = {"--libero-dir": "LIBERO_DIR=", "--vggt": "VGGT=", "--device": "DEVICE=", "--scheduler": "SCHEDULER="}
+
+
+def _name(param: TyperOption | TyperArgument) -> str:
+    return param.opts[0] if isinstance(param, TyperOption) else param.name
+
+
+def _bad(command: str, param: TyperOption | TyperArgument) -> tuple[str, ...]:
+    """The bad value (and helper options) for `param`; EXEMPT first for one that cannot take a bad value."""
+    if isinstance(param, TyperOption) and param.is_flag:
+        return EXEMPT, "a flag takes no value"
+    if (command, _name(param)) in BAD:
+        return BAD[command, _name(param)]
+    return (BY_TYPE[param.type_descriptor.annotation],)
+
+
+WALK = [(command, param) for command, cmd in COMMANDS.items() for param in cmd.params
+        if _bad(command, param)[0] != EXEMPT]
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("cli_options")
+    data = write_dataset(root / "data", demos=2, steps=6)
+    store = write_store(root / "store", data)
+    libero = root / "libero"
+    write_libero_hdf5(libero, suite="libero_goal", tasks=1, demos=2, steps=6, size=64)
+    from sfcache.train.loop import train
+
+    train(TrainConfig(source=data, out=root / "run", steps=1, batch_size=2, align_weight=0, model_size="tiny",
+                      grid=GRID, device="cpu", val_episodes=0, workers=0))
+    (root / "a-file").write_text("not a folder")
+    from sfcache.store import open_cache
+
+    return {"data": str(data), "store": str(store), "libero": str(libero), "run": str(root / "run"),
+            "file": str(root / "a-file"), "episode": open_cache(store).episodes[0]}
+
+
+def _valid(command: str, fx: dict[str, str], tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """(arguments, options) of a command that would run as given."""
+    tiny = {"--model-size": "tiny", "--grid": str(GRID), "--device": "cpu"}
+    return {
+        "extract": ([fx["data"]], {"--out": str(tmp / "store"), "--vggt": "random:tiny", "--dry-run": None}),
+        "inspect-source": ([fx["data"]], {}),
+        "inspect-cache": ([fx["store"]], {}),
+        "train": ([], {"--source": fx["data"], "--out": str(tmp / "run"), "--cache": fx["store"], "--steps": "1",
+                       "--workers": "0", **tiny}),
+        "eval-libero": ([fx["run"]], {"--suite": "spatial", "--device": "cpu"}),
+        "reproduce-libero": ([], {"--libero-dir": fx["libero"], "--vggt": "random:tiny", "--out": str(tmp / "repro"),
+                                  **tiny}),
+    }[command]
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any command that gets past its checks fails the test instead of doing the work."""
+    def started(*args, **kwargs):
+        raise AssertionError("the bad value was not caught before the work started")
+
+    for target in ("sfcache.cli.extract.run_extract", "sfcache.cli.eval_libero.evaluate",
+                   "sfcache.train.reproduce.extract", "sfcache.train.reproduce.train"):
+        monkeypatch.setattr(target, started)
+    monkeypatch.setattr(Trainer, "run", started)
+
+
+@pytest.mark.parametrize("command, param", WALK, ids=[f"{c} {_name(p)}" for c, p in WALK])
+def test_a_bad_value_of_any_option_is_exit_2_with_one_error_naming_it(command, param, fixtures, tmp_path, capsys,
+                                                                      no_work):
+    value, *helpers = (text.format(tmp=tmp_path, **fixtures) for text in _bad(command, param))
+    arguments, options = _valid(command, fixtures, tmp_path)
+    if isinstance(param, TyperArgument):
+        arguments = [value]
+        named = value
+    else:
+        options = {**options, param.opts[0]: value}
+        named = param.opts[0]
+    options.update(zip(helpers[::2], helpers[1::2]))
+    args = [*arguments, *(item for flag, given in options.items() for item in (flag, given) if item is not None)]
+    code, output = run_main(main, capsys, command, *args)
+    assert code == 2, output
+    assert "Traceback" not in output
+    if "Usage:" in output:                                  # click refused the text itself (e.g. not a number)
+        assert f"'{named}'" in output, output
+        return
+    lines = output.strip().splitlines()
+    listing = lines[0].endswith("nothing was run:") and all(line.startswith("  - ") for line in lines[1:])
+    assert lines[0].startswith("error: ") and (len(lines) == 1 or listing), output
+    aliases = (named, ALIASES.get(named, named)) if command == "reproduce-libero" else (named,)
+    assert any(name in output for name in (*aliases, value)), output    # the option, or the value as typed
+
+
+def test_every_option_has_help_and_no_new_option_is_left_out_of_the_walk():
+    walked = {(c, _name(p)) for c, p in WALK}
+    for command, cmd in COMMANDS.items():
+        for param in cmd.params:
+            assert (getattr(param, "help", None) or "").strip(), f"sf {command} {_name(param)} has no help"
+            assert (command, _name(param)) in walked or _bad(command, param)[0] == EXEMPT
+    assert {key for key in BAD if BAD[key][0] != EXEMPT} <= walked      # no stale row in the table
+
+
+@pytest.mark.parametrize("command", CONFIGS)
+def test_cli_defaults_are_the_config_defaults(command):
+    """Each option of a config field shows (and, typed back, gives) the field's own default."""
+    params = {p.name: p for p in COMMANDS[command].params}
+    for field in option_fields(CONFIGS[command]):
+        param, info = params[field.name], field.metadata[OPTION]
+        assert flag_of(field) in param.opts or param.name == field.name
+        assert param.help == info.help
+        if field.default is dataclasses.MISSING:
+            assert param.required or (command == "eval-libero" and field.name == "out")
+        elif info.parse is not None and param.default is not None:
+            assert info.parse(param.default) == field.default
+        else:
+            assert param.default == field.default or (isinstance(field.default, Path)
+                                                      and Path(param.default) == field.default)
