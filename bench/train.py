@@ -9,9 +9,10 @@ difference cached SF step - no-SF step; about 1 means the overhead is that work 
 tiny policy is as small as the projector, so the ratio is also measured with the `small` policy, whose
 projector share is closer to SF's (a 7B VLA and a 2048-wide projector: well under 1%).
 Loader: CachedTargets in a DataLoader of LOADER_WORKERS workers over shuffled batches, against a bound:
-the same rows' bytes read sequentially (sorted rows, contiguous byte ranges of the shard files, plain
-file reads) by as many processes, both from the page cache. How close cropped cached targets come to
-online targets of the cropped image (against not cropping them).
+the same rows' stored bytes read sequentially (sorted rows, contiguous byte ranges of the shard files,
+plain file reads) by as many processes, both from the page cache; zarr reads of those sorted rows by as
+many processes (in the notes) show how much of the gap is zarr's read path. Self-check: how close cropped
+cached targets come to online targets of the cropped image, against not cropping them.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def _loader_store(path: Path, rows: int, channels: int) -> Path:
 def _loader_rates(store: Path, batch: int, batches: int) -> dict[str, float]:
     """samples/s of CachedTargets in a DataLoader of LOADER_WORKERS workers over `batches` shuffled batches
     (after one batch per worker); of the bound: the same rows' stored bytes read sequentially by as many
-    processes (rows sorted, split in equal halves, contiguous byte ranges of the shard files, plain reads);
+    processes (rows sorted, split in equal parts, contiguous byte ranges of the shard files, plain reads);
     and of zarr reads of those sorted rows (`Cache.read_rows`, contiguous runs, undecoded) by as many
     processes; and the stored bytes of a row. All processes are started the same way and read the store
     from the page cache."""
