@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import preset_settings
 from sfcache.device import pinned
 from sfcache.sources import EpisodeInfo, open_source
 from sfcache.sources import synthetic as syn
@@ -30,10 +31,13 @@ from sfcache.vggt.preprocess import device_images, host_frames
 
 IMG_SIZE, TOKENS, CHANNELS, MODE = 518, 256, 2048, "sf"     # VGGT-1B's input and SF's 16x16 targets
 GPU_STEP_MS = 10.0                                          # 100 steps/s
+# steps per synthetic episode; the forward baseline: None = GPU_STEP_MS, else VGGT timed at these weights
+PRESETS = {"tiny": {"steps": 16, "forward": None}, "vggt-1b": {"steps": 32, "forward": "random:vggt-1b"}}
 
 
 def cpu_cost_rows(workdir: Path, preset: str, batch: int, where: str) -> list[dict]:
-    steps_each = 16 if preset == "tiny" else 32
+    settings = preset_settings(PRESETS, preset, "cpu_cost")
+    steps_each = settings["steps"]
     cases = {
         "libero_hdf5": (syn.write_libero_hdf5(workdir / "cost-h5", tasks=1, demos=2, steps=steps_each, no_noops=True), 2),
         "libero_rlds": (syn.write_libero_rlds(workdir / "cost-rlds", episodes=2, steps=steps_each, shards=1), 2),
@@ -45,7 +49,7 @@ def cpu_cost_rows(workdir: Path, preset: str, batch: int, where: str) -> list[di
     threads = torch.get_num_threads()
     torch.set_num_threads(1)      # cost per core
     try:
-        forward_ms, forward_how = _forward_ms_per_step(preset, batch)
+        forward_ms, forward_how = _forward_ms_per_step(settings["forward"], batch)
         write_ms = {views: _write_ms_per_step(workdir / f"cost-store-{views}", views, 2 * steps_each)
                     for views in sorted({views for _, views in cases.values()})}
         rows = []
@@ -110,12 +114,13 @@ def _write_ms_per_step(path: Path, views: int, steps: int) -> tuple[float, float
     return out[0], out[1]
 
 
-def _forward_ms_per_step(preset: str, batch: int) -> tuple[float, str]:
-    if preset == "tiny":
+def _forward_ms_per_step(weights: str | None, batch: int) -> tuple[float, str]:
+    """The baseline: ms of one VGGT forward per 2-view step at `weights`, or GPU_STEP_MS without weights."""
+    if weights is None:
         return GPU_STEP_MS, "10 ms, a GPU's time per step at 100 steps/s (ratio = cores per GPU)"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = batch if device.type == "cuda" else 1
-    model, _ = load_vggt("random:vggt-1b", device)
+    model, _ = load_vggt(weights, device)
     images = torch.rand(batch, 2, 3, IMG_SIZE, IMG_SIZE, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
@@ -126,7 +131,7 @@ def _forward_ms_per_step(preset: str, batch: int) -> tuple[float, str]:
         model(images)
         sync()
     seconds = time.perf_counter() - started
-    return 1000 * seconds / batch, f"VGGT-1B forward (random weights) per 2-view step, batch {batch}, {device.type}"
+    return 1000 * seconds / batch, f"{weights} forward per 2-view step, batch {batch}, {device.type}"
 
 
 def _row(metric: str, value: float, baseline: float, unit: str, device: str, notes: str) -> dict:

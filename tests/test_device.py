@@ -12,7 +12,6 @@ import torch
 from distributed import LocalCluster
 from typer.testing import CliRunner
 
-import bench
 import bench.gpu
 import bench.store
 from sfcache.cli.main import app
@@ -87,24 +86,6 @@ def test_pre_encoded_shard_of_another_dtype_is_refused(tmp_path):
         with pytest.raises(StoreError, match="stored as float16, expected int8"):
             cache.write_shard(0, {0: encode(values, "float16")})
         assert not cache.done_shards()[0]
-
-
-def test_every_bench_area_has_both_presets_and_an_unknown_one_is_an_error(monkeypatch):
-    import importlib
-    import sys
-
-    import bench.run
-    for area in bench.run.AREAS:
-        presets = importlib.import_module(f"bench.{area}").PRESETS
-        assert set(presets) == set(bench.PRESETS), area
-        assert set(presets["tiny"]) == set(presets["vggt-1b"]), area      # the same settings in both
-    assert set(bench.gpu.SETTINGS) == set(bench.PRESETS)
-    with pytest.raises(ValueError, match="unknown preset 'full'"):
-        bench.preset_settings(bench.store.PRESETS, "full", "store")
-    monkeypatch.setattr(sys, "argv", ["bench.run", "--preset", "full"])
-    with pytest.raises(SystemExit) as stopped:
-        bench.run.main()
-    assert stopped.value.code == 2
 
 
 def test_store_bench_reports_write_rates_against_a_plain_write(tmp_path, monkeypatch):
