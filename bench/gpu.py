@@ -54,8 +54,8 @@ def run(workdir: Path, preset: str, batches: tuple[int, ...] = (1, 4, 8, 16), de
             summary = extract_at(batch, f"store-{batch}")
             busy = _busy_seconds(machine, psutil.cpu_times())
             worker_busy = sum(client.run(_process_cpu_seconds).values()) - sum(worker.values())
-            seconds = summary["total_s"]
-            rows.append({"batch": batch, "extract_steps_per_s": summary["steps_per_s"], "steps": summary["steps"],
+            seconds = summary.total_s
+            rows.append({"batch": batch, "extract_steps_per_s": summary.steps_per_s, "steps": summary.steps,
                          "extract_peak_gpu_gib": max(client.run(_peak_gib).values()),
                          "cpu_cores_busy_machine": busy / seconds, "cpu_cores_busy_worker": worker_busy / seconds,
                          "cpu_cores": psutil.cpu_count()})
