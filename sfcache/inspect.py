@@ -11,19 +11,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import torch
-import zarr
 from PIL import Image, ImageDraw
 from rich.progress import Progress
 
 from sfcache.errors import StoreError, WeightsError
 from sfcache.pooling import pooled_targets
+from sfcache.provenance import ReduceProvenance
 from sfcache.recipes import get_recipe, insert_blanks, recipe_inputs
 from sfcache.sources import Source, open_source, recorded_views
-from sfcache.store import LOCK_NAME, MASK_ARRAY, Cache, decode, int8_block, is_locked, open_cache, step_bytes
+from sfcache.store import DONE_ARRAY, LOCK_NAME, MASK_ARRAY, Cache, decode, is_locked, layer_array, open_cache, step_bytes
 from sfcache.vggt import load_vggt, random_weights_warning
 
 __all__ = ["DEFAULT_THRESHOLDS", "REQUIRED_PROVENANCE", "check", "episode_report", "missing_provenance",
@@ -44,7 +42,6 @@ REQUIRED_PROVENANCE = (
     "targets.layers", "targets.grid", "targets.views", "targets.channels", "targets.dtype", "targets.codec",
     "source.format", "source.path", "source.views", "source.rotate",
 )
-_STORED_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -90,23 +87,24 @@ def open_store(path: str | Path) -> Cache:
 
 def summarize(cache: Cache) -> dict:
     """The figures a user wants before training: contents, size, completeness, provenance."""
-    attrs, targets, vggt = cache.attrs, cache.attrs["targets"], cache.attrs["vggt"]
+    provenance = cache.provenance
+    targets, vggt, source = provenance.targets, provenance.vggt, provenance.source
     done = cache.done_shards()
     steps_done = sum(_shard_length(cache, shard) for shard in np.flatnonzero(done))
     on_disk = sum(file.stat().st_size for file in cache.path.rglob("*") if file.is_file())
     raw_per_step = _raw_bytes_per_step(cache)
-    random_weights = random_weights_warning(vggt["weights_id"])
+    random_weights = random_weights_warning(vggt.weights_id)
     warnings = [random_weights] if random_weights else []
     if (cache.path / LOCK_NAME).exists():
         warnings.append(_lock_state(cache.path))
     recipe = get_recipe(cache.recipe)
-    if recipe.jpeg_fast_dct and attrs["source"].get("format") != "libero_rlds":
-        warnings.append(f"recipe {recipe.name} from {attrs['source'].get('format')}: these frames were not decoded "
+    if recipe.jpeg_fast_dct and source.get("format") != "libero_rlds":
+        warnings.append(f"recipe {recipe.name} from {source.get('format')}: these frames were not decoded "
                         "from the RLDS release's JPEGs, so the targets match openvla-SF's RLDS recipe only when "
                         "extracted from modified_libero_rlds")
     return {
         "store": str(cache.path),
-        "source": attrs["source"],
+        "source": dict(source),
         "episodes": len(cache.episodes),
         "steps": cache.num_steps,
         "views": list(cache.views),
@@ -117,9 +115,9 @@ def summarize(cache: Cache) -> dict:
         "tokens_per_view": cache.grid[0] * cache.grid[1],
         "channels": cache.channels,
         "dtype": cache.dtype,
-        "reduce": _reduce_summary(targets.get("reduce")),
-        "codec": targets["codec"],
-        "checksum": targets.get("checksum", "none"),
+        "reduce": _reduce_summary(targets.reduce),
+        "codec": targets.codec,
+        "checksum": targets.checksum,
         "steps_per_shard": cache.steps_per_shard,
         "bytes_on_disk": on_disk,
         "raw_bytes_per_step": raw_per_step,
@@ -130,30 +128,30 @@ def summarize(cache: Cache) -> dict:
         "steps_done": steps_done,
         "complete": bool(done.all()),
         "missing_episodes": cache.missing_episodes(),
-        "vggt": {"weights": vggt["weights"], "weights_id": vggt["weights_id"], "random_weights": bool(random_weights),
-                 "preprocess": vggt["preprocess"], "compute_dtype": vggt["compute_dtype"], "config": vggt["config"]},
-        "created": attrs["created"],
-        "sfcache_version": attrs["sfcache_version"],
-        "format_version": attrs["format_version"],
+        "vggt": {"weights": vggt.weights, "weights_id": vggt.weights_id, "random_weights": bool(random_weights),
+                 "preprocess": vggt.preprocess, "compute_dtype": vggt.compute_dtype, "config": dict(vggt.config)},
+        "created": provenance.created,
+        "sfcache_version": provenance.sfcache_version,
+        "format_version": provenance.format_version,
         "warnings": warnings,
     }
 
 
-def _reduce_summary(reduce: dict | None) -> dict | None:
+def _reduce_summary(reduce: ReduceProvenance | None) -> dict | None:
     """A reduced store's request, K and held-out fidelity per layer (None for full targets)."""
     if reduce is None:
         return None
-    return {"asked": reduce["asked"], "min_cosine": reduce["min_cosine"], "sample_steps": reduce["sample_steps"],
-            "held_out_steps": reduce["held_out_steps"], "fidelity": reduce["fidelity"],
-            "bytes_per_step": reduce["bytes_per_step"]}
+    return {"asked": reduce.asked, "min_cosine": reduce.min_cosine, "sample_steps": reduce.sample_steps,
+            "held_out_steps": reduce.held_out_steps, "fidelity": reduce.to_attrs()["fidelity"],
+            "bytes_per_step": reduce.bytes_per_step}
 
 
 def _raw_bytes_per_step(cache: Cache) -> int:
     """Bytes of one step in the stored dtype, uncompressed, all layers (int8 scales and mask included)."""
     if cache.reduced:
-        return int(cache.attrs["targets"]["reduce"]["bytes_per_step"])
+        return int(cache.provenance.targets.reduce.bytes_per_step)
     views, tokens = len(cache.views), cache.grid[0] * cache.grid[1]
-    if cache.dtype == "int8" and cache.attrs["format_version"] == 1:   # per-channel scales
+    if cache.dtype == "int8" and cache.provenance.format_version == 1:   # per-channel scales
         return (views * tokens * cache.channels + views * cache.channels * 4) * len(cache.layers)
     return step_bytes(views, tokens, cache.channels, cache.dtype, len(cache.layers), cache.has_mask)
 
@@ -163,24 +161,17 @@ def _shard_length(cache: Cache, shard: int) -> int:
     return rows.stop - rows.start
 
 
-def _locator(attrs: dict) -> Callable[[int], tuple[str, int]]:
-    """A function mapping a flat row to (episode key, step), built once per store."""
-    keys = [episode[0] for episode in attrs["episodes"]]
-    starts = np.array([episode[2] for episode in attrs["episodes"]])
-
-    def locate(row: int) -> tuple[str, int]:
-        index = int(np.searchsorted(starts, row, side="right")) - 1
-        return keys[index], int(row) - int(starts[index])
-
-    return locate
-
-
 # ----------------------------------------------------------------------------- one episode
+
+def _shown_layer(cache: Cache, layer: int | None) -> int:
+    """The stored layer a report shows: the asked one (StoreError naming the stored layers), else the last."""
+    return cache.resolve_layer(cache.layers[-1] if layer is None else layer)
+
 
 def episode_report(cache: Cache, key: str, layer: int | None = None) -> dict:
     """Per-step token L2 norms of one episode (mean/min/max per view): flat or exploding targets show here."""
     record = cache.episode(key)
-    layer = cache.layers[-1] if layer is None else layer
+    layer = _shown_layer(cache, layer)
     missing = key in cache.missing_episodes()
     steps = []
     if not missing:
@@ -273,11 +264,7 @@ def _check_result(failures: list[dict], checked: int, shards: int) -> dict:
 def _check_index(cache: Cache, fail) -> None:
     """Episodes packed back to back from row 0, lengths adding up to num_steps, shard count matching."""
     expected_start, keys = 0, set()
-    for entry in cache.attrs["episodes"]:
-        if not (isinstance(entry, list) and len(entry) == 4):
-            fail("zarr.json episodes", f"entry {entry!r} is not [key, instruction, start, length]")
-            return
-        key, _, start, length = entry
+    for key, _, start, length in cache.provenance.episodes:
         if key in keys:
             fail(f"episode {key}", "listed twice in the index")
         keys.add(key)
@@ -295,70 +282,29 @@ def _check_index(cache: Cache, fail) -> None:
                                      f"({cache.num_steps} steps / {cache.steps_per_shard} per shard)")
 
 
-def _check_arrays(cache: Cache, fail) -> dict[int, dict[str, zarr.Array]] | None:
-    """Each layer's arrays (values, and int8 scales) exist with the shape, shard shape and dtype promised."""
-    views, tokens = len(cache.views), cache.grid[0] * cache.grid[1]
-    arrays, ok = {}, True
-    for layer in cache.layers:
-        width = cache.stored_channels(layer)
-        scale = (views, width) if cache.attrs["format_version"] == 1 else (views, tokens, width // int8_block(width))
-        expected = {"": ((cache.num_steps, views, tokens, width), _STORED_DTYPES[cache.dtype]),
-                    "_scale": ((cache.num_steps, *scale), np.float32)}
-        arrays[layer] = {}
-        for suffix in ("", "_scale") if cache.dtype == "int8" else ("",):
-            name = f"targets/layer_{layer}{suffix}"
-            shape, dtype = expected[suffix]
-            try:
-                array = zarr.open_array(str(cache.path / name), mode="r", zarr_format=3)
-            except (FileNotFoundError, ValueError, OSError) as error:
-                fail(name, f"array missing or unreadable ({type(error).__name__}: {error})")
-                ok = False
-                continue
-            if array.shape != shape or array.dtype != dtype:
-                fail(name, f"shape {array.shape} {array.dtype}, expected {shape} {np.dtype(dtype)} from the provenance")
-                ok = False
-            elif array.shards is None or array.shards[0] != cache.steps_per_shard:
-                fail(name, f"shards {array.shards}, expected {cache.steps_per_shard} steps per shard")
-                ok = False
-            arrays[layer][name] = array
-        if cache.reduced:
-            ok = _check_basis(cache, layer, width, fail) and ok
-    if cache.has_mask:
-        try:
-            mask = zarr.open_array(str(cache.path / MASK_ARRAY), mode="r", zarr_format=3)
-        except (FileNotFoundError, ValueError, OSError) as error:
-            fail(MASK_ARRAY, f"token mask missing or unreadable ({type(error).__name__}: {error})")
-            return None
-        if mask.shape != (cache.num_steps, views, tokens) or mask.dtype != np.uint8:
-            fail(MASK_ARRAY, f"shape {mask.shape} {mask.dtype}, expected {(cache.num_steps, views, tokens)} uint8")
-            return None
-        arrays[MASK_ARRAY] = {MASK_ARRAY: mask}
-    return arrays if ok else None
-
-
-def _check_basis(cache: Cache, layer: int, k: int, fail) -> bool:
-    """A reduced store's mean [C] and basis [K, C]: present, of the recorded shape, finite (every target uses them)."""
-    for name, shape in ((f"targets/layer_{layer}_mean", (cache.channels,)),
-                        (f"targets/layer_{layer}_basis", (k, cache.channels))):
-        try:
-            array = zarr.open_array(str(cache.path / name), mode="r", zarr_format=3)
-            if not (cache.path / name / array.metadata.encode_chunk_key((0,) * array.ndim)).is_file():
-                raise FileNotFoundError("its chunk file is gone (it would read as zeros)")
-            values = array[...]
-        except Exception as error:  # missing, truncated or undecodable: the store cannot rebuild any target
-            fail(name, f"PCA basis missing or unreadable ({type(error).__name__}: {error})")
-            return False
-        if values.shape != shape or not np.isfinite(values).all():
-            fail(name, f"shape {values.shape} (finite: {bool(np.isfinite(values).all())}), expected {shape} finite "
-                       "float32 from the provenance")
-            return False
-    return True
+def _check_arrays(cache: Cache, fail) -> dict[int | str, list[str]] | None:
+    """Each layer's arrays (values, int8 scales, a reduced store's basis) and the token mask exist with the shape,
+    shard shape and dtype the provenance promises; {layer or MASK_ARRAY: names read per shard} if all do."""
+    problems = {name: cache.array_problem(name) for name in cache.expected_arrays()}
+    for name, problem in problems.items():
+        if problem is not None:
+            fail(name, problem)
+        elif name.endswith(("_mean", "_basis")) and not np.isfinite(values := cache.read_stored(name)).all():
+            fail(name, f"shape {values.shape} (finite: False), expected {values.shape} finite float32 from the "
+                       "provenance")
+            problems[name] = "not finite"
+    if any(problems.values()):
+        return None
+    arrays: dict[int | str, list[str]] = {layer: [layer_array(layer)] + ([layer_array(layer, "_scale")]
+                                                                       if cache.dtype == "int8" else [])
+                                          for layer in cache.layers}
+    return {**arrays, MASK_ARRAY: [MASK_ARRAY]} if cache.has_mask else arrays
 
 
 def _check_done(cache: Cache, fail) -> np.ndarray | None:
     try:
-        done = zarr.open_array(str(cache.path / "done"), mode="r", zarr_format=3)[:]
-    except (FileNotFoundError, ValueError, OSError) as error:
+        done = cache.read_stored(DONE_ARRAY)
+    except (StoreError, ValueError, OSError) as error:
         fail("done", f"done-marker array missing or unreadable ({type(error).__name__}: {error})")
         return None
     if done.shape[0] < cache.num_shards or not np.isin(done, (0, 1)).all():
@@ -368,18 +314,18 @@ def _check_done(cache: Cache, fail) -> np.ndarray | None:
     return done[: cache.num_shards].astype(bool)
 
 
-def _check_shard(cache: Cache, shard: int, arrays: dict[int, dict[str, zarr.Array]], fail) -> None:
+def _check_shard(cache: Cache, shard: int, arrays: dict[int | str, list[str]], fail) -> None:
     """A done shard: its files exist, decode (shard-index checksums), and hold finite values."""
     rows = cache.shard_rows(shard)
     for layer, named in arrays.items():
         read = {}
-        for name, array in named.items():
-            file = cache.path / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+        for name in named:
+            file = cache.shard_file(name, shard)
             if not file.is_file():
                 fail(str(file), f"shard {shard} is marked done but its file is missing")
                 continue
             try:
-                read[name] = array[rows]
+                read[name] = cache.read_stored(name, rows)
             except Exception as error:  # any decode failure (checksum, truncation, codec) means a bad shard file
                 fail(str(file), f"shard {shard} unreadable ({type(error).__name__}: {error})")
         if len(read) != len(named):
@@ -388,11 +334,11 @@ def _check_shard(cache: Cache, shard: int, arrays: dict[int, dict[str, zarr.Arra
             if not np.isin(read[MASK_ARRAY], (0, 1)).all():
                 fail(f"{MASK_ARRAY} shard {shard}", "values other than 0 and 1")
             continue
-        values = f"targets/layer_{layer}"
-        bad = ~np.isfinite(decode(read[values], cache.dtype, read.get(f"{values}_scale")))
+        values = layer_array(layer)
+        bad = ~np.isfinite(decode(read[values], cache.dtype, read.get(layer_array(layer, "_scale"))))
         if bad.any():
             row, view, token, _ = (int(i) for i in np.argwhere(bad)[0])
-            key, step = _locator(cache.attrs)(rows.start + row)
+            key, step = cache.index.locate(rows.start + row)
             fail(f"{values} shard {shard}",
                  f"{int(bad.sum())} non-finite value(s) (NaN/Inf); first at episode {key} step {step} "
                  f"view {cache.views[view]} token {token}")
@@ -411,19 +357,19 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
     checked against the recorded held-out fidelity). Raises WeightsError on other weights, StoreError if nothing
     is extracted.
     """
-    recorded = cache.attrs["targets"].get("reduce", {}).get("fidelity")
+    reduce = cache.provenance.targets.reduce
+    recorded = None if reduce is None else reduce.fidelity
     if threshold is None:
         threshold = DEFAULT_THRESHOLDS[cache.dtype] if recorded is None else \
-            max(0.0, min(f["worst"] for f in recorded.values()) - REDUCED_WORST_MARGIN)
+            max(0.0, min(f.worst for f in recorded.values()) - REDUCED_WORST_MARGIN)
     rows = _sample_rows(cache, steps, seed)
-    vggt = cache.attrs["vggt"]
-    model, weights_id = load_vggt(weights or vggt["weights"], device,
-                                  compute_dtype=getattr(torch, vggt["compute_dtype"]))
-    if weights_id != vggt["weights_id"]:
-        raise WeightsError(f"{weights or vggt['weights']}: weights are {weights_id}, but {cache.path} was extracted "
-                           f"with {vggt['weights_id']}; pass --vggt with the checkpoint used for extraction")
+    vggt = cache.provenance.vggt
+    model, weights_id = load_vggt(weights or vggt.weights, device, compute_dtype=getattr(torch, vggt.compute_dtype))
+    if weights_id != vggt.weights_id:
+        raise WeightsError(f"{weights or vggt.weights}: weights are {weights_id}, but {cache.path} was extracted "
+                           f"with {vggt.weights_id}; pass --vggt with the checkpoint used for extraction")
     source = _open_recorded_source(cache, source_path)
-    locate = _locator(cache.attrs)
+    locate = cache.index.locate
     recipe = get_recipe(cache.recipe)
     task = progress.add_task("verify", total=len(rows)) if progress else None
     cosines, valid, mask_errors = [], [], 0
@@ -431,7 +377,7 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
         batch = rows[first:first + batch_size]
         frames = np.concatenate([source.read(key, step, step + 1).frames
                                  for key, step in map(locate, batch)])
-        images, mask = recipe_inputs(frames, recipe, cache.views, vggt["preprocess"], model.config.img_size,
+        images, mask = recipe_inputs(frames, recipe, cache.views, vggt.preprocess, model.config.img_size,
                                      cache.grid, model.config.patch_size)
         tokens = (len(batch), len(cache.views), cache.grid[0] * cache.grid[1])
         valid.append(mask.astype(bool) if mask is not None else np.ones(tokens, bool))
@@ -452,7 +398,7 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
                               "worst": {"episode": key, "step": step, "view": cache.views[worst[1]],
                                         "token": int(worst[2])}}
         if recorded is not None:   # recorded on tokens with image content: compare like with like
-            layers[str(layer)]["recorded"] = recorded[str(layer)]
+            layers[str(layer)]["recorded"] = recorded[layer].to_attrs()
             layers[str(layer)]["valid_mean_cos"] = float(cosine[index][np.concatenate(valid)].mean())
     below_recorded = [layer for layer, figures in layers.items()
                       if "recorded" in figures
@@ -461,7 +407,7 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
     return {"ok": min_cos >= threshold and mask_errors == 0 and not below_recorded, "below_recorded": below_recorded, "threshold": threshold, "mask_errors": mask_errors, "mean_cos": float(cosine.mean()), "min_cos": min_cos,
             "layers": layers, "steps": [list(locate(row)) for row in rows],
             "weights_id": weights_id, "device": str(device),
-            "source_changed": source.fingerprint() != cache.attrs["source"].get("fingerprint")}
+            "source_changed": source.fingerprint() != cache.provenance.source.get("fingerprint")}
 
 
 def _sample_rows(cache: Cache, steps: int, seed: int) -> np.ndarray:
@@ -482,7 +428,7 @@ def _extracted_rows(cache: Cache, purpose: str) -> np.ndarray:
 
 def _open_recorded_source(cache: Cache, source_path: str | Path | None) -> Source:
     """The dataset exactly as extraction read it: recorded format, views (order), rotation, recipe's decode."""
-    recorded = cache.attrs["source"]
+    recorded = cache.provenance.source
     source = open_source(source_path or recorded["path"], recorded["format"], recorded_views(recorded),
                          rotate=recorded["rotate"])
     source.jpeg_fast_dct = get_recipe(cache.recipe).jpeg_fast_dct
@@ -535,10 +481,10 @@ def pca_picture(cache: Cache, out: str | Path, steps: int = 4, episode: str | No
     token shown, so colours compare across steps and views; token grids are upsampled nearest to the
     frame size. The PNG is pca_picture_size((H, W), views, steps) pixels.
     """
-    layer = cache.layers[-1] if layer is None else layer
+    layer = _shown_layer(cache, layer)
     rows = _picture_rows(cache, steps, episode)
     source = _open_recorded_source(cache, source_path)
-    locate = _locator(cache.attrs)
+    locate = cache.index.locate
     frames = insert_blanks(np.concatenate([source.read(key, step, step + 1).frames
                                            for key, step in map(locate, rows)]), cache.views)  # [n, V, H, W, 3]
     colours = pca_rgb(cache.read_rows(rows, layer=layer)).reshape(*frames.shape[:2], *cache.grid, 3)
@@ -548,7 +494,7 @@ def pca_picture(cache: Cache, out: str | Path, steps: int = 4, episode: str | No
     for v, view in enumerate(cache.views):
         draw.text((2 * v * width + 2, 1), f"{view}: frame", fill="white")
         draw.text(((2 * v + 1) * width + 2, 1), f"{view}: PCA L{layer}", fill="white")
-    weights_id = cache.attrs["vggt"]["weights_id"]
+    weights_id = cache.provenance.vggt.weights_id
     random_weights = random_weights_warning(weights_id) is not None
     draw.text((2, 14), f"VGGT weights {weights_id}" + (": RANDOM, no geometry" if random_weights else ""),
               fill="red" if random_weights else "white")
