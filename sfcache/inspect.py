@@ -1,6 +1,7 @@
 """What a target store holds, whether it is whole and right, and what its features look like.
 
-Every function returns plain JSON-ready dicts or writes one file; `sf inspect-cache` renders them.
+Every function returns a frozen result record (`to_json()` is what `sf inspect-cache --json` prints) or
+writes one file; `sf inspect-cache` renders them.
 A store costs GPU hours, so the checks read everything that can go wrong on disk (torn or
 overwritten shards, NaN, an index that does not add up, done flags without data) and `verify`
 recomputes sampled steps from the source with the recorded configuration.
@@ -8,9 +9,12 @@ recomputes sampled steps from the source with the recorded configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -18,14 +22,15 @@ from rich.progress import Progress
 
 from sfcache.errors import StoreError, WeightsError
 from sfcache.pooling import pooled_targets
-from sfcache.provenance import ReduceProvenance
+from sfcache.provenance import Fidelity, ReduceProvenance
 from sfcache.recipes import get_recipe, insert_blanks, recipe_inputs
 from sfcache.sources import Source, open_source, recorded_views
 from sfcache.store import DONE_ARRAY, LOCK_NAME, MASK_ARRAY, Cache, decode, is_locked, layer_array, open_cache, step_bytes
 from sfcache.vggt import load_vggt, random_weights_warning
 
-__all__ = ["DEFAULT_THRESHOLDS", "REQUIRED_PROVENANCE", "check", "episode_report", "missing_provenance",
-           "open_store", "pca_picture", "pca_picture_size", "pca_rgb", "read_provenance", "summarize", "verify"]
+__all__ = ["DEFAULT_THRESHOLDS", "REQUIRED_PROVENANCE", "CheckResult", "EpisodeReport", "PcaPicture", "Summary",
+           "VerifyResult", "check", "episode_report", "missing_provenance", "open_store", "pca_picture",
+           "pca_picture_size", "pca_rgb", "read_provenance", "summarize", "verify"]
 
 # Worst per-token cosine `verify` accepts. Storing alone costs: float16 < 1e-7, bfloat16 ~3e-6, int8 with
 # per-token, 128-channel-block scales ~3e-4 (measured worst on heavy-tailed 2048-channel features); the rest of
@@ -42,6 +47,171 @@ REQUIRED_PROVENANCE = (
     "targets.layers", "targets.grid", "targets.views", "targets.channels", "targets.dtype", "targets.codec",
     "source.format", "source.path", "source.views", "source.rotate",
 )
+
+
+# ----------------------------------------------------------------------------- result records
+
+class _Record:
+    def to_json(self) -> dict:
+        """This record as JSON types (what `sf inspect-cache --json` prints)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@dataclass(frozen=True)
+class RecipeSummary(_Record):
+    name: str
+    matches: str
+    jpeg_dct: str                  # "ifast" | "islow"
+    slots: tuple[str, ...]
+    token_mask: bool
+
+
+@dataclass(frozen=True)
+class ReduceSummary(_Record):
+    asked: str
+    min_cosine: float | None
+    sample_steps: int
+    held_out_steps: int
+    fidelity: Mapping[int, Fidelity]
+    bytes_per_step: int
+
+
+@dataclass(frozen=True)
+class VggtSummary(_Record):
+    weights: str
+    weights_id: str
+    random_weights: bool
+    preprocess: str
+    compute_dtype: str
+    config: Mapping
+
+
+@dataclass(frozen=True)
+class Summary(_Record):
+    """What a store holds, its size and completeness, and how it was made."""
+
+    store: str
+    source: Mapping                # Source.describe()
+    episodes: int
+    steps: int
+    views: tuple[str, ...]
+    recipe: RecipeSummary
+    layers: tuple[int, ...]
+    grid: tuple[int, int]
+    tokens_per_view: int
+    channels: int
+    dtype: str
+    reduce: ReduceSummary | None
+    codec: str
+    checksum: str
+    steps_per_shard: int
+    bytes_on_disk: int
+    raw_bytes_per_step: int
+    bytes_per_step: float | None   # on disk, over the extracted steps
+    compression_ratio: float | None
+    shards_done: int
+    shards: int
+    steps_done: int
+    complete: bool
+    missing_episodes: tuple[str, ...]
+    vggt: VggtSummary
+    created: str
+    sfcache_version: str
+    format_version: int
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StepNorms(_Record):
+    step: int
+    row: int
+    mean_norm: tuple[float, ...]   # per view
+    min_norm: tuple[float, ...]
+    max_norm: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class EpisodeReport(_Record):
+    """Per-step token L2 norms of one episode; the norms are None while it is not fully extracted."""
+
+    key: str
+    instruction: str
+    start: int
+    length: int
+    layer: int
+    views: tuple[str, ...]
+    extracted: bool
+    steps: tuple[StepNorms, ...]
+    mean_norm: tuple[float, ...] | None
+    min_norm: tuple[float, ...] | None
+    max_norm: tuple[float, ...] | None
+
+
+@dataclass(frozen=True)
+class Failure(_Record):
+    where: str                     # the file, array, shard or episode concerned
+    what: str
+
+
+@dataclass(frozen=True)
+class CheckResult(_Record):
+    ok: bool
+    failures: tuple[Failure, ...]
+    shards_checked: int
+    shards: int
+
+
+@dataclass(frozen=True)
+class WorstToken(_Record):
+    episode: str
+    step: int
+    view: str
+    token: int
+
+
+@dataclass(frozen=True)
+class LayerCosines(_Record):
+    """Recomputed vs stored per-token cosine of one layer; a reduced store adds its recorded held-out fidelity and
+    the mean over tokens with image content (what that fidelity was measured on)."""
+
+    mean_cos: float
+    min_cos: float
+    p1_cos: float
+    worst: WorstToken
+    recorded: Fidelity | None = None
+    valid_mean_cos: float | None = None
+
+    def to_json(self) -> dict:
+        figures = super().to_json()
+        return {k: v for k, v in figures.items() if k not in ("recorded", "valid_mean_cos") or v is not None}
+
+
+@dataclass(frozen=True)
+class VerifyResult(_Record):
+    ok: bool
+    below_recorded: tuple[str, ...]        # layers whose recomputed mean fell below the recorded one
+    threshold: float
+    mask_errors: int
+    mean_cos: float
+    min_cos: float
+    layers: Mapping[str, LayerCosines]     # by str(layer), as in JSON
+    steps: tuple[tuple[str, int], ...]     # (episode, step) recomputed
+    weights_id: str
+    device: str
+    source_changed: bool
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "layers": {layer: figures.to_json() for layer, figures in self.layers.items()}}
+
+
+@dataclass(frozen=True)
+class PcaPicture(_Record):
+    path: str
+    width: int
+    height: int
+    layer: int
+    views: tuple[str, ...]
+    steps: tuple[tuple[str, int], ...]
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -85,7 +255,7 @@ def open_store(path: str | Path) -> Cache:
 
 # ----------------------------------------------------------------------------- summary
 
-def summarize(cache: Cache) -> dict:
+def summarize(cache: Cache) -> Summary:
     """The figures a user wants before training: contents, size, completeness, provenance."""
     provenance = cache.provenance
     targets, vggt, source = provenance.targets, provenance.vggt, provenance.source
@@ -102,48 +272,31 @@ def summarize(cache: Cache) -> dict:
         warnings.append(f"recipe {recipe.name} from {source.get('format')}: these frames were not decoded "
                         "from the RLDS release's JPEGs, so the targets match openvla-SF's RLDS recipe only when "
                         "extracted from modified_libero_rlds")
-    return {
-        "store": str(cache.path),
-        "source": dict(source),
-        "episodes": len(cache.episodes),
-        "steps": cache.num_steps,
-        "views": list(cache.views),
-        "recipe": {"name": recipe.name, "matches": recipe.trainer, "jpeg_dct": "ifast" if recipe.jpeg_fast_dct
-                   else "islow", "slots": list(recipe.slots), "token_mask": cache.has_mask},
-        "layers": list(cache.layers),
-        "grid": list(cache.grid),
-        "tokens_per_view": cache.grid[0] * cache.grid[1],
-        "channels": cache.channels,
-        "dtype": cache.dtype,
-        "reduce": _reduce_summary(targets.reduce),
-        "codec": targets.codec,
-        "checksum": targets.checksum,
-        "steps_per_shard": cache.steps_per_shard,
-        "bytes_on_disk": on_disk,
-        "raw_bytes_per_step": raw_per_step,
-        "bytes_per_step": on_disk / steps_done if steps_done else None,
-        "compression_ratio": raw_per_step * steps_done / on_disk if steps_done else None,
-        "shards_done": int(done.sum()),
-        "shards": cache.num_shards,
-        "steps_done": steps_done,
-        "complete": bool(done.all()),
-        "missing_episodes": cache.missing_episodes(),
-        "vggt": {"weights": vggt.weights, "weights_id": vggt.weights_id, "random_weights": bool(random_weights),
-                 "preprocess": vggt.preprocess, "compute_dtype": vggt.compute_dtype, "config": dict(vggt.config)},
-        "created": provenance.created,
-        "sfcache_version": provenance.sfcache_version,
-        "format_version": provenance.format_version,
-        "warnings": warnings,
-    }
+    return Summary(
+        store=str(cache.path), source=dict(source), episodes=len(cache.episodes), steps=cache.num_steps,
+        views=tuple(cache.views),
+        recipe=RecipeSummary(name=recipe.name, matches=recipe.trainer, jpeg_dct="ifast" if recipe.jpeg_fast_dct
+                             else "islow", slots=tuple(recipe.slots), token_mask=cache.has_mask),
+        layers=tuple(cache.layers), grid=tuple(cache.grid), tokens_per_view=cache.grid[0] * cache.grid[1],
+        channels=cache.channels, dtype=cache.dtype, reduce=_reduce_summary(targets.reduce), codec=targets.codec,
+        checksum=targets.checksum, steps_per_shard=cache.steps_per_shard, bytes_on_disk=on_disk,
+        raw_bytes_per_step=raw_per_step, bytes_per_step=on_disk / steps_done if steps_done else None,
+        compression_ratio=raw_per_step * steps_done / on_disk if steps_done else None,
+        shards_done=int(done.sum()), shards=cache.num_shards, steps_done=steps_done, complete=bool(done.all()),
+        missing_episodes=tuple(cache.missing_episodes()),
+        vggt=VggtSummary(weights=vggt.weights, weights_id=vggt.weights_id, random_weights=bool(random_weights),
+                         preprocess=vggt.preprocess, compute_dtype=vggt.compute_dtype, config=dict(vggt.config)),
+        created=provenance.created, sfcache_version=provenance.sfcache_version,
+        format_version=provenance.format_version, warnings=tuple(warnings))
 
 
-def _reduce_summary(reduce: ReduceProvenance | None) -> dict | None:
+def _reduce_summary(reduce: ReduceProvenance | None) -> ReduceSummary | None:
     """A reduced store's request, K and held-out fidelity per layer (None for full targets)."""
     if reduce is None:
         return None
-    return {"asked": reduce.asked, "min_cosine": reduce.min_cosine, "sample_steps": reduce.sample_steps,
-            "held_out_steps": reduce.held_out_steps, "fidelity": reduce.to_attrs()["fidelity"],
-            "bytes_per_step": reduce.bytes_per_step}
+    return ReduceSummary(asked=reduce.asked, min_cosine=reduce.min_cosine, sample_steps=reduce.sample_steps,
+                         held_out_steps=reduce.held_out_steps, fidelity=reduce.fidelity,
+                         bytes_per_step=reduce.bytes_per_step)
 
 
 def _raw_bytes_per_step(cache: Cache) -> int:
@@ -168,7 +321,7 @@ def _shown_layer(cache: Cache, layer: int | None) -> int:
     return cache.resolve_layer(cache.layers[-1] if layer is None else layer)
 
 
-def episode_report(cache: Cache, key: str, layer: int | None = None) -> dict:
+def episode_report(cache: Cache, key: str, layer: int | None = None) -> EpisodeReport:
     """Per-step token L2 norms of one episode (mean/min/max per view): flat or exploding targets show here."""
     record = cache.episode(key)
     layer = _shown_layer(cache, layer)
@@ -179,31 +332,30 @@ def episode_report(cache: Cache, key: str, layer: int | None = None) -> dict:
             chunk = cache.read(key, slice(first, first + cache.steps_per_shard), layer=layer)
             norms = np.linalg.norm(chunk, axis=-1)           # [T, V, tokens]
             for offset, step_norms in enumerate(norms):
-                steps.append({"step": first + offset, "row": record.start + first + offset,
-                              "mean_norm": step_norms.mean(axis=-1).tolist(),
-                              "min_norm": step_norms.min(axis=-1).tolist(),
-                              "max_norm": step_norms.max(axis=-1).tolist()})
-    means = np.array([s["mean_norm"] for s in steps]) if steps else np.zeros((0, len(cache.views)))
-    return {"key": key, "instruction": record.instruction, "start": record.start, "length": record.length,
-            "layer": layer, "views": list(cache.views), "extracted": not missing, "steps": steps,
-            "mean_norm": means.mean(axis=0).tolist() if steps else None,
-            "min_norm": np.min([s["min_norm"] for s in steps], axis=0).tolist() if steps else None,
-            "max_norm": np.max([s["max_norm"] for s in steps], axis=0).tolist() if steps else None}
+                steps.append(StepNorms(step=first + offset, row=record.start + first + offset,
+                                       mean_norm=tuple(step_norms.mean(axis=-1).tolist()),
+                                       min_norm=tuple(step_norms.min(axis=-1).tolist()),
+                                       max_norm=tuple(step_norms.max(axis=-1).tolist())))
+
+    def overall(reduce, figures: str) -> tuple[float, ...] | None:
+        return tuple(reduce([getattr(s, figures) for s in steps], axis=0).tolist()) if steps else None
+
+    return EpisodeReport(key=key, instruction=record.instruction, start=record.start, length=record.length,
+                         layer=layer, views=tuple(cache.views), extracted=not missing, steps=tuple(steps),
+                         mean_norm=overall(np.mean, "mean_norm"), min_norm=overall(np.min, "min_norm"),
+                         max_norm=overall(np.max, "max_norm"))
 
 
 # ----------------------------------------------------------------------------- integrity
 
-def check(path: str | Path, progress: Progress | None = None) -> dict:
+def check(path: str | Path, progress: Progress | None = None) -> CheckResult:
     """Read every done shard and cross-check index, arrays and done flags; never raises on a bad store.
-
-    Returns {"ok", "failures": [{"where", "what"}], "shards_checked", "shards"}; each failure names
-    the file, array, shard or episode concerned.
-    """
+    Each failure names the file, array, shard or episode concerned."""
     path = Path(path)
-    failures: list[dict] = []
+    failures: list[Failure] = []
 
     def fail(where: str, what: str) -> None:
-        failures.append({"where": where, "what": what})
+        failures.append(Failure(where, what))
 
     try:
         attrs = read_provenance(path)
@@ -257,8 +409,8 @@ def _lock_state(path: Path) -> str:
             "(the leftover file blocks nothing)")
 
 
-def _check_result(failures: list[dict], checked: int, shards: int) -> dict:
-    return {"ok": not failures, "failures": failures, "shards_checked": checked, "shards": shards}
+def _check_result(failures: list[Failure], checked: int, shards: int) -> CheckResult:
+    return CheckResult(ok=not failures, failures=tuple(failures), shards_checked=checked, shards=shards)
 
 
 def _check_index(cache: Cache, fail) -> None:
@@ -348,7 +500,7 @@ def _check_shard(cache: Cache, shard: int, arrays: dict[int | str, list[str]], f
 
 def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = None, device: str = "cpu",
            threshold: float | None = None, source_path: str | Path | None = None,
-           batch_size: int = 4, progress: Progress | None = None) -> dict:
+           batch_size: int = 4, progress: Progress | None = None) -> VerifyResult:
     """Recompute `steps` random extracted steps with the recorded configuration; per-token cosine vs stored.
 
     weights: override the recorded checkpoint location (its sha256 must still match the record).
@@ -393,21 +545,21 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
     for index, layer in enumerate(cache.layers):
         worst = np.unravel_index(int(np.argmin(cosine[index])), cosine[index].shape)
         key, step = locate(rows[worst[0]])
-        layers[str(layer)] = {"mean_cos": float(cosine[index].mean()), "min_cos": float(cosine[index].min()),
-                              "p1_cos": float(np.percentile(cosine[index], 1)),
-                              "worst": {"episode": key, "step": step, "view": cache.views[worst[1]],
-                                        "token": int(worst[2])}}
-        if recorded is not None:   # recorded on tokens with image content: compare like with like
-            layers[str(layer)]["recorded"] = recorded[layer].to_attrs()
-            layers[str(layer)]["valid_mean_cos"] = float(cosine[index][np.concatenate(valid)].mean())
-    below_recorded = [layer for layer, figures in layers.items()
-                      if "recorded" in figures
-                      and figures["valid_mean_cos"] < figures["recorded"]["mean"] - REDUCED_MEAN_MARGIN]
+        layers[str(layer)] = LayerCosines(
+            mean_cos=float(cosine[index].mean()), min_cos=float(cosine[index].min()),
+            p1_cos=float(np.percentile(cosine[index], 1)),
+            worst=WorstToken(episode=key, step=step, view=cache.views[worst[1]], token=int(worst[2])),
+            # recorded on tokens with image content: compare like with like
+            recorded=None if recorded is None else recorded[layer],
+            valid_mean_cos=None if recorded is None else float(cosine[index][np.concatenate(valid)].mean()))
+    below_recorded = tuple(layer for layer, figures in layers.items() if figures.recorded is not None
+                           and figures.valid_mean_cos < figures.recorded.mean - REDUCED_MEAN_MARGIN)
     min_cos = float(cosine.min())
-    return {"ok": min_cos >= threshold and mask_errors == 0 and not below_recorded, "below_recorded": below_recorded, "threshold": threshold, "mask_errors": mask_errors, "mean_cos": float(cosine.mean()), "min_cos": min_cos,
-            "layers": layers, "steps": [list(locate(row)) for row in rows],
-            "weights_id": weights_id, "device": str(device),
-            "source_changed": source.fingerprint() != cache.provenance.source.get("fingerprint")}
+    return VerifyResult(ok=min_cos >= threshold and mask_errors == 0 and not below_recorded,
+                        below_recorded=below_recorded, threshold=threshold, mask_errors=mask_errors,
+                        mean_cos=float(cosine.mean()), min_cos=min_cos, layers=layers,
+                        steps=tuple(map(locate, rows)), weights_id=weights_id, device=str(device),
+                        source_changed=source.fingerprint() != cache.provenance.source.get("fingerprint"))
 
 
 def _sample_rows(cache: Cache, steps: int, seed: int) -> np.ndarray:
@@ -474,7 +626,7 @@ def pca_picture_size(frame_size: tuple[int, int], views: int, steps: int) -> tup
 
 
 def pca_picture(cache: Cache, out: str | Path, steps: int = 4, episode: str | None = None,
-                layer: int | None = None, source_path: str | Path | None = None) -> dict:
+                layer: int | None = None, source_path: str | Path | None = None) -> PcaPicture:
     """Write a PNG of `steps` extracted steps: each view's frame beside a PCA-to-RGB picture of its targets.
 
     Steps are spread evenly over `episode` (or over all extracted rows). The PCA is fit over every
@@ -510,8 +662,8 @@ def pca_picture(cache: Cache, out: str | Path, steps: int = 4, episode: str | No
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG")
-    return {"path": str(out), "width": canvas.width, "height": canvas.height, "layer": layer,
-            "views": list(cache.views), "steps": [list(locate(row)) for row in rows]}
+    return PcaPicture(path=str(out), width=canvas.width, height=canvas.height, layer=layer, views=tuple(cache.views),
+                      steps=tuple(map(locate, rows)))
 
 
 def _picture_rows(cache: Cache, steps: int, episode: str | None) -> np.ndarray:
