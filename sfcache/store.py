@@ -20,7 +20,7 @@ import time
 import uuid
 import zlib
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -33,7 +33,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from sfcache import __version__
 from sfcache.errors import ConfigMismatch, RunSuperseded, StoreError, differences
 from sfcache.keys import tfds_ids
-from sfcache.provenance import Provenance, ReduceProvenance, TargetsProvenance, VggtProvenance
+from sfcache.provenance import Fidelity, Provenance, ReduceProvenance, TargetsProvenance, VggtProvenance
 from sfcache.rows import EpisodeRecord, RowIndex, pack_episodes
 from sfcache.shard_file import direct_layout, write_shard_file
 
@@ -230,13 +230,12 @@ class StoreConfig:
         asked = ReduceProvenance.from_attrs(self.reduce.request)
         if not self.reduce.fitted:
             return asked
-        tokens = self.grid[0] * self.grid[1]
-        return ReduceProvenance.from_attrs({
-            **asked.request, "k": {str(layer): len(c) for layer, c in self.reduce.components.items()},
-            "fidelity": self.reduce.fidelity,
-            "bytes_per_step": reduced_step_bytes(self.reduce.components, len(self.views), tokens, self.dtype,
-                                                 self.token_mask),
-            "basis": "targets/layer_<L>_mean [C], targets/layer_<L>_basis [K, C] float32"})
+        fidelity = self.reduce.fidelity
+        return replace(asked, k={layer: len(c) for layer, c in self.reduce.components.items()},
+                       fidelity=None if fidelity is None else {int(layer): Fidelity(**f) for layer, f in fidelity.items()},
+                       bytes_per_step=reduced_step_bytes(self.reduce.components, len(self.views),
+                                                         self.grid[0] * self.grid[1], self.dtype, self.token_mask),
+                       basis="targets/layer_<L>_mean [C], targets/layer_<L>_basis [K, C] float32")
 
     def stored_channels(self, layer: int) -> int:
         """Channels of a layer's stored array: C, or K coefficients on a reduced store."""
