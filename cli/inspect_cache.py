@@ -47,7 +47,7 @@ def inspect_cache(
         raise SfcacheError(f"--threshold must be a cosine in (0, 1], got {threshold}")
     if pca is not None and pca.is_dir():
         raise SfcacheError(f"--pca {pca}: is a directory; give the path of the PNG file to write")
-    report: dict = {}
+    report: dict = {}   # section name -> an inspection result record
     if check:
         with _bar(as_json, "shards") as bar:
             report["check"] = inspection.check(store, progress=bar)
@@ -73,7 +73,7 @@ def inspect_cache(
             raise SfcacheError(f"--pca {pca}: cannot write the picture ({error.strerror or error}); "
                                "choose a writable file path") from None
     _emit(report, as_json)
-    if not report.get("check", {"ok": True})["ok"] or not report.get("verify", {"ok": True})["ok"]:
+    if not all(report[part].ok for part in ("check", "verify") if part in report):
         raise typer.Exit(1)
 
 
@@ -84,7 +84,7 @@ def _bar(quiet: bool, unit: str):
 
 def _emit(report: dict, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(json.dumps({part: result.to_json() for part, result in report.items()}, indent=2))
         return
     console = Console()
     if "summary" in report:
@@ -97,40 +97,40 @@ def _emit(report: dict, as_json: bool) -> None:
         _render_verify(console, report["verify"])
     if "pca" in report:
         picture = report["pca"]
-        console.print(f"[bold]pca:[/] wrote {picture['path']} ({picture['width']}x{picture['height']} px: "
-                      f"{len(picture['steps'])} steps x \\[frame | PCA] per view, layer {picture['layer']})")
+        console.print(f"[bold]pca:[/] wrote {picture.path} ({picture.width}x{picture.height} px: "
+                      f"{len(picture.steps)} steps x \\[frame | PCA] per view, layer {picture.layer})")
 
 
-def _render_summary(console: Console, summary: dict) -> None:
-    for warning in summary["warnings"]:
+def _render_summary(console: Console, summary: inspection.Summary) -> None:
+    for warning in summary.warnings:
         console.print(Panel(f"[bold]{warning}[/]", title="WARNING", border_style="bold red", style="red"))
-    source, vggt = summary["source"], summary["vggt"]
-    table = Table(title=f"sfcache store {summary['store']}", box=box.SIMPLE, show_header=False)
+    source, vggt = summary.source, summary.vggt
+    table = Table(title=f"sfcache store {summary.store}", box=box.SIMPLE, show_header=False)
     table.add_column(style="bold")
     table.add_column()
     rows = [
         ("source", f"{source['format']} at {source['path']}"),
-        ("episodes / steps", f"{summary['episodes']} / {summary['steps']}"),
-        ("views (VGGT order)", ", ".join(summary["views"])),
-        ("recipe", _recipe(summary["recipe"])),
-        ("layers", ", ".join(map(str, summary["layers"]))),
-        ("grid x channels", f"{summary['grid'][0]}x{summary['grid'][1]} tokens per view x {summary['channels']}"),
-        ("dtype / codec", f"{summary['dtype']} / {summary['codec']} (checksum {summary['checksum']})"),
-        *([("reduce", _reduce(summary["reduce"]))] if summary["reduce"] else []),
-        ("on disk", _bytes(summary["bytes_on_disk"])),
-        ("per step", f"{_bytes(summary['bytes_per_step'])} on disk, {_bytes(summary['raw_bytes_per_step'])} raw"
-         if summary["bytes_per_step"] is not None else f"{_bytes(summary['raw_bytes_per_step'])} raw"),
-        ("compression", f"{summary['compression_ratio']:.3f}x" if summary["compression_ratio"] else "-"),
-        ("complete", f"{'[green]yes[/]' if summary['complete'] else '[red]NO[/]'}: "
-                     f"{summary['shards_done']}/{summary['shards']} shards, "
-                     f"{summary['steps_done']}/{summary['steps']} steps"),
-        ("weights", vggt["weights"]),
-        ("weights id", f"[bold red]{vggt['weights_id']}[/]" if vggt["random_weights"] else vggt["weights_id"]),
-        ("preprocess / compute", f"{vggt['preprocess']} / {vggt['compute_dtype']}"),
-        ("created", summary["created"]),
-        ("sfcache version", summary["sfcache_version"]),
+        ("episodes / steps", f"{summary.episodes} / {summary.steps}"),
+        ("views (VGGT order)", ", ".join(summary.views)),
+        ("recipe", _recipe(summary.recipe)),
+        ("layers", ", ".join(map(str, summary.layers))),
+        ("grid x channels", f"{summary.grid[0]}x{summary.grid[1]} tokens per view x {summary.channels}"),
+        ("dtype / codec", f"{summary.dtype} / {summary.codec} (checksum {summary.checksum})"),
+        *([("reduce", _reduce(summary.reduce))] if summary.reduce else []),
+        ("on disk", _bytes(summary.bytes_on_disk)),
+        ("per step", f"{_bytes(summary.bytes_per_step)} on disk, {_bytes(summary.raw_bytes_per_step)} raw"
+         if summary.bytes_per_step is not None else f"{_bytes(summary.raw_bytes_per_step)} raw"),
+        ("compression", f"{summary.compression_ratio:.3f}x" if summary.compression_ratio else "-"),
+        ("complete", f"{'[green]yes[/]' if summary.complete else '[red]NO[/]'}: "
+                     f"{summary.shards_done}/{summary.shards} shards, "
+                     f"{summary.steps_done}/{summary.steps} steps"),
+        ("weights", vggt.weights),
+        ("weights id", f"[bold red]{vggt.weights_id}[/]" if vggt.random_weights else vggt.weights_id),
+        ("preprocess / compute", f"{vggt.preprocess} / {vggt.compute_dtype}"),
+        ("created", summary.created),
+        ("sfcache version", summary.sfcache_version),
     ]
-    missing = summary["missing_episodes"]
+    missing = summary.missing_episodes
     if missing:
         more = f" ... and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
         rows.append(("missing episodes", "[red]" + "\n".join(missing[:MISSING_SHOWN]) + more + "[/]"))
@@ -139,75 +139,79 @@ def _render_summary(console: Console, summary: dict) -> None:
     console.print(table)
 
 
-def _reduce(reduce: dict) -> str:
-    floor = f", --min-cosine {reduce['min_cosine']}" if reduce["min_cosine"] is not None else ""
-    lines = [f"{reduce['asked']}{floor}; basis fitted on {reduce['sample_steps']} steps, fidelity measured on "
-             f"{reduce['held_out_steps']} held-out steps; {_bytes(reduce['bytes_per_step'])} per step"]
-    lines += [f"layer {layer}: K={f['k']}, per-token cosine mean {f['mean']:.5f}, 1st percentile {f['p1']:.5f}, "
-              f"worst {f['worst']:.5f}" for layer, f in reduce["fidelity"].items()]
+def _reduce(reduce: inspection.ReduceSummary) -> str:
+    floor = f", --min-cosine {reduce.min_cosine}" if reduce.min_cosine is not None else ""
+    lines = [f"{reduce.asked}{floor}; basis fitted on {reduce.sample_steps} steps, fidelity measured on "
+             f"{reduce.held_out_steps} held-out steps; {_bytes(reduce.bytes_per_step)} per step"]
+    lines += [f"layer {layer}: K={f.k}, per-token cosine mean {f.mean:.5f}, 1st percentile {f.p1:.5f}, "
+              f"worst {f.worst:.5f}" for layer, f in reduce.fidelity.items()]
     return "\n".join(lines)
 
 
-def _recipe(recipe: dict) -> str:
-    if recipe["name"] == "none":
-        return f"none (JPEG DCT {recipe['jpeg_dct']}; VGGT input per preprocess)"
-    slots = f"; slots {', '.join(recipe['slots'])}" if recipe["slots"] else ""
-    mask = "; token mask stored" if recipe["token_mask"] else ""
-    return f"{recipe['name']}: matches {recipe['matches']}; JPEG DCT {recipe['jpeg_dct']}{slots}{mask}"
+def _recipe(recipe: inspection.RecipeSummary) -> str:
+    if recipe.name == "none":
+        return f"none (JPEG DCT {recipe.jpeg_dct}; VGGT input per preprocess)"
+    slots = f"; slots {', '.join(recipe.slots)}" if recipe.slots else ""
+    mask = "; token mask stored" if recipe.token_mask else ""
+    return f"{recipe.name}: matches {recipe.matches}; JPEG DCT {recipe.jpeg_dct}{slots}{mask}"
 
 
-def _render_episode(console: Console, report: dict) -> None:
-    console.print(f"[bold]episode {report['key']}[/]: {report['length']} steps (rows {report['start']}-"
-                  f"{report['start'] + report['length'] - 1}), layer {report['layer']}")
-    console.print(f"  instruction: {report['instruction']}")
-    if not report["extracted"]:
+def _render_episode(console: Console, report: inspection.EpisodeReport) -> None:
+    console.print(f"[bold]episode {report.key}[/]: {report.length} steps (rows {report.start}-"
+                  f"{report.start + report.length - 1}), layer {report.layer}")
+    console.print(f"  instruction: {report.instruction}")
+    if not report.extracted:
         console.print("  [red]not fully extracted yet; run `sf extract` again to finish it[/]")
         return
     table = Table(title="token L2 norm per step: mean (min-max)", box=box.SIMPLE)
     table.add_column("step", justify="right")
-    for view in report["views"]:
+    for view in report.views:
         table.add_column(view, justify="right")
-    for step in report["steps"]:
-        table.add_row(str(step["step"]), *(f"{mean:.3f} ({low:.3f}-{high:.3f})" for mean, low, high
-                                           in zip(step["mean_norm"], step["min_norm"], step["max_norm"])))
-    table.add_row("all", *(f"{mean:.3f} ({low:.3f}-{high:.3f})" for mean, low, high
-                           in zip(report["mean_norm"], report["min_norm"], report["max_norm"])), style="bold")
+    for step in report.steps:
+        table.add_row(str(step.step), *_norms(step))
+    table.add_row("all", *_norms(report), style="bold")
     console.print(table)
 
 
-def _render_check(console: Console, result: dict) -> None:
-    if result["ok"]:
-        console.print(f"[bold green]check: OK[/] ({result['shards_checked']}/{result['shards']} shards read)")
+def _norms(figures: inspection.StepNorms | inspection.EpisodeReport) -> list[str]:
+    """Per view: mean (min-max) token L2 norm."""
+    return [f"{mean:.3f} ({low:.3f}-{high:.3f})" for mean, low, high
+            in zip(figures.mean_norm, figures.min_norm, figures.max_norm)]
+
+
+def _render_check(console: Console, result: inspection.CheckResult) -> None:
+    if result.ok:
+        console.print(f"[bold green]check: OK[/] ({result.shards_checked}/{result.shards} shards read)")
         return
-    console.print(f"[bold red]check: FAILED[/] ({len(result['failures'])} problem(s), "
-                  f"{result['shards_checked']}/{result['shards']} shards read)")
+    console.print(f"[bold red]check: FAILED[/] ({len(result.failures)} problem(s), "
+                  f"{result.shards_checked}/{result.shards} shards read)")
     table = Table(box=box.SIMPLE)
     table.add_column("where", overflow="fold")
     table.add_column("what", overflow="fold")
-    for failure in result["failures"]:
-        table.add_row(failure["where"], failure["what"])
+    for failure in result.failures:
+        table.add_row(failure.where, failure.what)
     console.print(table)
     console.print("to repair: run `sf extract` again with the same options and --repair; it redoes every shard "
                   "that fails here (a missing shard file is redone by any rerun)", highlight=False)
 
 
-def _render_verify(console: Console, result: dict) -> None:
-    status = "[bold green]verify: OK[/]" if result["ok"] else "[bold red]verify: FAILED[/]"
-    console.print(f"{status} {len(result['steps'])} steps recomputed on {result['device']}: per-token cosine "
-                  f"mean {result['mean_cos']:.6f}, worst {result['min_cos']:.6f} (threshold {result['threshold']})")
-    if result["mask_errors"]:
-        console.print(f"  [red]token mask: {result['mask_errors']} stored values differ from the recomputed mask[/]")
-    for layer, figures in result["layers"].items():
-        worst = figures["worst"]
-        console.print(f"  layer {layer}: mean {figures['mean_cos']:.6f}, worst {figures['min_cos']:.6f} at episode "
-                      f"{worst['episode']} step {worst['step']} view {worst['view']} token {worst['token']}")
-        if "recorded" in figures:
-            low = " [red](below the recorded mean)[/]" if layer in result["below_recorded"] else ""
-            console.print(f"    reduced store: recorded held-out mean {figures['recorded']['mean']:.6f}, "
-                          f"worst {figures['recorded']['worst']:.6f} (K={figures['recorded']['k']}); recomputed "
-                          f"mean {figures['valid_mean_cos']:.6f} on image tokens, 1st percentile "
-                          f"{figures['p1_cos']:.6f}{low}")
-    if result["source_changed"]:
+def _render_verify(console: Console, result: inspection.VerifyResult) -> None:
+    status = "[bold green]verify: OK[/]" if result.ok else "[bold red]verify: FAILED[/]"
+    console.print(f"{status} {len(result.steps)} steps recomputed on {result.device}: per-token cosine "
+                  f"mean {result.mean_cos:.6f}, worst {result.min_cos:.6f} (threshold {result.threshold})")
+    if result.mask_errors:
+        console.print(f"  [red]token mask: {result.mask_errors} stored values differ from the recomputed mask[/]")
+    for layer, figures in result.layers.items():
+        worst = figures.worst
+        console.print(f"  layer {layer}: mean {figures.mean_cos:.6f}, worst {figures.min_cos:.6f} at episode "
+                      f"{worst.episode} step {worst.step} view {worst.view} token {worst.token}")
+        if figures.recorded is not None:
+            low = " [red](below the recorded mean)[/]" if layer in result.below_recorded else ""
+            console.print(f"    reduced store: recorded held-out mean {figures.recorded.mean:.6f}, "
+                          f"worst {figures.recorded.worst:.6f} (K={figures.recorded.k}); recomputed "
+                          f"mean {figures.valid_mean_cos:.6f} on image tokens, 1st percentile "
+                          f"{figures.p1_cos:.6f}{low}")
+    if result.source_changed:
         console.print("  [yellow]the source files changed since extraction (fingerprint differs)[/]")
 
 

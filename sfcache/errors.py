@@ -6,7 +6,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from functools import partial
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping
 
 
 class SfcacheError(Exception):
@@ -49,6 +49,18 @@ class ConfigMismatch(StoreError):
     def __reduce__(self):
         """Rebuild from the fields, so the error survives pickling (Dask workers)."""
         return type(self), (self.store, self.differences)
+
+
+def differences(recorded: Mapping, asked: Mapping, fields: Iterable[str]) -> dict[str, tuple[object, object]]:
+    """{field: (recorded, asked)} for each of `fields` whose values differ, in the order given: what
+    `ConfigMismatch` takes. A dotted field ("vggt.weights_id") looks inside nested dicts; absent is None."""
+    def at(node, dotted: str):
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        return node
+
+    pairs = ((field, at(recorded, field), at(asked, field)) for field in fields)
+    return {field: (old, new) for field, old, new in pairs if old != new}
 
 
 class RunSuperseded(StoreError):

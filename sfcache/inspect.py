@@ -1,6 +1,7 @@
 """What a target store holds, whether it is whole and right, and what its features look like.
 
-Every function returns plain JSON-ready dicts or writes one file; `sf inspect-cache` renders them.
+Every function returns a frozen result record (`to_json()` is what `sf inspect-cache --json` prints) or
+writes one file; `sf inspect-cache` renders them.
 A store costs GPU hours, so the checks read everything that can go wrong on disk (torn or
 overwritten shards, NaN, an index that does not add up, done flags without data) and `verify`
 recomputes sampled steps from the source with the recorded configuration.
@@ -8,26 +9,28 @@ recomputes sampled steps from the source with the recorded configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
+from typing import Mapping
 import numpy as np
 import torch
-import zarr
 from PIL import Image, ImageDraw
 from rich.progress import Progress
 
 from sfcache.errors import StoreError, WeightsError
 from sfcache.pooling import pooled_targets
+from sfcache.provenance import Fidelity, ReduceProvenance
 from sfcache.recipes import get_recipe, insert_blanks, recipe_inputs
 from sfcache.sources import Source, open_source, recorded_views
-from sfcache.store import LOCK_NAME, MASK_ARRAY, Cache, decode, int8_block, is_locked, open_cache, step_bytes
+from sfcache.store import DONE_ARRAY, LOCK_NAME, MASK_ARRAY, Cache, decode, is_locked, layer_array, open_cache, step_bytes
 from sfcache.vggt import load_vggt, random_weights_warning
 
-__all__ = ["DEFAULT_THRESHOLDS", "REQUIRED_PROVENANCE", "check", "episode_report", "missing_provenance",
-           "open_store", "pca_picture", "pca_picture_size", "pca_rgb", "read_provenance", "summarize", "verify"]
+__all__ = ["DEFAULT_THRESHOLDS", "REQUIRED_PROVENANCE", "CheckResult", "EpisodeReport", "PcaPicture", "Summary",
+           "VerifyResult", "check", "episode_report", "missing_provenance", "open_store", "pca_picture",
+           "pca_picture_size", "pca_rgb", "read_provenance", "summarize", "verify"]
 
 # Worst per-token cosine `verify` accepts. Storing alone costs: float16 < 1e-7, bfloat16 ~3e-6, int8 with
 # per-token, 128-channel-block scales ~3e-4 (measured worst on heavy-tailed 2048-channel features); the rest of
@@ -44,7 +47,171 @@ REQUIRED_PROVENANCE = (
     "targets.layers", "targets.grid", "targets.views", "targets.channels", "targets.dtype", "targets.codec",
     "source.format", "source.path", "source.views", "source.rotate",
 )
-_STORED_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "int8": np.int8}
+
+
+# ----------------------------------------------------------------------------- result records
+
+class _Record:
+    def to_json(self) -> dict:
+        """This record as JSON types (what `sf inspect-cache --json` prints)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@dataclass(frozen=True)
+class RecipeSummary(_Record):
+    name: str
+    matches: str
+    jpeg_dct: str                  # "ifast" | "islow"
+    slots: tuple[str, ...]
+    token_mask: bool
+
+
+@dataclass(frozen=True)
+class ReduceSummary(_Record):
+    asked: str
+    min_cosine: float | None
+    sample_steps: int
+    held_out_steps: int
+    fidelity: Mapping[int, Fidelity]
+    bytes_per_step: int
+
+
+@dataclass(frozen=True)
+class VggtSummary(_Record):
+    weights: str
+    weights_id: str
+    random_weights: bool
+    preprocess: str
+    compute_dtype: str
+    config: Mapping
+
+
+@dataclass(frozen=True)
+class Summary(_Record):
+    """What a store holds, its size and completeness, and how it was made."""
+
+    store: str
+    source: Mapping                # Source.describe()
+    episodes: int
+    steps: int
+    views: tuple[str, ...]
+    recipe: RecipeSummary
+    layers: tuple[int, ...]
+    grid: tuple[int, int]
+    tokens_per_view: int
+    channels: int
+    dtype: str
+    reduce: ReduceSummary | None
+    codec: str
+    checksum: str
+    steps_per_shard: int
+    bytes_on_disk: int
+    raw_bytes_per_step: int
+    bytes_per_step: float | None   # on disk, over the extracted steps
+    compression_ratio: float | None
+    shards_done: int
+    shards: int
+    steps_done: int
+    complete: bool
+    missing_episodes: tuple[str, ...]
+    vggt: VggtSummary
+    created: str
+    sfcache_version: str
+    format_version: int
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StepNorms(_Record):
+    step: int
+    row: int
+    mean_norm: tuple[float, ...]   # per view
+    min_norm: tuple[float, ...]
+    max_norm: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class EpisodeReport(_Record):
+    """Per-step token L2 norms of one episode; the norms are None while it is not fully extracted."""
+
+    key: str
+    instruction: str
+    start: int
+    length: int
+    layer: int
+    views: tuple[str, ...]
+    extracted: bool
+    steps: tuple[StepNorms, ...]
+    mean_norm: tuple[float, ...] | None
+    min_norm: tuple[float, ...] | None
+    max_norm: tuple[float, ...] | None
+
+
+@dataclass(frozen=True)
+class Failure(_Record):
+    where: str                     # the file, array, shard or episode concerned
+    what: str
+
+
+@dataclass(frozen=True)
+class CheckResult(_Record):
+    ok: bool
+    failures: tuple[Failure, ...]
+    shards_checked: int
+    shards: int
+
+
+@dataclass(frozen=True)
+class WorstToken(_Record):
+    episode: str
+    step: int
+    view: str
+    token: int
+
+
+@dataclass(frozen=True)
+class LayerCosines(_Record):
+    """Recomputed vs stored per-token cosine of one layer; a reduced store adds its recorded held-out fidelity and
+    the mean over tokens with image content (what that fidelity was measured on)."""
+
+    mean_cos: float
+    min_cos: float
+    p1_cos: float
+    worst: WorstToken
+    recorded: Fidelity | None = None
+    valid_mean_cos: float | None = None
+
+    def to_json(self) -> dict:
+        figures = super().to_json()
+        return {k: v for k, v in figures.items() if k not in ("recorded", "valid_mean_cos") or v is not None}
+
+
+@dataclass(frozen=True)
+class VerifyResult(_Record):
+    ok: bool
+    below_recorded: tuple[str, ...]        # layers whose recomputed mean fell below the recorded one
+    threshold: float
+    mask_errors: int
+    mean_cos: float
+    min_cos: float
+    layers: Mapping[str, LayerCosines]     # by str(layer), as in JSON
+    steps: tuple[tuple[str, int], ...]     # (episode, step) recomputed
+    weights_id: str
+    device: str
+    source_changed: bool
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "layers": {layer: figures.to_json() for layer, figures in self.layers.items()}}
+
+
+@dataclass(frozen=True)
+class PcaPicture(_Record):
+    path: str
+    width: int
+    height: int
+    layer: int
+    views: tuple[str, ...]
+    steps: tuple[tuple[str, int], ...]
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -88,72 +255,56 @@ def open_store(path: str | Path) -> Cache:
 
 # ----------------------------------------------------------------------------- summary
 
-def summarize(cache: Cache) -> dict:
+def summarize(cache: Cache) -> Summary:
     """The figures a user wants before training: contents, size, completeness, provenance."""
-    attrs, targets, vggt = cache.attrs, cache.attrs["targets"], cache.attrs["vggt"]
+    provenance = cache.provenance
+    targets, vggt, source = provenance.targets, provenance.vggt, provenance.source
     done = cache.done_shards()
     steps_done = sum(_shard_length(cache, shard) for shard in np.flatnonzero(done))
     on_disk = sum(file.stat().st_size for file in cache.path.rglob("*") if file.is_file())
     raw_per_step = _raw_bytes_per_step(cache)
-    random_weights = random_weights_warning(vggt["weights_id"])
+    random_weights = random_weights_warning(vggt.weights_id)
     warnings = [random_weights] if random_weights else []
     if (cache.path / LOCK_NAME).exists():
         warnings.append(_lock_state(cache.path))
     recipe = get_recipe(cache.recipe)
-    if recipe.jpeg_fast_dct and attrs["source"].get("format") != "libero_rlds":
-        warnings.append(f"recipe {recipe.name} from {attrs['source'].get('format')}: these frames were not decoded "
+    if recipe.jpeg_fast_dct and source.get("format") != "libero_rlds":
+        warnings.append(f"recipe {recipe.name} from {source.get('format')}: these frames were not decoded "
                         "from the RLDS release's JPEGs, so the targets match openvla-SF's RLDS recipe only when "
                         "extracted from modified_libero_rlds")
-    return {
-        "store": str(cache.path),
-        "source": attrs["source"],
-        "episodes": len(cache.episodes),
-        "steps": cache.num_steps,
-        "views": list(cache.views),
-        "recipe": {"name": recipe.name, "matches": recipe.trainer, "jpeg_dct": "ifast" if recipe.jpeg_fast_dct
-                   else "islow", "slots": list(recipe.slots), "token_mask": cache.has_mask},
-        "layers": list(cache.layers),
-        "grid": list(cache.grid),
-        "tokens_per_view": cache.grid[0] * cache.grid[1],
-        "channels": cache.channels,
-        "dtype": cache.dtype,
-        "reduce": _reduce_summary(targets.get("reduce")),
-        "codec": targets["codec"],
-        "checksum": targets.get("checksum", "none"),
-        "steps_per_shard": cache.steps_per_shard,
-        "bytes_on_disk": on_disk,
-        "raw_bytes_per_step": raw_per_step,
-        "bytes_per_step": on_disk / steps_done if steps_done else None,
-        "compression_ratio": raw_per_step * steps_done / on_disk if steps_done else None,
-        "shards_done": int(done.sum()),
-        "shards": cache.num_shards,
-        "steps_done": steps_done,
-        "complete": bool(done.all()),
-        "missing_episodes": cache.missing_episodes(),
-        "vggt": {"weights": vggt["weights"], "weights_id": vggt["weights_id"], "random_weights": bool(random_weights),
-                 "preprocess": vggt["preprocess"], "compute_dtype": vggt["compute_dtype"], "config": vggt["config"]},
-        "created": attrs["created"],
-        "sfcache_version": attrs["sfcache_version"],
-        "format_version": attrs["format_version"],
-        "warnings": warnings,
-    }
+    return Summary(
+        store=str(cache.path), source=dict(source), episodes=len(cache.episodes), steps=cache.num_steps,
+        views=tuple(cache.views),
+        recipe=RecipeSummary(name=recipe.name, matches=recipe.trainer, jpeg_dct="ifast" if recipe.jpeg_fast_dct
+                             else "islow", slots=tuple(recipe.slots), token_mask=cache.has_mask),
+        layers=tuple(cache.layers), grid=tuple(cache.grid), tokens_per_view=cache.grid[0] * cache.grid[1],
+        channels=cache.channels, dtype=cache.dtype, reduce=_reduce_summary(targets.reduce), codec=targets.codec,
+        checksum=targets.checksum, steps_per_shard=cache.steps_per_shard, bytes_on_disk=on_disk,
+        raw_bytes_per_step=raw_per_step, bytes_per_step=on_disk / steps_done if steps_done else None,
+        compression_ratio=raw_per_step * steps_done / on_disk if steps_done else None,
+        shards_done=int(done.sum()), shards=cache.num_shards, steps_done=steps_done, complete=bool(done.all()),
+        missing_episodes=tuple(cache.missing_episodes()),
+        vggt=VggtSummary(weights=vggt.weights, weights_id=vggt.weights_id, random_weights=bool(random_weights),
+                         preprocess=vggt.preprocess, compute_dtype=vggt.compute_dtype, config=dict(vggt.config)),
+        created=provenance.created, sfcache_version=provenance.sfcache_version,
+        format_version=provenance.format_version, warnings=tuple(warnings))
 
 
-def _reduce_summary(reduce: dict | None) -> dict | None:
+def _reduce_summary(reduce: ReduceProvenance | None) -> ReduceSummary | None:
     """A reduced store's request, K and held-out fidelity per layer (None for full targets)."""
     if reduce is None:
         return None
-    return {"asked": reduce["asked"], "min_cosine": reduce["min_cosine"], "sample_steps": reduce["sample_steps"],
-            "held_out_steps": reduce["held_out_steps"], "fidelity": reduce["fidelity"],
-            "bytes_per_step": reduce["bytes_per_step"]}
+    return ReduceSummary(asked=reduce.asked, min_cosine=reduce.min_cosine, sample_steps=reduce.sample_steps,
+                         held_out_steps=reduce.held_out_steps, fidelity=reduce.fidelity,
+                         bytes_per_step=reduce.bytes_per_step)
 
 
 def _raw_bytes_per_step(cache: Cache) -> int:
     """Bytes of one step in the stored dtype, uncompressed, all layers (int8 scales and mask included)."""
     if cache.reduced:
-        return int(cache.attrs["targets"]["reduce"]["bytes_per_step"])
+        return int(cache.provenance.targets.reduce.bytes_per_step)
     views, tokens = len(cache.views), cache.grid[0] * cache.grid[1]
-    if cache.dtype == "int8" and cache.attrs["format_version"] == 1:   # per-channel scales
+    if cache.dtype == "int8" and cache.provenance.format_version == 1:   # per-channel scales
         return (views * tokens * cache.channels + views * cache.channels * 4) * len(cache.layers)
     return step_bytes(views, tokens, cache.channels, cache.dtype, len(cache.layers), cache.has_mask)
 
@@ -163,24 +314,17 @@ def _shard_length(cache: Cache, shard: int) -> int:
     return rows.stop - rows.start
 
 
-def _locator(attrs: dict) -> Callable[[int], tuple[str, int]]:
-    """A function mapping a flat row to (episode key, step), built once per store."""
-    keys = [episode[0] for episode in attrs["episodes"]]
-    starts = np.array([episode[2] for episode in attrs["episodes"]])
-
-    def locate(row: int) -> tuple[str, int]:
-        index = int(np.searchsorted(starts, row, side="right")) - 1
-        return keys[index], int(row) - int(starts[index])
-
-    return locate
-
-
 # ----------------------------------------------------------------------------- one episode
 
-def episode_report(cache: Cache, key: str, layer: int | None = None) -> dict:
+def _shown_layer(cache: Cache, layer: int | None) -> int:
+    """The stored layer a report shows: the asked one (StoreError naming the stored layers), else the last."""
+    return cache.resolve_layer(cache.layers[-1] if layer is None else layer)
+
+
+def episode_report(cache: Cache, key: str, layer: int | None = None) -> EpisodeReport:
     """Per-step token L2 norms of one episode (mean/min/max per view): flat or exploding targets show here."""
     record = cache.episode(key)
-    layer = cache.layers[-1] if layer is None else layer
+    layer = _shown_layer(cache, layer)
     missing = key in cache.missing_episodes()
     steps = []
     if not missing:
@@ -188,31 +332,30 @@ def episode_report(cache: Cache, key: str, layer: int | None = None) -> dict:
             chunk = cache.read(key, slice(first, first + cache.steps_per_shard), layer=layer)
             norms = np.linalg.norm(chunk, axis=-1)           # [T, V, tokens]
             for offset, step_norms in enumerate(norms):
-                steps.append({"step": first + offset, "row": record.start + first + offset,
-                              "mean_norm": step_norms.mean(axis=-1).tolist(),
-                              "min_norm": step_norms.min(axis=-1).tolist(),
-                              "max_norm": step_norms.max(axis=-1).tolist()})
-    means = np.array([s["mean_norm"] for s in steps]) if steps else np.zeros((0, len(cache.views)))
-    return {"key": key, "instruction": record.instruction, "start": record.start, "length": record.length,
-            "layer": layer, "views": list(cache.views), "extracted": not missing, "steps": steps,
-            "mean_norm": means.mean(axis=0).tolist() if steps else None,
-            "min_norm": np.min([s["min_norm"] for s in steps], axis=0).tolist() if steps else None,
-            "max_norm": np.max([s["max_norm"] for s in steps], axis=0).tolist() if steps else None}
+                steps.append(StepNorms(step=first + offset, row=record.start + first + offset,
+                                       mean_norm=tuple(step_norms.mean(axis=-1).tolist()),
+                                       min_norm=tuple(step_norms.min(axis=-1).tolist()),
+                                       max_norm=tuple(step_norms.max(axis=-1).tolist())))
+
+    def overall(reduce, figures: str) -> tuple[float, ...] | None:
+        return tuple(reduce([getattr(s, figures) for s in steps], axis=0).tolist()) if steps else None
+
+    return EpisodeReport(key=key, instruction=record.instruction, start=record.start, length=record.length,
+                         layer=layer, views=tuple(cache.views), extracted=not missing, steps=tuple(steps),
+                         mean_norm=overall(np.mean, "mean_norm"), min_norm=overall(np.min, "min_norm"),
+                         max_norm=overall(np.max, "max_norm"))
 
 
 # ----------------------------------------------------------------------------- integrity
 
-def check(path: str | Path, progress: Progress | None = None) -> dict:
+def check(path: str | Path, progress: Progress | None = None) -> CheckResult:
     """Read every done shard and cross-check index, arrays and done flags; never raises on a bad store.
-
-    Returns {"ok", "failures": [{"where", "what"}], "shards_checked", "shards"}; each failure names
-    the file, array, shard or episode concerned.
-    """
+    Each failure names the file, array, shard or episode concerned."""
     path = Path(path)
-    failures: list[dict] = []
+    failures: list[Failure] = []
 
     def fail(where: str, what: str) -> None:
-        failures.append({"where": where, "what": what})
+        failures.append(Failure(where, what))
 
     try:
         attrs = read_provenance(path)
@@ -266,18 +409,14 @@ def _lock_state(path: Path) -> str:
             "(the leftover file blocks nothing)")
 
 
-def _check_result(failures: list[dict], checked: int, shards: int) -> dict:
-    return {"ok": not failures, "failures": failures, "shards_checked": checked, "shards": shards}
+def _check_result(failures: list[Failure], checked: int, shards: int) -> CheckResult:
+    return CheckResult(ok=not failures, failures=tuple(failures), shards_checked=checked, shards=shards)
 
 
 def _check_index(cache: Cache, fail) -> None:
     """Episodes packed back to back from row 0, lengths adding up to num_steps, shard count matching."""
     expected_start, keys = 0, set()
-    for entry in cache.attrs["episodes"]:
-        if not (isinstance(entry, list) and len(entry) == 4):
-            fail("zarr.json episodes", f"entry {entry!r} is not [key, instruction, start, length]")
-            return
-        key, _, start, length = entry
+    for key, _, start, length in cache.provenance.episodes:
         if key in keys:
             fail(f"episode {key}", "listed twice in the index")
         keys.add(key)
@@ -295,70 +434,29 @@ def _check_index(cache: Cache, fail) -> None:
                                      f"({cache.num_steps} steps / {cache.steps_per_shard} per shard)")
 
 
-def _check_arrays(cache: Cache, fail) -> dict[int, dict[str, zarr.Array]] | None:
-    """Each layer's arrays (values, and int8 scales) exist with the shape, shard shape and dtype promised."""
-    views, tokens = len(cache.views), cache.grid[0] * cache.grid[1]
-    arrays, ok = {}, True
-    for layer in cache.layers:
-        width = cache.stored_channels(layer)
-        scale = (views, width) if cache.attrs["format_version"] == 1 else (views, tokens, width // int8_block(width))
-        expected = {"": ((cache.num_steps, views, tokens, width), _STORED_DTYPES[cache.dtype]),
-                    "_scale": ((cache.num_steps, *scale), np.float32)}
-        arrays[layer] = {}
-        for suffix in ("", "_scale") if cache.dtype == "int8" else ("",):
-            name = f"targets/layer_{layer}{suffix}"
-            shape, dtype = expected[suffix]
-            try:
-                array = zarr.open_array(str(cache.path / name), mode="r", zarr_format=3)
-            except (FileNotFoundError, ValueError, OSError) as error:
-                fail(name, f"array missing or unreadable ({type(error).__name__}: {error})")
-                ok = False
-                continue
-            if array.shape != shape or array.dtype != dtype:
-                fail(name, f"shape {array.shape} {array.dtype}, expected {shape} {np.dtype(dtype)} from the provenance")
-                ok = False
-            elif array.shards is None or array.shards[0] != cache.steps_per_shard:
-                fail(name, f"shards {array.shards}, expected {cache.steps_per_shard} steps per shard")
-                ok = False
-            arrays[layer][name] = array
-        if cache.reduced:
-            ok = _check_basis(cache, layer, width, fail) and ok
-    if cache.has_mask:
-        try:
-            mask = zarr.open_array(str(cache.path / MASK_ARRAY), mode="r", zarr_format=3)
-        except (FileNotFoundError, ValueError, OSError) as error:
-            fail(MASK_ARRAY, f"token mask missing or unreadable ({type(error).__name__}: {error})")
-            return None
-        if mask.shape != (cache.num_steps, views, tokens) or mask.dtype != np.uint8:
-            fail(MASK_ARRAY, f"shape {mask.shape} {mask.dtype}, expected {(cache.num_steps, views, tokens)} uint8")
-            return None
-        arrays[MASK_ARRAY] = {MASK_ARRAY: mask}
-    return arrays if ok else None
-
-
-def _check_basis(cache: Cache, layer: int, k: int, fail) -> bool:
-    """A reduced store's mean [C] and basis [K, C]: present, of the recorded shape, finite (every target uses them)."""
-    for name, shape in ((f"targets/layer_{layer}_mean", (cache.channels,)),
-                        (f"targets/layer_{layer}_basis", (k, cache.channels))):
-        try:
-            array = zarr.open_array(str(cache.path / name), mode="r", zarr_format=3)
-            if not (cache.path / name / array.metadata.encode_chunk_key((0,) * array.ndim)).is_file():
-                raise FileNotFoundError("its chunk file is gone (it would read as zeros)")
-            values = array[...]
-        except Exception as error:  # missing, truncated or undecodable: the store cannot rebuild any target
-            fail(name, f"PCA basis missing or unreadable ({type(error).__name__}: {error})")
-            return False
-        if values.shape != shape or not np.isfinite(values).all():
-            fail(name, f"shape {values.shape} (finite: {bool(np.isfinite(values).all())}), expected {shape} finite "
-                       "float32 from the provenance")
-            return False
-    return True
+def _check_arrays(cache: Cache, fail) -> dict[int | str, list[str]] | None:
+    """Each layer's arrays (values, int8 scales, a reduced store's basis) and the token mask exist with the shape,
+    shard shape and dtype the provenance promises; {layer or MASK_ARRAY: names read per shard} if all do."""
+    problems = {name: cache.array_problem(name) for name in cache.expected_arrays()}
+    for name, problem in problems.items():
+        if problem is not None:
+            fail(name, problem)
+        elif name.endswith(("_mean", "_basis")) and not np.isfinite(values := cache.read_stored(name)).all():
+            fail(name, f"shape {values.shape} (finite: False), expected {values.shape} finite float32 from the "
+                       "provenance")
+            problems[name] = "not finite"
+    if any(problems.values()):
+        return None
+    arrays: dict[int | str, list[str]] = {layer: [layer_array(layer)] + ([layer_array(layer, "_scale")]
+                                                                       if cache.dtype == "int8" else [])
+                                          for layer in cache.layers}
+    return {**arrays, MASK_ARRAY: [MASK_ARRAY]} if cache.has_mask else arrays
 
 
 def _check_done(cache: Cache, fail) -> np.ndarray | None:
     try:
-        done = zarr.open_array(str(cache.path / "done"), mode="r", zarr_format=3)[:]
-    except (FileNotFoundError, ValueError, OSError) as error:
+        done = cache.read_stored(DONE_ARRAY)
+    except (StoreError, ValueError, OSError) as error:
         fail("done", f"done-marker array missing or unreadable ({type(error).__name__}: {error})")
         return None
     if done.shape[0] < cache.num_shards or not np.isin(done, (0, 1)).all():
@@ -368,18 +466,18 @@ def _check_done(cache: Cache, fail) -> np.ndarray | None:
     return done[: cache.num_shards].astype(bool)
 
 
-def _check_shard(cache: Cache, shard: int, arrays: dict[int, dict[str, zarr.Array]], fail) -> None:
+def _check_shard(cache: Cache, shard: int, arrays: dict[int | str, list[str]], fail) -> None:
     """A done shard: its files exist, decode (shard-index checksums), and hold finite values."""
     rows = cache.shard_rows(shard)
     for layer, named in arrays.items():
         read = {}
-        for name, array in named.items():
-            file = cache.path / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+        for name in named:
+            file = cache.shard_file(name, shard)
             if not file.is_file():
                 fail(str(file), f"shard {shard} is marked done but its file is missing")
                 continue
             try:
-                read[name] = array[rows]
+                read[name] = cache.read_stored(name, rows)
             except Exception as error:  # any decode failure (checksum, truncation, codec) means a bad shard file
                 fail(str(file), f"shard {shard} unreadable ({type(error).__name__}: {error})")
         if len(read) != len(named):
@@ -388,11 +486,11 @@ def _check_shard(cache: Cache, shard: int, arrays: dict[int, dict[str, zarr.Arra
             if not np.isin(read[MASK_ARRAY], (0, 1)).all():
                 fail(f"{MASK_ARRAY} shard {shard}", "values other than 0 and 1")
             continue
-        values = f"targets/layer_{layer}"
-        bad = ~np.isfinite(decode(read[values], cache.dtype, read.get(f"{values}_scale")))
+        values = layer_array(layer)
+        bad = ~np.isfinite(decode(read[values], cache.dtype, read.get(layer_array(layer, "_scale"))))
         if bad.any():
             row, view, token, _ = (int(i) for i in np.argwhere(bad)[0])
-            key, step = _locator(cache.attrs)(rows.start + row)
+            key, step = cache.index.locate(rows.start + row)
             fail(f"{values} shard {shard}",
                  f"{int(bad.sum())} non-finite value(s) (NaN/Inf); first at episode {key} step {step} "
                  f"view {cache.views[view]} token {token}")
@@ -402,7 +500,7 @@ def _check_shard(cache: Cache, shard: int, arrays: dict[int, dict[str, zarr.Arra
 
 def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = None, device: str = "cpu",
            threshold: float | None = None, source_path: str | Path | None = None,
-           batch_size: int = 4, progress: Progress | None = None) -> dict:
+           batch_size: int = 4, progress: Progress | None = None) -> VerifyResult:
     """Recompute `steps` random extracted steps with the recorded configuration; per-token cosine vs stored.
 
     weights: override the recorded checkpoint location (its sha256 must still match the record).
@@ -411,19 +509,19 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
     checked against the recorded held-out fidelity). Raises WeightsError on other weights, StoreError if nothing
     is extracted.
     """
-    recorded = cache.attrs["targets"].get("reduce", {}).get("fidelity")
+    reduce = cache.provenance.targets.reduce
+    recorded = None if reduce is None else reduce.fidelity
     if threshold is None:
         threshold = DEFAULT_THRESHOLDS[cache.dtype] if recorded is None else \
-            max(0.0, min(f["worst"] for f in recorded.values()) - REDUCED_WORST_MARGIN)
+            max(0.0, min(f.worst for f in recorded.values()) - REDUCED_WORST_MARGIN)
     rows = _sample_rows(cache, steps, seed)
-    vggt = cache.attrs["vggt"]
-    model, weights_id = load_vggt(weights or vggt["weights"], device,
-                                  compute_dtype=getattr(torch, vggt["compute_dtype"]))
-    if weights_id != vggt["weights_id"]:
-        raise WeightsError(f"{weights or vggt['weights']}: weights are {weights_id}, but {cache.path} was extracted "
-                           f"with {vggt['weights_id']}; pass --vggt with the checkpoint used for extraction")
+    vggt = cache.provenance.vggt
+    model, weights_id = load_vggt(weights or vggt.weights, device, compute_dtype=getattr(torch, vggt.compute_dtype))
+    if weights_id != vggt.weights_id:
+        raise WeightsError(f"{weights or vggt.weights}: weights are {weights_id}, but {cache.path} was extracted "
+                           f"with {vggt.weights_id}; pass --vggt with the checkpoint used for extraction")
     source = _open_recorded_source(cache, source_path)
-    locate = _locator(cache.attrs)
+    locate = cache.index.locate
     recipe = get_recipe(cache.recipe)
     task = progress.add_task("verify", total=len(rows)) if progress else None
     cosines, valid, mask_errors = [], [], 0
@@ -431,7 +529,7 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
         batch = rows[first:first + batch_size]
         frames = np.concatenate([source.read(key, step, step + 1).frames
                                  for key, step in map(locate, batch)])
-        images, mask = recipe_inputs(frames, recipe, cache.views, vggt["preprocess"], model.config.img_size,
+        images, mask = recipe_inputs(frames, recipe, cache.views, vggt.preprocess, model.config.img_size,
                                      cache.grid, model.config.patch_size)
         tokens = (len(batch), len(cache.views), cache.grid[0] * cache.grid[1])
         valid.append(mask.astype(bool) if mask is not None else np.ones(tokens, bool))
@@ -447,21 +545,21 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
     for index, layer in enumerate(cache.layers):
         worst = np.unravel_index(int(np.argmin(cosine[index])), cosine[index].shape)
         key, step = locate(rows[worst[0]])
-        layers[str(layer)] = {"mean_cos": float(cosine[index].mean()), "min_cos": float(cosine[index].min()),
-                              "p1_cos": float(np.percentile(cosine[index], 1)),
-                              "worst": {"episode": key, "step": step, "view": cache.views[worst[1]],
-                                        "token": int(worst[2])}}
-        if recorded is not None:   # recorded on tokens with image content: compare like with like
-            layers[str(layer)]["recorded"] = recorded[str(layer)]
-            layers[str(layer)]["valid_mean_cos"] = float(cosine[index][np.concatenate(valid)].mean())
-    below_recorded = [layer for layer, figures in layers.items()
-                      if "recorded" in figures
-                      and figures["valid_mean_cos"] < figures["recorded"]["mean"] - REDUCED_MEAN_MARGIN]
+        layers[str(layer)] = LayerCosines(
+            mean_cos=float(cosine[index].mean()), min_cos=float(cosine[index].min()),
+            p1_cos=float(np.percentile(cosine[index], 1)),
+            worst=WorstToken(episode=key, step=step, view=cache.views[worst[1]], token=int(worst[2])),
+            # recorded on tokens with image content: compare like with like
+            recorded=None if recorded is None else recorded[layer],
+            valid_mean_cos=None if recorded is None else float(cosine[index][np.concatenate(valid)].mean()))
+    below_recorded = tuple(layer for layer, figures in layers.items() if figures.recorded is not None
+                           and figures.valid_mean_cos < figures.recorded.mean - REDUCED_MEAN_MARGIN)
     min_cos = float(cosine.min())
-    return {"ok": min_cos >= threshold and mask_errors == 0 and not below_recorded, "below_recorded": below_recorded, "threshold": threshold, "mask_errors": mask_errors, "mean_cos": float(cosine.mean()), "min_cos": min_cos,
-            "layers": layers, "steps": [list(locate(row)) for row in rows],
-            "weights_id": weights_id, "device": str(device),
-            "source_changed": source.fingerprint() != cache.attrs["source"].get("fingerprint")}
+    return VerifyResult(ok=min_cos >= threshold and mask_errors == 0 and not below_recorded,
+                        below_recorded=below_recorded, threshold=threshold, mask_errors=mask_errors,
+                        mean_cos=float(cosine.mean()), min_cos=min_cos, layers=layers,
+                        steps=tuple(map(locate, rows)), weights_id=weights_id, device=str(device),
+                        source_changed=source.fingerprint() != cache.provenance.source.get("fingerprint"))
 
 
 def _sample_rows(cache: Cache, steps: int, seed: int) -> np.ndarray:
@@ -482,7 +580,7 @@ def _extracted_rows(cache: Cache, purpose: str) -> np.ndarray:
 
 def _open_recorded_source(cache: Cache, source_path: str | Path | None) -> Source:
     """The dataset exactly as extraction read it: recorded format, views (order), rotation, recipe's decode."""
-    recorded = cache.attrs["source"]
+    recorded = cache.provenance.source
     source = open_source(source_path or recorded["path"], recorded["format"], recorded_views(recorded),
                          rotate=recorded["rotate"])
     source.jpeg_fast_dct = get_recipe(cache.recipe).jpeg_fast_dct
@@ -528,17 +626,17 @@ def pca_picture_size(frame_size: tuple[int, int], views: int, steps: int) -> tup
 
 
 def pca_picture(cache: Cache, out: str | Path, steps: int = 4, episode: str | None = None,
-                layer: int | None = None, source_path: str | Path | None = None) -> dict:
+                layer: int | None = None, source_path: str | Path | None = None) -> PcaPicture:
     """Write a PNG of `steps` extracted steps: each view's frame beside a PCA-to-RGB picture of its targets.
 
     Steps are spread evenly over `episode` (or over all extracted rows). The PCA is fit over every
     token shown, so colours compare across steps and views; token grids are upsampled nearest to the
     frame size. The PNG is pca_picture_size((H, W), views, steps) pixels.
     """
-    layer = cache.layers[-1] if layer is None else layer
+    layer = _shown_layer(cache, layer)
     rows = _picture_rows(cache, steps, episode)
     source = _open_recorded_source(cache, source_path)
-    locate = _locator(cache.attrs)
+    locate = cache.index.locate
     frames = insert_blanks(np.concatenate([source.read(key, step, step + 1).frames
                                            for key, step in map(locate, rows)]), cache.views)  # [n, V, H, W, 3]
     colours = pca_rgb(cache.read_rows(rows, layer=layer)).reshape(*frames.shape[:2], *cache.grid, 3)
@@ -548,7 +646,7 @@ def pca_picture(cache: Cache, out: str | Path, steps: int = 4, episode: str | No
     for v, view in enumerate(cache.views):
         draw.text((2 * v * width + 2, 1), f"{view}: frame", fill="white")
         draw.text(((2 * v + 1) * width + 2, 1), f"{view}: PCA L{layer}", fill="white")
-    weights_id = cache.attrs["vggt"]["weights_id"]
+    weights_id = cache.provenance.vggt.weights_id
     random_weights = random_weights_warning(weights_id) is not None
     draw.text((2, 14), f"VGGT weights {weights_id}" + (": RANDOM, no geometry" if random_weights else ""),
               fill="red" if random_weights else "white")
@@ -564,8 +662,8 @@ def pca_picture(cache: Cache, out: str | Path, steps: int = 4, episode: str | No
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG")
-    return {"path": str(out), "width": canvas.width, "height": canvas.height, "layer": layer,
-            "views": list(cache.views), "steps": [list(locate(row)) for row in rows]}
+    return PcaPicture(path=str(out), width=canvas.width, height=canvas.height, layer=layer, views=tuple(cache.views),
+                      steps=tuple(map(locate, rows)))
 
 
 def _picture_rows(cache: Cache, steps: int, episode: str | None) -> np.ndarray:

@@ -20,23 +20,26 @@ import time
 import uuid
 import zlib
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Mapping, NamedTuple, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from sfcache import __version__
-from sfcache.errors import ConfigMismatch, RunSuperseded, StoreError
+from sfcache.errors import ConfigMismatch, RunSuperseded, StoreError, differences
+from sfcache.keys import tfds_ids
+from sfcache.provenance import Fidelity, Provenance, ReduceProvenance, TargetsProvenance, VggtProvenance
+from sfcache.rows import EpisodeRecord, RowIndex, pack_episodes
 from sfcache.shard_file import direct_layout, write_shard_file
 
-__all__ = ["CODECS", "DTYPES", "Cache", "EpisodeRecord", "Reduction", "StoreConfig", "create_store", "current_run",
-           "decode", "encode", "int8_block", "is_locked", "lock_store", "open_cache", "pack_episodes",
-           "resumable_reduction", "step_bytes", "store_run"]
+__all__ = ["CODECS", "DTYPES", "Cache", "EpisodeRecord", "Reduction", "RowIndex", "StoreConfig", "create_store",
+           "current_run", "decode", "encode", "int8_block", "is_locked", "layer_array", "lock_store", "open_cache",
+           "pack_episodes", "resumable_reduction", "step_bytes", "store_run"]
 
 # 2: int8 scales per token and channel block, recipe and optional token mask. 1 (int8 scales per
 # step/view/channel) stays readable; resuming a version-1 store asks for --overwrite.
@@ -44,6 +47,8 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 INT8_BLOCK = 128        # channels per int8 scale (see `encode`)
 MASK_ARRAY = "targets/mask"
+DONE_ARRAY = "done"
+LAYER_PARTS = ("", "_scale", "_mean", "_basis")   # values, int8 scales, --reduce mean and basis
 DTYPES = ("float16", "bfloat16", "int8")
 CODECS = ("none", "zstd", "blosc-zstd")
 LOCK_NAME = ".sfcache.lock"
@@ -56,22 +61,11 @@ _STORED_DTYPE = {"float16": "float16", "bfloat16": "uint16", "int8": "int8"}
 Encoded = tuple[np.ndarray, "np.ndarray | None"]   # (stored values, int8 scales or None), as `encode` returns
 
 
-class EpisodeRecord(NamedTuple):
-    """Where an episode's steps live: rows [start, start + length)."""
-
-    key: str
-    instruction: str
-    start: int
-    length: int
-
-
-def pack_episodes(episodes: Sequence) -> tuple[EpisodeRecord, ...]:
-    """Rows for `Source.episodes()` packed back to back in the given order (LeRobot-style flat steps)."""
-    records, start = [], 0
-    for info in episodes:
-        records.append(EpisodeRecord(info.key, info.instruction, start, int(info.num_steps)))
-        start += int(info.num_steps)
-    return tuple(records)
+def layer_array(layer: int, part: str = "") -> str:
+    """The array of a stored layer: its values (""), int8 "_scale", or a reduced store's "_mean" / "_basis"."""
+    if part not in LAYER_PARTS:
+        raise StoreError(f"unknown part {part!r} of a layer's arrays; expected one of {LAYER_PARTS}")
+    return f"targets/layer_{layer}{part}"
 
 
 # ----------------------------------------------------------------------------- value encoding
@@ -211,34 +205,37 @@ class StoreConfig:
     def num_shards(self) -> int:
         return -(-self.num_steps // self.steps_per_shard)
 
+    def provenance(self) -> Provenance:
+        """The provenance a store of this configuration records."""
+        return Provenance(
+            format_version=FORMAT_VERSION, sfcache_version=__version__, created=self.created,
+            num_steps=self.num_steps, steps_per_shard=self.steps_per_shard, num_shards=self.num_shards,
+            selection=self.selection, recipe=self.recipe, episodes=tuple(self.episodes),
+            vggt=VggtProvenance.from_attrs(self.vggt),
+            targets=TargetsProvenance(
+                layers=tuple(self.layers), grid=tuple(self.grid), native_grid=tuple(self.native_grid),
+                aspect_ratio=self.aspect_ratio, views=tuple(self.views), channels=self.channels, dtype=self.dtype,
+                codec=self.codec, checksum="crc32c" if self.checksum else "none",
+                mask="tokens" if self.token_mask else "none",
+                int8_block=int8_block(self.channels) if self.dtype == "int8" else None,
+                reduce=self._reduce_provenance() if self.reduce else None),
+            source=self.source)
+
     def attrs(self) -> dict:
         """attrs["sfcache"] as in ARCHITECTURE.md (JSON types only)."""
-        return _jsonable({
-            "format_version": FORMAT_VERSION, "sfcache_version": __version__, "created": self.created,
-            "num_steps": self.num_steps, "steps_per_shard": self.steps_per_shard, "num_shards": self.num_shards,
-            "selection": self.selection,
-            "recipe": self.recipe,
-            "episodes": [list(e) for e in self.episodes],
-            "vggt": self.vggt,
-            "targets": {"layers": list(self.layers), "grid": list(self.grid), "native_grid": list(self.native_grid),
-                        "aspect_ratio": self.aspect_ratio, "views": list(self.views), "channels": self.channels,
-                        "dtype": self.dtype, "codec": self.codec, "checksum": "crc32c" if self.checksum else "none",
-                        "position_embedding": "not baked in", "mask": "tokens" if self.token_mask else "none",
-                        **({"int8_block": int8_block(self.channels)} if self.dtype == "int8" else {}),
-                        **({"reduce": self._reduce_attrs()} if self.reduce else {})},
-            "source": self.source,
-        })
+        return _jsonable(self.provenance().to_attrs())
 
-    def _reduce_attrs(self) -> dict:
+    def _reduce_provenance(self) -> ReduceProvenance:
         """targets.reduce: the request, and once fitted K, fidelity and bytes per step per layer."""
+        asked = ReduceProvenance.from_attrs(self.reduce.request)
         if not self.reduce.fitted:
-            return dict(self.reduce.request)
-        tokens = self.grid[0] * self.grid[1]
-        return {**self.reduce.request, "k": {str(layer): len(c) for layer, c in self.reduce.components.items()},
-                "fidelity": self.reduce.fidelity,
-                "bytes_per_step": reduced_step_bytes(self.reduce.components, len(self.views), tokens, self.dtype,
-                                                     self.token_mask),
-                "basis": "targets/layer_<L>_mean [C], targets/layer_<L>_basis [K, C] float32"}
+            return asked
+        fidelity = self.reduce.fidelity
+        return replace(asked, k={layer: len(c) for layer, c in self.reduce.components.items()},
+                       fidelity=None if fidelity is None else {int(layer): Fidelity(**f) for layer, f in fidelity.items()},
+                       bytes_per_step=reduced_step_bytes(self.reduce.components, len(self.views),
+                                                         self.grid[0] * self.grid[1], self.dtype, self.token_mask),
+                       basis="targets/layer_<L>_mean [C], targets/layer_<L>_basis [K, C] float32")
 
     def stored_channels(self, layer: int) -> int:
         """Channels of a layer's stored array: C, or K coefficients on a reduced store."""
@@ -251,11 +248,6 @@ def _jsonable(value):
 
 def _differences(stored: dict, asked: dict) -> dict[str, tuple[object, object]]:
     """Fields that change target values, compared between a store's attrs and a new run's."""
-    def at(attrs, dotted):
-        for part in dotted.split("."):
-            attrs = attrs.get(part) if isinstance(attrs, dict) else None
-        return attrs
-
     stored = {**stored, "recipe": stored.get("recipe", "none")}   # stores made before recipes existed
     fields = ["format_version", "recipe", "targets.mask", "vggt.weights_id", "vggt.config", "vggt.preprocess", "vggt.compute_dtype",
               "targets.layers", "targets.grid", "targets.views", "targets.channels", "targets.dtype",
@@ -263,7 +255,7 @@ def _differences(stored: dict, asked: dict) -> dict[str, tuple[object, object]]:
               "targets.reduce.min_cosine", "targets.reduce.sample_steps", "targets.reduce.held_out_steps"]
     fields += sorted(f"source.{k}" for k in set(stored.get("source", {})) | set(asked.get("source", {}))
                      if k not in ("path", "tfds_shards"))   # a moved dataset is the same; the fingerprint says so
-    diff = {f: (at(stored, f), at(asked, f)) for f in fields if at(stored, f) != at(asked, f)}
+    diff = differences(stored, asked, fields)
     if stored.get("episodes") != asked.get("episodes"):
         diff["episodes"] = tuple(_episodes_summary(a.get("episodes") or []) for a in (stored, asked))
     return diff
@@ -531,7 +523,7 @@ def _create_or_resume(path: Path, config: StoreConfig, overwrite: bool) -> "Cach
             "mask", shape=(n, views, tokens), dtype="uint8", chunks=(1, views, tokens),
             shards=(config.steps_per_shard, views, tokens), compressors=_compressors(config.codec, 1, config.checksum),
             fill_value=0, attributes={"mask_of": "every layer", "meaning": "1 = token holds image content"})
-    root.create_array("done", shape=(max(config.num_shards, 1),), chunks=(1,), dtype="uint8", fill_value=0,
+    root.create_array(DONE_ARRAY, shape=(max(config.num_shards, 1),), chunks=(1,), dtype="uint8", fill_value=0,
                       compressors=None)
     root.attrs.put({"sfcache": asked})
     return open_cache(path, mode="r+")
@@ -675,26 +667,21 @@ class Cache:
             raise StoreError(f"{self.path}: store format_version {self.attrs.get('format_version')} "
                              f"is not supported (this sfcache reads {', '.join(map(str, READABLE_VERSIONS))})")
         _validate_attrs(self.path / "zarr.json", self.attrs)
-        targets = self.attrs["targets"]
-        self.layers = tuple(int(x) for x in targets["layers"])
-        self.views = tuple(targets["views"])
-        self.grid = tuple(int(x) for x in targets["grid"])
-        self.channels = int(targets["channels"])
-        self.dtype = str(targets["dtype"])
-        self.recipe = str(self.attrs.get("recipe", "none"))
-        self.has_mask = targets.get("mask", "none") == "tokens"
-        self.num_steps = int(self.attrs["num_steps"])
-        self.steps_per_shard = int(self.attrs["steps_per_shard"])
-        self.num_shards = int(self.attrs["num_shards"])
-        self.episodes = [e[0] for e in self.attrs["episodes"]]
-        self._reduce_attrs = targets.get("reduce")
+        self.provenance = provenance = Provenance.from_attrs(self.attrs)
+        targets = provenance.targets
+        self.layers, self.views, self.grid = targets.layers, targets.views, targets.grid
+        self.channels, self.dtype, self.has_mask = targets.channels, targets.dtype, targets.has_mask
+        self.recipe = provenance.recipe
+        self.num_steps, self.steps_per_shard = provenance.num_steps, provenance.steps_per_shard
+        self.num_shards = provenance.num_shards
+        self.episodes = [e.key for e in provenance.episodes]
         self._reduction: Reduction | None = None
         self._reset_handles()
 
     def _reset_handles(self) -> None:
         self._zstore = None
         self._arrays: dict[str, zarr.Array] = {}
-        self._records: dict[str, EpisodeRecord] | None = None
+        self._index: RowIndex | None = None
         self._tfds_ids: dict[str, str] | None = None
         self._known_done: set[int] = set()
         self._index_ok = False
@@ -703,7 +690,7 @@ class Cache:
         if self.mode != "r":
             raise StoreError(f"{self.path}: only a read-only Cache can be sent to another process")
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("_zstore", "_arrays", "_records", "_tfds_ids", "_known_done", "_reduction", "_index_ok")}
+                if k not in ("_zstore", "_arrays", "_index", "_tfds_ids", "_known_done", "_reduction", "_index_ok")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -719,49 +706,63 @@ class Cache:
     @property
     def reduced(self) -> bool:
         """True for a `--reduce pca:...` store: coefficients on disk, targets rebuilt by `read_rows`."""
-        return self._reduce_attrs is not None
+        return self.provenance.targets.reduce is not None
 
     @property
     def reduction(self) -> Reduction | None:
         """The stored bases (read once), or None for a store of full targets."""
-        if self._reduce_attrs is None:
+        recorded = self.provenance.targets.reduce
+        if recorded is None:
             return None
         if self._reduction is None:
             self._reduction = Reduction(
-                request={k: v for k, v in self._reduce_attrs.items() if k not in ("k", "fidelity", "bytes_per_step", "basis")},
-                means={layer: self._array(f"targets/layer_{layer}_mean")[...] for layer in self.layers},
-                components={layer: self._array(f"targets/layer_{layer}_basis")[...] for layer in self.layers},
-                fidelity=self._reduce_attrs.get("fidelity"))
+                request=recorded.request,
+                means={layer: self._array(layer_array(layer, "_mean"))[...] for layer in self.layers},
+                components={layer: self._array(layer_array(layer, "_basis"))[...] for layer in self.layers},
+                fidelity=recorded.to_attrs().get("fidelity"))
             for layer, components in self._reduction.components.items():
                 if not np.isfinite(components).all() or not np.abs(components).sum(axis=1).all():
                     self._reduction = None   # an orthonormal row is never zero: its chunk is lost (reads as zeros)
-                    raise StoreError(f"{self.path}: targets/layer_{layer}_basis is damaged (zero or non-finite rows); "
-                                     "no target can be rebuilt (see `sf inspect-cache --check`)")
+                    raise StoreError(f"{self.path}: {layer_array(layer, '_basis')} is damaged (zero or non-finite "
+                                     "rows); no target can be rebuilt (see `sf inspect-cache --check`)")
         return self._reduction
 
     def stored_channels(self, layer: int) -> int:
         """Channels of a layer's stored array: `channels`, or its K coefficients on a reduced store."""
-        return int(self._reduce_attrs["k"][str(layer)]) if self.reduced else self.channels
+        return int(self.provenance.targets.reduce.k[layer]) if self.reduced else self.channels
+
+    def resolve_layer(self, layer: int | None) -> int:
+        """The stored layer to read: None is the only stored one; a negative index counts back from VGGT's depth.
+        StoreError naming the stored layers when there is no such (or, for None, no single) layer."""
+        if layer is None and len(self.layers) == 1:
+            return self.layers[0]
+        absolute = None if layer is None else layer + self.provenance.vggt.depth if layer < 0 else layer
+        if absolute not in self.layers:
+            asked = f"{len(self.layers)} layers are stored, so one must be chosen" if layer is None else \
+                f"layer {layer} is not stored"
+            raise StoreError(f"{self.path}: {asked}; stored layers: {list(self.layers)} (pass layer=, or --layer / "
+                             "--cache-layer on the command line)")
+        return absolute
 
     # -- index
 
+    @property
+    def index(self) -> RowIndex:
+        """The episode index: rows <-> (episode key, step) (checked to tile the rows before first use)."""
+        self._check_index()
+        if self._index is None:
+            self._index = RowIndex(self.provenance.episodes, where=str(self.path))
+        return self._index
+
     def episode(self, key: str) -> EpisodeRecord:
         """The rows of episode `key` (a store key, or an RLDS episode's TFDS id: see `key_for`)."""
-        self._check_index()
-        if self._records is None:
-            self._records = {e[0]: EpisodeRecord(*e) for e in self.attrs["episodes"]}
-        try:
-            return self._records[self.key_for(key)]
-        except KeyError:
-            raise StoreError(f"{self.path}: episode {key!r} is not in this store "
-                             f"({len(self.episodes)} episodes, e.g. {self.episodes[:3]})") from None
+        return self.index.record(self.key_for(key))
 
     def key_for(self, name: str) -> str:
         """The store key of `name`: a key is itself; a TFDS id (`<shard file>__<index>`, what TFDS's
         `ReadConfig(add_tfds_id=True)` yields) maps through the source's recorded shard list."""
-        if self._tfds_ids is None:
-            from sfcache.sources.libero_rlds import tfds_ids   # only RLDS stores record shards
-            self._tfds_ids = tfds_ids(self.attrs.get("source", {}).get("tfds_shards", []))
+        if self._tfds_ids is None:   # only RLDS stores record shards
+            self._tfds_ids = tfds_ids(self.provenance.source.get("tfds_shards", []))
         return self._tfds_ids.get(name, name)
 
     def _check_index(self) -> None:
@@ -776,7 +777,7 @@ class Cache:
 
     def done_shards(self, shards: Sequence[int] | None = None) -> np.ndarray:
         """bool per shard (all shards, or the given ones): True where the shard is written and verified."""
-        done = self._array("done")
+        done = self._array(DONE_ARRAY)
         if shards is None:
             return done[: self.num_shards].astype(bool)
         wanted = np.asarray(shards, dtype=np.int64)
@@ -787,7 +788,7 @@ class Cache:
         self._check_index()
         done = self.done_shards()
         missing = []
-        for key, _, start, length in self.attrs["episodes"]:
+        for key, _, start, length in self.index.records:
             shards = np.arange(start // self.steps_per_shard, -(-(start + length) // self.steps_per_shard))
             if length and not done[shards].all():
                 missing.append(key)
@@ -836,7 +837,7 @@ class Cache:
         if not decoded and (self.dtype != "float16" or self.reduced):
             raise StoreError(f"{self.path}: only float16 stores without --reduce are read undecoded; this one is "
                              f"{self.dtype}{' and reduced' if self.reduced else ''}")
-        name = f"targets/layer_{self._layer(layer)}"
+        name = layer_array(self.resolve_layer(layer))
         self._check_index()
         self._require_done(rows)
         runs, order = _contiguous_runs(rows)
@@ -844,7 +845,7 @@ class Cache:
         scale = self._checked_read(f"{name}_scale", runs, order) if self.dtype == "int8" else None
         values = decode(stored, self.dtype, scale) if decoded else stored
         if self.reduced and reconstruct:
-            values = self.reduction.reconstruct(self._layer(layer), values)
+            values = self.reduction.reconstruct(self.resolve_layer(layer), values)
         if not mask:
             return values
         if not self.has_mask:
@@ -872,28 +873,17 @@ class Cache:
         values = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return values if order is None else values[order]
 
-    def _layer(self, layer: int | None) -> int:
-        if layer is None:
-            if len(self.layers) != 1:
-                raise StoreError(f"{self.path}: several layers stored {list(self.layers)}; pass layer=")
-            return self.layers[0]
-        depth = int(self.attrs["vggt"]["config"].get("depth", 0))
-        absolute = layer + depth if layer < 0 else layer
-        if absolute not in self.layers:
-            raise StoreError(f"{self.path}: layer {layer} is not stored (layers: {list(self.layers)})")
-        return absolute
-
     def _require_done(self, rows: np.ndarray) -> None:
         shards = set(np.unique(rows // self.steps_per_shard).tolist()) - self._known_done
         if not shards:
             return
         wanted = np.array(sorted(shards))
-        done = self._array("done").get_orthogonal_selection((wanted,)).astype(bool)
+        done = self._array(DONE_ARRAY).get_orthogonal_selection((wanted,)).astype(bool)
         if not done.all():
             shard = int(wanted[~done][0])
             row = int(rows[rows // self.steps_per_shard == shard][0])
-            key, _, start, _ = next(e for e in reversed(self.attrs["episodes"]) if e[2] <= row)
-            raise StoreError(f"{self.path}: episode {key!r} step {row - start} (row {row}) is in shard {shard}, "
+            key, step = self.index.locate(row)
+            raise StoreError(f"{self.path}: episode {key!r} step {step} (row {row}) is in shard {shard}, "
                              "which is not extracted yet; run `sf extract` again with the same options to finish it")
         for shard in wanted.tolist():
             file = self._missing_file(shard)
@@ -902,18 +892,23 @@ class Cache:
                                  "again with the same options to redo it")
         self._known_done.update(shards)
 
+    def _open(self, name: str) -> zarr.Array:
+        """Array `name` as it is on disk; StoreError if it is missing or its metadata unreadable."""
+        if self._zstore is None:
+            self._zstore = zarr.storage.LocalStore(self.path, read_only=self.mode == "r")
+        try:
+            return zarr.open_array(self._zstore, path=name, mode=self.mode, zarr_format=3)
+        except FileNotFoundError:
+            raise StoreError(f"{self.path}: array {name!r} is missing; the store is damaged") from None
+        except Exception as err:   # a damaged array zarr.json: zarr raises many types
+            raise StoreError(f"{self.path / name / 'zarr.json'}: unreadable array metadata "
+                             f"({type(err).__name__}: {err}); the store is damaged") from None
+
     def _array(self, name: str) -> zarr.Array:
+        """`_open`, once, checked to hold every row the index needs."""
         if name not in self._arrays:
-            if self._zstore is None:
-                self._zstore = zarr.storage.LocalStore(self.path, read_only=self.mode == "r")
-            try:
-                array = zarr.open_array(self._zstore, path=name, mode=self.mode, zarr_format=3)
-            except FileNotFoundError:
-                raise StoreError(f"{self.path}: array {name!r} is missing; the store is damaged") from None
-            except Exception as err:   # a damaged array zarr.json: zarr raises many types
-                raise StoreError(f"{self.path / name / 'zarr.json'}: unreadable array metadata "
-                                 f"({type(err).__name__}: {err}); the store is damaged") from None
-            rows = self.num_shards if name == "done" else self.num_steps if name in self._target_arrays() else 0
+            array = self._open(name)
+            rows = self.num_shards if name == DONE_ARRAY else self.num_steps if name in self._target_arrays() else 0
             if array.shape[0] < rows:   # arrays of rows (not a --reduce basis) must hold every row of the index
                 raise StoreError(f"{self.path / name / 'zarr.json'}: array {name!r} has {array.shape[0]} rows, but "
                                  f"zarr.json's index needs {rows}; the store is damaged")
@@ -921,9 +916,53 @@ class Cache:
         return self._arrays[name]
 
     def shard_file(self, name: str, shard: int) -> Path:
-        """The file holding shard `shard` of array `name` (every array has steps_per_shard rows per shard)."""
+        """The file holding shard `shard` of array `name` (every array has steps_per_shard rows per shard;
+        shard 0 of a --reduce mean or basis is its one chunk)."""
         array = self._array(name)
         return self.path / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+
+    # -- integrity (sfcache.inspect.check)
+
+    def expected_arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Every array the provenance promises besides `done`, with its shape and stored dtype: per layer its
+        values (int8: and scales; a reduced store: and mean [C], basis [K, C]), then the token mask."""
+        views, tokens, rows = len(self.views), self.grid[0] * self.grid[1], self.num_steps
+        arrays = {}
+        for layer in self.layers:
+            width = self.stored_channels(layer)
+            arrays[layer_array(layer)] = ((rows, views, tokens, width), np.dtype(_STORED_DTYPE[self.dtype]))
+            if self.dtype == "int8":   # version 1: one scale per step, view and channel
+                scale = (views, width) if self.provenance.format_version == 1 else \
+                    (views, tokens, width // int8_block(width))
+                arrays[layer_array(layer, "_scale")] = ((rows, *scale), np.dtype(np.float32))
+            if self.reduced:
+                arrays[layer_array(layer, "_mean")] = ((self.channels,), np.dtype(np.float32))
+                arrays[layer_array(layer, "_basis")] = ((width, self.channels), np.dtype(np.float32))
+        if self.has_mask:
+            arrays[MASK_ARRAY] = ((rows, views, tokens), np.dtype(np.uint8))
+        return arrays
+
+    def array_problem(self, name: str) -> str | None:
+        """What is wrong with array `name` of `expected_arrays()` (missing, unreadable, another shape, dtype or
+        shard size, a basis chunk gone), or None when it is as promised."""
+        shape, dtype = self.expected_arrays()[name]
+        basis = name.endswith(("_mean", "_basis"))
+        kind = "PCA basis" if basis else "token mask" if name == MASK_ARRAY else "array"
+        try:
+            array = self._open(name)
+        except StoreError as error:
+            return f"{kind} missing or unreadable ({error})"
+        if array.shape != shape or array.dtype != dtype:
+            return f"shape {array.shape} {array.dtype}, expected {shape} {dtype} from the provenance"
+        if basis and not (self.path / name / array.metadata.encode_chunk_key((0,) * array.ndim)).is_file():
+            return f"{kind} missing or unreadable (its chunk file is gone: it would read as zeros)"
+        if not basis and name != MASK_ARRAY and (array.shards is None or array.shards[0] != self.steps_per_shard):
+            return f"shards {array.shards}, expected {self.steps_per_shard} steps per shard"
+        return None
+
+    def read_stored(self, name: str, rows: slice = slice(None)) -> np.ndarray:
+        """Rows of array `name` exactly as stored (not decoded, no done flag asked): zarr's own error on damage."""
+        return self._open(name)[rows] if name == DONE_ARRAY else self._array(name)[rows]
 
     def shard_digests(self, shard: int) -> dict[str, list[int] | None]:
         """[size, crc32] of each target array's file of a shard (None where missing), as seen from here.
@@ -964,7 +1003,7 @@ class Cache:
         overwritten: zarr reads a shard's index before replacing it), so `sf extract` redoes them afresh."""
         if self.mode == "r":
             raise StoreError(f"{self.path}: opened read-only; cannot change done flags")
-        done = self._array("done")
+        done = self._array(DONE_ARRAY)
         try:
             for shard in shards:
                 done[int(shard)] = 0
@@ -978,7 +1017,7 @@ class Cache:
 
     def _target_arrays(self) -> list[str]:
         """Every array stored shard by shard: a shard's data is whole only when each of these files is."""
-        names = [f"targets/layer_{layer}" for layer in self.layers]
+        names = [layer_array(layer) for layer in self.layers]
         scales = [f"{name}_scale" for name in names] if self.dtype == "int8" else []
         return names + scales + ([MASK_ARRAY] if self.has_mask else [])
 
@@ -1022,12 +1061,12 @@ class Cache:
                 else:
                     stored, scale = encode(self.reduction.project(layer, values) if self.reduced else values,
                                            self.dtype)
-                self._write_synced(f"targets/layer_{layer}", rows, stored)
+                self._write_synced(layer_array(layer), rows, stored)
                 if scale is not None:
-                    self._write_synced(f"targets/layer_{layer}_scale", rows, scale)
+                    self._write_synced(layer_array(layer, "_scale"), rows, scale)
             if mask is not None:
                 self._write_synced(MASK_ARRAY, rows, mask.astype(np.uint8))
-            self._array("done")[shard] = 1
+            self._array(DONE_ARRAY)[shard] = 1
         except OSError as err:
             raise StoreError(f"{self.path}: writing shard {shard} (rows {rows.start}-{rows.stop - 1}) failed: "
                              f"{err}; the shard stays not done") from err

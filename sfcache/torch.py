@@ -21,7 +21,9 @@ from torch import nn
 
 from sfcache.crop import crop_target_grid
 from sfcache.errors import SfcacheError, StoreError
+from sfcache.keys import episode_key
 from sfcache.pooling import pool_grid, position_embedding
+from sfcache.rows import RowIndex
 from sfcache.store import open_cache
 
 __all__ = ["CachedTargets", "SpatialForcingLoss", "WithTargets", "crop_target_grid", "lerobot_episodes",
@@ -66,7 +68,7 @@ class CachedTargets(torch.utils.data.Dataset):
         self._pos: torch.Tensor | None = None
         self._pos_on: torch.Tensor | None = None      # pool(E) on the device the values were last on
         cache = self.cache  # validate the store and the layer now, not in a worker
-        self.layer = _resolve_layer(cache, layer)
+        self.layer = cache.resolve_layer(layer)
         self.recipe = cache.recipe
         if recipe is not None and recipe != cache.recipe:
             raise SfcacheError(f"{self.store}: targets were extracted with --recipe {cache.recipe}, but recipe "
@@ -78,11 +80,10 @@ class CachedTargets(torch.utils.data.Dataset):
         self.coefficients = coefficients
         self._basis: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # device -> (components, mean)
         self.views, self.grid, self.channels = tuple(cache.views), tuple(cache.grid), int(cache.channels)
-        targets = cache.attrs["targets"]
-        self.native_grid = tuple(int(v) for v in targets["native_grid"])   # VGGT's patch grid before pooling
-        self.aspect_ratio = float(targets["aspect_ratio"])                # preprocessed image W / H
-        self._starts = {e.key: (e.start, e.length) for e in map(cache.episode, cache.episodes)}
-        self._num_rows = sum(length for _, length in self._starts.values())
+        targets = cache.provenance.targets
+        self.native_grid = targets.native_grid           # VGGT's patch grid before pooling
+        self.aspect_ratio = float(targets.aspect_ratio)  # preprocessed image W / H
+        self.index: RowIndex = cache.index
 
     @property
     def cache(self):
@@ -95,11 +96,11 @@ class CachedTargets(torch.utils.data.Dataset):
         return {**self.__dict__, "_cache": None, "_pid": None, "_basis": {}, "_pos_on": None}   # no device tensors
 
     def __len__(self) -> int:
-        return self._num_rows
+        return self.index.num_rows
 
     def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= index < self._num_rows:
-            raise IndexError(f"{self.store}: row {index} out of range [0, {self._num_rows})")
+        if not 0 <= index < self.index.num_rows:   # IndexError: the end of iteration over a Dataset
+            raise IndexError(f"{self.store}: row {index} out of range [0, {self.index.num_rows})")
         return _first(self.read_rows([index]))
 
     def __getitems__(self, indices: list[int]) -> list:
@@ -116,17 +117,13 @@ class CachedTargets(torch.utils.data.Dataset):
         """Flat row of `step` in episode `key` (a store key or an RLDS TFDS id); StoreError naming the key
         and range if absent. With `length` (the episode's length in your pipeline) a store episode of
         another length is an error, so a key that names other data cannot silently misalign."""
-        key = key.decode() if isinstance(key, bytes) else str(key)
-        found = self._starts.get(key) or self._starts.get(self.cache.key_for(key))
-        if found is None:
-            raise StoreError(f"{self.store}: episode {key!r} is not in the cache")
-        start, stored = found
+        name = key.decode() if isinstance(key, bytes) else str(key)
+        key = name if name in self.index else self.cache.key_for(name)
+        stored = self.index.record(key).length
         if length is not None and int(length) != stored:
-            raise StoreError(f"{self.store}: episode {key!r} has {stored} steps in the cache but {int(length)} in "
+            raise StoreError(f"{self.store}: episode {name!r} has {stored} steps in the cache but {int(length)} in "
                              "your data pipeline; the cache was made from other data (re-extract it from this dataset)")
-        if not 0 <= step < stored:
-            raise StoreError(f"{self.store}: episode {key!r} has steps [0, {stored}), asked step {step}")
-        return start + int(step)
+        return self.index.row(key, step)
 
     def get(self, key: str, step: int, length: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Targets of one step: float32 [V, h*w, C] (with the mask: a pair, see the class)."""
@@ -225,18 +222,6 @@ def pooled_position_embedding(native: tuple[int, int], grid: tuple[int, int], ch
     return pool_grid(position_embedding(native[0], native[1], channels, aspect_ratio), native, grid)
 
 
-def _resolve_layer(cache, layer: int | None) -> int:
-    """The stored VGGT layer to read: the only one when None; negative counts from VGGT's depth."""
-    if layer is None:
-        if len(cache.layers) != 1:
-            raise StoreError(f"{cache.path}: several layers stored {list(cache.layers)}; pass layer=")
-        return int(cache.layers[0])
-    absolute = layer + int(cache.attrs["vggt"]["config"].get("depth", 0)) if layer < 0 else layer
-    if absolute not in cache.layers:
-        raise StoreError(f"{cache.path}: layer {layer} is not stored (layers: {list(cache.layers)})")
-    return absolute
-
-
 class WithTargets(torch.utils.data.Dataset):
     """Wraps any dataset of dict samples and adds `sf_targets` (and `sf_mask` from a masked store).
 
@@ -258,7 +243,8 @@ class WithTargets(torch.utils.data.Dataset):
         self._step = step if callable(step) else itemgetter(step)
         self.index = index
         episodes = lerobot_episodes(dataset) if lengths is None else \
-            _first_rows(lengths) if index is not None else {k: (None, int(n)) for k, n in lengths.items()}
+            RowIndex.packed(lengths).spans() if index is not None else \
+            {k: (None, int(n)) for k, n in lengths.items()}
         if index is not None and episodes is None:
             raise SfcacheError("WithTargets(index=...): pass lengths={episode key: length} or a LeRobotDataset, "
                                "so the join can check that store rows equal the dataset's global index")
@@ -294,7 +280,7 @@ class WithTargets(torch.utils.data.Dataset):
         if not 0 <= row < len(self.targets):
             raise StoreError(f"{self.targets.store}: {self.index} {row} is past the store's {len(self.targets)} rows")
         if "episode_index" in sample and "frame_index" in sample:     # LeRobot samples say where they are
-            key, step = f"episode_{int(sample['episode_index']):06d}", int(sample["frame_index"])
+            key, step = episode_key(sample["episode_index"]), int(sample["frame_index"])
             if self.targets.row(key, step) != row:
                 raise StoreError(f"{self.targets.store}: {self.index} {row} is {key} step {step}, which is row "
                                  f"{self.targets.row(key, step)} in the store (join by key and step)")
@@ -309,22 +295,12 @@ def lerobot_episodes(dataset: Any) -> dict[str, tuple[int, int]] | None:
     if meta is None:
         return None
     if isinstance(meta, dict) and all(isinstance(i, int) for i in meta):    # lerobot 0.3 (v2.1): {index: row}
-        starts = np.cumsum([0] + [int(meta[i]["length"]) for i in sorted(meta)])
-        every = {int(i): (int(starts[n]), int(meta[i]["length"])) for n, i in enumerate(sorted(meta))}
+        every = RowIndex.packed({int(i): int(meta[i]["length"]) for i in sorted(meta)}).spans()
     else:                                                           # lerobot 0.4 (v3.0): columns
         every = {int(e): (int(f), int(n)) for e, f, n in zip(meta["episode_index"], meta["dataset_from_index"],
                                                              meta["length"])}
     chosen = getattr(dataset, "episodes", None)
-    return {f"episode_{i:06d}": every[i] for i in (sorted(every) if chosen is None else chosen)}
-
-
-def _first_rows(lengths: dict[str, int]) -> dict[str, tuple[int, int]]:
-    """{key: (first global index, length)} for episodes given in the dataset's order, back to back."""
-    rows, first = {}, 0
-    for key, length in lengths.items():
-        rows[key] = (first, int(length))
-        first += int(length)
-    return rows
+    return {episode_key(i): every[i] for i in (sorted(every) if chosen is None else chosen)}
 
 
 def _check_episodes(targets: CachedTargets, episodes: dict[str, tuple[int | None, int]], by_index: bool) -> None:

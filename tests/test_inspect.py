@@ -17,9 +17,8 @@ from sfcache.cli.main import app, main
 from sfcache import inspect as inspection
 from sfcache.errors import StoreError, WeightsError
 from sfcache.extract import ExtractConfig, extract
-from sfcache.sources.base import EpisodeInfo
 from sfcache.sources.synthetic import write_libero_hdf5
-from sfcache.store import StoreConfig, create_store, lock_store, pack_episodes
+from sfcache.store import StoreConfig, create_store, lock_store
 
 FRAME = 64             # fixture frame size (LIBERO HDF5, two views)
 GRID = (4, 4)
@@ -55,8 +54,8 @@ def shard_file(store: Path, shard: int) -> Path:
     return store / f"targets/layer_{LAYER}/c/{shard}/0/0/0"
 
 
-def failures_of(result: dict) -> str:
-    return "\n".join(f"{f['where']}: {f['what']}" for f in result["failures"])
+def failures_of(result: inspection.CheckResult) -> str:
+    return "\n".join(f"{f.where}: {f.what}" for f in result.failures)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -67,21 +66,21 @@ def test_summary_figures_match_an_independent_count(built):
     lengths = [len(episode.frames) for episode in written.episodes.values()]
     on_disk = sum(os.path.getsize(Path(d) / f) for d, _, files in os.walk(store) for f in files)
     raw_per_step = 2 * GRID[0] * GRID[1] * CHANNELS * 2          # views x tokens x channels x float16
-    assert summary["episodes"] == len(written.episodes) == 2
-    assert summary["steps"] == sum(lengths) == 8
-    assert summary["views"] == ["primary", "wrist"]
-    assert (summary["layers"], summary["grid"], summary["channels"]) == ([LAYER], list(GRID), CHANNELS)
-    assert (summary["dtype"], summary["codec"]) == ("float16", "none")
-    assert summary["source"]["format"] == "libero_hdf5"
-    assert summary["source"]["path"] == str(written.path.resolve())
-    assert summary["bytes_on_disk"] == on_disk
-    assert summary["raw_bytes_per_step"] == raw_per_step
-    assert summary["bytes_per_step"] == pytest.approx(on_disk / 8)
-    assert summary["compression_ratio"] == pytest.approx(raw_per_step * 8 / on_disk)
-    assert (summary["shards_done"], summary["shards"], summary["steps_done"]) == (4, 4, 8)
-    assert summary["complete"] and summary["missing_episodes"] == []
-    assert summary["vggt"]["weights_id"] == "random:tiny+seed0" and summary["vggt"]["random_weights"]
-    assert any("RANDOM WEIGHTS" in warning for warning in summary["warnings"])
+    assert summary.episodes == len(written.episodes) == 2
+    assert summary.steps == sum(lengths) == 8
+    assert summary.views == ("primary", "wrist")
+    assert (summary.layers, summary.grid, summary.channels) == ((LAYER,), tuple(GRID), CHANNELS)
+    assert (summary.dtype, summary.codec) == ("float16", "none")
+    assert summary.source["format"] == "libero_hdf5"
+    assert summary.source["path"] == str(written.path.resolve())
+    assert summary.bytes_on_disk == on_disk
+    assert summary.raw_bytes_per_step == raw_per_step
+    assert summary.bytes_per_step == pytest.approx(on_disk / 8)
+    assert summary.compression_ratio == pytest.approx(raw_per_step * 8 / on_disk)
+    assert (summary.shards_done, summary.shards, summary.steps_done) == (4, 4, 8)
+    assert summary.complete and summary.missing_episodes == ()
+    assert summary.vggt.weights_id == "random:tiny+seed0" and summary.vggt.random_weights
+    assert any("RANDOM WEIGHTS" in warning for warning in summary.warnings)
 
 
 def test_cli_summary_text_and_json(built):
@@ -93,16 +92,16 @@ def test_cli_summary_text_and_json(built):
         assert expected in text.output
     as_json = invoke(store, "--json")
     assert as_json.exit_code == 0, as_json.output
-    assert json.loads(as_json.output)["summary"] == inspection.summarize(inspection.open_store(store))
+    assert json.loads(as_json.output)["summary"] == inspection.summarize(inspection.open_store(store)).to_json()
 
 
 def test_incomplete_store_lists_missing_episodes(damaged):
     zarr.open_array(str(damaged / "done"), mode="r+")[3] = 0          # rows 6-7: the second episode's end
     summary = inspection.summarize(inspection.open_store(damaged))
     episodes = [e[0] for e in inspection.read_provenance(damaged)["episodes"]]
-    assert not summary["complete"]
-    assert (summary["shards_done"], summary["steps_done"]) == (3, 6)
-    assert summary["missing_episodes"] == [episodes[1]]
+    assert not summary.complete
+    assert (summary.shards_done, summary.steps_done) == (3, 6)
+    assert summary.missing_episodes == (episodes[1],)
     result = invoke(damaged)
     assert "missing episodes" in result.output and "3/4 shards, 6/8 steps" in result.output
 
@@ -115,12 +114,12 @@ def test_episode_norms_per_step_and_view(built):
     report = inspection.episode_report(inspection.open_store(store), key)
     stored = zarr.open_array(str(store / f"targets/layer_{LAYER}"), mode="r")[4:8].astype(np.float32)
     norms = np.linalg.norm(stored, axis=-1)                            # [steps, views, tokens]
-    assert (report["key"], report["start"], report["length"]) == (key, 4, 4)
-    assert report["instruction"] == written.episodes[key].instruction
-    assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3]
-    np.testing.assert_allclose([s["mean_norm"] for s in report["steps"]], norms.mean(-1), rtol=1e-5)
-    np.testing.assert_allclose([s["min_norm"] for s in report["steps"]], norms.min(-1), rtol=1e-5)
-    np.testing.assert_allclose(report["max_norm"], norms.max(axis=(0, 2)), rtol=1e-5)
+    assert (report.key, report.start, report.length) == (key, 4, 4)
+    assert report.instruction == written.episodes[key].instruction
+    assert [s.step for s in report.steps] == [0, 1, 2, 3]
+    np.testing.assert_allclose([s.mean_norm for s in report.steps], norms.mean(-1), rtol=1e-5)
+    np.testing.assert_allclose([s.min_norm for s in report.steps], norms.min(-1), rtol=1e-5)
+    np.testing.assert_allclose(report.max_norm, norms.max(axis=(0, 2)), rtol=1e-5)
     result = invoke(store, "--episode", key)
     assert result.exit_code == 0 and "token L2 norm per step" in result.output
 
@@ -134,7 +133,7 @@ def test_unknown_episode_is_a_clear_error(built):
 
 def test_check_passes_on_a_good_store(built):
     result = inspection.check(built[1])
-    assert result == {"ok": True, "failures": [], "shards_checked": 4, "shards": 4}
+    assert result == inspection.CheckResult(ok=True, failures=(), shards_checked=4, shards=4)
     cli = invoke(built[1], "--check")
     assert cli.exit_code == 0 and "check: OK" in cli.output
 
@@ -145,12 +144,12 @@ def test_check_catches_overwritten_shard_bytes(damaged):
     data[-40:] = bytes(range(40))                                      # the shard index and its checksum
     file.write_bytes(bytes(data))
     result = inspection.check(damaged)
-    assert not result["ok"]
-    assert [f["where"] for f in result["failures"]] == [str(file)]
-    assert "shard 1 unreadable" in result["failures"][0]["what"]
+    assert not result.ok
+    assert [f.where for f in result.failures] == [str(file)]
+    assert "shard 1 unreadable" in result.failures[0].what
     cli = invoke(damaged, "--check", "--json")
     assert cli.exit_code == 1
-    assert json.loads(cli.output)["check"]["failures"] == result["failures"]
+    assert json.loads(cli.output)["check"]["failures"] == result.to_json()["failures"]
 
 
 def test_check_catches_nan_and_names_the_step(damaged, built):
@@ -160,10 +159,10 @@ def test_check_catches_nan_and_names_the_step(damaged, built):
     array[5] = step
     result = inspection.check(damaged)
     key = list(built[0].episodes)[1]
-    assert not result["ok"] and len(result["failures"]) == 1
-    failure = result["failures"][0]
-    assert failure["where"] == f"targets/layer_{LAYER} shard 2"
-    assert f"episode {key} step 1 view wrist token 3" in failure["what"] and "1 non-finite" in failure["what"]
+    assert not result.ok and len(result.failures) == 1
+    failure = result.failures[0]
+    assert failure.where == f"targets/layer_{LAYER} shard 2"
+    assert f"episode {key} step 1 view wrist token 3" in failure.what and "1 non-finite" in failure.what
 
 
 def test_check_catches_missing_episode_and_deleted_shard(damaged, built):
@@ -172,7 +171,7 @@ def test_check_catches_missing_episode_and_deleted_shard(damaged, built):
     shard_file(damaged, 3).unlink()                                    # flag set, data gone
     result = inspection.check(damaged)
     text = failures_of(result)
-    assert not result["ok"] and len(result["failures"]) == 2
+    assert not result.ok and len(result.failures) == 2
     assert f"{shard_file(damaged, 3)}: shard 3 is marked done but its file is missing" in text
     assert f"done: shards 0 not done: 1 episode(s) incomplete ({keys[0]})" in text
     zarr.open_array(str(damaged / "done"), mode="r+")[1:3] = 0                # shards 0-2: both episodes
@@ -203,7 +202,7 @@ def test_check_catches_inconsistent_index_and_provenance(damaged):
 def test_check_reports_a_lock_left_behind(damaged):
     (damaged / ".sfcache.lock").write_text('{"pid": 1, "host": "elsewhere", "started": 0}')
     assert "left locked by an extractor that stopped mid-run" in failures_of(inspection.check(damaged))
-    assert any("stopped mid-run" in w for w in inspection.summarize(inspection.open_store(damaged))["warnings"])
+    assert any("stopped mid-run" in w for w in inspection.summarize(inspection.open_store(damaged)).warnings)
 
 
 def test_check_tells_a_live_extractor_from_a_leftover_lock(damaged):
@@ -218,12 +217,12 @@ def test_check_tells_a_live_extractor_from_a_leftover_lock(damaged):
 def test_verify_passes_on_a_good_store(built):
     cache = inspection.open_store(built[1])
     result = inspection.verify(cache, steps=2, seed=3)
-    assert result["ok"] and result["min_cos"] > 0.9999 and result["threshold"] == 0.999
-    assert len(result["steps"]) == 2 and not result["source_changed"]
+    assert result.ok and result.min_cos > 0.9999 and result.threshold == 0.999
+    assert len(result.steps) == 2 and not result.source_changed
     rows = np.sort(np.random.default_rng(3).choice(8, size=2, replace=False))   # seeded, reproducible
     keys = list(built[0].episodes)
-    assert result["steps"] == [[keys[row // 4], row % 4] for row in rows]
-    assert inspection.verify(cache, steps=1, seed=3, threshold=1.01)["ok"] is False
+    assert result.steps == tuple((keys[row // 4], row % 4) for row in rows)
+    assert inspection.verify(cache, steps=1, seed=3, threshold=1.01).ok is False
 
 
 def test_verify_fails_on_altered_values(damaged, built):
@@ -300,11 +299,11 @@ def test_pca_of_an_unextracted_episode_is_refused(damaged, built):
 def rewrite(built_store: Path, store: Path, **options) -> Path:
     """The built store's values written again through the store's writer with other StoreConfig options."""
     source = inspection.open_store(built_store)
-    attrs, targets = source.attrs, source.attrs["targets"]
-    config = StoreConfig(episodes=pack_episodes([EpisodeInfo(k, i, n) for k, i, _, n in attrs["episodes"]]),
-                         layers=(LAYER,), grid=GRID, native_grid=tuple(targets["native_grid"]),
-                         aspect_ratio=targets["aspect_ratio"], views=tuple(targets["views"]), channels=CHANNELS,
-                         vggt=attrs["vggt"], source=attrs["source"], steps_per_shard=STEPS_PER_SHARD, **options)
+    provenance, targets = source.provenance, source.provenance.targets
+    config = StoreConfig(episodes=provenance.episodes, layers=(LAYER,), grid=GRID, native_grid=targets.native_grid,
+                         aspect_ratio=targets.aspect_ratio, views=targets.views, channels=CHANNELS,
+                         vggt=provenance.vggt.to_attrs(), source=provenance.source, steps_per_shard=STEPS_PER_SHARD,
+                         **options)
     with lock_store(store):
         cache = create_store(store, config)
         for shard in range(cache.num_shards):
@@ -315,7 +314,7 @@ def rewrite(built_store: Path, store: Path, **options) -> Path:
 @pytest.mark.parametrize("checksum", [True, False])
 def test_a_flipped_data_byte_is_caught_by_check_only_with_checksums(built, tmp_path, checksum):
     store = rewrite(built[1], tmp_path / "store", checksum=checksum)
-    assert inspection.summarize(inspection.open_store(store))["checksum"] == ("crc32c" if checksum else "none")
+    assert inspection.summarize(inspection.open_store(store)).checksum == ("crc32c" if checksum else "none")
     assert np.array_equal(inspection.open_store(store).read_rows(slice(0, 8)),
                           inspection.open_store(built[1]).read_rows(slice(0, 8)))
     file = shard_file(store, 1)
@@ -324,11 +323,11 @@ def test_a_flipped_data_byte_is_caught_by_check_only_with_checksums(built, tmp_p
     file.write_bytes(bytes(data))
     result = inspection.check(store)
     if checksum:
-        assert not result["ok"]
-        assert [f["where"] for f in result["failures"]] == [str(file)]
-        assert "shard 1 unreadable" in result["failures"][0]["what"]
+        assert not result.ok
+        assert [f.where for f in result.failures] == [str(file)]
+        assert "shard 1 unreadable" in result.failures[0].what
     else:                                                              # why --checksum exists: the flip reads as
-        assert result["ok"]                                            # an ordinary (wrong) number
+        assert result.ok                                            # an ordinary (wrong) number
 
 
 def test_int8_store_verifies_at_its_threshold_and_nan_scales_are_caught(built, tmp_path):
@@ -336,11 +335,11 @@ def test_int8_store_verifies_at_its_threshold_and_nan_scales_are_caught(built, t
     store = rewrite(built[1], tmp_path / "int8", dtype="int8")
     summary = inspection.summarize(inspection.open_store(store))
     tokens = GRID[0] * GRID[1]
-    assert summary["raw_bytes_per_step"] == 2 * tokens * CHANNELS + 2 * tokens * (CHANNELS // 128) * 4
-    assert inspection.check(store)["ok"]
+    assert summary.raw_bytes_per_step == 2 * tokens * CHANNELS + 2 * tokens * (CHANNELS // 128) * 4
+    assert inspection.check(store).ok
     result = inspection.verify(inspection.open_store(store), steps=1, seed=0)
-    assert result["threshold"] == inspection.DEFAULT_THRESHOLDS["int8"] == 0.995
-    assert result["ok"] and 0.995 < result["min_cos"] < 1.0
+    assert result.threshold == inspection.DEFAULT_THRESHOLDS["int8"] == 0.995
+    assert result.ok and 0.995 < result.min_cos < 1.0
 
     scales = zarr.open_array(str(store / f"targets/layer_{LAYER}_scale"), mode="r+")
     step = scales[6]

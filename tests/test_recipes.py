@@ -67,8 +67,8 @@ def test_openvla_oft_recipe_decodes_rlds_as_tf_and_records_compute_dtype(tmp_pat
     summary = extract(ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="openvla-oft",
                                     compute_dtype="bfloat16", scheduler=scheduler), progress=False)
     cache = open_cache(tmp_path / "s")
-    assert summary.recipe == cache.recipe == "openvla-oft" and cache.attrs["vggt"]["preprocess"] == "sf"
-    assert cache.attrs["vggt"]["compute_dtype"] == "bfloat16" and not cache.has_mask
+    assert summary.recipe == cache.recipe == "openvla-oft" and cache.provenance.vggt.preprocess == "sf"
+    assert cache.provenance.vggt.compute_dtype == "bfloat16" and not cache.has_mask
     source = open_source(written.path)
     key = cache.episodes[0]
     islow = source.read(key).frames
@@ -80,14 +80,14 @@ def test_openvla_oft_recipe_decodes_rlds_as_tf_and_records_compute_dtype(tmp_pat
     assert (ifast != islow).any()
     expected, _ = reference(source, "openvla-oft", ("primary", "wrist"), compute_dtype=torch.bfloat16)[key]
     np.testing.assert_allclose(cache.read(key), expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
-    assert summarize(cache)["recipe"]["jpeg_dct"] == "ifast" and not summarize(cache)["warnings"][1:]
+    assert summarize(cache).recipe.jpeg_dct == "ifast" and not summarize(cache).warnings[1:]
 
 
 def test_openvla_oft_from_hdf5_says_it_matches_only_from_rlds(tmp_path, scheduler):
     written = write_libero_hdf5(tmp_path / "data", tasks=1, demos=1, steps=1, size=32)
     extract(ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="openvla-oft",
                           scheduler=scheduler), progress=False)
-    warnings = summarize(open_store(tmp_path / "s"))["warnings"]
+    warnings = summarize(open_store(tmp_path / "s")).warnings
     assert any("only when extracted from modified_libero_rlds" in w for w in warnings)
 
 
@@ -121,9 +121,9 @@ def test_openpi_store_from_two_cameras_has_three_slots_blank_masked(tmp_path, sc
     assert planned["views"] == ["head", "left_wrist", "blank"] and planned["bytes_per_step"] == 3 * 256 * (256 * 2 + 1)
     extract(config, progress=False)
     cache = open_store(tmp_path / "s")
-    assert check(tmp_path / "s")["ok"]
+    assert check(tmp_path / "s").ok
     assert cache.views == ("head", "left_wrist", "blank") and cache.recipe == "openpi" and cache.has_mask
-    assert cache.attrs["vggt"]["preprocess"] == "letterbox" and cache.attrs["source"]["views"] == ["head", "left_wrist"]
+    assert cache.provenance.vggt.preprocess == "letterbox" and cache.provenance.source["views"] == ["head", "left_wrist"]
     key = cache.episodes[0]
     values, mask = cache.read(key, mask=True)
     assert values.shape == (2, 3, 256, 256) and mask.shape == (2, 3, 256) and mask.dtype == bool
@@ -137,9 +137,9 @@ def test_openpi_store_from_two_cameras_has_three_slots_blank_masked(tmp_path, sc
     np.testing.assert_array_equal(mask, expected_mask)
     np.testing.assert_allclose(values, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
     summary = summarize(cache)
-    assert summary["recipe"]["slots"] == ["base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"]
+    assert summary.recipe.slots == ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
     result = verify(cache, steps=2)
-    assert result["ok"] and result["mask_errors"] == 0
+    assert result.ok and result.mask_errors == 0
     shown = CliRunner().invoke(app, ["inspect-cache", str(tmp_path / "s")], catch_exceptions=False).output
     assert "openpi: matches OpenHelix-Team/Spatial-Forcing openpi-SF" in " ".join(shown.split())
     resumed = ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="none",

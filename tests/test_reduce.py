@@ -77,9 +77,9 @@ def test_reconstruction_error_matches_the_noise_left_outside_k_components(tmp_pa
     residual = ((back - values) ** 2).sum(-1).mean()
     expected = (channels - k) * noise ** 2            # every direction beyond the signal holds noise variance only
     assert residual == pytest.approx(expected, rel=0.08)
-    fidelity = cache.attrs["targets"]["reduce"]["fidelity"]["0"]
-    assert fidelity["k"] == k and fidelity["worst"] <= fidelity["p1"] <= fidelity["mean"] < 1
-    assert cache.attrs["targets"]["reduce"]["bytes_per_step"] == 2 * 6 * k * 2     # views x tokens x K x float16
+    fidelity = cache.provenance.targets.reduce.fidelity[0]
+    assert fidelity.k == k and fidelity.worst <= fidelity.p1 <= fidelity.mean < 1
+    assert cache.provenance.targets.reduce.bytes_per_step == 2 * 6 * k * 2     # views x tokens x K x float16
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
@@ -143,11 +143,11 @@ def test_a_store_resumes_with_its_stored_basis_and_refuses_another_reduce_before
 
 def _config_fields(cache) -> dict:
     """The StoreConfig fields `write_reduced` used, read back from the store."""
-    attrs, targets = cache.attrs, cache.attrs["targets"]
-    return dict(episodes=pack_episodes([EpisodeInfo(k, i, n) for k, i, _, n in attrs["episodes"]]), layers=cache.layers,
-                grid=cache.grid, native_grid=tuple(targets["native_grid"]), aspect_ratio=targets["aspect_ratio"],
-                views=cache.views, channels=cache.channels, vggt=attrs["vggt"], source=attrs["source"],
-                dtype=cache.dtype, steps_per_shard=cache.steps_per_shard, created=attrs["created"])
+    provenance, targets = cache.provenance, cache.provenance.targets
+    return dict(episodes=provenance.episodes, layers=cache.layers, grid=cache.grid, native_grid=targets.native_grid,
+                aspect_ratio=targets.aspect_ratio, views=cache.views, channels=cache.channels,
+                vggt=provenance.vggt.to_attrs(), source=provenance.source, dtype=cache.dtype,
+                steps_per_shard=cache.steps_per_shard, created=provenance.created)
 
 
 # ----------------------------------------------------------------------------- through the extractor
@@ -178,9 +178,9 @@ def reference(dataset, scheduler, tmp_path_factory) -> Path:
 
 def test_extract_records_fidelity_shown_by_inspect_and_rechecked_by_verify(reference):
     cache = open_cache(reference)
-    reduce = cache.attrs["targets"]["reduce"]
-    assert reduce["asked"] == "pca:8" and reduce["k"] == {str(cache.layers[0]): 8}
-    assert reduce["sample_steps"] == 9 and reduce["held_out_steps"] == 3
+    reduce = cache.provenance.targets.reduce
+    assert reduce.asked == "pca:8" and reduce.k == {cache.layers[0]: 8}
+    assert reduce.sample_steps == 9 and reduce.held_out_steps == 3
     assert cache.read_rows([0, 11]).shape == (2, 2, 256, cache.channels)
     shown = CliRunner().invoke(app, ["inspect-cache", str(reference), "--verify", "4"])
     assert shown.exit_code == 0, shown.output

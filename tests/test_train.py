@@ -192,7 +192,7 @@ def test_samples_decode_only_their_own_frames_and_pad_the_action_chunk(data, mon
                         lambda self, episode, start, stop: decoded.append(stop - start) or original(
                             self, episode, start, stop))
     for step in (0, episode.length - 3, episode.length - 1):   # a full chunk, then chunks past the end
-        sample = dataset[int(dataset.offsets[1]) + step]
+        sample = dataset[dataset.rows.starts[1] + step]
         padded = np.minimum(np.arange(step, step + 8), episode.length - 1)
         np.testing.assert_array_equal(sample["actions"].numpy(), full.actions[padded])
         np.testing.assert_array_equal(sample["frames"].numpy(), full.frames[step])

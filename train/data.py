@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sfcache.errors import ConfigMismatch, SfcacheError, StoreError
+from sfcache.errors import ConfigMismatch, SfcacheError, StoreError, differences
 from sfcache.recipes import get_recipe
+from sfcache.rows import RowIndex
 from sfcache.sources import Source, open_source, recorded_views
 from sfcache.torch import CachedTargets
 from sfcache.train.model import encode_instructions
@@ -44,18 +45,13 @@ class StepDataset(Dataset):
                  targets: CachedTargets | None):
         self.source, self.episodes, self.chunk, self.targets = source, episodes, chunk, targets
         self.text = encode_instructions([e.instruction for e in episodes], text_len)
-        self.offsets = np.cumsum([0] + [e.length for e in episodes])
+        self.rows = RowIndex.packed({e.key: e.length for e in episodes}, where="training samples")
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def locate(self, index: int) -> tuple[int, int]:
-        """(episode position, step) of flat sample `index`."""
-        episode = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        return episode, index - int(self.offsets[episode])
+        return self.rows.num_rows
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        position, step = self.locate(index)
+        position, step = self.rows.position(index)
         episode = self.episodes[position]
         current = self.source.read(episode.key, step, step + 1)    # the only frames a sample needs
         chunk = self.source.read(episode.key, step, min(step + self.chunk, episode.length), frames=False)
@@ -92,7 +88,7 @@ def open_training_data(source_path: Path, cache_path: Path | None, views: tuple[
         raise SfcacheError(f"{cache_path}: extracted with --recipe {targets.recipe}, but sf train trains an "
                            f"OpenVLA-OFT-style policy (square 224 px views, crop augmentation, no token mask); "
                            f"use a store made with --recipe {' or '.join(TRAINER_RECIPES)}")
-    recorded = recorded_views(targets.cache.attrs["source"]) if targets else None    # with any name=column mapping
+    recorded = recorded_views(targets.cache.provenance.source) if targets else None    # with any name=column mapping
     source = open_source(source_path, views=views or recorded)
     identity = {"views": list(source.views), "grid": list(grid), "source": _source_identity(source.describe())}
     if targets is not None and get_recipe(targets.recipe).jpeg_fast_dct:   # the policy sees the frames VGGT saw
@@ -100,7 +96,7 @@ def open_training_data(source_path: Path, cache_path: Path | None, views: tuple[
     if targets is not None:
         check_cache_matches(targets, source, grid)
         identity.update(channels=targets.channels, layer=targets.layer,
-                        weights_id=targets.cache.attrs["vggt"].get("weights_id"))
+                        weights_id=targets.cache.provenance.vggt.weights_id)
     episodes = _episode_rows(source, targets)
     if val_episodes >= len(episodes):
         raise SfcacheError(f"{source_path}: {len(episodes)} episodes, cannot hold out {val_episodes} for validation")
@@ -141,27 +137,19 @@ def check_cache_matches(targets: CachedTargets, source: Source, grid: tuple[int,
 
     The dataset path counts only when the fingerprint differs too: a moved copy is the same data.
     """
-    recorded, actual = targets.cache.attrs.get("source", {}), source.describe()
-    diff: dict[str, tuple[object, object]] = {}
-    if tuple(targets.views) != tuple(source.views):
-        diff["views"] = (list(targets.views), list(source.views))
-    if tuple(targets.grid) != tuple(grid):
-        diff["grid"] = (list(targets.grid), list(grid))
-    for field in SOURCE_FIELDS:
-        if recorded.get(field) != actual.get(field):
-            diff[f"source.{field}"] = (recorded.get(field), actual.get(field))
-    if "source.fingerprint" in diff and recorded.get("path") != actual.get("path"):
-        diff["source.path"] = (recorded.get("path"), actual.get("path"))
+    recorded = {"views": list(targets.views), "grid": list(targets.grid), "source": targets.cache.provenance.source}
+    asked = {"views": list(source.views), "grid": list(grid), "source": source.describe()}
+    diff = differences(recorded, asked, ["views", "grid", *(f"source.{field}" for field in SOURCE_FIELDS)])
+    if "source.fingerprint" in diff:
+        diff.update(differences(recorded, asked, ["source.path"]))
     if diff:
         raise ConfigMismatch(targets.store, diff)
 
 
 def check_resume(saved: dict, current: dict, where: Path) -> None:
     """ConfigMismatch if a checkpoint was trained on other data (views, grid, targets, dataset) than this run's."""
-    diff = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
-            if k != "source" and saved.get(k) != current.get(k)}
-    diff.update({f"source.{k}": (saved["source"].get(k), current["source"].get(k)) for k in SOURCE_FIELDS
-                 if saved["source"].get(k) != current["source"].get(k)})
+    fields = [k for k in sorted(set(saved) | set(current)) if k != "source"]
+    diff = differences(saved, current, fields + [f"source.{k}" for k in SOURCE_FIELDS])
     if diff:
         raise ConfigMismatch(f"{where} (resuming a checkpoint trained with other data)", diff)
 
@@ -172,13 +160,14 @@ def _episode_rows(source: Source, targets: CachedTargets | None) -> list[Episode
     if targets is None:
         return [EpisodeRows(e.key, e.instruction, e.num_steps, -1) for e in infos]
     cache = targets.cache
-    cached = {key: cache.episode(key) for key in cache.episodes}
+    cached = cache.index
     absent = [e.key for e in infos if e.key not in cached]
-    if absent and cache.attrs.get("selection") is None:
+    if absent and cache.provenance.selection is None:
         raise StoreError(f"{targets.store}: {len(absent)} of {len(infos)} source episodes are not in the cache "
                          f"(e.g. {absent[:3]}); the cache was made from other data or is outdated: re-extract")
     infos = [e for e in infos if e.key in cached]   # a store made with --episodes covers its selection
-    wrong = [(e.key, cached[e.key].length, e.num_steps) for e in infos if cached[e.key].length != e.num_steps]
+    wrong = [(e.key, cached.record(e.key).length, e.num_steps) for e in infos
+             if cached.record(e.key).length != e.num_steps]
     if wrong:
         key, stored, actual = wrong[0]
         raise StoreError(f"{targets.store}: episode {key!r} has {stored} steps in the cache but {actual} in the "
@@ -187,4 +176,4 @@ def _episode_rows(source: Source, targets: CachedTargets | None) -> list[Episode
     if unfinished:
         raise StoreError(f"{targets.store}: {len(unfinished)} episodes are not fully extracted (e.g. "
                          f"{unfinished[:3]}); run `sf extract` again with the same options to finish the store")
-    return [EpisodeRows(e.key, e.instruction, e.num_steps, cached[e.key].start) for e in infos]
+    return [EpisodeRows(e.key, e.instruction, e.num_steps, cached.record(e.key).start) for e in infos]

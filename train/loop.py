@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from sfcache.crop import crop_target_grid
 from sfcache.device import DEVICE_CHOICES, resolve_device
-from sfcache.errors import ConfigMismatch, SfcacheError
+from sfcache.errors import ConfigMismatch, SfcacheError, differences
 from sfcache.options import comma_list, comma_text, option
 from sfcache.progress import progress_bar
 from sfcache.torch import SpatialForcingLoss
@@ -202,12 +202,11 @@ class Trainer:
         self.online = OnlineTargets(c.online_vggt, self.device, c.cache_layer, self.policy_config.grid) \
             if c.online_vggt else None
         if self.online and self.data.targets:  # both: online targets train, the cache is compared with them
-            stored = (self.data.identity["weights_id"], self.data.targets.channels)
-            differences = {f"{name} (vs --online-vggt)": (a, b) for name, a, b in
-                           zip(("weights_id", "channels"), stored, (self.online.weights_id, self.online.channels))
-                           if a != b}
-            if differences:
-                raise ConfigMismatch(c.cache, differences)
+            stored = {"weights_id": self.data.identity["weights_id"], "channels": self.data.targets.channels}
+            online = {"weights_id": self.online.weights_id, "channels": self.online.channels}
+            differ = differences(stored, online, stored)
+            if differ:
+                raise ConfigMismatch(c.cache, {f"{name} (vs --online-vggt)": pair for name, pair in differ.items()})
         if self.online:
             self.data.identity["online_vggt"] = self.online.weights_id
         if saved is not None:   # the run's own settings first: they explain a different identity too
@@ -260,7 +259,7 @@ class Trainer:
                  "batch_size": self.config.batch_size, "align_weight": self.config.align_weight}
         had = {"policy": _jsonable(saved["policy"]), **{k: saved["config"][k] for k in asked if k != "policy"}}
         asked["policy"] = _jsonable(asked["policy"])
-        diff = {k: (had[k], asked[k]) for k in asked if had[k] != asked[k]}
+        diff = differences(had, asked, asked)
         if diff:
             raise ConfigMismatch(f"{self.checkpoint_path} (resuming a run made with other settings; "
                                  "use --no-resume to start over)", diff)

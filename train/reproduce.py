@@ -300,10 +300,10 @@ def extract_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console:
     facts = summarize(open_cache(store))
     extracted = sum(r["extracted_steps"] for r in runs)
     seconds = sum(r["extract_s"] for r in runs)
-    return {"store": str(store), "episodes": facts["episodes"], "steps": facts["steps"],
-            "bytes_on_disk": facts["bytes_on_disk"], "bytes_per_step": facts["bytes_per_step"],
-            "raw_bytes_per_step": facts["raw_bytes_per_step"], "weights_id": facts["vggt"]["weights_id"],
-            "random_weights": facts["vggt"]["random_weights"],
+    return {"store": str(store), "episodes": facts.episodes, "steps": facts.steps,
+            "bytes_on_disk": facts.bytes_on_disk, "bytes_per_step": facts.bytes_per_step,
+            "raw_bytes_per_step": facts.raw_bytes_per_step, "weights_id": facts.vggt.weights_id,
+            "random_weights": facts.vggt.random_weights,
             "extract_steps_per_s": round(extracted / seconds, 3) if seconds else None,
             "extract_runs": runs}
 

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sfcache.errors import SourceError
+from sfcache.keys import episode_key
 from sfcache.sources.base import Episode, EpisodeInfo, Source, require_finite, stack_views
 from sfcache.sources.images import decode_views
 from sfcache.sources.video import VideoFiles, frames_at
@@ -164,7 +165,7 @@ class LeRobot(Source):
                 continue
             chunk = index // int(info["chunks_size"])
             where = dict(episode_chunk=chunk, episode_index=index)
-            yield f"episode_{index:06d}", instruction, length, self.path / info["data_path"].format(**where), Rows(
+            yield episode_key(index), instruction, length, self.path / info["data_path"].format(**where), Rows(
                 0, tuple((c, self.path / info["video_path"].format(video_key=c, **where), 0.0) for c in videos))
 
     def _listing_v3(self, info: dict, videos: list[str]) -> Iterator[tuple | SourceError]:
@@ -192,7 +193,7 @@ class LeRobot(Source):
             where = tuple((c, self.path / info["video_path"].format(
                 video_key=c, chunk_index=row[f"videos/{c}/chunk_index"], file_index=row[f"videos/{c}/file_index"]),
                 float(row[f"videos/{c}/from_timestamp"])) for c in videos)
-            yield (f"episode_{row['episode_index']:06d}", str(tasks[0]), int(row["length"]), file,
+            yield (episode_key(row["episode_index"]), str(tasks[0]), int(row["length"]), file,
                    Rows(row["dataset_from_index"] - first_in_file[file], where))
 
     @staticmethod
