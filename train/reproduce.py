@@ -24,7 +24,7 @@ from rich.table import Table
 from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
 from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError
 from sfcache.extract import ExtractConfig, extract
-from sfcache.inspect import read_provenance, summarize
+from sfcache.inspect import summarize
 from sfcache.libero_eval import EvalConfig, evaluate, simulator_available
 from sfcache.options import comma_list, comma_text, option, user_path
 from sfcache.sources import detect_format, open_source
@@ -269,14 +269,13 @@ def preflight(cfg: ReproduceConfig) -> tuple[list[SuiteData], list[str]]:
 def _store_complete(store: Path, cfg: ReproduceConfig, suite: SuiteData) -> bool:
     """True when `store` holds every step, extracted from this data with these weights and grid."""
     try:
-        attrs = read_provenance(store)
-        done = open_cache(store).done_shards().all()
-    except (StoreError, KeyError):
+        cache = open_cache(store)
+        done = cache.done_shards().all()
+    except StoreError:
         return False
-    fingerprint = open_source(suite.path, suite.format).fingerprint()
-    asked = {"weights": cfg.vggt, "grid": [cfg.grid] * 2, "dtype": cfg.dtype, "fingerprint": fingerprint}
-    stored = {"weights": attrs["vggt"]["weights"], "grid": attrs["targets"]["grid"],
-              "dtype": attrs["targets"]["dtype"], "fingerprint": attrs["source"].get("fingerprint")}
+    made = cache.provenance
+    stored = (made.vggt.weights, tuple(made.targets.grid), made.targets.dtype, made.source.get("fingerprint"))
+    asked = (cfg.vggt, (cfg.grid, cfg.grid), cfg.dtype, open_source(suite.path, suite.format).fingerprint())
     return bool(done) and stored == asked
 
 

@@ -9,7 +9,7 @@ protobuf pool, so this works next to TensorFlow) parses the data.
 episodes() reads every record once (sequential I/O, CRC check, proto parse, no JPEG decoding) and
 keeps byte offsets, so read() reads exactly one record. Keys: `<dataset folder>/episode_<i:06d>`,
 i counting records over shards in order, so episode i is TFDS's `train[i:i+1]`; its TFDS id
-(`ReadConfig(add_tfds_id=True)`) is `<shard file name>__<index in shard>` (`tfds_ids`).
+(`ReadConfig(add_tfds_id=True)`) is `<shard file name>__<index in shard>` (`sfcache.keys.tfds_ids`).
 Frames are stored already rotated; proprio is `state` (8).
 """
 
@@ -24,6 +24,7 @@ import crc32c
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from sfcache.keys import episode_key
 from sfcache.errors import SourceError
 from sfcache.sources.base import Episode, EpisodeInfo, Source, require_finite
 from sfcache.sources.images import decode_views
@@ -64,21 +65,6 @@ def write_record(handle, data: bytes) -> None:
     """Append one TFRecord: u64 length, its masked CRC32C, the data, the data's masked CRC32C."""
     length = struct.pack("<Q", len(data))
     handle.write(length + struct.pack("<I", masked_crc(length)) + data + struct.pack("<I", masked_crc(data)))
-
-
-def episode_key(prefix: str, index: int) -> str:
-    """sfcache's key of the `index`-th record (over shards in order) of the dataset folder `prefix`."""
-    return f"{prefix}/episode_{index:06d}"
-
-
-def tfds_ids(shards: list) -> dict[str, str]:
-    """{TFDS id: episode key} from `describe()["tfds_shards"]` ([dataset folder, shard file, episodes])."""
-    ids, first = {}, {}
-    for prefix, file, count in shards:
-        start = first.get(prefix, 0)
-        ids.update({f"{file}__{i}": episode_key(prefix, start + i) for i in range(int(count))})
-        first[prefix] = start + int(count)
-    return ids
 
 
 class LiberoRLDS(Source):
@@ -124,7 +110,7 @@ class LiberoRLDS(Source):
         return sorted(file for folder in self._datasets() for file, _ in self._shards(folder) if file.exists())
 
     def describe(self) -> dict:
-        """Adds each shard's file name and episode count: a store maps TFDS ids to keys with them (`tfds_ids`)."""
+        """Adds each shard's file name and episode count: a store maps TFDS ids to keys with them (`sfcache.keys.tfds_ids`)."""
         shards = []
         for folder in self._datasets():
             try:
@@ -153,7 +139,7 @@ class LiberoRLDS(Source):
         size, offset, index = file.stat().st_size, 0, 0
         with open(file, "rb") as handle:
             while offset < size:
-                key = episode_key(prefix, first + index)
+                key = episode_key(first + index, prefix)
                 try:
                     data, next_offset = read_record(handle, file, offset, index)
                 except SourceError as err:

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 
 from sfcache.sources.images import encode_jpeg, encode_png
 from sfcache.sources.libero_hdf5 import instruction_from_file_name
-from sfcache.sources.libero_rlds import episode_key, write_record
+from sfcache.keys import episode_key
+from sfcache.sources.libero_rlds import write_record
 from sfcache.sources.tf_example import encode_example
 
 LIBERO_TASKS = {
@@ -220,7 +221,7 @@ def write_libero_rlds(root: Path, *, suite: str = "libero_10", episodes: int = 3
                 }
                 order = rng.permutation(len(record))                   # key order varies with protobuf versions
                 write_record(handle, encode_example(dict(list(record.items())[i] for i in order)))
-                key = episode_key(f"{suite}_no_noops", index)
+                key = episode_key(index, f"{suite}_no_noops")
                 written.episodes[key] = ExpectedEpisode(instruction, frames, actions, state)
                 index += 1
         written.files.append(file)
@@ -317,7 +318,7 @@ def write_lerobot(root: Path, *, episodes: int = 3, steps: int = 8, size: int = 
             "episode_index": np.full(steps, index), "index": total + np.arange(steps),
             "task_index": np.full(steps, task_index)}, schema=schema))
         listing.append({"episode_index": index, "tasks": [tasks[task_index]], "length": steps})
-        written.episodes[f"episode_{index:06d}"] = ExpectedEpisode(tasks[task_index], frames, actions, state)
+        written.episodes[episode_key(index)] = ExpectedEpisode(tasks[task_index], frames, actions, state)
         rendered.append(frames)
         total += steps
     if version == "v2.1":
@@ -329,7 +330,7 @@ def write_lerobot(root: Path, *, episodes: int = 3, steps: int = 8, size: int = 
             for column in video_columns:
                 decoded = _encode_video(rendered[index][:, columns.index(column)],
                                         root / video_path.format(video_key=column, **where))
-                written.episodes[f"episode_{index:06d}"].frames[:, columns.index(column)] = decoded
+                written.episodes[episode_key(index)].frames[:, columns.index(column)] = decoded
         (root / "meta" / "episodes.jsonl").write_text("".join(json.dumps(line) + "\n" for line in listing))
         (root / "meta" / "tasks.jsonl").write_text("".join(json.dumps({"task_index": i, "task": t}) + "\n"
                                                            for i, t in enumerate(tasks)))
@@ -346,7 +347,7 @@ def write_lerobot(root: Path, *, episodes: int = 3, steps: int = 8, size: int = 
             decoded = _encode_video(np.concatenate([frames[:, columns.index(column)] for frames in rendered]),
                                     root / video_path.format(video_key=column, chunk_index=0, file_index=0))
             for index in range(episodes):
-                written.episodes[f"episode_{index:06d}"].frames[:, columns.index(column)] = \
+                written.episodes[episode_key(index)].frames[:, columns.index(column)] = \
                     decoded[starts[index]:starts[index + 1]]
             meta.update({f"videos/{column}/chunk_index": [0] * episodes, f"videos/{column}/file_index": [0] * episodes,
                          f"videos/{column}/from_timestamp": (starts[:-1] / _FPS).tolist(),
