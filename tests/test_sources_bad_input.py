@@ -125,20 +125,21 @@ def libero_empty(w):
     return libero_demo(w, empty, key="actions", expected="empty episode (0 steps)")
 
 
-def libero_nan_actions(w):
+def libero_non_finite(w, key: str, where: tuple[int, int], value: float) -> Damage:
+    """`value` (NaN or inf) written into dataset `key` of the first demo at (step, column)."""
     def poison(demo):
-        actions = demo["actions"][:]
-        actions[2, 3] = np.nan
-        replace(demo, "actions", actions)
-    return libero_demo(w, poison, key="actions", expected="non-finite value at step 2", stage="read")
+        values = demo[key][:]
+        values[where] = value
+        replace(demo, key, values)
+    return libero_demo(w, poison, key=key, expected=f"non-finite value at step {where[0]}", stage="read")
+
+
+def libero_nan_actions(w):
+    return libero_non_finite(w, "actions", (2, 3), np.nan)
 
 
 def libero_nan_proprio(w):
-    def poison(demo):
-        gripper = demo["obs/gripper_states"][:]
-        gripper[3, 0] = np.inf
-        replace(demo, "obs/gripper_states", gripper)
-    return libero_demo(w, poison, key="obs/gripper_states", expected="non-finite value at step 3", stage="read")
+    return libero_non_finite(w, "obs/gripper_states", (3, 0), np.inf)
 
 
 def libero_truncated(w):
