@@ -23,7 +23,7 @@ from distributed import LocalCluster
 
 from bench import preset_settings
 from bench.cpu_cost import cpu_cost_rows
-from sfcache.extract import ExtractConfig, extract, torch_threads
+from sfcache.extract import TASKS_IN_FLIGHT, ExtractConfig, extract, torch_threads
 from sfcache.inspect import token_cosine
 from sfcache.pooling import pool_grid
 from sfcache.sources import EpisodeInfo, open_source
@@ -48,7 +48,7 @@ def run(workdir: Path, preset: str) -> list[dict]:
     where = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch_threads(1)} torch threads)"
 
     started = time.perf_counter()
-    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0",
+    with LocalCluster(n_workers=1, threads_per_worker=TASKS_IN_FLIGHT, dashboard_address=":0",   # as sf extract's
                       silence_logs=logging.CRITICAL) as cluster:
         def run_extract(out: str, episodes: str | None) -> dict:
             return extract(ExtractConfig(
@@ -60,12 +60,12 @@ def run(workdir: Path, preset: str) -> list[dict]:
         startup = time.perf_counter() - started
         summary = run_extract("store", None)
     targets, bare_rate = _bare_loop(data, settings["weights"], settings["batch_size"], device)
-    pipeline_rate = summary["steps_per_s"]
+    pipeline_rate = summary.steps_per_s
     rows = [
         _row("steps_per_s", pipeline_rate, bare_rate, "steps/s", where,
-             f"extract, 1 warm worker, {summary['steps']} steps x {len(summary['views'])} views, batch "
+             f"extract, 1 warm worker, {summary.steps} steps x {len(summary.views)} views, batch "
              f"{settings['batch_size']}; baseline: preprocess+forward+pool on frames in memory"),
-        _row("startup_s", startup + summary["cluster_startup_s"], summary["extract_s"], "s", where,
+        _row("startup_s", startup + summary.cluster_startup_s, summary.extract_s, "s", where,
              "excluded above: Dask cluster start, worker warm-up (one episode), model load; "
              "baseline: the extraction itself"),
     ]

@@ -24,7 +24,7 @@ from distributed import Client, LocalCluster
 
 import bench
 from bench import preset_settings
-from sfcache.extract import ExtractConfig, extract
+from sfcache.extract import TASKS_IN_FLIGHT, ExtractConfig, extract
 from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_rlds
 from sfcache.vggt import load_vggt, preprocess
@@ -69,14 +69,14 @@ def run(workdir: Path, preset: str, batches: tuple[int, ...] = (1, 4, 8, 16), de
 
 
 class _cluster:
-    """The given scheduler, or a local cluster of one single-threaded worker (as `sf extract` starts per GPU)."""
+    """The given scheduler, or a local cluster of one worker running TASKS_IN_FLIGHT tasks (as `sf extract` starts per GPU)."""
 
     def __init__(self, address: str | None):
         self.address, self.local = address, None
 
     def __enter__(self) -> str:
         if self.address is None:
-            self.local = LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0",
+            self.local = LocalCluster(n_workers=1, threads_per_worker=TASKS_IN_FLIGHT, dashboard_address=":0",
                                       silence_logs=logging.CRITICAL)
             self.address = self.local.scheduler_address
         return self.address

@@ -3,14 +3,15 @@
 The client (this process) holds the store lock, builds the episode index, creates or resumes the
 store and hands out tasks; every Dask worker loads VGGT once (a WorkerPlugin) and runs tasks. A task
 owns whole shards, so no two writers ever touch one shard file; inside a task a reader thread
-decodes and preprocesses the next batch while the model runs, and a writer thread encodes, writes,
-verifies and marks the previous shard done. Batches start at shard boundaries, so a step's target
-never depends on which task or which run computed it: a resumed store equals an uninterrupted one.
+decodes and preprocesses the next batch while the model runs, and the worker's writer thread writes
+and marks the previous shard done. Two tasks are in flight per worker, one at a time on the model, so
+the next task's first batches are read while this one computes and its compute hides this one's last
+write. Batches start at shard boundaries, so a step's target never depends on which task or which run
+computed it: a resumed store equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import ctypes.util
 import fnmatch
@@ -42,6 +43,7 @@ from sfcache.errors import Interrupted, SfcacheError, SourceError, StoreError, W
 from sfcache.options import comma_list, comma_text, option
 from sfcache.pooling import pooled_targets
 from sfcache.progress import progress_bar
+from sfcache.rows import RowIndex
 from sfcache.recipes import Recipe, camera_views, get_recipe, recipe_inputs, resolve_preprocess, slot_layout
 from sfcache.sources import Source, open_source
 from sfcache.reduce import Moments, check_fidelity, fit, parse_reduce, request, sample_rows, valid_tokens
@@ -58,6 +60,8 @@ STOP_WAIT_S = 600             # after a failure, how long running tasks may take
 INTERRUPT_WAIT_S = 5          # ... after Ctrl-C / SIGTERM / SIGHUP (the run fence stops any later write)
 MAX_SHARDS_PER_TASK = 8
 TASKS_PER_WORKER = 4          # enough tasks to balance workers and move the progress bar smoothly
+TASKS_IN_FLIGHT = 2           # per worker: one on the model, the next reading its first batches (VGGTWorker.run)
+GPU_SHARE = {"GPU": 1 / TASKS_IN_FLIGHT}      # what a task asks of a worker advertising the resource GPU=1
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc mallopt parameters
 PREPROCESS_MODES = ("sf", "crop", "pad")      # --preprocess; letterbox comes with --recipe openpi
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
@@ -235,16 +239,21 @@ class _Job:
     store: Path
     workers_per_host: dict[str, int]   # to share a host's cores between its workers' torch threads
     run: str = ""                      # the extraction run's id: tasks write only while it is the store's (fencing)
+    tasks_in_flight: int = 1           # tasks a worker runs at once (however many threads Dask gives it)
 
 
 class VGGTWorker(WorkerPlugin):
-    """Holds one VGGT per worker process (loaded at setup, not per task) and runs extraction tasks."""
+    """Holds one VGGT per worker process (loaded at setup, not per task), the lock its tasks take turns on and
+    the writer thread they share, and runs extraction tasks."""
 
     def __init__(self, job: _Job, name: str):
         self.job, self.name = job, name
         self.model = None
 
     def setup(self, worker=None):
+        self.model_turn = threading.Lock()   # one task's batches on the model at a time
+        self.slots = threading.BoundedSemaphore(self.job.tasks_in_flight)   # bounds prefetched memory
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="sfcache-write")   # shards in order, no contention
         sharing = self.job.workers_per_host.get(_host(worker.address), 1) if worker is not None else 1
         torch.set_num_threads(torch_threads(sharing))
         _keep_freed_memory()
@@ -254,6 +263,7 @@ class VGGTWorker(WorkerPlugin):
         self.device = device
 
     def teardown(self, worker=None):
+        self.writer.shutdown(wait=True)
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -265,16 +275,24 @@ class VGGTWorker(WorkerPlugin):
                 "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}
 
     def run(self, shards: list[int]) -> dict:
-        """Extract whole shards; expected failures come back as data (no Dask retry of a bad file)."""
+        """Extract whole shards; expected failures come back as data (no Dask retry of a bad file).
+
+        A task holds the model from its first batch to its last. A second task on this worker meanwhile
+        reads its first batches (its prefetch then blocks) and takes the model the moment this one lets
+        go, while this one waits for its last write: the model does not idle between tasks."""
+        with self.slots:
+            return self._run(shards)
+
+    def _run(self, shards: list[int]) -> dict:
         cache = open_cache(self.job.store, mode="r+")
         todo = [s for s, done in zip(shards, cache.done_shards(shards)) if not done]
         report = {"steps": 0, "failed": [], "error": None, "written": {}, "host": socket.gethostname(),
                   "store": os.path.realpath(self.job.store)}
         stop_file = self.job.store / STOP_NAME
-        index = _RowIndex(cache.attrs["episodes"])
+        index = cache.index
         pending: deque = deque()
-        with ThreadPoolExecutor(1, thread_name_prefix="sfcache-write") as writer, \
-                _prefetch(self._batches(cache, index, todo, stop_file), depth=2) as batches:
+        with _prefetch(self._batches(cache, index, todo, stop_file), depth=2) as batches, \
+                _Turn(self.model_turn) as model:
             outputs: list[tuple[HostCopy, np.ndarray | None]] = []
             for shard, inputs, last in batches:
                 if isinstance(inputs, SourceError):
@@ -284,21 +302,23 @@ class VGGTWorker(WorkerPlugin):
                         continue
                     break
                 images, mask = inputs
+                model.take()
                 outputs.append((self._targets(images, "float32" if cache.reduced else cache.dtype), mask))
                 _log_progress(self.job.run, _steps_in(images))
                 if last:
-                    pending.append((shard, writer.submit(self._write, cache, shard, outputs, self.job.run)))
+                    pending.append((shard, self.writer.submit(self._write, cache, shard, outputs, self.job.run)))
                     outputs = []
                 while pending and (pending[0][1].done() or len(pending) > 1):
                     if not _collect(pending.popleft(), report):
                         break
                 if report["error"]:
                     break
+            model.give_up()
             while pending:
                 _collect(pending.popleft(), report)
         return report
 
-    def _batches(self, cache, index: "_RowIndex", shards: list[int], stop_file: Path) -> Iterator[tuple]:
+    def _batches(self, cache, index: RowIndex, shards: list[int], stop_file: Path) -> Iterator[tuple]:
         """(shard, (images, token mask | None) | SourceError, last batch of the shard?) in row order."""
         img_size = self.model.config.img_size
         for shard in shards:
@@ -353,10 +373,13 @@ class VGGTWorker(WorkerPlugin):
     def sample(self, episodes: list, rows: list[int]) -> tuple[dict[int, np.ndarray], np.ndarray | None]:
         """Exact targets of fit-sample rows (sfcache.reduce): float32 [len(rows), V, h*w, C] per layer and
         the token mask, one step per piece, batched as given so every run computes the same numbers."""
-        index = _RowIndex(episodes)
-        images, mask = self._images([piece for row in rows for piece in index.pieces(row, row + 1)],
-                                    self.model.config.img_size)
-        return {layer: stored for layer, (stored, _) in self._targets(images, "float32").get().items()}, mask
+        index = RowIndex(episodes)
+        with self.slots:
+            images, mask = self._images([piece for row in rows for piece in index.pieces(row, row + 1)],
+                                        self.model.config.img_size)
+            with self.model_turn:
+                copy = self._targets(images, "float32")
+            return {layer: stored for layer, (stored, _) in copy.get().items()}, mask
 
     @staticmethod
     def _write(cache, shard: int, outputs: list[tuple[HostCopy, np.ndarray | None]], run: str) -> tuple[int, int, dict]:
@@ -369,6 +392,30 @@ class VGGTWorker(WorkerPlugin):
         masks = [mask for _, mask in outputs]
         cache.write_shard(shard, targets, None if masks[0] is None else np.concatenate(masks), run=run)
         return shard, len(next(iter(encoded.values()))[0]), cache.shard_digests(shard)
+
+
+class _Turn:
+    """A task's hold on its worker's model lock: taken at its first batch, given up after its last or on any
+    way out of the task."""
+
+    def __init__(self, lock: threading.Lock):
+        self.lock, self.held = lock, False
+
+    def take(self) -> None:
+        if not self.held:
+            self.lock.acquire()
+            self.held = True
+
+    def give_up(self) -> None:
+        if self.held:
+            self.held = False
+            self.lock.release()
+
+    def __enter__(self) -> "_Turn":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.give_up()
 
 
 def _concat(parts: list[tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -454,25 +501,6 @@ def _prefetch(items: Iterator, depth: int):
         thread.join()
 
 
-class _RowIndex:
-    """Flat rows -> (episode key, first step, stop step) pieces."""
-
-    def __init__(self, episodes: list):
-        self.keys = [e[0] for e in episodes]
-        self.starts = [e[2] for e in episodes]
-
-    def pieces(self, start: int, stop: int) -> list[tuple[str, int, int]]:
-        out = []
-        i = bisect.bisect_right(self.starts, start) - 1
-        while start < stop:
-            end = self.starts[i + 1] if i + 1 < len(self.starts) else stop
-            piece_stop = min(stop, end)
-            if piece_stop > start:
-                out.append((self.keys[i], start - self.starts[i], piece_stop - self.starts[i]))
-            start, i = piece_stop, i + 1
-        return out
-
-
 def _run_task(plugin: str, shards: list[int]) -> dict:
     return get_worker().plugins[plugin].run(shards)
 
@@ -535,7 +563,8 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
         job = _Job(source=source, weights=cfg.vggt, device=cluster.device, layers=cfg.layers,
                    grid=cfg.grid, preprocess=cfg.preprocess, recipe=recipe, layout=layout,
                    compute_dtype=cfg.compute_dtype, batch_size=cfg.batch_size, skip_bad=cfg.skip_bad,
-                   store=cfg.out.resolve(), workers_per_host=_workers_per_host(cluster.client), run=run)
+                   store=cfg.out.resolve(), workers_per_host=_workers_per_host(cluster.client), run=run,
+                   tasks_in_flight=TASKS_IN_FLIGHT)
         _check_shared_store(cluster, job)
         plugin, facts, devices = _load_models(cluster.client, job, cfg, stack)
         cluster_seconds = time.perf_counter() - cluster_started
@@ -574,7 +603,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
         already_done_steps=_steps_of(final, np.flatnonzero(final.done_shards()).tolist()) - extracted,
         failed=outcome["failed"], repaired=repaired, run=run, skipped_episodes=[str(e) for e in source.skipped],
         basis=fitted, reduce=final.attrs["targets"].get("reduce"), missing_episodes=final.missing_episodes(),
-        workers=cluster.workers, device=devices, weights_id=final.attrs["vggt"]["weights_id"],
+        workers=cluster.workers, device=devices, weights_id=final.provenance.vggt.weights_id,
         cluster_startup_s=round(cluster_seconds, 3), extract_s=round(outcome["seconds"], 3),
         steps_per_s=round(extracted / outcome["seconds"], 3) if outcome["seconds"] else 0.0,
         total_s=round(time.perf_counter() - started, 3))
@@ -658,7 +687,7 @@ class _Cluster:
     address: str                      # the scheduler's, for messages
     workers: int
     device: str                       # what each worker uses: cpu | cuda | cuda:N, the same on every worker
-    task_resources: dict | None       # {"GPU": 1} when every worker advertises a GPU resource
+    task_resources: dict | None       # a GPU's share (GPU_SHARE) when every worker advertises a GPU resource
 
 
 def _connect(cfg: ExtractConfig, stack: ExitStack) -> _Cluster:
@@ -677,7 +706,7 @@ def _connect(cfg: ExtractConfig, stack: ExitStack) -> _Cluster:
         device = resolve_device(cfg.device, gpus)
         gpu_resources = all(info.get("resources", {}).get("GPU", 0) >= 1 for info in infos)
         return _Cluster(client, cfg.scheduler, len(infos), str(device),
-                        {"GPU": 1} if device.type == "cuda" and gpu_resources else None)
+                        GPU_SHARE if device.type == "cuda" and gpu_resources else None)
     device = resolve_device(cfg.device)
     gpus = _visible_gpus() if device.type == "cuda" else []
     if device.index is not None:   # cuda:N: that GPU alone, which its worker then sees as its only one
@@ -696,7 +725,7 @@ def _connect(cfg: ExtractConfig, stack: ExitStack) -> _Cluster:
             workers=specs, silence_logs=logging.CRITICAL, name="sfcache"))
         client = stack.enter_context(Client(local))
         client.wait_for_workers(workers, timeout=600)
-    return _Cluster(client, local.scheduler_address, workers, device.type, {"GPU": 1} if gpus else None)
+    return _Cluster(client, local.scheduler_address, workers, device.type, GPU_SHARE if gpus else None)
 
 
 @contextmanager
@@ -744,9 +773,10 @@ def _wait_for_workers(client: Client, address: str) -> None:
 
 
 def _worker_spec(env: dict, resources: dict) -> dict:
-    """One single-threaded worker process (the model saturates its device; threads live inside the task)."""
-    return {"cls": Nanny, "options": {"nthreads": 1, "env": env, "resources": resources, "memory_limit": 0,
-                                      "silence_logs": logging.CRITICAL}}
+    """One worker process with a Dask thread per task in flight (the model saturates its device; the
+    reader and writer threads live inside the plugin)."""
+    return {"cls": Nanny, "options": {"nthreads": TASKS_IN_FLIGHT, "env": env, "resources": resources,
+                                      "memory_limit": 0, "silence_logs": logging.CRITICAL}}
 
 
 def _visible_gpus() -> list[str]:
