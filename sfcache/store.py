@@ -693,7 +693,8 @@ class Cache:
         if self.mode != "r":
             raise StoreError(f"{self.path}: only a read-only Cache can be sent to another process")
         return {k: v for k, v in self.__dict__.items()
-                if k not in ("_zstore", "_arrays", "_readers", "_index", "_tfds_ids", "_known_done", "_reduction", "_index_ok")}
+                if k not in ("_zstore", "_arrays", "_readers", "_index", "_tfds_ids", "_known_done", "_reduction",
+                             "_index_ok")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
