@@ -10,8 +10,9 @@ tiny policy is as small as the projector, so the ratio is also measured with the
 projector share is closer to SF's (a 7B VLA and a 2048-wide projector: well under 1%).
 Loader: CachedTargets in a DataLoader of LOADER_WORKERS workers over shuffled batches, against a bound:
 the same rows' stored bytes read sequentially (sorted rows, contiguous byte ranges of the shard files,
-plain file reads) by as many processes, both from the page cache; zarr reads of those sorted rows by as
-many processes (in the notes) show how much of the gap is zarr's read path. Self-check: how close cropped
+plain file reads) by as many processes, both from the page cache; `Cache.read_rows` of those sorted rows by
+as many processes, straight from the shard files and through zarr (in the notes), show how much of the
+gap is reading and how much the loader's decoding and batching. Self-check: how close cropped
 cached targets come to online targets of the cropped image, against not cropping them.
 """
 
@@ -22,6 +23,7 @@ import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -126,9 +128,9 @@ def _loader_rates(store: Path, batch: int, batches: int) -> dict[str, float]:
     """samples/s of CachedTargets in a DataLoader of LOADER_WORKERS workers over `batches` shuffled batches
     (after one batch per worker); of the bound: the same rows' stored bytes read sequentially by as many
     processes (rows sorted, split in equal parts, contiguous byte ranges of the shard files, plain reads);
-    and of zarr reads of those sorted rows (`Cache.read_rows`, contiguous runs, undecoded) by as many
-    processes; and the stored bytes of a row. All processes are started the same way and read the store
-    from the page cache."""
+    of `Cache.read_rows` of those sorted rows (undecoded) by as many processes, straight from the shard
+    files ("direct") and through zarr; and the stored bytes of a row. All processes are started the same
+    way and read the store from the page cache."""
     context = multiprocessing.get_context()
     targets = CachedTargets(store)
     order = list(StepBatches(len(targets), batch, 0, 0, LOADER_WORKERS + batches))
@@ -144,8 +146,11 @@ def _loader_rates(store: Path, batch: int, batches: int) -> dict[str, float]:
     ranges = [_byte_ranges(store, targets.layer, half.tolist()) for half in halves]
     stored = sum(length for part in ranges for _, _, length in part)
     plain_s = _parallel_seconds(_read_ranges, ranges, stored, context)
-    zarr_s = _parallel_seconds(_read_rows, [(store, targets.layer, half) for half in halves], stored, context)
-    return {"loader": loader_rate, "bound": count / plain_s, "zarr": count / zarr_s, "row_bytes": stored / count}
+    parts = [(store, targets.layer, half) for half in halves]
+    direct_s = _parallel_seconds(_read_rows, parts, stored, context)
+    zarr_s = _parallel_seconds(partial(_read_rows, direct=False), parts, stored, context)
+    return {"loader": loader_rate, "bound": count / plain_s, "direct": count / direct_s, "zarr": count / zarr_s,
+            "row_bytes": stored / count}
 
 
 def _byte_ranges(store: Path, layer: int, rows: list[int]) -> list[tuple[Path, int, int]]:
@@ -205,11 +210,14 @@ def _read_ranges(ranges: list[tuple[Path, int, int]], ready, done) -> None:
     done.put(moved)
 
 
-def _read_rows(part: tuple[Path, int, np.ndarray], ready, done) -> None:
-    """Zarr reader: `Cache.read_rows` of sorted rows (contiguous runs, one slice read each), float16 as stored."""
+def _read_rows(part: tuple[Path, int, np.ndarray], ready, done, direct: bool = True) -> None:
+    """Store reader: `Cache.read_rows` of sorted rows, float16 as stored; straight from the shard files, or
+    with `direct=False` through zarr (contiguous runs, one slice read each)."""
     store, layer, rows = part
     cache = open_cache(store, mode="r")
-    cache.read_rows(rows[:1], layer=layer, decoded=False)   # opening and checking the arrays, as a loader's first batch
+    cache.direct_reads = direct
+    cache.read_rows(rows, layer=layer, decoded=False)   # untimed: opening the arrays, and this process's first
+    # touch of that much fresh memory (huge pages; a loader's workers pay it in their first batches)
     ready.wait()
     done.put(int(cache.read_rows(rows, layer=layer, decoded=False).nbytes))
 
@@ -297,9 +305,9 @@ def run(workdir: Path, preset: str) -> list[dict]:
              f"float16, 32-row shards, {loader['row_bytes'] / 2**10:.0f} KiB a row), {LOADER_WORKERS} workers, "
              f"float32 + pool(E) out; bound: the same rows' stored bytes read sequentially (rows sorted, contiguous "
              f"ranges of the shard files, plain unbuffered reads) by {LOADER_WORKERS} processes, both from the page "
-             f"cache; loader {mib_per_s('loader')} MiB/s, bound {mib_per_s('bound')} MiB/s of stored bytes; zarr "
-             f"reads of the sorted rows (contiguous runs, undecoded, {LOADER_WORKERS} processes): "
-             f"{loader['zarr']:.0f} samples/s"),
+             f"cache; loader {mib_per_s('loader')} MiB/s, bound {mib_per_s('bound')} MiB/s of stored bytes; "
+             f"Cache.read_rows of the sorted rows (undecoded, {LOADER_WORKERS} processes) straight from the "
+             f"shard files: {loader['direct']:.0f} samples/s, through zarr: {loader['zarr']:.0f}"),
         _row("online-target cosine: cropped cache vs uncropped cache", cropped_cos, uncropped_cos, "cosine",
              "self-check, expected above 1: online VGGT on the cropped images (same weights as the cache) is the "
              "reference; the cached grid cropped with the same boxes should match it better than the uncropped grid; "
