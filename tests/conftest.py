@@ -3,10 +3,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dask
 import pytest
 import torch
 
+
 CHILD = "SFCACHE_TEST_CHILD"
+# Dask's statistical profiler samples every thread's stack every 10 ms; on CPython 3.11 it can deadlock with the
+# garbage collector (python/cpython#106883, dask/distributed#8616) in a test that runs a cluster in-process.
+# The environment reaches the worker processes the tests start, and this process's config below.
+os.environ["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] = "False"
+dask.config.refresh()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -52,7 +52,7 @@ def config(dataset: Path, out: Path, scheduler: str, **options) -> ExtractConfig
 @pytest.fixture(scope="module")
 def one_at_a_time(dataset, schedulers, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one") / "store"
-    assert extract(config(dataset, out, schedulers["one"]), progress=False)["shards_done"] == 6
+    assert extract(config(dataset, out, schedulers["one"]), progress=False).shards_done == 6
     return out
 
 
@@ -119,7 +119,7 @@ def test_overlapping_tasks_take_turns_on_the_model_and_write_byte_identical_stor
     timeline = Timeline(monkeypatch)
     out = tmp_path / "store"
     summary = extract(config(dataset, out, schedulers["overlapping"]), progress=False)
-    assert summary["shards_done"] == 6 and summary["failed"] == []
+    assert summary.shards_done == 6 and summary.failed == []
     assert store_bytes(out) == store_bytes(one_at_a_time)
 
     assert sorted(timeline.turns) == TASKS
@@ -150,7 +150,7 @@ def test_a_bad_file_in_one_of_two_tasks_in_flight_stops_the_run_or_is_skipped(
     assert not done[3] and not (out / STOP_NAME).exists() and not (out / ".sfcache.lock").exists()
 
     summary = extract(config(data, out, schedulers["overlapping"], skip_bad=True), progress=False)
-    assert [failed["shard"] for failed in summary["failed"]] == [3]
+    assert [failed["shard"] for failed in summary.failed] == [3]
     cache, want = open_cache(out), open_cache(one_at_a_time)
     assert cache.done_shards().tolist() == [True, True, True, False, True, True]
     for shard in (0, 1, 2, 4, 5):
@@ -192,8 +192,8 @@ def test_the_stop_file_stops_the_task_waiting_to_start_and_leaves_whole_shards(
     first, second = timeline.turns[:2]
     third = next(task for task in TASKS if task not in (first, second))
     done = open_cache(out).done_shards()
-    assert all(done[list(first)]) and not any(done[list(third)]) and summary["shards_done"] == done.sum()
+    assert all(done[list(first)]) and not any(done[list(third)]) and summary.shards_done == done.sum()
     assert len(timeline.turns) == 2                                     # the third task computed nothing
     summary = extract(config(dataset, out, schedulers["overlapping"]), progress=False)
-    assert summary["shards_done"] == 6 and not (out / STOP_NAME).exists()
+    assert summary.shards_done == 6 and not (out / STOP_NAME).exists()
     assert store_bytes(out) == store_bytes(one_at_a_time)

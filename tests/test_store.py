@@ -78,7 +78,9 @@ def test_int8_error_is_within_half_a_step_per_token_and_channel_block():
     back = decode(stored, "int8", scale)
     assert np.all(np.abs(back - x) <= np.repeat(scale, 2, axis=-1) / 2 + 1e-6)
     assert np.all(back[1, 0, 3] == 0)
-    blocks = lambda a: np.abs(a).reshape(4, 2, 9, 3, 2).max(axis=-1)
+    def blocks(a):
+        return np.abs(a).reshape(4, 2, 9, 3, 2).max(axis=-1)
+
     np.testing.assert_allclose(blocks(x), blocks(back), rtol=1e-6)
 
 
