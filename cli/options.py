@@ -46,16 +46,18 @@ def _cli_type(hint: Any, info: OptionInfo) -> type:
     return kind
 
 
-def _parameter(field: dataclasses.Field, kind: type, default: Any) -> inspect.Parameter:
+def _parameter(field: dataclasses.Field, hint: Any, default: Any) -> inspect.Parameter:
     info: OptionInfo = field.metadata[OPTION]
+    kind = _cli_type(hint, info)
+    metavar = info.metavar or ("PATH" if _field_type(hint) is Path else None)   # read as text, shown as a path
     shown = ... if default is MISSING else info.show(default) if info.parse and default is not None else default
     if info.argument:
-        spec = typer.Argument(shown, help=info.help, metavar=info.metavar, show_default=True)
+        spec = typer.Argument(shown, help=info.help, metavar=metavar, show_default=True)
     else:
         flag = info.flag or "--" + field.name.replace("_", "-")
         if kind is bool and default is True and info.flag is None:
             flag = f"{flag}/--no-{flag[2:]}"
-        spec = typer.Option(shown, flag, help=info.help, metavar=info.metavar)
+        spec = typer.Option(shown, flag, help=info.help, metavar=metavar)
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=spec, annotation=kind)
 
 
@@ -92,7 +94,7 @@ def config_command(config: type, exclude: tuple[str, ...] = (), defaults: dict[s
         hints = typing.get_type_hints(config)
         fields = option_fields(config, exclude)
         own = list(inspect.signature(body, eval_str=True).parameters.values())[1:]
-        parameters = [_parameter(f, _cli_type(hints[f.name], f.metadata[OPTION]), defaults.get(f.name, f.default))
+        parameters = [_parameter(f, hints[f.name], defaults.get(f.name, f.default))
                       for f in fields]
         parameters += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         names = {f.name for f in fields}
