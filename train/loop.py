@@ -266,7 +266,7 @@ class Trainer:
                  "batch_size": self.config.batch_size, "align_weight": self.config.align_weight}
         had = {"policy": _jsonable(saved["policy"]), **{k: saved["config"][k] for k in asked if k != "policy"}}
         asked["policy"] = _jsonable(asked["policy"])
-        diff = differences(had, asked, asked)
+        diff = differences(had, asked, ("policy", "seed", "batch_size", "align_weight"))
         if diff:
             raise ConfigMismatch(f"{self.checkpoint_path} (resuming a run made with other settings; "
                                  "use --no-resume to start over)", diff)

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
-from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError
+from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError, differences
 from sfcache.extract import ExtractConfig, extract
 from sfcache.inspect import summarize
 from sfcache.libero_eval import EvalConfig, evaluate, simulator_available
@@ -295,9 +295,11 @@ def _store_complete(store: Path, cfg: ReproduceConfig, suite: SuiteData) -> bool
     except StoreError:
         return False
     made = cache.provenance
-    stored = (made.vggt.weights, tuple(made.targets.grid), made.targets.dtype, made.source.get("fingerprint"))
-    asked = (cfg.vggt, (cfg.grid, cfg.grid), cfg.dtype, open_source(suite.path, suite.format).fingerprint())
-    return bool(done) and stored == asked
+    stored = {"weights": made.vggt.weights, "grid": tuple(made.targets.grid), "dtype": made.targets.dtype,
+              "fingerprint": made.source.get("fingerprint")}
+    asked = {"weights": cfg.vggt, "grid": (cfg.grid, cfg.grid), "dtype": cfg.dtype,
+             "fingerprint": open_source(suite.path, suite.format).fingerprint()}
+    return bool(done) and not differences(stored, asked, ("weights", "grid", "dtype", "fingerprint"))
 
 
 def extract_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: Console) -> dict:
@@ -343,16 +345,19 @@ def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+RUN_SETTINGS = ("step", "seed", "batch_size", "align_weight", "steps")   # what a finished run must match
+
+
 def _training_finished(config: TrainConfig) -> bool:
     """True when the checkpoint is at the last step with this run's settings and its final validation is logged."""
     checkpoint = config.out / CHECKPOINT
     if not checkpoint.exists():
         return False
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    asked = {"seed": config.seed, "batch_size": config.batch_size, "align_weight": config.align_weight,
-             "steps": config.steps}
+    asked = {"step": config.steps, "seed": config.seed, "batch_size": config.batch_size,
+             "align_weight": config.align_weight, "steps": config.steps}
     final_val = any(r["split"] == "val" and r["step"] == config.steps for r in _read_metrics(config.out / METRICS))
-    return saved["step"] == config.steps and saved["config"] == asked and final_val
+    return not differences({"step": saved["step"], **saved["config"]}, asked, RUN_SETTINGS) and final_val
 
 
 SNAPSHOTS = "snapshots"
