@@ -10,6 +10,8 @@ from rich.console import Console
 from sfcache.cli.options import config_command
 from sfcache.device import DEVICE_CHOICES
 from sfcache.libero_eval import EvalConfig, evaluate, results_table
+from sfcache.options import default_of
+from sfcache.train.loop import TrainConfig
 from sfcache.train.libero_policy import CheckpointPolicy
 
 
@@ -17,7 +19,7 @@ from sfcache.train.libero_policy import CheckpointPolicy
 def eval_libero(
     fields: dict,
     checkpoint: Path = typer.Argument(..., help="An `sf train` run folder or its checkpoint.pt."),
-    device: str = typer.Option("auto", "--device", help=f"{DEVICE_CHOICES} (the policy's device)."),
+    device: str = typer.Option(default_of(TrainConfig, "device"), "--device", help=f"{DEVICE_CHOICES} (the policy's device)."),
 ) -> None:
     """Closed-loop success rates in the LIBERO simulator: results.jsonl, summary.json, videos, a table."""
     policy = CheckpointPolicy(checkpoint, device=device, seed=fields["seed"])

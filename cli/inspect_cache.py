@@ -15,6 +15,8 @@ from rich.table import Table
 from sfcache import inspect as inspection
 from sfcache.errors import SfcacheError
 from sfcache.device import DEVICE_CHOICES, resolve_device
+from sfcache.extract import ExtractConfig
+from sfcache.options import default_of
 from sfcache.progress import progress_bar
 
 MISSING_SHOWN = 10   # episode keys listed before "... and N more"
@@ -34,7 +36,7 @@ def inspect_cache(
                                            "held-out worst less 0.05, and a mean at most 0.01 below the recorded one)."),
     vggt: str | None = typer.Option(None, "--vggt", help="Checkpoint for --verify when the recorded one moved; "
                                     "its sha256 must match the store's."),
-    device: str = typer.Option("auto", "--device", help=f"Device for --verify: {DEVICE_CHOICES}."),
+    device: str = typer.Option(default_of(ExtractConfig, "device"), "--device", help=f"Device for --verify: {DEVICE_CHOICES}."),
     source: Path | None = typer.Option(None, "--source", help="Dataset location for --verify/--pca when it moved."),
     pca: Path | None = typer.Option(None, "--pca", help="Write a PNG: per step, each view's frame beside a "
                                     "PCA-to-RGB picture of its targets; 2*views*W x steps*H pixels."),

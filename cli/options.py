@@ -30,43 +30,56 @@ def option_fields(config: type, exclude: tuple[str, ...] = ()) -> list[dataclass
     return [f for f in dataclasses.fields(config) if OPTION in f.metadata and f.name not in exclude]
 
 
+def _field_type(hint: Any) -> type:
+    """The field's type without `| None`."""
+    return ([kind for kind in typing.get_args(hint) if kind is not type(None)] or [hint])[0]
+
+
 def _cli_type(hint: Any, info: OptionInfo) -> type:
-    """What typer parses: text for fields with a parser, else the field's type without `| None`."""
-    if info.parse is not None:
+    """What typer parses: text for fields with a parser and for paths (typer would turn an empty text into
+    Path('.'), the current folder, before it could mean the default), else the field's type."""
+    kind = _field_type(hint)
+    if info.parse is not None or kind is Path:
         return str
-    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)] or [hint]
-    if kinds[0] not in (str, int, float, bool, Path):
+    if kind not in (str, int, float, bool):
         raise TypeError(f"option {hint}: give the field a parse= (typer reads only str, int, float, bool, Path)")
-    return kinds[0]
+    return kind
 
 
-def _parameter(field: dataclasses.Field, kind: type, default: Any) -> inspect.Parameter:
+def _parameter(field: dataclasses.Field, hint: Any, default: Any) -> inspect.Parameter:
     info: OptionInfo = field.metadata[OPTION]
+    kind = _cli_type(hint, info)
+    metavar = info.metavar or ("PATH" if _field_type(hint) is Path else None)   # read as text, shown as a path
     shown = ... if default is MISSING else info.show(default) if info.parse and default is not None else default
     if info.argument:
-        spec = typer.Argument(shown, help=info.help, metavar=info.metavar, show_default=True)
+        spec = typer.Argument(shown, help=info.help, metavar=metavar, show_default=True)
     else:
         flag = info.flag or "--" + field.name.replace("_", "-")
         if kind is bool and default is True and info.flag is None:
             flag = f"{flag}/--no-{flag[2:]}"
-        spec = typer.Option(shown, flag, help=info.help, metavar=info.metavar)
+        spec = typer.Option(shown, flag, help=info.help, metavar=metavar)
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=spec, annotation=kind)
 
 
-def field_values(config: type, given: dict[str, Any]) -> dict[str, Any]:
-    """Typed-in option values -> config field values; a text its parser refuses is an SfcacheError naming it."""
-    values = {}
+def field_values(config: type, given: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Typed-in option values -> config field values; a text its parser refuses is an SfcacheError naming it.
+    An empty text is the default: the command's (`defaults`) if it replaces the field's, else left to the config."""
+    values, hints, defaults = {}, typing.get_type_hints(config), defaults or {}
     for field in option_fields(config):
         if field.name not in given:
             continue
         value, info = given[field.name], field.metadata[OPTION]
-        if value == "" and field.default is not MISSING:
+        if value == "" and field.name in defaults:
+            value = defaults[field.name]
+        elif value == "" and field.default is not MISSING:
             continue                                   # empty: the config's default
         if info.parse is not None and isinstance(value, str):
             try:
                 value = info.parse(value)
             except ValueError as error:
                 raise SfcacheError(f"{flag_of(field)} {value}: {error}") from None
+        elif _field_type(hints[field.name]) is Path and isinstance(value, str):
+            value = Path(value)
         values[field.name] = value
     return values
 
@@ -81,14 +94,14 @@ def config_command(config: type, exclude: tuple[str, ...] = (), defaults: dict[s
         hints = typing.get_type_hints(config)
         fields = option_fields(config, exclude)
         own = list(inspect.signature(body, eval_str=True).parameters.values())[1:]
-        parameters = [_parameter(f, _cli_type(hints[f.name], f.metadata[OPTION]), defaults.get(f.name, f.default))
+        parameters = [_parameter(f, hints[f.name], defaults.get(f.name, f.default))
                       for f in fields]
         parameters += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         names = {f.name for f in fields}
 
         def command(**given: Any) -> Any:
             chosen = {name: value for name, value in given.items() if name in names}
-            return body(field_values(config, chosen), **{k: v for k, v in given.items() if k not in names})
+            return body(field_values(config, chosen, defaults), **{k: v for k, v in given.items() if k not in names})
 
         command.__signature__ = inspect.Signature(parameters)
         command.__annotations__ = {p.name: p.annotation for p in parameters}

@@ -1046,7 +1046,10 @@ def _consecutive_groups(shards: list[int], size: int) -> list[list[int]]:
 # ----------------------------------------------------------------------------- dry run
 
 def plan(cfg: ExtractConfig) -> dict:
-    """What `extract` would do, without Dask or a model forward: episodes, steps, shards, store size."""
+    """What `extract` would do, without Dask or a model forward: episodes, steps, shards, store size, and the
+    device (resolved here as the local run does, so a GPU that is not there fails the dry run too; a --scheduler's
+    workers resolve it themselves)."""
+    device = cfg.device if cfg.scheduler else str(resolve_device(cfg.device))
     source, recipe, layout = _open(cfg, Path(cfg.source))
     infos = _select(source, cfg)
     config = weights_config(cfg.vggt)
@@ -1062,6 +1065,7 @@ def plan(cfg: ExtractConfig) -> dict:
             "frame_size": list(frame), "episodes": len(infos), "steps": steps,
             "skipped_episodes": [str(e) for e in source.skipped], "layers": list(layers), "grid": list(grid),
             "channels": config.out_channels, "dtype": cfg.dtype, "codec": cfg.codec, "reduce": cfg.reduce,
+            "device": device,
             "shards": -(-steps // cfg.steps_per_shard), "bytes_per_step": per_step,
             "store_bytes_uncompressed": per_step * steps}
 

@@ -44,3 +44,21 @@ def comma_text(values: tuple) -> str:
 def user_path(text: str) -> Path:
     """A path with ~ expanded (make passes it unexpanded)."""
     return Path(text).expanduser()
+
+
+def option_like(config: type, name: str, default: Any = MISSING, **how: Any) -> Any:
+    """An option field offered like `config`'s field `name`: its default, help, parser and display, so a command
+    that hands the value on to `config` repeats none of them; `default` and `how` (`OptionInfo`'s fields) replace
+    those the borrowing command deliberately gives otherwise."""
+    field = _field(config, name)
+    return dataclasses.field(default=field.default if default is MISSING else default,
+                             metadata={OPTION: dataclasses.replace(field.metadata[OPTION], **how)})
+
+
+def default_of(config: type, name: str) -> Any:
+    """`config`'s default of field `name`: for a command's own option that means the same as that field."""
+    return _field(config, name).default
+
+
+def _field(config: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(config) if f.name == name)

@@ -187,3 +187,39 @@ def test_cli_defaults_are_the_config_defaults(command):
         else:
             assert param.default == field.default or (isinstance(field.default, Path)
                                                       and Path(param.default) == field.default)
+
+
+class _Parsed(Exception):
+    """Raised by the stand-in of field_values: the command stops once its field values are known."""
+
+
+@pytest.mark.parametrize("command", CONFIGS)
+def test_an_empty_text_is_the_config_default_for_every_text_and_path_option(command, monkeypatch):
+    """What `make VAR=` passes: "" means the default (not Path('.'), the current folder, as typer would read it)."""
+    from sfcache.cli import options as cli_options
+
+    real, seen = cli_options.field_values, {}
+
+    def parsed(config, given, defaults=None):
+        seen.update(chosen=real(config, given, defaults), defaults=defaults or {})
+        raise _Parsed
+
+    monkeypatch.setattr(cli_options, "field_values", parsed)
+    cmd, fields = COMMANDS[command], {f.name: f for f in option_fields(CONFIGS[command])}
+    args, emptied = [], []
+    for param in cmd.params:
+        field = fields.get(param.name)
+        if isinstance(param, TyperArgument):
+            args.insert(0, "x")
+        elif param.required:
+            args += [param.opts[0], "x"]
+        elif field is not None and param.type_descriptor.annotation is str:
+            args += [param.opts[0], ""]
+            emptied.append(field)
+    assert emptied
+    with pytest.raises(_Parsed):
+        cmd.main(args, standalone_mode=False)
+    for field in emptied:
+        expected = seen["defaults"].get(field.name, field.default)
+        assert seen["chosen"].get(field.name, field.default) == expected, (command, field.name)
+        assert seen["chosen"].get(field.name, field.default) != Path(".")

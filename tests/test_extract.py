@@ -22,7 +22,8 @@ from distributed import LocalCluster
 from typer.testing import CliRunner
 
 from sfcache.cli.main import app, main
-from sfcache.errors import StoreError
+from sfcache.device import resolve_device
+from sfcache.errors import SfcacheError, StoreError
 from sfcache.extract import ExtractConfig, extract
 from sfcache.pooling import pool_grid
 from sfcache.sources import FORMATS, open_source
@@ -256,6 +257,10 @@ def test_episode_pattern_and_dry_run(tmp_path, schedulers):
     assert dry.exit_code == 0, dry.output
     assert "episodes: 2" in dry.output and "steps: 4" in dry.output and "views: ['primary', 'wrist']" in dry.output
     assert f"bytes_per_step: {2 * 256 * 256 * 2}" in dry.output and not (tmp_path / "store").exists()
+    assert f"device: {resolve_device('auto')}" in dry.output
+    no_gpu = CliRunner().invoke(app, ["extract", str(written.path), "--out", str(tmp_path / "store"), *TINY,
+                                      "--device", "cuda:99", "--dry-run"])    # refused, as the real run would be
+    assert isinstance(no_gpu.exception, SfcacheError) and "--device cuda:99: " in str(no_gpu.exception)
     summary = extract(ExtractConfig(source=written.path, out=tmp_path / "store", vggt="random:tiny", layers=(-1,),
                                     episodes=pattern, scheduler=schedulers["in-process"]), progress=False)
     assert summary.episodes == 2 and summary.steps == 4 and summary.failed == []

@@ -237,5 +237,28 @@ def test_bad_options_name_each_problem(tmp_path, rlds_root, capsys):
                        "--suites", "spatial,90", "--steps", "0", "--out", tmp_path / "out")
     assert code == 2
     assert "--suites spatial,90: choose from spatial,object,goal,10" in output
-    assert "--steps must be >= 1, got 0" in output and "DEVICE=tpu: --device 'tpu': expected auto | cpu | cuda | cuda:N" in output
+    assert "these must be >= 1: --steps 0" in output and "DEVICE=tpu: expected auto | cpu | cuda | cuda:N" in output
     assert not (tmp_path / "out").exists()
+
+
+def test_option_data_and_weights_problems_are_listed_in_one_message(tmp_path, capsys):
+    code, output = run(capsys, "--steps", "0", "--device", "cpu", "--out", tmp_path / "out")
+    assert code == 2 and "Traceback" not in output
+    assert output.startswith("error: nothing was run:"), output
+    for problem in ("these must be >= 1: --steps 0", "LIBERO_DIR is not given", "VGGT is not given"):
+        assert problem in output, output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--eval-every", "0"], "these must be >= 1: --eval-every 0\n"),      # validation and checkpoint interval
+    (["--loader-workers", "-1"], "these must be >= 0: --loader-workers -1"),
+    (["--extract-batch-size", "0"], "--extract-batch-size must be >= 1, got 0"),
+    (["--eval-max-steps", "0"], "--eval-max-steps must be >= 1, got 0"),
+    (["--dtype", "float8"], "--dtype must be one of float16, bfloat16, int8, not 'float8'"),
+])
+def test_options_handed_to_a_stage_are_checked_by_its_config_and_named_as_given(option, message, tmp_path,
+                                                                                rlds_root, capsys):
+    code, output = run(capsys, "--libero-dir", rlds_root, "--vggt", "random:tiny", "--device", "cpu",
+                       "--out", tmp_path / "out", *option)
+    assert code == 2 and message in output, output

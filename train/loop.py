@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from sfcache.crop import crop_target_grid
-from sfcache.device import DEVICE_CHOICES, resolve_device
+from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
 from sfcache.errors import ConfigMismatch, SfcacheError, differences
 from sfcache.options import comma_list, comma_text, option
 from sfcache.progress import progress_bar
@@ -73,28 +73,35 @@ class TrainConfig:
     def __post_init__(self):
         self.source, self.out = Path(self.source), Path(self.out)
         self.cache = Path(self.cache) if self.cache else None
+        problems = []
         if self.model_size not in SIZES:
-            raise SfcacheError(f"--model-size must be one of {list(SIZES)}, got {self.model_size!r}")
+            problems.append(f"--model-size must be one of {list(SIZES)}, got {self.model_size!r}")
         if self.align_weight < 0:
-            raise SfcacheError(f"--align-weight must be >= 0, got {self.align_weight}")
+            problems.append(f"--align-weight must be >= 0, got {self.align_weight}")
         if self.align_weight > 0 and self.cache is None and self.online_vggt is None:
-            raise SfcacheError("--align-weight > 0 needs targets: give --cache STORE or --online-vggt WEIGHTS "
-                               "(or --align-weight 0 for the baseline without SF)")
+            problems.append("--align-weight > 0 needs targets: give --cache STORE or --online-vggt WEIGHTS "
+                            "(or --align-weight 0 for the baseline without SF)")
         counts = {"steps": self.steps, "batch-size": self.batch_size, "val-every": self.val_every,
                   "save-every": self.save_every, "log-every": self.log_every, "grid": self.grid}
         small = [f"--{name} {value}" for name, value in counts.items() if value < 1]
         if small:
-            raise SfcacheError(f"these must be >= 1: {', '.join(small)}")
+            problems.append(f"these must be >= 1: {', '.join(small)}")
         negative = {"warmup-steps": self.warmup_steps, "val-episodes": self.val_episodes, "workers": self.workers}
         below = [f"--{name} {value}" for name, value in negative.items() if value < 0]
         if below:
-            raise SfcacheError(f"these must be >= 0: {', '.join(below)}")
+            problems.append(f"these must be >= 0: {', '.join(below)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise SfcacheError(f"--lr must be a positive finite number, got {self.lr}")
-        depth = SIZES[self.model_size][1]
-        if self.align_layer is not None and not 1 <= self.align_layer <= depth:
-            raise SfcacheError(f"--align-layer must be in 1..{depth} for --model-size {self.model_size} "
-                               f"(default {round(depth * 3 / 4)}), got {self.align_layer}")
+            problems.append(f"--lr must be a positive finite number, got {self.lr}")
+        depth = SIZES[self.model_size][1] if self.model_size in SIZES else None
+        if depth and self.align_layer is not None and not 1 <= self.align_layer <= depth:
+            problems.append(f"--align-layer must be in 1..{depth} for --model-size {self.model_size} "
+                            f"(default {round(depth * 3 / 4)}), got {self.align_layer}")
+        try:
+            check_device(self.device)
+        except SfcacheError as problem:
+            problems.append(str(problem))
+        if problems:
+            raise SfcacheError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -204,7 +211,7 @@ class Trainer:
         if self.online and self.data.targets:  # both: online targets train, the cache is compared with them
             stored = {"weights_id": self.data.identity["weights_id"], "channels": self.data.targets.channels}
             online = {"weights_id": self.online.weights_id, "channels": self.online.channels}
-            differ = differences(stored, online, stored)
+            differ = differences(stored, online, ("weights_id", "channels"))
             if differ:
                 raise ConfigMismatch(c.cache, {f"{name} (vs --online-vggt)": pair for name, pair in differ.items()})
         if self.online:
@@ -259,7 +266,7 @@ class Trainer:
                  "batch_size": self.config.batch_size, "align_weight": self.config.align_weight}
         had = {"policy": _jsonable(saved["policy"]), **{k: saved["config"][k] for k in asked if k != "policy"}}
         asked["policy"] = _jsonable(asked["policy"])
-        diff = differences(had, asked, asked)
+        diff = differences(had, asked, ("policy", "seed", "batch_size", "align_weight"))
         if diff:
             raise ConfigMismatch(f"{self.checkpoint_path} (resuming a run made with other settings; "
                                  "use --no-resume to start over)", diff)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +23,16 @@ from rich.console import Console
 from rich.table import Table
 
 from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
-from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError
+from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError, differences
 from sfcache.extract import ExtractConfig, extract
 from sfcache.inspect import summarize
 from sfcache.libero_eval import EvalConfig, evaluate, simulator_available
-from sfcache.options import comma_list, comma_text, option, user_path
+from sfcache.options import comma_list, comma_text, option, option_like, user_path
 from sfcache.sources import detect_format, open_source
-from sfcache.store import DTYPES, open_cache
+from sfcache.store import open_cache
 from sfcache.vggt.weights import HUB_ID, RANDOM_SPEC, weights_config
 from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer, TrainResult
-from sfcache.train.model import SIZES
 
 __all__ = ["SUITES", "ReproduceConfig", "ReproduceReport", "SuiteData", "SuiteResult", "find_suites", "preflight",
            "reproduce"]
@@ -56,68 +56,85 @@ def _parse_suites(text: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ReproduceConfig:
-    """Inputs of the reproduction; the defaults are for real runs on a GPU (each help is its option's)."""
+    """Inputs of the reproduction; the defaults are for real runs on a GPU (each help is its option's).
+
+    An option handed on to a stage takes its default, help and check from that stage's config (`option_like`).
+    Making one checks nothing: `preflight` lists every problem (`problems()`, the data, weights, device and
+    scheduler) in one message, so a user fixes them all in one go.
+    """
 
     libero_dir: Path | None = option(None, "Folder holding libero_<suite>_no_noops/ (RLDS or HDF5) or "
                                            "libero_<suite>/ (HDF5) folders.", parse=user_path, show=str)
     vggt: str | None = option(None, "VGGT checkpoint path, a cached hub id (facebook/VGGT-1B), or random:<preset> "
                                     "(pipeline tests only).")
     out: Path = option(Path("out/reproduce-libero"), "Output folder (caches, runs, report).")
-    device: str = option("auto", f"{DEVICE_CHOICES}.")
-    scheduler: str | None = option(None, "Dask scheduler address; empty for a local cluster.")
+    device: str = option_like(ExtractConfig, "device")
+    scheduler: str | None = option_like(ExtractConfig, "scheduler")
     suites: tuple[str, ...] = option(SUITES, "Comma list of suites to run.", parse=_parse_suites, show=comma_text)
     require_all: bool = option(False, "Stop if any asked suite is missing.")
-    steps: int = option(2000, "Optimizer steps per training run.")
-    model_size: str = option("small", "Policy size: " + " | ".join(SIZES))
-    batch_size: int = option(16, "Steps per optimizer step.")
-    grid: int = option(16, "Target grid and policy tokens per side (16 -> 224 px).")
-    dtype: str = option("float16", "Stored targets: float16 (2 MiB/step for 2 views), bfloat16 or int8 (half "
-                                   "the disk).")
-    align_weight: float = option(0.5, "SF's alpha for the runs with SF.")
-    val_episodes: int = option(10, "Held-out episodes per suite.")
-    eval_every: int = option(200, "Validate and checkpoint every N steps.")
-    loader_workers: int = option(2, "DataLoader worker processes.")
-    extract_batch_size: int = option(8, "Steps per VGGT forward pass.")
-    steps_per_shard: int = option(32, "Steps per cache shard (unit of resume).")
-    eval_trials: int = option(50, "LIBERO simulator episodes per task and checkpoint (OFT: 50); 0 skips the "
-                                  "simulator evaluation.")
+    steps: int = option_like(TrainConfig, "steps")
+    model_size: str = option_like(TrainConfig, "model_size")
+    batch_size: int = option_like(TrainConfig, "batch_size")
+    grid: int = option_like(TrainConfig, "grid", help="Target grid and policy tokens per side (16 -> 224 px).")
+    dtype: str = option_like(ExtractConfig, "dtype")
+    # the baseline runs are the alpha 0 ones: this alpha is the SF runs' only
+    align_weight: float = option_like(TrainConfig, "align_weight", help="SF's alpha for the runs with SF.")
+    # a report's validation L1 needs more held-out episodes than a quick `sf train`
+    val_episodes: int = option_like(TrainConfig, "val_episodes", default=10, help="Held-out episodes per suite.")
+    eval_every: int = option_like(TrainConfig, "val_every", help="Validate and checkpoint every N steps.")
+    loader_workers: int = option_like(TrainConfig, "workers")
+    extract_batch_size: int = option_like(ExtractConfig, "batch_size")
+    steps_per_shard: int = option_like(ExtractConfig, "steps_per_shard")
+    eval_trials: int = option_like(EvalConfig, "trials_per_task", help="LIBERO simulator episodes per task and "
+                                   "checkpoint (OFT: 50); 0 skips the simulator evaluation.")
     eval_checkpoints: int = option(1, "Checkpoints evaluated per run, evenly spaced, the last one included (>1 "
                                       "plots success vs steps).")
-    eval_max_steps: int | None = option(None, "Policy steps per episode (default: the protocol's per-suite limit).")
+    eval_max_steps: int | None = option_like(EvalConfig, "max_steps")
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
+
+    def problems(self) -> list[str]:
+        """What is wrong with the options: this config's own checks, then those of each stage's config built
+        from it (device and scheduler are `preflight`'s), each naming the option as `sf reproduce-libero` does."""
         problems = []
         unknown = [s for s in self.suites if s not in SUITES]
         if unknown or not self.suites:
             problems.append(f"--suites {','.join(self.suites)}: choose from {','.join(SUITES)}")
-        if self.dtype not in DTYPES:
-            problems.append(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
-        if self.model_size not in SIZES:
-            problems.append(f"--model-size {self.model_size}: choose one of {', '.join(SIZES)}")
-        for name in ("steps", "batch_size", "grid", "eval_every", "extract_batch_size", "steps_per_shard"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.align_weight <= 0:
             problems.append(f"--align-weight must be > 0 for the SF runs (the baseline uses 0), "
                             f"got {self.align_weight}")
         if self.eval_trials < 0 or self.eval_checkpoints < 1:
             problems.append(f"--eval-trials must be >= 0 and --eval-checkpoints >= 1, got {self.eval_trials} and "
                             f"{self.eval_checkpoints}")
-        if self.eval_max_steps is not None and self.eval_max_steps < 1:
-            problems.append(f"--eval-max-steps must be >= 1, got {self.eval_max_steps}")
         if self.val_episodes < 1:
             problems.append(f"--val-episodes must be >= 1 (validation L1 is the evaluation), got {self.val_episodes}")
-        if self.loader_workers < 0:
-            problems.append(f"--loader-workers must be >= 0, got {self.loader_workers}")
         if self.out.is_file():
             problems.append(f"--out {self.out}: is a file; expected an output folder (new or to resume)")
-        try:
-            check_device(self.device)
-        except SfcacheError as problem:
-            problems.append(f"DEVICE={self.device}: {problem}")
-        if problems:
-            raise SfcacheError("nothing was run:\n  - " + "\n  - ".join(problems))
+        # the stage configs check device and scheduler, and alpha and held-out episodes less strictly: those are
+        # left out (valid values), so each problem is named once
+        checked = replace(self, device="auto", scheduler=None, align_weight=1.0, val_episodes=1,
+                          out=self.out / "preflight")
+        suite = SuiteData(SUITES[0], Path("."), "libero_rlds")
+        stages = [(lambda: _extraction_config(checked, suite, checked.out), {"--batch-size": "--extract-batch-size"}),
+                  (lambda: _training_config(checked, suite, checked.out, checked.out, checked.align_weight),
+                   {"--val-every": "--eval-every", "--save-every": "--eval-every", "--workers": "--loader-workers"})]
+        if self.eval_trials > 0:
+            stages.append((lambda: _evaluation_config(checked, suite, checked.out),
+                           {"--trials-per-task": "--eval-trials", "--max-steps": "--eval-max-steps"}))
+        for build, flags in stages:
+            try:
+                build()
+            except SfcacheError as problem:
+                problems.append(_named_as_given(str(problem), flags))
+        return problems
+
+
+def _named_as_given(message: str, flags: dict[str, str]) -> str:
+    """A stage config's message with its flags renamed to the reproduce options they come from (`flags`); one
+    option feeding two fields (--eval-every) is named once."""
+    renamed = re.sub(r"(?<![\w-])--[a-z-]+\b", lambda found: flags.get(found[0], found[0]), message)
+    return re.sub(r"(--[a-z-]+ \S+)(, \1)+", r"\1", renamed)
 
 
 @dataclass(frozen=True)
@@ -237,6 +254,10 @@ def _check_hub_cache(repo_id: str) -> list[str]:
 
 def _check_device(device: str) -> list[str]:
     try:
+        check_device(device)
+    except SfcacheError:
+        return [f"DEVICE={device}: expected {DEVICE_CHOICES}"]
+    try:
         resolve_device(device)
     except SfcacheError as problem:
         return [f"DEVICE={device}: {problem} (DEVICE=auto picks a GPU when there is one)"]
@@ -257,8 +278,8 @@ def _check_scheduler(address: str | None) -> list[str]:
 
 def preflight(cfg: ReproduceConfig) -> tuple[list[SuiteData], list[str]]:
     """(suites to run, suites missing); SfcacheError listing every problem with the inputs, before any work."""
-    found, missing, problems = _check_data(cfg)
-    problems += _check_vggt(cfg.vggt) + _check_device(cfg.device) + _check_scheduler(cfg.scheduler)
+    found, missing, data_problems = _check_data(cfg)
+    problems = cfg.problems() + data_problems + _check_vggt(cfg.vggt) + _check_device(cfg.device) + _check_scheduler(cfg.scheduler)
     if problems:
         raise SfcacheError("nothing was run:\n  - " + "\n  - ".join(problems))
     return found, missing
@@ -274,9 +295,11 @@ def _store_complete(store: Path, cfg: ReproduceConfig, suite: SuiteData) -> bool
     except StoreError:
         return False
     made = cache.provenance
-    stored = (made.vggt.weights, tuple(made.targets.grid), made.targets.dtype, made.source.get("fingerprint"))
-    asked = (cfg.vggt, (cfg.grid, cfg.grid), cfg.dtype, open_source(suite.path, suite.format).fingerprint())
-    return bool(done) and stored == asked
+    stored = {"weights": made.vggt.weights, "grid": tuple(made.targets.grid), "dtype": made.targets.dtype,
+              "fingerprint": made.source.get("fingerprint")}
+    asked = {"weights": cfg.vggt, "grid": (cfg.grid, cfg.grid), "dtype": cfg.dtype,
+             "fingerprint": open_source(suite.path, suite.format).fingerprint()}
+    return bool(done) and not differences(stored, asked, ("weights", "grid", "dtype", "fingerprint"))
 
 
 def extract_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: Console) -> dict:
@@ -286,10 +309,7 @@ def extract_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console:
     if _store_complete(store, cfg, suite):
         console.print(f"  extract: {store} is complete, skipped")
     else:
-        summary = extract(ExtractConfig(
-            source=suite.path, out=store, vggt=cfg.vggt, format=suite.format, layers=(-1,),   # SF: last layer
-            grid=(cfg.grid, cfg.grid), dtype=cfg.dtype, batch_size=cfg.extract_batch_size,
-            steps_per_shard=cfg.steps_per_shard, scheduler=cfg.scheduler, device=cfg.device))
+        summary = extract(_extraction_config(cfg, suite, store))
         runs.append({k: getattr(summary, k) for k in ("extracted_steps", "already_done_steps", "extract_s",
                                                       "steps_per_s", "cluster_startup_s", "workers", "device")})
         log.write_text(json.dumps({"runs": runs}, indent=1))
@@ -307,6 +327,12 @@ def extract_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console:
             "extract_runs": runs}
 
 
+def _extraction_config(cfg: ReproduceConfig, suite: SuiteData, store: Path) -> ExtractConfig:
+    return ExtractConfig(source=suite.path, out=store, vggt=cfg.vggt, format=suite.format, layers=(-1,),  # SF: last
+                         grid=(cfg.grid, cfg.grid), dtype=cfg.dtype, batch_size=cfg.extract_batch_size,
+                         steps_per_shard=cfg.steps_per_shard, scheduler=cfg.scheduler, device=cfg.device)
+
+
 def _training_config(cfg: ReproduceConfig, suite: SuiteData, store: Path, out: Path, align_weight: float
                      ) -> TrainConfig:
     return TrainConfig(source=suite.path, out=out, cache=store if align_weight > 0 else None, steps=cfg.steps,
@@ -319,16 +345,19 @@ def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+RUN_SETTINGS = ("step", "seed", "batch_size", "align_weight", "steps")   # what a finished run must match
+
+
 def _training_finished(config: TrainConfig) -> bool:
     """True when the checkpoint is at the last step with this run's settings and its final validation is logged."""
     checkpoint = config.out / CHECKPOINT
     if not checkpoint.exists():
         return False
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    asked = {"seed": config.seed, "batch_size": config.batch_size, "align_weight": config.align_weight,
-             "steps": config.steps}
+    asked = {"step": config.steps, "seed": config.seed, "batch_size": config.batch_size,
+             "align_weight": config.align_weight, "steps": config.steps}
     final_val = any(r["split"] == "val" and r["step"] == config.steps for r in _read_metrics(config.out / METRICS))
-    return saved["step"] == config.steps and saved["config"] == asked and final_val
+    return not differences({"step": saved["step"], **saved["config"]}, asked, RUN_SETTINGS) and final_val
 
 
 SNAPSHOTS = "snapshots"
@@ -377,6 +406,10 @@ def train_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: C
     return runs
 
 
+def _evaluation_config(cfg: ReproduceConfig, suite: SuiteData, out: Path) -> EvalConfig:
+    return EvalConfig(suite=suite.suite, out=out, trials_per_task=cfg.eval_trials, max_steps=cfg.eval_max_steps)
+
+
 def _checkpoints_to_evaluate(run: Path, count: int) -> list[Path]:
     """The final checkpoint and up to count - 1 evenly spaced earlier snapshots, in step order."""
     snapshots = sorted((run / SNAPSHOTS).glob("step_*.pt"))[:-1] if count > 1 else []
@@ -396,8 +429,7 @@ def evaluate_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console
         for checkpoint in _checkpoints_to_evaluate(folder / run, cfg.eval_checkpoints):
             policy = CheckpointPolicy(checkpoint, device=cfg.device)
             out = folder / run / "eval_libero" / f"step_{policy.step:06d}"
-            summary = evaluate(policy, EvalConfig(suite=suite.suite, out=out, trials_per_task=cfg.eval_trials,
-                                                  max_steps=cfg.eval_max_steps), policy.describe())
+            summary = evaluate(policy, _evaluation_config(cfg, suite, out), policy.describe())
             points.append({"step": policy.step, "success_rate": summary.success_rate, "ci95": summary.ci95,
                            "episodes": summary.episodes, "protocol": summary.protocol,
                            "summary": str(out / "summary.json")})
