@@ -209,7 +209,7 @@ def test_samples_decode_only_their_own_frames_and_pad_the_action_chunk(data, mon
     (["--align-weight", "0", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
     (["--align-weight", "0", "--workers", "-1"], "these must be >= 0: --workers -1"),
     (["--align-weight", "0", "--val-episodes", "-1"], "--val-episodes -1"),
-    (["--online-vggt", "random:tiny", "--cache-layer", "99"], "--cache-layer 99: the --online-vggt model random:tiny "
+    (["--online-vggt", "random:tiny", "--cache-layer", "99"], "--cache-layer 99: this VGGT "
                                                                "has layers 0..3"),
 ])
 def test_bad_options_are_one_line_errors(data, tmp_path, capsys, option, message):
