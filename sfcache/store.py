@@ -626,29 +626,28 @@ def _validate_attrs(meta: Path, attrs: dict, complete: bool = False) -> None:
     is one StoreError naming the key and what was expected, not a ValueError or IndexError deep inside a read.
     `complete` also requires REQUIRED_PROVENANCE (stores written by tests and benchmarks may omit `source`)."""
     fail = partial(_damaged, meta)
-    is_int = _is_int
 
     targets = attrs.get("targets")
     if not isinstance(targets, dict):
         fail("targets", "an object", targets)
     for key, expected, ok in [
-        ("layers", "a non-empty list of layer indices", lambda v: isinstance(v, list) and v and all(map(is_int, v))),
+        ("layers", "a non-empty list of layer indices", lambda v: isinstance(v, list) and v and all(map(_is_int, v))),
         ("views", "a non-empty list of view names", lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v)),
         ("grid", "[height, width] of positive integers", _is_grid),
-        ("channels", "a positive integer", lambda v: is_int(v, 1)),
+        ("channels", "a positive integer", lambda v: _is_int(v, 1)),
         ("dtype", f"one of {', '.join(DTYPES)}", lambda v: v in DTYPES),
     ]:
         if not ok(targets.get(key)):
             fail(f"targets.{key}", expected, targets.get(key))
     for key, low in (("num_steps", 0), ("steps_per_shard", 1), ("num_shards", 0)):
-        if not is_int(attrs.get(key), low):
+        if not _is_int(attrs.get(key), low):
             fail(key, f"an integer >= {low}", attrs.get(key))
     episodes = attrs.get("episodes")
     if not isinstance(episodes, list):
         fail("episodes", "a list of [key, instruction, start, length]", episodes)
     for index, episode in enumerate(episodes):
         if not (isinstance(episode, list) and len(episode) == 4 and isinstance(episode[0], str)
-                and isinstance(episode[1], str) and is_int(episode[2]) and is_int(episode[3])):
+                and isinstance(episode[1], str) and _is_int(episode[2]) and _is_int(episode[3])):
             fail(f"episodes[{index}]", "[key, instruction, start, length]", episode)
     if targets.get("native_grid") is not None and not _is_grid(targets["native_grid"]):
         fail("targets.native_grid", "null or [height, width] of positive integers", targets["native_grid"])
@@ -676,7 +675,8 @@ def _validate_reduce(fail, reduce) -> None:
     for key, expected, ok in [
         ("method", "a string", lambda v: isinstance(v, str)),
         ("asked", "a string", lambda v: isinstance(v, str)),
-        ("min_cosine", "null or a number", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
+        ("min_cosine", "null or a number",
+         lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
         ("sample_steps", "an integer >= 0", _is_int),
         ("held_out_steps", "an integer >= 0", _is_int),
         ("k", "null or {layer: K}", lambda v: v is None or (isinstance(v, dict) and all(

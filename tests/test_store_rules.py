@@ -64,7 +64,8 @@ def test_pieces_split_a_row_range_per_episode_like_a_row_by_row_walk():
     (UNEVEN, 9, 4, r"\[9, 4\)"), ({}, 0, 1, r"\[0, 1\)"),
 ])
 def test_pieces_outside_the_index_are_an_error_naming_the_rows(lengths, start, stop, outside):
-    with pytest.raises(StoreError, match=rf"^store: rows {outside} are not a range inside \[0, {sum(lengths.values())}\)$"):
+    rows = sum(lengths.values())
+    with pytest.raises(StoreError, match=rf"^store: rows {outside} are not a range inside \[0, {rows}\)$"):
         RowIndex.packed(lengths, where="store").pieces(start, stop)
 
 

@@ -73,7 +73,8 @@ def auto_compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
-def resolve_layers(layers: Sequence[int], depth: int, flag: str = "--layers", distinct: bool = False) -> tuple[int, ...]:
+def resolve_layers(layers: Sequence[int], depth: int, flag: str = "--layers",
+                   distinct: bool = False) -> tuple[int, ...]:
     """Layer indices of a `depth`-block VGGT as non-negative ints (negative count from the end, like SF's -1).
     SfcacheError naming `flag`, the layers asked and the valid range; `distinct` also refuses one layer named twice."""
     bad = [int(layer) for layer in layers if not -depth <= layer < depth]
