@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from PIL import Image
 from typer.testing import CliRunner
@@ -283,6 +284,8 @@ def test_verify_passes_on_a_good_store(built):
     keys = list(built[0].episodes)
     assert result.steps == tuple((keys[row // 4], row % 4) for row in rows)
     assert inspection.verify(cache, steps=1, seed=3, threshold=1.01).ok is False
+    as_device = inspection.verify(cache, steps=2, seed=3, device=torch.device("cpu"))   # what the CLI passes
+    assert as_device == result and as_device.device == "cpu"
 
 
 def test_verify_fails_on_altered_values(damaged, built):
