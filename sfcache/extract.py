@@ -50,6 +50,7 @@ from sfcache.reduce import Moments, check_fidelity, fit, parse_reduce, request, 
 from sfcache.store import (CODECS, DTYPES, RUN_NAME, Reduction, StoreConfig, create_store, current_run, lock_store,
                            open_cache, pack_episodes, resumable_reduction, step_bytes, store_run)
 from sfcache.vggt import VGGTConfig, load_vggt, preprocess, weights_config
+from sfcache.vggt.model import resolve_layers
 from sfcache.vggt.preprocess import device_images, output_size
 
 __all__ = ["ExtractConfig", "ExtractSummary", "extract", "plan", "torch_threads"]
@@ -569,7 +570,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
         plugin, facts, devices = _load_models(cluster.client, job, cfg, stack)
         cluster_seconds = time.perf_counter() - cluster_started
         config = VGGTConfig.from_dict(facts["config"])
-        layers = _resolve_layers(cfg.layers, config)
+        layers = resolve_layers(cfg.layers, config.depth, "--layers", distinct=True)
         native, aspect = _native_grid(source, infos, cfg.preprocess, config)
         store_config = StoreConfig(
             episodes=pack_episodes(infos), layers=layers, grid=cfg.grid or native, native_grid=native,
@@ -815,17 +816,6 @@ def _unregister(client: Client, name: str) -> None:
         pass
 
 
-def _resolve_layers(layers: tuple[int, ...], config: VGGTConfig) -> tuple[int, ...]:
-    bad = [layer for layer in layers if not -config.depth <= layer < config.depth]
-    if bad:
-        raise SfcacheError(f"--layers {','.join(map(str, bad))}: this VGGT has layers 0..{config.depth - 1} "
-                           f"(or -{config.depth}..-1; -1 is the last, the one SF uses)")
-    resolved = tuple(layer % config.depth for layer in layers)
-    if len(set(resolved)) != len(resolved):
-        raise SfcacheError(f"--layers {list(layers)} name the same layer twice")
-    return resolved
-
-
 def _native_grid(source: Source, infos: list, mode: str, config: VGGTConfig) -> tuple[tuple[int, int], float]:
     """VGGT's patch grid and the image aspect ratio for these frames, from one preprocessed step."""
     frames = source.read(infos[0].key, 0, 1).frames
@@ -1053,7 +1043,7 @@ def plan(cfg: ExtractConfig) -> dict:
     source, recipe, layout = _open(cfg, Path(cfg.source))
     infos = _select(source, cfg)
     config = weights_config(cfg.vggt)
-    layers = _resolve_layers(cfg.layers, config)
+    layers = resolve_layers(cfg.layers, config.depth, "--layers", distinct=True)
     native, _ = _native_grid(source, infos, cfg.preprocess, config)
     grid = cfg.grid or native
     steps = sum(info.num_steps for info in infos)

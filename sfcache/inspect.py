@@ -28,9 +28,9 @@ from sfcache.sources import Source, open_source, recorded_views
 from sfcache.store import DONE_ARRAY, LOCK_NAME, MASK_ARRAY, Cache, decode, is_locked, layer_array, open_cache, step_bytes
 from sfcache.vggt import load_vggt, random_weights_warning
 
-__all__ = ["DEFAULT_THRESHOLDS", "REQUIRED_PROVENANCE", "CheckResult", "EpisodeReport", "PcaPicture", "Summary",
-           "VerifyResult", "check", "episode_report", "missing_provenance", "open_store", "pca_picture",
-           "pca_picture_size", "pca_rgb", "read_provenance", "summarize", "verify"]
+__all__ = ["DEFAULT_THRESHOLDS", "CheckResult", "EpisodeReport", "PcaPicture", "Summary",
+           "VerifyResult", "check", "episode_report", "open_store", "pca_picture",
+           "pca_picture_size", "pca_rgb", "summarize", "verify"]
 
 # Worst per-token cosine `verify` accepts. Storing alone costs: float16 < 1e-7, bfloat16 ~3e-6, int8 with
 # per-token, 128-channel-block scales ~3e-4 (measured worst on heavy-tailed 2048-channel features); the rest of
@@ -41,12 +41,6 @@ DEFAULT_THRESHOLDS = {"float16": 0.999, "bfloat16": 0.999, "int8": 0.995}
 # noise), and the default worst-token threshold is the recorded worst less REDUCED_WORST_MARGIN.
 REDUCED_MEAN_MARGIN, REDUCED_WORST_MARGIN = 0.01, 0.05
 LISTED = 20          # episode keys named in one failure line before "... and N more"
-REQUIRED_PROVENANCE = (
-    "format_version", "sfcache_version", "created", "num_steps", "steps_per_shard", "num_shards", "episodes",
-    "vggt.weights", "vggt.weights_id", "vggt.config", "vggt.preprocess", "vggt.compute_dtype",
-    "targets.layers", "targets.grid", "targets.views", "targets.channels", "targets.dtype", "targets.codec",
-    "source.format", "source.path", "source.views", "source.rotate",
-)
 
 
 # ----------------------------------------------------------------------------- result records
@@ -216,41 +210,9 @@ class PcaPicture(_Record):
 
 # ----------------------------------------------------------------------------- provenance
 
-def read_provenance(path: str | Path) -> dict:
-    """attrs["sfcache"] straight from STORE/zarr.json, without trusting any of it."""
-    meta = Path(path) / "zarr.json"
-    try:
-        attributes = json.loads(meta.read_text()).get("attributes", {})
-    except FileNotFoundError:
-        raise StoreError(f"{path}: no store here (zarr.json missing)") from None
-    except (OSError, ValueError) as error:
-        raise StoreError(f"{meta}: unreadable Zarr metadata ({error})") from None
-    if not isinstance(attributes.get("sfcache"), dict):
-        raise StoreError(f"{meta}: no sfcache provenance (attributes['sfcache'] missing); not an sfcache store, "
-                         "or its creation was interrupted")
-    return attributes["sfcache"]
-
-
-def missing_provenance(attrs: dict) -> list[str]:
-    """Dotted names of the REQUIRED_PROVENANCE fields that attrs lacks."""
-    def present(dotted: str) -> bool:
-        node = attrs
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return False
-            node = node[part]
-        return True
-
-    return [field for field in REQUIRED_PROVENANCE if not present(field)]
-
-
 def open_store(path: str | Path) -> Cache:
-    """open_cache, after checking the provenance is complete (so no half-store gives a KeyError)."""
-    missing = missing_provenance(read_provenance(path))
-    if missing:
-        raise StoreError(f"{Path(path) / 'zarr.json'}: provenance lacks {', '.join(missing)}; "
-                         "the store was not written by a complete `sf extract`")
-    return open_cache(path)
+    """open_cache, requiring the complete provenance `sf extract` records (so no half-store gives a KeyError)."""
+    return open_cache(path, complete=True)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -358,16 +320,7 @@ def check(path: str | Path, progress: Progress | None = None) -> CheckResult:
         failures.append(Failure(where, what))
 
     try:
-        attrs = read_provenance(path)
-    except StoreError as error:
-        fail(str(path / "zarr.json"), str(error))
-        return _check_result(failures, 0, 0)
-    missing = missing_provenance(attrs)
-    if missing:
-        fail(str(path / "zarr.json"), f"provenance lacks {', '.join(missing)}")
-        return _check_result(failures, 0, 0)
-    try:
-        cache = open_cache(path)
+        cache = open_store(path)
     except StoreError as error:
         fail(str(path / "zarr.json"), str(error))
         return _check_result(failures, 0, 0)
@@ -447,10 +400,7 @@ def _check_arrays(cache: Cache, fail) -> dict[int | str, list[str]] | None:
             problems[name] = "not finite"
     if any(problems.values()):
         return None
-    arrays: dict[int | str, list[str]] = {layer: [layer_array(layer)] + ([layer_array(layer, "_scale")]
-                                                                       if cache.dtype == "int8" else [])
-                                          for layer in cache.layers}
-    return {**arrays, MASK_ARRAY: [MASK_ARRAY]} if cache.has_mask else arrays
+    return cache.shard_arrays()
 
 
 def _check_done(cache: Cache, fail) -> np.ndarray | None:
@@ -498,7 +448,8 @@ def _check_shard(cache: Cache, shard: int, arrays: dict[int | str, list[str]], f
 
 # ----------------------------------------------------------------------------- verification
 
-def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = None, device: str = "cpu",
+def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = None,
+           device: torch.device | str = "cpu",
            threshold: float | None = None, source_path: str | Path | None = None,
            batch_size: int = 4, progress: Progress | None = None) -> VerifyResult:
     """Recompute `steps` random extracted steps with the recorded configuration; per-token cosine vs stored.
@@ -514,6 +465,7 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
     if threshold is None:
         threshold = DEFAULT_THRESHOLDS[cache.dtype] if recorded is None else \
             max(0.0, min(f.worst for f in recorded.values()) - REDUCED_WORST_MARGIN)
+    device = torch.device(device)
     rows = _sample_rows(cache, steps, seed)
     vggt = cache.provenance.vggt
     model, weights_id = load_vggt(weights or vggt.weights, device, compute_dtype=getattr(torch, vggt.compute_dtype))

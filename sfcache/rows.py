@@ -40,22 +40,23 @@ def pack_episodes(episodes: Sequence) -> tuple[EpisodeRecord, ...]:
 class RowIndex:
     """Episodes as flat rows: row -> (key, step), (key, step) -> row, and a row range split per episode.
 
-    `records`: EpisodeRecord or [key, instruction, start, length] lists (a store's attrs), in row order;
-    `where` starts each error message (the store's path).
+    `records`: EpisodeRecord or [key, instruction, start, length] lists (a store's attrs, `Cache.index`'s
+    records), in row order; `where` starts each error message (the store's path) and `holder` names what holds
+    the episodes ("episode 'k' is not in <holder>").
     """
 
-    def __init__(self, records: Sequence, where: str = "rows"):
+    def __init__(self, records: Sequence, where: str = "rows", holder: str = "the cache"):
         self.records = tuple(EpisodeRecord(*record) for record in records)
-        self.where = str(where)
+        self.where, self.holder = str(where), holder
         self.keys = [record.key for record in self.records]
         self.starts = [record.start for record in self.records]
         self.num_rows = self.records[-1].start + self.records[-1].length if self.records else 0
         self._by_key = {record.key: record for record in self.records}
 
     @classmethod
-    def packed(cls, lengths: Mapping[str, int], where: str = "rows") -> "RowIndex":
+    def packed(cls, lengths: Mapping[str, int], where: str = "rows", holder: str = "the cache") -> "RowIndex":
         """{key: length} in row order, first rows from the running sum of lengths."""
-        return cls(_packed((key, "", length) for key, length in lengths.items()), where)
+        return cls(_packed((key, "", length) for key, length in lengths.items()), where, holder)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -74,7 +75,7 @@ class RowIndex:
         """The record of `key`; StoreError naming the key and a few that exist."""
         found = self._by_key.get(key)
         if found is None:
-            raise StoreError(f"{self.where}: episode {key!r} is not in the cache "
+            raise StoreError(f"{self.where}: episode {key!r} is not in {self.holder} "
                              f"({len(self.keys)} episodes, e.g. {self.keys[:3]})")
         return found
 
@@ -99,13 +100,17 @@ class RowIndex:
         return record.start + int(step)
 
     def pieces(self, start: int, stop: int) -> list[tuple[str, int, int]]:
-        """Rows [start, stop) as (episode key, first step, stop step) pieces, one per episode touched."""
+        """Rows [start, stop) as (episode key, first step, stop step) pieces, one per episode touched;
+        StoreError naming the rows unless 0 <= start <= stop <= num_rows."""
+        start, stop = int(start), int(stop)
+        if not 0 <= start <= stop <= self.num_rows:
+            raise StoreError(f"{self.where}: rows [{start}, {stop}) are not a range inside [0, {self.num_rows})")
         out = []
         position = bisect.bisect_right(self.starts, start) - 1
         while start < stop:
-            end = self.starts[position + 1] if position + 1 < len(self.starts) else stop
-            piece_stop = min(stop, end)
+            first = self.starts[position]
+            piece_stop = min(stop, first + self.records[position].length)
             if piece_stop > start:
-                out.append((self.keys[position], start - self.starts[position], piece_stop - self.starts[position]))
+                out.append((self.keys[position], start - first, piece_stop - first))
             start, position = piece_stop, position + 1
         return out

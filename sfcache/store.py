@@ -39,7 +39,7 @@ from sfcache.shard_file import DamagedShard, ShardReader, direct_layout, write_s
 
 __all__ = ["CODECS", "DTYPES", "Cache", "EpisodeRecord", "Reduction", "RowIndex", "StoreConfig", "create_store",
            "current_run", "decode", "encode", "int8_block", "is_locked", "layer_array", "lock_store", "open_cache",
-           "pack_episodes", "resumable_reduction", "step_bytes", "store_run"]
+           "pack_episodes", "read_attrs", "resumable_reduction", "step_bytes", "store_run"]
 
 # 2: int8 scales per token and channel block, recipe and optional token mask. 1 (int8 scales per
 # step/view/channel) stays readable; resuming a version-1 store asks for --overwrite.
@@ -496,16 +496,16 @@ def _create_or_resume(path: Path, config: StoreConfig, overwrite: bool) -> "Cach
                              "(choose another --out or delete it yourself)")
         _clear(path)
     root = zarr.create_group(store=str(path), zarr_format=3, attributes={"sfcache_creating": True})
-    targets = root.create_group("targets")
+    root.create_group("targets")
     n, views, tokens = config.num_steps, len(config.views), config.grid[0] * config.grid[1]
     if config.reduce and not config.reduce.fitted:
         raise StoreError(f"{path}: --reduce {config.reduce.request.get('asked')} needs its fitted basis to create the store")
     for layer in config.layers:
         width = config.stored_channels(layer)
         if config.reduce:
-            _write_basis(targets, layer, config.reduce)
-        targets.create_array(
-            f"layer_{layer}", shape=(n, views, tokens, width), dtype=_STORED_DTYPE[config.dtype],
+            _write_basis(root, layer, config.reduce)
+        root.create_array(
+            layer_array(layer), shape=(n, views, tokens, width), dtype=_STORED_DTYPE[config.dtype],
             chunks=(1, views, tokens, width), shards=(config.steps_per_shard, views, tokens, width),
             compressors=_compressors(config.codec, np.dtype(_STORED_DTYPE[config.dtype]).itemsize, config.checksum),
             fill_value=0,
@@ -513,14 +513,14 @@ def _create_or_resume(path: Path, config: StoreConfig, overwrite: bool) -> "Cach
                         **({"bits_of": "bfloat16"} if config.dtype == "bfloat16" else {})})
         if config.dtype == "int8":
             blocks = width // int8_block(width)
-            targets.create_array(
-                f"layer_{layer}_scale", shape=(n, views, tokens, blocks), dtype="float32",
+            root.create_array(
+                layer_array(layer, "_scale"), shape=(n, views, tokens, blocks), dtype="float32",
                 chunks=(1, views, tokens, blocks), shards=(config.steps_per_shard, views, tokens, blocks),
                 compressors=_compressors("none", 4, config.checksum), fill_value=0,
-                attributes={"layer": layer, "scale_of": f"layer_{layer}", "block": int8_block(width)})
+                attributes={"layer": layer, "scale_of": layer_array(layer), "block": int8_block(width)})
     if config.token_mask:
-        targets.create_array(
-            "mask", shape=(n, views, tokens), dtype="uint8", chunks=(1, views, tokens),
+        root.create_array(
+            MASK_ARRAY, shape=(n, views, tokens), dtype="uint8", chunks=(1, views, tokens),
             shards=(config.steps_per_shard, views, tokens), compressors=_compressors(config.codec, 1, config.checksum),
             fill_value=0, attributes={"mask_of": "every layer", "meaning": "1 = token holds image content"})
     root.create_array(DONE_ARRAY, shape=(max(config.num_shards, 1),), chunks=(1,), dtype="uint8", fill_value=0,
@@ -529,11 +529,12 @@ def _create_or_resume(path: Path, config: StoreConfig, overwrite: bool) -> "Cach
     return open_cache(path, mode="r+")
 
 
-def _write_basis(targets: zarr.Group, layer: int, reduce: Reduction) -> None:
+def _write_basis(root: zarr.Group, layer: int, reduce: Reduction) -> None:
     """A layer's PCA mean [C] and components [K, C] as float32 arrays of one chunk each."""
-    for name, values in ((f"layer_{layer}_mean", reduce.means[layer]), (f"layer_{layer}_basis", reduce.components[layer])):
-        array = targets.create_array(name, shape=values.shape, dtype="float32", chunks=values.shape, fill_value=0,
-                                     compressors=None, attributes={"layer": layer, "basis_of": f"layer_{layer}"})
+    for name, values in ((layer_array(layer, "_mean"), reduce.means[layer]),
+                         (layer_array(layer, "_basis"), reduce.components[layer])):
+        array = root.create_array(name, shape=values.shape, dtype="float32", chunks=values.shape, fill_value=0,
+                                     compressors=None, attributes={"layer": layer, "basis_of": layer_array(layer)})
         array[...] = values
 
 
@@ -584,43 +585,108 @@ def _remove_partial_writes(path: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
+_MISSING = object()      # a field zarr.json lacks (told apart from a JSON null)
+
+# Fields every complete `sf extract` records: `inspect-cache` reports them, so it opens stores with complete=True.
+REQUIRED_PROVENANCE = (
+    "format_version", "sfcache_version", "created", "num_steps", "steps_per_shard", "num_shards", "episodes",
+    "vggt.weights", "vggt.weights_id", "vggt.config", "vggt.preprocess", "vggt.compute_dtype",
+    "targets.layers", "targets.grid", "targets.views", "targets.channels", "targets.dtype", "targets.codec",
+    "source.format", "source.path", "source.views", "source.rotate",
+)
+
+
 def _damaged(meta: Path, key: str, expected: str, value) -> None:
     """One line for a hand-damaged zarr.json: the attribute, what it holds and what was expected."""
-    raise StoreError(f"{meta}: attributes.sfcache.{key} is {json.dumps(value)[:80]}, expected {expected}; "
+    held = "missing" if value is _MISSING else json.dumps(value)[:80]
+    raise StoreError(f"{meta}: attributes.sfcache.{key} is {held}, expected {expected}; "
                      "the store is damaged: delete it and run `sf extract` again")
 
 
-def _validate_attrs(meta: Path, attrs: dict) -> None:
-    """Check the provenance fields readers rely on, so a hand-damaged zarr.json is one StoreError naming
-    the key and what was expected, not a ValueError or IndexError deep inside a read."""
-    fail = partial(_damaged, meta)
+def _dotted(attrs: dict, dotted: str):
+    """attrs["a"]["b"] for "a.b", or _MISSING where any level is absent or not an object."""
+    node = attrs
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
 
-    def is_int(value, low: int = 0) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_grid(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_is_int(x, 1) for x in value)
+
+
+def _validate_attrs(meta: Path, attrs: dict, complete: bool = False) -> None:
+    """Check every provenance field `Provenance.from_attrs` and the readers rely on, so a hand-damaged zarr.json
+    is one StoreError naming the key and what was expected, not a ValueError or IndexError deep inside a read.
+    `complete` also requires REQUIRED_PROVENANCE (stores written by tests and benchmarks may omit `source`)."""
+    fail = partial(_damaged, meta)
 
     targets = attrs.get("targets")
     if not isinstance(targets, dict):
         fail("targets", "an object", targets)
     for key, expected, ok in [
-        ("layers", "a non-empty list of layer indices", lambda v: isinstance(v, list) and v and all(map(is_int, v))),
+        ("layers", "a non-empty list of layer indices", lambda v: isinstance(v, list) and v and all(map(_is_int, v))),
         ("views", "a non-empty list of view names", lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v)),
-        ("grid", "[height, width] of positive integers", lambda v: isinstance(v, list) and len(v) == 2
-         and all(is_int(x, 1) for x in v)),
-        ("channels", "a positive integer", lambda v: is_int(v, 1)),
+        ("grid", "[height, width] of positive integers", _is_grid),
+        ("channels", "a positive integer", lambda v: _is_int(v, 1)),
         ("dtype", f"one of {', '.join(DTYPES)}", lambda v: v in DTYPES),
     ]:
         if not ok(targets.get(key)):
             fail(f"targets.{key}", expected, targets.get(key))
     for key, low in (("num_steps", 0), ("steps_per_shard", 1), ("num_shards", 0)):
-        if not is_int(attrs.get(key), low):
+        if not _is_int(attrs.get(key), low):
             fail(key, f"an integer >= {low}", attrs.get(key))
     episodes = attrs.get("episodes")
     if not isinstance(episodes, list):
         fail("episodes", "a list of [key, instruction, start, length]", episodes)
     for index, episode in enumerate(episodes):
         if not (isinstance(episode, list) and len(episode) == 4 and isinstance(episode[0], str)
-                and isinstance(episode[1], str) and is_int(episode[2]) and is_int(episode[3])):
+                and isinstance(episode[1], str) and _is_int(episode[2]) and _is_int(episode[3])):
             fail(f"episodes[{index}]", "[key, instruction, start, length]", episode)
+    if targets.get("native_grid") is not None and not _is_grid(targets["native_grid"]):
+        fail("targets.native_grid", "null or [height, width] of positive integers", targets["native_grid"])
+    if targets.get("reduce") is not None:
+        _validate_reduce(fail, targets["reduce"])
+    vggt = attrs.get("vggt", {})
+    if not isinstance(vggt, dict):
+        fail("vggt", "an object (weights, weights_id, config, preprocess, compute_dtype)", vggt)
+    if not isinstance(vggt.get("config") or {}, dict):
+        fail("vggt.config", "an object of VGGTConfig fields", vggt["config"])
+    for key in ("weights", "weights_id", "preprocess", "compute_dtype"):
+        if not isinstance(vggt.get(key), (str, type(None))):
+            fail(f"vggt.{key}", "a string or null", vggt[key])
+    if not isinstance(attrs.get("source", {}), dict):
+        fail("source", "an object (the source's describe())", attrs["source"])
+    for dotted in REQUIRED_PROVENANCE if complete else ():
+        if _dotted(attrs, dotted) is _MISSING:
+            fail(dotted, "present (every complete `sf extract` records it)", _MISSING)
+
+
+def _validate_reduce(fail, reduce) -> None:
+    """targets.reduce: the request and, once fitted, {layer: K} and {layer: fidelity figures}."""
+    if not isinstance(reduce, dict):
+        fail("targets.reduce", "null or an object (method, asked, min_cosine, sample_steps, held_out_steps)", reduce)
+    for key, expected, ok in [
+        ("method", "a string", lambda v: isinstance(v, str)),
+        ("asked", "a string", lambda v: isinstance(v, str)),
+        ("min_cosine", "null or a number",
+         lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
+        ("sample_steps", "an integer >= 0", _is_int),
+        ("held_out_steps", "an integer >= 0", _is_int),
+        ("k", "null or {layer: K}", lambda v: v is None or (isinstance(v, dict) and all(
+            k.lstrip("-").isdigit() and _is_int(n, 1) for k, n in v.items()))),
+        ("fidelity", "null or {layer: {k, mean, p1, worst}}", lambda v: v is None or (isinstance(v, dict) and all(
+            k.lstrip("-").isdigit() and isinstance(f, dict) and set(f) == {"k", "mean", "p1", "worst"}
+            for k, f in v.items()))),
+    ]:
+        if not ok(reduce.get(key)):
+            fail(f"targets.reduce.{key}", expected, reduce.get(key, _MISSING))
 
 
 def _validate_index(meta: Path, attrs: dict) -> None:
@@ -642,11 +708,26 @@ def _validate_index(meta: Path, attrs: dict) -> None:
              f"{len(episodes)} episodes")
 
 
-def open_cache(path: str | Path, mode: str = "r") -> "Cache":
-    """Open a store; "r" is read-only at the Zarr level, "r+" lets an extractor write shards."""
+def open_cache(path: str | Path, mode: str = "r", complete: bool = False) -> "Cache":
+    """Open a store; "r" is read-only at the Zarr level, "r+" lets an extractor write shards.
+    `complete` also requires every field a full `sf extract` records (REQUIRED_PROVENANCE)."""
     if mode not in ("r", "r+"):
         raise StoreError(f"{path}: mode must be 'r' or 'r+', got {mode!r}")
-    return Cache(path, mode)
+    return Cache(path, mode, complete)
+
+
+def read_attrs(path: str | Path) -> dict:
+    """attrs["sfcache"] straight from STORE/zarr.json, not yet validated (for a store that may not open)."""
+    path = Path(path)
+    attrs = _existing_attrs(path)
+    if attrs is None:
+        raise StoreError(f"{path}: no store here (zarr.json missing); run `sf extract` first")
+    if "sfcache" not in attrs:
+        raise StoreError(f"{path}: not a complete sfcache store (no provenance in zarr.json)")
+    if not isinstance(attrs["sfcache"], dict):
+        raise StoreError(f"{path / 'zarr.json'}: attributes.sfcache is a {type(attrs['sfcache']).__name__}, "
+                         "expected an object; the store is damaged: delete it and run `sf extract` again")
+    return attrs["sfcache"]
 
 
 class Cache:
@@ -654,21 +735,13 @@ class Cache:
 
     direct_reads = True   # False: every read through zarr (the tests and the bench compare both paths)
 
-    def __init__(self, path: str | Path, mode: str = "r"):
+    def __init__(self, path: str | Path, mode: str = "r", complete: bool = False):
         self.path, self.mode = Path(path), mode
-        attrs = _existing_attrs(self.path)
-        if attrs is None:
-            raise StoreError(f"{self.path}: no store here (zarr.json missing); run `sf extract` first")
-        if "sfcache" not in attrs:
-            raise StoreError(f"{self.path}: not a complete sfcache store (no provenance in zarr.json)")
-        self.attrs: dict = attrs["sfcache"]
-        if not isinstance(self.attrs, dict):
-            raise StoreError(f"{self.path / 'zarr.json'}: attributes.sfcache is a {type(self.attrs).__name__}, "
-                             "expected an object; the store is damaged: delete it and run `sf extract` again")
+        self.attrs: dict = read_attrs(self.path)
         if self.attrs.get("format_version") not in READABLE_VERSIONS:
             raise StoreError(f"{self.path}: store format_version {self.attrs.get('format_version')} "
                              f"is not supported (this sfcache reads {', '.join(map(str, READABLE_VERSIONS))})")
-        _validate_attrs(self.path / "zarr.json", self.attrs)
+        _validate_attrs(self.path / "zarr.json", self.attrs, complete)
         self.provenance = provenance = Provenance.from_attrs(self.attrs)
         targets = provenance.targets
         self.layers, self.views, self.grid = targets.layers, targets.views, targets.grid
@@ -1060,11 +1133,16 @@ class Cache:
                              "--out must be writable") from None
         self._known_done.difference_update(int(s) for s in shards)
 
+    def shard_arrays(self) -> dict[int | str, list[str]]:
+        """{layer: its arrays stored shard by shard (values, int8 scales), MASK_ARRAY: [MASK_ARRAY] if stored}:
+        a shard's data is whole only when each of these files is."""
+        arrays: dict[int | str, list[str]] = {
+            layer: [layer_array(layer)] + ([layer_array(layer, "_scale")] if self.dtype == "int8" else [])
+            for layer in self.layers}
+        return {**arrays, MASK_ARRAY: [MASK_ARRAY]} if self.has_mask else arrays
+
     def _target_arrays(self) -> list[str]:
-        """Every array stored shard by shard: a shard's data is whole only when each of these files is."""
-        names = [layer_array(layer) for layer in self.layers]
-        scales = [f"{name}_scale" for name in names] if self.dtype == "int8" else []
-        return names + scales + ([MASK_ARRAY] if self.has_mask else [])
+        return [name for names in self.shard_arrays().values() for name in names]
 
     # -- writes (extractor only)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from PIL import Image
 from typer.testing import CliRunner
@@ -18,7 +19,7 @@ from sfcache import inspect as inspection
 from sfcache.errors import StoreError, WeightsError
 from sfcache.extract import ExtractConfig, extract
 from sfcache.sources.synthetic import write_libero_hdf5
-from sfcache.store import StoreConfig, create_store, lock_store
+from sfcache.store import StoreConfig, create_store, lock_store, open_cache, read_attrs
 
 FRAME = 64             # fixture frame size (LIBERO HDF5, two views)
 GRID = (4, 4)
@@ -98,7 +99,7 @@ def test_cli_summary_text_and_json(built):
 def test_incomplete_store_lists_missing_episodes(damaged):
     zarr.open_array(str(damaged / "done"), mode="r+")[3] = 0          # rows 6-7: the second episode's end
     summary = inspection.summarize(inspection.open_store(damaged))
-    episodes = [e[0] for e in inspection.read_provenance(damaged)["episodes"]]
+    episodes = [e[0] for e in read_attrs(damaged)["episodes"]]
     assert not summary.complete
     assert (summary.shards_done, summary.steps_done) == (3, 6)
     assert summary.missing_episodes == (episodes[1],)
@@ -192,11 +193,71 @@ def test_check_catches_inconsistent_index_and_provenance(damaged):
     del doc["attributes"]["sfcache"]["vggt"]["weights_id"]
     meta.write_text(json.dumps(doc))
     result = inspection.check(damaged)
-    assert failures_of(result) == f"{meta}: provenance lacks vggt.weights_id"
+    lacks = (f"{meta}: attributes.sfcache.vggt.weights_id is missing, expected present (every complete "
+             "`sf extract` records it); the store is damaged: delete it and run `sf extract` again")
+    assert failures_of(result) == f"{meta}: {lacks}"
     cli = invoke(damaged, "--check")                                   # the summary cannot open it: check says why
     assert cli.exit_code == 1 and "vggt.weights_id" in cli.output
-    with pytest.raises(StoreError, match="provenance lacks vggt.weights_id"):
+    with pytest.raises(StoreError) as refused:
         inspection.open_store(damaged)
+    assert str(refused.value) == lacks
+    assert open_cache(damaged).provenance.vggt.weights_id is None      # a library reader needs no weights id
+
+
+def _set(dotted: str, value):
+    """Damage attrs["sfcache"] at a dotted path ("vggt.config"); value DELETE removes the field."""
+    def change(attrs: dict) -> None:
+        *parents, last = dotted.split(".")
+        for part in parents:
+            attrs = attrs[part]
+        attrs.pop(last) if value is DELETE else attrs.__setitem__(last, value)
+    return change
+
+
+DELETE = object()
+PROVENANCE_DAMAGE = [     # (field, value, what the message says it holds, what it expected)
+    ("vggt", "x", '"x"', "an object (weights, weights_id, config, preprocess, compute_dtype)"),
+    ("vggt.config", "x", '"x"', "an object of VGGTConfig fields"),
+    ("vggt.config", [1, 2], "[1, 2]", "an object of VGGTConfig fields"),
+    ("vggt.compute_dtype", 16, "16", "a string or null"),
+    ("source", ["libero"], '["libero"]', "an object (the source's describe())"),
+    ("targets.native_grid", [16], "[16]", "null or [height, width] of positive integers"),
+    ("targets.native_grid", "16x16", '"16x16"', "null or [height, width] of positive integers"),
+    ("targets.reduce", "pca:auto", '"pca:auto"', "null or an object (method, asked, min_cosine, sample_steps, "
+                                               "held_out_steps)"),
+    ("targets.reduce", {"method": "pca", "asked": "pca:auto", "min_cosine": 0.99, "sample_steps": "9",
+                        "held_out_steps": 1}, '"9"', "an integer >= 0"),
+    ("vggt.config", DELETE, "missing", "present (every complete `sf extract` records it)"),
+    ("source.path", DELETE, "missing", "present (every complete `sf extract` records it)"),
+]
+
+
+@pytest.mark.parametrize("field, value, held, expected", PROVENANCE_DAMAGE,
+                         ids=[f"{f}={'deleted' if v is DELETE else v}" for f, v, *_ in PROVENANCE_DAMAGE])
+def test_damaged_provenance_is_one_store_error_naming_the_field(damaged, capsys, field, value, held, expected):
+    meta = damaged / "zarr.json"
+    document = json.loads(meta.read_text())
+    _set(field, value)(document["attributes"]["sfcache"])
+    meta.write_text(json.dumps(document))
+    named = field + (".sample_steps" if isinstance(value, dict) else "")
+    line = (f"{meta}: attributes.sfcache.{named} is {held}, expected {expected}; the store is damaged: "
+            "delete it and run `sf extract` again")
+    with pytest.raises(StoreError) as refused:
+        inspection.open_store(damaged)
+    assert str(refused.value) == line
+    if value is not DELETE:                                            # wrong types: every reader refuses
+        with pytest.raises(StoreError, match="^" + line.replace("[", r"\[").replace("(", r"\(")[:60]):
+            open_cache(damaged)
+    assert failures_of(inspection.check(damaged)) == f"{meta}: {line}"
+    with pytest.raises(SystemExit) as exited:
+        main(["inspect-cache", str(damaged)])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and err == f"error: {line}"
+    with pytest.raises(SystemExit) as exited:
+        main(["inspect-cache", str(damaged), "--check"])
+    printed = capsys.readouterr()
+    assert exited.value.code == 1 and "Traceback" not in printed.out + printed.err
+    assert f"attributes.sfcache.{named}" in "".join((printed.out + printed.err).split())   # rich wraps the line
 
 
 def test_check_reports_a_lock_left_behind(damaged):
@@ -223,6 +284,8 @@ def test_verify_passes_on_a_good_store(built):
     keys = list(built[0].episodes)
     assert result.steps == tuple((keys[row // 4], row % 4) for row in rows)
     assert inspection.verify(cache, steps=1, seed=3, threshold=1.01).ok is False
+    as_device = inspection.verify(cache, steps=2, seed=3, device=torch.device("cpu"))   # what the CLI passes
+    assert as_device == result and as_device.device == "cpu"
 
 
 def test_verify_fails_on_altered_values(damaged, built):

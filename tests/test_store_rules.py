@@ -59,6 +59,33 @@ def test_pieces_split_a_row_range_per_episode_like_a_row_by_row_walk():
             assert index.pieces(start, stop) == [(key, steps[0], steps[-1] + 1) for key, steps in expected.items()]
 
 
+@pytest.mark.parametrize("lengths, start, stop, outside", [
+    (UNEVEN, -2, 2, r"\[-2, 2\)"), (UNEVEN, 3, 17, r"\[3, 17\)"), (UNEVEN, 16, 40, r"\[16, 40\)"),
+    (UNEVEN, 9, 4, r"\[9, 4\)"), ({}, 0, 1, r"\[0, 1\)"),
+])
+def test_pieces_outside_the_index_are_an_error_naming_the_rows(lengths, start, stop, outside):
+    rows = sum(lengths.values())
+    with pytest.raises(StoreError, match=rf"^store: rows {outside} are not a range inside \[0, {rows}\)$"):
+        RowIndex.packed(lengths, where="store").pieces(start, stop)
+
+
+def test_pieces_at_the_edges_and_of_zero_length_episodes():
+    index = RowIndex.packed({"a": 2, "empty": 0, "b": 3}, where="store")
+    assert index.pieces(0, 5) == [("a", 0, 2), ("b", 0, 3)] and index.pieces(5, 5) == index.pieces(2, 2) == []
+    assert RowIndex.packed({}).pieces(0, 0) == []
+
+
+def test_a_row_index_of_a_stores_attrs_equals_its_cache_index_and_names_its_holder(tmp_path):
+    build(tmp_path / "s")
+    cache = open_cache(tmp_path / "s")
+    for records in (cache.attrs["episodes"], cache.index.records):      # what the extractor hands a RowIndex
+        assert RowIndex(records).pieces(3, 14) == cache.index.pieces(3, 14) == [
+            ("suite/a/demo_0", 3, 5), ("suite/a/demo_1", 0, 7), ("suite/b/demo_0", 0, 2)]
+    samples = RowIndex.packed(UNEVEN, where="training samples", holder="the training episodes")
+    with pytest.raises(StoreError, match=r"^training samples: episode 'zz' is not in the training episodes \(4 "):
+        samples.record("zz")
+
+
 def test_a_store_index_is_its_recorded_episodes(tmp_path):
     build(tmp_path / "s")
     cache = open_cache(tmp_path / "s")

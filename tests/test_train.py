@@ -212,7 +212,7 @@ def test_samples_decode_only_their_own_frames_and_pad_the_action_chunk(data, mon
     (["--align-weight", "0", "--device", "tpu"], "--device 'tpu': expected auto | cpu | cuda | cuda:N"),
     (["--align-weight", "-1", "--lr", "0", "--device", "gpu"],        # every problem, in one line
      "--align-weight must be >= 0, got -1.0; --lr must be a positive finite number, got 0.0; --device 'gpu'"),
-    (["--online-vggt", "random:tiny", "--cache-layer", "99"], "--cache-layer 99: the --online-vggt model random:tiny "
+    (["--online-vggt", "random:tiny", "--cache-layer", "99"], "--cache-layer 99: this VGGT "
                                                                "has layers 0..3"),
 ])
 def test_bad_options_are_one_line_errors(data, tmp_path, capsys, option, message):

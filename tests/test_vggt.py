@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from sfcache.errors import WeightsError
+from sfcache.errors import SfcacheError, WeightsError
 from sfcache.vggt import PRESETS, VGGTConfig, VGGTFeatures, infer_config, load_vggt, preprocess, weights_config
+from sfcache.vggt.model import resolve_layers
 from sfcache.vggt.preprocess import resize_like_rlds
 
 DATA = Path(__file__).parent / "data"
@@ -255,8 +256,24 @@ def test_negative_layers_count_from_the_end(small_model, small_images):
     out = small_model(small_images, layers=(-1, 0))
     assert set(out) == {-1, 0}
     assert torch.equal(out[-1], small_model(small_images, layers=(2,))[2])
-    with pytest.raises(ValueError, match="layers 0..2"):
+    with pytest.raises(SfcacheError, match=r"^layers 3: this VGGT has layers 0\.\.2 \(or -3\.\.-1; "):
         small_model(small_images, layers=(3,))
+
+
+@pytest.mark.parametrize("layers, flag, distinct, message", [
+    ((-2, 0), "--layers", False, None),
+    ((5,), "--layers", False, r"^--layers 5: this VGGT has layers 0\.\.3 \(or -4\.\.-1; -1 is the last"),
+    ((1, -5), "--cache-layer", False, r"^--cache-layer -5: this VGGT has layers 0\.\.3"),
+    ((), "--layers", False, r"^--layers \(none\): this VGGT has layers 0\.\.3"),
+    ((3, -1), "--layers", True, r"^--layers 3,-1: names the same layer twice"),
+])
+def test_resolve_layers_names_the_flag_the_layer_and_the_range(layers, flag, distinct, message):
+    if message is None:
+        assert resolve_layers(layers, 4, flag, distinct) == (2, 0)
+        assert resolve_layers((3, -1), 4) == (3, 3)           # one layer under two names is fine for the model
+    else:
+        with pytest.raises(SfcacheError, match=message):
+            resolve_layers(layers, 4, flag, distinct)
 
 
 def test_channels_split_into_frame_then_global_halves(small_model, small_images):

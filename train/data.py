@@ -45,7 +45,8 @@ class StepDataset(Dataset):
                  targets: CachedTargets | None):
         self.source, self.episodes, self.chunk, self.targets = source, episodes, chunk, targets
         self.text = encode_instructions([e.instruction for e in episodes], text_len)
-        self.rows = RowIndex.packed({e.key: e.length for e in episodes}, where="training samples")
+        self.rows = RowIndex.packed({e.key: e.length for e in episodes}, where="training samples",
+                                    holder="the training episodes")
 
     def __len__(self) -> int:
         return self.rows.num_rows

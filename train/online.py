@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from sfcache.errors import SfcacheError
 from sfcache.pooling import pooled_targets
 from sfcache.torch import pooled_position_embedding
 from sfcache.vggt import load_vggt, preprocess
@@ -21,11 +20,7 @@ class OnlineTargets:
     def __init__(self, weights: str, device: torch.device, layer: int | None, grid: tuple[int, int]):
         self.model, self.weights_id = load_vggt(weights, device)
         self.device, self.grid = device, grid
-        depth = self.model.config.depth
-        if layer is not None and not -depth <= layer < depth:
-            raise SfcacheError(f"--cache-layer {layer}: the --online-vggt model {weights} has layers 0..{depth - 1} "
-                               f"(or -{depth}..-1)")
-        self.layer = self.model.resolve_layers([-1 if layer is None else layer])[0]
+        (self.layer,) = self.model.resolve_layers([-1 if layer is None else layer], flag="--cache-layer")
         self.img_size = self.model.config.img_size
         side = self.img_size // self.model.config.patch_size
         self.native = (side, side)                   # "sf" mode feeds a square image
