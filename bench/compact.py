@@ -49,8 +49,9 @@ def run(workdir: Path, preset: str) -> list[dict]:
     data = write_libero_rlds(workdir / "data", episodes=settings["episodes"], steps=settings["steps"]).path
     vggt, _ = _bare_loop(data, settings["weights"], settings["batch_size"], device)
     rows = _compare(workdir, vggt, f"vggt-random ({settings['weights']}, NOT representative)", "vggt_random", where)
-    rows += _compare(workdir, low_rank_features(settings["synthetic_steps"]), "synthetic rank-256 + 5% noise",
-                     "synthetic", where)
+    rows += _compare(
+        workdir, low_rank_features(settings["synthetic_steps"]), "synthetic rank-256 + 5% noise", "synthetic", where
+    )
     return rows
 
 
@@ -63,7 +64,7 @@ def low_rank_features(steps: int, rank: int = 256, noise_share: float = 0.05, se
     spread = (1.0 / np.arange(1, rank + 1)) ** 0.5
     size = (steps, LIBERO_VIEWS, LIBERO_TOKENS)
     signal = (rng.standard_normal((*size, rank)).astype(np.float32) * spread.astype(np.float32)) @ directions
-    sigma = np.sqrt(noise_share / (1 - noise_share) * (spread ** 2).sum() / LIBERO_CHANNELS)
+    sigma = np.sqrt(noise_share / (1 - noise_share) * (spread**2).sum() / LIBERO_CHANNELS)
     offset = rng.standard_normal(LIBERO_CHANNELS).astype(np.float32) * np.float32(sigma)
     return offset + signal + np.float32(sigma) * rng.standard_normal((*size, LIBERO_CHANNELS), dtype=np.float32)
 
@@ -87,21 +88,31 @@ def _compare(workdir: Path, features: np.ndarray, label: str, name: str, where: 
         for dtype in DTYPES:
             figures = measure(held, None, mean, components[:k], dtype)
             stored = step_bytes(views, tokens, k, dtype, 1, False)
-            libero = step_bytes(LIBERO_VIEWS, LIBERO_TOKENS, k, dtype, 1, False) * LIBERO_STEPS + \
-                (k + 1) * LIBERO_CHANNELS * 4
-            notes = (f"{context}; p1 {figures['p1']:.4f}, worst {figures['worst']:.4f}; LIBERO projected "
-                     f"{libero / 2**30:.1f} GiB vs {libero_full / 2**30:.1f} GiB float16")
-            rows += [_row(f"pca{k}_{dtype}_{name}_cosine_mean", figures["mean"], full_cosine, "cosine", where, notes),
-                     _row(f"pca{k}_{dtype}_{name}_bytes_per_step", stored, full_bytes, "bytes", where, notes)]
+            libero = (
+                step_bytes(LIBERO_VIEWS, LIBERO_TOKENS, k, dtype, 1, False) * LIBERO_STEPS
+                + (k + 1) * LIBERO_CHANNELS * 4
+            )
+            notes = (
+                f"{context}; p1 {figures['p1']:.4f}, worst {figures['worst']:.4f}; LIBERO projected "
+                f"{libero / 2**30:.1f} GiB vs {libero_full / 2**30:.1f} GiB float16"
+            )
+            rows += [
+                _row(f"pca{k}_{dtype}_{name}_cosine_mean", figures["mean"], full_cosine, "cosine", where, notes),
+                _row(f"pca{k}_{dtype}_{name}_bytes_per_step", stored, full_bytes, "bytes", where, notes),
+            ]
     for keepbits in KEEPBITS:
         on_disk, back = _bitround(workdir / f"bitround-{name}-{keepbits}", held, keepbits)
         cosine = token_cosine(back, held)
         per_step = on_disk / held.shape[0]
         libero = per_step / (views * tokens * channels) * LIBERO_VIEWS * LIBERO_TOKENS * LIBERO_CHANNELS * LIBERO_STEPS
-        notes = (f"{context}; float32 BitRound(keepbits={keepbits}) + zstd, bytes on disk; p1 "
-                 f"{np.percentile(cosine, 1):.4f}, worst {cosine.min():.4f}; LIBERO projected {libero / 2**30:.1f} GiB")
-        rows += [_row(f"bitround{keepbits}_{name}_cosine_mean", float(cosine.mean()), full_cosine, "cosine", where, notes),
-                 _row(f"bitround{keepbits}_{name}_bytes_per_step", per_step, full_bytes, "bytes", where, notes)]
+        notes = (
+            f"{context}; float32 BitRound(keepbits={keepbits}) + zstd, bytes on disk; p1 "
+            f"{np.percentile(cosine, 1):.4f}, worst {cosine.min():.4f}; LIBERO projected {libero / 2**30:.1f} GiB"
+        )
+        rows += [
+            _row(f"bitround{keepbits}_{name}_cosine_mean", float(cosine.mean()), full_cosine, "cosine", where, notes),
+            _row(f"bitround{keepbits}_{name}_bytes_per_step", per_step, full_bytes, "bytes", where, notes),
+        ]
     return rows
 
 
@@ -111,17 +122,31 @@ def _bitround(path: Path, values: np.ndarray, keepbits: int) -> tuple[int, np.nd
     zfpy was tried and does not fit: numcodecs 0.16 disables it under NumPy 2, and zfpy 1.0.1.post0's
     version string makes `import numcodecs` (hence zarr) fail.
     """
-    with warnings.catch_warnings():   # "numcodecs codecs are not in the Zarr v3 specification": known, reported
+    with warnings.catch_warnings():  # "numcodecs codecs are not in the Zarr v3 specification": known, reported
         warnings.simplefilter("ignore")
-        array = zarr.create_array(str(path), shape=values.shape, dtype="float32", chunks=(1, *values.shape[1:]),
-                                  shards=values.shape, filters=[BitRound(keepbits=keepbits)],
-                                  compressors=[ZstdCodec(level=3)], fill_value=0)
+        array = zarr.create_array(
+            str(path),
+            shape=values.shape,
+            dtype="float32",
+            chunks=(1, *values.shape[1:]),
+            shards=values.shape,
+            filters=[BitRound(keepbits=keepbits)],
+            compressors=[ZstdCodec(level=3)],
+            fill_value=0,
+        )
     array[...] = values
     on_disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and "c" in f.relative_to(path).parts)
     return on_disk, array[...]
 
 
 def _row(metric: str, value: float, baseline: float, unit: str, device: str, notes: str) -> dict:
-    return {"bench": "compact", "metric": metric, "value": float(value), "baseline": float(baseline),
-            "ratio": float(value) / float(baseline) if baseline else float("nan"), "unit": unit, "device": device,
-            "notes": notes}
+    return {
+        "bench": "compact",
+        "metric": metric,
+        "value": float(value),
+        "baseline": float(baseline),
+        "ratio": float(value) / float(baseline) if baseline else float("nan"),
+        "unit": unit,
+        "device": device,
+        "notes": notes,
+    }

@@ -9,8 +9,8 @@ store write of [steps, V, 256, 2048] float16 already cast on the device (2 MiB p
 cast to float16 on the CPU: the per-step CPU cost before this pipeline, or of extraction on a CPU.
 `cores_per_gpu_at_100_steps_per_s_<format>`: that value x 100 steps/s, against the same for the CPU path.
 The forward baseline: VGGT-1B's ms per step at this batch on this device with the `vggt-1b` preset (on a
-CPU at batch 1: about 100 s per 2-view step on one thread of this 2-core VM, estimated from its blocks); with `tiny`, 10 ms, the time a GPU
-has per step at 100 steps/s, so the ratio is the cores one GPU needs.
+CPU at batch 1: about 100 s per 2-view step on one thread of this 2-core VM, estimated from its blocks); with
+`tiny`, 10 ms, the time a GPU has per step at 100 steps/s, so the ratio is the cores one GPU needs.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from sfcache.store import StoreConfig, create_store, encode, lock_store, pack_ep
 from sfcache.vggt import load_vggt
 from sfcache.vggt.preprocess import device_images, host_frames
 
-IMG_SIZE, TOKENS, CHANNELS, MODE = 518, 256, 2048, "sf"     # VGGT-1B's input and SF's 16x16 targets
-GPU_STEP_MS = 10.0                                          # 100 steps/s
+IMG_SIZE, TOKENS, CHANNELS, MODE = 518, 256, 2048, "sf"  # VGGT-1B's input and SF's 16x16 targets
+GPU_STEP_MS = 10.0  # 100 steps/s
 # steps per synthetic episode; the forward baseline: None = GPU_STEP_MS, else VGGT timed at these weights
 PRESETS = {"tiny": {"steps": 16, "forward": None}, "vggt-1b": {"steps": 32, "forward": "random:vggt-1b"}}
 
@@ -39,19 +39,26 @@ def cpu_cost_rows(workdir: Path, preset: str, batch: int, where: str) -> list[di
     settings = preset_settings(PRESETS, preset, "cpu_cost")
     steps_each = settings["steps"]
     cases = {
-        "libero_hdf5": (syn.write_libero_hdf5(workdir / "cost-h5", tasks=1, demos=2, steps=steps_each, no_noops=True), 2),
+        "libero_hdf5": (
+            syn.write_libero_hdf5(workdir / "cost-h5", tasks=1, demos=2, steps=steps_each, no_noops=True),
+            2,
+        ),
         "libero_rlds": (syn.write_libero_rlds(workdir / "cost-rlds", episodes=2, steps=steps_each, shards=1), 2),
         "lerobot": (syn.write_lerobot(workdir / "cost-lerobot", episodes=2, steps=steps_each), 2),
         "robotwin_legacy": (syn.write_robotwin(workdir / "cost-rt", tasks=1, episodes=2, steps=steps_each), 3),
-        "robotwin_xpolicylab": (syn.write_robotwin(workdir / "cost-xpl", layout="xpolicylab", tasks=1, episodes=2,
-                                                   steps=steps_each), 3),
+        "robotwin_xpolicylab": (
+            syn.write_robotwin(workdir / "cost-xpl", layout="xpolicylab", tasks=1, episodes=2, steps=steps_each),
+            3,
+        ),
     }
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)      # cost per core
+    torch.set_num_threads(1)  # cost per core
     try:
         forward_ms, forward_how = _forward_ms_per_step(settings["forward"], batch)
-        write_ms = {views: _write_ms_per_step(workdir / f"cost-store-{views}", views, 2 * steps_each)
-                    for views in sorted({views for _, views in cases.values()})}
+        write_ms = {
+            views: _write_ms_per_step(workdir / f"cost-store-{views}", views, 2 * steps_each)
+            for views in sorted({views for _, views in cases.values()})
+        }
         rows = []
         for name, (written, views) in cases.items():
             read, host, device = _stage_ms_per_step(written.path, batch)
@@ -59,16 +66,31 @@ def cpu_cost_rows(workdir: Path, preset: str, batch: int, where: str) -> list[di
             cpu_path = read + host + device + write_ms[views][1]
             shape = f"[steps, {views}, {TOKENS}, {CHANNELS}] float16"
             frame = open_source(written.path).read(open_source(written.path).episodes()[0].key, 0, 1).frames.shape[2:4]
-            parts = (f"read+decode {read:.2f}, host preprocess+pin {host:.2f}, write {write_ms[views][0]:.2f} ms; "
-                     f"{views} views of {frame[0]}x{frame[1]}, {shape}, batch {batch}, 1 thread")
+            parts = (
+                f"read+decode {read:.2f}, host preprocess+pin {host:.2f}, write {write_ms[views][0]:.2f} ms; "
+                f"{views} views of {frame[0]}x{frame[1]}, {shape}, batch {batch}, 1 thread"
+            )
             rows += [
-                _row(f"cpu_ms_per_step_{name}", lean, forward_ms, "ms/step", where,
-                     f"{parts}; baseline: {forward_how}"),
-                _row(f"cpu_ms_per_step_{name}_cpu_preprocess", cpu_path, forward_ms, "ms/step", where,
-                     f"adds lanczos3/bicubic to {IMG_SIZE} on the CPU {device:.2f} ms and the float16 cast there "
-                     f"(write {write_ms[views][1]:.2f} ms); baseline: {forward_how}"),
-                _row(f"cores_per_gpu_at_100_steps_per_s_{name}", lean / GPU_STEP_MS, cpu_path / GPU_STEP_MS, "cores",
-                     where, "device preprocessing and cast; baseline: preprocessing and cast on the CPU"),
+                _row(
+                    f"cpu_ms_per_step_{name}", lean, forward_ms, "ms/step", where, f"{parts}; baseline: {forward_how}"
+                ),
+                _row(
+                    f"cpu_ms_per_step_{name}_cpu_preprocess",
+                    cpu_path,
+                    forward_ms,
+                    "ms/step",
+                    where,
+                    f"adds lanczos3/bicubic to {IMG_SIZE} on the CPU {device:.2f} ms and the float16 cast there "
+                    f"(write {write_ms[views][1]:.2f} ms); baseline: {forward_how}",
+                ),
+                _row(
+                    f"cores_per_gpu_at_100_steps_per_s_{name}",
+                    lean / GPU_STEP_MS,
+                    cpu_path / GPU_STEP_MS,
+                    "cores",
+                    where,
+                    "device preprocessing and cast; baseline: preprocessing and cast on the CPU",
+                ),
             ]
         return rows
     finally:
@@ -78,8 +100,11 @@ def cpu_cost_rows(workdir: Path, preset: str, batch: int, where: str) -> list[di
 def _stage_ms_per_step(path: Path, batch: int) -> tuple[float, float, float]:
     """ms per step: read + decode, host preprocessing + pinning, and the device stage run on the CPU."""
     source = open_source(path)
-    pieces = [(info.key, a, min(a + batch, info.num_steps)) for info in source.episodes()
-              for a in range(0, info.num_steps, batch)]
+    pieces = [
+        (info.key, a, min(a + batch, info.num_steps))
+        for info in source.episodes()
+        for a in range(0, info.num_steps, batch)
+    ]
     steps = sum(b - a for _, a, b in pieces)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
@@ -100,9 +125,18 @@ def _write_ms_per_step(path: Path, views: int, steps: int) -> tuple[float, float
     values = np.random.default_rng(0).standard_normal((steps, views, TOKENS, CHANNELS), dtype=np.float32)
     out = []
     for k, given in enumerate((encode(values, "float16"), values)):
-        config = StoreConfig(episodes=pack_episodes([EpisodeInfo("cost", "", steps)]), layers=(0,), grid=(16, 16),
-                             native_grid=(37, 37), aspect_ratio=1.0, views=tuple(f"v{i}" for i in range(views)),
-                             channels=CHANNELS, vggt={}, source={}, steps_per_shard=steps)
+        config = StoreConfig(
+            episodes=pack_episodes([EpisodeInfo("cost", "", steps)]),
+            layers=(0,),
+            grid=(16, 16),
+            native_grid=(37, 37),
+            aspect_ratio=1.0,
+            views=tuple(f"v{i}" for i in range(views)),
+            channels=CHANNELS,
+            vggt={},
+            source={},
+            steps_per_shard=steps,
+        )
         best = float("inf")
         for repeat in range(2):
             with lock_store(path / f"{k}-{repeat}"):
@@ -135,5 +169,13 @@ def _forward_ms_per_step(weights: str | None, batch: int) -> tuple[float, str]:
 
 
 def _row(metric: str, value: float, baseline: float, unit: str, device: str, notes: str) -> dict:
-    return {"bench": "extract", "metric": metric, "value": float(value), "baseline": float(baseline),
-            "ratio": float(value) / float(baseline), "unit": unit, "device": device, "notes": notes}
+    return {
+        "bench": "extract",
+        "metric": metric,
+        "value": float(value),
+        "baseline": float(baseline),
+        "ratio": float(value) / float(baseline),
+        "unit": unit,
+        "device": device,
+        "notes": notes,
+    }

@@ -28,8 +28,17 @@ from sfcache.inspect import token_cosine
 from sfcache.pooling import pool_grid
 from sfcache.sources import EpisodeInfo, open_source
 from sfcache.sources.synthetic import write_libero_rlds
-from sfcache.store import (CODECS, DTYPES, StoreConfig, create_store, decode, encode, lock_store, open_cache,
-                           pack_episodes)
+from sfcache.store import (
+    CODECS,
+    DTYPES,
+    StoreConfig,
+    create_store,
+    decode,
+    encode,
+    lock_store,
+    open_cache,
+    pack_episodes,
+)
 from sfcache.vggt import load_vggt, preprocess
 
 PRESETS = {
@@ -48,26 +57,52 @@ def run(workdir: Path, preset: str) -> list[dict]:
     where = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch_threads(1)} torch threads)"
 
     started = time.perf_counter()
-    with LocalCluster(n_workers=1, threads_per_worker=TASKS_IN_FLIGHT, dashboard_address=":0",   # as sf extract's
-                      silence_logs=logging.CRITICAL) as cluster:
-        def run_extract(out: str, episodes: str | None) -> dict:
-            return extract(ExtractConfig(
-                source=data, out=workdir / out, vggt=settings["weights"], batch_size=settings["batch_size"],
-                steps_per_shard=settings["steps_per_shard"], device=device, episodes=episodes,
-                scheduler=cluster.scheduler_address), progress=False)
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=TASKS_IN_FLIGHT,
+        dashboard_address=":0",  # as sf extract's
+        silence_logs=logging.CRITICAL,
+    ) as cluster:
 
-        run_extract("warm-up", open_source(data).episodes()[0].key)   # imports, kernels, first batch
+        def run_extract(out: str, episodes: str | None) -> dict:
+            return extract(
+                ExtractConfig(
+                    source=data,
+                    out=workdir / out,
+                    vggt=settings["weights"],
+                    batch_size=settings["batch_size"],
+                    steps_per_shard=settings["steps_per_shard"],
+                    device=device,
+                    episodes=episodes,
+                    scheduler=cluster.scheduler_address,
+                ),
+                progress=False,
+            )
+
+        run_extract("warm-up", open_source(data).episodes()[0].key)  # imports, kernels, first batch
         startup = time.perf_counter() - started
         summary = run_extract("store", None)
     targets, bare_rate = _bare_loop(data, settings["weights"], settings["batch_size"], device)
     pipeline_rate = summary.steps_per_s
     rows = [
-        _row("steps_per_s", pipeline_rate, bare_rate, "steps/s", where,
-             f"extract, 1 warm worker, {summary.steps} steps x {len(summary.views)} views, batch "
-             f"{settings['batch_size']}; baseline: preprocess+forward+pool on frames in memory"),
-        _row("startup_s", startup + summary.cluster_startup_s, summary.extract_s, "s", where,
-             "excluded above: Dask cluster start, worker warm-up (one episode), model load; "
-             "baseline: the extraction itself"),
+        _row(
+            "steps_per_s",
+            pipeline_rate,
+            bare_rate,
+            "steps/s",
+            where,
+            f"extract, 1 warm worker, {summary.steps} steps x {len(summary.views)} views, batch "
+            f"{settings['batch_size']}; baseline: preprocess+forward+pool on frames in memory",
+        ),
+        _row(
+            "startup_s",
+            startup + summary.cluster_startup_s,
+            summary.extract_s,
+            "s",
+            where,
+            "excluded above: Dask cluster start, worker warm-up (one episode), model load; "
+            "baseline: the extraction itself",
+        ),
     ]
     rows += _fidelity_and_size(workdir, targets, where)
     rows += _int8_outliers(where)
@@ -79,31 +114,35 @@ def _int8_outliers(where: str, steps: int = 4, channels: int = 2048) -> list[dic
     """Per-token cosine after int8 on heavy-tailed features with 1% of tokens 50x larger (VGGT-1B width)."""
     rng = np.random.default_rng(0)
     x = rng.standard_t(3, (steps, 2, GRID[0] * GRID[1], channels)).astype(np.float32)
-    x *= np.exp(rng.normal(0.0, 1.0, channels)).astype(np.float32)          # channels of very different size
+    x *= np.exp(rng.normal(0.0, 1.0, channels)).astype(np.float32)  # channels of very different size
     x[rng.random(x.shape[:3]) < 0.01] *= 50
     stored, scale = encode(x, "int8")
     cosine = token_cosine(decode(stored, "int8", scale), x)
-    legacy_scale = np.abs(x).max(axis=2) / np.float32(127)                 # format 1: per step/view/channel
+    legacy_scale = np.abs(x).max(axis=2) / np.float32(127)  # format 1: per step/view/channel
     legacy = np.clip(np.rint(x / legacy_scale[:, :, None]), -127, 127).astype(np.int8)
     baseline = token_cosine(decode(legacy, "int8", legacy_scale), x)
-    notes = (f"{steps} steps x 2 views x {GRID[0] * GRID[1]} tokens x {channels} ch, Student-t(3), log-normal channel "
-             "sizes, 1% of tokens x50; per-token 128-channel-block scales; baseline: format-1 per-channel scales")
-    return [_row("int8_outlier_cosine_worst", float(cosine.min()), float(baseline.min()), "cosine", where, notes),
-            _row("int8_outlier_cosine_mean", float(cosine.mean()), float(baseline.mean()), "cosine", where, notes)]
+    notes = (
+        f"{steps} steps x 2 views x {GRID[0] * GRID[1]} tokens x {channels} ch, Student-t(3), log-normal channel "
+        "sizes, 1% of tokens x50; per-token 128-channel-block scales; baseline: format-1 per-channel scales"
+    )
+    return [
+        _row("int8_outlier_cosine_worst", float(cosine.min()), float(baseline.min()), "cosine", where, notes),
+        _row("int8_outlier_cosine_mean", float(cosine.mean()), float(baseline.mean()), "cosine", where, notes),
+    ]
 
 
 def _bare_loop(data: Path, weights: str, batch_size: int, device: str) -> tuple[np.ndarray, float]:
     """The compute extraction cannot avoid, on decoded frames already in memory: float32 targets and steps/s."""
     source = open_source(data)
     frames = np.concatenate([source.read(info.key).frames for info in source.episodes()])
-    torch.set_num_threads(torch_threads(1))   # what the single extraction worker uses
+    torch.set_num_threads(torch_threads(1))  # what the single extraction worker uses
     model, _ = load_vggt(weights, device)
     patch, img_size = model.config.patch_size, model.config.img_size
 
     def loop(stop: int) -> np.ndarray:
         outputs = []
         for start in range(0, stop, batch_size):
-            images = preprocess(frames[start:start + batch_size], "sf", img_size).to(device)
+            images = preprocess(frames[start : start + batch_size], "sf", img_size).to(device)
             tokens = model(images, layers=(-1,))[-1]
             native = (images.shape[-2] // patch, images.shape[-1] // patch)
             outputs.append(pool_grid(tokens, native, GRID).float().cpu().numpy())
@@ -125,26 +164,67 @@ def _fidelity_and_size(workdir: Path, targets: np.ndarray, where: str) -> list[d
         for codec in CODECS:
             path = workdir / f"fidelity-{dtype}-{codec}"
             config = StoreConfig(
-                episodes=pack_episodes([EpisodeInfo("bench", "", steps)]), layers=(0,), grid=GRID, native_grid=GRID,
-                aspect_ratio=1.0, views=tuple(f"view{v}" for v in range(targets.shape[1])),
-                channels=targets.shape[-1], vggt={}, source={}, dtype=dtype, codec=codec, steps_per_shard=steps)
+                episodes=pack_episodes([EpisodeInfo("bench", "", steps)]),
+                layers=(0,),
+                grid=GRID,
+                native_grid=GRID,
+                aspect_ratio=1.0,
+                views=tuple(f"view{v}" for v in range(targets.shape[1])),
+                channels=targets.shape[-1],
+                vggt={},
+                source={},
+                dtype=dtype,
+                codec=codec,
+                steps_per_shard=steps,
+            )
             with lock_store(path):
                 create_store(path, config).write_shard(0, {0: targets})
             on_disk = sum(f.stat().st_size for f in (path / "targets").rglob("*") if f.is_file() and "c" in f.parts)
-            rows.append(_row(f"bytes_per_step_{dtype}_{codec}", on_disk / steps, float32_bytes, "bytes", where,
-                             "baseline: float32 bytes per step; random-weight features"))
+            rows.append(
+                _row(
+                    f"bytes_per_step_{dtype}_{codec}",
+                    on_disk / steps,
+                    float32_bytes,
+                    "bytes",
+                    where,
+                    "baseline: float32 bytes per step; random-weight features",
+                )
+            )
             if codec == "none":
                 back = open_cache(path).read_rows(slice(0, steps))
                 cosine = token_cosine(back, targets)
-                rows.append(_row(f"cosine_mean_{dtype}", float(cosine.mean()), 1.0, "cosine", where,
-                                 "fidelity check: per-token cosine of what reads back to the float32 targets; "
-                                 "baseline 1 = lossless, expected just under 1 (only the dtype's rounding)"))
-                rows.append(_row(f"cosine_worst_{dtype}", float(cosine.min()), 1.0, "cosine", where,
-                                 "worst token over all steps and views; baseline 1 = lossless"))
+                rows.append(
+                    _row(
+                        f"cosine_mean_{dtype}",
+                        float(cosine.mean()),
+                        1.0,
+                        "cosine",
+                        where,
+                        "fidelity check: per-token cosine of what reads back to the float32 targets; "
+                        "baseline 1 = lossless, expected just under 1 (only the dtype's rounding)",
+                    )
+                )
+                rows.append(
+                    _row(
+                        f"cosine_worst_{dtype}",
+                        float(cosine.min()),
+                        1.0,
+                        "cosine",
+                        where,
+                        "worst token over all steps and views; baseline 1 = lossless",
+                    )
+                )
     return rows
 
 
 def _row(metric: str, value: float, baseline: float, unit: str, device: str, notes: str) -> dict:
-    return {"bench": "extract", "metric": metric, "value": float(value), "baseline": float(baseline),
-            "ratio": float(value) / float(baseline) if baseline else float("nan"), "unit": unit, "device": device,
-            "notes": notes}
+    return {
+        "bench": "extract",
+        "metric": metric,
+        "value": float(value),
+        "baseline": float(baseline),
+        "ratio": float(value) / float(baseline) if baseline else float("nan"),
+        "unit": unit,
+        "device": device,
+        "notes": notes,
+    }

@@ -4,8 +4,9 @@ On a synthetic LIBERO-RLDS dataset (256 px JPEGs, two views) with random VGGT-1B
 extraction steps/s (one warm Dask worker; cluster start and model load excluded, as in `make bench`), the
 bare forward's steps/s in the same run (preprocessed images already on the device, forward to the last
 layer, synchronised), their ratio, peak GPU memory of each, and CPU use (cores busy, machine-wide and the
-worker process's) while extracting; and how far device preprocessing is from the CPU path there. Prints a table and writes `OUT/gpu.json`. Runs in minutes on an
-H100/H200; `--preset tiny --device cpu` is a dry run of the same code (the tests run it).
+worker process's) while extracting; and how far device preprocessing is from the CPU path there. Prints a table and
+writes `OUT/gpu.json`. Runs in minutes on an H100/H200; `--preset tiny --device cpu` is a dry run of the same code
+(the tests run it).
 """
 
 from __future__ import annotations
@@ -30,23 +31,42 @@ from sfcache.sources.synthetic import write_libero_rlds
 from sfcache.vggt import load_vggt, preprocess
 from sfcache.vggt.preprocess import POLICY_SIZE, device_images, resize_like_rlds, resize_like_rlds_tensor
 
-PRESETS = {"tiny": {"weights": "random:tiny", "episodes": 2, "steps": 16, "bare_steps": 16},
-           "vggt-1b": {"weights": "random:vggt-1b", "episodes": 8, "steps": 64, "bare_steps": 128}}
+PRESETS = {
+    "tiny": {"weights": "random:tiny", "episodes": 2, "steps": 16, "bare_steps": 16},
+    "vggt-1b": {"weights": "random:vggt-1b", "episodes": 8, "steps": 64, "bare_steps": 128},
+}
 STEPS_PER_SHARD = 32
 
 
-def run(workdir: Path, preset: str, batches: tuple[int, ...] = (1, 4, 8, 16), device: str = "cuda",
-        scheduler: str | None = None) -> list[dict]:
+def run(
+    workdir: Path,
+    preset: str,
+    batches: tuple[int, ...] = (1, 4, 8, 16),
+    device: str = "cuda",
+    scheduler: str | None = None,
+) -> list[dict]:
     """One dict per batch size (see the module docstring); `scheduler`: an existing Dask scheduler address."""
     settings = preset_settings(PRESETS, preset, "gpu")
     data = write_libero_rlds(workdir / "data", episodes=settings["episodes"], steps=settings["steps"], shards=2).path
     with _cluster(scheduler) as address, Client(address) as client:
-        def extract_at(batch: int, out: str, episodes: str | None = None) -> dict:
-            return extract(ExtractConfig(source=data, out=workdir / out, vggt=settings["weights"], batch_size=batch,
-                                         steps_per_shard=STEPS_PER_SHARD, device=device, scheduler=address,
-                                         episodes=episodes, overwrite=True), progress=False)
 
-        extract_at(max(batches), "warm-up", episodes="*episode_000000*")   # CUDA context, kernels, imports
+        def extract_at(batch: int, out: str, episodes: str | None = None) -> dict:
+            return extract(
+                ExtractConfig(
+                    source=data,
+                    out=workdir / out,
+                    vggt=settings["weights"],
+                    batch_size=batch,
+                    steps_per_shard=STEPS_PER_SHARD,
+                    device=device,
+                    scheduler=address,
+                    episodes=episodes,
+                    overwrite=True,
+                ),
+                progress=False,
+            )
+
+        extract_at(max(batches), "warm-up", episodes="*episode_000000*")  # CUDA context, kernels, imports
         rows = []
         for batch in batches:
             client.run(_reset_peak)
@@ -55,10 +75,17 @@ def run(workdir: Path, preset: str, batches: tuple[int, ...] = (1, 4, 8, 16), de
             busy = _busy_seconds(machine, psutil.cpu_times())
             worker_busy = sum(client.run(_process_cpu_seconds).values()) - sum(worker.values())
             seconds = summary.total_s
-            rows.append({"batch": batch, "extract_steps_per_s": summary.steps_per_s, "steps": summary.steps,
-                         "extract_peak_gpu_gib": max(client.run(_peak_gib).values()),
-                         "cpu_cores_busy_machine": busy / seconds, "cpu_cores_busy_worker": worker_busy / seconds,
-                         "cpu_cores": psutil.cpu_count()})
+            rows.append(
+                {
+                    "batch": batch,
+                    "extract_steps_per_s": summary.steps_per_s,
+                    "steps": summary.steps,
+                    "extract_peak_gpu_gib": max(client.run(_peak_gib).values()),
+                    "cpu_cores_busy_machine": busy / seconds,
+                    "cpu_cores_busy_worker": worker_busy / seconds,
+                    "cpu_cores": psutil.cpu_count(),
+                }
+            )
     model, _ = load_vggt(settings["weights"], torch.device(device))
     agreement = device_agreement(data, model.config.img_size, torch.device(device))
     for row in rows:
@@ -69,15 +96,17 @@ def run(workdir: Path, preset: str, batches: tuple[int, ...] = (1, 4, 8, 16), de
 
 
 class _cluster:
-    """The given scheduler, or a local cluster of one worker running TASKS_IN_FLIGHT tasks (as `sf extract` starts per GPU)."""
+    """The given scheduler, or a local cluster of one worker running TASKS_IN_FLIGHT tasks (as `sf extract`
+    starts per GPU)."""
 
     def __init__(self, address: str | None):
         self.address, self.local = address, None
 
     def __enter__(self) -> str:
         if self.address is None:
-            self.local = LocalCluster(n_workers=1, threads_per_worker=TASKS_IN_FLIGHT, dashboard_address=":0",
-                                      silence_logs=logging.CRITICAL)
+            self.local = LocalCluster(
+                n_workers=1, threads_per_worker=TASKS_IN_FLIGHT, dashboard_address=":0", silence_logs=logging.CRITICAL
+            )
             self.address = self.local.scheduler_address
         return self.address
 
@@ -116,8 +145,11 @@ def device_agreement(data: Path, img_size: int, device: torch.device) -> dict:
     on_device = resize_like_rlds_tensor(torch.from_numpy(flat).to(device), POLICY_SIZE, POLICY_SIZE).cpu().numpy()
     off = np.abs(on_device.astype(int) - resize_like_rlds(flat, POLICY_SIZE, POLICY_SIZE).astype(int))
     images = device_images(torch.from_numpy(frames).to(device), "sf", img_size, frames.shape[2:4]).cpu()
-    return {"lanczos_fraction_off_by_one": float((off == 1).mean()), "lanczos_max_levels_off": int(off.max()),
-            "preprocess_max_abs_diff": float((images - preprocess(frames, "sf", img_size)).abs().max())}
+    return {
+        "lanczos_fraction_off_by_one": float((off == 1).mean()),
+        "lanczos_max_levels_off": int(off.max()),
+        "preprocess_max_abs_diff": float((images - preprocess(frames, "sf", img_size)).abs().max()),
+    }
 
 
 def _busy_seconds(before, after) -> float:
@@ -154,20 +186,36 @@ def main() -> int:
         rows = run(Path(workdir), args.preset, tuple(int(b) for b in args.batches.split(",")), args.device)
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     print(f"preset {args.preset} on {device}, {time.perf_counter() - started:.0f} s")
-    print("| batch | extract steps/s | bare forward steps/s | ratio | peak GPU GiB (extract / bare) "
-          "| CPU cores busy (machine / worker) |\n|---|---|---|---|---|---|")
+    print(
+        "| batch | extract steps/s | bare forward steps/s | ratio | peak GPU GiB (extract / bare) "
+        "| CPU cores busy (machine / worker) |\n|---|---|---|---|---|---|"
+    )
     for r in rows:
-        print(f"| {r['batch']} | {r['extract_steps_per_s']:.2f} | {r['bare_steps_per_s']:.2f} | {r['ratio']:.3f} | "
-              f"{r['extract_peak_gpu_gib']:.1f} / {r['bare_peak_gpu_gib']:.1f} | "
-              f"{r['cpu_cores_busy_machine']:.2f} / {r['cpu_cores_busy_worker']:.2f} of {r['cpu_cores']} |")
+        print(
+            f"| {r['batch']} | {r['extract_steps_per_s']:.2f} | {r['bare_steps_per_s']:.2f} | {r['ratio']:.3f} | "
+            f"{r['extract_peak_gpu_gib']:.1f} / {r['bare_peak_gpu_gib']:.1f} | "
+            f"{r['cpu_cores_busy_machine']:.2f} / {r['cpu_cores_busy_worker']:.2f} of {r['cpu_cores']} |"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps({"preset": args.preset, "device": device, "rows": rows,
-                                                   "torch": torch.__version__, "numpy": np.__version__}, indent=2))
+    (args.out / "gpu.json").write_text(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "device": device,
+                "rows": rows,
+                "torch": torch.__version__,
+                "numpy": np.__version__,
+            },
+            indent=2,
+        )
+    )
     agree = rows[0]
-    print(f"device vs CPU preprocessing: lanczos3 {agree['lanczos_fraction_off_by_one']:.2e} of levels off by one "
-          f"(max {agree['lanczos_max_levels_off']}), images max abs diff {agree['preprocess_max_abs_diff']:.2e}; "
-          "expected: 0 and 0 on --device cpu (the same code); on a GPU a rare level off by one at most (float32 "
-          "sums in another order round the other way), the images then off by about a level (1/255) near it")
+    print(
+        f"device vs CPU preprocessing: lanczos3 {agree['lanczos_fraction_off_by_one']:.2e} of levels off by one "
+        f"(max {agree['lanczos_max_levels_off']}), images max abs diff {agree['preprocess_max_abs_diff']:.2e}; "
+        "expected: 0 and 0 on --device cpu (the same code); on a GPU a rare level off by one at most (float32 "
+        "sums in another order round the other way), the images then off by about a level (1/255) near it"
+    )
     print(f"wrote {args.out / 'gpu.json'}")
     return 0
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.table import Table
 
 from bench import PRESETS
-from rich.table import Table
 
 AREAS = ("sources", "vggt", "store", "extract", "compact", "train")
 
@@ -41,11 +41,16 @@ def device_name() -> str:
 
 
 def markdown(rows: list[dict], device: str, preset: str) -> str:
-    lines = [f"# sfcache benchmark\n\npreset `{preset}`, device: {device}\n",
-             "| area | metric | value | baseline | ratio | unit | notes |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# sfcache benchmark\n\npreset `{preset}`, device: {device}\n",
+        "| area | metric | value | baseline | ratio | unit | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['bench']} | {r['metric']} | {r['value']:.6g} | {r['baseline']:.6g} | "
-                     f"{r['ratio']:.3f} | {r['unit']} | {r.get('notes', '')} |")
+        lines.append(
+            f"| {r['bench']} | {r['metric']} | {r['value']:.6g} | {r['baseline']:.6g} | "
+            f"{r['ratio']:.3f} | {r['unit']} | {r.get('notes', '')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -82,12 +87,14 @@ def main() -> int:
     for col in ("area", "metric", "value", "baseline", "ratio", "unit"):
         table.add_column(col, justify="right" if col in ("value", "baseline", "ratio") else "left")
     for r in rows:
-        table.add_row(r["bench"], r["metric"], f"{r['value']:.4g}", f"{r['baseline']:.4g}",
-                      f"{r['ratio']:.3f}", r["unit"])
+        table.add_row(
+            r["bench"], r["metric"], f"{r['value']:.4g}", f"{r['baseline']:.4g}", f"{r['ratio']:.3f}", r["unit"]
+        )
     console.print(table)
     (args.out / "report.md").write_text(markdown(rows, device, args.preset))
-    (args.out / "report.json").write_text(json.dumps(
-        {"preset": args.preset, "device": device, "rows": rows, "failed": failed}, indent=2))
+    (args.out / "report.json").write_text(
+        json.dumps({"preset": args.preset, "device": device, "rows": rows, "failed": failed}, indent=2)
+    )
     console.print(f"report: {args.out / 'report.md'} and {args.out / 'report.json'}")
     return 1 if failed else 0
 

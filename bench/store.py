@@ -24,8 +24,13 @@ from sfcache.store import StoreConfig, create_store, encode, lock_store, pack_ep
 
 PRESETS = {"tiny": {"shards": 1, "repeats": 3}, "vggt-1b": {"shards": 4, "repeats": 3}}
 STEPS_PER_SHARD, VIEWS, TOKENS, CHANNELS = 32, 2, 256, 2048
-VARIANTS = (("", "none", False, True), ("_checksum", "none", True, True), ("_zstd", "zstd", False, True),
-            ("_blosc-zstd", "blosc-zstd", False, True), ("_cpu_encode", "none", False, False))
+VARIANTS = (
+    ("", "none", False, True),
+    ("_checksum", "none", True, True),
+    ("_zstd", "zstd", False, True),
+    ("_blosc-zstd", "blosc-zstd", False, True),
+    ("_cpu_encode", "none", False, False),
+)
 MIB = 1 << 20
 
 
@@ -41,7 +46,7 @@ def run(workdir: Path, preset: str) -> list[dict]:
         nbytes = sum(part.nbytes for part in encoded if part is not None) * shards
         for suffix, codec, checksum, on_device in VARIANTS:
             if dtype == "bfloat16" and suffix not in ("", "_cpu_encode"):
-                continue   # the codecs and checksum cost the same per byte as for float16
+                continue  # the codecs and checksum cost the same per byte as for float16
             given = encoded if on_device else values
 
             def write(k: int) -> None:
@@ -51,17 +56,28 @@ def run(workdir: Path, preset: str) -> list[dict]:
                     for shard in range(shards):
                         cache.write_shard(shard, {0: given})
 
-            seconds, plain = _best_interleaved(repeats, write,
-                                               lambda k: _plain_write(workdir / f"plain-{dtype}{suffix}-{k}", encoded,
-                                                                      shards))
-            notes = (f"{steps} steps [{steps}, {VIEWS}, {TOKENS}, {CHANNELS}] {dtype}, {STEPS_PER_SHARD} steps per "
-                     f"shard, codec {codec}, checksum {'crc32c' if checksum else 'none'}, "
-                     f"{'pre-encoded (device cast)' if on_device else 'float32 in, cast on the CPU'}; "
-                     f"{nbytes / steps / MIB:.2f} MiB/step, best of {repeats}; baseline: plain write + fsync of the "
-                     "same bytes, interleaved with these writes")
-            rows.append({"bench": "store", "metric": f"write_mib_per_s_{dtype}{suffix}", "value": nbytes / MIB / seconds,
-                         "baseline": nbytes / MIB / plain, "ratio": plain / seconds, "unit": "MiB/s", "notes": notes})
-            shutil.rmtree(workdir, ignore_errors=True)   # keep the disk use to one variant's files
+            seconds, plain = _best_interleaved(
+                repeats, write, lambda k: _plain_write(workdir / f"plain-{dtype}{suffix}-{k}", encoded, shards)
+            )
+            notes = (
+                f"{steps} steps [{steps}, {VIEWS}, {TOKENS}, {CHANNELS}] {dtype}, {STEPS_PER_SHARD} steps per "
+                f"shard, codec {codec}, checksum {'crc32c' if checksum else 'none'}, "
+                f"{'pre-encoded (device cast)' if on_device else 'float32 in, cast on the CPU'}; "
+                f"{nbytes / steps / MIB:.2f} MiB/step, best of {repeats}; baseline: plain write + fsync of the "
+                "same bytes, interleaved with these writes"
+            )
+            rows.append(
+                {
+                    "bench": "store",
+                    "metric": f"write_mib_per_s_{dtype}{suffix}",
+                    "value": nbytes / MIB / seconds,
+                    "baseline": nbytes / MIB / plain,
+                    "ratio": plain / seconds,
+                    "unit": "MiB/s",
+                    "notes": notes,
+                }
+            )
+            shutil.rmtree(workdir, ignore_errors=True)  # keep the disk use to one variant's files
             workdir.mkdir(parents=True, exist_ok=True)
     rows += _in_memory(encode(values, "float16"), shards, repeats)
     return rows
@@ -74,6 +90,7 @@ def _in_memory(encoded: tuple, shards: int, repeats: int) -> list[dict]:
         return []
     steps, nbytes = shards * STEPS_PER_SHARD, encoded[0].nbytes * shards
     with tempfile.TemporaryDirectory(dir=shm, prefix="sfbench-store-") as folder:
+
         def write(k: int) -> None:
             path = Path(folder) / f"store-{k}"
             with lock_store(path):
@@ -87,10 +104,18 @@ def _in_memory(encoded: tuple, shards: int, repeats: int) -> list[dict]:
             shutil.rmtree(Path(folder) / f"plain-{k}")
 
         seconds, baseline = _best_interleaved(repeats, write, plain)
-    return [{"bench": "store", "metric": "write_mib_per_s_float16_tmpfs", "value": nbytes / MIB / seconds,
-             "baseline": nbytes / MIB / baseline, "ratio": baseline / seconds, "unit": "MiB/s",
-             "notes": f"as write_mib_per_s_float16, into tmpfs /dev/shm: the writer's own ceiling without a disk; "
-                      f"best of {repeats}; baseline: plain write of the same bytes there"}]
+    return [
+        {
+            "bench": "store",
+            "metric": "write_mib_per_s_float16_tmpfs",
+            "value": nbytes / MIB / seconds,
+            "baseline": nbytes / MIB / baseline,
+            "ratio": baseline / seconds,
+            "unit": "MiB/s",
+            "notes": f"as write_mib_per_s_float16, into tmpfs /dev/shm: the writer's own ceiling without a disk; "
+            f"best of {repeats}; baseline: plain write of the same bytes there",
+        }
+    ]
 
 
 def _best_interleaved(repeats: int, work, baseline) -> tuple[float, float]:
@@ -126,7 +151,18 @@ def _plain_write(folder: Path, encoded: tuple, shards: int) -> None:
 
 
 def _config(steps: int, dtype: str, codec: str, checksum: bool) -> StoreConfig:
-    return StoreConfig(episodes=pack_episodes([EpisodeInfo("bench", "", steps)]), layers=(0,), grid=(16, 16),
-                       native_grid=(37, 37), aspect_ratio=1.0, views=("primary", "wrist"), channels=CHANNELS,
-                       vggt={}, source={}, dtype=dtype, codec=codec, checksum=checksum,
-                       steps_per_shard=STEPS_PER_SHARD)
+    return StoreConfig(
+        episodes=pack_episodes([EpisodeInfo("bench", "", steps)]),
+        layers=(0,),
+        grid=(16, 16),
+        native_grid=(37, 37),
+        aspect_ratio=1.0,
+        views=("primary", "wrist"),
+        channels=CHANNELS,
+        vggt={},
+        source={},
+        dtype=dtype,
+        codec=codec,
+        checksum=checksum,
+        steps_per_shard=STEPS_PER_SHARD,
+    )

@@ -39,17 +39,46 @@ from sfcache.torch import CachedTargets
 from sfcache.train.augment import random_boxes
 from sfcache.train.loop import StepBatches, TrainConfig, Trainer, prepare
 
-PRESETS = {"tiny": {"weights": "random:tiny", "model": "tiny", "demos": 2, "steps": 8, "batch": 8, "timed": 12,
-                    "small_batch": 2, "small_timed": 7, "loader_rows": 512, "loader_batches": 24},
-           "vggt-1b": {"weights": "random:vggt-1b", "model": "small", "demos": 4, "steps": 16, "batch": 8, "timed": 20,
-                    "small_batch": 2, "small_timed": 7, "loader_rows": 512, "loader_batches": 64}}
+PRESETS = {
+    "tiny": {
+        "weights": "random:tiny",
+        "model": "tiny",
+        "demos": 2,
+        "steps": 8,
+        "batch": 8,
+        "timed": 12,
+        "small_batch": 2,
+        "small_timed": 7,
+        "loader_rows": 512,
+        "loader_batches": 24,
+    },
+    "vggt-1b": {
+        "weights": "random:vggt-1b",
+        "model": "small",
+        "demos": 4,
+        "steps": 16,
+        "batch": 8,
+        "timed": 20,
+        "small_batch": 2,
+        "small_timed": 7,
+        "loader_rows": 512,
+        "loader_batches": 64,
+    },
+}
 WARM_UP = 2
 LOADER_WORKERS = 2
 
 
 def _row(metric: str, value: float, baseline: float, unit: str, notes: str) -> dict:
-    return {"bench": "train", "metric": metric, "value": value, "baseline": baseline, "ratio": value / baseline,
-            "unit": unit, "notes": notes}
+    return {
+        "bench": "train",
+        "metric": metric,
+        "value": value,
+        "baseline": baseline,
+        "ratio": value / baseline,
+        "unit": unit,
+        "notes": notes,
+    }
 
 
 def _synchronize(device: torch.device) -> None:
@@ -102,6 +131,7 @@ def _sf_work(trainer: Trainer) -> Callable[[int], object]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     return work
 
 
@@ -109,11 +139,24 @@ def _loader_store(path: Path, rows: int, channels: int) -> Path:
     """A store of `rows` random targets (2 views, 16x16, float16, 32-step shards) written through the store API:
     enough rows that shuffled batches are scattered over many shards."""
     episodes = pack_episodes([EpisodeInfo(f"bench/task/demo_{i}", "bench", 64) for i in range(rows // 64)])
-    config = StoreConfig(episodes=episodes, layers=(23,), grid=(16, 16), native_grid=(37, 37), aspect_ratio=1.0,
-                         views=("primary", "wrist"), channels=channels,
-                         vggt={"weights": "random", "weights_id": "random", "config": {"depth": 24},
-                               "preprocess": "sf", "compute_dtype": "float32"},
-                         source={"format": "bench"}, steps_per_shard=32)
+    config = StoreConfig(
+        episodes=episodes,
+        layers=(23,),
+        grid=(16, 16),
+        native_grid=(37, 37),
+        aspect_ratio=1.0,
+        views=("primary", "wrist"),
+        channels=channels,
+        vggt={
+            "weights": "random",
+            "weights_id": "random",
+            "config": {"depth": 24},
+            "preprocess": "sf",
+            "compute_dtype": "float32",
+        },
+        source={"format": "bench"},
+        steps_per_shard=32,
+    )
     generator = np.random.default_rng(0)
     with lock_store(path):
         cache = create_store(path, config)
@@ -134,10 +177,11 @@ def _loader_rates(store: Path, batch: int, batches: int) -> dict[str, float]:
     context = multiprocessing.get_context()
     targets = CachedTargets(store)
     order = list(StepBatches(len(targets), batch, 0, 0, LOADER_WORKERS + batches))
-    loader = torch.utils.data.DataLoader(targets, batch_sampler=order, num_workers=LOADER_WORKERS,
-                                         multiprocessing_context=context)
+    loader = torch.utils.data.DataLoader(
+        targets, batch_sampler=order, num_workers=LOADER_WORKERS, multiprocessing_context=context
+    )
     stream = iter(loader)
-    for _ in range(LOADER_WORKERS):   # each worker's first batch: its start and store opening
+    for _ in range(LOADER_WORKERS):  # each worker's first batch: its start and store opening
         next(stream)
     start = time.perf_counter()
     count = sum(len(values) for values in stream)
@@ -149,8 +193,13 @@ def _loader_rates(store: Path, batch: int, batches: int) -> dict[str, float]:
     parts = [(store, targets.layer, half) for half in halves]
     direct_s = _parallel_seconds(_read_rows, parts, stored, context)
     zarr_s = _parallel_seconds(partial(_read_rows, direct=False), parts, stored, context)
-    return {"loader": loader_rate, "bound": count / plain_s, "direct": count / direct_s, "zarr": count / zarr_s,
-            "row_bytes": stored / count}
+    return {
+        "loader": loader_rate,
+        "bound": count / plain_s,
+        "direct": count / direct_s,
+        "zarr": count / zarr_s,
+        "row_bytes": stored / count,
+    }
 
 
 def _byte_ranges(store: Path, layer: int, rows: list[int]) -> list[tuple[Path, int, int]]:
@@ -216,7 +265,7 @@ def _read_rows(part: tuple[Path, int, np.ndarray], ready, done, direct: bool = T
     store, layer, rows = part
     cache = open_cache(store, mode="r")
     cache.direct_reads = direct
-    cache.read_rows(rows, layer=layer, decoded=False)   # untimed: opening the arrays, and this process's first
+    cache.read_rows(rows, layer=layer, decoded=False)  # untimed: opening the arrays, and this process's first
     # touch of that much fresh memory (huge pages; a loader's workers pay it in their first batches)
     ready.wait()
     done.put(int(cache.read_rows(rows, layer=layer, decoded=False).nbytes))
@@ -235,15 +284,28 @@ def _target_agreement(cached: Trainer, online: Trainer) -> tuple[float, float]:
 
 def run(workdir: Path, preset: str) -> list[dict]:
     settings = preset_settings(PRESETS, preset, "train")
-    source = write_libero_hdf5(workdir / "data", tasks=2, demos=settings["demos"], steps=settings["steps"],
-                               size=128).path
+    source = write_libero_hdf5(
+        workdir / "data", tasks=2, demos=settings["demos"], steps=settings["steps"], size=128
+    ).path
     store = workdir / "store"
-    extract(ExtractConfig(source=source, out=store, vggt=settings["weights"], layers=(-1,), grid=(16, 16)),
-            progress=False)
+    extract(
+        ExtractConfig(source=source, out=store, vggt=settings["weights"], layers=(-1,), grid=(16, 16)), progress=False
+    )
 
     def trainer(name: str, model: str, batch: int, **options) -> Trainer:
-        return Trainer(TrainConfig(source=source, out=workdir / name, steps=1000, batch_size=batch, model_size=model,
-                                   workers=2, val_episodes=0, resume=False, **options))
+        return Trainer(
+            TrainConfig(
+                source=source,
+                out=workdir / name,
+                steps=1000,
+                batch_size=batch,
+                model_size=model,
+                workers=2,
+                val_episodes=0,
+                resume=False,
+                **options,
+            )
+        )
 
     model, batch, timed = settings["model"], settings["batch"], settings["timed"]
     baseline = trainer("no_sf", model, batch, align_weight=0.0)
@@ -251,67 +313,101 @@ def run(workdir: Path, preset: str) -> list[dict]:
     online = trainer("online", model, batch, online_vggt=settings["weights"])
     on_cpu = cached.device.type == "cpu"
     threads = torch.get_num_threads()
-    if on_cpu:   # one intra-op thread: tiny CPU kernels otherwise time mostly thread contention
+    if on_cpu:  # one intra-op thread: tiny CPU kernels otherwise time mostly thread contention
         torch.set_num_threads(1)
     try:
         no_sf, cached_t, online_t, sf_work = _interleaved_seconds(
-            [_train_steps(baseline, timed), _train_steps(cached, timed), _train_steps(online, timed),
-             _sf_work(cached)], timed, cached.device)
+            [_train_steps(baseline, timed), _train_steps(cached, timed), _train_steps(online, timed), _sf_work(cached)],
+            timed,
+            cached.device,
+        )
         small = None
         if model != "small":
             small_batch, small_timed = settings["small_batch"], settings["small_timed"]
             small = _interleaved_seconds(
-                [_train_steps(trainer(name, "small", small_batch, **options), small_timed) for name, options in
-                 (("no_sf_small", {"align_weight": 0.0}), ("cached_small", {"cache": store}))],
-                small_timed, cached.device)
+                [
+                    _train_steps(trainer(name, "small", small_batch, **options), small_timed)
+                    for name, options in (("no_sf_small", {"align_weight": 0.0}), ("cached_small", {"cache": store}))
+                ],
+                small_timed,
+                cached.device,
+            )
     finally:
         torch.set_num_threads(threads)
     no_sf_s, cached_s, online_s, sf_work_s = map(statistics.median, (no_sf, cached_t, online_t, sf_work))
     overhead_s = statistics.median(with_sf - without for with_sf, without in zip(cached_t, no_sf))
     channels = cached.data.targets.channels
-    loader = _loader_rates(_loader_store(workdir / "loader_store", settings["loader_rows"], channels), 32,
-                           settings["loader_batches"])
+    loader = _loader_rates(
+        _loader_store(workdir / "loader_store", settings["loader_rows"], channels), 32, settings["loader_batches"]
+    )
     cropped_cos, uncropped_cos = _target_agreement(cached, online)
 
     def mib_per_s(name: str) -> str:
         return f"{loader[name] * loader['row_bytes'] / 2**20:.0f}"
 
     def shape(policy: str, size: int, steps: int) -> str:
-        return (f"{policy} policy, batch {size}, 2 views at 224 px, 16x16 targets of {channels} ch, "
-                f"{settings['weights']}, median of {steps} interleaved steps after {WARM_UP} warm-up, batches in "
-                f"memory" + (", 1 CPU thread" if on_cpu else ""))
+        return (
+            f"{policy} policy, batch {size}, 2 views at 224 px, 16x16 targets of {channels} ch, "
+            f"{settings['weights']}, median of {steps} interleaved steps after {WARM_UP} warm-up, batches in "
+            f"memory" + (", 1 CPU thread" if on_cpu else "")
+        )
 
     rows = [
-        _row("train step: cached SF vs no SF", cached_s, no_sf_s, "s/step",
-             f"goal ratio <= 1.1; {shape(model, batch, timed)}"),
-        _row("train step: SF overhead vs SF work alone", overhead_s, sf_work_s, "s/step",
-             f"self-check, expected about 1: overhead = median over {timed} rounds of (cached SF step - no-SF step), "
-             "SF work alone = median of target-grid crop + pool(E), projector and loss forward/backward and AdamW "
-             "on a projector copy, timed in the same rounds; the step adds only gradient clipping over the "
-             "projector to that, so well above 1 = SF costs something else; the overhead is a small difference of "
-             "two step times, so load on a shared CPU spreads it"),
+        _row(
+            "train step: cached SF vs no SF",
+            cached_s,
+            no_sf_s,
+            "s/step",
+            f"goal ratio <= 1.1; {shape(model, batch, timed)}",
+        ),
+        _row(
+            "train step: SF overhead vs SF work alone",
+            overhead_s,
+            sf_work_s,
+            "s/step",
+            f"self-check, expected about 1: overhead = median over {timed} rounds of (cached SF step - no-SF step), "
+            "SF work alone = median of target-grid crop + pool(E), projector and loss forward/backward and AdamW "
+            "on a projector copy, timed in the same rounds; the step adds only gradient clipping over the "
+            "projector to that, so well above 1 = SF costs something else; the overhead is a small difference of "
+            "two step times, so load on a shared CPU spreads it",
+        ),
     ]
     if small is not None:
-        rows.append(_row("train step (small policy): cached SF vs no SF", statistics.median(small[1]),
-                         statistics.median(small[0]), "s/step",
-                         f"goal ratio <= 1.1; {shape('small', settings['small_batch'], settings['small_timed'])}; "
-                         f"the tiny policy (dim 64) costs about as much as the projector (64->{channels}->{channels}), "
-                         "so its ratio overstates SF; with dim 256 the projector is a few percent, as in SF"))
+        rows.append(
+            _row(
+                "train step (small policy): cached SF vs no SF",
+                statistics.median(small[1]),
+                statistics.median(small[0]),
+                "s/step",
+                f"goal ratio <= 1.1; {shape('small', settings['small_batch'], settings['small_timed'])}; "
+                f"the tiny policy (dim 64) costs about as much as the projector (64->{channels}->{channels}), "
+                "so its ratio overstates SF; with dim 256 the projector is a few percent, as in SF",
+            )
+        )
     rows += [
         _row("train step: online VGGT vs cached SF", online_s, cached_s, "s/step", shape(model, batch, timed)),
-        _row("target loader: CachedTargets DataLoader vs sequential-read bound", loader["loader"], loader["bound"],
-             "samples/s",
-             f"{settings['loader_batches']} shuffled batches of 32 over {settings['loader_rows']} rows ({channels} ch "
-             f"float16, 32-row shards, {loader['row_bytes'] / 2**10:.0f} KiB a row), {LOADER_WORKERS} workers, "
-             f"float32 + pool(E) out; bound: the same rows' stored bytes read sequentially (rows sorted, contiguous "
-             f"ranges of the shard files, plain unbuffered reads) by {LOADER_WORKERS} processes, both from the page "
-             f"cache; loader {mib_per_s('loader')} MiB/s, bound {mib_per_s('bound')} MiB/s of stored bytes; "
-             f"Cache.read_rows of the sorted rows (undecoded, {LOADER_WORKERS} processes) straight from the "
-             f"shard files: {loader['direct']:.0f} samples/s, through zarr: {loader['zarr']:.0f}"),
-        _row("online-target cosine: cropped cache vs uncropped cache", cropped_cos, uncropped_cos, "cosine",
-             "self-check, expected above 1: online VGGT on the cropped images (same weights as the cache) is the "
-             "reference; the cached grid cropped with the same boxes should match it better than the uncropped grid; "
-             "both stay below 1 (the crop resamples the pooled 16x16 grid), and with random weights the features "
-             "change little across the image, so the gain is small"),
+        _row(
+            "target loader: CachedTargets DataLoader vs sequential-read bound",
+            loader["loader"],
+            loader["bound"],
+            "samples/s",
+            f"{settings['loader_batches']} shuffled batches of 32 over {settings['loader_rows']} rows ({channels} ch "
+            f"float16, 32-row shards, {loader['row_bytes'] / 2**10:.0f} KiB a row), {LOADER_WORKERS} workers, "
+            f"float32 + pool(E) out; bound: the same rows' stored bytes read sequentially (rows sorted, contiguous "
+            f"ranges of the shard files, plain unbuffered reads) by {LOADER_WORKERS} processes, both from the page "
+            f"cache; loader {mib_per_s('loader')} MiB/s, bound {mib_per_s('bound')} MiB/s of stored bytes; "
+            f"Cache.read_rows of the sorted rows (undecoded, {LOADER_WORKERS} processes) straight from the "
+            f"shard files: {loader['direct']:.0f} samples/s, through zarr: {loader['zarr']:.0f}",
+        ),
+        _row(
+            "online-target cosine: cropped cache vs uncropped cache",
+            cropped_cos,
+            uncropped_cos,
+            "cosine",
+            "self-check, expected above 1: online VGGT on the cropped images (same weights as the cache) is the "
+            "reference; the cached grid cropped with the same boxes should match it better than the uncropped grid; "
+            "both stay below 1 (the crop resamples the pooled 16x16 grid), and with random weights the features "
+            "change little across the image, so the gain is small",
+        ),
     ]
     return rows

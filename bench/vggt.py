@@ -20,8 +20,10 @@ from bench import preset_settings
 from sfcache.vggt import load_vggt, preprocess
 from sfcache.vggt.preprocess import POLICY_SIZE
 
-PRESETS = {"tiny": {"weights": "random:tiny", "batch": 4, "views": 2, "repeats": 3, "frames": 64},
-           "vggt-1b": {"weights": "random:vggt-1b", "batch": 4, "views": 2, "repeats": 3, "frames": 256}}
+PRESETS = {
+    "tiny": {"weights": "random:tiny", "batch": 4, "views": 2, "repeats": 3, "frames": 64},
+    "vggt-1b": {"weights": "random:vggt-1b", "batch": 4, "views": 2, "repeats": 3, "frames": 256},
+}
 
 
 def _best_rate(frames: int, work: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
@@ -37,8 +39,15 @@ def _best_rate(frames: int, work: Callable[[], object], repeats: int, sync: Call
 
 
 def _row(metric: str, value: float, baseline: float, unit: str, notes: str) -> dict:
-    return {"bench": "vggt", "metric": metric, "value": value, "baseline": baseline, "ratio": value / baseline,
-            "unit": unit, "notes": notes}
+    return {
+        "bench": "vggt",
+        "metric": metric,
+        "value": value,
+        "baseline": baseline,
+        "ratio": value / baseline,
+        "unit": unit,
+        "notes": notes,
+    }
 
 
 def run(workdir: Path, preset: str) -> list[dict]:
@@ -54,24 +63,45 @@ def run(workdir: Path, preset: str) -> list[dict]:
     middle = depth // 2 - 1
     shape = f"[{batch}, {views}, 3, {size}, {size}], {settings['weights']}"
 
-    rows = [_row("forward to a middle layer", _best_rate(count, lambda: model(images, layers=(middle,)), repeats, sync),
-                 _best_rate(count, lambda: model(images, layers=(-1,)), repeats, sync), "frames/s",
-                 f"layer {middle} vs all {depth} layers; {shape}")]
+    rows = [
+        _row(
+            "forward to a middle layer",
+            _best_rate(count, lambda: model(images, layers=(middle,)), repeats, sync),
+            _best_rate(count, lambda: model(images, layers=(-1,)), repeats, sync),
+            "frames/s",
+            f"layer {middle} vs all {depth} layers; {shape}",
+        )
+    ]
     if device.type == "cuda":
         fp32, _ = load_vggt(settings["weights"], device, compute_dtype=torch.float32)
-        rows.append(_row("forward under autocast", _best_rate(count, lambda: model(images), repeats, sync),
-                         _best_rate(count, lambda: fp32(images), repeats, sync), "frames/s",
-                         f"{model.compute_dtype_for(device)} vs float32; {shape}"))
+        rows.append(
+            _row(
+                "forward under autocast",
+                _best_rate(count, lambda: model(images), repeats, sync),
+                _best_rate(count, lambda: fp32(images), repeats, sync),
+                "frames/s",
+                f"{model.compute_dtype_for(device)} vs float32; {shape}",
+            )
+        )
 
     raw = np.random.default_rng(1).integers(0, 256, (settings["frames"], 1, 256, 256, 3), dtype=np.uint8)
 
     def pil_lanczos() -> torch.Tensor:
-        small = np.stack([np.array(Image.fromarray(f).resize((POLICY_SIZE, POLICY_SIZE), Image.Resampling.LANCZOS))
-                          for f in raw[:, 0]])
+        small = np.stack(
+            [
+                np.array(Image.fromarray(f).resize((POLICY_SIZE, POLICY_SIZE), Image.Resampling.LANCZOS))
+                for f in raw[:, 0]
+            ]
+        )
         return preprocess(small[:, None], "sf", size)
 
-    rows.append(_row("sf preprocess 256->224->img_size", _best_rate(len(raw), lambda: preprocess(raw, "sf", size),
-                                                                     repeats, lambda: None),
-                     _best_rate(len(raw), pil_lanczos, repeats, lambda: None), "frames/s",
-                     f"TF-exact lanczos3 vs PIL lanczos, then bicubic to {size}; CPU, {torch.get_num_threads()} threads"))
+    rows.append(
+        _row(
+            "sf preprocess 256->224->img_size",
+            _best_rate(len(raw), lambda: preprocess(raw, "sf", size), repeats, lambda: None),
+            _best_rate(len(raw), pil_lanczos, repeats, lambda: None),
+            "frames/s",
+            f"TF-exact lanczos3 vs PIL lanczos, then bicubic to {size}; CPU, {torch.get_num_threads()} threads",
+        )
+    )
     return rows

@@ -44,20 +44,56 @@ def main() -> None:
     console.print(f"demo dataset (LIBERO HDF5 layout): {dataset}")
 
     sf("inspect-source", str(dataset))
-    sf("extract", str(dataset), "--out", str(cache), "--vggt", "random:tiny", "--workers", "1",
-       "--device", "cpu", "--steps-per-shard", "16")
+    sf(
+        "extract",
+        str(dataset),
+        "--out",
+        str(cache),
+        "--vggt",
+        "random:tiny",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--steps-per-shard",
+        "16",
+    )
     sf("inspect-cache", str(cache), "--check", "--pca", str(pca))
-    sf("train", "--source", str(dataset), "--cache", str(cache), "--out", str(run),
-       "--steps", str(args.train_steps), "--model-size", "tiny", "--batch-size", "8",
-       "--device", "cpu", "--workers", "0", "--val-every", "50", "--save-every", "50")
+    sf(
+        "train",
+        "--source",
+        str(dataset),
+        "--cache",
+        str(cache),
+        "--out",
+        str(run),
+        "--steps",
+        str(args.train_steps),
+        "--model-size",
+        "tiny",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--val-every",
+        "50",
+        "--save-every",
+        "50",
+    )
 
     console.rule("[bold green]demo finished")
-    console.print(f"  dataset      {dataset}\n  cache        {cache}\n  PCA picture  {pca}\n"
-                  f"  training     {run} (metrics.jsonl, loss_curves.png, checkpoint.pt)")
-    console.print("\nNext, on real data with the real checkpoint (see README):\n"
-                  "  sf extract /data/libero_spatial_no_noops --out caches/libero_spatial "
-                  "--vggt /path/to/VGGT-1B/model.pt\n"
-                  "  make reproduce-libero LIBERO_DIR=/data/modified_libero_rlds VGGT=/path/to/VGGT-1B/model.pt")
+    console.print(
+        f"  dataset      {dataset}\n  cache        {cache}\n  PCA picture  {pca}\n"
+        f"  training     {run} (metrics.jsonl, loss_curves.png, checkpoint.pt)"
+    )
+    console.print(
+        "\nNext, on real data with the real checkpoint (see README):\n"
+        "  sf extract /data/libero_spatial_no_noops --out caches/libero_spatial "
+        "--vggt /path/to/VGGT-1B/model.pt\n"
+        "  make reproduce-libero LIBERO_DIR=/data/modified_libero_rlds VGGT=/path/to/VGGT-1B/model.pt"
+    )
 
 
 if __name__ == "__main__":

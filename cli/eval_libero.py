@@ -11,21 +11,25 @@ from sfcache.cli.options import config_command
 from sfcache.device import DEVICE_CHOICES
 from sfcache.libero_eval import EvalConfig, evaluate, results_table
 from sfcache.options import default_of
-from sfcache.train.loop import TrainConfig
 from sfcache.train.libero_policy import CheckpointPolicy
+from sfcache.train.loop import TrainConfig
 
 
 @config_command(EvalConfig, defaults={"out": None})
 def eval_libero(
     fields: dict,
     checkpoint: Path = typer.Argument(..., help="An `sf train` run folder or its checkpoint.pt."),
-    device: str = typer.Option(default_of(TrainConfig, "device"), "--device", help=f"{DEVICE_CHOICES} (the policy's device)."),
+    device: str = typer.Option(
+        default_of(TrainConfig, "device"), "--device", help=f"{DEVICE_CHOICES} (the policy's device)."
+    ),
 ) -> None:
     """Closed-loop success rates in the LIBERO simulator: results.jsonl, summary.json, videos, a table."""
     policy = CheckpointPolicy(checkpoint, device=device, seed=fields["seed"])
     config = EvalConfig(**{**fields, "out": fields["out"] or policy.path.parent / f"eval_libero_{fields['suite']}"})
     summary = evaluate(policy, config, policy.describe())
     Console().print(results_table(summary))
-    typer.echo(f"success {100 * summary.success_rate:.1f}% over {summary.episodes} episodes "
-               f"({summary.sim_steps_per_s:.1f} simulator steps/s, {summary.seconds_per_episode:.1f} s/episode)\n"
-               f"results: {config.out / 'results.jsonl'}\nsummary: {config.out / 'summary.json'}")
+    typer.echo(
+        f"success {100 * summary.success_rate:.1f}% over {summary.episodes} episodes "
+        f"({summary.sim_steps_per_s:.1f} simulator steps/s, {summary.seconds_per_episode:.1f} s/episode)\n"
+        f"results: {config.out / 'results.jsonl'}\nsummary: {config.out / 'summary.json'}"
+    )

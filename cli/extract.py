@@ -9,7 +9,8 @@ from rich.console import Console
 
 from sfcache.cli.options import config_command
 from sfcache.errors import interrupts_raise
-from sfcache.extract import ExtractConfig, extract as run_extract, plan
+from sfcache.extract import ExtractConfig, plan
+from sfcache.extract import extract as run_extract
 from sfcache.vggt import random_weights_warning
 
 
@@ -25,27 +26,41 @@ def extract(
         facts = plan(cfg)
         for name, value in facts.items():
             console.print(f"{name}: {value}", highlight=False, soft_wrap=True)
-        console.print(f"store size: about {facts['store_bytes_uncompressed'] / 2**30:.2f} GiB before compression",
-                      highlight=False)
+        console.print(
+            f"store size: about {facts['store_bytes_uncompressed'] / 2**30:.2f} GiB before compression", highlight=False
+        )
         return
-    for name in ["distributed", *logging.root.manager.loggerDict]:   # failures reach the user as one line of ours
+    for name in ["distributed", *logging.root.manager.loggerDict]:  # failures reach the user as one line of ours
         if name.startswith("distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     with interrupts_raise():
         summary = run_extract(cfg)
-    console.print(f"store {summary.store}: {summary.shards_done}/{summary.shards} shards done, "
-                  f"{summary.steps} steps of {summary.episodes} episodes ({summary.format}, recipe "
-                  f"{summary.recipe}, views "
-                  f"{','.join(summary.views)}, layers {','.join(map(str, summary.layers))})", highlight=False)
-    console.print(f"extracted {summary.extracted_steps} steps in {summary.extract_s:.1f} s "
-                  f"({summary.steps_per_s:.2f} steps/s on {summary.workers} worker(s), {summary.device}); "
-                  f"{summary.already_done_steps} were already done; cluster startup "
-                  f"{summary.cluster_startup_s:.1f} s", highlight=False)
+    console.print(
+        f"store {summary.store}: {summary.shards_done}/{summary.shards} shards done, "
+        f"{summary.steps} steps of {summary.episodes} episodes ({summary.format}, recipe "
+        f"{summary.recipe}, views "
+        f"{','.join(summary.views)}, layers {','.join(map(str, summary.layers))})",
+        highlight=False,
+    )
+    console.print(
+        f"extracted {summary.extracted_steps} steps in {summary.extract_s:.1f} s "
+        f"({summary.steps_per_s:.2f} steps/s on {summary.workers} worker(s), {summary.device}); "
+        f"{summary.already_done_steps} were already done; cluster startup "
+        f"{summary.cluster_startup_s:.1f} s",
+        highlight=False,
+    )
     if summary.reduce:
         figures = summary.reduce["fidelity"]
-        console.print(f"basis {summary.basis} ({summary.reduce['asked']}): " + "; ".join(
-            f"layer {layer} K={f['k']}, held-out cosine mean {f['mean']:.5f}, p1 {f['p1']:.5f}, worst {f['worst']:.5f}"
-            for layer, f in figures.items()) + f"; {summary.reduce['bytes_per_step']} bytes per step", highlight=False)
+        console.print(
+            f"basis {summary.basis} ({summary.reduce['asked']}): "
+            + "; ".join(
+                f"layer {layer} K={f['k']}, held-out cosine mean {f['mean']:.5f}, "
+                f"p1 {f['p1']:.5f}, worst {f['worst']:.5f}"
+                for layer, f in figures.items()
+            )
+            + f"; {summary.reduce['bytes_per_step']} bytes per step",
+            highlight=False,
+        )
     warning = random_weights_warning(summary.weights_id)
     if warning:
         console.print(f"[bold red]{warning}[/]", highlight=False, soft_wrap=True)
@@ -56,6 +71,9 @@ def extract(
     for failure in summary.failed:
         console.print(f"[red]failed shard {failure['shard']}:[/] {failure['message']}", highlight=False, soft_wrap=True)
     if summary.failed:
-        console.print(f"[red]{len(summary.failed)} shard(s) not extracted[/]; fix the data and run the same "
-                      "command again to fill them in", highlight=False)
+        console.print(
+            f"[red]{len(summary.failed)} shard(s) not extracted[/]; fix the data and run the same "
+            "command again to fill them in",
+            highlight=False,
+        )
         raise typer.Exit(1)

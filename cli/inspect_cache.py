@@ -13,33 +13,56 @@ from rich.panel import Panel
 from rich.table import Table
 
 from sfcache import inspect as inspection
-from sfcache.errors import SfcacheError
 from sfcache.device import DEVICE_CHOICES, resolve_device
+from sfcache.errors import SfcacheError
 from sfcache.extract import ExtractConfig
 from sfcache.options import default_of
 from sfcache.progress import progress_bar
 
-MISSING_SHOWN = 10   # episode keys listed before "... and N more"
+MISSING_SHOWN = 10  # episode keys listed before "... and N more"
 
 
 def inspect_cache(
     store: Path = typer.Argument(..., help="Store directory written by `sf extract --out`."),
-    episode: str | None = typer.Option(None, "--episode", help="Show one episode: instruction, steps, "
-                                       "per-step token L2 norms per view. Also picks the --pca steps."),
-    check: bool = typer.Option(False, "--check", help="Read every shard: decodable, finite, index and done "
-                               "markers consistent, provenance complete. Exit 1 listing each failure."),
-    verify: int = typer.Option(0, "--verify", metavar="N", help="Recompute N random extracted steps from the "
-                               "source with the recorded configuration; per-token cosine vs stored."),
+    episode: str | None = typer.Option(
+        None,
+        "--episode",
+        help="Show one episode: instruction, steps, per-step token L2 norms per view. Also picks the --pca steps.",
+    ),
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="Read every shard: decodable, finite, index and done "
+        "markers consistent, provenance complete. Exit 1 listing each failure.",
+    ),
+    verify: int = typer.Option(
+        0,
+        "--verify",
+        metavar="N",
+        help="Recompute N random extracted steps from the "
+        "source with the recorded configuration; per-token cosine vs stored.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed choosing the --verify steps."),
-    threshold: float | None = typer.Option(None, "--threshold", help="Worst cosine --verify accepts "
-                                           "(default 0.999 for float16/bfloat16, 0.995 for int8; a --reduce store: its recorded "
-                                           "held-out worst less 0.05, and a mean at most 0.01 below the recorded one)."),
-    vggt: str | None = typer.Option(None, "--vggt", help="Checkpoint for --verify when the recorded one moved; "
-                                    "its sha256 must match the store's."),
-    device: str = typer.Option(default_of(ExtractConfig, "device"), "--device", help=f"Device for --verify: {DEVICE_CHOICES}."),
+    threshold: float | None = typer.Option(
+        None,
+        "--threshold",
+        help="Worst cosine --verify accepts "
+        "(default 0.999 for float16/bfloat16, 0.995 for int8; a --reduce store: its recorded "
+        "held-out worst less 0.05, and a mean at most 0.01 below the recorded one).",
+    ),
+    vggt: str | None = typer.Option(
+        None, "--vggt", help="Checkpoint for --verify when the recorded one moved; its sha256 must match the store's."
+    ),
+    device: str = typer.Option(
+        default_of(ExtractConfig, "device"), "--device", help=f"Device for --verify: {DEVICE_CHOICES}."
+    ),
     source: Path | None = typer.Option(None, "--source", help="Dataset location for --verify/--pca when it moved."),
-    pca: Path | None = typer.Option(None, "--pca", help="Write a PNG: per step, each view's frame beside a "
-                                    "PCA-to-RGB picture of its targets; 2*views*W x steps*H pixels."),
+    pca: Path | None = typer.Option(
+        None,
+        "--pca",
+        help="Write a PNG: per step, each view's frame beside a "
+        "PCA-to-RGB picture of its targets; 2*views*W x steps*H pixels.",
+    ),
     pca_steps: int = typer.Option(4, "--pca-steps", help="Steps drawn by --pca (one row each)."),
     layer: int | None = typer.Option(None, "--layer", help="Layer for --episode/--pca (default: the last stored)."),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON on stdout instead."),
@@ -49,7 +72,7 @@ def inspect_cache(
         raise SfcacheError(f"--threshold must be a cosine in (0, 1], got {threshold}")
     if pca is not None and pca.is_dir():
         raise SfcacheError(f"--pca {pca}: is a directory; give the path of the PNG file to write")
-    report: dict = {}   # section name -> an inspection result record
+    report: dict = {}  # section name -> an inspection result record
     if check:
         with _bar(as_json, "shards") as bar:
             report["check"] = inspection.check(store, progress=bar)
@@ -58,22 +81,32 @@ def inspect_cache(
     except SfcacheError:
         if not check:
             raise
-        _emit(report, as_json)        # the check already says what is wrong with the store
-        raise typer.Exit(1)
+        _emit(report, as_json)  # the check already says what is wrong with the store
+        raise typer.Exit(1) from None
     report["summary"] = inspection.summarize(cache)
     if episode is not None:
         report["episode"] = inspection.episode_report(cache, episode, layer)
     if verify:
         with _bar(as_json, "steps") as bar:
-            report["verify"] = inspection.verify(cache, verify, seed=seed, weights=vggt, device=resolve_device(device),
-                                                 threshold=threshold, source_path=source, progress=bar)
+            report["verify"] = inspection.verify(
+                cache,
+                verify,
+                seed=seed,
+                weights=vggt,
+                device=resolve_device(device),
+                threshold=threshold,
+                source_path=source,
+                progress=bar,
+            )
     if pca is not None:
         try:
-            report["pca"] = inspection.pca_picture(cache, pca, steps=pca_steps, episode=episode, layer=layer,
-                                                   source_path=source)
+            report["pca"] = inspection.pca_picture(
+                cache, pca, steps=pca_steps, episode=episode, layer=layer, source_path=source
+            )
         except OSError as error:
-            raise SfcacheError(f"--pca {pca}: cannot write the picture ({error.strerror or error}); "
-                               "choose a writable file path") from None
+            raise SfcacheError(
+                f"--pca {pca}: cannot write the picture ({error.strerror or error}); choose a writable file path"
+            ) from None
     _emit(report, as_json)
     if not all(report[part].ok for part in ("check", "verify") if part in report):
         raise typer.Exit(1)
@@ -99,8 +132,10 @@ def _emit(report: dict, as_json: bool) -> None:
         _render_verify(console, report["verify"])
     if "pca" in report:
         picture = report["pca"]
-        console.print(f"[bold]pca:[/] wrote {picture.path} ({picture.width}x{picture.height} px: "
-                      f"{len(picture.steps)} steps x \\[frame | PCA] per view, layer {picture.layer})")
+        console.print(
+            f"[bold]pca:[/] wrote {picture.path} ({picture.width}x{picture.height} px: "
+            f"{len(picture.steps)} steps x \\[frame | PCA] per view, layer {picture.layer})"
+        )
 
 
 def _render_summary(console: Console, summary: inspection.Summary) -> None:
@@ -120,12 +155,19 @@ def _render_summary(console: Console, summary: inspection.Summary) -> None:
         ("dtype / codec", f"{summary.dtype} / {summary.codec} (checksum {summary.checksum})"),
         *([("reduce", _reduce(summary.reduce))] if summary.reduce else []),
         ("on disk", _bytes(summary.bytes_on_disk)),
-        ("per step", f"{_bytes(summary.bytes_per_step)} on disk, {_bytes(summary.raw_bytes_per_step)} raw"
-         if summary.bytes_per_step is not None else f"{_bytes(summary.raw_bytes_per_step)} raw"),
+        (
+            "per step",
+            f"{_bytes(summary.bytes_per_step)} on disk, {_bytes(summary.raw_bytes_per_step)} raw"
+            if summary.bytes_per_step is not None
+            else f"{_bytes(summary.raw_bytes_per_step)} raw",
+        ),
         ("compression", f"{summary.compression_ratio:.3f}x" if summary.compression_ratio else "-"),
-        ("complete", f"{'[green]yes[/]' if summary.complete else '[red]NO[/]'}: "
-                     f"{summary.shards_done}/{summary.shards} shards, "
-                     f"{summary.steps_done}/{summary.steps} steps"),
+        (
+            "complete",
+            f"{'[green]yes[/]' if summary.complete else '[red]NO[/]'}: "
+            f"{summary.shards_done}/{summary.shards} shards, "
+            f"{summary.steps_done}/{summary.steps} steps",
+        ),
         ("weights", vggt.weights),
         ("weights id", f"[bold red]{vggt.weights_id}[/]" if vggt.random_weights else vggt.weights_id),
         ("preprocess / compute", f"{vggt.preprocess} / {vggt.compute_dtype}"),
@@ -143,10 +185,14 @@ def _render_summary(console: Console, summary: inspection.Summary) -> None:
 
 def _reduce(reduce: inspection.ReduceSummary) -> str:
     floor = f", --min-cosine {reduce.min_cosine}" if reduce.min_cosine is not None else ""
-    lines = [f"{reduce.asked}{floor}; basis fitted on {reduce.sample_steps} steps, fidelity measured on "
-             f"{reduce.held_out_steps} held-out steps; {_bytes(reduce.bytes_per_step)} per step"]
-    lines += [f"layer {layer}: K={f.k}, per-token cosine mean {f.mean:.5f}, 1st percentile {f.p1:.5f}, "
-              f"worst {f.worst:.5f}" for layer, f in reduce.fidelity.items()]
+    lines = [
+        f"{reduce.asked}{floor}; basis fitted on {reduce.sample_steps} steps, fidelity measured on "
+        f"{reduce.held_out_steps} held-out steps; {_bytes(reduce.bytes_per_step)} per step"
+    ]
+    lines += [
+        f"layer {layer}: K={f.k}, per-token cosine mean {f.mean:.5f}, 1st percentile {f.p1:.5f}, worst {f.worst:.5f}"
+        for layer, f in reduce.fidelity.items()
+    ]
     return "\n".join(lines)
 
 
@@ -159,8 +205,10 @@ def _recipe(recipe: inspection.RecipeSummary) -> str:
 
 
 def _render_episode(console: Console, report: inspection.EpisodeReport) -> None:
-    console.print(f"[bold]episode {report.key}[/]: {report.length} steps (rows {report.start}-"
-                  f"{report.start + report.length - 1}), layer {report.layer}")
+    console.print(
+        f"[bold]episode {report.key}[/]: {report.length} steps (rows {report.start}-"
+        f"{report.start + report.length - 1}), layer {report.layer}"
+    )
     console.print(f"  instruction: {report.instruction}")
     if not report.extracted:
         console.print("  [red]not fully extracted yet; run `sf extract` again to finish it[/]")
@@ -177,42 +225,55 @@ def _render_episode(console: Console, report: inspection.EpisodeReport) -> None:
 
 def _norms(figures: inspection.StepNorms | inspection.EpisodeReport) -> list[str]:
     """Per view: mean (min-max) token L2 norm."""
-    return [f"{mean:.3f} ({low:.3f}-{high:.3f})" for mean, low, high
-            in zip(figures.mean_norm, figures.min_norm, figures.max_norm)]
+    return [
+        f"{mean:.3f} ({low:.3f}-{high:.3f})"
+        for mean, low, high in zip(figures.mean_norm, figures.min_norm, figures.max_norm)
+    ]
 
 
 def _render_check(console: Console, result: inspection.CheckResult) -> None:
     if result.ok:
         console.print(f"[bold green]check: OK[/] ({result.shards_checked}/{result.shards} shards read)")
         return
-    console.print(f"[bold red]check: FAILED[/] ({len(result.failures)} problem(s), "
-                  f"{result.shards_checked}/{result.shards} shards read)")
+    console.print(
+        f"[bold red]check: FAILED[/] ({len(result.failures)} problem(s), "
+        f"{result.shards_checked}/{result.shards} shards read)"
+    )
     table = Table(box=box.SIMPLE)
     table.add_column("where", overflow="fold")
     table.add_column("what", overflow="fold")
     for failure in result.failures:
         table.add_row(failure.where, failure.what)
     console.print(table)
-    console.print("to repair: run `sf extract` again with the same options and --repair; it redoes every shard "
-                  "that fails here (a missing shard file is redone by any rerun)", highlight=False)
+    console.print(
+        "to repair: run `sf extract` again with the same options and --repair; it redoes every shard "
+        "that fails here (a missing shard file is redone by any rerun)",
+        highlight=False,
+    )
 
 
 def _render_verify(console: Console, result: inspection.VerifyResult) -> None:
     status = "[bold green]verify: OK[/]" if result.ok else "[bold red]verify: FAILED[/]"
-    console.print(f"{status} {len(result.steps)} steps recomputed on {result.device}: per-token cosine "
-                  f"mean {result.mean_cos:.6f}, worst {result.min_cos:.6f} (threshold {result.threshold})")
+    console.print(
+        f"{status} {len(result.steps)} steps recomputed on {result.device}: per-token cosine "
+        f"mean {result.mean_cos:.6f}, worst {result.min_cos:.6f} (threshold {result.threshold})"
+    )
     if result.mask_errors:
         console.print(f"  [red]token mask: {result.mask_errors} stored values differ from the recomputed mask[/]")
     for layer, figures in result.layers.items():
         worst = figures.worst
-        console.print(f"  layer {layer}: mean {figures.mean_cos:.6f}, worst {figures.min_cos:.6f} at episode "
-                      f"{worst.episode} step {worst.step} view {worst.view} token {worst.token}")
+        console.print(
+            f"  layer {layer}: mean {figures.mean_cos:.6f}, worst {figures.min_cos:.6f} at episode "
+            f"{worst.episode} step {worst.step} view {worst.view} token {worst.token}"
+        )
         if figures.recorded is not None:
             low = " [red](below the recorded mean)[/]" if layer in result.below_recorded else ""
-            console.print(f"    reduced store: recorded held-out mean {figures.recorded.mean:.6f}, "
-                          f"worst {figures.recorded.worst:.6f} (K={figures.recorded.k}); recomputed "
-                          f"mean {figures.valid_mean_cos:.6f} on image tokens, 1st percentile "
-                          f"{figures.p1_cos:.6f}{low}")
+            console.print(
+                f"    reduced store: recorded held-out mean {figures.recorded.mean:.6f}, "
+                f"worst {figures.recorded.worst:.6f} (K={figures.recorded.k}); recomputed "
+                f"mean {figures.valid_mean_cos:.6f} on image tokens, 1st percentile "
+                f"{figures.p1_cos:.6f}{low}"
+            )
     if result.source_changed:
         console.print("  [yellow]the source files changed since extraction (fingerprint differs)[/]")
 

@@ -17,8 +17,9 @@ SHOWN_EPISODES = 8
 def inspect_source(
     path: Path = typer.Argument(..., help="Dataset folder or file."),
     format: str = typer.Option("auto", "--format", help=f"auto or one of: {', '.join(FORMATS)}."),
-    views: str = typer.Option(None, "--views", help="Comma list of views in VGGT order, each a name or "
-                                                    "name=column (default: the format's)."),
+    views: str = typer.Option(
+        None, "--views", help="Comma list of views in VGGT order, each a name or name=column (default: the format's)."
+    ),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="List structurally bad episodes instead of stopping."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON report instead of tables."),
 ) -> None:
@@ -27,22 +28,32 @@ def inspect_source(
     source = open_source(path, format=format, views=chosen, skip_bad=skip_bad)
     episodes = source.episodes()
     frame_size = list(source.read(episodes[0].key, 0, 1).frames.shape[2:4]) if episodes else None
-    report = {**source.describe(), "available_views": list(source.view_keys), "episodes": len(episodes),
-              "steps": sum(info.num_steps for info in episodes), "frame_size": frame_size,
-              "first_episodes": [{"key": i.key, "steps": i.num_steps, "instruction": i.instruction}
-                                 for i in episodes[:SHOWN_EPISODES]],
-              "skipped": [str(err) for err in source.skipped]}
+    report = {
+        **source.describe(),
+        "available_views": list(source.view_keys),
+        "episodes": len(episodes),
+        "steps": sum(info.num_steps for info in episodes),
+        "frame_size": frame_size,
+        "first_episodes": [
+            {"key": i.key, "steps": i.num_steps, "instruction": i.instruction} for i in episodes[:SHOWN_EPISODES]
+        ],
+        "skipped": [str(err) for err in source.skipped],
+    }
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
     console = Console()
     summary = Table(title=f"{path}", show_header=False)
-    for label, value in [("format", report["format"] + (f" ({report['variant']})" if "variant" in report else "")),
-                         ("episodes", report["episodes"]), ("steps", report["steps"]),
-                         ("views (chosen)", ", ".join(report["views"])),
-                         ("views (available)", ", ".join(report["available_views"])),
-                         ("frame size", "x".join(map(str, frame_size)) if frame_size else "-"),
-                         ("rotate 180", report["rotate"]), ("skipped", len(report["skipped"]))]:
+    for label, value in [
+        ("format", report["format"] + (f" ({report['variant']})" if "variant" in report else "")),
+        ("episodes", report["episodes"]),
+        ("steps", report["steps"]),
+        ("views (chosen)", ", ".join(report["views"])),
+        ("views (available)", ", ".join(report["available_views"])),
+        ("frame size", "x".join(map(str, frame_size)) if frame_size else "-"),
+        ("rotate 180", report["rotate"]),
+        ("skipped", len(report["skipped"])),
+    ]:
         summary.add_row(label, str(value))
     console.print(summary)
     listing = Table(title=f"first {min(len(episodes), SHOWN_EPISODES)} episodes")

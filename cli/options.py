@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import typer
 
@@ -49,7 +50,7 @@ def _cli_type(hint: Any, info: OptionInfo) -> type:
 def _parameter(field: dataclasses.Field, hint: Any, default: Any) -> inspect.Parameter:
     info: OptionInfo = field.metadata[OPTION]
     kind = _cli_type(hint, info)
-    metavar = info.metavar or ("PATH" if _field_type(hint) is Path else None)   # read as text, shown as a path
+    metavar = info.metavar or ("PATH" if _field_type(hint) is Path else None)  # read as text, shown as a path
     shown = ... if default is MISSING else info.show(default) if info.parse and default is not None else default
     if info.argument:
         spec = typer.Argument(shown, help=info.help, metavar=metavar, show_default=True)
@@ -72,7 +73,7 @@ def field_values(config: type, given: dict[str, Any], defaults: dict[str, Any] |
         if value == "" and field.name in defaults:
             value = defaults[field.name]
         elif value == "" and field.default is not MISSING:
-            continue                                   # empty: the config's default
+            continue  # empty: the config's default
         if info.parse is not None and isinstance(value, str):
             try:
                 value = info.parse(value)
@@ -84,8 +85,9 @@ def field_values(config: type, given: dict[str, Any], defaults: dict[str, Any] |
     return values
 
 
-def config_command(config: type, exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None
-                   ) -> Callable[[Callable], Callable]:
+def config_command(
+    config: type, exclude: tuple[str, ...] = (), defaults: dict[str, Any] | None = None
+) -> Callable[[Callable], Callable]:
     """Decorate `body(fields: dict, **extras)`: the command takes every option field of `config` (but `exclude`;
     `defaults` replaces a field's CLI default) plus body's own typer parameters, and hands body the field values."""
     defaults = defaults or {}
@@ -94,8 +96,7 @@ def config_command(config: type, exclude: tuple[str, ...] = (), defaults: dict[s
         hints = typing.get_type_hints(config)
         fields = option_fields(config, exclude)
         own = list(inspect.signature(body, eval_str=True).parameters.values())[1:]
-        parameters = [_parameter(f, hints[f.name], defaults.get(f.name, f.default))
-                      for f in fields]
+        parameters = [_parameter(f, hints[f.name], defaults.get(f.name, f.default)) for f in fields]
         parameters += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         names = {f.name for f in fields}
 

@@ -16,6 +16,7 @@ def reproduce_libero(fields: dict) -> None:
     try:
         reproduce(config)
     except KeyboardInterrupt:
-        Console(stderr=True).print("[yellow]interrupted:[/] finished work is kept; run the same command again "
-                                   "to continue")
+        Console(stderr=True).print(
+            "[yellow]interrupted:[/] finished work is kept; run the same command again to continue"
+        )
         raise typer.Exit(130) from None

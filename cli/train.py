@@ -19,8 +19,9 @@ def train(fields: dict) -> None:
     if result.resumed_from is not None:
         typer.echo(f"resumed from step {result.resumed_from}")
     if result.val_action_l1 is not None:
-        typer.echo(f"validation action L1 {result.val_action_l1:.4f} "
-                   f"(mean-action baseline {result.val_mean_action_l1:.4f})")
+        typer.echo(
+            f"validation action L1 {result.val_action_l1:.4f} (mean-action baseline {result.val_mean_action_l1:.4f})"
+        )
     warning = random_weights_warning(result.weights_id)
     if warning:
         Console(stderr=True).print(f"[bold red]{warning}[/]", highlight=False, soft_wrap=True)

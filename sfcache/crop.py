@@ -21,13 +21,16 @@ def per_view_boxes(boxes: torch.Tensor, batch: int, views: int) -> torch.Tensor:
     if boxes.shape == (batch, 4):
         boxes = boxes[:, None].expand(batch, views, 4)
     if boxes.shape != (batch, views, 4):
-        raise SfcacheError(f"crop boxes of shape {tuple(boxes.shape)} do not fit {batch} samples x {views} views: "
-                           f"expected [{batch}, 4] or [{batch}, {views}, 4] (y0, x0, y1, x1)")
+        raise SfcacheError(
+            f"crop boxes of shape {tuple(boxes.shape)} do not fit {batch} samples x {views} views: "
+            f"expected [{batch}, 4] or [{batch}, {views}, 4] (y0, x0, y1, x1)"
+        )
     return boxes.float()
 
 
-def crop_target_grid(targets: torch.Tensor, grid: tuple[int, int], native: tuple[int, int],
-                     boxes: torch.Tensor) -> torch.Tensor:
+def crop_target_grid(
+    targets: torch.Tensor, grid: tuple[int, int], native: tuple[int, int], boxes: torch.Tensor
+) -> torch.Tensor:
     """Resample cached targets [B, V, h*w, C] over each sample's (or view's) crop box (bilinear): same shape.
 
     SF pools VGGT's native grid (n tokens per side) to the VLA grid (h) bilinearly with

@@ -19,7 +19,7 @@ from sfcache.store import DTYPES, Encoded, int8_block
 
 __all__ = ["DEVICE_CHOICES", "HostCopy", "check_device", "encode_on_device", "pinned", "resolve_device", "to_device"]
 
-DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"   # what every --device accepts
+DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"  # what every --device accepts
 
 
 def check_device(asked: str) -> None:
@@ -64,7 +64,7 @@ def encode_on_device(values: torch.Tensor, dtype: str) -> tuple[torch.Tensor, to
     uses the same float32 max / 127, division and round-half-even.
     """
     values = values.float()
-    if dtype == "float32":   # not encoded: the fit sample of --reduce, or a reduced store's projection on the host
+    if dtype == "float32":  # not encoded: the fit sample of --reduce, or a reduced store's projection on the host
         return values, None
     if dtype == "float16":
         return values.half(), None
@@ -85,8 +85,9 @@ class HostCopy:
     def __init__(self, encoded: dict[int, tuple[torch.Tensor, torch.Tensor | None]]):
         self.event = None
         if any(stored.device.type == "cuda" for stored, _ in encoded.values()):
-            encoded = {layer: tuple(None if t is None else _pinned_copy(t) for t in pair)
-                       for layer, pair in encoded.items()}
+            encoded = {
+                layer: tuple(None if t is None else _pinned_copy(t) for t in pair) for layer, pair in encoded.items()
+            }
             self.event = torch.cuda.Event()
             self.event.record()
         self.encoded = encoded
@@ -95,8 +96,10 @@ class HostCopy:
         """{layer: (stored numpy in the store's dtype, scales or None)} once the copies have landed."""
         if self.event is not None:
             self.event.synchronize()
-        return {layer: (_numpy(stored), None if scale is None else _numpy(scale))
-                for layer, (stored, scale) in self.encoded.items()}
+        return {
+            layer: (_numpy(stored), None if scale is None else _numpy(scale))
+            for layer, (stored, scale) in self.encoded.items()
+        }
 
 
 def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -106,4 +109,4 @@ def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     array = tensor.numpy()
-    return array.view(np.uint16) if array.dtype == np.int16 else array   # bfloat16 bits, as the store keeps them
+    return array.view(np.uint16) if array.dtype == np.int16 else array  # bfloat16 bits, as the store keeps them

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
-from typing import Iterable, Iterator, Mapping
 
 
 class SfcacheError(Exception):
@@ -54,6 +54,7 @@ class ConfigMismatch(StoreError):
 def differences(recorded: Mapping, asked: Mapping, fields: Iterable[str]) -> dict[str, tuple[object, object]]:
     """{field: (recorded, asked)} for each of `fields` whose values differ, in the order given: what
     `ConfigMismatch` takes. A dotted field ("vggt.weights_id") looks inside nested dicts; absent is None."""
+
     def at(node, dotted: str):
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, Mapping) else None
@@ -72,8 +73,10 @@ class Interrupted(SfcacheError):
 
     def __init__(self, signum: int):
         self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; work finished so far is kept: "
-                         "run the same command again to resume")
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name}; work finished so far is kept: "
+            "run the same command again to resume"
+        )
 
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

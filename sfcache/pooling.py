@@ -7,7 +7,8 @@ pool_grid(f + E) == pool_grid(f) + pool_grid(E): a cache stores pool_grid(f) and
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,24 +17,28 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from sfcache.vggt import VGGTFeatures
 
-POSITION_OMEGA = 100.0   # omega_0 of VGGT's sinusoidal position_grid_to_embed
-POSITION_SCALE = 0.1     # SF's `ratio` in _apply_pos_embed
+POSITION_OMEGA = 100.0  # omega_0 of VGGT's sinusoidal position_grid_to_embed
+POSITION_SCALE = 0.1  # SF's `ratio` in _apply_pos_embed
 
 
-def pooled_targets(model: "VGGTFeatures", images: torch.Tensor, layers: Sequence[int],
-                   grid: tuple[int, int] | None) -> dict[int, torch.Tensor]:
+def pooled_targets(
+    model: VGGTFeatures, images: torch.Tensor, layers: Sequence[int], grid: tuple[int, int] | None
+) -> dict[int, torch.Tensor]:
     """SF targets of preprocessed `images` [B, V, 3, h, w]: VGGT's patch tokens of `layers` pooled to `grid`
     per view (None keeps VGGT's grid), keyed by absolute layer, [B, V, H*W, C] on the model's device.
     The one place extraction, verification and the online baseline turn frames into targets."""
     patch = model.config.patch_size
     native = (images.shape[-2] // patch, images.shape[-1] // patch)
     out = model(images, layers=tuple(layers))
-    return {layer: out[asked] if grid is None else pool_grid(out[asked], native, grid)
-            for asked, layer in zip(layers, model.resolve_layers(layers))}
+    return {
+        layer: out[asked] if grid is None else pool_grid(out[asked], native, grid)
+        for asked, layer in zip(layers, model.resolve_layers(layers))
+    }
 
 
-def pool_grid(tokens: torch.Tensor | np.ndarray, grid: tuple[int, int],
-              out_grid: tuple[int, int]) -> torch.Tensor | np.ndarray:
+def pool_grid(
+    tokens: torch.Tensor | np.ndarray, grid: tuple[int, int], out_grid: tuple[int, int]
+) -> torch.Tensor | np.ndarray:
     """Resample row-major tokens [..., h*w, D] to [..., H*W, D]: bilinear, align_corners=True, as SF does.
 
     Computed in float32; the result has the input's type (numpy in, numpy out) and dtype.
@@ -59,11 +64,11 @@ def position_embedding(h: int, w: int, dim: int, aspect_ratio: float) -> torch.T
     """
     if dim % 4:
         raise ValueError(f"position embedding dim {dim} is not a multiple of 4")
-    diagonal = (aspect_ratio ** 2 + 1.0) ** 0.5
+    diagonal = (aspect_ratio**2 + 1.0) ** 0.5
     span_x, span_y = aspect_ratio / diagonal, 1.0 / diagonal
     xs = torch.linspace(-span_x * (w - 1) / w, span_x * (w - 1) / w, steps=w, dtype=torch.float32)
     ys = torch.linspace(-span_y * (h - 1) / h, span_y * (h - 1) / h, steps=h, dtype=torch.float32)
-    grid_x, grid_y = torch.meshgrid(xs, ys, indexing="xy")       # [h, w] each
+    grid_x, grid_y = torch.meshgrid(xs, ys, indexing="xy")  # [h, w] each
     quarter = dim // 4
     omega = 1.0 / POSITION_OMEGA ** (torch.arange(quarter, dtype=torch.float64) / quarter)
 

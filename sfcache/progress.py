@@ -5,11 +5,19 @@ from __future__ import annotations
 import threading
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
-LOG_EVERY_S = 30.0   # off a terminal, one plain progress line per task this often
+LOG_EVERY_S = 30.0  # off a terminal, one plain progress line per task this often
 
 
 class RateColumn(ProgressColumn):
@@ -28,8 +36,15 @@ def progress_bar(unit: str = "steps", transient: bool = False, console: Console 
     """A Progress showing done/total, `unit`/s, elapsed and ETA; off a terminal (logs, CI, nohup) a plain
     line per task every LOG_EVERY_S seconds instead, so long work is never silent for minutes."""
     console = console or Console(stderr=True)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     if not console.is_terminal:
         return _LineProgress(*columns, unit=unit, console=console)
     return Progress(*columns, transient=transient, console=console)
@@ -62,5 +77,9 @@ class _LineProgress(Progress):
                 speed = task.finished_speed or task.speed
                 total = "?" if task.total is None else f"{task.total:.0f}"
                 rate = "-" if speed is None else f"{speed:.1f}"
-                self.console.print(f"{task.description}: {task.completed:.0f}/{total} {self.unit}, {rate} "
-                                   f"{self.unit}/s, {task.elapsed or 0:.0f} s elapsed", markup=False, highlight=False)
+                self.console.print(
+                    f"{task.description}: {task.completed:.0f}/{total} {self.unit}, {rate} "
+                    f"{self.unit}/s, {task.elapsed or 0:.0f} s elapsed",
+                    markup=False,
+                    highlight=False,
+                )

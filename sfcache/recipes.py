@@ -16,8 +16,8 @@ Aloha datasets without a camera), which is the case the slot exists for. Its tok
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,30 +26,54 @@ import torch.nn.functional as F
 from sfcache.errors import SfcacheError
 from sfcache.vggt.preprocess import POLICY_SIZE, host_frames, letterbox_mask, preprocess
 
-__all__ = ["BLANK", "RECIPES", "Recipe", "camera_views", "get_recipe", "insert_blanks", "recipe_inputs",
-           "resolve_preprocess", "slot_layout"]
+__all__ = [
+    "BLANK",
+    "RECIPES",
+    "Recipe",
+    "camera_views",
+    "get_recipe",
+    "insert_blanks",
+    "recipe_inputs",
+    "resolve_preprocess",
+    "slot_layout",
+]
 
-BLANK = "blank"          # a camera slot with no camera: a white frame, its tokens masked
+BLANK = "blank"  # a camera slot with no camera: a white frame, its tokens masked
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    preprocess: str | None        # the VGGT input mode it fixes; None: --preprocess decides
-    jpeg_fast_dct: bool           # decode JPEGs as TF's default decode_image does (IFAST)
-    views: tuple[str, ...] | None # the views it requires, in order; None: any
-    slots: tuple[str, ...]        # the policy's camera slots, filled in order; (): the chosen views only
-    token_mask: bool              # store targets/mask [steps, slots, tokens]
-    trainer: str                  # the public trainer it matches
+    preprocess: str | None  # the VGGT input mode it fixes; None: --preprocess decides
+    jpeg_fast_dct: bool  # decode JPEGs as TF's default decode_image does (IFAST)
+    views: tuple[str, ...] | None  # the views it requires, in order; None: any
+    slots: tuple[str, ...]  # the policy's camera slots, filled in order; (): the chosen views only
+    token_mask: bool  # store targets/mask [steps, slots, tokens]
+    trainer: str  # the public trainer it matches
 
 
 RECIPES = {
-    "none": Recipe("none", None, False, None, (), False,
-                   "none (frames as the source decodes them, VGGT input per --preprocess)"),
-    "openvla-oft": Recipe("openvla-oft", "sf", True, ("primary", "wrist"), (), False,
-                          "OpenHelix-Team/Spatial-Forcing openvla-SF (OpenVLA-OFT on LIBERO RLDS)"),
-    "openpi": Recipe("openpi", "letterbox", False, None, ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"),
-                     True, "OpenHelix-Team/Spatial-Forcing openpi-SF (pi0 on LeRobot data)"),
+    "none": Recipe(
+        "none", None, False, None, (), False, "none (frames as the source decodes them, VGGT input per --preprocess)"
+    ),
+    "openvla-oft": Recipe(
+        "openvla-oft",
+        "sf",
+        True,
+        ("primary", "wrist"),
+        (),
+        False,
+        "OpenHelix-Team/Spatial-Forcing openvla-SF (OpenVLA-OFT on LIBERO RLDS)",
+    ),
+    "openpi": Recipe(
+        "openpi",
+        "letterbox",
+        False,
+        None,
+        ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb"),
+        True,
+        "OpenHelix-Team/Spatial-Forcing openpi-SF (pi0 on LeRobot data)",
+    ),
 }
 
 
@@ -64,12 +88,15 @@ def resolve_preprocess(recipe: Recipe, asked: str | None, user_modes: Sequence[s
     """The VGGT input mode: the recipe's, else --preprocess (default sf). A conflicting --preprocess is an error."""
     if recipe.preprocess is not None:
         if asked not in (None, recipe.preprocess):
-            raise SfcacheError(f"--recipe {recipe.name} fixes the VGGT input ({recipe.preprocess}); "
-                               f"drop --preprocess {asked}")
+            raise SfcacheError(
+                f"--recipe {recipe.name} fixes the VGGT input ({recipe.preprocess}); drop --preprocess {asked}"
+            )
         return recipe.preprocess
     if asked is not None and asked not in user_modes:
-        raise SfcacheError(f"--preprocess must be one of {', '.join(user_modes)}, not {asked!r}"
-                           + (" (letterbox comes with --recipe openpi)" if asked == "letterbox" else ""))
+        raise SfcacheError(
+            f"--preprocess must be one of {', '.join(user_modes)}, not {asked!r}"
+            + (" (letterbox comes with --recipe openpi)" if asked == "letterbox" else "")
+        )
     return asked or "sf"
 
 
@@ -91,15 +118,18 @@ def slot_layout(recipe: Recipe, asked: tuple[str, ...] | None, source_views: tup
     cameras = iter(source_views)
     layout = tuple(source_views) if asked is None else tuple(BLANK if v == BLANK else next(cameras) for v in asked)
     if recipe.views is not None and layout != recipe.views:
-        raise SfcacheError(f"--recipe {recipe.name} takes views {','.join(recipe.views)} in that order, "
-                           f"got {','.join(layout)}")
+        raise SfcacheError(
+            f"--recipe {recipe.name} takes views {','.join(recipe.views)} in that order, got {','.join(layout)}"
+        )
     if not recipe.slots:
         if BLANK in layout:
             raise SfcacheError(f"--views {','.join(layout)}: {BLANK} slots exist only with --recipe openpi")
         return layout
     if len(layout) > len(recipe.slots):
-        raise SfcacheError(f"--recipe {recipe.name} has {len(recipe.slots)} camera slots "
-                           f"({', '.join(recipe.slots)}); got {len(layout)} views {','.join(layout)}")
+        raise SfcacheError(
+            f"--recipe {recipe.name} has {len(recipe.slots)} camera slots "
+            f"({', '.join(recipe.slots)}); got {len(layout)} views {','.join(layout)}"
+        )
     return layout + (BLANK,) * (len(recipe.slots) - len(layout))
 
 
@@ -113,9 +143,16 @@ def insert_blanks(frames: np.ndarray, layout: Sequence[str]) -> np.ndarray:
     return out
 
 
-def recipe_inputs(frames: np.ndarray, recipe: Recipe, layout: Sequence[str], mode: str, img_size: int,
-                  grid: tuple[int, int] | None, patch: int,
-                  on_host: bool = False) -> tuple[torch.Tensor | np.ndarray, np.ndarray | None]:
+def recipe_inputs(
+    frames: np.ndarray,
+    recipe: Recipe,
+    layout: Sequence[str],
+    mode: str,
+    img_size: int,
+    grid: tuple[int, int] | None,
+    patch: int,
+    on_host: bool = False,
+) -> tuple[torch.Tensor | np.ndarray, np.ndarray | None]:
     """Source frames [T, cameras, H, W, 3] -> (VGGT images [T, slots, 3, h, w], token mask or None).
 
     The mask (recipe with token_mask) is bool [T, slots, grid_h*grid_w]: the letterbox padding mask
@@ -128,7 +165,7 @@ def recipe_inputs(frames: np.ndarray, recipe: Recipe, layout: Sequence[str], mod
     images = host_frames(slots, mode, img_size) if on_host else preprocess(slots, mode, img_size)
     if not recipe.token_mask:
         return images, None
-    grid = grid or (img_size // patch, img_size // patch)     # a token-mask recipe's letterbox is square
+    grid = grid or (img_size // patch, img_size // patch)  # a token-mask recipe's letterbox is square
     content = torch.from_numpy(letterbox_mask(*frames.shape[2:4], POLICY_SIZE)).float()[None, None]
     tokens = F.interpolate(content, size=grid, mode="nearest").bool().flatten().numpy()
     present = np.array([view != BLANK for view in layout])

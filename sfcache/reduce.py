@@ -16,13 +16,24 @@ import numpy as np
 from sfcache.errors import SfcacheError
 from sfcache.store import Reduction, decode, encode
 
-__all__ = ["K_STEP", "SAMPLE_STEPS", "Moments", "check_fidelity", "cosine_by_k", "fit", "measure", "parse_reduce",
-           "request", "sample_rows", "valid_tokens"]
+__all__ = [
+    "K_STEP",
+    "SAMPLE_STEPS",
+    "Moments",
+    "check_fidelity",
+    "cosine_by_k",
+    "fit",
+    "measure",
+    "parse_reduce",
+    "request",
+    "sample_rows",
+    "valid_tokens",
+]
 
-SAMPLE_STEPS = 256      # fit sample (steps spread evenly over the dataset); ~100k tokens on LIBERO's 2 views
-HELD_OUT_EVERY = 4      # every 4th sample step is held out to measure fidelity
-K_STEP = 8              # `pca:auto` tries K in multiples of 8: int8 then keeps >= 8 channels per scale
-COSINE_CHUNK = 4096     # held-out tokens per chunk of the K scan (bounds its memory to ~64 MiB at C = 2048)
+SAMPLE_STEPS = 256  # fit sample (steps spread evenly over the dataset); ~100k tokens on LIBERO's 2 views
+HELD_OUT_EVERY = 4  # every 4th sample step is held out to measure fidelity
+K_STEP = 8  # `pca:auto` tries K in multiples of 8: int8 then keeps >= 8 channels per scale
+COSINE_CHUNK = 4096  # held-out tokens per chunk of the K scan (bounds its memory to ~64 MiB at C = 2048)
 
 
 def parse_reduce(text: str) -> int | str | None:
@@ -40,8 +51,13 @@ def parse_reduce(text: str) -> int | str | None:
 def request(reduce: str, min_cosine: float | None, num_steps: int) -> dict:
     """What a reduced store was asked: part of its identity (a resume must ask the same)."""
     fit_rows, held_rows = sample_rows(num_steps)
-    return {"method": "pca", "asked": reduce, "min_cosine": min_cosine, "sample_steps": int(fit_rows.size),
-            "held_out_steps": int(held_rows.size)}
+    return {
+        "method": "pca",
+        "asked": reduce,
+        "min_cosine": min_cosine,
+        "sample_steps": int(fit_rows.size),
+        "held_out_steps": int(held_rows.size),
+    }
 
 
 def sample_rows(num_steps: int, steps: int = SAMPLE_STEPS) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +66,7 @@ def sample_rows(num_steps: int, steps: int = SAMPLE_STEPS) -> tuple[np.ndarray, 
     if num_steps < 2:
         raise SfcacheError(f"--reduce needs at least 2 steps to fit and measure a basis, the selection has {num_steps}")
     rows = np.unique(np.linspace(0, num_steps - 1, min(steps, num_steps)).round().astype(np.int64))
-    held = rows[HELD_OUT_EVERY - 1::HELD_OUT_EVERY] if rows.size >= HELD_OUT_EVERY else rows[-1:]
+    held = rows[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY] if rows.size >= HELD_OUT_EVERY else rows[-1:]
     return np.setdiff1d(rows, held), held
 
 
@@ -85,7 +101,8 @@ class Moments:
 
 
 def cosine_by_k(tokens: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-    """Mean per-token cosine of x and its float reconstruction mean + sum_{j<K} c_j v_j, for every K = 1..len(components).
+    """Mean per-token cosine of x and its float reconstruction mean + sum_{j<K} c_j v_j, for every
+    K = 1..len(components).
 
     One pass: with orthonormal v_j, x.x_hat and |x_hat|^2 are cumulative sums over j.
     """
@@ -93,9 +110,9 @@ def cosine_by_k(tokens: np.ndarray, mean: np.ndarray, components: np.ndarray) ->
     mean, components = mean.astype(np.float64), components.astype(np.float64)
     mean_along = components @ mean
     for first in range(0, len(tokens), COSINE_CHUNK):
-        x = tokens[first:first + COSINE_CHUNK].astype(np.float64)
-        along = x @ components.T                                  # x . v_j
-        coeff = along - mean_along                                # (x - mean) . v_j
+        x = tokens[first : first + COSINE_CHUNK].astype(np.float64)
+        along = x @ components.T  # x . v_j
+        coeff = along - mean_along  # (x - mean) . v_j
         dot = (x @ mean)[:, None] + np.cumsum(coeff * along, axis=1)
         norm2 = mean @ mean + np.cumsum(coeff * (2 * mean_along + coeff), axis=1)
         scale = np.linalg.norm(x, axis=1)[:, None] * np.sqrt(np.maximum(norm2, 0))
@@ -103,22 +120,26 @@ def cosine_by_k(tokens: np.ndarray, mean: np.ndarray, components: np.ndarray) ->
     return total / max(len(tokens), 1)
 
 
-def measure(values: np.ndarray, mask: np.ndarray | None, mean: np.ndarray, components: np.ndarray,
-            dtype: str) -> dict:
+def measure(values: np.ndarray, mask: np.ndarray | None, mean: np.ndarray, components: np.ndarray, dtype: str) -> dict:
     """Held-out fidelity through the stored dtype: mean, 1st percentile and worst per-token cosine."""
-    from sfcache.inspect import token_cosine   # inspect imports the store; only needed here
+    from sfcache.inspect import token_cosine  # inspect imports the store; only needed here
 
     coefficients = (values - mean) @ components.T
     stored, scale = encode(coefficients, dtype)
     back = decode(stored, dtype, scale) @ components + mean
     cosine = token_cosine(back, values)
     cosine = cosine[mask] if mask is not None else cosine.reshape(-1)
-    return {"k": int(len(components)), "mean": float(cosine.mean()), "p1": float(np.percentile(cosine, 1)),
-            "worst": float(cosine.min())}
+    return {
+        "k": int(len(components)),
+        "mean": float(cosine.mean()),
+        "p1": float(np.percentile(cosine, 1)),
+        "worst": float(cosine.min()),
+    }
 
 
-def fit(asked: dict, moments: dict[int, Moments], held: dict[int, tuple[np.ndarray, np.ndarray | None]],
-        dtype: str) -> Reduction:
+def fit(
+    asked: dict, moments: dict[int, Moments], held: dict[int, tuple[np.ndarray, np.ndarray | None]], dtype: str
+) -> Reduction:
     """A fitted Reduction per layer: K as asked, or for pca:auto the smallest multiple of K_STEP (or C)
     whose held-out mean cosine, measured through `dtype`, reaches `min_cosine`."""
     k_asked = parse_reduce(asked["asked"])
@@ -132,13 +153,14 @@ def fit(asked: dict, moments: dict[int, Moments], held: dict[int, tuple[np.ndarr
             candidates = sorted({*range(K_STEP, channels, K_STEP), channels})
             k = next((c for c in candidates if curve[c - 1] >= asked["min_cosine"]), channels)
             figures = measure(values, mask, mean, components[:k], dtype)
-            while figures["mean"] < asked["min_cosine"] and k < channels:   # quantisation cost the last bit
+            while figures["mean"] < asked["min_cosine"] and k < channels:  # quantisation cost the last bit
                 k = next(c for c in candidates if c > k)
                 figures = measure(values, mask, mean, components[:k], dtype)
         else:
             if k_asked > channels:
-                raise SfcacheError(f"--reduce pca:{k_asked}: layer {layer} has only {channels} channels; "
-                                   f"choose K <= {channels}")
+                raise SfcacheError(
+                    f"--reduce pca:{k_asked}: layer {layer} has only {channels} channels; choose K <= {channels}"
+                )
             k = k_asked
             figures = measure(values, mask, mean, components[:k], dtype)
         means[layer], bases[layer], fidelity[str(layer)] = mean, components[:k].copy(), figures
@@ -153,14 +175,16 @@ def check_fidelity(reduction: Reduction) -> None:
         return
     for layer, components in reduction.components.items():
         if reduction.request["asked"] == "pca:auto" and len(components) == components.shape[1]:
-            raise SfcacheError(f"--reduce pca:auto: layer {layer} reaches --min-cosine {floor} only with all "
-                               f"{components.shape[1]} channels, so nothing is saved; extract without --reduce, or "
-                               "lower --min-cosine")
+            raise SfcacheError(
+                f"--reduce pca:auto: layer {layer} reaches --min-cosine {floor} only with all "
+                f"{components.shape[1]} channels, so nothing is saved; extract without --reduce, or "
+                "lower --min-cosine"
+            )
     low = {layer: f for layer, f in (reduction.fidelity or {}).items() if f["mean"] < floor}
     if low:
         layer, figures = next(iter(low.items()))
         raise SfcacheError(
             f"--reduce {reduction.request['asked']}: layer {layer} reconstructs held-out steps at mean per-token "
             f"cosine {figures['mean']:.5f} with K={figures['k']}, below --min-cosine {floor}; refusing to write this "
-            "store (use a larger K, pca:auto, or a lower --min-cosine, with --overwrite if the store exists)")
-
+            "store (use a larger K, pca:auto, or a lower --min-cosine, with --overwrite if the store exists)"
+        )

@@ -7,7 +7,8 @@ ask this index, so "row -> (episode, step)" is computed one way everywhere.
 from __future__ import annotations
 
 import bisect
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 from sfcache.errors import StoreError
 
@@ -54,7 +55,7 @@ class RowIndex:
         self._by_key = {record.key: record for record in self.records}
 
     @classmethod
-    def packed(cls, lengths: Mapping[str, int], where: str = "rows", holder: str = "the cache") -> "RowIndex":
+    def packed(cls, lengths: Mapping[str, int], where: str = "rows", holder: str = "the cache") -> RowIndex:
         """{key: length} in row order, first rows from the running sum of lengths."""
         return cls(_packed((key, "", length) for key, length in lengths.items()), where, holder)
 
@@ -75,8 +76,10 @@ class RowIndex:
         """The record of `key`; StoreError naming the key and a few that exist."""
         found = self._by_key.get(key)
         if found is None:
-            raise StoreError(f"{self.where}: episode {key!r} is not in {self.holder} "
-                             f"({len(self.keys)} episodes, e.g. {self.keys[:3]})")
+            raise StoreError(
+                f"{self.where}: episode {key!r} is not in {self.holder} "
+                f"({len(self.keys)} episodes, e.g. {self.keys[:3]})"
+            )
         return found
 
     def position(self, row: int) -> tuple[int, int]:

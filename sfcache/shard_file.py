@@ -24,8 +24,8 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 
 __all__ = ["DamagedShard", "ShardReader", "direct_layout", "write_shard_file"]
 
-MISSING = np.uint64(2**64 - 1)     # index entry of a chunk not in the shard
-_IOV_MAX = os.sysconf("SC_IOV_MAX")   # buffers per preadv call
+MISSING = np.uint64(2**64 - 1)  # index entry of a chunk not in the shard
+_IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers per preadv call
 
 
 def direct_layout(array) -> bool | None:
@@ -37,10 +37,13 @@ def direct_layout(array) -> bool | None:
     sharding = codecs[0]
     inner = [type(codec) for codec in sharding.codecs]
     index = [type(codec) for codec in sharding.index_codecs]
-    if (inner not in ([BytesCodec], [BytesCodec, Crc32cCodec]) or index != [BytesCodec, Crc32cCodec]
-            or sharding.index_location != ShardingCodecIndexLocation.end
-            or tuple(sharding.chunk_shape) != (1, *array.shape[1:])
-            or sharding.codecs[0].endian not in (Endian.little, None)):
+    if (
+        inner not in ([BytesCodec], [BytesCodec, Crc32cCodec])
+        or index != [BytesCodec, Crc32cCodec]
+        or sharding.index_location != ShardingCodecIndexLocation.end
+        or tuple(sharding.chunk_shape) != (1, *array.shape[1:])
+        or sharding.codecs[0].endian not in (Endian.little, None)
+    ):
         return None
     return inner[-1] is Crc32cCodec
 
@@ -56,7 +59,7 @@ def write_shard_file(path: Path, stored: np.ndarray, chunks_per_shard: int, chec
     index[:rows, 1] = step
     index_bytes = index.tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{uuid.uuid4().hex}.partial")   # what a killed writer leaves; removed on resume
+    partial = path.with_suffix(f".{uuid.uuid4().hex}.partial")  # what a killed writer leaves; removed on resume
     try:
         with open(partial, "wb") as f:
             if checksum:
@@ -86,8 +89,7 @@ class ShardReader:
     No file stays open: a reader copied into a forked DataLoader worker shares no descriptor.
     """
 
-    def __init__(self, chunks_per_shard: int, row_shape: tuple[int, ...], dtype: np.dtype, checksum: bool,
-                 fill_value):
+    def __init__(self, chunks_per_shard: int, row_shape: tuple[int, ...], dtype: np.dtype, checksum: bool, fill_value):
         self.chunks_per_shard, self.row_shape, self.checksum = chunks_per_shard, row_shape, checksum
         self.dtype, self.fill_value = np.dtype(dtype).newbyteorder("<"), fill_value
         self.step = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize + (4 if checksum else 0)
@@ -110,31 +112,38 @@ class ShardReader:
             present, kept = entries[~missing], positions[~missing]
             limit = data_end - self.step
             if len(present) and (limit < 0 or ((present[:, 1] != self.step) | (present[:, 0] > limit)).any()):
-                raise DamagedShard(f"its index places a chunk outside the chunk data or gives it another length "
-                                   f"than {self.step} bytes")
+                raise DamagedShard(
+                    f"its index places a chunk outside the chunk data or gives it another length than {self.step} bytes"
+                )
             out[positions[missing]] = self.fill_value
             offsets = present[:, 0].astype(np.int64)
             crcs = np.empty((len(kept), 4), np.uint8) if self.checksum else None
-            breaks = np.flatnonzero(np.diff(offsets) != self.step) + 1   # runs of chunks back to back in the file
+            breaks = np.flatnonzero(np.diff(offsets) != self.step) + 1  # runs of chunks back to back in the file
             for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(kept)]) if len(kept) else ():
-                self._read_run(descriptor, int(offsets[start]), raw, kept[start:stop],
-                               None if crcs is None else crcs[start:stop])
+                self._read_run(
+                    descriptor, int(offsets[start]), raw, kept[start:stop], None if crcs is None else crcs[start:stop]
+                )
         finally:
             os.close(descriptor)
         if crcs is not None:
-            for position, crc, chunk in zip(kept.tolist(), crcs.view("<u4").reshape(-1).tolist(),
-                                            chunks[~missing].tolist()):
+            for position, crc, chunk in zip(
+                kept.tolist(), crcs.view("<u4").reshape(-1).tolist(), chunks[~missing].tolist()
+            ):
                 if google_crc32c.value(raw[position]) != crc:
                     raise DamagedShard(f"chunk {chunk} does not match its CRC32C")
 
     @staticmethod
-    def _read_run(descriptor: int, offset: int, raw: np.ndarray, positions: np.ndarray,
-                  crcs: np.ndarray | None) -> None:
+    def _read_run(
+        descriptor: int, offset: int, raw: np.ndarray, positions: np.ndarray, crcs: np.ndarray | None
+    ) -> None:
         """preadv of chunks back to back in the file: each into its row of `raw`, its CRC32C into `crcs`."""
-        buffers = [raw[p] for p in positions.tolist()] if crcs is None else \
-            [buffer for p, crc in zip(positions.tolist(), crcs) for buffer in (raw[p], crc)]
+        buffers = (
+            [raw[p] for p in positions.tolist()]
+            if crcs is None
+            else [buffer for p, crc in zip(positions.tolist(), crcs) for buffer in (raw[p], crc)]
+        )
         for first in range(0, len(buffers), _IOV_MAX):
-            part = buffers[first:first + _IOV_MAX]
+            part = buffers[first : first + _IOV_MAX]
             wanted = sum(buffer.nbytes for buffer in part)
             if os.preadv(descriptor, part, offset) != wanted:
                 raise DamagedShard("the file ends inside its chunk data")

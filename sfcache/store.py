@@ -3,9 +3,10 @@
 Layout (see ARCHITECTURE.md): root attrs["sfcache"] hold the provenance and the episode index,
 `targets/layer_<L>` hold [N, V, h*w, C] with one step per inner chunk and `steps_per_shard`
 steps per shard file, and `done[shard]` is set only after that shard's data is written and fsynced
-(not read back: that would read the page cache). A shard file is replaced atomically by zarr's LocalStore, so a killed writer leaves either
-the old shard or the new one, never a torn one; shard files are fsynced before their flag is set, so
-even a power loss cannot leave a flag without its data. Resuming redoes every shard whose flag is unset.
+(not read back: that would read the page cache). A shard file is replaced atomically (by sfcache.shard_file or
+zarr's LocalStore), so a killed writer leaves either the old shard or the new one, never a torn one; shard files
+are fsynced before their flag is set, so even a power loss cannot leave a flag without its data. Resuming redoes
+every shard whose flag is unset.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import socket
 import time
 import uuid
 import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -37,28 +38,48 @@ from sfcache.provenance import Fidelity, Provenance, ReduceProvenance, TargetsPr
 from sfcache.rows import EpisodeRecord, RowIndex, pack_episodes
 from sfcache.shard_file import DamagedShard, ShardReader, direct_layout, write_shard_file
 
-__all__ = ["CODECS", "DTYPES", "Cache", "EpisodeRecord", "Reduction", "RowIndex", "StoreConfig", "create_store",
-           "current_run", "decode", "encode", "int8_block", "is_locked", "layer_array", "lock_store", "open_cache",
-           "pack_episodes", "read_attrs", "resumable_reduction", "step_bytes", "store_run"]
+__all__ = [
+    "CODECS",
+    "DTYPES",
+    "Cache",
+    "EpisodeRecord",
+    "Reduction",
+    "RowIndex",
+    "StoreConfig",
+    "create_store",
+    "current_run",
+    "decode",
+    "encode",
+    "int8_block",
+    "is_locked",
+    "layer_array",
+    "lock_store",
+    "open_cache",
+    "pack_episodes",
+    "read_attrs",
+    "resumable_reduction",
+    "step_bytes",
+    "store_run",
+]
 
 # 2: int8 scales per token and channel block, recipe and optional token mask. 1 (int8 scales per
 # step/view/channel) stays readable; resuming a version-1 store asks for --overwrite.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-INT8_BLOCK = 128        # channels per int8 scale (see `encode`)
+INT8_BLOCK = 128  # channels per int8 scale (see `encode`)
 MASK_ARRAY = "targets/mask"
 DONE_ARRAY = "done"
-LAYER_PARTS = ("", "_scale", "_mean", "_basis")   # values, int8 scales, --reduce mean and basis
+LAYER_PARTS = ("", "_scale", "_mean", "_basis")  # values, int8 scales, --reduce mean and basis
 DTYPES = ("float16", "bfloat16", "int8")
 CODECS = ("none", "zstd", "blosc-zstd")
 LOCK_NAME = ".sfcache.lock"
-RUN_NAME = ".sfcache.run"     # the id of the one extraction run allowed to write (see store_run)
+RUN_NAME = ".sfcache.run"  # the id of the one extraction run allowed to write (see store_run)
 RUN_ENDED = "ended"
-KEPT = (LOCK_NAME, RUN_NAME)   # what clearing a store for --overwrite keeps (both are held open by flock)
+KEPT = (LOCK_NAME, RUN_NAME)  # what clearing a store for --overwrite keeps (both are held open by flock)
 _STORED_DTYPE = {"float16": "float16", "bfloat16": "uint16", "int8": "int8"}
 
 
-Encoded = tuple[np.ndarray, "np.ndarray | None"]   # (stored values, int8 scales or None), as `encode` returns
+Encoded = tuple[np.ndarray, "np.ndarray | None"]  # (stored values, int8 scales or None), as `encode` returns
 
 
 def layer_array(layer: int, part: str = "") -> str:
@@ -69,6 +90,7 @@ def layer_array(layer: int, part: str = "") -> str:
 
 
 # ----------------------------------------------------------------------------- value encoding
+
 
 def int8_block(channels: int) -> int:
     """Channels sharing one int8 scale: INT8_BLOCK, or the largest divisor of `channels` below it."""
@@ -121,8 +143,11 @@ def _compressors(codec: str, itemsize: int, checksum: bool) -> tuple:
     CRC32C per chunk so that any flipped byte makes the read fail instead of returning wrong targets."""
     if codec not in CODECS:
         raise StoreError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
-    compress = {"none": (), "zstd": (ZstdCodec(level=3),),
-                "blosc-zstd": (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=itemsize),)}[codec]
+    compress = {
+        "none": (),
+        "zstd": (ZstdCodec(level=3),),
+        "blosc-zstd": (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=itemsize),),
+    }[codec]
     return compress + ((Crc32cCodec(),) if checksum else ())
 
 
@@ -139,10 +164,10 @@ class Reduction:
     """`--reduce pca:...`: what was asked (part of the store's identity) and, once fitted (sfcache.reduce),
     per layer the mean [C] and orthonormal components [K, C] (float32) and the held-out fidelity."""
 
-    request: dict                                  # method, asked, min_cosine, sample_steps, held_out_steps
+    request: dict  # method, asked, min_cosine, sample_steps, held_out_steps
     means: Mapping[int, np.ndarray] | None = None
     components: Mapping[int, np.ndarray] | None = None
-    fidelity: dict | None = None                   # str(layer) -> {k, mean, p1, worst}
+    fidelity: dict | None = None  # str(layer) -> {k, mean, p1, worst}
 
     @property
     def fitted(self) -> bool:
@@ -157,8 +182,9 @@ class Reduction:
         return coefficients @ self.components[layer] + self.means[layer]
 
 
-def reduced_step_bytes(components: Mapping[int, np.ndarray], views: int, tokens: int, dtype: str,
-                       token_mask: bool) -> int:
+def reduced_step_bytes(
+    components: Mapping[int, np.ndarray], views: int, tokens: int, dtype: str, token_mask: bool
+) -> int:
     """Uncompressed bytes of one stored step of a reduced store (K coefficients per layer, scales, mask)."""
     per_layer = sum(step_bytes(views, tokens, len(c), dtype, 1, False) for c in components.values())
     return per_layer + (views * tokens if token_mask else 0)
@@ -166,28 +192,29 @@ def reduced_step_bytes(components: Mapping[int, np.ndarray], views: int, tokens:
 
 # ----------------------------------------------------------------------------- configuration
 
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Everything that decides a store's values; a run resumes a store only if these match."""
 
     episodes: tuple[EpisodeRecord, ...]
     layers: tuple[int, ...]
-    grid: tuple[int, int]                 # stored token grid per view (h, w)
-    native_grid: tuple[int, int]          # VGGT's patch grid before pooling
-    aspect_ratio: float                   # preprocessed image width / height (for the position embedding)
+    grid: tuple[int, int]  # stored token grid per view (h, w)
+    native_grid: tuple[int, int]  # VGGT's patch grid before pooling
+    aspect_ratio: float  # preprocessed image width / height (for the position embedding)
     views: tuple[str, ...]
     channels: int
-    vggt: dict                            # weights, weights_id, config, preprocess, compute_dtype
-    source: dict                          # Source.describe()
-    recipe: str = "none"                  # sfcache.recipes name
-    token_mask: bool = False              # store targets/mask [N, V, h*w] (True = token holds image content)
+    vggt: dict  # weights, weights_id, config, preprocess, compute_dtype
+    source: dict  # Source.describe()
+    recipe: str = "none"  # sfcache.recipes name
+    token_mask: bool = False  # store targets/mask [N, V, h*w] (True = token holds image content)
     dtype: str = "float16"
     codec: str = "none"
-    checksum: bool = False                # CRC32C per step chunk (inspect-cache --check then sees any flipped byte)
+    checksum: bool = False  # CRC32C per step chunk (inspect-cache --check then sees any flipped byte)
     steps_per_shard: int = 32
-    selection: str | None = None          # the --episodes pattern, None = all episodes
-    reduce: Reduction | None = None       # --reduce pca:...: coefficients stored, targets rebuilt on read
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    selection: str | None = None  # the --episodes pattern, None = all episodes
+    reduce: Reduction | None = None  # --reduce pca:...: coefficients stored, targets rebuilt on read
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -208,18 +235,32 @@ class StoreConfig:
     def provenance(self) -> Provenance:
         """The provenance a store of this configuration records."""
         return Provenance(
-            format_version=FORMAT_VERSION, sfcache_version=__version__, created=self.created,
-            num_steps=self.num_steps, steps_per_shard=self.steps_per_shard, num_shards=self.num_shards,
-            selection=self.selection, recipe=self.recipe, episodes=tuple(self.episodes),
+            format_version=FORMAT_VERSION,
+            sfcache_version=__version__,
+            created=self.created,
+            num_steps=self.num_steps,
+            steps_per_shard=self.steps_per_shard,
+            num_shards=self.num_shards,
+            selection=self.selection,
+            recipe=self.recipe,
+            episodes=tuple(self.episodes),
             vggt=VggtProvenance.from_attrs(self.vggt),
             targets=TargetsProvenance(
-                layers=tuple(self.layers), grid=tuple(self.grid), native_grid=tuple(self.native_grid),
-                aspect_ratio=self.aspect_ratio, views=tuple(self.views), channels=self.channels, dtype=self.dtype,
-                codec=self.codec, checksum="crc32c" if self.checksum else "none",
+                layers=tuple(self.layers),
+                grid=tuple(self.grid),
+                native_grid=tuple(self.native_grid),
+                aspect_ratio=self.aspect_ratio,
+                views=tuple(self.views),
+                channels=self.channels,
+                dtype=self.dtype,
+                codec=self.codec,
+                checksum="crc32c" if self.checksum else "none",
                 mask="tokens" if self.token_mask else "none",
                 int8_block=int8_block(self.channels) if self.dtype == "int8" else None,
-                reduce=self._reduce_provenance() if self.reduce else None),
-            source=self.source)
+                reduce=self._reduce_provenance() if self.reduce else None,
+            ),
+            source=self.source,
+        )
 
     def attrs(self) -> dict:
         """attrs["sfcache"] as in ARCHITECTURE.md (JSON types only)."""
@@ -231,11 +272,15 @@ class StoreConfig:
         if not self.reduce.fitted:
             return asked
         fidelity = self.reduce.fidelity
-        return replace(asked, k={layer: len(c) for layer, c in self.reduce.components.items()},
-                       fidelity=None if fidelity is None else {int(layer): Fidelity(**f) for layer, f in fidelity.items()},
-                       bytes_per_step=reduced_step_bytes(self.reduce.components, len(self.views),
-                                                         self.grid[0] * self.grid[1], self.dtype, self.token_mask),
-                       basis="targets/layer_<L>_mean [C], targets/layer_<L>_basis [K, C] float32")
+        return replace(
+            asked,
+            k={layer: len(c) for layer, c in self.reduce.components.items()},
+            fidelity=None if fidelity is None else {int(layer): Fidelity(**f) for layer, f in fidelity.items()},
+            bytes_per_step=reduced_step_bytes(
+                self.reduce.components, len(self.views), self.grid[0] * self.grid[1], self.dtype, self.token_mask
+            ),
+            basis="targets/layer_<L>_mean [C], targets/layer_<L>_basis [K, C] float32",
+        )
 
     def stored_channels(self, layer: int) -> int:
         """Channels of a layer's stored array: C, or K coefficients on a reduced store."""
@@ -248,13 +293,34 @@ def _jsonable(value):
 
 def _differences(stored: dict, asked: dict) -> dict[str, tuple[object, object]]:
     """Fields that change target values, compared between a store's attrs and a new run's."""
-    stored = {**stored, "recipe": stored.get("recipe", "none")}   # stores made before recipes existed
-    fields = ["format_version", "recipe", "targets.mask", "vggt.weights_id", "vggt.config", "vggt.preprocess", "vggt.compute_dtype",
-              "targets.layers", "targets.grid", "targets.views", "targets.channels", "targets.dtype",
-              "targets.codec", "targets.checksum", "steps_per_shard", "selection", "targets.reduce.asked",
-              "targets.reduce.min_cosine", "targets.reduce.sample_steps", "targets.reduce.held_out_steps"]
-    fields += sorted(f"source.{k}" for k in set(stored.get("source", {})) | set(asked.get("source", {}))
-                     if k not in ("path", "tfds_shards"))   # a moved dataset is the same; the fingerprint says so
+    stored = {**stored, "recipe": stored.get("recipe", "none")}  # stores made before recipes existed
+    fields = [
+        "format_version",
+        "recipe",
+        "targets.mask",
+        "vggt.weights_id",
+        "vggt.config",
+        "vggt.preprocess",
+        "vggt.compute_dtype",
+        "targets.layers",
+        "targets.grid",
+        "targets.views",
+        "targets.channels",
+        "targets.dtype",
+        "targets.codec",
+        "targets.checksum",
+        "steps_per_shard",
+        "selection",
+        "targets.reduce.asked",
+        "targets.reduce.min_cosine",
+        "targets.reduce.sample_steps",
+        "targets.reduce.held_out_steps",
+    ]
+    fields += sorted(
+        f"source.{k}"
+        for k in set(stored.get("source", {})) | set(asked.get("source", {}))
+        if k not in ("path", "tfds_shards")
+    )  # a moved dataset is the same; the fingerprint says so
     diff = differences(stored, asked, fields)
     if stored.get("episodes") != asked.get("episodes"):
         diff["episodes"] = tuple(_episodes_summary(a.get("episodes") or []) for a in (stored, asked))
@@ -266,6 +332,7 @@ def _episodes_summary(episodes: list) -> str:
 
 
 # ----------------------------------------------------------------------------- lock
+
 
 @contextmanager
 def lock_store(path: str | Path) -> Iterator[Path]:
@@ -284,8 +351,10 @@ def lock_store(path: str | Path) -> Iterator[Path]:
         path.mkdir(parents=True, exist_ok=True)
         descriptor = _hold_lock_file(lock)
     except OSError as err:
-        raise StoreError(f"{lock}: cannot create the store lock ({err.strerror}); --out must be a writable "
-                         "directory on a file system with file locks") from None
+        raise StoreError(
+            f"{lock}: cannot create the store lock ({err.strerror}); --out must be a writable "
+            "directory on a file system with file locks"
+        ) from None
     mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
     try:
         os.ftruncate(descriptor, 0)
@@ -293,8 +362,9 @@ def lock_store(path: str | Path) -> Iterator[Path]:
         os.fsync(descriptor)
     except OSError as err:
         _release_lock(descriptor, lock, path, created)
-        raise StoreError(f"{lock}: cannot write the store lock ({err.strerror}); free space or make {path} "
-                         "writable, then run again") from None
+        raise StoreError(
+            f"{lock}: cannot write the store lock ({err.strerror}); free space or make {path} writable, then run again"
+        ) from None
     try:
         yield lock
     finally:
@@ -319,26 +389,28 @@ def _hold_lock_file(lock: Path) -> int:
             current = None
         if current == os.fstat(descriptor).st_ino:
             return descriptor
-        os.close(descriptor)   # the holder removed the file as we opened it: lock the new one
+        os.close(descriptor)  # the holder removed the file as we opened it: lock the new one
 
 
 def _locked_message(lock: Path) -> str:
     holder = _read_lock(lock)
     if isinstance(holder.get("pid"), int) and isinstance(holder.get("started"), (int, float)):
-        since = datetime.fromtimestamp(holder["started"], timezone.utc).isoformat(timespec="seconds")
+        since = datetime.fromtimestamp(holder["started"], UTC).isoformat(timespec="seconds")
         who = f"pid {holder['pid']} on host {holder.get('host')} since {since}"
     else:
         who = "a running process (its lock file names no owner)"
-    return (f"{lock}: store is locked by {who}; another extractor is writing it (the lock is held open by a "
-            "live process and is released when it ends). Wait for it, or stop it, then run again")
+    return (
+        f"{lock}: store is locked by {who}; another extractor is writing it (the lock is held open by a "
+        "live process and is released when it ends). Wait for it, or stop it, then run again"
+    )
 
 
 def _release_lock(descriptor: int, lock: Path, path: Path, created: bool) -> None:
     try:
-        lock.unlink(missing_ok=True)   # while still holding it, so no one locks a file about to vanish
-        if created and not any(path.iterdir()):   # nothing was written: leave no empty store behind
+        lock.unlink(missing_ok=True)  # while still holding it, so no one locks a file about to vanish
+        if created and not any(path.iterdir()):  # nothing was written: leave no empty store behind
             path.rmdir()
-    except OSError:   # the store turned read-only: the file stays, but unlocked it blocks no later run
+    except OSError:  # the store turned read-only: the file stays, but unlocked it blocks no later run
         pass
     finally:
         os.close(descriptor)
@@ -363,13 +435,14 @@ def is_locked(path: str | Path) -> bool:
         return False
     except BlockingIOError:
         return True
-    except OSError:   # no file locks on this file system: nothing can be said to hold it
+    except OSError:  # no file locks on this file system: nothing can be said to hold it
         return False
     finally:
         os.close(descriptor)
 
 
 # ----------------------------------------------------------------------------- run fence
+
 
 @contextmanager
 def store_run(path: str | Path, wait: float = 60.0) -> Iterator[str]:
@@ -388,7 +461,7 @@ def store_run(path: str | Path, wait: float = 60.0) -> Iterator[str]:
     finally:
         try:
             _fence(path, RUN_ENDED, wait, remove=True)
-        except (OSError, StoreError):   # a read-only store, or a hung old worker: the next run fences again
+        except (OSError, StoreError):  # a read-only store, or a hung old worker: the next run fences again
             pass
 
 
@@ -407,8 +480,10 @@ def _fence(path: Path, token: str, wait: float, remove: bool = False) -> None:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise StoreError(f"{marker}: a Dask worker of an earlier run is still writing a shard after "
-                                     f"{wait:.0f} s; stop the old workers (or wait), then run again") from None
+                    raise StoreError(
+                        f"{marker}: a Dask worker of an earlier run is still writing a shard after "
+                        f"{wait:.0f} s; stop the old workers (or wait), then run again"
+                    ) from None
                 time.sleep(0.05)
         try:
             os.ftruncate(descriptor, 0)
@@ -417,8 +492,10 @@ def _fence(path: Path, token: str, wait: float, remove: bool = False) -> None:
             if remove:
                 marker.unlink(missing_ok=True)
         except OSError as err:
-            raise StoreError(f"{marker}: cannot write the run marker ({err.strerror}); free space or make "
-                             f"{path} writable, then run again") from None
+            raise StoreError(
+                f"{marker}: cannot write the run marker ({err.strerror}); free space or make "
+                f"{path} writable, then run again"
+            ) from None
     finally:
         os.close(descriptor)
 
@@ -450,14 +527,18 @@ def _run_fence(path: Path, run: str, what: str) -> Iterator[None]:
                 fcntl.flock(descriptor, fcntl.LOCK_SH)
                 token = os.pread(descriptor, 64, 0).decode(errors="replace")
             except OSError as err:
-                raise StoreError(f"{path / RUN_NAME}: cannot lock or read the run marker for {what} "
-                                 f"({err.strerror}); the store needs a file system with file locks") from None
+                raise StoreError(
+                    f"{path / RUN_NAME}: cannot lock or read the run marker for {what} "
+                    f"({err.strerror}); the store needs a file system with file locks"
+                ) from None
             current = "" if token == RUN_ENDED else token
         if current != run:
             now = f"run {current[:12]}" if current else "no run (it ended)"
-            raise RunSuperseded(f"{path}: {what} not written: this task belongs to extraction run {run[:12]}, "
-                                f"but the store now belongs to {now}; the task of a dead, interrupted or finished "
-                                "client is fenced out")
+            raise RunSuperseded(
+                f"{path}: {what} not written: this task belongs to extraction run {run[:12]}, "
+                f"but the store now belongs to {now}; the task of a dead, interrupted or finished "
+                "client is fenced out"
+            )
         yield
     finally:
         if descriptor is not None:
@@ -466,7 +547,8 @@ def _run_fence(path: Path, run: str, what: str) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- create / open
 
-def create_store(path: str | Path, config: StoreConfig, overwrite: bool = False) -> "Cache":
+
+def create_store(path: str | Path, config: StoreConfig, overwrite: bool = False) -> Cache:
     """Create an empty store for `config`, or reopen an existing one with the same configuration to resume.
 
     The caller must hold `lock_store(path)`. The provenance is written last, so a store whose
@@ -477,11 +559,13 @@ def create_store(path: str | Path, config: StoreConfig, overwrite: bool = False)
     try:
         return _create_or_resume(Path(path), config, overwrite)
     except OSError as err:
-        raise StoreError(f"{path}: creating the store failed ({err}); make --out writable and run again "
-                         "(a half-created store is recreated)") from None
+        raise StoreError(
+            f"{path}: creating the store failed ({err}); make --out writable and run again "
+            "(a half-created store is recreated)"
+        ) from None
 
 
-def _create_or_resume(path: Path, config: StoreConfig, overwrite: bool) -> "Cache":
+def _create_or_resume(path: Path, config: StoreConfig, overwrite: bool) -> Cache:
     asked = config.attrs()
     existing = _existing_attrs(path)
     if existing is not None and "sfcache" in existing and not overwrite:
@@ -492,49 +576,81 @@ def _create_or_resume(path: Path, config: StoreConfig, overwrite: bool) -> "Cach
         return open_cache(path, mode="r+")
     if existing is not None or _has_foreign_files(path):
         if existing is None or not ({"sfcache", "sfcache_creating"} & set(existing)):
-            raise StoreError(f"{path}: exists and is not an sfcache store; refusing to replace it "
-                             "(choose another --out or delete it yourself)")
+            raise StoreError(
+                f"{path}: exists and is not an sfcache store; refusing to replace it "
+                "(choose another --out or delete it yourself)"
+            )
         _clear(path)
     root = zarr.create_group(store=str(path), zarr_format=3, attributes={"sfcache_creating": True})
     root.create_group("targets")
     n, views, tokens = config.num_steps, len(config.views), config.grid[0] * config.grid[1]
     if config.reduce and not config.reduce.fitted:
-        raise StoreError(f"{path}: --reduce {config.reduce.request.get('asked')} needs its fitted basis to create the store")
+        raise StoreError(
+            f"{path}: --reduce {config.reduce.request.get('asked')} needs its fitted basis to create the store"
+        )
     for layer in config.layers:
         width = config.stored_channels(layer)
         if config.reduce:
             _write_basis(root, layer, config.reduce)
         root.create_array(
-            layer_array(layer), shape=(n, views, tokens, width), dtype=_STORED_DTYPE[config.dtype],
-            chunks=(1, views, tokens, width), shards=(config.steps_per_shard, views, tokens, width),
+            layer_array(layer),
+            shape=(n, views, tokens, width),
+            dtype=_STORED_DTYPE[config.dtype],
+            chunks=(1, views, tokens, width),
+            shards=(config.steps_per_shard, views, tokens, width),
             compressors=_compressors(config.codec, np.dtype(_STORED_DTYPE[config.dtype]).itemsize, config.checksum),
             fill_value=0,
-            attributes={"layer": layer, "encoding": config.dtype,
-                        **({"bits_of": "bfloat16"} if config.dtype == "bfloat16" else {})})
+            attributes={
+                "layer": layer,
+                "encoding": config.dtype,
+                **({"bits_of": "bfloat16"} if config.dtype == "bfloat16" else {}),
+            },
+        )
         if config.dtype == "int8":
             blocks = width // int8_block(width)
             root.create_array(
-                layer_array(layer, "_scale"), shape=(n, views, tokens, blocks), dtype="float32",
-                chunks=(1, views, tokens, blocks), shards=(config.steps_per_shard, views, tokens, blocks),
-                compressors=_compressors("none", 4, config.checksum), fill_value=0,
-                attributes={"layer": layer, "scale_of": layer_array(layer), "block": int8_block(width)})
+                layer_array(layer, "_scale"),
+                shape=(n, views, tokens, blocks),
+                dtype="float32",
+                chunks=(1, views, tokens, blocks),
+                shards=(config.steps_per_shard, views, tokens, blocks),
+                compressors=_compressors("none", 4, config.checksum),
+                fill_value=0,
+                attributes={"layer": layer, "scale_of": layer_array(layer), "block": int8_block(width)},
+            )
     if config.token_mask:
         root.create_array(
-            MASK_ARRAY, shape=(n, views, tokens), dtype="uint8", chunks=(1, views, tokens),
-            shards=(config.steps_per_shard, views, tokens), compressors=_compressors(config.codec, 1, config.checksum),
-            fill_value=0, attributes={"mask_of": "every layer", "meaning": "1 = token holds image content"})
-    root.create_array(DONE_ARRAY, shape=(max(config.num_shards, 1),), chunks=(1,), dtype="uint8", fill_value=0,
-                      compressors=None)
+            MASK_ARRAY,
+            shape=(n, views, tokens),
+            dtype="uint8",
+            chunks=(1, views, tokens),
+            shards=(config.steps_per_shard, views, tokens),
+            compressors=_compressors(config.codec, 1, config.checksum),
+            fill_value=0,
+            attributes={"mask_of": "every layer", "meaning": "1 = token holds image content"},
+        )
+    root.create_array(
+        DONE_ARRAY, shape=(max(config.num_shards, 1),), chunks=(1,), dtype="uint8", fill_value=0, compressors=None
+    )
     root.attrs.put({"sfcache": asked})
     return open_cache(path, mode="r+")
 
 
 def _write_basis(root: zarr.Group, layer: int, reduce: Reduction) -> None:
     """A layer's PCA mean [C] and components [K, C] as float32 arrays of one chunk each."""
-    for name, values in ((layer_array(layer, "_mean"), reduce.means[layer]),
-                         (layer_array(layer, "_basis"), reduce.components[layer])):
-        array = root.create_array(name, shape=values.shape, dtype="float32", chunks=values.shape, fill_value=0,
-                                     compressors=None, attributes={"layer": layer, "basis_of": layer_array(layer)})
+    for name, values in (
+        (layer_array(layer, "_mean"), reduce.means[layer]),
+        (layer_array(layer, "_basis"), reduce.components[layer]),
+    ):
+        array = root.create_array(
+            name,
+            shape=values.shape,
+            dtype="float32",
+            chunks=values.shape,
+            fill_value=0,
+            compressors=None,
+            attributes={"layer": layer, "basis_of": layer_array(layer)},
+        )
         array[...] = values
 
 
@@ -559,11 +675,14 @@ def _existing_attrs(path: Path) -> dict | None:
     try:
         attributes = json.loads(meta.read_text()).get("attributes", {})
     except (OSError, ValueError, AttributeError) as err:
-        raise StoreError(f"{meta}: unreadable Zarr metadata ({err}); the store is damaged and cannot be told "
-                         f"from other data, so --overwrite will not replace it: delete {path} and run again") from None
+        raise StoreError(
+            f"{meta}: unreadable Zarr metadata ({err}); the store is damaged and cannot be told "
+            f"from other data, so --overwrite will not replace it: delete {path} and run again"
+        ) from None
     if not isinstance(attributes, dict):
-        raise StoreError(f"{meta}: attributes is a {type(attributes).__name__}, expected an object; delete {path} "
-                         "and run again")
+        raise StoreError(
+            f"{meta}: attributes is a {type(attributes).__name__}, expected an object; delete {path} and run again"
+        )
     return attributes
 
 
@@ -585,22 +704,42 @@ def _remove_partial_writes(path: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-_MISSING = object()      # a field zarr.json lacks (told apart from a JSON null)
+_MISSING = object()  # a field zarr.json lacks (told apart from a JSON null)
 
 # Fields every complete `sf extract` records: `inspect-cache` reports them, so it opens stores with complete=True.
 REQUIRED_PROVENANCE = (
-    "format_version", "sfcache_version", "created", "num_steps", "steps_per_shard", "num_shards", "episodes",
-    "vggt.weights", "vggt.weights_id", "vggt.config", "vggt.preprocess", "vggt.compute_dtype",
-    "targets.layers", "targets.grid", "targets.views", "targets.channels", "targets.dtype", "targets.codec",
-    "source.format", "source.path", "source.views", "source.rotate",
+    "format_version",
+    "sfcache_version",
+    "created",
+    "num_steps",
+    "steps_per_shard",
+    "num_shards",
+    "episodes",
+    "vggt.weights",
+    "vggt.weights_id",
+    "vggt.config",
+    "vggt.preprocess",
+    "vggt.compute_dtype",
+    "targets.layers",
+    "targets.grid",
+    "targets.views",
+    "targets.channels",
+    "targets.dtype",
+    "targets.codec",
+    "source.format",
+    "source.path",
+    "source.views",
+    "source.rotate",
 )
 
 
 def _damaged(meta: Path, key: str, expected: str, value) -> None:
     """One line for a hand-damaged zarr.json: the attribute, what it holds and what was expected."""
     held = "missing" if value is _MISSING else json.dumps(value)[:80]
-    raise StoreError(f"{meta}: attributes.sfcache.{key} is {held}, expected {expected}; "
-                     "the store is damaged: delete it and run `sf extract` again")
+    raise StoreError(
+        f"{meta}: attributes.sfcache.{key} is {held}, expected {expected}; "
+        "the store is damaged: delete it and run `sf extract` again"
+    )
 
 
 def _dotted(attrs: dict, dotted: str):
@@ -632,7 +771,11 @@ def _validate_attrs(meta: Path, attrs: dict, complete: bool = False) -> None:
         fail("targets", "an object", targets)
     for key, expected, ok in [
         ("layers", "a non-empty list of layer indices", lambda v: isinstance(v, list) and v and all(map(_is_int, v))),
-        ("views", "a non-empty list of view names", lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v)),
+        (
+            "views",
+            "a non-empty list of view names",
+            lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
+        ),
         ("grid", "[height, width] of positive integers", _is_grid),
         ("channels", "a positive integer", lambda v: _is_int(v, 1)),
         ("dtype", f"one of {', '.join(DTYPES)}", lambda v: v in DTYPES),
@@ -646,8 +789,14 @@ def _validate_attrs(meta: Path, attrs: dict, complete: bool = False) -> None:
     if not isinstance(episodes, list):
         fail("episodes", "a list of [key, instruction, start, length]", episodes)
     for index, episode in enumerate(episodes):
-        if not (isinstance(episode, list) and len(episode) == 4 and isinstance(episode[0], str)
-                and isinstance(episode[1], str) and _is_int(episode[2]) and _is_int(episode[3])):
+        if not (
+            isinstance(episode, list)
+            and len(episode) == 4
+            and isinstance(episode[0], str)
+            and isinstance(episode[1], str)
+            and _is_int(episode[2])
+            and _is_int(episode[3])
+        ):
             fail(f"episodes[{index}]", "[key, instruction, start, length]", episode)
     if targets.get("native_grid") is not None and not _is_grid(targets["native_grid"]):
         fail("targets.native_grid", "null or [height, width] of positive integers", targets["native_grid"])
@@ -675,15 +824,35 @@ def _validate_reduce(fail, reduce) -> None:
     for key, expected, ok in [
         ("method", "a string", lambda v: isinstance(v, str)),
         ("asked", "a string", lambda v: isinstance(v, str)),
-        ("min_cosine", "null or a number",
-         lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
+        (
+            "min_cosine",
+            "null or a number",
+            lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+        ),
         ("sample_steps", "an integer >= 0", _is_int),
         ("held_out_steps", "an integer >= 0", _is_int),
-        ("k", "null or {layer: K}", lambda v: v is None or (isinstance(v, dict) and all(
-            k.lstrip("-").isdigit() and _is_int(n, 1) for k, n in v.items()))),
-        ("fidelity", "null or {layer: {k, mean, p1, worst}}", lambda v: v is None or (isinstance(v, dict) and all(
-            k.lstrip("-").isdigit() and isinstance(f, dict) and set(f) == {"k", "mean", "p1", "worst"}
-            for k, f in v.items()))),
+        (
+            "k",
+            "null or {layer: K}",
+            lambda v: (
+                v is None
+                or (isinstance(v, dict) and all(k.lstrip("-").isdigit() and _is_int(n, 1) for k, n in v.items()))
+            ),
+        ),
+        (
+            "fidelity",
+            "null or {layer: {k, mean, p1, worst}}",
+            lambda v: (
+                v is None
+                or (
+                    isinstance(v, dict)
+                    and all(
+                        k.lstrip("-").isdigit() and isinstance(f, dict) and set(f) == {"k", "mean", "p1", "worst"}
+                        for k, f in v.items()
+                    )
+                )
+            ),
+        ),
     ]:
         if not ok(reduce.get(key)):
             fail(f"targets.reduce.{key}", expected, reduce.get(key, _MISSING))
@@ -695,8 +864,11 @@ def _validate_index(meta: Path, attrs: dict) -> None:
     fail = partial(_damaged, meta)
 
     if attrs["num_shards"] != -(-attrs["num_steps"] // attrs["steps_per_shard"]):
-        fail("num_shards", f"ceil(num_steps / steps_per_shard) = {-(-attrs['num_steps'] // attrs['steps_per_shard'])}",
-             attrs["num_shards"])
+        fail(
+            "num_shards",
+            f"ceil(num_steps / steps_per_shard) = {-(-attrs['num_steps'] // attrs['steps_per_shard'])}",
+            attrs["num_shards"],
+        )
     row = 0
     episodes = attrs["episodes"]
     for index, episode in enumerate(episodes):
@@ -704,11 +876,10 @@ def _validate_index(meta: Path, attrs: dict) -> None:
             fail(f"episodes[{index}]", f"to start at row {row} (episodes are packed back to back)", episode)
         row += episode[3]
     if row != attrs["num_steps"]:
-        fail("episodes", f"lengths summing to num_steps = {attrs['num_steps']}, not {row}",
-             f"{len(episodes)} episodes")
+        fail("episodes", f"lengths summing to num_steps = {attrs['num_steps']}, not {row}", f"{len(episodes)} episodes")
 
 
-def open_cache(path: str | Path, mode: str = "r", complete: bool = False) -> "Cache":
+def open_cache(path: str | Path, mode: str = "r", complete: bool = False) -> Cache:
     """Open a store; "r" is read-only at the Zarr level, "r+" lets an extractor write shards.
     `complete` also requires every field a full `sf extract` records (REQUIRED_PROVENANCE)."""
     if mode not in ("r", "r+"):
@@ -725,22 +896,26 @@ def read_attrs(path: str | Path) -> dict:
     if "sfcache" not in attrs:
         raise StoreError(f"{path}: not a complete sfcache store (no provenance in zarr.json)")
     if not isinstance(attrs["sfcache"], dict):
-        raise StoreError(f"{path / 'zarr.json'}: attributes.sfcache is a {type(attrs['sfcache']).__name__}, "
-                         "expected an object; the store is damaged: delete it and run `sf extract` again")
+        raise StoreError(
+            f"{path / 'zarr.json'}: attributes.sfcache is a {type(attrs['sfcache']).__name__}, "
+            "expected an object; the store is damaged: delete it and run `sf extract` again"
+        )
     return attrs["sfcache"]
 
 
 class Cache:
     """A target store: one read of zarr.json at open, arrays opened on first use, picklable when read-only."""
 
-    direct_reads = True   # False: every read through zarr (the tests and the bench compare both paths)
+    direct_reads = True  # False: every read through zarr (the tests and the bench compare both paths)
 
     def __init__(self, path: str | Path, mode: str = "r", complete: bool = False):
         self.path, self.mode = Path(path), mode
         self.attrs: dict = read_attrs(self.path)
         if self.attrs.get("format_version") not in READABLE_VERSIONS:
-            raise StoreError(f"{self.path}: store format_version {self.attrs.get('format_version')} "
-                             f"is not supported (this sfcache reads {', '.join(map(str, READABLE_VERSIONS))})")
+            raise StoreError(
+                f"{self.path}: store format_version {self.attrs.get('format_version')} "
+                f"is not supported (this sfcache reads {', '.join(map(str, READABLE_VERSIONS))})"
+            )
         _validate_attrs(self.path / "zarr.json", self.attrs, complete)
         self.provenance = provenance = Provenance.from_attrs(self.attrs)
         targets = provenance.targets
@@ -765,9 +940,12 @@ class Cache:
     def __getstate__(self):
         if self.mode != "r":
             raise StoreError(f"{self.path}: only a read-only Cache can be sent to another process")
-        return {k: v for k, v in self.__dict__.items()
-                if k not in ("_zstore", "_arrays", "_readers", "_index", "_tfds_ids", "_known_done", "_reduction",
-                             "_index_ok")}
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if k
+            not in ("_zstore", "_arrays", "_readers", "_index", "_tfds_ids", "_known_done", "_reduction", "_index_ok")
+        }
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -775,8 +953,10 @@ class Cache:
         self._reset_handles()
 
     def __repr__(self) -> str:
-        return (f"Cache({str(self.path)!r}, mode={self.mode!r}, steps={self.num_steps}, layers={self.layers}, "
-                f"views={self.views}, grid={self.grid}, dtype={self.dtype!r})")
+        return (
+            f"Cache({str(self.path)!r}, mode={self.mode!r}, steps={self.num_steps}, layers={self.layers}, "
+            f"views={self.views}, grid={self.grid}, dtype={self.dtype!r})"
+        )
 
     # -- reduced stores
 
@@ -796,12 +976,15 @@ class Cache:
                 request=recorded.request,
                 means={layer: self._array(layer_array(layer, "_mean"))[...] for layer in self.layers},
                 components={layer: self._array(layer_array(layer, "_basis"))[...] for layer in self.layers},
-                fidelity=recorded.to_attrs().get("fidelity"))
+                fidelity=recorded.to_attrs().get("fidelity"),
+            )
             for layer, components in self._reduction.components.items():
                 if not np.isfinite(components).all() or not np.abs(components).sum(axis=1).all():
-                    self._reduction = None   # an orthonormal row is never zero: its chunk is lost (reads as zeros)
-                    raise StoreError(f"{self.path}: {layer_array(layer, '_basis')} is damaged (zero or non-finite "
-                                     "rows); no target can be rebuilt (see `sf inspect-cache --check`)")
+                    self._reduction = None  # an orthonormal row is never zero: its chunk is lost (reads as zeros)
+                    raise StoreError(
+                        f"{self.path}: {layer_array(layer, '_basis')} is damaged (zero or non-finite "
+                        "rows); no target can be rebuilt (see `sf inspect-cache --check`)"
+                    )
         return self._reduction
 
     def stored_channels(self, layer: int) -> int:
@@ -815,10 +998,15 @@ class Cache:
             return self.layers[0]
         absolute = None if layer is None else layer + self.provenance.vggt.depth if layer < 0 else layer
         if absolute not in self.layers:
-            asked = f"{len(self.layers)} layers are stored, so one must be chosen" if layer is None else \
-                f"layer {layer} is not stored"
-            raise StoreError(f"{self.path}: {asked}; stored layers: {list(self.layers)} (pass layer=, or --layer / "
-                             "--cache-layer on the command line)")
+            asked = (
+                f"{len(self.layers)} layers are stored, so one must be chosen"
+                if layer is None
+                else f"layer {layer} is not stored"
+            )
+            raise StoreError(
+                f"{self.path}: {asked}; stored layers: {list(self.layers)} (pass layer=, or --layer / "
+                "--cache-layer on the command line)"
+            )
         return absolute
 
     # -- index
@@ -838,7 +1026,7 @@ class Cache:
     def key_for(self, name: str) -> str:
         """The store key of `name`: a key is itself; a TFDS id (`<shard file>__<index>`, what TFDS's
         `ReadConfig(add_tfds_id=True)` yields) maps through the source's recorded shard list."""
-        if self._tfds_ids is None:   # only RLDS stores record shards
+        if self._tfds_ids is None:  # only RLDS stores record shards
             self._tfds_ids = tfds_ids(self.provenance.source.get("tfds_shards", []))
         return self._tfds_ids.get(name, name)
 
@@ -873,8 +1061,13 @@ class Cache:
 
     # -- reads
 
-    def read(self, key: str, steps: int | slice | Sequence[int] | np.ndarray | None = None,
-             layer: int | None = None, mask: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    def read(
+        self,
+        key: str,
+        steps: int | slice | Sequence[int] | np.ndarray | None = None,
+        layer: int | None = None,
+        mask: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """float32 [T, V, h*w, C] for steps of episode `key` (None = all, int = one step, slice, int array);
         with `mask`, also the token mask (see `read_rows`)."""
         record = self.episode(key)
@@ -889,13 +1082,19 @@ class Cache:
             local = np.where(local < 0, local + record.length, local)
             bad = local[(local < 0) | (local >= record.length)]
             if bad.size:
-                raise StoreError(f"{self.path}: episode {key!r} has {record.length} steps; step {int(bad[0])} "
-                                 "is out of range")
+                raise StoreError(
+                    f"{self.path}: episode {key!r} has {record.length} steps; step {int(bad[0])} is out of range"
+                )
         return self.read_rows(record.start + local, layer=layer, mask=mask)
 
-    def read_rows(self, rows: Sequence[int] | np.ndarray | slice, layer: int | None = None,
-                  mask: bool = False, reconstruct: bool = True,
-                  decoded: bool = True) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    def read_rows(
+        self,
+        rows: Sequence[int] | np.ndarray | slice,
+        layer: int | None = None,
+        mask: bool = False,
+        reconstruct: bool = True,
+        decoded: bool = True,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """float32 [T, V, h*w, C] by global row index, in the order asked (repeats allowed).
 
         With `mask`: (values, bool [T, V, h*w]), True where a token holds image content; all True for
@@ -914,8 +1113,10 @@ class Cache:
         if rows.size and (rows.dtype.kind not in "iu" or rows.min() < 0 or rows.max() >= self.num_steps):
             raise StoreError(f"{self.path}: rows must be integers in [0, {self.num_steps}), got {rows[:8].tolist()}")
         if not decoded and (self.dtype != "float16" or self.reduced):
-            raise StoreError(f"{self.path}: only float16 stores without --reduce are read undecoded; this one is "
-                             f"{self.dtype}{' and reduced' if self.reduced else ''}")
+            raise StoreError(
+                f"{self.path}: only float16 stores without --reduce are read undecoded; this one is "
+                f"{self.dtype}{' and reduced' if self.reduced else ''}"
+            )
         name = layer_array(self.resolve_layer(layer))
         self._check_index()
         self._require_done(rows)
@@ -936,13 +1137,15 @@ class Cache:
             return self._read(name, rows)
         except StoreError:
             raise
-        except Exception as err:   # zarr and its codecs raise many types for damaged bytes
+        except Exception as err:  # zarr and its codecs raise many types for damaged bytes
             raise self._damaged(name, np.unique(rows // self.steps_per_shard).tolist(), err) from None
 
     def _damaged(self, name: str, shards: list[int], err: Exception) -> StoreError:
         files = ", ".join(str(self.shard_file(name, shard)) for shard in shards)
-        return StoreError(f"{files}: reading {name} shard(s) {shards} failed ({type(err).__name__}: {err}); "
-                          "the file is damaged: run `sf extract` again with the same options and --repair")
+        return StoreError(
+            f"{files}: reading {name} shard(s) {shards} failed ({type(err).__name__}: {err}); "
+            "the file is damaged: run `sf extract` again with the same options and --repair"
+        )
 
     def _read(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Rows of array `name` as stored, in request order: from the shard files themselves where
@@ -954,8 +1157,11 @@ class Cache:
         if name not in self._readers:
             array = self._array(name)
             checksum = direct_layout(array)
-            self._readers[name] = None if checksum is None else \
-                ShardReader(array.shards[0], array.shape[1:], array.dtype, checksum, array.fill_value)
+            self._readers[name] = (
+                None
+                if checksum is None
+                else ShardReader(array.shards[0], array.shape[1:], array.dtype, checksum, array.fill_value)
+            )
         return self._readers[name]
 
     def _read_direct(self, name: str, reader: ShardReader, rows: np.ndarray) -> np.ndarray:
@@ -997,8 +1203,10 @@ class Cache:
             shard = int(wanted[~done][0])
             row = int(rows[rows // self.steps_per_shard == shard][0])
             key, step = self.index.locate(row)
-            raise StoreError(f"{self.path}: episode {key!r} step {step} (row {row}) is in shard {shard}, "
-                             "which is not extracted yet; run `sf extract` again with the same options to finish it")
+            raise StoreError(
+                f"{self.path}: episode {key!r} step {step} (row {row}) is in shard {shard}, "
+                "which is not extracted yet; run `sf extract` again with the same options to finish it"
+            )
         for shard in wanted.tolist():
             file = self._missing_file(shard)
             if file is not None:
@@ -1007,8 +1215,10 @@ class Cache:
 
     @staticmethod
     def _missing_file_error(file: Path, shard: int) -> StoreError:
-        return StoreError(f"{file}: shard {shard} is marked done but this file is missing; run `sf extract` "
-                          "again with the same options to redo it")
+        return StoreError(
+            f"{file}: shard {shard} is marked done but this file is missing; run `sf extract` "
+            "again with the same options to redo it"
+        )
 
     def _open(self, name: str) -> zarr.Array:
         """Array `name` as it is on disk; StoreError if it is missing or its metadata unreadable."""
@@ -1018,18 +1228,22 @@ class Cache:
             return zarr.open_array(self._zstore, path=name, mode=self.mode, zarr_format=3)
         except FileNotFoundError:
             raise StoreError(f"{self.path}: array {name!r} is missing; the store is damaged") from None
-        except Exception as err:   # a damaged array zarr.json: zarr raises many types
-            raise StoreError(f"{self.path / name / 'zarr.json'}: unreadable array metadata "
-                             f"({type(err).__name__}: {err}); the store is damaged") from None
+        except Exception as err:  # a damaged array zarr.json: zarr raises many types
+            raise StoreError(
+                f"{self.path / name / 'zarr.json'}: unreadable array metadata "
+                f"({type(err).__name__}: {err}); the store is damaged"
+            ) from None
 
     def _array(self, name: str) -> zarr.Array:
         """`_open`, once, checked to hold every row the index needs."""
         if name not in self._arrays:
             array = self._open(name)
             rows = self.num_shards if name == DONE_ARRAY else self.num_steps if name in self._target_arrays() else 0
-            if array.shape[0] < rows:   # arrays of rows (not a --reduce basis) must hold every row of the index
-                raise StoreError(f"{self.path / name / 'zarr.json'}: array {name!r} has {array.shape[0]} rows, but "
-                                 f"zarr.json's index needs {rows}; the store is damaged")
+            if array.shape[0] < rows:  # arrays of rows (not a --reduce basis) must hold every row of the index
+                raise StoreError(
+                    f"{self.path / name / 'zarr.json'}: array {name!r} has {array.shape[0]} rows, but "
+                    f"zarr.json's index needs {rows}; the store is damaged"
+                )
             self._arrays[name] = array
         return self._arrays[name]
 
@@ -1049,9 +1263,12 @@ class Cache:
         for layer in self.layers:
             width = self.stored_channels(layer)
             arrays[layer_array(layer)] = ((rows, views, tokens, width), np.dtype(_STORED_DTYPE[self.dtype]))
-            if self.dtype == "int8":   # version 1: one scale per step, view and channel
-                scale = (views, width) if self.provenance.format_version == 1 else \
-                    (views, tokens, width // int8_block(width))
+            if self.dtype == "int8":  # version 1: one scale per step, view and channel
+                scale = (
+                    (views, width)
+                    if self.provenance.format_version == 1
+                    else (views, tokens, width // int8_block(width))
+                )
                 arrays[layer_array(layer, "_scale")] = ((rows, *scale), np.dtype(np.float32))
             if self.reduced:
                 arrays[layer_array(layer, "_mean")] = ((self.channels,), np.dtype(np.float32))
@@ -1113,8 +1330,10 @@ class Cache:
         return {shard: file for shard, file in missing.items() if file is not None}
 
     def _missing_file(self, shard: int) -> Path | None:
-        return next((file for file in (self.shard_file(name, shard) for name in self._target_arrays())
-                     if not file.is_file()), None)
+        return next(
+            (file for file in (self.shard_file(name, shard) for name in self._target_arrays()) if not file.is_file()),
+            None,
+        )
 
     def mark_not_done(self, shards: Sequence[int]) -> None:
         """Clear the done flags of `shards`, then delete their target files (damaged ones cannot even be
@@ -1129,8 +1348,9 @@ class Cache:
                 for name in self._target_arrays():
                     self.shard_file(name, int(shard)).unlink(missing_ok=True)
         except OSError as err:
-            raise StoreError(f"{self.path}: cannot reset shards {list(shards)} for redoing ({err}); "
-                             "--out must be writable") from None
+            raise StoreError(
+                f"{self.path}: cannot reset shards {list(shards)} for redoing ({err}); --out must be writable"
+            ) from None
         self._known_done.difference_update(int(s) for s in shards)
 
     def shard_arrays(self) -> dict[int | str, list[str]]:
@@ -1138,7 +1358,8 @@ class Cache:
         a shard's data is whole only when each of these files is."""
         arrays: dict[int | str, list[str]] = {
             layer: [layer_array(layer)] + ([layer_array(layer, "_scale")] if self.dtype == "int8" else [])
-            for layer in self.layers}
+            for layer in self.layers
+        }
         return {**arrays, MASK_ARRAY: [MASK_ARRAY]} if self.has_mask else arrays
 
     def _target_arrays(self) -> list[str]:
@@ -1146,8 +1367,13 @@ class Cache:
 
     # -- writes (extractor only)
 
-    def write_shard(self, shard: int, targets: Mapping[int, np.ndarray | Encoded],
-                    mask: np.ndarray | None = None, run: str | None = None) -> None:
+    def write_shard(
+        self,
+        shard: int,
+        targets: Mapping[int, np.ndarray | Encoded],
+        mask: np.ndarray | None = None,
+        run: str | None = None,
+    ) -> None:
         """Encode and write every layer of one shard (and its token mask), fsync it, then mark it done.
 
         `targets[layer]` is float32 [rows in shard, V, h*w, C], or that already encoded as
@@ -1168,22 +1394,26 @@ class Cache:
         if set(targets) != set(self.layers):
             raise StoreError(f"{self.path}: shard {shard} got layers {sorted(targets)}, store has {list(self.layers)}")
         if (mask is not None) != self.has_mask or (mask is not None and tuple(mask.shape) != expected[:3]):
-            raise StoreError(f"{self.path}: shard {shard} got mask {None if mask is None else tuple(mask.shape)}, "
-                             f"expected {expected[:3] if self.has_mask else 'none'}")
+            raise StoreError(
+                f"{self.path}: shard {shard} got mask {None if mask is None else tuple(mask.shape)}, "
+                f"expected {expected[:3] if self.has_mask else 'none'}"
+            )
         try:
             for layer, values in targets.items():
                 shape = tuple((values[0] if isinstance(values, tuple) else values).shape)
                 if shape != expected:
-                    raise StoreError(f"{self.path}: shard {shard} layer {layer} has shape {shape}, "
-                                     f"expected {expected}")
-                if isinstance(values, tuple):   # encoded on the model's device
+                    raise StoreError(f"{self.path}: shard {shard} layer {layer} has shape {shape}, expected {expected}")
+                if isinstance(values, tuple):  # encoded on the model's device
                     stored, scale = values
                     if stored.dtype != np.dtype(_STORED_DTYPE[self.dtype]):
-                        raise StoreError(f"{self.path}: shard {shard} layer {layer} is stored as {stored.dtype}, "
-                                         f"expected {_STORED_DTYPE[self.dtype]} (a {self.dtype} store)")
+                        raise StoreError(
+                            f"{self.path}: shard {shard} layer {layer} is stored as {stored.dtype}, "
+                            f"expected {_STORED_DTYPE[self.dtype]} (a {self.dtype} store)"
+                        )
                 else:
-                    stored, scale = encode(self.reduction.project(layer, values) if self.reduced else values,
-                                           self.dtype)
+                    stored, scale = encode(
+                        self.reduction.project(layer, values) if self.reduced else values, self.dtype
+                    )
                 self._write_synced(layer_array(layer), rows, stored)
                 if scale is not None:
                     self._write_synced(layer_array(layer, "_scale"), rows, scale)
@@ -1191,8 +1421,10 @@ class Cache:
                 self._write_synced(MASK_ARRAY, rows, mask.astype(np.uint8))
             self._array(DONE_ARRAY)[shard] = 1
         except OSError as err:
-            raise StoreError(f"{self.path}: writing shard {shard} (rows {rows.start}-{rows.stop - 1}) failed: "
-                             f"{err}; the shard stays not done") from err
+            raise StoreError(
+                f"{self.path}: writing shard {shard} (rows {rows.start}-{rows.stop - 1}) failed: "
+                f"{err}; the shard stays not done"
+            ) from err
 
     def _write_synced(self, name: str, rows: slice, stored: np.ndarray) -> None:
         """Write, then flush the shard file and its directory to disk, so a done flag never outlives its data.
@@ -1204,12 +1436,12 @@ class Cache:
         array = self._array(name)
         shard_file = self.shard_file(name, rows.start // self.steps_per_shard)
         checksum = direct_layout(array)
-        if checksum is None:     # compressed: through zarr's codecs
+        if checksum is None:  # compressed: through zarr's codecs
             array[rows] = stored
-        else:                    # uncompressed: the shard file itself, at plain-write speed
+        else:  # uncompressed: the shard file itself, at plain-write speed
             write_shard_file(shard_file, stored, self.steps_per_shard, checksum)
-        if shard_file.exists():   # an all-zero shard is stored as no file at all
-            for target in (shard_file, shard_file.parent):   # the data, then the rename that published it
+        if shard_file.exists():  # an all-zero shard is stored as no file at all
+            for target in (shard_file, shard_file.parent):  # the data, then the rename that published it
                 descriptor = os.open(target, os.O_RDONLY)
                 try:
                     os.fsync(descriptor)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +27,15 @@ from sfcache.pooling import pool_grid, position_embedding
 from sfcache.rows import RowIndex
 from sfcache.store import open_cache
 
-__all__ = ["CachedTargets", "SpatialForcingLoss", "WithTargets", "crop_target_grid", "lerobot_episodes",
-           "pooled_position_embedding"]
+__all__ = [
+    "CachedTargets",
+    "SpatialForcingLoss",
+    "WithTargets",
+    "crop_target_grid",
+    "lerobot_episodes",
+    "pooled_position_embedding",
+]
+
 
 class CachedTargets(torch.utils.data.Dataset):
     """Cached SF targets, float32 [V, h*w, C] per step, indexed by flat row or (episode key, step).
@@ -56,9 +64,17 @@ class CachedTargets(torch.utils.data.Dataset):
     code path serves both.
     """
 
-    def __init__(self, store: str | Path, layer: int | None = None, add_position_embedding: bool = True,
-                 recipe: str | None = None, return_mask: bool | None = None, coefficients: bool = False,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
+    def __init__(
+        self,
+        store: str | Path,
+        layer: int | None = None,
+        add_position_embedding: bool = True,
+        recipe: str | None = None,
+        return_mask: bool | None = None,
+        coefficients: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+    ):
         self.store = Path(store)
         self.add_position_embedding = add_position_embedding
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -66,22 +82,26 @@ class CachedTargets(torch.utils.data.Dataset):
         self.dtype, self.device = dtype, None if device is None else torch.device(device)
         self._cache, self._pid = None, None
         self._pos: torch.Tensor | None = None
-        self._pos_on: torch.Tensor | None = None      # pool(E) on the device the values were last on
+        self._pos_on: torch.Tensor | None = None  # pool(E) on the device the values were last on
         cache = self.cache  # validate the store and the layer now, not in a worker
         self.layer = cache.resolve_layer(layer)
         self.recipe = cache.recipe
         if recipe is not None and recipe != cache.recipe:
-            raise SfcacheError(f"{self.store}: targets were extracted with --recipe {cache.recipe}, but recipe "
-                               f"{recipe!r} was asked; re-extract with `sf extract --recipe {recipe}`")
+            raise SfcacheError(
+                f"{self.store}: targets were extracted with --recipe {cache.recipe}, but recipe "
+                f"{recipe!r} was asked; re-extract with `sf extract --recipe {recipe}`"
+            )
         if return_mask is False and cache.has_mask:
-            raise SfcacheError(f"{self.store}: this store carries a token mask (recipe {cache.recipe}); read it "
-                               "(return_mask=None or True) and pass it to SpatialForcingLoss(mask=)")
+            raise SfcacheError(
+                f"{self.store}: this store carries a token mask (recipe {cache.recipe}); read it "
+                "(return_mask=None or True) and pass it to SpatialForcingLoss(mask=)"
+            )
         self.return_mask = cache.has_mask if return_mask is None else return_mask
         self.coefficients = coefficients
-        self._basis: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # device -> (components, mean)
+        self._basis: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (components, mean)
         self.views, self.grid, self.channels = tuple(cache.views), tuple(cache.grid), int(cache.channels)
         targets = cache.provenance.targets
-        self.native_grid = targets.native_grid           # VGGT's patch grid before pooling
+        self.native_grid = targets.native_grid  # VGGT's patch grid before pooling
         self.aspect_ratio = float(targets.aspect_ratio)  # preprocessed image W / H
         self.index: RowIndex = cache.index
 
@@ -93,13 +113,13 @@ class CachedTargets(torch.utils.data.Dataset):
         return self._cache
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_cache": None, "_pid": None, "_basis": {}, "_pos_on": None}   # no device tensors
+        return {**self.__dict__, "_cache": None, "_pid": None, "_basis": {}, "_pos_on": None}  # no device tensors
 
     def __len__(self) -> int:
         return self.index.num_rows
 
     def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= index < self.index.num_rows:   # IndexError: the end of iteration over a Dataset
+        if not 0 <= index < self.index.num_rows:  # IndexError: the end of iteration over a Dataset
             raise IndexError(f"{self.store}: row {index} out of range [0, {self.index.num_rows})")
         return _first(self.read_rows([index]))
 
@@ -121,17 +141,23 @@ class CachedTargets(torch.utils.data.Dataset):
         key = name if name in self.index else self.cache.key_for(name)
         stored = self.index.record(key).length
         if length is not None and int(length) != stored:
-            raise StoreError(f"{self.store}: episode {name!r} has {stored} steps in the cache but {int(length)} in "
-                             "your data pipeline; the cache was made from other data (re-extract it from this dataset)")
+            raise StoreError(
+                f"{self.store}: episode {name!r} has {stored} steps in the cache but {int(length)} in "
+                "your data pipeline; the cache was made from other data (re-extract it from this dataset)"
+            )
         return self.index.row(key, step)
 
     def get(self, key: str, step: int, length: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Targets of one step: float32 [V, h*w, C] (with the mask: a pair, see the class)."""
         return _first(self.read_rows([self.row(key, step, length)]))
 
-    def targets_for(self, keys: Sequence[str], steps: Sequence[int] | torch.Tensor,
-                    lengths: Sequence[int] | torch.Tensor | None = None,
-                    boxes: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def targets_for(
+        self,
+        keys: Sequence[str],
+        steps: Sequence[int] | torch.Tensor,
+        lengths: Sequence[int] | torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Targets of a batch joined by (episode key or TFDS id, step): float32 [B, V, h*w, C] (or a pair).
 
         `lengths`: each episode's length in your pipeline, checked against the store (see `row`).
@@ -145,12 +171,15 @@ class CachedTargets(torch.utils.data.Dataset):
         if boxes is None:
             return self.read_rows(rows)
         if self.coefficients:
-            raise SfcacheError(f"{self.store}: crop boxes need whole targets; join with boxes on a "
-                               "CachedTargets(coefficients=False)")
+            raise SfcacheError(
+                f"{self.store}: crop boxes need whole targets; join with boxes on a CachedTargets(coefficients=False)"
+            )
         values, mask = self._read(rows)
         if self.cache.has_mask:
-            raise SfcacheError(f"{self.store}: crop boxes were given, but this store carries a token mask (recipe "
-                               f"{self.recipe}), whose trainer feeds VGGT the un-augmented image; join without boxes")
+            raise SfcacheError(
+                f"{self.store}: crop boxes were given, but this store carries a token mask (recipe "
+                f"{self.recipe}), whose trainer feeds VGGT the un-augmented image; join without boxes"
+            )
         return self._finish(crop_target_grid(values, self.grid, self.native_grid, boxes), mask)
 
     def read_rows(self, rows: Sequence[int]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -160,10 +189,18 @@ class CachedTargets(torch.utils.data.Dataset):
     def _read(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stored values of flat rows without the position embedding, float32 on `device` (a float16 store's
         values cross as float16 and are widened there), and the mask when this dataset returns it."""
-        undecoded = self.cache.dtype == "float16" and not self.cache.reduced and (
-            self.device is not None or self.dtype != torch.float32)
-        read = self.cache.read_rows(np.asarray(rows), layer=self.layer, mask=self.return_mask,
-                                    reconstruct=not self.coefficients, decoded=not undecoded)
+        undecoded = (
+            self.cache.dtype == "float16"
+            and not self.cache.reduced
+            and (self.device is not None or self.dtype != torch.float32)
+        )
+        read = self.cache.read_rows(
+            np.asarray(rows),
+            layer=self.layer,
+            mask=self.return_mask,
+            reconstruct=not self.coefficients,
+            decoded=not undecoded,
+        )
         values, mask = read if self.return_mask else (read, None)
         values = torch.from_numpy(np.ascontiguousarray(values))
         if self.device is not None:
@@ -187,18 +224,23 @@ class CachedTargets(torch.utils.data.Dataset):
         """float32 targets [..., V, h*w, C] on `device` from a `coefficients=True` read [..., V, h*w, K]
         (with the position embedding when asked); a store of full targets is only moved."""
         if not self.coefficients:
-            raise SfcacheError(f"{self.store}: reads already return whole targets; reconstruct() is for "
-                               "CachedTargets(coefficients=True)")
+            raise SfcacheError(
+                f"{self.store}: reads already return whole targets; reconstruct() is for "
+                "CachedTargets(coefficients=True)"
+            )
         device = torch.device(device) if device is not None else coefficients.device
         values = coefficients.to(device, non_blocking=True).float()
         reduction = self.cache.reduction
         if reduction is not None:
             if str(device) not in self._basis:
-                self._basis[str(device)] = tuple(torch.from_numpy(np.ascontiguousarray(array)).to(device) for array in
-                                                 (reduction.components[self.layer], reduction.means[self.layer]))
+                self._basis[str(device)] = tuple(
+                    torch.from_numpy(np.ascontiguousarray(array)).to(device)
+                    for array in (reduction.components[self.layer], reduction.means[self.layer])
+                )
             components, mean = self._basis[str(device)]
             values = torch.addmm(mean, values.reshape(-1, values.shape[-1]), components).reshape(
-                *values.shape[:-1], components.shape[1])
+                *values.shape[:-1], components.shape[1]
+            )
         return values + self.position_embedding().to(device) if self.add_position_embedding else values
 
     def position_embedding(self) -> torch.Tensor:
@@ -216,8 +258,9 @@ def _first(batch):
     return tuple(part[0] for part in batch) if isinstance(batch, tuple) else batch[0]
 
 
-def pooled_position_embedding(native: tuple[int, int], grid: tuple[int, int], channels: int,
-                              aspect_ratio: float) -> torch.Tensor:
+def pooled_position_embedding(
+    native: tuple[int, int], grid: tuple[int, int], channels: int, aspect_ratio: float
+) -> torch.Tensor:
     """SF's E on VGGT's native patch grid, pooled to the target grid like the features: [h*w, C]."""
     return pool_grid(position_embedding(native[0], native[1], channels, aspect_ratio), native, grid)
 
@@ -235,19 +278,34 @@ class WithTargets(torch.utils.data.Dataset):
     episode of the dataset in its order, so their running sums are the first global indices checked.
     """
 
-    def __init__(self, dataset: Any, targets: CachedTargets, key: str | Callable[[dict], str] = "episode_key",
-                 step: str | Callable[[dict], int] = "step", *, index: str | None = None,
-                 lengths: dict[str, int] | None = None, out: str | None = "sf_targets", mask_out: str = "sf_mask"):
+    def __init__(
+        self,
+        dataset: Any,
+        targets: CachedTargets,
+        key: str | Callable[[dict], str] = "episode_key",
+        step: str | Callable[[dict], int] = "step",
+        *,
+        index: str | None = None,
+        lengths: dict[str, int] | None = None,
+        out: str | None = "sf_targets",
+        mask_out: str = "sf_mask",
+    ):
         self.dataset, self.targets, self.out, self.mask_out = dataset, targets, out, mask_out
-        self._key = key if callable(key) else itemgetter(key)      # itemgetter pickles into spawned workers
+        self._key = key if callable(key) else itemgetter(key)  # itemgetter pickles into spawned workers
         self._step = step if callable(step) else itemgetter(step)
         self.index = index
-        episodes = lerobot_episodes(dataset) if lengths is None else \
-            RowIndex.packed(lengths).spans() if index is not None else \
-            {k: (None, int(n)) for k, n in lengths.items()}
+        episodes = (
+            lerobot_episodes(dataset)
+            if lengths is None
+            else RowIndex.packed(lengths).spans()
+            if index is not None
+            else {k: (None, int(n)) for k, n in lengths.items()}
+        )
         if index is not None and episodes is None:
-            raise SfcacheError("WithTargets(index=...): pass lengths={episode key: length} or a LeRobotDataset, "
-                               "so the join can check that store rows equal the dataset's global index")
+            raise SfcacheError(
+                "WithTargets(index=...): pass lengths={episode key: length} or a LeRobotDataset, "
+                "so the join can check that store rows equal the dataset's global index"
+            )
         if episodes is not None:
             _check_episodes(targets, episodes, by_index=index is not None)
 
@@ -279,11 +337,13 @@ class WithTargets(torch.utils.data.Dataset):
         row = int(sample[self.index])
         if not 0 <= row < len(self.targets):
             raise StoreError(f"{self.targets.store}: {self.index} {row} is past the store's {len(self.targets)} rows")
-        if "episode_index" in sample and "frame_index" in sample:     # LeRobot samples say where they are
+        if "episode_index" in sample and "frame_index" in sample:  # LeRobot samples say where they are
             key, step = episode_key(sample["episode_index"]), int(sample["frame_index"])
             if self.targets.row(key, step) != row:
-                raise StoreError(f"{self.targets.store}: {self.index} {row} is {key} step {step}, which is row "
-                                 f"{self.targets.row(key, step)} in the store (join by key and step)")
+                raise StoreError(
+                    f"{self.targets.store}: {self.index} {row} is {key} step {step}, which is row "
+                    f"{self.targets.row(key, step)} in the store (join by key and step)"
+                )
         return row
 
 
@@ -294,11 +354,13 @@ def lerobot_episodes(dataset: Any) -> dict[str, tuple[int, int]] | None:
     meta = getattr(getattr(dataset, "meta", None), "episodes", None)
     if meta is None:
         return None
-    if isinstance(meta, dict) and all(isinstance(i, int) for i in meta):    # lerobot 0.3 (v2.1): {index: row}
+    if isinstance(meta, dict) and all(isinstance(i, int) for i in meta):  # lerobot 0.3 (v2.1): {index: row}
         every = RowIndex.packed({int(i): int(meta[i]["length"]) for i in sorted(meta)}).spans()
-    else:                                                           # lerobot 0.4 (v3.0): columns
-        every = {int(e): (int(f), int(n)) for e, f, n in zip(meta["episode_index"], meta["dataset_from_index"],
-                                                             meta["length"])}
+    else:  # lerobot 0.4 (v3.0): columns
+        every = {
+            int(e): (int(f), int(n))
+            for e, f, n in zip(meta["episode_index"], meta["dataset_from_index"], meta["length"])
+        }
     chosen = getattr(dataset, "episodes", None)
     return {episode_key(i): every[i] for i in (sorted(every) if chosen is None else chosen)}
 
@@ -316,11 +378,14 @@ def _check_episodes(targets: CachedTargets, episodes: dict[str, tuple[int | None
         if stored != length:
             bad.append(f"{key} has {stored} steps in the store, {length} in the dataset")
         elif by_index and first is not None and start != first:
-            bad.append(f"{key} starts at row {start} in the store, at index {first} in the dataset "
-                       "(the store holds other episodes: join by key and step)")
+            bad.append(
+                f"{key} starts at row {start} in the store, at index {first} in the dataset "
+                "(the store holds other episodes: join by key and step)"
+            )
     if bad:
-        raise StoreError(f"{targets.store}: does not match the dataset's episodes ({len(bad)} differ): "
-                         + "; ".join(bad[:3]))
+        raise StoreError(
+            f"{targets.store}: does not match the dataset's episodes ({len(bad)} differ): " + "; ".join(bad[:3])
+        )
 
 
 class SpatialForcingLoss(nn.Module):
@@ -335,8 +400,11 @@ class SpatialForcingLoss(nn.Module):
     def __init__(self, vla_dim: int, target_dim: int, norm: str = "layernorm", hidden: int | None = None):
         super().__init__()
         hidden = hidden or target_dim
-        norms = {"layernorm": lambda: nn.LayerNorm(vla_dim), "batchnorm": lambda: nn.BatchNorm1d(vla_dim),
-                 "none": nn.Identity}
+        norms = {
+            "layernorm": lambda: nn.LayerNorm(vla_dim),
+            "batchnorm": lambda: nn.BatchNorm1d(vla_dim),
+            "none": nn.Identity,
+        }
         if norm not in norms:
             raise SfcacheError(f"SpatialForcingLoss: norm must be one of {sorted(norms)}, got {norm!r}")
         self.norm_kind = norm
@@ -355,8 +423,13 @@ class SpatialForcingLoss(nn.Module):
             tokens = self.norm(tokens)
         return self.projector(tokens)
 
-    def forward(self, vla_tokens: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
-                per_sample: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        vla_tokens: torch.Tensor,
+        targets: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        per_sample: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """L_align for VLA tokens [B, N, D] and targets [B, N, C] or [B, V, T, C] (N = V*T).
 
         `mask` (bool, True = use) is [B, N], [B, V, T] (what `CachedTargets` returns) or per view [B, V];
@@ -367,10 +440,12 @@ class SpatialForcingLoss(nn.Module):
         """
         batch, tokens = vla_tokens.shape[:2]
         if targets.dim() not in (3, 4) or targets.shape[0] != batch or math.prod(targets.shape[1:-1]) != tokens:
-            raise SfcacheError(f"SpatialForcingLoss: VLA tokens {tuple(vla_tokens.shape)} [B, N, D] do not pair with "
-                               f"targets {tuple(targets.shape)} [B, N, C] or [B, V, T, C] with V*T = N: slice exactly "
-                               "the visual tokens (OpenVLA-OFT: hidden_states[L][:, 2:2 + targets.tokens], with or "
-                               "without proprio)")
+            raise SfcacheError(
+                f"SpatialForcingLoss: VLA tokens {tuple(vla_tokens.shape)} [B, N, D] do not pair with "
+                f"targets {tuple(targets.shape)} [B, N, C] or [B, V, T, C] with V*T = N: slice exactly "
+                "the visual tokens (OpenVLA-OFT: hidden_states[L][:, 2:2 + targets.tokens], with or "
+                "without proprio)"
+            )
         targets = targets.reshape(batch, tokens, -1).float()
         if mask is not None:
             mask = _token_mask(mask, batch, tokens).to(targets.device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 def run_main(main: Callable[[list[str]], None], capsys, *args) -> tuple[int, str]:

@@ -44,8 +44,9 @@ class LoggedSlowWrites(WorkerPlugin):
 def dask_setup(worker):
     """`dask worker --preload tests._faults_helpers`: LoggedSlowWrites from SFCACHE_TEST_WRITE_LOG/_DELAY."""
     if os.environ.get("SFCACHE_TEST_WRITE_LOG"):
-        LoggedSlowWrites(Path(os.environ["SFCACHE_TEST_WRITE_LOG"]),
-                         float(os.environ.get("SFCACHE_TEST_WRITE_DELAY", "0"))).setup(worker)
+        LoggedSlowWrites(
+            Path(os.environ["SFCACHE_TEST_WRITE_LOG"]), float(os.environ.get("SFCACHE_TEST_WRITE_DELAY", "0"))
+        ).setup(worker)
 
 
 def running_tasks(dask_worker=None) -> tuple[int, list[str]]:
@@ -99,17 +100,22 @@ class ReadOnlyAfter:
             def call(*args, **kwargs):
                 paths = [a for a in args if isinstance(a, (str, bytes, os.PathLike))]
                 writes = name != "open" or (len(args) > 1 and args[1] & self.WRITE_FLAGS)
-                if name == "mkdir":      # the kernel answers EEXIST before EACCES
+                if name == "mkdir":  # the kernel answers EEXIST before EACCES
                     writes = not os.path.lexists(paths[0])
-                elif name != "open":     # ... and ENOENT before EACCES
+                elif name != "open":  # ... and ENOENT before EACCES
                     writes = os.path.lexists(paths[0])
                 if self.read_only and writes and any(self._inside(p) for p in paths):
                     self._refuse(paths[-1])
                 result = real[name](*args, **kwargs)
-                if name == "replace" and self._inside(args[1]) and "/targets/" in os.fspath(args[1]) \
-                        and "/c/" in os.fspath(args[1]):   # a chunk (shard) file, not metadata:
+                if (
+                    name == "replace"
+                    and self._inside(args[1])
+                    and "/targets/" in os.fspath(args[1])
+                    and "/c/" in os.fspath(args[1])
+                ):  # a chunk (shard) file, not metadata:
                     self.published += 1
                 return result
+
             return call
 
         def io_open(file, mode="r", *args, **kwargs):

@@ -7,7 +7,6 @@ import dask
 import pytest
 import torch
 
-
 CHILD = "SFCACHE_TEST_CHILD"
 # Dask's statistical profiler samples every thread's stack every 10 ms; on CPython 3.11 it can deadlock with the
 # garbage collector (python/cpython#106883, dask/distributed#8616) in a test that runs a cluster in-process.
@@ -34,16 +33,35 @@ def pytest_pyfunc_call(pyfuncitem):
     if pyfuncitem.get_closest_marker("own_process") is None or os.environ.get(CHILD):
         return None
     root = Path(pyfuncitem.config.rootpath)
-    try:   # the child's own pytest-timeout (pyproject) ends a stuck test well inside this parent's limit
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                                 "-o", "timeout=200", pyfuncitem.nodeid],
-                                cwd=root, env={**os.environ, CHILD: "1"}, capture_output=True, text=True, timeout=240)
+    try:  # the child's own pytest-timeout (pyproject) ends a stuck test well inside this parent's limit
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-x",
+                "-o",
+                "timeout=200",
+                pyfuncitem.nodeid,
+            ],
+            cwd=root,
+            env={**os.environ, CHILD: "1"},
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
     except subprocess.TimeoutExpired as expired:
-        pytest.fail(f"in its own process, {pyfuncitem.nodeid} did not end within 240 s:\n{expired.stdout or ''}",
-                    pytrace=False)
+        pytest.fail(
+            f"in its own process, {pyfuncitem.nodeid} did not end within 240 s:\n{expired.stdout or ''}", pytrace=False
+        )
     if result.returncode != 0:
-        pytest.fail(f"in its own process, {pyfuncitem.nodeid} failed:\n{result.stdout[-6000:]}{result.stderr[-3000:]}",
-                    pytrace=False)
+        pytest.fail(
+            f"in its own process, {pyfuncitem.nodeid} failed:\n{result.stdout[-6000:]}{result.stderr[-3000:]}",
+            pytrace=False,
+        )
     if " passed" not in result.stdout:
         last = result.stdout.strip().splitlines()[-1:] or ["no output"]
         pytest.skip(f"in its own process: {last[0]}")

@@ -115,8 +115,8 @@ def test_per_view_boxes_crop_each_view_like_its_own_per_sample_box():
     boxes = random_boxes(6, torch.Generator().manual_seed(4)).view(3, 2, 4)
     both = crop_target_grid(cached, (GRID, GRID), (NATIVE, NATIVE), boxes)
     for view in range(2):
-        alone = crop_target_grid(cached[:, view:view + 1], (GRID, GRID), (NATIVE, NATIVE), boxes[:, view])
-        torch.testing.assert_close(both[:, view:view + 1], alone)
+        alone = crop_target_grid(cached[:, view : view + 1], (GRID, GRID), (NATIVE, NATIVE), boxes[:, view])
+        torch.testing.assert_close(both[:, view : view + 1], alone)
     assert not torch.allclose(both[:, 0], crop_target_grid(cached, (GRID, GRID), (NATIVE, NATIVE), boxes[:, 1])[:, 0])
     with pytest.raises(SfcacheError, match=r"crop boxes of shape \(3, 3, 4\) do not fit 3 samples x 2 views"):
         crop_target_grid(cached, (GRID, GRID), (NATIVE, NATIVE), torch.zeros(3, 3, 4))

@@ -27,12 +27,16 @@ from sfcache.train.reproduce import ReproduceConfig
 from tests._cli_helpers import run_main
 from tests._train_helpers import GRID, write_dataset, write_store
 
-COMMANDS = typer.main.get_command(app).commands   # typer 0.29 carries its own click: typer.core classes
-CONFIGS = {"extract": ExtractConfig, "train": TrainConfig, "reproduce-libero": ReproduceConfig,
-           "eval-libero": EvalConfig}
+COMMANDS = typer.main.get_command(app).commands  # typer 0.29 carries its own click: typer.core classes
+CONFIGS = {
+    "extract": ExtractConfig,
+    "train": TrainConfig,
+    "reproduce-libero": ReproduceConfig,
+    "eval-libero": EvalConfig,
+}
 
 MISSING = "{tmp}/no-such-path"
-A_FILE = "{file}"            # an existing file where a folder is expected
+A_FILE = "{file}"  # an existing file where a folder is expected
 EXEMPT = "exempt"
 # (command, option) -> bad value and the options that make the command use it, or (EXEMPT, why)
 BAD: dict[tuple[str, str], tuple[str, ...]] = {
@@ -88,8 +92,9 @@ def _bad(command: str, param: TyperOption | TyperArgument) -> tuple[str, ...]:
     return (BY_TYPE[param.type_descriptor.annotation],)
 
 
-WALK = [(command, param) for command, cmd in COMMANDS.items() for param in cmd.params
-        if _bad(command, param)[0] != EXEMPT]
+WALK = [
+    (command, param) for command, cmd in COMMANDS.items() for param in cmd.params if _bad(command, param)[0] != EXEMPT
+]
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +106,31 @@ def fixtures(tmp_path_factory) -> dict[str, str]:
     write_libero_hdf5(libero, suite="libero_goal", tasks=1, demos=2, steps=6, size=64)
     from sfcache.train.loop import train
 
-    train(TrainConfig(source=data, out=root / "run", steps=1, batch_size=2, align_weight=0, model_size="tiny",
-                      grid=GRID, device="cpu", val_episodes=0, workers=0))
+    train(
+        TrainConfig(
+            source=data,
+            out=root / "run",
+            steps=1,
+            batch_size=2,
+            align_weight=0,
+            model_size="tiny",
+            grid=GRID,
+            device="cpu",
+            val_episodes=0,
+            workers=0,
+        )
+    )
     (root / "a-file").write_text("not a folder")
     from sfcache.store import open_cache
 
-    return {"data": str(data), "store": str(store), "libero": str(libero), "run": str(root / "run"),
-            "file": str(root / "a-file"), "episode": open_cache(store).episodes[0]}
+    return {
+        "data": str(data),
+        "store": str(store),
+        "libero": str(libero),
+        "run": str(root / "run"),
+        "file": str(root / "a-file"),
+        "episode": open_cache(store).episodes[0],
+    }
 
 
 def _valid(command: str, fx: dict[str, str], tmp: Path) -> tuple[list[str], dict[str, str]]:
@@ -117,29 +140,46 @@ def _valid(command: str, fx: dict[str, str], tmp: Path) -> tuple[list[str], dict
         "extract": ([fx["data"]], {"--out": str(tmp / "store"), "--vggt": "random:tiny", "--dry-run": None}),
         "inspect-source": ([fx["data"]], {}),
         "inspect-cache": ([fx["store"]], {}),
-        "train": ([], {"--source": fx["data"], "--out": str(tmp / "run"), "--cache": fx["store"], "--steps": "1",
-                       "--workers": "0", **tiny}),
+        "train": (
+            [],
+            {
+                "--source": fx["data"],
+                "--out": str(tmp / "run"),
+                "--cache": fx["store"],
+                "--steps": "1",
+                "--workers": "0",
+                **tiny,
+            },
+        ),
         "eval-libero": ([fx["run"]], {"--suite": "spatial", "--device": "cpu"}),
-        "reproduce-libero": ([], {"--libero-dir": fx["libero"], "--vggt": "random:tiny", "--out": str(tmp / "repro"),
-                                  **tiny}),
+        "reproduce-libero": (
+            [],
+            {"--libero-dir": fx["libero"], "--vggt": "random:tiny", "--out": str(tmp / "repro"), **tiny},
+        ),
     }[command]
 
 
 @pytest.fixture
 def no_work(monkeypatch):
     """Any command that gets past its checks fails the test instead of doing the work."""
+
     def started(*args, **kwargs):
         raise AssertionError("the bad value was not caught before the work started")
 
-    for target in ("sfcache.cli.extract.run_extract", "sfcache.cli.eval_libero.evaluate",
-                   "sfcache.train.reproduce.extract", "sfcache.train.reproduce.train"):
+    for target in (
+        "sfcache.cli.extract.run_extract",
+        "sfcache.cli.eval_libero.evaluate",
+        "sfcache.train.reproduce.extract",
+        "sfcache.train.reproduce.train",
+    ):
         monkeypatch.setattr(target, started)
     monkeypatch.setattr(Trainer, "run", started)
 
 
 @pytest.mark.parametrize("command, param", WALK, ids=[f"{c} {_name(p)}" for c, p in WALK])
-def test_a_bad_value_of_any_option_is_exit_2_with_one_error_naming_it(command, param, fixtures, tmp_path, capsys,
-                                                                      no_work):
+def test_a_bad_value_of_any_option_is_exit_2_with_one_error_naming_it(
+    command, param, fixtures, tmp_path, capsys, no_work
+):
     value, *helpers = (text.format(tmp=tmp_path, **fixtures) for text in _bad(command, param))
     arguments, options = _valid(command, fixtures, tmp_path)
     if isinstance(param, TyperArgument):
@@ -153,14 +193,14 @@ def test_a_bad_value_of_any_option_is_exit_2_with_one_error_naming_it(command, p
     code, output = run_main(main, capsys, command, *args)
     assert code == 2, output
     assert "Traceback" not in output
-    if "Usage:" in output:                                  # click refused the text itself (e.g. not a number)
+    if "Usage:" in output:  # click refused the text itself (e.g. not a number)
         assert f"'{named}'" in output, output
         return
     lines = output.strip().splitlines()
     listing = lines[0].endswith("nothing was run:") and all(line.startswith("  - ") for line in lines[1:])
     assert lines[0].startswith("error: ") and (len(lines) == 1 or listing), output
     aliases = (named, ALIASES.get(named, named)) if command == "reproduce-libero" else (named,)
-    assert any(name in output for name in (*aliases, value)), output    # the option, or the value as typed
+    assert any(name in output for name in (*aliases, value)), output  # the option, or the value as typed
 
 
 def test_every_option_has_help_and_no_new_option_is_left_out_of_the_walk():
@@ -169,7 +209,7 @@ def test_every_option_has_help_and_no_new_option_is_left_out_of_the_walk():
         for param in cmd.params:
             assert (getattr(param, "help", None) or "").strip(), f"sf {command} {_name(param)} has no help"
             assert (command, _name(param)) in walked or _bad(command, param)[0] == EXEMPT
-    assert {key for key in BAD if BAD[key][0] != EXEMPT} <= walked      # no stale row in the table
+    assert {key for key in BAD if BAD[key][0] != EXEMPT} <= walked  # no stale row in the table
 
 
 @pytest.mark.parametrize("command", CONFIGS)
@@ -185,8 +225,9 @@ def test_cli_defaults_are_the_config_defaults(command):
         elif info.parse is not None and param.default is not None:
             assert info.parse(param.default) == field.default
         else:
-            assert param.default == field.default or (isinstance(field.default, Path)
-                                                      and Path(param.default) == field.default)
+            assert param.default == field.default or (
+                isinstance(field.default, Path) and Path(param.default) == field.default
+            )
 
 
 class _Parsed(Exception):

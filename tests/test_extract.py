@@ -39,9 +39,11 @@ TINY = ["--vggt", "random:tiny", "--layers", "-1"]
 def schedulers():
     """Process clusters with 1 and 2 single-threaded workers, plus an in-process one (monkeypatch reaches it)."""
     common = dict(threads_per_worker=1, dashboard_address=":0", silence_logs=logging.CRITICAL)
-    with LocalCluster(n_workers=1, processes=True, **common) as one, \
-            LocalCluster(n_workers=2, processes=True, **common) as two, \
-            LocalCluster(n_workers=1, processes=False, **common) as local:
+    with (
+        LocalCluster(n_workers=1, processes=True, **common) as one,
+        LocalCluster(n_workers=2, processes=True, **common) as two,
+        LocalCluster(n_workers=1, processes=False, **common) as local,
+    ):
         yield {1: one.scheduler_address, 2: two.scheduler_address, "in-process": local.scheduler_address}
 
 
@@ -51,7 +53,6 @@ WRITERS = {
     "lerobot": lambda root: write_lerobot(root, episodes=2, steps=2, size=64),
     "robotwin": lambda root: write_robotwin(root, tasks=1, episodes=2, steps=1, height=48, width=64),
 }
-
 
 
 @functools.cache
@@ -85,7 +86,7 @@ def assert_matches(cache, expected: dict[str, np.ndarray]) -> None:
         np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
 
 
-def run_cli(*args: str) -> "CliRunner.Result":
+def run_cli(*args: str) -> CliRunner.Result:
     return CliRunner().invoke(app, ["extract", *map(str, args)], catch_exceptions=False)
 
 
@@ -104,8 +105,18 @@ def test_every_format_matches_online_sf_with_1_and_2_workers(tmp_path, scheduler
     expected = reference_targets(written.path)
     for workers in (1, 2):
         out = tmp_path / f"store{workers}"
-        result = run_cli(written.path, "--out", out, *TINY, "--steps-per-shard", 2, "--batch-size", 2,
-                         "--scheduler", schedulers[workers])
+        result = run_cli(
+            written.path,
+            "--out",
+            out,
+            *TINY,
+            "--steps-per-shard",
+            2,
+            "--batch-size",
+            2,
+            "--scheduler",
+            schedulers[workers],
+        )
         assert result.exit_code == 0, result.output
         assert f"{len(expected)} episodes" in result.output
         cache = open_cache(out)
@@ -119,12 +130,11 @@ def test_every_format_matches_online_sf_with_1_and_2_workers(tmp_path, scheduler
 def test_resume_redoes_only_unfinished_shards_with_identical_values(tmp_path, schedulers):
     written = write_libero_hdf5(tmp_path / "data", tasks=1, demos=2, steps=5, size=64)
     out = tmp_path / "store"
-    args = [written.path, "--out", out, *TINY, "--steps-per-shard", 3, "--batch-size", 2,
-            "--scheduler", schedulers[2]]
+    args = [written.path, "--out", out, *TINY, "--steps-per-shard", 3, "--batch-size", 2, "--scheduler", schedulers[2]]
     assert run_cli(*args).exit_code == 0
     complete = store_values(out)
     root = zarr.open_group(str(out), mode="r+")
-    root["done"][[1, 3]] = 0                       # shards 1 and 3: rows 3-5 and 9
+    root["done"][[1, 3]] = 0  # shards 1 and 3: rows 3-5 and 9
     root["targets/layer_3"][3:6] = 0
     root["targets/layer_3"][9:10] = 0
     assert open_cache(out).missing_episodes() == [k for k in open_cache(out).episodes]
@@ -141,31 +151,57 @@ def test_other_configuration_is_refused_with_the_difference(tmp_path, schedulers
     out = tmp_path / "store"
     assert run_cli(written.path, "--out", out, *TINY, "--scheduler", schedulers["in-process"]).exit_code == 0
     with pytest.raises(SystemExit) as exited:
-        main(["extract", str(written.path), "--out", str(out), *TINY, "--dtype", "int8", "--grid", "8x8",
-              "--scheduler", schedulers["in-process"]])
+        main(
+            [
+                "extract",
+                str(written.path),
+                "--out",
+                str(out),
+                *TINY,
+                "--dtype",
+                "int8",
+                "--grid",
+                "8x8",
+                "--scheduler",
+                schedulers["in-process"],
+            ]
+        )
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "configuration differs" in err and "Traceback" not in err
     assert "targets.dtype: store has 'float16', asked 'int8'" in err
     assert "targets.grid: store has [16, 16], asked [8, 8]" in err
     assert open_cache(out).dtype == "float16" and not (out / ".sfcache.lock").exists()
-    result = run_cli(written.path, "--out", out, *TINY, "--dtype", "int8", "--grid", "8x8", "--overwrite",
-                     "--scheduler", schedulers["in-process"])
+    result = run_cli(
+        written.path,
+        "--out",
+        out,
+        *TINY,
+        "--dtype",
+        "int8",
+        "--grid",
+        "8x8",
+        "--overwrite",
+        "--scheduler",
+        schedulers["in-process"],
+    )
     assert result.exit_code == 0, result.output
     assert "RANDOM WEIGHTS (random:tiny" in result.output and "carry no geometry" in result.output
     cache = open_cache(out)
     assert cache.dtype == "int8" and cache.grid == (8, 8) and cache.done_shards().all()
     want = reference_targets(written.path, grid=(8, 8))
     got = cache.read(cache.episodes[0])
-    blocks = want[cache.episodes[0]].reshape(*got.shape[:3], -1, 128)     # int8: one scale per token, 128 channels
+    blocks = want[cache.episodes[0]].reshape(*got.shape[:3], -1, 128)  # int8: one scale per token, 128 channels
     scale = np.repeat(np.abs(blocks).max(axis=-1) / 127, 128, axis=-1)
     assert np.all(np.abs(got - want[cache.episodes[0]]) <= scale / 2 + 1e-3 * scale.max())
 
 
 def test_a_locked_store_is_refused(tmp_path, capsys):
     written = write_libero_hdf5(tmp_path / "data", tasks=1, demos=1, steps=2, size=64)
-    code = ("import sys, time; from sfcache.store import lock_store\n"
-            "with lock_store(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from sfcache.store import lock_store\n"
+        "with lock_store(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "store")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -193,8 +229,18 @@ def test_bad_frames_fail_cleanly_or_are_skipped(tmp_path, schedulers, capsys):
     written = write_robotwin(tmp_path / "data", tasks=1, episodes=3, steps=2, height=48, width=64)
     bad_file = _corrupt_robotwin_frame(written.path, episode=1, step=1)
     out = tmp_path / "store"
-    common = [str(written.path), "--out", str(out), *TINY, "--steps-per-shard", "2", "--batch-size", "2",
-              "--scheduler", schedulers["in-process"]]
+    common = [
+        str(written.path),
+        "--out",
+        str(out),
+        *TINY,
+        "--steps-per-shard",
+        "2",
+        "--batch-size",
+        "2",
+        "--scheduler",
+        schedulers["in-process"],
+    ]
     with pytest.raises(SystemExit) as exited:
         main(["extract", *common])
     assert exited.value.code == 2
@@ -231,7 +277,7 @@ def test_a_write_failure_ends_the_run_and_marks_nothing_it_did_not_write(tmp_pat
         return await original(self, key, value, *args, **kwargs)
 
     monkeypatch.setattr(zarr.storage.LocalStore, "set", fail_after_first_shard)
-    direct = store_module.write_shard_file       # uncompressed shards bypass zarr's LocalStore.set
+    direct = store_module.write_shard_file  # uncompressed shards bypass zarr's LocalStore.set
 
     def direct_fail_after_first_shard(path, *args):
         calls["shard writes"] += 1
@@ -240,8 +286,15 @@ def test_a_write_failure_ends_the_run_and_marks_nothing_it_did_not_write(tmp_pat
         return direct(path, *args)
 
     monkeypatch.setattr(store_module, "write_shard_file", direct_fail_after_first_shard)
-    cfg = ExtractConfig(source=written.path, out=out, vggt="random:tiny", layers=(-1,), steps_per_shard=2,
-                        batch_size=2, scheduler=schedulers["in-process"])
+    cfg = ExtractConfig(
+        source=written.path,
+        out=out,
+        vggt="random:tiny",
+        layers=(-1,),
+        steps_per_shard=2,
+        batch_size=2,
+        scheduler=schedulers["in-process"],
+    )
     with pytest.raises(StoreError, match="writing shard .* failed.*No space left on device"):
         extract(cfg, progress=False)
     done = open_cache(out).done_shards()
@@ -252,17 +305,28 @@ def test_episode_pattern_and_dry_run(tmp_path, schedulers):
     written = write_libero_hdf5(tmp_path / "data", tasks=2, demos=2, steps=2, size=64)
     keys = open_source(written.path).episodes()
     pattern = f"*{keys[2].key.split('/')[1]}*"
-    dry = CliRunner().invoke(app, ["extract", str(written.path), "--out", str(tmp_path / "store"), *TINY,
-                                   "--episodes", pattern, "--dry-run"])
+    dry = CliRunner().invoke(
+        app, ["extract", str(written.path), "--out", str(tmp_path / "store"), *TINY, "--episodes", pattern, "--dry-run"]
+    )
     assert dry.exit_code == 0, dry.output
     assert "episodes: 2" in dry.output and "steps: 4" in dry.output and "views: ['primary', 'wrist']" in dry.output
     assert f"bytes_per_step: {2 * 256 * 256 * 2}" in dry.output and not (tmp_path / "store").exists()
     assert f"device: {resolve_device('auto')}" in dry.output
-    no_gpu = CliRunner().invoke(app, ["extract", str(written.path), "--out", str(tmp_path / "store"), *TINY,
-                                      "--device", "cuda:99", "--dry-run"])    # refused, as the real run would be
+    no_gpu = CliRunner().invoke(
+        app, ["extract", str(written.path), "--out", str(tmp_path / "store"), *TINY, "--device", "cuda:99", "--dry-run"]
+    )  # refused, as the real run would be
     assert isinstance(no_gpu.exception, SfcacheError) and "--device cuda:99: " in str(no_gpu.exception)
-    summary = extract(ExtractConfig(source=written.path, out=tmp_path / "store", vggt="random:tiny", layers=(-1,),
-                                    episodes=pattern, scheduler=schedulers["in-process"]), progress=False)
+    summary = extract(
+        ExtractConfig(
+            source=written.path,
+            out=tmp_path / "store",
+            vggt="random:tiny",
+            layers=(-1,),
+            episodes=pattern,
+            scheduler=schedulers["in-process"],
+        ),
+        progress=False,
+    )
     assert summary.episodes == 2 and summary.steps == 4 and summary.failed == []
     cache = open_cache(tmp_path / "store")
     assert cache.episodes == [k.key for k in keys[2:]] and cache.attrs["selection"] == pattern
@@ -275,10 +339,20 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, schedulers):
     assert run_cli(written.path, "--out", reference, *options, "--scheduler", schedulers[2]).exit_code == 0
 
     out = tmp_path / "store"
-    command = [sys.executable, "-m", "sfcache.cli.main", "extract", str(written.path), "--out", str(out), *options,
-               "--workers", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "sfcache.cli.main",
+        "extract",
+        str(written.path),
+        "--out",
+        str(out),
+        *options,
+        "--workers",
+        "2",
+    ]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    kill_after = random.Random().randint(1, 3)   # a random moment: after 1..3 of the 6 shards are done
+    kill_after = random.Random().randint(1, 3)  # a random moment: after 1..3 of the 6 shards are done
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         done = out / "done" / "c"
@@ -302,8 +376,21 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, schedulers):
 
 def test_bad_options_are_one_line_errors_naming_each_problem(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
-        main(["extract", str(tmp_path), "--out", str(tmp_path / "store"), *TINY, "--dtype", "float8",
-              "--batch-size", "0", "--codec", "lz4"])
+        main(
+            [
+                "extract",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "store"),
+                *TINY,
+                "--dtype",
+                "float8",
+                "--batch-size",
+                "0",
+                "--codec",
+                "lz4",
+            ]
+        )
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "--dtype must be one of float16, bfloat16, int8, not 'float8'" in err

@@ -55,7 +55,6 @@ def scheduler():
         yield cluster.scheduler_address
 
 
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """3 episodes x 4 steps: 6 shards of 2 steps."""
@@ -70,10 +69,12 @@ def reference(dataset, scheduler, tmp_path_factory) -> Path:
     return out
 
 
-OUTPUTS: list[str | Path] = []   # every fault test's user-visible output (text, or a log file): none may hold a traceback
+OUTPUTS: list[
+    str | Path
+] = []  # every fault test's user-visible output (text, or a log file): none may hold a traceback
 
 
-def sf_extract(*args) -> "CliRunner.Result":
+def sf_extract(*args) -> CliRunner.Result:
     result = CliRunner().invoke(app, ["extract", *map(str, args)], catch_exceptions=False)
     OUTPUTS.append(result.output)
     return result
@@ -82,8 +83,10 @@ def sf_extract(*args) -> "CliRunner.Result":
 def contents(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     """Every array of a store and its provenance without the creation time."""
     root = zarr.open_group(str(path), mode="r")
-    arrays = {"done": root["done"][:], **{f"targets/{name}": root["targets"][name][:]
-                                          for name in root["targets"].array_keys()}}
+    arrays = {
+        "done": root["done"][:],
+        **{f"targets/{name}": root["targets"][name][:] for name in root["targets"].array_keys()},
+    }
     attrs = dict(root.attrs["sfcache"])
     attrs.pop("created")
     return arrays, attrs
@@ -103,8 +106,18 @@ def assert_equal_stores(path: Path, reference: Path) -> None:
 
 def spawn_extract(dataset: Path, out: Path, log: Path) -> subprocess.Popen:
     """`sf extract` with its own local cluster (1 worker process), in a new process group."""
-    command = [sys.executable, "-m", "sfcache.cli.main", "extract", str(dataset), "--out", str(out), *SHARDED,
-               "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "sfcache.cli.main",
+        "extract",
+        str(dataset),
+        "--out",
+        str(out),
+        *SHARDED,
+        "--workers",
+        "1",
+    ]
     OUTPUTS.append(log)
     with log.open("wb") as stderr:
         return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
@@ -137,7 +150,8 @@ MOMENTS = {
 
 @pytest.mark.parametrize("moment, seed", [("cluster start", 1), ("store creation", 2), ("late", 3)])
 def test_kill_9_of_the_whole_process_group_then_rerun_equals_an_uninterrupted_run(
-        dataset, reference, scheduler, tmp_path, moment, seed):
+    dataset, reference, scheduler, tmp_path, moment, seed
+):
     happened, (low, high) = MOMENTS[moment]
     shards = open_cache(reference).num_shards
     out, log = tmp_path / "store", tmp_path / "victim.log"
@@ -154,18 +168,19 @@ def test_kill_9_of_the_whole_process_group_then_rerun_equals_an_uninterrupted_ru
     finally:
         kill_process_group(victim)
     assert victim.returncode == -signal.SIGKILL
-    assert moment == "cluster start" or children               # the Dask worker process died with its client
+    assert moment == "cluster start" or children  # the Dask worker process died with its client
     killed_done = done_count(out)
     assert killed_done < shards
 
     resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
     assert resumed.exit_code == 0, resumed.output
     assert_equal_stores(out, reference)
-    assert f"{2 * killed_done} were already done" in resumed.output      # nothing done was redone
+    assert f"{2 * killed_done} were already done" in resumed.output  # nothing done was redone
 
 
 def test_a_worker_killed_mid_task_is_retried_on_the_survivor_and_every_shard_is_written_once(
-        tmp_path, dataset, reference):
+    tmp_path, dataset, reference
+):
     writes = tmp_path / "writes.log"
     out = tmp_path / "store"
     config = ExtractConfig(source=dataset, out=out, vggt="random:tiny", steps_per_shard=2, batch_size=2)
@@ -174,19 +189,25 @@ def test_a_worker_killed_mid_task_is_retried_on_the_survivor_and_every_shard_is_
         cluster.scheduler.add_plugin(tasks)
         client.register_plugin(LoggedSlowWrites(writes, delay=0.3), name="slow-writes")
         outcome: dict = {}
-        run = threading.Thread(target=lambda: outcome.update(dataclasses.asdict(
-            extract(replace(config, scheduler=cluster.scheduler_address), progress=False))))
+        run = threading.Thread(
+            target=lambda: outcome.update(
+                dataclasses.asdict(extract(replace(config, scheduler=cluster.scheduler_address), progress=False))
+            )
+        )
         run.start()
         deadline = time.monotonic() + 120
         victim = None
         while victim is None:
             assert run.is_alive() and time.monotonic() < deadline, "no task ran long enough to be interrupted"
-            busy = {address: (pid, keys) for address, (pid, keys) in client.run(running_tasks).items()
-                    if any(key.startswith("sfcache-shards-") for key in keys)}
+            busy = {
+                address: (pid, keys)
+                for address, (pid, keys) in client.run(running_tasks).items()
+                if any(key.startswith("sfcache-shards-") for key in keys)
+            }
             if busy:
                 address, (pid, keys) = next(iter(busy.items()))
                 nanny = next(n for n in cluster.workers.values() if n.worker_address == address)
-                nanny.close_gracefully()          # the dead worker is not replaced: the survivor must finish
+                nanny.close_gracefully()  # the dead worker is not replaced: the survivor must finish
                 os.kill(pid, signal.SIGKILL)
                 victim = (address, next(key for key in keys if key.startswith("sfcache-shards-")))
             time.sleep(0.02)
@@ -197,20 +218,21 @@ def test_a_worker_killed_mid_task_is_retried_on_the_survivor_and_every_shard_is_
     address, key = victim
     assert outcome["failed"] == [] and outcome["shards_done"] == outcome["shards"] == 6
     finished = [worker for k, _, finish, worker in tasks.transitions if k == key and finish == "memory"]
-    assert len(finished) == 1 and finished[0] in survivors - {address}    # retried on a live worker
+    assert len(finished) == 1 and finished[0] in survivors - {address}  # retried on a live worker
     assert sum(1 for k, _, finish, _ in tasks.transitions if k == key and finish == "processing") >= 2
     written = [int(line.split()[0]) for line in writes.read_text().splitlines()]
-    assert sorted(written) == list(range(6))                               # no shard lost, none written twice
+    assert sorted(written) == list(range(6))  # no shard lost, none written twice
     assert_equal_stores(out, reference)
 
 
 def test_a_store_turning_read_only_mid_run_ends_with_one_line_and_marks_only_whole_shards(
-        tmp_path, dataset, scheduler, monkeypatch, capsys):
+    tmp_path, dataset, scheduler, monkeypatch, capsys
+):
     reference = tmp_path / "reference"
     two_layers = [*SHARDED, "--layers", "1,-1", "--scheduler", scheduler]
     assert sf_extract(dataset, "--out", reference, *two_layers).exit_code == 0
     out = tmp_path / "store"
-    disk = ReadOnlyAfter(out, writes=3)       # shard 0 whole, shard 1 has one layer of two: then read-only
+    disk = ReadOnlyAfter(out, writes=3)  # shard 0 whole, shard 1 has one layer of two: then read-only
     disk.install(monkeypatch)
     with pytest.raises(SystemExit) as exited:
         main(["extract", str(dataset), "--out", str(out), *two_layers])
@@ -228,7 +250,7 @@ def test_a_store_turning_read_only_mid_run_ends_with_one_line_and_marks_only_who
         for layer in (1, 3):
             np.testing.assert_array_equal(cache.read_rows(rows, layer=layer), want.read_rows(rows, layer=layer))
     assert not list(out.rglob("*.partial"))
-    (out / ".sfcache.lock").unlink()          # could not be removed while read-only; the error says so
+    (out / ".sfcache.lock").unlink()  # could not be removed while read-only; the error says so
     resumed = sf_extract(dataset, "--out", out, *two_layers)
     assert resumed.exit_code == 0, resumed.output
     assert_equal_stores(out, reference)
@@ -267,18 +289,33 @@ def online_targets(source, key: str) -> np.ndarray:
 
 
 # Kinds of bad input not yet run end to end, at least one per source format: NaN, unequal views, empty, truncated.
-BAD_INPUT = [(bad.libero, bad.libero_nan_actions), (bad.rlds, bad.rlds_empty), (bad.lerobot, bad.lerobot_truncated),
-             (bad.robotwin, bad.robotwin_short_view), (bad.xpolicylab, bad.xpolicylab_nan_state)]
+BAD_INPUT = [
+    (bad.libero, bad.libero_nan_actions),
+    (bad.rlds, bad.rlds_empty),
+    (bad.lerobot, bad.lerobot_truncated),
+    (bad.robotwin, bad.robotwin_short_view),
+    (bad.xpolicylab, bad.xpolicylab_nan_state),
+]
 
 
 @pytest.mark.parametrize("writer, case", [pytest.param(w, c, id=c.__name__) for w, c in BAD_INPUT])
 def test_bad_input_end_to_end_is_one_line_or_skipped(tmp_path, scheduler, capsys, writer, case):
     written = writer(tmp_path / "data")
     damage = case(written)
-    length = len(next(iter(written.episodes.values())).actions)     # one episode per shard
+    length = len(next(iter(written.episodes.values())).actions)  # one episode per shard
     out = tmp_path / "store"
-    common = [str(written.path), "--out", str(out), *TINY, "--steps-per-shard", str(length), "--batch-size", "2",
-              "--scheduler", scheduler]
+    common = [
+        str(written.path),
+        "--out",
+        str(out),
+        *TINY,
+        "--steps-per-shard",
+        str(length),
+        "--batch-size",
+        "2",
+        "--scheduler",
+        scheduler,
+    ]
 
     with pytest.raises(SystemExit) as exited:
         main(["extract", *common])
@@ -290,12 +327,12 @@ def test_bad_input_end_to_end_is_one_line_or_skipped(tmp_path, scheduler, capsys
     result = sf_extract(*common, "--skip-bad")
     cache = open_cache(out)
     source = open_source(written.path, skip_bad=True)
-    if damage.stage == "scan":         # left out of the store, listed as skipped
+    if damage.stage == "scan":  # left out of the store, listed as skipped
         assert result.exit_code == 0, result.output
         assert "skipped episode:" in result.output and damage.expected in result.output
         assert cache.done_shards().all() and cache.episodes == [info.key for info in source.episodes()]
         assert damage.episode is None or damage.episode not in cache.episodes
-    else:                              # in the store, its shard listed as failed and left not done
+    else:  # in the store, its shard listed as failed and left not done
         assert result.exit_code == 1, result.output
         assert "failed shard" in result.output and damage.expected in result.output
         assert cache.missing_episodes() == [damage.episode]
@@ -310,8 +347,12 @@ def test_expected_errors_survive_pickling_with_every_field():
     source_error = SourceError("/data/a.hdf5", "non-finite value at step 2", episode="t/demo_1", key="actions")
     back = pickle.loads(pickle.dumps(source_error))
     assert type(back) is SourceError and str(back) == str(source_error)
-    assert (back.file, back.what, back.episode, back.key) == ("/data/a.hdf5", "non-finite value at step 2",
-                                                              "t/demo_1", "actions")
+    assert (back.file, back.what, back.episode, back.key) == (
+        "/data/a.hdf5",
+        "non-finite value at step 2",
+        "t/demo_1",
+        "actions",
+    )
     mismatch = ConfigMismatch("/stores/s", {"targets.dtype": ("float16", "int8")})
     back = pickle.loads(pickle.dumps(mismatch))
     assert type(back) is ConfigMismatch and str(back) == str(mismatch)
@@ -340,15 +381,27 @@ def test_a_crash_inside_a_training_step_leaves_the_store_unchanged(tmp_path, mon
 
     def crash_in_the_second_step(*args, **kwargs):
         calls["n"] += 1
-        losses = original(*args, **kwargs)          # targets were read from the store for this batch
+        losses = original(*args, **kwargs)  # targets were read from the store for this batch
         if calls["n"] == 2:
             raise RuntimeError("simulated crash inside a training step")
         return losses
 
     monkeypatch.setattr(loop, "compute_losses", crash_in_the_second_step)
-    config = loop.TrainConfig(source=source, cache=store, out=tmp_path / "run", steps=4, batch_size=4,
-                              model_size="tiny", grid=4, workers=0, warmup_steps=1, save_every=1, val_every=10,
-                              log_every=1, val_samples=4)
+    config = loop.TrainConfig(
+        source=source,
+        cache=store,
+        out=tmp_path / "run",
+        steps=4,
+        batch_size=4,
+        model_size="tiny",
+        grid=4,
+        workers=0,
+        warmup_steps=1,
+        save_every=1,
+        val_every=10,
+        log_every=1,
+        val_samples=4,
+    )
     with pytest.raises(RuntimeError, match="simulated crash"):
         loop.Trainer(config).run()
     assert calls["n"] == 2
@@ -392,28 +445,50 @@ class ExternalCluster:
 
     def _spawn(self, command: list[str], log: str, env: dict | None = None) -> subprocess.Popen:
         with (self.tmp / log).open("ab") as out:
-            process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         self.processes.append(process)
         return process
 
     def start_scheduler(self) -> subprocess.Popen:
-        self.scheduler = self._spawn([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
-                                      "--no-dashboard"], "scheduler.log")
+        self.scheduler = self._spawn(
+            [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(self.port), "--no-dashboard"], "scheduler.log"
+        )
         return self.scheduler
 
     def start_worker(self) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONPATH=str(REPO), SFCACHE_TEST_WRITE_LOG=str(self.writes),
-                   SFCACHE_TEST_WRITE_DELAY=str(self.delay))
-        return self._spawn([*self.wrap, str(DASK), "worker", self.address, "--nthreads", "1", "--nworkers", "1",
-                            "--no-dashboard", "--memory-limit", "0", "--preload", "tests._faults_helpers"],
-                           "worker.log", env)
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(REPO),
+            SFCACHE_TEST_WRITE_LOG=str(self.writes),
+            SFCACHE_TEST_WRITE_DELAY=str(self.delay),
+        )
+        return self._spawn(
+            [
+                *self.wrap,
+                str(DASK),
+                "worker",
+                self.address,
+                "--nthreads",
+                "1",
+                "--nworkers",
+                "1",
+                "--no-dashboard",
+                "--memory-limit",
+                "0",
+                "--preload",
+                "tests._faults_helpers",
+            ],
+            "worker.log",
+            env,
+        )
 
     def wait_for_worker(self) -> None:
         with Client(self.address, timeout="30s") as client:
             client.wait_for_workers(1, timeout=60)
 
-    def __enter__(self) -> "ExternalCluster":
+    def __enter__(self) -> ExternalCluster:
         self.start_scheduler()
         self.start_worker()
         self.wait_for_worker()
@@ -442,34 +517,37 @@ def wait_until(condition, process: subprocess.Popen | None, log: Path | None = N
         time.sleep(0.02)
 
 
-def test_orphaned_tasks_of_a_killed_client_cannot_write_into_the_store_that_replaced_it(
-        tmp_path, dataset, scheduler):
+def test_orphaned_tasks_of_a_killed_client_cannot_write_into_the_store_that_replaced_it(tmp_path, dataset, scheduler):
     """kill -9 of the client while the cluster lives on, then `--overwrite` with other weights: the dead run's
     running task is fenced out (its writes refused), and the new store holds the new weights' values only."""
     seed1 = tmp_path / "seed1"
-    assert sf_extract(dataset, "--out", seed1, *SHARDED, "--vggt", "random:tiny@1", "--scheduler", scheduler
-                      ).exit_code == 0
+    assert (
+        sf_extract(dataset, "--out", seed1, *SHARDED, "--vggt", "random:tiny@1", "--scheduler", scheduler).exit_code
+        == 0
+    )
     out, log = tmp_path / "store", tmp_path / "client.log"
     with ExternalCluster(tmp_path, delay=1.0) as cluster:
         victim = spawn_client(dataset, out, log, "--scheduler", cluster.address)
         wait_until(lambda: done_count(out) >= 1, victim, log)
-        os.killpg(victim.pid, signal.SIGKILL)       # the client only: its task goes on writing
+        os.killpg(victim.pid, signal.SIGKILL)  # the client only: its task goes on writing
         victim.wait()
-        replaced = sf_extract(dataset, "--out", out, *SHARDED, "--vggt", "random:tiny@1", "--overwrite",
-                              "--scheduler", cluster.address)
+        replaced = sf_extract(
+            dataset, "--out", out, *SHARDED, "--vggt", "random:tiny@1", "--overwrite", "--scheduler", cluster.address
+        )
         assert replaced.exit_code == 0, replaced.output
         refused = [line for line in cluster.writes.read_text().splitlines() if line.startswith("refused")]
-    assert refused, cluster.writes.read_text()          # the orphan did try to write, after the new run began
+    assert refused, cluster.writes.read_text()  # the orphan did try to write, after the new run began
     assert_equal_stores(out, seed1)
 
 
 def test_a_task_of_a_finished_run_cannot_write_a_shard_or_a_done_flag(tmp_path, dataset, scheduler, reference):
     out = tmp_path / "store"
-    config = ExtractConfig(source=dataset, out=out, vggt="random:tiny", steps_per_shard=2, batch_size=2,
-                           scheduler=scheduler)
+    config = ExtractConfig(
+        source=dataset, out=out, vggt="random:tiny", steps_per_shard=2, batch_size=2, scheduler=scheduler
+    )
     summary = extract(config, progress=False)
     cache = open_cache(out, mode="r+")
-    cache.mark_not_done([1])                              # a shard a partitioned worker might still own
+    cache.mark_not_done([1])  # a shard a partitioned worker might still own
     with pytest.raises(RunSuperseded, match=f"extraction run {summary.run[:12]}.*no run .it ended."):
         cache.write_shard(1, {3: np.zeros((2, 2, 256, 64), np.float32)}, run=summary.run)
     assert open_cache(out).done_shards().tolist() == [True, False, True, True, True, True]
@@ -480,8 +558,10 @@ def test_a_task_of_a_finished_run_cannot_write_a_shard_or_a_done_flag(tmp_path, 
 def test_a_live_extractor_in_another_pid_namespace_keeps_the_lock(tmp_path, dataset, capsys):
     """Same host name, pids that mean nothing here: a pid check cannot judge it; its flock says it is alive."""
     store = tmp_path / "store"
-    holder_code = ("import sys, time; from sfcache.store import lock_store\n"
-                   "with lock_store(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)")
+    holder_code = (
+        "import sys, time; from sfcache.store import lock_store\n"
+        "with lock_store(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)"
+    )
     command = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", holder_code, str(store)]
     try:
         holder = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -492,8 +572,10 @@ def test_a_live_extractor_in_another_pid_namespace_keeps_the_lock(tmp_path, data
         if holder.stdout.readline().strip() != "locked":
             pytest.skip("unshare --pid needs root here")
         recorded = json.loads((store / ".sfcache.lock").read_text())
-        inner = [p for p in psutil.Process(holder.pid).children(recursive=True) if "lock_store" in " ".join(p.cmdline())]
-        assert recorded["host"] == socket.gethostname() and recorded["pid"] != inner[0].pid   # its pid is not ours
+        inner = [
+            p for p in psutil.Process(holder.pid).children(recursive=True) if "lock_store" in " ".join(p.cmdline())
+        ]
+        assert recorded["host"] == socket.gethostname() and recorded["pid"] != inner[0].pid  # its pid is not ours
         with pytest.raises(StoreError, match=f"store is locked by pid {recorded['pid']} on host"):
             with lock_store(store):
                 pass
@@ -505,11 +587,12 @@ def test_a_live_extractor_in_another_pid_namespace_keeps_the_lock(tmp_path, data
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
         psutil.wait_procs(inner, timeout=10)
-    with lock_store(store):                                   # released by the kernel when it died
+    with lock_store(store):  # released by the kernel when it died
         pass
 
 
 # ----------------------------------------------------------------------------- never done what the client cannot read
+
 
 def one_line_error(capsys, argv: list[str], code: int = 2) -> str:
     with pytest.raises(SystemExit) as exited:
@@ -530,20 +613,22 @@ def test_a_worker_that_cannot_see_the_store_is_refused_at_start_up(tmp_path, dat
         pytest.skip("unshare --mount needs root here")
     out = shared / "store"
     with ExternalCluster(tmp_path, delay=0, wrap=private) as cluster:
-        err = one_line_error(capsys, ["extract", str(dataset), "--out", str(out), *SHARDED,
-                                      "--scheduler", cluster.address])
+        err = one_line_error(
+            capsys, ["extract", str(dataset), "--out", str(out), *SHARDED, "--scheduler", cluster.address]
+        )
     assert f"{out.resolve()}: the Dask worker tcp://127.0.0.1:" in err and f"on host {socket.gethostname()}" in err
     assert "does not see this store" in err and "shared by this client and every worker" in err
     assert not (out / "done").exists() and not (out / ".sfcache.lock").exists()
 
 
 def test_a_shard_the_client_cannot_read_back_is_an_error_naming_the_worker_and_is_redone(
-        tmp_path, dataset, scheduler, reference, monkeypatch, capsys):
+    tmp_path, dataset, scheduler, reference, monkeypatch, capsys
+):
     from sfcache.extract import VGGTWorker
 
     original = VGGTWorker._write
 
-    def write_then_vanish(cache, shard, outputs, run):   # the worker saw its file; the client will not
+    def write_then_vanish(cache, shard, outputs, run):  # the worker saw its file; the client will not
         written = original(cache, shard, outputs, run)
         if shard == 2:
             cache.shard_file("targets/layer_3", shard).unlink()
@@ -554,16 +639,17 @@ def test_a_shard_the_client_cannot_read_back_is_an_error_naming_the_worker_and_i
     err = one_line_error(capsys, ["extract", str(dataset), "--out", str(out), *SHARDED, "--scheduler", scheduler])
     monkeypatch.undo()
     shard_file = "targets/layer_3/c/2/0/0/0"
-    assert f"{out / shard_file}: shard 2 was written by the Dask worker on host {socket.gethostname()} at " \
-           f"{out.resolve() / shard_file}, but this client finds it missing; 1 shard(s) left not done" in err
+    assert (
+        f"{out / shard_file}: shard 2 was written by the Dask worker on host {socket.gethostname()} at "
+        f"{out.resolve() / shard_file}, but this client finds it missing; 1 shard(s) left not done" in err
+    )
     assert open_cache(out).done_shards().tolist() == [True, True, False, True, True, True]
     resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
     assert resumed.exit_code == 0 and "10 were already done" in resumed.output, resumed.output
     assert_equal_stores(out, reference)
 
 
-def test_reads_of_a_done_shard_without_its_file_fail_and_sf_extract_redoes_it(
-        tmp_path, dataset, scheduler, reference):
+def test_reads_of_a_done_shard_without_its_file_fail_and_sf_extract_redoes_it(tmp_path, dataset, scheduler, reference):
     from sfcache.torch import CachedTargets
 
     out = tmp_path / "store"
@@ -587,18 +673,19 @@ def test_sf_extract_repair_redoes_a_damaged_shard_that_check_finds(tmp_path, dat
     out = tmp_path / "store"
     shutil.copytree(reference, out)
     damaged = out / "targets/layer_3/c/2/0/0/0"
-    damaged.write_bytes(damaged.read_bytes()[:100])          # truncated: the shard index is gone
+    damaged.write_bytes(damaged.read_bytes()[:100])  # truncated: the shard index is gone
     with pytest.raises(StoreError, match=f"{damaged}: reading targets/layer_3 shard.s. .2. failed"):
         open_cache(out).read_rows([4])
     assert CliRunner().invoke(app, ["inspect-cache", str(out), "--check"]).exit_code == 1
     plain = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
-    assert plain.exit_code == 0 and "extracted 0 steps" in plain.output      # a plain resume reads nothing back
+    assert plain.exit_code == 0 and "extracted 0 steps" in plain.output  # a plain resume reads nothing back
     repaired = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler, "--repair")
     assert repaired.exit_code == 0 and "redid shard 2:" in repaired.output, repaired.output
     assert_equal_stores(out, reference)
 
 
 # ----------------------------------------------------------------------------- scheduler loss, no workers, signals
+
 
 def test_scheduler_killed_mid_run_is_one_line_and_the_same_command_resumes_equal(tmp_path, dataset, reference):
     out, log = tmp_path / "store", tmp_path / "client.log"
@@ -613,7 +700,7 @@ def test_scheduler_killed_mid_run_is_one_line_and_the_same_command_resumes_equal
         assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
         assert f"lost the Dask scheduler {cluster.address}" in err and "run the same command to resume" in err
         assert not is_locked(out) and done_count(out) < 6
-        cluster.start_scheduler()                 # the same address; its workers exited with it: start one
+        cluster.start_scheduler()  # the same address; its workers exited with it: start one
         cluster.start_worker()
         cluster.wait_for_worker()
         resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", cluster.address)
@@ -627,8 +714,18 @@ def test_a_scheduler_without_workers_is_one_line_naming_it(tmp_path, dataset, mo
     monkeypatch.setattr(extract_module, "WORKER_WAIT_S", 1)
     with LocalCluster(n_workers=0, processes=False, **QUIET) as empty:
         started = time.monotonic()
-        err = one_line_error(capsys, ["extract", str(dataset), "--out", str(tmp_path / "store"), *SHARDED,
-                                      "--scheduler", empty.scheduler_address])
+        err = one_line_error(
+            capsys,
+            [
+                "extract",
+                str(dataset),
+                "--out",
+                str(tmp_path / "store"),
+                *SHARDED,
+                "--scheduler",
+                empty.scheduler_address,
+            ],
+        )
     assert time.monotonic() - started < 20
     assert f"the Dask scheduler {empty.scheduler_address} has no workers after 1 s" in err
     assert f"`dask worker {empty.scheduler_address}`" in err
@@ -637,12 +734,13 @@ def test_a_scheduler_without_workers_is_one_line_naming_it(tmp_path, dataset, mo
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_to_the_process_group_ends_within_seconds_in_one_line_and_a_rerun_resumes(
-        tmp_path, dataset, scheduler, reference, signum):
+    tmp_path, dataset, scheduler, reference, signum
+):
     out, log = tmp_path / "store", tmp_path / "victim.log"
     victim = spawn_extract(dataset, out, log)
     try:
         wait_until(lambda: done_count(out) >= 1, victim, log)
-        os.killpg(victim.pid, signum)            # what Ctrl-C in a terminal (or `kill -TERM -PGID`) does
+        os.killpg(victim.pid, signum)  # what Ctrl-C in a terminal (or `kill -TERM -PGID`) does
         sent = time.monotonic()
         code = victim.wait(timeout=60)
         took = time.monotonic() - sent
@@ -650,8 +748,10 @@ def test_a_signal_to_the_process_group_ends_within_seconds_in_one_line_and_a_rer
         kill_process_group(victim)
     err = log.read_text().strip()
     assert code == 128 + signum and took < 20, (code, took, err)
-    assert err == (f"error: interrupted by {signal.Signals(signum).name}; work finished so far is kept: run the "
-                   "same command again to resume"), err
+    assert err == (
+        f"error: interrupted by {signal.Signals(signum).name}; work finished so far is kept: run the "
+        "same command again to resume"
+    ), err
     assert not is_locked(out) and not (out / ".sfcache.lock").exists()
     resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
     assert resumed.exit_code == 0, resumed.output
@@ -660,11 +760,13 @@ def test_a_signal_to_the_process_group_ends_within_seconds_in_one_line_and_a_rer
 
 # ----------------------------------------------------------------------------- damaged zarr.json
 
+
 def damage_attrs(change):
     def apply(meta: Path) -> None:
         document = json.loads(meta.read_text())
         change(document["attributes"]["sfcache"])
         meta.write_text(json.dumps(document))
+
     return apply
 
 
@@ -679,8 +781,9 @@ ZARR_JSON_DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(ZARR_JSON_DAMAGE))
-def test_a_damaged_zarr_json_is_one_line_naming_the_key_in_every_reader(tmp_path, reference, dataset, scheduler,
-                                                                        capsys, damage):
+def test_a_damaged_zarr_json_is_one_line_naming_the_key_in_every_reader(
+    tmp_path, reference, dataset, scheduler, capsys, damage
+):
     from sfcache.torch import CachedTargets
 
     change, named = ZARR_JSON_DAMAGE[damage]
@@ -698,15 +801,16 @@ def test_a_damaged_zarr_json_is_one_line_naming_the_key_in_every_reader(tmp_path
         with pytest.raises(StoreError, match=named.replace("[", r"\[").replace("]", r"\]")):
             read()
     overwrite = ["extract", str(dataset), "--out", str(out), *SHARDED, "--overwrite", "--scheduler", scheduler]
-    if damage == "corrupt JSON":     # cannot be told from someone else's data: the message says to delete it
+    if damage == "corrupt JSON":  # cannot be told from someone else's data: the message says to delete it
         err = one_line_error(capsys, overwrite)
         assert f"{out / 'zarr.json'}: unreadable Zarr metadata" in err and f"delete {out}" in err, err
-    else:                            # recognisably ours: --overwrite replaces it
+    else:  # recognisably ours: --overwrite replaces it
         assert sf_extract(*overwrite[1:]).exit_code == 0
         assert_equal_stores(out, reference)
 
 
 # ----------------------------------------------------------------------------- misleading messages
+
 
 def test_inspect_cache_refuses_a_bad_threshold_and_an_unwritable_pca_path_in_one_line(tmp_path, reference, capsys):
     err = one_line_error(capsys, ["inspect-cache", str(reference), "--verify", "1", "--threshold", "2"])
@@ -720,9 +824,10 @@ def test_inspect_cache_refuses_a_bad_threshold_and_an_unwritable_pca_path_in_one
 
 def test_every_episode_bad_with_skip_bad_says_so(tmp_path, capsys):
     written = write_libero_hdf5(tmp_path / "data", tasks=1, demos=2, steps=4, size=16)
-    first = bad.libero_demo(written, lambda d: d.__delitem__("actions"), key="actions", expected="missing",
-                            demo="demo_0")
-    bad.libero_actions_shape(written)                              # demo_1
+    first = bad.libero_demo(
+        written, lambda d: d.__delitem__("actions"), key="actions", expected="missing", demo="demo_0"
+    )
+    bad.libero_actions_shape(written)  # demo_1
     argv = ["extract", str(written.path), "--out", str(tmp_path / "store"), *TINY, "--skip-bad"]
     err = one_line_error(capsys, argv)
     assert "every episode is bad: all 2 were skipped by --skip-bad, the first because" in err
@@ -750,8 +855,11 @@ def test_no_fault_test_output_holds_a_traceback():
     """Runs last: what every fault test above showed the user (CLI output, client logs) has no traceback."""
     if not OUTPUTS:
         pytest.skip("scans the outputs of the other tests in this module; run them together")
-    texts = [item.read_text(errors="replace") if isinstance(item, Path) else item for item in OUTPUTS
-             if not isinstance(item, Path) or item.exists()]
+    texts = [
+        item.read_text(errors="replace") if isinstance(item, Path) else item
+        for item in OUTPUTS
+        if not isinstance(item, Path) or item.exists()
+    ]
     offending = [text for text in texts if "Traceback" in text]
     assert not offending, offending[0]
 

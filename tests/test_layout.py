@@ -26,20 +26,26 @@ def _imports(file: Path) -> set[str]:
 
 def test_the_library_never_imports_the_applications():
     core = sorted((REPO / "sfcache").rglob("*.py"))
-    assert len(core) > 20   # the walk found the library
-    offending = {str(f.relative_to(REPO)): sorted(n for n in _imports(f) if n.startswith(APPS) or
-                                                  n.split(".")[0] in ("train", "cli"))
-                 for f in core}
+    assert len(core) > 20  # the walk found the library
+    offending = {
+        str(f.relative_to(REPO)): sorted(
+            n for n in _imports(f) if n.startswith(APPS) or n.split(".")[0] in ("train", "cli")
+        )
+        for f in core
+    }
     assert {f: names for f, names in offending.items() if names} == {}
 
 
 def test_the_applications_install_as_sfcache_train_and_sfcache_cli(tmp_path):
     """Seen from outside the checkout (as a user's trainer sees the install), not from the repo root."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    probe = ("import importlib.util as u; print(u.find_spec('sfcache.train.loop').origin); "
-             "print(u.find_spec('sfcache.cli.main').origin); print(u.find_spec('train'), u.find_spec('cli'))")
-    found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           check=True).stdout.splitlines()
+    probe = (
+        "import importlib.util as u; print(u.find_spec('sfcache.train.loop').origin); "
+        "print(u.find_spec('sfcache.cli.main').origin); print(u.find_spec('train'), u.find_spec('cli'))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert found == [str(REPO / "train" / "loop.py"), str(REPO / "cli" / "main.py"), "None None"]
     scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
     assert scripts["sf"] == "sfcache.cli.main:main"

@@ -20,9 +20,9 @@ import torch
 
 try:
     from lerobot.datasets.lerobot_dataset import CODEBASE_VERSION, LeRobotDataset
-except Exception as err:   # ImportError, or torchvision's RuntimeError on a mismatched build
+except Exception as err:  # ImportError, or torchvision's RuntimeError on a mismatched build
     pytest.skip(f"lerobot not importable here ({type(err).__name__}: {err})", allow_module_level=True)
-try:                       # lerobot >= 0.4: the converters its policy preprocessors run
+try:  # lerobot >= 0.4: the converters its policy preprocessors run
     from lerobot.processor.converters import batch_to_transition, transition_to_batch
 except ImportError:
     batch_to_transition = None
@@ -39,10 +39,12 @@ LENGTHS = (4, 6, 5)
 def write_real(root: Path, video: bool, lengths=LENGTHS, seed: int = 0) -> list[tuple]:
     """A dataset written by lerobot itself; returns per episode (high, wrist, state, action)."""
     camera = {"shape": (32, 32, 3), "names": ["height", "width", "channels"]}
-    features = {"observation.images.cam_high": {"dtype": "video" if video else "image", **camera},
-                "observation.images.cam_left_wrist": {"dtype": "image", **camera},
-                "observation.state": {"dtype": "float32", "shape": (5,), "names": None},
-                "action": {"dtype": "float32", "shape": (3,), "names": None}}
+    features = {
+        "observation.images.cam_high": {"dtype": "video" if video else "image", **camera},
+        "observation.images.cam_left_wrist": {"dtype": "image", **camera},
+        "observation.state": {"dtype": "float32", "shape": (5,), "names": None},
+        "action": {"dtype": "float32", "shape": (3,), "names": None},
+    }
     dataset = LeRobotDataset.create("sfcache/test", fps=10, features=features, root=root, use_videos=video)
     rng, episodes = np.random.default_rng(seed), []
     for episode, length in enumerate(lengths):
@@ -51,9 +53,13 @@ def write_real(root: Path, video: bool, lengths=LENGTHS, seed: int = 0) -> list[
         state = rng.normal(size=(length, 5)).astype(np.float32)
         action = rng.normal(size=(length, 3)).astype(np.float32)
         for t in range(length):
-            frame = {"observation.images.cam_high": high[t], "observation.images.cam_left_wrist": wrist[t],
-                     "observation.state": state[t], "action": action[t]}
-            if CODEBASE_VERSION == "v2.1":                    # lerobot 0.3 takes the task apart
+            frame = {
+                "observation.images.cam_high": high[t],
+                "observation.images.cam_left_wrist": wrist[t],
+                "observation.state": state[t],
+                "action": action[t],
+            }
+            if CODEBASE_VERSION == "v2.1":  # lerobot 0.3 takes the task apart
                 dataset.add_frame(frame, task=f"task {episode % 2}")
             else:
                 dataset.add_frame({**frame, "task": f"task {episode % 2}"})
@@ -70,7 +76,7 @@ def test_source_reads_what_lerobot_wrote(tmp_path):
     episodes = write_real(tmp_path / "ds", video=True)
     source = open_source(tmp_path / "ds")
     assert source.views == ("cam_high", "cam_left_wrist")
-    sequential = []                                  # every frame of every file (v2.1: one per episode)
+    sequential = []  # every frame of every file (v2.1: one per episode)
     for file in sorted((tmp_path / "ds").rglob("*.mp4")):
         with av.open(str(file)) as container:
             sequential += [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
@@ -78,7 +84,7 @@ def test_source_reads_what_lerobot_wrote(tmp_path):
     for info, (high, wrist, state, action) in zip(source.episodes(), episodes):
         steps = source.read(info.key)
         np.testing.assert_array_equal(steps.frames[:, 1], wrist)
-        np.testing.assert_array_equal(steps.frames[:, 0], np.stack(sequential[first:first + len(high)]))
+        np.testing.assert_array_equal(steps.frames[:, 0], np.stack(sequential[first : first + len(high)]))
         assert np.abs(steps.frames[:, 0].astype(int) - high).mean() < 12
         np.testing.assert_array_equal(steps.proprio, state)
         np.testing.assert_array_equal(steps.actions, action)
@@ -100,8 +106,9 @@ def test_with_targets_over_lerobot_dataset(real_store, context):
     chosen = [0, 2] if CODEBASE_VERSION != "v2.1" else [0, 1]
     dataset = LeRobotDataset("sfcache/test", root=root, delta_timestamps={"action": [0.0, 0.1, 0.2]}, episodes=chosen)
     joined = WithTargets(dataset, targets, index="index")
-    loader = torch.utils.data.DataLoader(joined, batch_size=3, shuffle=True, num_workers=2,
-                                         multiprocessing_context=multiprocessing.get_context(context))
+    loader = torch.utils.data.DataLoader(
+        joined, batch_size=3, shuffle=True, num_workers=2, multiprocessing_context=multiprocessing.get_context(context)
+    )
     seen = []
     for batch in loader:
         keys = [f"episode_{int(e):06d}" for e in batch["episode_index"]]

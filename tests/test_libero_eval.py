@@ -16,11 +16,24 @@ import numpy as np
 import pytest
 import torch
 
-from sfcache.cli.main import main
 from sfcache import libero_eval
-from sfcache.libero_eval import (NOOP, EvalConfig, Observation, center_crop, invert_gripper, jpeg_roundtrip,
-                                 make_env, normalize_gripper, quat_to_axis_angle, resize_for_policy, run_episode,
-                                 simulator_available, suite_tasks, wilson_interval)
+from sfcache.cli.main import main
+from sfcache.libero_eval import (
+    NOOP,
+    EvalConfig,
+    Observation,
+    center_crop,
+    invert_gripper,
+    jpeg_roundtrip,
+    make_env,
+    normalize_gripper,
+    quat_to_axis_angle,
+    resize_for_policy,
+    run_episode,
+    simulator_available,
+    suite_tasks,
+    wilson_interval,
+)
 from sfcache.sources.synthetic import write_libero_hdf5
 from sfcache.train.augment import center_boxes
 from sfcache.train.libero_policy import CheckpointPolicy
@@ -46,8 +59,20 @@ def run_dir(tmp_path_factory) -> Path:
     """A tiny policy trained for 2 steps on a synthetic LIBERO HDF5 suite (4x4 tokens: 56 px images)."""
     root = tmp_path_factory.mktemp("eval_libero")
     data = write_libero_hdf5(root / "data", tasks=1, demos=3, steps=6, size=64).path
-    train(TrainConfig(source=data, out=root / "run", steps=2, batch_size=2, align_weight=0, model_size="tiny",
-                      grid=4, device="cpu", val_episodes=1, workers=0))
+    train(
+        TrainConfig(
+            source=data,
+            out=root / "run",
+            steps=2,
+            batch_size=2,
+            align_weight=0,
+            model_size="tiny",
+            grid=4,
+            device="cpu",
+            val_episodes=1,
+            workers=0,
+        )
+    )
     return root / "run"
 
 
@@ -58,6 +83,7 @@ def observation(seed: int = 0, size: int = 64) -> Observation:
 
 
 # ----------------------------------------------------------------------------- helpers (no simulator)
+
 
 def test_wilson_interval_known_values():
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-4)
@@ -71,11 +97,11 @@ def test_gripper_and_rotation_conventions():
     assert quat_to_axis_angle(quarter_turn_z) == pytest.approx([0, 0, math.pi / 2])
     assert quat_to_axis_angle(np.array([0, 0, 0, 1.0])) == pytest.approx([0, 0, 0])
     chunk = np.zeros((4, 7))
-    chunk[:, -1] = [0.0, 0.2, 0.8, 1.0]                     # RLDS convention: 1 = open
+    chunk[:, -1] = [0.0, 0.2, 0.8, 1.0]  # RLDS convention: 1 = open
     assert normalize_gripper(chunk)[:, -1].tolist() == [-1, -1, 1, 1]
     assert normalize_gripper(chunk, binarize=False)[:, -1] == pytest.approx([-1, -0.6, 0.6, 1])
-    assert invert_gripper(normalize_gripper(chunk))[:, -1].tolist() == [1, 1, -1, -1]   # LIBERO: -1 = open
-    assert chunk[:, -1].tolist() == [0.0, 0.2, 0.8, 1.0]     # inputs are not modified
+    assert invert_gripper(normalize_gripper(chunk))[:, -1].tolist() == [1, 1, -1, -1]  # LIBERO: -1 = open
+    assert chunk[:, -1].tolist() == [0.0, 0.2, 0.8, 1.0]  # inputs are not modified
 
 
 def test_center_crop_matches_crop_and_resize_on_a_ramp():
@@ -87,10 +113,12 @@ def test_center_crop_matches_crop_and_resize_on_a_ramp():
     side = math.sqrt(0.9)
     x = (1 - side) / 2 * (width - 1) + np.arange(width) * side
     low = np.floor(x).astype(int)
-    expected = image[0, low, 0] + (image[0, np.minimum(low + 1, width - 1), 0].astype(float) - image[0, low, 0]) * (x - low)
+    expected = image[0, low, 0] + (image[0, np.minimum(low + 1, width - 1), 0].astype(float) - image[0, low, 0]) * (
+        x - low
+    )
     assert out.shape == image.shape and out.dtype == np.uint8
     assert np.abs(out[5, :, 1].astype(float) - np.floor(expected / 255 * 255.5)).max() <= 1
-    assert out[:, 0, 0].min() > image[0, 0, 0] and out[:, -1, 0].max() < 255    # the border is cut off
+    assert out[:, 0, 0].min() > image[0, 0, 0] and out[:, -1, 0].max() < 255  # the border is cut off
 
 
 def test_jpeg_round_trip_and_policy_resize():
@@ -104,8 +132,12 @@ def test_jpeg_round_trip_and_policy_resize():
 def test_checkpoint_policy_prepares_images_as_validation(run_dir):
     policy = CheckpointPolicy(run_dir, device="cpu")
     obs = observation()
-    raw = {"frames": torch.from_numpy(np.stack([obs.images["primary"], obs.images["wrist"]]))[None],
-           "text": torch.zeros(1, 48, dtype=torch.long), "proprio": torch.zeros(1, 8), "actions": torch.zeros(1, 8, 7)}
+    raw = {
+        "frames": torch.from_numpy(np.stack([obs.images["primary"], obs.images["wrist"]]))[None],
+        "text": torch.zeros(1, 48, dtype=torch.long),
+        "proprio": torch.zeros(1, 8),
+        "actions": torch.zeros(1, 8, 7),
+    }
     validation = prepare(raw, policy.config, torch.device("cpu"), center_boxes(1), None, None)
     assert torch.equal(policy.images(obs), validation.images)
     chunk = policy(obs)
@@ -135,30 +167,47 @@ def test_missing_simulator_and_backend_are_one_line_errors(run_dir, tmp_path, ca
 
 # ----------------------------------------------------------------------------- the real simulator
 
+
 @needs_simulator
 def test_short_episode_end_to_end_renders_and_resumes(run_dir, tmp_path, capsys, monkeypatch):
     import imageio.v2 as imageio
 
     out = tmp_path / "eval"
-    args = ["eval-libero", run_dir, "--suite", "spatial", "--tasks", "0", "--trials-per-task", "1",
-            "--max-steps", "8", "--video", "1", "--out", out, "--device", "cpu"]
+    args = [
+        "eval-libero",
+        run_dir,
+        "--suite",
+        "spatial",
+        "--tasks",
+        "0",
+        "--trials-per-task",
+        "1",
+        "--max-steps",
+        "8",
+        "--video",
+        "1",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    ]
     code, output = run_cli(capsys, *args)
     assert code == 0, output
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 1
     record = records[0]
     assert record["task_id"] == 0 and record["trial"] == 0 and record["steps"] == 8 and record["sim_steps"] == 18
-    assert record["success"] is False and record["seconds"] > 0      # 8 steps of a 2-step policy: no success
+    assert record["success"] is False and record["seconds"] > 0  # 8 steps of a 2-step policy: no success
     assert record["task"] == suite_tasks("spatial")[0].instruction
     summary = json.loads((out / "summary.json").read_text())
     assert summary["episodes"] == 1 and summary["success_rate"] == 0.0 and summary["ci95"][1] > 0.7
     assert summary["protocol"].startswith("shortened") and summary["config"]["step_limit"] == 8
     assert summary["policy"]["step"] == 2 and "libero_spatial" in output and "success 0.0%" in output
 
-    frames = np.stack(imageio.mimread(out / record["video"]))   # the primary view at each policy step
+    frames = np.stack(imageio.mimread(out / record["video"]))  # the primary view at each policy step
     assert frames.shape == (8, 256, 256, 3)
-    assert frames.std() > 20 and (frames.reshape(8, -1).std(axis=1) > 20).all()          # not blank
-    assert np.abs(frames[-1].astype(int) - frames[0]).mean() > 0.5                       # the arm moved
+    assert frames.std() > 20 and (frames.reshape(8, -1).std(axis=1) > 20).all()  # not blank
+    assert np.abs(frames[-1].astype(int) - frames[0]).mean() > 0.5  # the arm moved
 
     # run again: every episode is already in results.jsonl, so no simulator is even created
     monkeypatch.setattr(libero_eval, "make_env", lambda *a, **k: pytest.fail("episode run again"))
@@ -172,18 +221,18 @@ def test_short_episode_end_to_end_renders_and_resumes(run_dir, tmp_path, capsys,
 @needs_simulator
 def test_goal_state_is_detected_as_success_by_the_loop():
     """Put the bowl on the plate through the simulator state: the env's own check ends the episode at step 1."""
-    task = suite_tasks("spatial")[0]          # pick up the black bowl ... and place it on the plate
+    task = suite_tasks("spatial")[0]  # pick up the black bowl ... and place it on the plate
     env = make_env(task, resolution=64)
     try:
-        env.set_init_state(task.init_states[0])                     # a new env needs no reset first
-        assert not env.check_success()                               # the bowl starts next to the plate
+        env.set_init_state(task.init_states[0])  # a new env needs no reset first
+        assert not env.check_success()  # the bowl starts next to the plate
         sim = env.sim
         plate = sim.data.body_xpos[sim.model.body_name2id("plate_1_main")].copy()
         bowl = sim.data.get_joint_qpos("akita_black_bowl_1_joint0").copy()
-        bowl[:3] = plate + [0, 0, 0.03]                              # just above the plate; it settles while waiting
+        bowl[:3] = plate + [0, 0, 0.03]  # just above the plate; it settles while waiting
         sim.data.set_joint_qpos("akita_black_bowl_1_joint0", bowl)
         sim.forward()
-        assert not env.check_success()                               # not yet resting on it
+        assert not env.check_success()  # not yet resting on it
         goal = env.get_sim_state()
 
         def hold_still(obs: Observation) -> np.ndarray:
@@ -202,7 +251,10 @@ def test_eval_config_is_checked_before_any_episode(tmp_path):
         libero_eval._check_config(EvalConfig("spatial", tmp_path, tasks=(12,)), tasks)
     with pytest.raises(libero_eval.SfcacheError, match="50 fixed init states"):
         libero_eval._check_config(EvalConfig("spatial", tmp_path, trials_per_task=51), tasks)
-    assert [t.index for t in libero_eval._check_config(EvalConfig("spatial", tmp_path, tasks=(3, 1, 3)), tasks)] == [3, 1]
+    assert [t.index for t in libero_eval._check_config(EvalConfig("spatial", tmp_path, tasks=(3, 1, 3)), tasks)] == [
+        3,
+        1,
+    ]
 
 
 def test_original_libero_first_import_questions_are_answered_by_a_config(tmp_path, monkeypatch):
@@ -220,7 +272,7 @@ def test_original_libero_first_import_questions_are_answered_by_a_config(tmp_pat
     lines = (tmp_path / "config" / "config.yaml").read_text().splitlines()
     assert f"bddl_files: {package / 'libero' / 'bddl_files'}" in lines
     assert f"init_states: {package / 'libero' / 'init_files'}" in lines and len(lines) == 5
-    (package / "libero" / "__init__.py").write_text("paths = {}\n")        # a package that never asks
+    (package / "libero" / "__init__.py").write_text("paths = {}\n")  # a package that never asks
     monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "other"))
     libero_eval._write_libero_config()
     assert not (tmp_path / "other").exists()
@@ -231,9 +283,13 @@ class _ScriptedEnv:
 
     def __init__(self, fail_at: int | None = None):
         self.fail_at, self.calls = fail_at, 0
-        self.obs = {"agentview_image": np.zeros((8, 8, 3), np.uint8), "robot0_eye_in_hand_image":
-                    np.zeros((8, 8, 3), np.uint8), "robot0_eef_pos": np.zeros(3), "robot0_eef_quat":
-                    np.array([0.0, 0.0, 0.0, 1.0]), "robot0_gripper_qpos": np.zeros(2)}
+        self.obs = {
+            "agentview_image": np.zeros((8, 8, 3), np.uint8),
+            "robot0_eye_in_hand_image": np.zeros((8, 8, 3), np.uint8),
+            "robot0_eef_pos": np.zeros(3),
+            "robot0_eef_quat": np.array([0.0, 0.0, 0.0, 1.0]),
+            "robot0_gripper_qpos": np.zeros(2),
+        }
 
     def reset(self):
         return self.obs
@@ -249,12 +305,12 @@ class _ScriptedEnv:
 
 
 def test_nan_actions_and_simulator_errors_end_the_episode_as_a_failure():
-    nan_policy = lambda obs: np.full((8, 7), np.nan)                          # noqa: E731
+    nan_policy = lambda obs: np.full((8, 7), np.nan)  # noqa: E731
     result = run_episode(_ScriptedEnv(), nan_policy, "task", np.zeros(1), max_steps=5)
     assert not result.success and result.steps == 0 and "NaN or Inf actions at step 0" in result.error
     result = run_episode(_ScriptedEnv(fail_at=3), lambda obs: np.tile(NOOP, (8, 1)), "task", np.zeros(1), max_steps=9)
     assert not result.success and result.steps == 3 and "simulator failed at step 3" in result.error
-    with pytest.raises(libero_eval.SfcacheError, match="expected \\[chunk, 7\\]"):      # a policy bug still stops
+    with pytest.raises(libero_eval.SfcacheError, match="expected \\[chunk, 7\\]"):  # a policy bug still stops
         run_episode(_ScriptedEnv(), lambda obs: np.zeros((8, 6)), "task", np.zeros(1), max_steps=2)
 
 
@@ -268,22 +324,66 @@ def test_a_torn_results_line_is_cut_before_new_records(tmp_path):
 
 def test_summary_json_keeps_its_fields_and_the_cli_prints_them(run_dir, tmp_path, capsys, monkeypatch):
     """summary.json is the summary dataclass as JSON, keys in their documented order; `sf eval-libero` renders it."""
-    records = [{"task": f"task {t}", "task_id": t, "trial": k, "success": (t + k) % 2 == 0, "steps": 10 + k,
-                "seconds": 2.0, "sim_steps": 30} for t in (0, 3) for k in range(2)]
+    records = [
+        {
+            "task": f"task {t}",
+            "task_id": t,
+            "trial": k,
+            "success": (t + k) % 2 == 0,
+            "steps": 10 + k,
+            "seconds": 2.0,
+            "sim_steps": 30,
+        }
+        for t in (0, 3)
+        for k in range(2)
+    ]
     config = EvalConfig("spatial", tmp_path / "eval", tasks=(0, 3), trials_per_task=2)
     summary = libero_eval.summarize(records, config, {"step": 2})
     document = json.loads(json.dumps(dataclasses.asdict(summary)))
-    assert list(document) == ["suite", "config", "policy", "protocol", "episodes", "successes", "success_rate",
-                              "ci95", "mean_steps", "seconds_per_episode", "sim_steps_per_s", "tasks", "videos"]
-    assert list(document["tasks"][0]) == ["task_id", "task", "episodes", "successes", "success_rate", "ci95",
-                                          "mean_steps", "seconds_per_episode", "sim_steps_per_s"]
+    assert list(document) == [
+        "suite",
+        "config",
+        "policy",
+        "protocol",
+        "episodes",
+        "successes",
+        "success_rate",
+        "ci95",
+        "mean_steps",
+        "seconds_per_episode",
+        "sim_steps_per_s",
+        "tasks",
+        "videos",
+    ]
+    assert list(document["tasks"][0]) == [
+        "task_id",
+        "task",
+        "episodes",
+        "successes",
+        "success_rate",
+        "ci95",
+        "mean_steps",
+        "seconds_per_episode",
+        "sim_steps_per_s",
+    ]
     assert (summary.episodes, summary.successes, summary.success_rate) == (4, 2, 0.5)
     assert [(t.task_id, t.successes) for t in summary.tasks] == [(0, 1), (3, 1)]
     assert summary.sim_steps_per_s == 15.0 and summary.config["step_limit"] == 220
     seen = []
     monkeypatch.setattr("sfcache.cli.eval_libero.evaluate", lambda policy, cfg, info: seen.append(cfg) or summary)
-    code, output = run_cli(capsys, "eval-libero", run_dir, "--suite", "spatial", "--tasks", "0,3",
-                           "--trials-per-task", "2", "--device", "cpu")
+    code, output = run_cli(
+        capsys,
+        "eval-libero",
+        run_dir,
+        "--suite",
+        "spatial",
+        "--tasks",
+        "0,3",
+        "--trials-per-task",
+        "2",
+        "--device",
+        "cpu",
+    )
     assert code == 0, output
     assert seen == [EvalConfig("spatial", run_dir / "eval_libero_spatial", tasks=(0, 3), trials_per_task=2)]
     assert "success 50.0% over 4 episodes (15.0 simulator steps/s, 2.0 s/episode)" in output

@@ -36,25 +36,33 @@ from sfcache.sources import EpisodeInfo, open_source
 from sfcache.sources.synthetic import write_libero_rlds
 from sfcache.store import create_store, lock_store, open_cache, pack_episodes
 from sfcache.torch import CachedTargets, SpatialForcingLoss, crop_target_grid
+from sfcache.train.augment import crop_images
 from sfcache.vggt import load_vggt
 from sfcache.vggt.preprocess import preprocess
 from tests.test_store import build, make_config
-from sfcache.train.augment import crop_images
 
 EPISODES, STEPS, FUTURE, SIZE, POLICY = 4, 6, 2, 96, 224
 IMAGE_KEYS = {"primary": "image", "wrist": "wrist_image"}
-OFT_AUGMENT = dict(random_resized_crop=dict(scale=[0.9, 0.9], ratio=[1.0, 1.0]), random_brightness=[0.2],
-                   random_contrast=[0.8, 1.2], random_saturation=[0.8, 1.2], random_hue=[0.05],
-                   augment_order=["random_resized_crop", "random_brightness", "random_contrast",
-                                  "random_saturation", "random_hue"])
+OFT_AUGMENT = dict(
+    random_resized_crop=dict(scale=[0.9, 0.9], ratio=[1.0, 1.0]),
+    random_brightness=[0.2],
+    random_contrast=[0.8, 1.2],
+    random_saturation=[0.8, 1.2],
+    random_hue=[0.05],
+    augment_order=["random_resized_crop", "random_brightness", "random_contrast", "random_saturation", "random_hue"],
+)
 CROP_ONLY = dict(random_resized_crop=OFT_AUGMENT["random_resized_crop"], augment_order=["random_resized_crop"])
 
 
 def oft_pipeline(tf, tfds, builder):
     """Frames as OFT's training pipeline yields them, each augmented twice with one seed (OFT's kwargs and
     crop only), plus the un-augmented 224 px frames under `test_unaugmented`."""
-    episodes = builder.as_dataset(split="train", shuffle_files=True, decoders={"steps": tfds.decode.SkipDecoding()},
-                                  read_config=tfds.ReadConfig(skip_prefetch=True))
+    episodes = builder.as_dataset(
+        split="train",
+        shuffle_files=True,
+        decoders={"steps": tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(skip_prefetch=True),
+    )
 
     def steps_on_top(episode):
         steps = dict(episode)
@@ -68,13 +76,17 @@ def oft_pipeline(tf, tfds, builder):
         new_obs = {f"image_{new}": traj["observation"][old] for new, old in IMAGE_KEYS.items()}
         new_obs["proprio"] = traj["observation"]["state"]
         new_obs["timestep"] = tf.range(length)
-        new_obs.update(sf_oft.episode_fields(traj))                       # the line users add
-        new_obs["pad_mask_dict"] = {f"image_{new}": tf.strings.length(new_obs[f"image_{new}"]) != 0
-                                    for new in IMAGE_KEYS}
-        kept = length - FUTURE                                             # chunk_act_obs, window 1
+        new_obs.update(sf_oft.episode_fields(traj))  # the line users add
+        new_obs["pad_mask_dict"] = {
+            f"image_{new}": tf.strings.length(new_obs[f"image_{new}"]) != 0 for new in IMAGE_KEYS
+        }
+        kept = length - FUTURE  # chunk_act_obs, window 1
         actions = tf.gather(traj["action"], tf.minimum(tf.range(kept)[:, None] + tf.range(FUTURE + 1), length - 1))
-        return {"observation": tf.nest.map_structure(lambda x: tf.gather(x, tf.range(kept)[:, None]), new_obs),
-                "action": actions, "language_instruction": traj["language_instruction"][:kept]}
+        return {
+            "observation": tf.nest.map_structure(lambda x: tf.gather(x, tf.range(kept)[:, None]), new_obs),
+            "action": actions,
+            "language_instruction": traj["language_instruction"][:kept],
+        }
 
     def decode_and_resize(obs):
         for view in IMAGE_KEYS:
@@ -97,10 +109,12 @@ def oft_pipeline(tf, tfds, builder):
                 box = tf.stack([y0, x0, y0 + height, x0 + width], axis=1)
                 image = tf.image.crop_and_resize(image[None], box, [0], (POLICY, POLICY))[0]
             else:
-                colour = {"random_brightness": tf.image.stateless_random_brightness,
-                          "random_contrast": tf.image.stateless_random_contrast,
-                          "random_saturation": tf.image.stateless_random_saturation,
-                          "random_hue": tf.image.stateless_random_hue}[op]
+                colour = {
+                    "random_brightness": tf.image.stateless_random_brightness,
+                    "random_contrast": tf.image.stateless_random_contrast,
+                    "random_saturation": tf.image.stateless_random_saturation,
+                    "random_hue": tf.image.stateless_random_hue,
+                }[op]
                 image = colour(image, *kwargs[op], seed=seed)
             image = tf.clip_by_value(image, 0, 1)
         return tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
@@ -108,12 +122,14 @@ def oft_pipeline(tf, tfds, builder):
     def oft_augment(obs, seed, augment_kwargs):
         names = {key[6:] for key in obs if key.startswith("image_")}
         for i, name in enumerate(names):
-            obs[f"image_{name}"] = tf.cond(obs["pad_mask_dict"][f"image_{name}"],
-                                           lambda: dlimp_augment_image(obs[f"image_{name}"], seed + i, augment_kwargs),
-                                           lambda: obs[f"image_{name}"])
+            obs[f"image_{name}"] = tf.cond(
+                obs["pad_mask_dict"][f"image_{name}"],
+                lambda: dlimp_augment_image(obs[f"image_{name}"], seed + i, augment_kwargs),
+                lambda: obs[f"image_{name}"],
+            )
         return obs
 
-    augment = sf_oft.augment_with_boxes(oft_augment)                      # the line users change
+    augment = sf_oft.augment_with_boxes(oft_augment)  # the line users change
 
     def frame_transforms(frame):
         obs = decode_and_resize(tf.nest.map_structure(lambda x: x[0], frame["observation"]))
@@ -137,18 +153,28 @@ def oft(tmp_path_factory):
     tfds = pytest.importorskip("tensorflow_datasets")
     root = tmp_path_factory.mktemp("oft")
     written = write_libero_rlds(root / "data", episodes=EPISODES, steps=STEPS, size=SIZE, shards=2)
-    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=":0",
-                      silence_logs=logging.CRITICAL) as cluster:
-        extract(ExtractConfig(source=written.path, out=root / "store", vggt="random:tiny", layers=(-1,),
-                              recipe="openvla-oft",
-                              steps_per_shard=8, batch_size=4, scheduler=cluster.scheduler_address), progress=False)
+    with LocalCluster(
+        n_workers=1, processes=False, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.CRITICAL
+    ) as cluster:
+        extract(
+            ExtractConfig(
+                source=written.path,
+                out=root / "store",
+                vggt="random:tiny",
+                layers=(-1,),
+                recipe="openvla-oft",
+                steps_per_shard=8,
+                batch_size=4,
+                scheduler=cluster.scheduler_address,
+            ),
+            progress=False,
+        )
     builder = sf_oft.with_tfds_ids(tfds.builder_from_directory(str(written.path / "1.0.0")))
     transform = sf_oft.with_sf_fields(lambda sample: {"observation": sample["observation"]})
     collate = sf_oft.collate_with_sf_fields(lambda items: {"observation": [i["observation"] for i in items]})
     samples = [transform(sample) for sample in oft_pipeline(tf, tfds, builder).as_numpy_iterator()]
-    batches = [collate(samples[i:i + 4]) for i in range(0, len(samples), 4)]
-    return {"tf": tf, "tfds": tfds, "builder": builder, "written": written, "store": root / "store",
-            "batches": batches}
+    batches = [collate(samples[i : i + 4]) for i in range(0, len(samples), 4)]
+    return {"tf": tf, "tfds": tfds, "builder": builder, "written": written, "store": root / "store", "batches": batches}
 
 
 def test_tfds_ids_name_sfcache_episodes_and_train_slices(oft):
@@ -156,8 +182,9 @@ def test_tfds_ids_name_sfcache_episodes_and_train_slices(oft):
     tfds, cache, source = oft["tfds"], open_cache(oft["store"]), open_source(oft["written"].path)
     assert "tfds_shards" in cache.attrs["source"]
     for i in range(EPISODES):
-        (episode,) = oft["builder"].as_dataset(split=f"train[{i}:{i + 1}]",
-                                               read_config=tfds.ReadConfig(add_tfds_id=True))
+        (episode,) = oft["builder"].as_dataset(
+            split=f"train[{i}:{i + 1}]", read_config=tfds.ReadConfig(add_tfds_id=True)
+        )
         key = cache.key_for(episode["tfds_id"].numpy().decode())
         assert key == f"libero_10_no_noops/episode_{i:06d}" and cache.episode(key).length == STEPS
         actions = np.stack([step["action"].numpy() for step in episode["steps"]])
@@ -176,53 +203,59 @@ def test_every_sample_is_joined_to_the_target_of_its_unaugmented_frame(oft):
     """Exact against VGGT on sfcache's decode of the joined (episode, step), and against VGGT on the pipeline's
     own un-augmented frame: `--recipe openvla-oft` decodes JPEGs as TF does (IFAST) and resizes as dlimp does."""
     targets, source = CachedTargets(oft["store"], recipe="openvla-oft"), open_source(oft["written"].path)
-    source.jpeg_fast_dct = True                                   # what the recipe reads with
+    source.jpeg_fast_dct = True  # what the recipe reads with
     model = load_vggt("random:tiny", "cpu")[0]
     batches = oft["batches"]
     seen = {(tfds_id, int(step)) for b in batches for tfds_id, step in zip(b["sf_tfds_id"], b["sf_step"])}
     assert len(seen) == EPISODES * (STEPS - FUTURE) == sum(len(b["sf_step"]) for b in batches)
     for batch in batches[:2]:
         full = {**batch, "sf_crop_boxes": torch.tensor([[[0.0, 0.0, 1.0, 1.0]] * 2] * len(batch["sf_step"]))}
-        joined = sf_oft.batch_targets(targets, full)                             # [B, V*256, C]
+        joined = sf_oft.batch_targets(targets, full)  # [B, V*256, C]
         keys = [targets.cache.key_for(tfds_id) for tfds_id in batch["sf_tfds_id"]]
         decoded = np.stack([source.read(k, int(t), int(t) + 1).frames[0] for k, t in zip(keys, batch["sf_step"])])
         exact = F.cosine_similarity(joined, online_targets(model, decoded, targets), dim=-1)
         assert exact.min() > 0.99999, exact.min()
         frames = np.stack([obs["test_unaugmented"][0] for obs in batch["observation"]])
         online = online_targets(model, frames, targets)
-        cosine = F.cosine_similarity(joined, online, dim=-1)                     # [B, tokens]
+        cosine = F.cosine_similarity(joined, online, dim=-1)  # [B, tokens]
         assert cosine.min() > 0.99999, cosine.min()
         # a neighbouring step's target is much further away: the join picks this very frame
         other = targets.targets_for(batch["sf_tfds_id"], (batch["sf_step"] + 1) % (STEPS - FUTURE)).flatten(1, 2)
         assert (F.cosine_similarity(other, online, dim=-1).mean(1) < cosine.mean(1) - 1e-3).all()
         cropped = sf_oft.batch_targets(targets, batch)
-        expected = crop_target_grid(targets.targets_for(batch["sf_tfds_id"], batch["sf_step"]) -
-                                           targets.position_embedding(), targets.grid, targets.native_grid,
-                                           batch["sf_crop_boxes"]) + targets.position_embedding()
+        expected = (
+            crop_target_grid(
+                targets.targets_for(batch["sf_tfds_id"], batch["sf_step"]) - targets.position_embedding(),
+                targets.grid,
+                targets.native_grid,
+                batch["sf_crop_boxes"],
+            )
+            + targets.position_embedding()
+        )
         torch.testing.assert_close(cropped, expected.flatten(1, 2), rtol=1e-5, atol=1e-5)
 
 
 def test_crop_boxes_are_the_crops_dlimp_applied_per_view(oft):
     checked = 0
     for batch in oft["batches"]:
-        boxes = batch["sf_crop_boxes"]                                           # [B, V, 4]
+        boxes = batch["sf_crop_boxes"]  # [B, V, 4]
         assert boxes.shape[1:] == (2, 4)
         crop_only = torch.from_numpy(np.stack([obs["test_crop_only_boxes"][0] for obs in batch["observation"]]))
-        torch.testing.assert_close(boxes, crop_only, rtol=0, atol=0)            # the draws depend only on the seed
-        assert not torch.equal(boxes[:, 0], boxes[:, 1])                        # each view has its own seed
+        torch.testing.assert_close(boxes, crop_only, rtol=0, atol=0)  # the draws depend only on the seed
+        assert not torch.equal(boxes[:, 0], boxes[:, 1])  # each view has its own seed
         spans = boxes[..., 2:] - boxes[..., :2]
-        torch.testing.assert_close(spans, torch.full_like(spans, 0.9 ** 0.5), rtol=0, atol=1e-6)
+        torch.testing.assert_close(spans, torch.full_like(spans, 0.9**0.5), rtol=0, atol=1e-6)
         raw = torch.from_numpy(np.stack([obs["test_unaugmented"][0] for obs in batch["observation"]]))
         applied = np.stack([obs["test_crop_only"][0] for obs in batch["observation"]]).astype(np.int16)
         full = np.stack([obs["image_primary"][0] for obs in batch["observation"]]).astype(np.int16)
-        assert np.abs(full - applied[:, 0]).mean() > 1.0                      # OFT's kwargs also change colours
+        assert np.abs(full - applied[:, 0]).mean() > 1.0  # OFT's kwargs also change colours
         for view in range(2):
             image = raw[:, view].permute(0, 3, 1, 2)[:, None].float() / 255
             ours = (crop_images(image, boxes[:, view], POLICY)[:, 0].permute(0, 2, 3, 1) * 255).numpy()
-            assert np.abs(ours - applied[:, view]).max() <= 1.01             # uint8 truncation
+            assert np.abs(ours - applied[:, view]).max() <= 1.01  # uint8 truncation
             shifted = boxes[:, view] + torch.tensor([1.5, 1.5, 1.5, 1.5]) / POLICY
             off = (crop_images(image, shifted, POLICY)[:, 0].permute(0, 2, 3, 1) * 255).numpy()
-            assert np.abs(off - applied[:, view]).max() > 8                  # a box 1.5 px off is seen
+            assert np.abs(off - applied[:, view]).max() > 8  # a box 1.5 px off is seen
             checked += len(boxes)
     assert checked == 2 * EPISODES * (STEPS - FUTURE)
 
@@ -233,38 +266,46 @@ def test_a_join_to_an_episode_of_another_length_fails_clearly(oft):
     with pytest.raises(StoreError, match=rf"has {STEPS} steps in the cache but {STEPS + 1} in your data pipeline"):
         sf_oft.batch_targets(targets, {**batch, "sf_episode_length": batch["sf_episode_length"] + 1})
     with pytest.raises(SfcacheError, match=r"targets.tokens"):
-        SpatialForcingLoss(8, targets.channels)(torch.zeros(len(batch["sf_step"]), 513, 8),
-                                                sf_oft.batch_targets(targets, batch))
+        SpatialForcingLoss(8, targets.channels)(
+            torch.zeros(len(batch["sf_step"]), 513, 8), sf_oft.batch_targets(targets, batch)
+        )
 
 
 def test_sfcache_imports_after_tensorflow():
     """TensorFlow first, then sfcache's readers and inspect: no protobuf default-pool clash."""
     pytest.importorskip("tensorflow")
-    code = ("import tensorflow, sfcache.sources, sfcache.inspect, sfcache.sources.synthetic; "
-            "from sfcache.sources.tf_example import Example; "
-            "print(tensorflow.train.Example.FromString(Example().SerializeToString()) is not None)")
+    code = (
+        "import tensorflow, sfcache.sources, sfcache.inspect, sfcache.sources.synthetic; "
+        "from sfcache.sources.tf_example import Example; "
+        "print(tensorflow.train.Example.FromString(Example().SerializeToString()) is not None)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("True"), result.stderr[-2000:]
 
 
 def test_tfds_ids_resolve_through_recorded_shards_and_old_stores_still_open_and_resume(tmp_path):
-    build(tmp_path / "old")                                   # a store made before shards were recorded
+    build(tmp_path / "old")  # a store made before shards were recorded
     old = CachedTargets(tmp_path / "old", add_position_embedding=False)
     assert old.cache.key_for("s-train.tfrecord-00000-of-00002__0") == "s-train.tfrecord-00000-of-00002__0"
     with pytest.raises(StoreError, match="is not in the cache"):
         old.get("s-train.tfrecord-00000-of-00002__0", 0)
     episodes = pack_episodes([EpisodeInfo(f"suite_no_noops/episode_{i:06d}", "x", n) for i, n in enumerate((5, 7, 3))])
-    shards = [["suite_no_noops", "s-train.tfrecord-00000-of-00002", 2],
-              ["suite_no_noops", "s-train.tfrecord-00001-of-00002", 1]]
+    shards = [
+        ["suite_no_noops", "s-train.tfrecord-00000-of-00002", 2],
+        ["suite_no_noops", "s-train.tfrecord-00001-of-00002", 1],
+    ]
     source = {**make_config().source, "format": "libero_rlds", "tfds_shards": shards}
     _, values = build(tmp_path / "new", episodes=episodes, source=source)
     new = CachedTargets(tmp_path / "new", add_position_embedding=False)
-    got = new.targets_for([b"s-train.tfrecord-00001-of-00002__0", "s-train.tfrecord-00000-of-00002__1"], [2, 6],
-                          lengths=torch.tensor([3, 7]))
+    got = new.targets_for(
+        [b"s-train.tfrecord-00001-of-00002__0", "s-train.tfrecord-00000-of-00002__1"],
+        [2, 6],
+        lengths=torch.tensor([3, 7]),
+    )
     np.testing.assert_array_equal(got.numpy(), values[[5 + 7 + 2, 5 + 6]].astype(np.float16).astype(np.float32))
     with pytest.raises(StoreError, match="'s-train.tfrecord-00000-of-00002__1' has 7 steps in the cache but 8"):
         new.get("s-train.tfrecord-00000-of-00002__1", 0, length=8)
-    with lock_store(tmp_path / "new"):                        # shards recorded or not: the same store resumes
+    with lock_store(tmp_path / "new"):  # shards recorded or not: the same store resumes
         create_store(tmp_path / "new", make_config(episodes=episodes, source={**source, "tfds_shards": None}))
 
 

@@ -24,29 +24,33 @@ from sfcache.store import RUN_NAME, open_cache
 from tests._train_helpers import tree_digest
 from tests.test_extract import _corrupt_robotwin_frame
 
-TASKS = [(0, 1), (2, 3), (4, 5)]   # 6 shards of 2 steps on one worker: 3 tasks of 2 shards (see _run_shards)
-HOLD_S = 60                        # how long a last write waits for the next task to compute (never, if they overlap)
+TASKS = [(0, 1), (2, 3), (4, 5)]  # 6 shards of 2 steps on one worker: 3 tasks of 2 shards (see _run_shards)
+HOLD_S = 60  # how long a last write waits for the next task to compute (never, if they overlap)
 
 
 @pytest.fixture(scope="module")
 def schedulers():
     """In-process clusters of one worker: one Dask thread (one task at a time) and TASKS_IN_FLIGHT threads."""
     common = dict(n_workers=1, processes=False, dashboard_address=":0", silence_logs=logging.CRITICAL)
-    with LocalCluster(threads_per_worker=1, **common) as one, \
-            LocalCluster(threads_per_worker=TASKS_IN_FLIGHT, **common) as overlapping:
+    with (
+        LocalCluster(threads_per_worker=1, **common) as one,
+        LocalCluster(threads_per_worker=TASKS_IN_FLIGHT, **common) as overlapping,
+    ):
         yield {"one": one.scheduler_address, "overlapping": overlapping.scheduler_address}
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """6 legacy RoboTwin episodes of 2 steps (JPEG frames, 3 views): one episode per shard."""
-    return write_robotwin(tmp_path_factory.mktemp("pipeline") / "data", tasks=1, episodes=6, steps=2,
-                          height=48, width=64).path
+    return write_robotwin(
+        tmp_path_factory.mktemp("pipeline") / "data", tasks=1, episodes=6, steps=2, height=48, width=64
+    ).path
 
 
 def config(dataset: Path, out: Path, scheduler: str, **options) -> ExtractConfig:
-    return ExtractConfig(source=dataset, out=out, vggt="random:tiny", steps_per_shard=2, batch_size=2,
-                         scheduler=scheduler, **options)
+    return ExtractConfig(
+        source=dataset, out=out, vggt="random:tiny", steps_per_shard=2, batch_size=2, scheduler=scheduler, **options
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +62,11 @@ def one_at_a_time(dataset, schedulers, tmp_path_factory) -> Path:
 
 def store_bytes(path: Path) -> dict:
     """Every file's digest and the provenance, less what differs between any two runs (time, run id)."""
-    files = {name: digest for name, digest in tree_digest(path).items()
-             if name != "zarr.json" and not name.startswith(".sfcache")}
+    files = {
+        name: digest
+        for name, digest in tree_digest(path).items()
+        if name != "zarr.json" and not name.startswith(".sfcache")
+    }
     attrs = dict(zarr.open_group(str(path), mode="r").attrs["sfcache"])
     attrs.pop("created")
     return {"files": files, "attrs": attrs}
@@ -75,7 +82,7 @@ class Timeline:
 
     def __init__(self, monkeypatch, holds: int = len(TASKS) - 1, on_held=lambda task: None):
         self.events: list[tuple] = []
-        self.turns: list[tuple] = []            # tasks in the order they first computed
+        self.turns: list[tuple] = []  # tasks in the order they first computed
         self.changed = threading.Condition()
         task_of = threading.local()
         run, targets, write = VGGTWorker._run, VGGTWorker._targets, VGGTWorker._write
@@ -115,7 +122,8 @@ class Timeline:
 
 
 def test_overlapping_tasks_take_turns_on_the_model_and_write_byte_identical_stores(
-        tmp_path, dataset, schedulers, one_at_a_time, monkeypatch):
+    tmp_path, dataset, schedulers, one_at_a_time, monkeypatch
+):
     timeline = Timeline(monkeypatch)
     out = tmp_path / "store"
     summary = extract(config(dataset, out, schedulers["overlapping"]), progress=False)
@@ -124,7 +132,7 @@ def test_overlapping_tasks_take_turns_on_the_model_and_write_byte_identical_stor
 
     assert sorted(timeline.turns) == TASKS
     computes = [task for (task,) in timeline.of("compute")]
-    assert computes == [task for task in timeline.turns for _ in task]     # one task at a time, each to its end
+    assert computes == [task for task in timeline.turns for _ in task]  # one task at a time, each to its end
     # the next task computed while each task's last write waited: the model had work at every task boundary
     assert timeline.of("held") == [(task, True) for task in timeline.turns[:-1]]
     assert [shard for _, shard in timeline.of("write")] == [s for task in timeline.turns for s in task]
@@ -139,9 +147,10 @@ def test_one_task_at_a_time_never_computes_during_a_last_write(tmp_path, dataset
 
 
 def test_a_bad_file_in_one_of_two_tasks_in_flight_stops_the_run_or_is_skipped(
-        tmp_path, dataset, schedulers, one_at_a_time):
-    data = shutil.copytree(dataset, tmp_path / "data")   # a private copy to damage
-    bad_file = _corrupt_robotwin_frame(data, episode=3, step=1)          # shard 3, second shard of task (2, 3)
+    tmp_path, dataset, schedulers, one_at_a_time
+):
+    data = shutil.copytree(dataset, tmp_path / "data")  # a private copy to damage
+    bad_file = _corrupt_robotwin_frame(data, episode=3, step=1)  # shard 3, second shard of task (2, 3)
     out = tmp_path / "store"
     with pytest.raises(SourceError, match="shard 3 left not done") as raised:
         extract(config(data, out, schedulers["overlapping"]), progress=False)
@@ -159,10 +168,11 @@ def test_a_bad_file_in_one_of_two_tasks_in_flight_stops_the_run_or_is_skipped(
 
 
 def test_a_run_superseded_while_two_tasks_are_in_flight_writes_nothing_more(
-        tmp_path, dataset, schedulers, one_at_a_time, monkeypatch):
+    tmp_path, dataset, schedulers, one_at_a_time, monkeypatch
+):
     out = tmp_path / "store"
 
-    def take_over(task):   # another run takes the store as the first task's last write is due
+    def take_over(task):  # another run takes the store as the first task's last write is due
         if task == timeline.turns[0]:
             (out / RUN_NAME).write_text("f" * 32)
 
@@ -171,7 +181,7 @@ def test_a_run_superseded_while_two_tasks_are_in_flight_writes_nothing_more(
         extract(config(dataset, out, schedulers["overlapping"]), progress=False)
     monkeypatch.undo()
     first = timeline.turns[0]
-    assert timeline.of("held")[0] == (first, True)                      # the second task was computing by then
+    assert timeline.of("held")[0] == (first, True)  # the second task was computing by then
     assert open_cache(out).done_shards().tolist() == [shard == first[0] for shard in range(6)]
     assert not [event for event in timeline.events if event[0] == "written" and event[1] != first]
     extract(config(dataset, out, schedulers["overlapping"]), progress=False)
@@ -179,7 +189,8 @@ def test_a_run_superseded_while_two_tasks_are_in_flight_writes_nothing_more(
 
 
 def test_the_stop_file_stops_the_task_waiting_to_start_and_leaves_whole_shards(
-        tmp_path, dataset, schedulers, one_at_a_time, monkeypatch):
+    tmp_path, dataset, schedulers, one_at_a_time, monkeypatch
+):
     out = tmp_path / "store"
 
     def stop(task):
@@ -193,7 +204,7 @@ def test_the_stop_file_stops_the_task_waiting_to_start_and_leaves_whole_shards(
     third = next(task for task in TASKS if task not in (first, second))
     done = open_cache(out).done_shards()
     assert all(done[list(first)]) and not any(done[list(third)]) and summary.shards_done == done.sum()
-    assert len(timeline.turns) == 2                                     # the third task computed nothing
+    assert len(timeline.turns) == 2  # the third task computed nothing
     summary = extract(config(dataset, out, schedulers["overlapping"]), progress=False)
     assert summary.shards_done == 6 and not (out / STOP_NAME).exists()
     assert store_bytes(out) == store_bytes(one_at_a_time)

@@ -75,6 +75,7 @@ def test_position_embedding_by_hand():
     def expected(x: float, y: float) -> list[float]:
         def sincos(p: float) -> list[float]:
             return [math.sin(p * o) for o in omegas] + [math.cos(p * o) for o in omegas]
+
         return [0.1 * v for v in sincos(x) + sincos(y)]
 
     for token, (x, y) in enumerate([(-c, -c), (c, -c), (-c, c), (c, c)]):  # row-major: x varies fastest

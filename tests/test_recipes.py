@@ -15,7 +15,6 @@ from distributed import LocalCluster
 from typer.testing import CliRunner
 
 from sfcache.cli.main import app
-
 from sfcache.errors import ConfigMismatch, SfcacheError, StoreError
 from sfcache.extract import ExtractConfig, extract, plan
 from sfcache.inspect import check, open_store, summarize, verify
@@ -26,17 +25,18 @@ from sfcache.sources.images import decode_image, encode_jpeg
 from sfcache.sources.synthetic import write_lerobot, write_libero_hdf5, write_libero_rlds, write_robotwin
 from sfcache.store import open_cache
 from sfcache.torch import CachedTargets, SpatialForcingLoss
+from sfcache.train.data import open_training_data
 from sfcache.vggt import load_vggt
 from sfcache.vggt.preprocess import letterbox, letterbox_mask, preprocess
-from sfcache.train.data import open_training_data
 
 GOLDEN = Path(__file__).parent / "data" / "tf_jpeg_golden.npz"
 
 
 @pytest.fixture(scope="module")
 def scheduler():
-    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=":0",
-                      silence_logs=logging.CRITICAL) as cluster:
+    with LocalCluster(
+        n_workers=1, processes=False, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.CRITICAL
+    ) as cluster:
         yield cluster.scheduler_address
 
 
@@ -45,13 +45,21 @@ def reference(source, recipe: str, layout, grid=(16, 16), compute_dtype=None):
     model = load_vggt("random:tiny", "cpu", compute_dtype=compute_dtype)[0]
     out = {}
     for info in source.episodes():
-        images, mask = recipe_inputs(source.read(info.key).frames, RECIPES[recipe], layout,
-                                     RECIPES[recipe].preprocess, model.config.img_size, grid, 14)
+        images, mask = recipe_inputs(
+            source.read(info.key).frames,
+            RECIPES[recipe],
+            layout,
+            RECIPES[recipe].preprocess,
+            model.config.img_size,
+            grid,
+            14,
+        )
         out[info.key] = (pooled_targets(model, images, (-1,), grid)[3].numpy(), mask)
     return out
 
 
 # ----------------------------------------------------------------------------- openvla-oft
+
 
 def test_fast_dct_decode_equals_tensorflow_default_decode_on_tf_written_jpegs():
     """tests/data/tf_jpeg_golden.npz: JPEGs from tf.io.encode_jpeg and tf.io.decode_image's output."""
@@ -59,13 +67,22 @@ def test_fast_dct_decode_equals_tensorflow_default_decode_on_tf_written_jpegs():
     for index in range(2):
         data, expected = golden[f"jpeg_{index}"].tobytes(), golden[f"tf_decoded_{index}"]
         np.testing.assert_array_equal(decode_image(data, fast_dct=True), expected)
-        assert (decode_image(data) != expected).mean() > 0.3     # libjpeg's ISLOW default is not TF's decode
+        assert (decode_image(data) != expected).mean() > 0.3  # libjpeg's ISLOW default is not TF's decode
 
 
 def test_openvla_oft_recipe_decodes_rlds_as_tf_and_records_compute_dtype(tmp_path, scheduler):
     written = write_libero_rlds(tmp_path / "data", episodes=1, steps=2, size=64)
-    summary = extract(ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="openvla-oft",
-                                    compute_dtype="bfloat16", scheduler=scheduler), progress=False)
+    summary = extract(
+        ExtractConfig(
+            source=written.path,
+            out=tmp_path / "s",
+            vggt="random:tiny",
+            recipe="openvla-oft",
+            compute_dtype="bfloat16",
+            scheduler=scheduler,
+        ),
+        progress=False,
+    )
     cache = open_cache(tmp_path / "s")
     assert summary.recipe == cache.recipe == "openvla-oft" and cache.provenance.vggt.preprocess == "sf"
     assert cache.provenance.vggt.compute_dtype == "bfloat16" and not cache.has_mask
@@ -74,8 +91,9 @@ def test_openvla_oft_recipe_decodes_rlds_as_tf_and_records_compute_dtype(tmp_pat
     islow = source.read(key).frames
     source.jpeg_fast_dct = True
     ifast = source.read(key).frames
-    want = np.stack([[decode_image(encode_jpeg(frame), fast_dct=True) for frame in step]
-                     for step in written.episodes[key].frames])
+    want = np.stack(
+        [[decode_image(encode_jpeg(frame), fast_dct=True) for frame in step] for step in written.episodes[key].frames]
+    )
     np.testing.assert_array_equal(ifast, want)
     assert (ifast != islow).any()
     expected, _ = reference(source, "openvla-oft", ("primary", "wrist"), compute_dtype=torch.bfloat16)[key]
@@ -85,13 +103,18 @@ def test_openvla_oft_recipe_decodes_rlds_as_tf_and_records_compute_dtype(tmp_pat
 
 def test_openvla_oft_from_hdf5_says_it_matches_only_from_rlds(tmp_path, scheduler):
     written = write_libero_hdf5(tmp_path / "data", tasks=1, demos=1, steps=1, size=32)
-    extract(ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="openvla-oft",
-                          scheduler=scheduler), progress=False)
+    extract(
+        ExtractConfig(
+            source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="openvla-oft", scheduler=scheduler
+        ),
+        progress=False,
+    )
     warnings = summarize(open_store(tmp_path / "s")).warnings
     assert any("only when extracted from modified_libero_rlds" in w for w in warnings)
 
 
 # ----------------------------------------------------------------------------- openpi
+
 
 @pytest.mark.parametrize("size", [(240, 320), (480, 640), (300, 200), (97, 131), (256, 256), (224, 224)])
 def test_letterbox_equals_openpi_resize_with_pad_bit_for_bit(size):
@@ -99,7 +122,7 @@ def test_letterbox_equals_openpi_resize_with_pad_bit_for_bit(size):
     frames = np.random.default_rng(sum(size)).integers(0, 256, (3, *size, 3), dtype=np.uint8)
     np.testing.assert_array_equal(letterbox(frames), image_tools.resize_with_pad(frames, 224, 224))
     white = image_tools.resize_with_pad(np.full((1, *size, 3), 255, np.uint8), 224, 224)[0]
-    np.testing.assert_array_equal(letterbox_mask(*size), white.min(axis=-1) == 255)   # content = pasted pixels
+    np.testing.assert_array_equal(letterbox_mask(*size), white.min(axis=-1) == 255)  # content = pasted pixels
 
 
 def test_openpi_vggt_input_is_the_white_padded_policy_image_upsampled():
@@ -110,30 +133,44 @@ def test_openpi_vggt_input_is_the_white_padded_policy_image_upsampled():
     copy[:, :, ~torch.from_numpy(letterbox_mask(240, 320))] = 1.0
     want = F.interpolate(copy, size=(518, 518), mode="bicubic", align_corners=False)
     assert torch.equal(preprocess(frames, "letterbox", 518)[0], want)
-    assert want.max() > 1.0 or want.min() < 0.0                 # bicubic overshoot is kept
+    assert want.max() > 1.0 or want.min() < 0.0  # bicubic overshoot is kept
 
 
 def test_openpi_store_from_two_cameras_has_three_slots_blank_masked(tmp_path, scheduler):
     written = write_robotwin(tmp_path / "data", tasks=1, episodes=1, steps=2, height=48, width=64)
-    config = ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="openpi",
-                           views=("head", "left_wrist"), scheduler=scheduler)
+    config = ExtractConfig(
+        source=written.path,
+        out=tmp_path / "s",
+        vggt="random:tiny",
+        recipe="openpi",
+        views=("head", "left_wrist"),
+        scheduler=scheduler,
+    )
     planned = plan(config)
     assert planned["views"] == ["head", "left_wrist", "blank"] and planned["bytes_per_step"] == 3 * 256 * (256 * 2 + 1)
     extract(config, progress=False)
     cache = open_store(tmp_path / "s")
     assert check(tmp_path / "s").ok
     assert cache.views == ("head", "left_wrist", "blank") and cache.recipe == "openpi" and cache.has_mask
-    assert cache.provenance.vggt.preprocess == "letterbox" and cache.provenance.source["views"] == ["head", "left_wrist"]
+    assert cache.provenance.vggt.preprocess == "letterbox" and cache.provenance.source["views"] == [
+        "head",
+        "left_wrist",
+    ]
     key = cache.episodes[0]
     values, mask = cache.read(key, mask=True)
     assert values.shape == (2, 3, 256, 256) and mask.shape == (2, 3, 256) and mask.dtype == bool
-    assert not mask[:, 2].any()                                  # the blank slot
-    rows = np.flatnonzero(F.interpolate(torch.from_numpy(letterbox_mask(48, 64)).float()[None, None], size=(16, 16),
-                                        mode="nearest")[0, 0].bool().any(dim=1).numpy())
-    assert rows.tolist() == list(range(2, 14))                   # 48x64 -> 168 rows of 224 -> token rows 2..13
+    assert not mask[:, 2].any()  # the blank slot
+    rows = np.flatnonzero(
+        F.interpolate(torch.from_numpy(letterbox_mask(48, 64)).float()[None, None], size=(16, 16), mode="nearest")[0, 0]
+        .bool()
+        .any(dim=1)
+        .numpy()
+    )
+    assert rows.tolist() == list(range(2, 14))  # 48x64 -> 168 rows of 224 -> token rows 2..13
     assert mask[:, :2].reshape(2, 2, 16, 16)[:, :, rows].all() and mask[:, :2].sum() == 2 * 2 * 12 * 16
-    expected, expected_mask = reference(open_source(written.path, views=("head", "left_wrist")), "openpi",
-                                        cache.views)[key]
+    expected, expected_mask = reference(open_source(written.path, views=("head", "left_wrist")), "openpi", cache.views)[
+        key
+    ]
     np.testing.assert_array_equal(mask, expected_mask)
     np.testing.assert_allclose(values, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
     summary = summarize(cache)
@@ -142,16 +179,31 @@ def test_openpi_store_from_two_cameras_has_three_slots_blank_masked(tmp_path, sc
     assert result.ok and result.mask_errors == 0
     shown = CliRunner().invoke(app, ["inspect-cache", str(tmp_path / "s")], catch_exceptions=False).output
     assert "openpi: matches OpenHelix-Team/Spatial-Forcing openpi-SF" in " ".join(shown.split())
-    resumed = ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="none",
-                            views=("head", "left_wrist"), scheduler=scheduler)
+    resumed = ExtractConfig(
+        source=written.path,
+        out=tmp_path / "s",
+        vggt="random:tiny",
+        recipe="none",
+        views=("head", "left_wrist"),
+        scheduler=scheduler,
+    )
     with pytest.raises(ConfigMismatch, match="recipe"):
         extract(resumed, progress=False)
 
 
 def test_masks_flow_through_cached_targets_dataloader_and_loss(tmp_path, scheduler):
     written = write_robotwin(tmp_path / "data", tasks=1, episodes=1, steps=3, height=48, width=64)
-    extract(ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="openpi",
-                          views=("head", "blank", "left_wrist"), scheduler=scheduler), progress=False)
+    extract(
+        ExtractConfig(
+            source=written.path,
+            out=tmp_path / "s",
+            vggt="random:tiny",
+            recipe="openpi",
+            views=("head", "blank", "left_wrist"),
+            scheduler=scheduler,
+        ),
+        progress=False,
+    )
     targets = CachedTargets(tmp_path / "s", recipe="openpi")
     assert targets.views == ("head", "blank", "left_wrist")
     one, one_mask = targets[1]
@@ -164,8 +216,8 @@ def test_masks_flow_through_cached_targets_dataloader_and_loss(tmp_path, schedul
 
     loss_fn = SpatialForcingLoss(vla_dim=32, target_dim=256)
     tokens = torch.randn(3, 3 * 256, 32, requires_grad=True)
-    mask[0] = False                                              # a sample with no valid token
-    batch[0, 0, 0] = float("nan")                                # ... even hiding a NaN
+    mask[0] = False  # a sample with no valid token
+    batch[0, 0, 0] = float("nan")  # ... even hiding a NaN
     loss, per = loss_fn(tokens, batch, mask=mask, per_sample=True)
     loss.backward()
     assert per[0] == 0 and torch.isfinite(loss) and torch.isfinite(tokens.grad).all()
@@ -185,23 +237,30 @@ def test_masks_flow_through_cached_targets_dataloader_and_loss(tmp_path, schedul
 
 # ----------------------------------------------------------------------------- options and old stores
 
-@pytest.mark.parametrize("options, message", [
-    ({"recipe": "pi05"}, "--recipe must be one of none, openvla-oft, openpi"),
-    ({"recipe": "openpi", "preprocess": "sf"}, "--recipe openpi fixes the VGGT input"),
-    ({"preprocess": "letterbox"}, "letterbox comes with --recipe openpi"),
-    ({"compute_dtype": "float16"}, "--compute-dtype must be one of auto, bfloat16, float32"),
-])
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"recipe": "pi05"}, "--recipe must be one of none, openvla-oft, openpi"),
+        ({"recipe": "openpi", "preprocess": "sf"}, "--recipe openpi fixes the VGGT input"),
+        ({"preprocess": "letterbox"}, "letterbox comes with --recipe openpi"),
+        ({"compute_dtype": "float16"}, "--compute-dtype must be one of auto, bfloat16, float32"),
+    ],
+)
 def test_bad_recipe_options_are_one_clear_error(tmp_path, options, message):
     with pytest.raises(SfcacheError, match=message):
         ExtractConfig(source=tmp_path, out=tmp_path / "s", vggt="random:tiny", **options)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"recipe": "openvla-oft", "views": ("head", "left_wrist")}, "takes views primary,wrist"),
-    ({"views": ("head", "blank")}, "blank slots exist only with --recipe openpi"),
-    ({"recipe": "openpi", "views": ("head", "left_wrist", "right_wrist", "blank")}, "has 3 camera slots"),
-    ({"recipe": "openpi", "views": ("blank",)}, "at least one camera view"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"recipe": "openvla-oft", "views": ("head", "left_wrist")}, "takes views primary,wrist"),
+        ({"views": ("head", "blank")}, "blank slots exist only with --recipe openpi"),
+        ({"recipe": "openpi", "views": ("head", "left_wrist", "right_wrist", "blank")}, "has 3 camera slots"),
+        ({"recipe": "openpi", "views": ("blank",)}, "at least one camera view"),
+    ],
+)
 def test_views_that_do_not_fit_the_recipe_are_refused(tmp_path, options, message):
     written = write_robotwin(tmp_path / "data", tasks=1, episodes=1, steps=1, height=24, width=32)
     with pytest.raises(SfcacheError, match=message):
@@ -222,7 +281,7 @@ def test_version_1_store_stays_readable_and_is_not_resumed(tmp_path, scheduler):
     meta = tmp_path / "s" / "zarr.json"
     document = json.loads(meta.read_text())
     attrs = document["attributes"]["sfcache"]
-    attrs["format_version"] = 1                                  # what sfcache wrote before recipes
+    attrs["format_version"] = 1  # what sfcache wrote before recipes
     del attrs["recipe"], attrs["targets"]["mask"]
     meta.write_text(json.dumps(document))
     old = open_cache(tmp_path / "s")

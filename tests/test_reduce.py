@@ -21,44 +21,71 @@ from sfcache.errors import ConfigMismatch, SfcacheError
 from sfcache.extract import ExtractConfig, extract
 from sfcache.reduce import Moments, check_fidelity, fit, parse_reduce, request, sample_rows
 from sfcache.sources.base import EpisodeInfo
-from sfcache.store import (Reduction, StoreConfig, create_store, lock_store, open_cache, pack_episodes,
-                           resumable_reduction)
+from sfcache.store import (
+    Reduction,
+    StoreConfig,
+    create_store,
+    lock_store,
+    open_cache,
+    pack_episodes,
+    resumable_reduction,
+)
 from sfcache.torch import CachedTargets
 from tests.test_faults import REPO, SHARDED, assert_equal_stores, done_count, kill_process_group
 
 REDUCE = ["--reduce", "pca:8", "--min-cosine", "0.5"]
 
 
-def low_rank(steps: int, rank: int, channels: int, noise: float, seed: int = 0, tokens: int = 6,
-             views: int = 2) -> np.ndarray:
+def low_rank(
+    steps: int, rank: int, channels: int, noise: float, seed: int = 0, tokens: int = 6, views: int = 2
+) -> np.ndarray:
     """float32 [steps, views, tokens, C]: an offset, `rank` signal directions (std 1..2) and isotropic noise."""
     rng = np.random.default_rng(seed)
-    basis = np.linalg.qr(rng.standard_normal((channels, rank)))[0].T                       # [rank, C] orthonormal
+    basis = np.linalg.qr(rng.standard_normal((channels, rank)))[0].T  # [rank, C] orthonormal
     size = (steps, views, tokens)
     signal = (rng.standard_normal((*size, rank)) * np.linspace(2.0, 1.0, rank)) @ basis
     offset = rng.standard_normal(channels) * 0.5
     return (offset + signal + noise * rng.standard_normal((*size, channels))).astype(np.float32)
 
 
-def fitted(values: np.ndarray, asked: str, min_cosine: float | None, dtype: str = "float16",
-           mask: np.ndarray | None = None):
+def fitted(
+    values: np.ndarray, asked: str, min_cosine: float | None, dtype: str = "float16", mask: np.ndarray | None = None
+):
     """Fit as `extract` does: sample rows of `values`, moments of the fit rows, held-out rows measured."""
     fit_rows, held_rows = sample_rows(len(values))
     moments = Moments(values.shape[-1])
-    moments.add(values[fit_rows][mask[fit_rows]] if mask is not None else values[fit_rows].reshape(-1, values.shape[-1]))
+    moments.add(
+        values[fit_rows][mask[fit_rows]] if mask is not None else values[fit_rows].reshape(-1, values.shape[-1])
+    )
     held = (values[held_rows], None if mask is None else mask[held_rows])
     return fit(request(asked, min_cosine, len(values)), {0: moments}, {0: held}, dtype)
 
 
-def write_reduced(path: Path, values: np.ndarray, asked: str, min_cosine: float | None = None, dtype: str = "float16",
-                  mask: np.ndarray | None = None):
+def write_reduced(
+    path: Path,
+    values: np.ndarray,
+    asked: str,
+    min_cosine: float | None = None,
+    dtype: str = "float16",
+    mask: np.ndarray | None = None,
+):
     steps, views, tokens, channels = values.shape
     reduction = fitted(values, asked, min_cosine, dtype, mask)
     config = StoreConfig(
         episodes=pack_episodes([EpisodeInfo("a", "", steps // 2), EpisodeInfo("b", "", steps - steps // 2)]),
-        layers=(0,), grid=(2, tokens // 2), native_grid=(4, 4), aspect_ratio=1.0, views=("primary", "wrist")[:views],
-        channels=channels, vggt={"config": {"depth": 4}}, source={}, dtype=dtype, steps_per_shard=8, reduce=reduction,
-        token_mask=mask is not None)
+        layers=(0,),
+        grid=(2, tokens // 2),
+        native_grid=(4, 4),
+        aspect_ratio=1.0,
+        views=("primary", "wrist")[:views],
+        channels=channels,
+        vggt={"config": {"depth": 4}},
+        source={},
+        dtype=dtype,
+        steps_per_shard=8,
+        reduce=reduction,
+        token_mask=mask is not None,
+    )
     with lock_store(path):
         cache = create_store(path, config)
         for shard in range(config.num_shards):
@@ -75,23 +102,23 @@ def test_reconstruction_error_matches_the_noise_left_outside_k_components(tmp_pa
     back = cache.read_rows(slice(None))
     assert back.dtype == np.float32 and back.shape == values.shape
     residual = ((back - values) ** 2).sum(-1).mean()
-    expected = (channels - k) * noise ** 2            # every direction beyond the signal holds noise variance only
+    expected = (channels - k) * noise**2  # every direction beyond the signal holds noise variance only
     assert residual == pytest.approx(expected, rel=0.08)
     fidelity = cache.provenance.targets.reduce.fidelity[0]
     assert fidelity.k == k and fidelity.worst <= fidelity.p1 <= fidelity.mean < 1
-    assert cache.provenance.targets.reduce.bytes_per_step == 2 * 6 * k * 2     # views x tokens x K x float16
+    assert cache.provenance.targets.reduce.bytes_per_step == 2 * 6 * k * 2  # views x tokens x K x float16
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_auto_picks_the_smallest_k_that_reaches_the_cosine(tmp_path, dtype):
     values = low_rank(300, 24, 128, 0.05, tokens=8)
     reduction = fitted(values, "pca:auto", 0.99, dtype)
-    assert len(reduction.components[0]) == 24                    # 16 components miss a third of the signal
+    assert len(reduction.components[0]) == 24  # 16 components miss a third of the signal
     assert reduction.fidelity["0"]["mean"] >= 0.99
-    assert fitted(values, "pca:auto", 0.9, dtype).fidelity["0"]["k"] == 16      # held-out cosine 0.937 at K=16
+    assert fitted(values, "pca:auto", 0.9, dtype).fidelity["0"]["k"] == 16  # held-out cosine 0.937 at K=16
     np.testing.assert_allclose(reduction.components[0] @ reduction.components[0].T, np.eye(24), atol=1e-5)
     check_fidelity(reduction)
-    noise = np.random.default_rng(2).standard_normal((40, 2, 8, 32)).astype(np.float32)   # no low-rank structure
+    noise = np.random.default_rng(2).standard_normal((40, 2, 8, 32)).astype(np.float32)  # no low-rank structure
     with pytest.raises(SfcacheError, match="only with all 32 channels, so nothing is saved"):
         check_fidelity(fitted(noise, "pca:auto", 0.999, dtype))
 
@@ -144,17 +171,29 @@ def test_a_store_resumes_with_its_stored_basis_and_refuses_another_reduce_before
 def _config_fields(cache) -> dict:
     """The StoreConfig fields `write_reduced` used, read back from the store."""
     provenance, targets = cache.provenance, cache.provenance.targets
-    return dict(episodes=provenance.episodes, layers=cache.layers, grid=cache.grid, native_grid=targets.native_grid,
-                aspect_ratio=targets.aspect_ratio, views=cache.views, channels=cache.channels,
-                vggt=provenance.vggt.to_attrs(), source=provenance.source, dtype=cache.dtype,
-                steps_per_shard=cache.steps_per_shard, created=provenance.created)
+    return dict(
+        episodes=provenance.episodes,
+        layers=cache.layers,
+        grid=cache.grid,
+        native_grid=targets.native_grid,
+        aspect_ratio=targets.aspect_ratio,
+        views=cache.views,
+        channels=cache.channels,
+        vggt=provenance.vggt.to_attrs(),
+        source=provenance.source,
+        dtype=cache.dtype,
+        steps_per_shard=cache.steps_per_shard,
+        created=provenance.created,
+    )
 
 
 # ----------------------------------------------------------------------------- through the extractor
 
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     from sfcache.sources.synthetic import write_libero_hdf5
+
     return write_libero_hdf5(tmp_path_factory.mktemp("reduce") / "data", tasks=1, demos=3, steps=4, size=64).path
 
 
@@ -163,8 +202,10 @@ def scheduler():
     import logging
 
     from distributed import LocalCluster
-    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=":0",
-                      silence_logs=logging.CRITICAL) as cluster:
+
+    with LocalCluster(
+        n_workers=1, processes=False, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.CRITICAL
+    ) as cluster:
         yield cluster.scheduler_address
 
 
@@ -172,8 +213,19 @@ def sf_extract_process(dataset: Path, out: Path) -> str:
     """`sf extract --reduce` with its own 1-worker cluster, as the runs killed below: a reduced store's host
     projection runs in a Dask worker process (single-threaded BLAS) there, and differs in the last bit on some
     rows from an in-process worker's (this process's BLAS is threaded). Returns its output, one line."""
-    command = [sys.executable, "-m", "cli.main", "extract", str(dataset), "--out", str(out), *SHARDED, *REDUCE,
-               "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "extract",
+        str(dataset),
+        "--out",
+        str(out),
+        *SHARDED,
+        *REDUCE,
+        "--workers",
+        "1",
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     return " ".join(done.stdout.split())
@@ -198,29 +250,36 @@ def test_extract_records_fidelity_shown_by_inspect_and_rechecked_by_verify(refer
     assert "pca:8" in text and "K=8" in text and "recorded held-out mean" in text
 
 
-
 def test_verify_fails_a_reduced_store_whose_targets_fall_below_its_recorded_fidelity(reference, tmp_path):
     copy = tmp_path / "store"
     shutil.copytree(reference, copy)
     layer = open_cache(copy).layers[0]
     basis = zarr.open_array(str(copy / f"targets/layer_{layer}_basis"), mode="r+")
-    basis[...] = np.linalg.qr(np.random.default_rng(0).standard_normal(basis.shape[::-1]))[0].T   # another basis
+    basis[...] = np.linalg.qr(np.random.default_rng(0).standard_normal(basis.shape[::-1]))[0].T  # another basis
     shown = CliRunner().invoke(app, ["inspect-cache", str(copy), "--verify", "2"])
     assert shown.exit_code == 1 and "below the recorded mean" in " ".join(shown.output.split()), shown.output
-    (copy / f"targets/layer_{layer}_mean/c/0").unlink()                 # and a basis array lost: --check names it
+    (copy / f"targets/layer_{layer}_mean/c/0").unlink()  # and a basis array lost: --check names it
     checked = CliRunner().invoke(app, ["inspect-cache", str(copy), "--check", "--json"])
     assert checked.exit_code == 1 and f"targets/layer_{layer}_mean" in checked.output, checked.output
 
 
 def test_a_store_below_min_cosine_is_refused_and_not_written(dataset, scheduler, tmp_path):
-    config = ExtractConfig(source=dataset, out=tmp_path / "store", vggt="random:tiny", steps_per_shard=2,
-                           batch_size=2, scheduler=scheduler, reduce="pca:1", min_cosine=0.9999)
+    config = ExtractConfig(
+        source=dataset,
+        out=tmp_path / "store",
+        vggt="random:tiny",
+        steps_per_shard=2,
+        batch_size=2,
+        scheduler=scheduler,
+        reduce="pca:1",
+        min_cosine=0.9999,
+    )
     with pytest.raises(SfcacheError, match=r"cosine 0\.\d+ with K=1, below --min-cosine 0.9999; refusing"):
         extract(config, progress=False)
     assert not (tmp_path / "store" / "zarr.json").exists()
 
 
-SLOW_FIT = '''
+SLOW_FIT = """
 import os, time
 import sfcache.extract as extract
 original = extract.VGGTWorker.sample
@@ -230,15 +289,27 @@ def sample(self, episodes, rows):
     open(os.environ["SF_TEST_FIT_LOG"], "a").write(f"{rows}\\n")
     return out
 extract.VGGTWorker.sample = sample
-'''
+"""
 
 
 def spawn_and_kill(dataset: Path, out: Path, env: dict, happened) -> None:
     """`sf extract --reduce` with its own 1-worker cluster, SIGKILLed with all its processes once `happened()`."""
-    command = [sys.executable, "-m", "sfcache.cli.main", "extract", str(dataset), "--out", str(out), *SHARDED, *REDUCE,
-               "--workers", "1"]
-    victim = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "sfcache.cli.main",
+        "extract",
+        str(dataset),
+        "--out",
+        str(out),
+        *SHARDED,
+        *REDUCE,
+        "--workers",
+        "1",
+    ]
+    victim = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not happened():
@@ -253,12 +324,12 @@ def spawn_and_kill(dataset: Path, out: Path, env: dict, happened) -> None:
 def test_kill_9_during_then_after_the_fit_then_resume_equals_an_uninterrupted_run(dataset, reference, tmp_path):
     hooks, out, fit_log = tmp_path / "hooks", tmp_path / "store", tmp_path / "fit.log"
     hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SLOW_FIT)     # slow sample batches, in the client and its workers
+    (hooks / "sitecustomize.py").write_text(SLOW_FIT)  # slow sample batches, in the client and its workers
     slow = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), str(REPO)]), "SF_TEST_FIT_LOG": str(fit_log)}
-    spawn_and_kill(dataset, out, slow, fit_log.exists)    # killed with one sample batch of the fit done
-    assert not (out / "zarr.json").exists()               # nothing of the fit was stored: the next run fits again
-    spawn_and_kill(dataset, out, os.environ, lambda: done_count(out) >= 2)   # killed after its fit, mid-extraction
+    spawn_and_kill(dataset, out, slow, fit_log.exists)  # killed with one sample batch of the fit done
+    assert not (out / "zarr.json").exists()  # nothing of the fit was stored: the next run fits again
+    spawn_and_kill(dataset, out, os.environ, lambda: done_count(out) >= 2)  # killed after its fit, mid-extraction
     assert (out / "zarr.json").exists() and done_count(out) < open_cache(reference).num_shards
 
-    assert "basis reused" in sf_extract_process(dataset, out)   # the stored basis, never refitted
-    assert_equal_stores(out, reference)                   # so the refit after the first kill was bit-identical
+    assert "basis reused" in sf_extract_process(dataset, out)  # the stored basis, never refitted
+    assert_equal_stores(out, reference)  # so the refit after the first kill was bit-identical

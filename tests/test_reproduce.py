@@ -14,24 +14,46 @@ import pytest
 import zarr
 from distributed import LocalCluster
 
-from sfcache.libero_eval import EvalSummary, wilson_interval
 from sfcache.cli.main import main
-from sfcache.train.reproduce import SUITES, find_suites
+from sfcache.libero_eval import EvalSummary, wilson_interval
 from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_hdf5, write_libero_rlds
 from sfcache.store import open_cache
 from sfcache.train.loop import CHECKPOINT, METRICS, Trainer
+from sfcache.train.reproduce import SUITES, find_suites
 from tests._cli_helpers import run_main
 
-TINY = ["--vggt", "random:tiny", "--device", "cpu", "--steps", "4", "--model-size", "tiny", "--batch-size", "4",
-        "--grid", "4", "--val-episodes", "1", "--eval-every", "2", "--loader-workers", "0",
-        "--steps-per-shard", "4", "--extract-batch-size", "4"]
+TINY = [
+    "--vggt",
+    "random:tiny",
+    "--device",
+    "cpu",
+    "--steps",
+    "4",
+    "--model-size",
+    "tiny",
+    "--batch-size",
+    "4",
+    "--grid",
+    "4",
+    "--val-episodes",
+    "1",
+    "--eval-every",
+    "2",
+    "--loader-workers",
+    "0",
+    "--steps-per-shard",
+    "4",
+    "--extract-batch-size",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
 def scheduler():
-    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=":0",
-                      silence_logs=logging.CRITICAL) as cluster:
+    with LocalCluster(
+        n_workers=1, processes=False, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.CRITICAL
+    ) as cluster:
         yield cluster.scheduler_address
 
 
@@ -63,7 +85,8 @@ def assert_report_matches_outputs(out: Path, suite: str, source_path: Path) -> d
     assert entry["cache"]["bytes_per_step"] == pytest.approx(on_disk / cache.num_steps)
     runs = entry["cache"]["extract_runs"]
     assert entry["cache"]["extract_steps_per_s"] == pytest.approx(
-        sum(r["extracted_steps"] for r in runs) / sum(r["extract_s"] for r in runs), rel=1e-3)
+        sum(r["extracted_steps"] for r in runs) / sum(r["extract_s"] for r in runs), rel=1e-3
+    )
     for name, alpha in (("sf", 0.5), ("baseline", 0.0)):
         records = metrics(out / suite / name)
         val = [r for r in records if r["split"] == "val"]
@@ -146,23 +169,52 @@ def test_hdf5_layout_end_to_end_with_simulator_evaluation(tmp_path, scheduler, c
     calls = []
 
     def fake_evaluate(policy, config, policy_info):
-        calls.append((policy.path.parent.name if policy.path.name == CHECKPOINT else policy.path.parent.parent.name,
-                      policy.step, config.suite, config.trials_per_task, config.max_steps, policy_info["step"]))
+        calls.append(
+            (
+                policy.path.parent.name if policy.path.name == CHECKPOINT else policy.path.parent.parent.name,
+                policy.step,
+                config.suite,
+                config.trials_per_task,
+                config.max_steps,
+                policy_info["step"],
+            )
+        )
         episodes = 10 * config.trials_per_task
         successes = episodes * policy.step // 4
-        rate = {"episodes": episodes, "successes": successes, "success_rate": successes / episodes,
-                "ci95": list(wilson_interval(successes, episodes)), "mean_steps": 5.0, "seconds_per_episode": 1.0,
-                "sim_steps_per_s": 15.0}
-        return EvalSummary(suite="libero_goal", config={}, policy=policy_info, protocol="shortened", tasks=[],
-                           videos=[], **rate)
+        rate = {
+            "episodes": episodes,
+            "successes": successes,
+            "success_rate": successes / episodes,
+            "ci95": list(wilson_interval(successes, episodes)),
+            "mean_steps": 5.0,
+            "seconds_per_episode": 1.0,
+            "sim_steps_per_s": 15.0,
+        }
+        return EvalSummary(
+            suite="libero_goal", config={}, policy=policy_info, protocol="shortened", tasks=[], videos=[], **rate
+        )
 
     monkeypatch.setattr("sfcache.train.reproduce.simulator_available", lambda: None)
     monkeypatch.setattr("sfcache.train.reproduce.evaluate", fake_evaluate)
     root = tmp_path / "libero"
     written = write_libero_hdf5(root, suite="libero_goal", tasks=1, demos=3, steps=6, size=64)
     out = tmp_path / "out"
-    code, output = run(capsys, "--libero-dir", root, "--scheduler", scheduler, "--out", out, *TINY,
-                       "--eval-trials", "2", "--eval-checkpoints", "2", "--eval-max-steps", "5")
+    code, output = run(
+        capsys,
+        "--libero-dir",
+        root,
+        "--scheduler",
+        scheduler,
+        "--out",
+        out,
+        *TINY,
+        "--eval-trials",
+        "2",
+        "--eval-checkpoints",
+        "2",
+        "--eval-max-steps",
+        "5",
+    )
     assert code == 0, output
     report = assert_report_matches_outputs(out, "libero_goal", written.path)
     assert report["suites"]["libero_goal"]["format"] == "libero_hdf5"
@@ -183,34 +235,63 @@ def test_find_suites_prefers_rlds_no_noops_and_reports_missing(tmp_path):
     write_libero_hdf5(tmp_path, suite="libero_object", tasks=1, demos=1, steps=2, size=16, no_noops=True)
     write_libero_hdf5(tmp_path, suite="libero_goal", tasks=1, demos=1, steps=2, size=16)
     write_libero_rlds(tmp_path, suite="libero_goal", episodes=1, steps=2, size=16, shards=1)
-    (tmp_path / "libero_10").mkdir()                      # an empty folder is not a suite
+    (tmp_path / "libero_10").mkdir()  # an empty folder is not a suite
     found, missing = find_suites(tmp_path, SUITES)
     assert [(s.name, s.path.name, s.format) for s in found] == [
         ("libero_object", "libero_object_no_noops", "libero_hdf5"),
-        ("libero_goal", "libero_goal_no_noops", "libero_rlds")]
+        ("libero_goal", "libero_goal_no_noops", "libero_rlds"),
+    ]
     assert missing == ["libero_spatial", "libero_10"]
 
 
 # (LIBERO_DIR, VGGT, more args, what the message must say); {data} is a valid LIBERO folder, {tmp} a scratch one
 FAILS = {
-    "no LIBERO_DIR": ("", "random:tiny", [], ["LIBERO_DIR is not given", "openvla/modified_libero_rlds",
-                                              "download_libero_datasets.py"]),
+    "no LIBERO_DIR": (
+        "",
+        "random:tiny",
+        [],
+        ["LIBERO_DIR is not given", "openvla/modified_libero_rlds", "download_libero_datasets.py"],
+    ),
     "missing LIBERO_DIR": ("{tmp}/nowhere", "random:tiny", [], ["no such directory", "openvla/modified_libero_rlds"]),
-    "LIBERO_DIR without suites": ("{tmp}", "random:tiny", [], ["holds none of the LIBERO suites",
-                                                              "libero_spatial_no_noops/ or libero_spatial/"]),
-    "suite folder as LIBERO_DIR": ("{tmp}/libero_spatial_no_noops", "random:tiny", [],
-                                   ["looks like one suite folder: pass its parent"]),
-    "require all": ("{data}", "random:tiny", ["--require-all"],
-                    ["found libero_spatial but not libero_object, libero_goal, libero_10 (--require-all)"]),
+    "LIBERO_DIR without suites": (
+        "{tmp}",
+        "random:tiny",
+        [],
+        ["holds none of the LIBERO suites", "libero_spatial_no_noops/ or libero_spatial/"],
+    ),
+    "suite folder as LIBERO_DIR": (
+        "{tmp}/libero_spatial_no_noops",
+        "random:tiny",
+        [],
+        ["looks like one suite folder: pass its parent"],
+    ),
+    "require all": (
+        "{data}",
+        "random:tiny",
+        ["--require-all"],
+        ["found libero_spatial but not libero_object, libero_goal, libero_10 (--require-all)"],
+    ),
     "no VGGT": ("{data}", "", [], ["VGGT is not given", "facebook/VGGT-1B (CC BY-NC 4.0)"]),
-    "missing VGGT file": ("{data}", "{tmp}/model.pt", [], ["no such file or directory, and not a hub id",
-                                                           "facebook/VGGT-1B"]),
-    "hub id not cached": ("{data}", "nobody-here/not-a-cached-vggt", [],
-                          ["not in the local Hugging Face cache, and this command downloads nothing"]),
+    "missing VGGT file": (
+        "{data}",
+        "{tmp}/model.pt",
+        [],
+        ["no such file or directory, and not a hub id", "facebook/VGGT-1B"],
+    ),
+    "hub id not cached": (
+        "{data}",
+        "nobody-here/not-a-cached-vggt",
+        [],
+        ["not in the local Hugging Face cache, and this command downloads nothing"],
+    ),
     "unknown random preset": ("{data}", "random:huge", [], ["unknown preset 'huge'"]),
     "bad VGGT file": ("{data}", "{tmp}/bad.pt", [], ["not a PyTorch checkpoint", "facebook/VGGT-1B"]),
-    "bad scheduler address": ("{data}", "random:tiny", ["--scheduler", "nowhere"],
-                              ["SCHEDULER=nowhere: cannot reach the Dask scheduler (missing port number"]),
+    "bad scheduler address": (
+        "{data}",
+        "random:tiny",
+        ["--scheduler", "nowhere"],
+        ["SCHEDULER=nowhere: cannot reach the Dask scheduler (missing port number"],
+    ),
 }
 
 
@@ -219,7 +300,7 @@ def test_fails_fast_before_any_work(tmp_path, rlds_root, capsys, monkeypatch, ca
     monkeypatch.setattr("sfcache.train.reproduce.extract", lambda *a, **k: pytest.fail("extraction started"))
     monkeypatch.setattr("sfcache.train.reproduce.train", lambda *a, **k: pytest.fail("training started"))
     scratch = tmp_path / "scratch"
-    (scratch / "libero_spatial_no_noops").mkdir(parents=True)      # empty: not a suite
+    (scratch / "libero_spatial_no_noops").mkdir(parents=True)  # empty: not a suite
     (scratch / "bad.pt").write_bytes(b"not a checkpoint")
     data, vggt, extra, expected = FAILS[case]
     data, vggt = (text.format(data=rlds_root, tmp=scratch) for text in (data, vggt))
@@ -233,8 +314,21 @@ def test_fails_fast_before_any_work(tmp_path, rlds_root, capsys, monkeypatch, ca
 
 
 def test_bad_options_name_each_problem(tmp_path, rlds_root, capsys):
-    code, output = run(capsys, "--libero-dir", rlds_root, "--vggt", "random:tiny", "--device", "tpu",
-                       "--suites", "spatial,90", "--steps", "0", "--out", tmp_path / "out")
+    code, output = run(
+        capsys,
+        "--libero-dir",
+        rlds_root,
+        "--vggt",
+        "random:tiny",
+        "--device",
+        "tpu",
+        "--suites",
+        "spatial,90",
+        "--steps",
+        "0",
+        "--out",
+        tmp_path / "out",
+    )
     assert code == 2
     assert "--suites spatial,90: choose from spatial,object,goal,10" in output
     assert "these must be >= 1: --steps 0" in output and "DEVICE=tpu: expected auto | cpu | cuda | cuda:N" in output
@@ -250,15 +344,29 @@ def test_option_data_and_weights_problems_are_listed_in_one_message(tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("option, message", [
-    (["--eval-every", "0"], "these must be >= 1: --eval-every 0\n"),      # validation and checkpoint interval
-    (["--loader-workers", "-1"], "these must be >= 0: --loader-workers -1"),
-    (["--extract-batch-size", "0"], "--extract-batch-size must be >= 1, got 0"),
-    (["--eval-max-steps", "0"], "--eval-max-steps must be >= 1, got 0"),
-    (["--dtype", "float8"], "--dtype must be one of float16, bfloat16, int8, not 'float8'"),
-])
-def test_options_handed_to_a_stage_are_checked_by_its_config_and_named_as_given(option, message, tmp_path,
-                                                                                rlds_root, capsys):
-    code, output = run(capsys, "--libero-dir", rlds_root, "--vggt", "random:tiny", "--device", "cpu",
-                       "--out", tmp_path / "out", *option)
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--eval-every", "0"], "these must be >= 1: --eval-every 0\n"),  # validation and checkpoint interval
+        (["--loader-workers", "-1"], "these must be >= 0: --loader-workers -1"),
+        (["--extract-batch-size", "0"], "--extract-batch-size must be >= 1, got 0"),
+        (["--eval-max-steps", "0"], "--eval-max-steps must be >= 1, got 0"),
+        (["--dtype", "float8"], "--dtype must be one of float16, bfloat16, int8, not 'float8'"),
+    ],
+)
+def test_options_handed_to_a_stage_are_checked_by_its_config_and_named_as_given(
+    option, message, tmp_path, rlds_root, capsys
+):
+    code, output = run(
+        capsys,
+        "--libero-dir",
+        rlds_root,
+        "--vggt",
+        "random:tiny",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "out",
+        *option,
+    )
     assert code == 2 and message in output, output

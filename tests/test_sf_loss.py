@@ -33,8 +33,9 @@ def test_hand_computed_cosines(loss_2d):
     x = torch.randn(2, 4, 3)
     proj = loss_2d.project(x).detach()
     # sample 0: cos = 1, 0, -1, 0.5 -> mean 0.125 -> 0.875; sample 1: all cos = 1 -> 0
-    targets = torch.stack([rotated(proj[0], [0, math.pi / 2, math.pi, math.pi / 3]),
-                           3.0 * proj[1]])  # scale does not matter for a cosine
+    targets = torch.stack(
+        [rotated(proj[0], [0, math.pi / 2, math.pi, math.pi / 3]), 3.0 * proj[1]]
+    )  # scale does not matter for a cosine
     loss, per = loss_2d(x, targets, per_sample=True)
     assert per.tolist() == pytest.approx([0.875, 0.0], abs=1e-5)
     assert loss.item() == pytest.approx(0.4375, abs=1e-5)
@@ -86,9 +87,20 @@ def test_matches_sf_formula_and_projector_layout(norm):
     bound = math.sqrt(6 / (16 + 24))  # xavier-uniform
     assert fc1.weight.abs().max() <= bound and fc1.weight.std() > bound / 4
     x, targets = torch.randn(3, 10, 16), torch.randn(3, 10, 24)
-    expected = sf_reference(fc2(act(fc1(loss_fn.norm(x) if norm == "layernorm" else
-                                        (x - x.mean((0, 1))) / torch.sqrt(x.var((0, 1), unbiased=False) + 1e-5)
-                                        if norm == "batchnorm" else x))), targets)
+    expected = sf_reference(
+        fc2(
+            act(
+                fc1(
+                    loss_fn.norm(x)
+                    if norm == "layernorm"
+                    else (x - x.mean((0, 1))) / torch.sqrt(x.var((0, 1), unbiased=False) + 1e-5)
+                    if norm == "batchnorm"
+                    else x
+                )
+            )
+        ),
+        targets,
+    )
     assert loss_fn(x, targets).item() == pytest.approx(expected.item(), abs=1e-5)
 
 
@@ -157,11 +169,11 @@ def test_cached_targets_add_pooled_position_embedding(store):
     assert targets.get(key, 3).shape == (2, GRID * GRID, CHANNELS)
     assert torch.allclose(raw.get(key, 3), stored)
     assert torch.allclose(targets.get(key, 3), stored + expected_position_embedding(), atol=1e-6)
-    assert torch.allclose(targets[record.start + 3], targets.get(key, 3))     # flat index = (key, step)
+    assert torch.allclose(targets[record.start + 3], targets.get(key, 3))  # flat index = (key, step)
     batch = targets.targets_for([key, cache.episodes[0]], torch.tensor([3, 0]))
     assert torch.allclose(batch[0], targets.get(key, 3)) and torch.allclose(batch[1], targets.get(cache.episodes[0], 0))
     assert len(targets) == cache.num_steps
-    batches = list(torch.utils.data.DataLoader(targets, batch_size=5))          # batched fetch, one read per batch
+    batches = list(torch.utils.data.DataLoader(targets, batch_size=5))  # batched fetch, one read per batch
     assert torch.equal(torch.cat(batches), torch.stack([targets[i] for i in range(len(targets))]))
 
 
@@ -190,7 +202,7 @@ class KeyedSamples(torch.utils.data.Dataset):
         return {"episode_key": key, "step": step, "x": torch.tensor(float(i))}
 
 
-@pytest.mark.own_process   # forked DataLoader workers: away from threads other tests leave running
+@pytest.mark.own_process  # forked DataLoader workers: away from threads other tests leave running
 def test_join_works_in_dataloader_workers_read_only(store):
     cache = open_cache(store)
     targets = CachedTargets(store)
@@ -201,5 +213,5 @@ def test_join_works_in_dataloader_workers_read_only(store):
     expected = targets.targets_for([k for k, _ in joined.dataset.items], [s for _, s in joined.dataset.items])
     assert torch.equal(got, expected)
     assert targets.cache.mode == "r"
-    with pytest.raises(ValueError, match="read-only"):   # zarr refuses writes through this handle
+    with pytest.raises(ValueError, match="read-only"):  # zarr refuses writes through this handle
         targets.cache._array(f"targets/layer_{targets.layer}")[0] = 0

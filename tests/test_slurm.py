@@ -36,9 +36,9 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="SLURM test starts munged, slurmctld and slurmd: run it as root"),
 ]
 
-UP_S = 30          # for the daemons and the node to come up
-JOB_S = 90         # for the SLURM job's Dask worker to join
-DOWN_S = 10        # for jobs to end on teardown
+UP_S = 30  # for the daemons and the node to come up
+JOB_S = 90  # for the SLURM job's Dask worker to join
+DOWN_S = 10  # for jobs to end on teardown
 
 
 def _free_port() -> int:
@@ -49,7 +49,7 @@ def _free_port() -> int:
 
 def _slurm_conf(root: Path, host: str, munge_socket: Path) -> str:
     cpus = os.cpu_count() or 1
-    memory_mb = int(psutil.virtual_memory().total / 2**20 * 0.9)   # below what slurmd measures, or it drains
+    memory_mb = int(psutil.virtual_memory().total / 2**20 * 0.9)  # below what slurmd measures, or it drains
     return f"""ClusterName=sfcache
 SlurmctldHost={host}
 SlurmctldPort={_free_port()}
@@ -132,18 +132,33 @@ def slurm(tmp_path_factory):
     conf.write_text(_slurm_conf(root, host, munge_socket))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(conf)            # sbatch/squeue run by dask-jobqueue find this SLURM
+    os.environ["SLURM_CONF"] = str(conf)  # sbatch/squeue run by dask-jobqueue find this SLURM
     daemons: list[subprocess.Popen] = []
     try:
-        daemons.append(subprocess.Popen(
-            ["munged", "-F", "-f", f"--key-file={key}", f"--socket={munge_socket}",
-             f"--pid-file={root}/munge/munged.pid", f"--log-file={root}/munge/munged.log",
-             f"--seed-file={root}/munge/munged.seed"], env=env))
+        daemons.append(
+            subprocess.Popen(
+                [
+                    "munged",
+                    "-F",
+                    "-f",
+                    f"--key-file={key}",
+                    f"--socket={munge_socket}",
+                    f"--pid-file={root}/munge/munged.pid",
+                    f"--log-file={root}/munge/munged.log",
+                    f"--seed-file={root}/munge/munged.seed",
+                ],
+                env=env,
+            )
+        )
         _wait("munged's socket", munge_socket.exists, UP_S, root / "munge" / "munged.log")
         daemons.append(subprocess.Popen(["slurmctld", "-D", "-f", str(conf)], env=env))
         daemons.append(subprocess.Popen(["slurmd", "-D", "-f", str(conf)], env=env))
-        _wait("the SLURM node idle in sinfo", lambda: _run("sinfo", "-h", "-o", "%t").strip() == "idle",
-              UP_S, root / "slurmd.log")
+        _wait(
+            "the SLURM node idle in sinfo",
+            lambda: _run("sinfo", "-h", "-o", "%t").strip() == "idle",
+            UP_S,
+            root / "slurmd.log",
+        )
         yield conf
     finally:
         _stop(conf, daemons)
@@ -161,19 +176,44 @@ def test_extract_through_slurmcluster_equals_a_local_run(slurm, tmp_path):
     from dask_jobqueue import SLURMCluster
 
     data = write_libero_hdf5(tmp_path / "data", tasks=1, demos=2, steps=4, size=64).path
-    local = extract(ExtractConfig(source=data, out=tmp_path / "local", vggt="random:tiny", steps_per_shard=2,
-                                  batch_size=2, workers=1), progress=False)
+    local = extract(
+        ExtractConfig(
+            source=data, out=tmp_path / "local", vggt="random:tiny", steps_per_shard=2, batch_size=2, workers=1
+        ),
+        progress=False,
+    )
     # The README's CPU-only recipe; the store is on a path the job sees (same host), the job runs this Python.
-    with SLURMCluster(cores=1, processes=1, memory="6GB", walltime="00:10:00", interface="lo",
-                      log_directory=str(tmp_path / "jobs"), scheduler_options={"dashboard_address": ":0"}) as cluster:
+    with SLURMCluster(
+        cores=1,
+        processes=1,
+        memory="6GB",
+        walltime="00:10:00",
+        interface="lo",
+        log_directory=str(tmp_path / "jobs"),
+        scheduler_options={"dashboard_address": ":0"},
+    ) as cluster:
         cluster.scale(jobs=1)
         with cluster.get_client() as client:
             client.wait_for_workers(1, timeout=JOB_S)
             jobs = client.run(lambda: os.environ.get("SLURM_JOB_ID"))
-        assert len(jobs) == 1 and all(jobs.values()), jobs     # the worker is a SLURM job, not a local process
-        result = CliRunner().invoke(app, ["extract", str(data), "--out", str(tmp_path / "slurm"), "--vggt", "random:tiny",
-                                          "--steps-per-shard", "2", "--batch-size", "2",
-                                          "--scheduler", cluster.scheduler_address])
+        assert len(jobs) == 1 and all(jobs.values()), jobs  # the worker is a SLURM job, not a local process
+        result = CliRunner().invoke(
+            app,
+            [
+                "extract",
+                str(data),
+                "--out",
+                str(tmp_path / "slurm"),
+                "--vggt",
+                "random:tiny",
+                "--steps-per-shard",
+                "2",
+                "--batch-size",
+                "2",
+                "--scheduler",
+                cluster.scheduler_address,
+            ],
+        )
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     assert local.shards_done == 4
@@ -184,8 +224,15 @@ def test_gpu_recipe_asks_slurm_and_dask_for_one_gpu(slurm):
     """The README's GPU-node arguments reach the job script: SLURM grants a GPU, Dask counts it as GPU=1."""
     from dask_jobqueue import SLURMCluster
 
-    with SLURMCluster(cores=8, processes=1, memory="6GB", walltime="08:00:00", job_extra_directives=["--gres=gpu:1"],
-                      worker_extra_args=["--resources", "GPU=1"], scheduler_options={"dashboard_address": ":0"}) as cluster:
+    with SLURMCluster(
+        cores=8,
+        processes=1,
+        memory="6GB",
+        walltime="08:00:00",
+        job_extra_directives=["--gres=gpu:1"],
+        worker_extra_args=["--resources", "GPU=1"],
+        scheduler_options={"dashboard_address": ":0"},
+    ) as cluster:
         script = cluster.job_script()
     assert "#SBATCH --gres=gpu:1" in script.splitlines()
     assert "--resources GPU=1" in script

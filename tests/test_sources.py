@@ -23,18 +23,20 @@ from tests.test_sources_bad_input import PARAMS as BAD_INPUT
 
 WRITERS = {
     "libero_hdf5": lambda root: syn.write_libero_hdf5(root, steps=6, size=48),
-    "libero_hdf5_no_noops": lambda root: syn.write_libero_hdf5(root, suite="libero_10", no_noops=True, steps=5,
-                                                               size=40),
+    "libero_hdf5_no_noops": lambda root: syn.write_libero_hdf5(
+        root, suite="libero_10", no_noops=True, steps=5, size=40
+    ),
     "libero_rlds": lambda root: syn.write_libero_rlds(root, episodes=3, steps=5, size=64, shards=2),
     "lerobot": lambda root: syn.write_lerobot(root, episodes=3, steps=5, size=48),
     "lerobot_v3": lambda root: syn.write_lerobot(root, episodes=3, steps=5, size=48, version="v3.0"),
     "robotwin_legacy": lambda root: syn.write_robotwin(root, steps=4, height=48, width=64),
     "robotwin_xpolicylab": lambda root: syn.write_robotwin(root, layout="xpolicylab", steps=4, height=48, width=64),
-    "robotwin_xpolicylab_unmarked": lambda root: syn.write_robotwin(root, layout="xpolicylab", xpl_marker=False,
-                                                                    steps=4, height=48, width=64),
+    "robotwin_xpolicylab_unmarked": lambda root: syn.write_robotwin(
+        root, layout="xpolicylab", xpl_marker=False, steps=4, height=48, width=64
+    ),
 }
-JPEG_TOLERANCE = 6.0     # mean absolute error of a JPEG round trip of the small rendered scenes
-WRONG_FRAMES = 25.0      # the same frames rotated or with channels swapped are at least this far
+JPEG_TOLERANCE = 6.0  # mean absolute error of a JPEG round trip of the small rendered scenes
+WRONG_FRAMES = 25.0  # the same frames rotated or with channels swapped are at least this far
 
 
 @pytest.fixture(scope="module", params=sorted(WRITERS))
@@ -67,7 +69,7 @@ def test_round_trip(written: syn.Written):
         assert info == EpisodeInfo(info.key, expected.instruction, len(expected.actions))
         steps = source.read(info.key)
         assert isinstance(steps, Steps)
-        assert_frames(steps.frames, expected.frames[:, :len(source.views)], written.lossy)
+        assert_frames(steps.frames, expected.frames[:, : len(source.views)], written.lossy)
         assert steps.actions.dtype == np.float32 and steps.proprio.dtype == np.float32
         np.testing.assert_allclose(steps.actions, expected.actions, rtol=1e-6)
         np.testing.assert_allclose(steps.proprio, expected.proprio, rtol=1e-6)
@@ -107,7 +109,7 @@ def test_frame_free_read_returns_the_same_vectors_without_decoding(written: syn.
 def test_pickled_source_reads_the_same(written: syn.Written):
     source = open_source(written.path)
     key = source.episodes()[0].key
-    before = source.read(key, 0, 2)             # opens (and caches) handles in this process
+    before = source.read(key, 0, 2)  # opens (and caches) handles in this process
     clone = pickle.loads(pickle.dumps(source))
     np.testing.assert_array_equal(clone.read(key, 0, 2).frames, before.frames)
     assert clone.episodes() == source.episodes()
@@ -132,7 +134,7 @@ def test_sources_work_from_worker_processes(tmp_path):
     written = syn.write_robotwin(tmp_path, steps=3, height=32, width=48)
     source = open_source(written.path)
     keys = [info.key for info in source.episodes()]
-    source.read(keys[0], 0, 1)                  # a handle is open in the parent before forking
+    source.read(keys[0], 0, 1)  # a handle is open in the parent before forking
     with multiprocessing.get_context("fork").Pool(2) as pool:
         results = pool.starmap(_read_first, [(source, key) for key in keys])
     for key, frames in zip(keys, results):
@@ -140,6 +142,7 @@ def test_sources_work_from_worker_processes(tmp_path):
 
 
 # --- format specifics ------------------------------------------------------------------------------------
+
 
 def test_libero_hdf5_orientation_and_rotate_flag(tmp_path):
     written = syn.write_libero_hdf5(tmp_path, tasks=1, demos=1, steps=3, size=32)
@@ -155,15 +158,18 @@ def test_libero_hdf5_orientation_and_rotate_flag(tmp_path):
 
 def test_libero_hdf5_variants(tmp_path):
     original = syn.write_libero_hdf5(tmp_path / "o", suite="libero_10", tasks=2, demos=2, steps=3, size=32)
-    no_noops = syn.write_libero_hdf5(tmp_path / "n", suite="libero_10", tasks=2, demos=3, steps=3, size=32,
-                                     no_noops=True)
+    no_noops = syn.write_libero_hdf5(
+        tmp_path / "n", suite="libero_10", tasks=2, demos=3, steps=3, size=32, no_noops=True
+    )
     assert open_source(original.path).describe()["variant"] == "original"
     source = open_source(no_noops.path)
     assert source.describe()["variant"] == "no_noops"
     keys = [info.key for info in source.episodes()]
-    assert keys[:3] == ["libero_10_no_noops/KITCHEN_SCENE3_turn_on_the_stove_and_put_the_moka_pot_on_it/demo_0",
-                        "libero_10_no_noops/KITCHEN_SCENE3_turn_on_the_stove_and_put_the_moka_pot_on_it/demo_3",
-                        "libero_10_no_noops/KITCHEN_SCENE3_turn_on_the_stove_and_put_the_moka_pot_on_it/demo_4"]
+    assert keys[:3] == [
+        "libero_10_no_noops/KITCHEN_SCENE3_turn_on_the_stove_and_put_the_moka_pot_on_it/demo_0",
+        "libero_10_no_noops/KITCHEN_SCENE3_turn_on_the_stove_and_put_the_moka_pot_on_it/demo_3",
+        "libero_10_no_noops/KITCHEN_SCENE3_turn_on_the_stove_and_put_the_moka_pot_on_it/demo_4",
+    ]
     assert source.episodes()[0].instruction == "turn on the stove and put the moka pot on it"
     # the original keeps its instruction in problem_info, whatever the file is called
     file = original.files[0]
@@ -183,10 +189,12 @@ def test_libero_rlds_layout(tmp_path):
     ten = syn.write_libero_rlds(tmp_path, suite="libero_10", episodes=3, steps=3, size=32, shards=2)
     spatial = syn.write_libero_rlds(tmp_path, suite="libero_spatial", episodes=2, steps=3, size=32, shards=1)
     assert sorted(p.name for p in (ten.path / "1.0.0").iterdir())[-2:] == [
-        "liber_o10-train.tfrecord-00000-of-00002", "liber_o10-train.tfrecord-00001-of-00002"]
+        "liber_o10-train.tfrecord-00000-of-00002",
+        "liber_o10-train.tfrecord-00001-of-00002",
+    ]
     info = json.loads((ten.path / "1.0.0" / "dataset_info.json").read_text())
     assert info["splits"][0]["shardLengths"] == ["2", "1"]
-    both = open_source(tmp_path)                 # a folder holding several TFDS datasets
+    both = open_source(tmp_path)  # a folder holding several TFDS datasets
     assert both.format == "libero_rlds"
     assert [i.key for i in both.episodes()] == sorted([*ten.episodes, *spatial.episodes])
     assert open_source(ten.path / "1.0.0").episodes() == open_source(ten.path).episodes()
@@ -198,7 +206,7 @@ def test_libero_rlds_reads_one_record_only(tmp_path):
     first, second = source.episodes()
     shard = written.files[0]
     data = bytearray(shard.read_bytes())
-    data[-20] ^= 0xFF                            # corrupt the second (last) record after indexing
+    data[-20] ^= 0xFF  # corrupt the second (last) record after indexing
     shard.write_bytes(bytes(data))
     assert source.read(first.key).frames.shape[0] == 3
     with pytest.raises(SourceError, match="data CRC mismatch"):
@@ -220,15 +228,14 @@ def test_step_by_step_reads_load_an_episode_once(tmp_path, monkeypatch, writer):
 
 def test_robotwin_channel_order(tmp_path):
     legacy = syn.write_robotwin(tmp_path / "l", tasks=1, episodes=1, steps=2, height=64, width=96)
-    marked = syn.write_robotwin(tmp_path / "m", layout="xpolicylab", tasks=1, episodes=1, steps=2, height=64,
-                                 width=96)
+    marked = syn.write_robotwin(tmp_path / "m", layout="xpolicylab", tasks=1, episodes=1, steps=2, height=64, width=96)
     legacy_file, marked_file = legacy.files[0], marked.files[0]
     with h5py.File(legacy_file) as h5:
         legacy_jpeg = h5["observation/head_camera/rgb"][0]
     with h5py.File(marked_file) as h5:
         marked_jpeg = h5["vision/cam_head/colors"][0]
     assert opencv_channel_order(legacy_jpeg) and not opencv_channel_order(marked_jpeg)
-    assert legacy_jpeg[-2:] == b"\xff\xd9"     # NUL padding stripped on read
+    assert legacy_jpeg[-2:] == b"\xff\xd9"  # NUL padding stripped on read
     for written, jpeg in ((legacy, legacy_jpeg), (marked, marked_jpeg)):
         expected = next(iter(written.episodes.values())).frames[0, 0]
         assert_frames(decode_image(jpeg, bgr=opencv_channel_order(jpeg))[None, None], expected[None, None], lossy=True)
@@ -257,14 +264,16 @@ def test_view_selection_and_order(tmp_path):
 
 
 def test_auto_detection(tmp_path):
-    cases = {"libero_hdf5": syn.write_libero_hdf5(tmp_path / "a", tasks=1, demos=1, steps=2, size=16),
-             "libero_rlds": syn.write_libero_rlds(tmp_path / "b", episodes=1, steps=2, size=16, shards=1),
-             "lerobot": syn.write_lerobot(tmp_path / "c", episodes=1, steps=2, size=16),
-             "robotwin": syn.write_robotwin(tmp_path / "d", tasks=1, episodes=1, steps=2, height=16, width=16)}
+    cases = {
+        "libero_hdf5": syn.write_libero_hdf5(tmp_path / "a", tasks=1, demos=1, steps=2, size=16),
+        "libero_rlds": syn.write_libero_rlds(tmp_path / "b", episodes=1, steps=2, size=16, shards=1),
+        "lerobot": syn.write_lerobot(tmp_path / "c", episodes=1, steps=2, size=16),
+        "robotwin": syn.write_robotwin(tmp_path / "d", tasks=1, episodes=1, steps=2, height=16, width=16),
+    }
     assert set(cases) == set(FORMATS)
     for name, written in cases.items():
         assert open_source(written.path).format == name
-    for name in ("libero_hdf5", "robotwin"):                  # one HDF5 file is a source too
+    for name in ("libero_hdf5", "robotwin"):  # one HDF5 file is a source too
         assert open_source(cases[name].files[0]).format == name
     with pytest.raises(SfcacheError, match="unknown source format 'tfds'"):
         open_source(tmp_path / "a", format="tfds")
@@ -284,7 +293,7 @@ def test_fingerprint_follows_the_files(tmp_path):
     before = open_source(written.path).describe()["fingerprint"]
     copy = tmp_path / "copy"
     shutil.copytree(written.path, copy, copy_function=shutil.copy2)
-    assert open_source(copy).describe()["fingerprint"] == before       # relative paths, sizes, mtimes
+    assert open_source(copy).describe()["fingerprint"] == before  # relative paths, sizes, mtimes
     stat = written.files[0].stat()
     os.utime(written.files[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert open_source(written.path).describe()["fingerprint"] != before
@@ -299,6 +308,7 @@ def test_demo_dataset(tmp_path):
 
 
 # --- sf inspect-source ------------------------------------------------------------------------------
+
 
 def test_cli_inspect_source_table_and_json(tmp_path):
     written = syn.write_libero_rlds(tmp_path, episodes=3, steps=4, size=32, shards=1)
@@ -321,9 +331,21 @@ def test_cli_inspect_source_bad_input_is_one_line(tmp_path):
     assert isinstance(result.exception, SourceError) and "no such file or directory" in str(result.exception)
 
 
-READ_STAGE_CASES = ("libero_nan_actions", "libero_nan_proprio", "rlds_bad_jpeg", "rlds_nan_action", "lerobot_bad_png",
-                    "lerobot_nan_actions", "lerobot_state_width", "lerobot_v3_nan_actions", "robotwin_bad_jpeg",
-                    "robotwin_nan_vector", "xpolicylab_bad_jpeg", "xpolicylab_nan_state", "xpolicylab_frame_sizes")
+READ_STAGE_CASES = (
+    "libero_nan_actions",
+    "libero_nan_proprio",
+    "rlds_bad_jpeg",
+    "rlds_nan_action",
+    "lerobot_bad_png",
+    "lerobot_nan_actions",
+    "lerobot_state_width",
+    "lerobot_v3_nan_actions",
+    "robotwin_bad_jpeg",
+    "robotwin_nan_vector",
+    "xpolicylab_bad_jpeg",
+    "xpolicylab_nan_state",
+    "xpolicylab_frame_sizes",
+)
 
 
 @pytest.mark.parametrize("writer, case", [p for p in BAD_INPUT if p.id in READ_STAGE_CASES])
@@ -339,6 +361,6 @@ def test_frame_free_read_checks_vectors_and_skips_images(tmp_path, writer, case)
         with pytest.raises(SourceError) as frame_free:
             source.read(damage.episode, frames=False)
         assert str(frame_free.value) == str(full.value)
-    else:   # an undecodable image or mismatched frame sizes
+    else:  # an undecodable image or mismatched frame sizes
         vectors = source.read(damage.episode, frames=False)
         assert vectors.frames is None and len(vectors.actions) == len(written.episodes[damage.episode].actions)

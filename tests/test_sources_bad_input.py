@@ -8,14 +8,12 @@ file, the episode and the key where they exist, and what was expected.
 from __future__ import annotations
 
 import json
-import struct
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
-import shutil
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -34,13 +32,14 @@ class Damage:
     """What a damaged dataset must report."""
 
     file: Path
-    episode: str | None     # None: the whole file is unusable
-    key: str | None         # the dataset/feature/column at fault, if there is one
-    expected: str           # fragment of the message saying what was expected or found
-    stage: str              # "scan" or "read"
+    episode: str | None  # None: the whole file is unusable
+    key: str | None  # the dataset/feature/column at fault, if there is one
+    expected: str  # fragment of the message saying what was expected or found
+    stage: str  # "scan" or "read"
 
 
 # --- damage helpers --------------------------------------------------------------------------------------
+
 
 def replace(h5: h5py.File, name: str, data) -> None:
     del h5[name]
@@ -49,7 +48,7 @@ def replace(h5: h5py.File, name: str, data) -> None:
 
 def truncate(file: Path, keep: float = 0.5) -> None:
     data = file.read_bytes()
-    file.write_bytes(data[:int(len(data) * keep)])
+    file.write_bytes(data[: int(len(data) * keep)])
 
 
 def rewrite_record(shard: Path, index: int, mutate: Callable[[Example], None]) -> None:
@@ -89,48 +88,100 @@ def set_episode_length(root: Path, index: int, length: int) -> None:
 
 # --- LIBERO HDF5 ---------------------------------------------------------------------------------------
 
+
 def libero(tmp: Path) -> syn.Written:
     return syn.write_libero_hdf5(tmp, tasks=2, demos=2, steps=4, size=16)
 
 
-def libero_demo(written: syn.Written, damage: Callable[[h5py.Group], None], *, key: str | None, expected: str,
-                stage: str = "scan", demo: str = "demo_1") -> Damage:
+def libero_demo(
+    written: syn.Written,
+    damage: Callable[[h5py.Group], None],
+    *,
+    key: str | None,
+    expected: str,
+    stage: str = "scan",
+    demo: str = "demo_1",
+) -> Damage:
     file = written.files[0]
     with h5py.File(file, "r+") as h5:
         damage(h5["data"][demo])
-    episode = next(k for k in written.episodes if k.startswith(f"{file.parent.name}/") and k.endswith(demo)
-                   and file.name.removesuffix("_demo.hdf5") in k)
+    episode = next(
+        k
+        for k in written.episodes
+        if k.startswith(f"{file.parent.name}/") and k.endswith(demo) and file.name.removesuffix("_demo.hdf5") in k
+    )
     return Damage(file, episode, key and f"data/{demo}/{key}", expected, stage)
 
 
-def libero_missing_view(w): return libero_demo(w, lambda d: d.__delitem__("obs/agentview_rgb"), key="obs/agentview_rgb",
-                                               expected="missing (expected uint8 array [any, any, any, 3])")
-def libero_actions_shape(w): return libero_demo(w, lambda d: replace(d, "actions", np.zeros((4, 6))), key="actions",
-                                                expected="shape (4, 6), expected float array [any, 7]")
-def libero_images_dtype(w): return libero_demo(w, lambda d: replace(d, "obs/eye_in_hand_rgb", np.zeros((4, 16, 16, 3))),
-                                               key="obs/eye_in_hand_rgb", expected="dtype float64, expected uint8")
-def libero_unequal_views(w): return libero_demo(
-    w, lambda d: replace(d, "obs/eye_in_hand_rgb", d["obs/eye_in_hand_rgb"][:3]), key=None,
-    expected="per-step datasets disagree on the number of steps (data/demo_1/actions 4, "
-             "data/demo_1/obs/agentview_rgb 4, data/demo_1/obs/eye_in_hand_rgb 3")
-def libero_short_actions(w): return libero_demo(w, lambda d: replace(d, "actions", d["actions"][:2]), key=None,
-                                                expected="disagree on the number of steps (data/demo_1/actions 2")
+def libero_missing_view(w):
+    return libero_demo(
+        w,
+        lambda d: d.__delitem__("obs/agentview_rgb"),
+        key="obs/agentview_rgb",
+        expected="missing (expected uint8 array [any, any, any, 3])",
+    )
+
+
+def libero_actions_shape(w):
+    return libero_demo(
+        w,
+        lambda d: replace(d, "actions", np.zeros((4, 6))),
+        key="actions",
+        expected="shape (4, 6), expected float array [any, 7]",
+    )
+
+
+def libero_images_dtype(w):
+    return libero_demo(
+        w,
+        lambda d: replace(d, "obs/eye_in_hand_rgb", np.zeros((4, 16, 16, 3))),
+        key="obs/eye_in_hand_rgb",
+        expected="dtype float64, expected uint8",
+    )
+
+
+def libero_unequal_views(w):
+    return libero_demo(
+        w,
+        lambda d: replace(d, "obs/eye_in_hand_rgb", d["obs/eye_in_hand_rgb"][:3]),
+        key=None,
+        expected="per-step datasets disagree on the number of steps (data/demo_1/actions 4, "
+        "data/demo_1/obs/agentview_rgb 4, data/demo_1/obs/eye_in_hand_rgb 3",
+    )
+
+
+def libero_short_actions(w):
+    return libero_demo(
+        w,
+        lambda d: replace(d, "actions", d["actions"][:2]),
+        key=None,
+        expected="disagree on the number of steps (data/demo_1/actions 2",
+    )
 
 
 def libero_empty(w):
     def empty(demo):
-        for name in ("actions", "obs/agentview_rgb", "obs/eye_in_hand_rgb", "obs/ee_pos", "obs/ee_ori",
-                     "obs/gripper_states"):
+        for name in (
+            "actions",
+            "obs/agentview_rgb",
+            "obs/eye_in_hand_rgb",
+            "obs/ee_pos",
+            "obs/ee_ori",
+            "obs/gripper_states",
+        ):
             replace(demo, name, demo[name][:0])
+
     return libero_demo(w, empty, key="actions", expected="empty episode (0 steps)")
 
 
 def libero_non_finite(w, key: str, where: tuple[int, int], value: float) -> Damage:
     """`value` (NaN or inf) written into dataset `key` of the first demo at (step, column)."""
+
     def poison(demo):
         values = demo[key][:]
         values[where] = value
         replace(demo, key, values)
+
     return libero_demo(w, poison, key=key, expected=f"non-finite value at step {where[0]}", stage="read")
 
 
@@ -155,32 +206,58 @@ def libero_bad_problem_info(w):
 
 # --- LIBERO RLDS ---------------------------------------------------------------------------------------
 
+
 def rlds(tmp: Path) -> syn.Written:
     return syn.write_libero_rlds(tmp, episodes=4, steps=3, size=16, shards=2)
 
 
-def rlds_record(written: syn.Written, mutate: Callable[[dict], None], *, key: str | None, expected: str,
-                stage: str = "scan") -> Damage:
+def rlds_record(
+    written: syn.Written, mutate: Callable[[dict], None], *, key: str | None, expected: str, stage: str = "scan"
+) -> Damage:
     rewrite_record(written.files[0], 1, mutate)
     return Damage(written.files[0], list(written.episodes)[1], key, expected, stage)
 
 
-def rlds_missing_action(w): return rlds_record(w, lambda f: f.__delitem__("steps/action"), key="steps/action",
-                                               expected="missing feature (expected float_list)")
-def rlds_state_count(w): return rlds_record(w, lambda f: set_floats(f["steps/observation/state"], [0.0] * 23),
-                                            key="steps/observation/state", expected="23 values, expected 3 steps x 8")
-def rlds_short_view(w): return rlds_record(
-    w, lambda f: set_bytes(f["steps/observation/wrist_image"], f["steps/observation/wrist_image"].bytes_list.value[:2]),
-    key="steps/observation/wrist_image", expected="2 values, expected 3 steps x 1")
-def rlds_wrong_kind(w): return rlds_record(
-    w, lambda f: (f["steps/action"].ClearField("float_list"), f["steps/action"].bytes_list.value.append(b"x")),
-    key="steps/action", expected="holds bytes_list, expected float_list")
+def rlds_missing_action(w):
+    return rlds_record(
+        w, lambda f: f.__delitem__("steps/action"), key="steps/action", expected="missing feature (expected float_list)"
+    )
+
+
+def rlds_state_count(w):
+    return rlds_record(
+        w,
+        lambda f: set_floats(f["steps/observation/state"], [0.0] * 23),
+        key="steps/observation/state",
+        expected="23 values, expected 3 steps x 8",
+    )
+
+
+def rlds_short_view(w):
+    return rlds_record(
+        w,
+        lambda f: set_bytes(
+            f["steps/observation/wrist_image"], f["steps/observation/wrist_image"].bytes_list.value[:2]
+        ),
+        key="steps/observation/wrist_image",
+        expected="2 values, expected 3 steps x 1",
+    )
+
+
+def rlds_wrong_kind(w):
+    return rlds_record(
+        w,
+        lambda f: (f["steps/action"].ClearField("float_list"), f["steps/action"].bytes_list.value.append(b"x")),
+        key="steps/action",
+        expected="holds bytes_list, expected float_list",
+    )
 
 
 def rlds_empty(w):
     def empty(features):
         for feature in features.values():
             getattr(feature, feature.WhichOneof("kind")).ClearField("value")
+
     return rlds_record(w, empty, key="steps/is_first", expected="empty episode (0 steps)")
 
 
@@ -189,6 +266,7 @@ def rlds_bad_jpeg(w):
         images = list(features["steps/observation/image"].bytes_list.value)
         images[2] = images[2][:40]
         set_bytes(features["steps/observation/image"], images)
+
     return rlds_record(w, garble, key="steps/observation/image", expected="step 2: undecodable JPEG", stage="read")
 
 
@@ -197,13 +275,14 @@ def rlds_nan_action(w):
         values = list(features["steps/action"].float_list.value)
         values[7 + 2] = float("nan")
         set_floats(features["steps/action"], values)
+
     return rlds_record(w, poison, key="steps/action", expected="non-finite value at step 1", stage="read")
 
 
 def rlds_truncated(w):
     shard = w.files[0]
     data = shard.read_bytes()
-    shard.write_bytes(data[:len(data) - 100])
+    shard.write_bytes(data[: len(data) - 100])
     return Damage(shard, list(w.episodes)[1], None, "truncated at byte", "scan")
 
 
@@ -222,6 +301,7 @@ def rlds_missing_shard(w):
 
 # --- LeRobot ---------------------------------------------------------------------------------------------
 
+
 def lerobot(tmp: Path) -> syn.Written:
     return syn.write_lerobot(tmp, episodes=3, steps=4, size=16)
 
@@ -231,34 +311,77 @@ def lerobot_case(w, change, *, key, expected, stage="scan", index=1) -> Damage:
     return Damage(w.files[index], f"episode_{index:06d}", key, expected, stage)
 
 
-def lerobot_missing_file(w): return lerobot_case(w, Path.unlink, key=None,
-                                                 expected="missing parquet file listed in the episode metadata")
-def lerobot_truncated(w): return lerobot_case(w, truncate, key=None, expected="not a readable parquet file")
-def lerobot_missing_column(w): return lerobot_case(
-    w, lambda f: rewrite_parquet(f, lambda d: {k: v for k, v in d.items() if k != "wrist_image"}),
-    key="wrist_image", expected="missing column")
-def lerobot_row_count(w): return lerobot_case(w, lambda f: set_episode_length(w.path, 1, 5), key=None,
-                                              expected="4 rows, the episode metadata needs rows [0, 5)")
-def lerobot_empty(w): return lerobot_case(w, lambda f: set_episode_length(w.path, 1, 0), key=None,
-                                          expected="empty episode (0 steps in the episode metadata)")
+def lerobot_missing_file(w):
+    return lerobot_case(w, Path.unlink, key=None, expected="missing parquet file listed in the episode metadata")
+
+
+def lerobot_truncated(w):
+    return lerobot_case(w, truncate, key=None, expected="not a readable parquet file")
+
+
+def lerobot_missing_column(w):
+    return lerobot_case(
+        w,
+        lambda f: rewrite_parquet(f, lambda d: {k: v for k, v in d.items() if k != "wrist_image"}),
+        key="wrist_image",
+        expected="missing column",
+    )
+
+
+def lerobot_row_count(w):
+    return lerobot_case(
+        w,
+        lambda f: set_episode_length(w.path, 1, 5),
+        key=None,
+        expected="4 rows, the episode metadata needs rows [0, 5)",
+    )
+
+
+def lerobot_empty(w):
+    return lerobot_case(
+        w,
+        lambda f: set_episode_length(w.path, 1, 0),
+        key=None,
+        expected="empty episode (0 steps in the episode metadata)",
+    )
 
 
 def _lerobot_rows(change_row):
     def change(columns):
         change_row(columns)
         return columns
+
     return lambda file: rewrite_parquet(file, change)
 
 
-def lerobot_bad_png(w): return lerobot_case(
-    w, _lerobot_rows(lambda c: c["image"][2].update(bytes=c["image"][2]["bytes"][:60])), key="image",
-    expected="step 2: undecodable PNG", stage="read")
-def lerobot_nan_actions(w): return lerobot_case(
-    w, _lerobot_rows(lambda c: c["actions"][1].__setitem__(0, float("nan"))), key="actions",
-    expected="non-finite value at step 1", stage="read")
-def lerobot_state_width(w): return lerobot_case(
-    w, _lerobot_rows(lambda c: c.update(state=[row[:7] for row in c["state"]])), key="state",
-    expected="shape (4, 7), expected float [T, 8]", stage="read")
+def lerobot_bad_png(w):
+    return lerobot_case(
+        w,
+        _lerobot_rows(lambda c: c["image"][2].update(bytes=c["image"][2]["bytes"][:60])),
+        key="image",
+        expected="step 2: undecodable PNG",
+        stage="read",
+    )
+
+
+def lerobot_nan_actions(w):
+    return lerobot_case(
+        w,
+        _lerobot_rows(lambda c: c["actions"][1].__setitem__(0, float("nan"))),
+        key="actions",
+        expected="non-finite value at step 1",
+        stage="read",
+    )
+
+
+def lerobot_state_width(w):
+    return lerobot_case(
+        w,
+        _lerobot_rows(lambda c: c.update(state=[row[:7] for row in c["state"]])),
+        key="state",
+        expected="shape (4, 7), expected float [T, 8]",
+        stage="read",
+    )
 
 
 def lerobot_v3(tmp: Path) -> syn.Written:
@@ -280,6 +403,7 @@ def lerobot_v3_rows_missing(w):
 
 # --- RoboTwin (legacy and XPolicyLab) -------------------------------------------------------------------
 
+
 def robotwin(tmp: Path) -> syn.Written:
     return syn.write_robotwin(tmp, tasks=1, episodes=3, steps=4, height=24, width=32)
 
@@ -300,6 +424,7 @@ def _garble_jpeg(name: str) -> Callable[[h5py.File], None]:
         frames = list(h5[name][:])
         frames[3] = b"\xff\xd8\xff\xe0 this is no jpeg"
         replace(h5, name, np.array(frames, dtype=h5[name].dtype))
+
     return garble
 
 
@@ -308,30 +433,67 @@ def _poison(name: str, step: int) -> Callable[[h5py.File], None]:
         values = h5[name][:]
         values[step, 0] = np.nan
         replace(h5, name, values)
+
     return poison
 
 
-def robotwin_missing_camera(w): return robotwin_case(
-    w, lambda h5: h5.__delitem__("observation/left_camera"), key="observation/left_camera/rgb",
-    expected="missing (expected encoded image bytes [any])")
-def robotwin_short_view(w): return robotwin_case(
-    w, lambda h5: replace(h5, "observation/right_camera/rgb", h5["observation/right_camera/rgb"][:2]), key=None,
-    expected="observation/right_camera/rgb 2")
-def robotwin_vector_shape(w): return robotwin_case(
-    w, lambda h5: replace(h5, "joint_action/vector", h5["joint_action/vector"][:, :12]), key="joint_action/vector",
-    expected="shape (4, 12), expected float array [any, 14]")
-def robotwin_bad_jpeg(w): return robotwin_case(w, _garble_jpeg("observation/head_camera/rgb"),
-                                               key="observation/head_camera/rgb", expected="step 3: undecodable JPEG",
-                                               stage="read")
-def robotwin_nan_vector(w): return robotwin_case(w, _poison("joint_action/vector", 2), key="joint_action/vector",
-                                                 expected="non-finite value at step 2", stage="read")
+def robotwin_missing_camera(w):
+    return robotwin_case(
+        w,
+        lambda h5: h5.__delitem__("observation/left_camera"),
+        key="observation/left_camera/rgb",
+        expected="missing (expected encoded image bytes [any])",
+    )
+
+
+def robotwin_short_view(w):
+    return robotwin_case(
+        w,
+        lambda h5: replace(h5, "observation/right_camera/rgb", h5["observation/right_camera/rgb"][:2]),
+        key=None,
+        expected="observation/right_camera/rgb 2",
+    )
+
+
+def robotwin_vector_shape(w):
+    return robotwin_case(
+        w,
+        lambda h5: replace(h5, "joint_action/vector", h5["joint_action/vector"][:, :12]),
+        key="joint_action/vector",
+        expected="shape (4, 12), expected float array [any, 14]",
+    )
+
+
+def robotwin_bad_jpeg(w):
+    return robotwin_case(
+        w,
+        _garble_jpeg("observation/head_camera/rgb"),
+        key="observation/head_camera/rgb",
+        expected="step 3: undecodable JPEG",
+        stage="read",
+    )
+
+
+def robotwin_nan_vector(w):
+    return robotwin_case(
+        w,
+        _poison("joint_action/vector", 2),
+        key="joint_action/vector",
+        expected="non-finite value at step 2",
+        stage="read",
+    )
 
 
 def robotwin_empty(w):
     def empty(h5):
-        for name in ("observation/head_camera/rgb", "observation/left_camera/rgb", "observation/right_camera/rgb",
-                     "joint_action/vector"):
+        for name in (
+            "observation/head_camera/rgb",
+            "observation/left_camera/rgb",
+            "observation/right_camera/rgb",
+            "joint_action/vector",
+        ):
             replace(h5, name, h5[name][:0])
+
     return robotwin_case(w, empty, key="observation/head_camera/rgb", expected="empty episode (0 steps)")
 
 
@@ -346,40 +508,111 @@ def robotwin_truncated(w):
     return Damage(w.files[1], None, None, "cannot open as HDF5", "scan")
 
 
-def xpolicylab_missing_action(w): return robotwin_case(
-    w, lambda h5: h5.__delitem__("action/right_ee_joint_states"), key="action/right_ee_joint_states",
-    expected="missing (expected float array [any, any])")
-def xpolicylab_no_instructions(w): return robotwin_case(
-    w, lambda h5: h5.__delitem__("instructions"), key="instructions", expected="expected a JSON list of instructions")
-def xpolicylab_bad_jpeg(w): return robotwin_case(
-    w, _garble_jpeg("vision/cam_left_wrist/colors"), key="vision/cam_left_wrist/colors",
-    expected="step 3: undecodable JPEG", stage="read")
-def xpolicylab_nan_state(w): return robotwin_case(
-    w, _poison("state/left_arm_joint_states", 1), key="state/left_arm_joint_states",
-    expected="non-finite value at step 1", stage="read")
+def xpolicylab_missing_action(w):
+    return robotwin_case(
+        w,
+        lambda h5: h5.__delitem__("action/right_ee_joint_states"),
+        key="action/right_ee_joint_states",
+        expected="missing (expected float array [any, any])",
+    )
+
+
+def xpolicylab_no_instructions(w):
+    return robotwin_case(
+        w,
+        lambda h5: h5.__delitem__("instructions"),
+        key="instructions",
+        expected="expected a JSON list of instructions",
+    )
+
+
+def xpolicylab_bad_jpeg(w):
+    return robotwin_case(
+        w,
+        _garble_jpeg("vision/cam_left_wrist/colors"),
+        key="vision/cam_left_wrist/colors",
+        expected="step 3: undecodable JPEG",
+        stage="read",
+    )
+
+
+def xpolicylab_nan_state(w):
+    return robotwin_case(
+        w,
+        _poison("state/left_arm_joint_states", 1),
+        key="state/left_arm_joint_states",
+        expected="non-finite value at step 1",
+        stage="read",
+    )
 
 
 def xpolicylab_frame_sizes(w):
     def resize(h5):
         frames = [syn._jpeg_with_marker(np.zeros((12, 16, 3), np.uint8)) for _ in range(4)]
         replace(h5, "vision/cam_right_wrist/colors", np.array(frames))
-    return robotwin_case(w, resize, key=None, expected="views have different frame sizes (head 24x32, "
-                                                      "left_wrist 24x32, right_wrist 12x16)", stage="read")
+
+    return robotwin_case(
+        w,
+        resize,
+        key=None,
+        expected="views have different frame sizes (head 24x32, left_wrist 24x32, right_wrist 12x16)",
+        stage="read",
+    )
 
 
 CASES = {
-    libero: [libero_missing_view, libero_actions_shape, libero_images_dtype, libero_unequal_views,
-             libero_short_actions, libero_empty, libero_nan_actions, libero_nan_proprio, libero_truncated,
-             libero_bad_problem_info],
-    rlds: [rlds_missing_action, rlds_state_count, rlds_short_view, rlds_wrong_kind, rlds_empty, rlds_bad_jpeg,
-           rlds_nan_action, rlds_truncated, rlds_corrupt, rlds_missing_shard],
-    lerobot: [lerobot_missing_file, lerobot_truncated, lerobot_missing_column, lerobot_row_count, lerobot_empty,
-              lerobot_bad_png, lerobot_nan_actions, lerobot_state_width],
+    libero: [
+        libero_missing_view,
+        libero_actions_shape,
+        libero_images_dtype,
+        libero_unequal_views,
+        libero_short_actions,
+        libero_empty,
+        libero_nan_actions,
+        libero_nan_proprio,
+        libero_truncated,
+        libero_bad_problem_info,
+    ],
+    rlds: [
+        rlds_missing_action,
+        rlds_state_count,
+        rlds_short_view,
+        rlds_wrong_kind,
+        rlds_empty,
+        rlds_bad_jpeg,
+        rlds_nan_action,
+        rlds_truncated,
+        rlds_corrupt,
+        rlds_missing_shard,
+    ],
+    lerobot: [
+        lerobot_missing_file,
+        lerobot_truncated,
+        lerobot_missing_column,
+        lerobot_row_count,
+        lerobot_empty,
+        lerobot_bad_png,
+        lerobot_nan_actions,
+        lerobot_state_width,
+    ],
     lerobot_v3: [lerobot_v3_nan_actions, lerobot_v3_rows_missing],
-    robotwin: [robotwin_missing_camera, robotwin_short_view, robotwin_vector_shape, robotwin_bad_jpeg,
-               robotwin_nan_vector, robotwin_empty, robotwin_missing_instructions, robotwin_truncated],
-    xpolicylab: [xpolicylab_missing_action, xpolicylab_no_instructions, xpolicylab_bad_jpeg, xpolicylab_nan_state,
-                 xpolicylab_frame_sizes],
+    robotwin: [
+        robotwin_missing_camera,
+        robotwin_short_view,
+        robotwin_vector_shape,
+        robotwin_bad_jpeg,
+        robotwin_nan_vector,
+        robotwin_empty,
+        robotwin_missing_instructions,
+        robotwin_truncated,
+    ],
+    xpolicylab: [
+        xpolicylab_missing_action,
+        xpolicylab_no_instructions,
+        xpolicylab_bad_jpeg,
+        xpolicylab_nan_state,
+        xpolicylab_frame_sizes,
+    ],
 }
 PARAMS = [pytest.param(writer, case, id=case.__name__) for writer, cases in CASES.items() for case in cases]
 
@@ -411,15 +644,14 @@ def test_bad_input(tmp_path, writer, case):
         if damage.episode is not None:
             assert damage.episode not in kept
         assert kept and set(kept) < set(written.episodes)
-        for key in kept:                         # what is left reads cleanly
+        for key in kept:  # what is left reads cleanly
             assert source.read(key).frames.shape[0] == written.episodes[key].actions.shape[0]
     else:
         source = open_source(written.path)
-        assert damage.episode in [info.key for info in source.episodes()]   # structure is fine
+        assert damage.episode in [info.key for info in source.episodes()]  # structure is fine
         with pytest.raises(SourceError) as raised:
             source.read(damage.episode)
         assert_names_everything(raised.value, damage)
-
 
 
 def test_cli_lists_skipped_episodes_and_prints_one_line_errors(tmp_path, capsys):
@@ -443,5 +675,7 @@ def test_a_dataset_folder_with_two_versions_is_refused_naming_them(tmp_path):
     shutil.copytree(written.path / "1.0.0", written.path / "1.1.0")
     with pytest.raises(SourceError, match=r"holds 2 versions \(1\.0\.0, 1\.1\.0\); expected one version per dataset"):
         open_source(tmp_path).episodes()
-    assert [e.key for e in open_source(written.path / "1.1.0").episodes()] == \
-        ["libero_10_no_noops/episode_000000", "libero_10_no_noops/episode_000001"]
+    assert [e.key for e in open_source(written.path / "1.1.0").episodes()] == [
+        "libero_10_no_noops/episode_000000",
+        "libero_10_no_noops/episode_000001",
+    ]

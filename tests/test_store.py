@@ -15,24 +15,49 @@ import torch
 import zarr
 
 from sfcache.errors import ConfigMismatch, StoreError
-from sfcache.sources.base import EpisodeInfo
 from sfcache.inspect import token_cosine
-from sfcache.store import (Cache, StoreConfig, create_store, decode, encode, int8_block, lock_store, open_cache,
-                           pack_episodes)
+from sfcache.sources.base import EpisodeInfo
+from sfcache.store import (
+    Cache,
+    StoreConfig,
+    create_store,
+    decode,
+    encode,
+    int8_block,
+    lock_store,
+    open_cache,
+    pack_episodes,
+)
 
-EPISODES = pack_episodes([EpisodeInfo("suite/a/demo_0", "pick the bowl", 5),
-                          EpisodeInfo("suite/a/demo_1", "place the bowl", 7),
-                          EpisodeInfo("suite/b/demo_0", "open the drawer", 3)])
+EPISODES = pack_episodes(
+    [
+        EpisodeInfo("suite/a/demo_0", "pick the bowl", 5),
+        EpisodeInfo("suite/a/demo_1", "place the bowl", 7),
+        EpisodeInfo("suite/b/demo_0", "open the drawer", 3),
+    ]
+)
 LAYER = 3
 
 
 def make_config(**changes) -> StoreConfig:
-    fields = dict(episodes=EPISODES, layers=(LAYER,), grid=(2, 3), native_grid=(4, 4), aspect_ratio=1.0,
-                  views=("primary", "wrist"), channels=8,
-                  vggt={"weights": "random:tiny", "weights_id": "random:tiny+seed0", "config": {"depth": 4},
-                        "preprocess": "sf", "compute_dtype": "float32"},
-                  source={"format": "libero_hdf5", "path": "/data/libero", "fingerprint": "abc", "rotate": True},
-                  steps_per_shard=4)
+    fields = dict(
+        episodes=EPISODES,
+        layers=(LAYER,),
+        grid=(2, 3),
+        native_grid=(4, 4),
+        aspect_ratio=1.0,
+        views=("primary", "wrist"),
+        channels=8,
+        vggt={
+            "weights": "random:tiny",
+            "weights_id": "random:tiny+seed0",
+            "config": {"depth": 4},
+            "preprocess": "sf",
+            "compute_dtype": "float32",
+        },
+        source={"format": "libero_hdf5", "path": "/data/libero", "fingerprint": "abc", "rotate": True},
+        steps_per_shard=4,
+    )
     fields.update(changes)
     return StoreConfig(**fields)
 
@@ -58,6 +83,7 @@ def build(path, **changes) -> tuple[StoreConfig, np.ndarray]:
 
 # ----------------------------------------------------------------------------- encodings
 
+
 def test_float16_and_bfloat16_round_exactly_like_torch():
     x = np.random.default_rng(1).standard_normal((3, 2, 5, 7)).astype(np.float32) * 100
     x[0, 0, 0, :3] = [0.0, -0.0, 1e-40]
@@ -78,6 +104,7 @@ def test_int8_error_is_within_half_a_step_per_token_and_channel_block():
     back = decode(stored, "int8", scale)
     assert np.all(np.abs(back - x) <= np.repeat(scale, 2, axis=-1) / 2 + 1e-6)
     assert np.all(back[1, 0, 3] == 0)
+
     def blocks(a):
         return np.abs(a).reshape(4, 2, 9, 3, 2).max(axis=-1)
 
@@ -91,24 +118,46 @@ def test_int8_keeps_other_tokens_exact_next_to_a_50x_outlier_token():
     x[:, :, 7] *= 50
     stored, scale = encode(x, "int8")
     cosine = token_cosine(decode(stored, "int8", scale), x)
-    legacy = decode(np.clip(np.rint(x / (np.abs(x).max(axis=2) / 127)[:, :, None]), -127, 127).astype(np.int8),
-                    "int8", np.abs(x).max(axis=2) / 127)   # a version-1 store: per-channel scales [T, V, C]
+    legacy = decode(
+        np.clip(np.rint(x / (np.abs(x).max(axis=2) / 127)[:, :, None]), -127, 127).astype(np.int8),
+        "int8",
+        np.abs(x).max(axis=2) / 127,
+    )  # a version-1 store: per-channel scales [T, V, C]
     assert cosine.min() >= 0.9999 and token_cosine(legacy, x).min() < 0.99
 
 
 # ----------------------------------------------------------------------------- layout and reads
 
+
 def test_layout_and_provenance_follow_the_architecture(tmp_path):
     config, _ = build(tmp_path / "s", dtype="int8", codec="zstd")
     root = zarr.open_group(str(tmp_path / "s"), mode="r")
     attrs = root.attrs["sfcache"]
-    assert attrs["format_version"] == 2 and attrs["recipe"] == "none" and attrs["num_steps"] == 15 and attrs["num_shards"] == 4
-    assert attrs["episodes"] == [["suite/a/demo_0", "pick the bowl", 0, 5], ["suite/a/demo_1", "place the bowl", 5, 7],
-                                 ["suite/b/demo_0", "open the drawer", 12, 3]]
-    assert attrs["targets"] == {"layers": [3], "grid": [2, 3], "native_grid": [4, 4], "aspect_ratio": 1.0,
-                                "views": ["primary", "wrist"], "channels": 8, "dtype": "int8", "codec": "zstd",
-                                "checksum": "none", "position_embedding": "not baked in", "mask": "none",
-                                "int8_block": 8}
+    assert (
+        attrs["format_version"] == 2
+        and attrs["recipe"] == "none"
+        and attrs["num_steps"] == 15
+        and attrs["num_shards"] == 4
+    )
+    assert attrs["episodes"] == [
+        ["suite/a/demo_0", "pick the bowl", 0, 5],
+        ["suite/a/demo_1", "place the bowl", 5, 7],
+        ["suite/b/demo_0", "open the drawer", 12, 3],
+    ]
+    assert attrs["targets"] == {
+        "layers": [3],
+        "grid": [2, 3],
+        "native_grid": [4, 4],
+        "aspect_ratio": 1.0,
+        "views": ["primary", "wrist"],
+        "channels": 8,
+        "dtype": "int8",
+        "codec": "zstd",
+        "checksum": "none",
+        "position_embedding": "not baked in",
+        "mask": "none",
+        "int8_block": 8,
+    }
     assert attrs["source"]["fingerprint"] == "abc" and attrs["vggt"]["weights_id"] == "random:tiny+seed0"
     data, scale, done = root["targets/layer_3"], root["targets/layer_3_scale"], root["done"]
     assert data.shape == (15, 2, 6, 8) and data.dtype == np.int8
@@ -119,8 +168,9 @@ def test_layout_and_provenance_follow_the_architecture(tmp_path):
     assert not (tmp_path / "s" / ".sfcache.lock").exists()
 
 
-@pytest.mark.parametrize("dtype,codec,tolerance", [("float16", "none", 2e-3), ("bfloat16", "blosc-zstd", 8e-3),
-                                                   ("int8", "zstd", None)])
+@pytest.mark.parametrize(
+    "dtype,codec,tolerance", [("float16", "none", 2e-3), ("bfloat16", "blosc-zstd", 8e-3), ("int8", "zstd", None)]
+)
 def test_reads_by_key_steps_and_rows(tmp_path, dtype, codec, tolerance):
     config, values = build(tmp_path / "s", dtype=dtype, codec=codec)
     cache = open_cache(tmp_path / "s")
@@ -143,13 +193,13 @@ def test_shuffled_rows_with_repeats_equal_row_by_row_reads(tmp_path, dtype):
     """The batched read groups rows into runs across shards; values and order must not change."""
     build(tmp_path / "s", dtype=dtype)
     cache = open_cache(tmp_path / "s")
-    rows = np.array([9, 3, 4, 14, 3, 5, 0, 13, 12, 9, 8, 1])   # runs 0-1, 3-5, 8-9, 12-14 over 4 shards
+    rows = np.array([9, 3, 4, 14, 3, 5, 0, 13, 12, 9, 8, 1])  # runs 0-1, 3-5, 8-9, 12-14 over 4 shards
     one_by_one = np.concatenate([cache.read_rows([row]) for row in rows])
     batched = cache.read_rows(rows)
     assert batched.shape == (12, 2, 6, 8)
     np.testing.assert_array_equal(batched, one_by_one)
     np.testing.assert_array_equal(cache.read_rows(rows[::-1].astype(np.uint32)), one_by_one[::-1])
-    assert not np.array_equal(batched[0], batched[1])     # distinct rows really hold distinct values
+    assert not np.array_equal(batched[0], batched[1])  # distinct rows really hold distinct values
     assert cache.read_rows(np.array([], dtype=np.int64)).shape == (0, 2, 6, 8)
 
 
@@ -173,8 +223,13 @@ def test_open_reads_only_the_root_metadata(tmp_path):
     cache = open_cache(tmp_path / "s")  # nothing but zarr.json is left
     assert cache.episodes == ["suite/a/demo_0", "suite/a/demo_1", "suite/b/demo_0"]
     assert cache.episode("suite/a/demo_1") == ("suite/a/demo_1", "place the bowl", 5, 7)
-    assert (cache.layers, cache.views, cache.grid, cache.channels, cache.dtype) == \
-        ((3,), ("primary", "wrist"), (2, 3), 8, "float16")
+    assert (cache.layers, cache.views, cache.grid, cache.channels, cache.dtype) == (
+        (3,),
+        ("primary", "wrist"),
+        (2, 3),
+        8,
+        "float16",
+    )
     with pytest.raises(StoreError, match="missing"):
         cache.read_rows([0])
 
@@ -218,6 +273,7 @@ def test_write_failure_leaves_the_shard_not_done(tmp_path, monkeypatch):
 
         def disk_full(*args, **kwargs):
             raise OSError(28, "No space left on device")
+
         monkeypatch.setattr(zarr.storage.LocalStore, "set", disk_full)
         with pytest.raises(StoreError, match="writing shard 1 .rows 4-7. failed.*No space left"):
             cache.write_shard(1, {LAYER: values[4:8]})
@@ -235,6 +291,7 @@ def test_write_rejects_wrong_shapes(tmp_path):
 
 # ----------------------------------------------------------------------------- create / resume / overwrite
 
+
 def test_same_config_resumes_and_keeps_done_shards(tmp_path):
     config = make_config()
     values = targets_for(config)
@@ -248,14 +305,19 @@ def test_same_config_resumes_and_keeps_done_shards(tmp_path):
         assert resumed.attrs["created"] == config.created  # the original store, not a new one
         write_all(resumed, values, shards=[0, 2, 3])
     assert not list((tmp_path / "s").rglob("*.partial"))
-    np.testing.assert_array_equal(open_cache(tmp_path / "s").read_rows(slice(0, 15)),
-                                  values.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(
+        open_cache(tmp_path / "s").read_rows(slice(0, 15)), values.astype(np.float16).astype(np.float32)
+    )
 
 
 def test_different_config_is_refused_with_each_difference(tmp_path):
     build(tmp_path / "s")
-    other = make_config(dtype="int8", layers=(2,), episodes=EPISODES[:2],
-                        source={"format": "libero_hdf5", "path": "/data/libero", "fingerprint": "def", "rotate": True})
+    other = make_config(
+        dtype="int8",
+        layers=(2,),
+        episodes=EPISODES[:2],
+        source={"format": "libero_hdf5", "path": "/data/libero", "fingerprint": "def", "rotate": True},
+    )
     with lock_store(tmp_path / "s"), pytest.raises(ConfigMismatch) as info:
         create_store(tmp_path / "s", other)
     assert set(info.value.differences) == {"targets.dtype", "targets.layers", "source.fingerprint", "episodes"}
@@ -296,11 +358,14 @@ def test_missing_store_is_a_clear_error(tmp_path):
 
 # ----------------------------------------------------------------------------- lock
 
+
 def test_second_locker_is_refused_with_instructions(tmp_path):
     with lock_store(tmp_path / "s") as lock:
         holder = json.loads(lock.read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
-        with pytest.raises(StoreError, match=r"\.sfcache\.lock: store is locked by pid \d+ .*released when it ends\). Wait for it"):
+        with pytest.raises(
+            StoreError, match=r"\.sfcache\.lock: store is locked by pid \d+ .*released when it ends\). Wait for it"
+        ):
             with lock_store(tmp_path / "s"):
                 pass
         assert lock.exists()
@@ -316,9 +381,14 @@ def test_a_leftover_lock_file_nobody_holds_never_blocks(tmp_path, leftover):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock = tmp_path / "s" / ".sfcache.lock"
     lock.parent.mkdir()
-    lock.write_text({"dead pid here": json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "started": 0}),
-                     "dead pid elsewhere": json.dumps({"pid": 1, "host": "another-node", "started": 0}),
-                     "empty": "", "garbage": "\x00{not json"}[leftover])   # e.g. a disk that filled up mid-write
+    lock.write_text(
+        {
+            "dead pid here": json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "started": 0}),
+            "dead pid elsewhere": json.dumps({"pid": 1, "host": "another-node", "started": 0}),
+            "empty": "",
+            "garbage": "\x00{not json",
+        }[leftover]
+    )  # e.g. a disk that filled up mid-write
     with lock_store(tmp_path / "s"):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
@@ -347,13 +417,17 @@ def test_shard_files_reach_the_disk_before_their_done_flag(tmp_path, monkeypatch
     synced = []
 
     def recording_fsync(descriptor):
-        synced.append((os.readlink(f"/proc/self/fd/{descriptor}"),
-                       (tmp_path / "s" / "done" / "c" / "0").exists()))
+        synced.append((os.readlink(f"/proc/self/fd/{descriptor}"), (tmp_path / "s" / "done" / "c" / "0").exists()))
+
     monkeypatch.setattr(store_module.os, "fsync", recording_fsync)
     with lock_store(tmp_path / "s"):
         create_store(tmp_path / "s", config).write_shard(0, {LAYER: values[:4]})
     names = [path.removeprefix(str(tmp_path / "s") + "/") for path, _ in synced if "/targets/" in path]
-    assert names == ["targets/layer_3/c/0/0/0/0", "targets/layer_3/c/0/0/0",
-                     "targets/layer_3_scale/c/0/0/0/0", "targets/layer_3_scale/c/0/0/0"]
+    assert names == [
+        "targets/layer_3/c/0/0/0/0",
+        "targets/layer_3/c/0/0/0",
+        "targets/layer_3_scale/c/0/0/0/0",
+        "targets/layer_3_scale/c/0/0/0",
+    ]
     assert not any(done_flag_existed for _, done_flag_existed in synced)
     assert open_cache(tmp_path / "s").done_shards().tolist() == [True, False, False, False]

@@ -45,8 +45,24 @@ def test_sf_train_beats_mean_action_baseline_and_leaves_cache_untouched(data, tm
     source, store = data
     before = tree_digest(store)
     out = tmp_path / "run"
-    status = sf("train", "--source", str(source), "--cache", str(store), "--out", str(out), "--steps", "24",
-                "--batch-size", "16", "--lr", "1e-3", "--val-every", "24", *TINY)
+    status = sf(
+        "train",
+        "--source",
+        str(source),
+        "--cache",
+        str(store),
+        "--out",
+        str(out),
+        "--steps",
+        "24",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--val-every",
+        "24",
+        *TINY,
+    )
     captured = capsys.readouterr()
     printed = captured.out
     assert status == 0
@@ -56,14 +72,27 @@ def test_sf_train_beats_mean_action_baseline_and_leaves_cache_untouched(data, tm
     assert final["step"] == 24
     assert final["val_action_l1"] < final["val_mean_action_l1"], final
     train = records(out, "train")
-    assert train[-1]["align_loss"] < train[0]["align_loss"]          # the policy learns the targets too
+    assert train[-1]["align_loss"] < train[0]["align_loss"]  # the policy learns the targets too
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert tree_digest(store) == before                                 # training never writes the cache
+    assert tree_digest(store) == before  # training never writes the cache
 
 
 def small_config(source: Path, store: Path, out: Path) -> TrainConfig:
-    return TrainConfig(source=source, cache=store, out=out, steps=6, batch_size=8, model_size="tiny", grid=GRID,
-                       workers=0, warmup_steps=2, save_every=3, val_every=3, log_every=1, val_samples=16)
+    return TrainConfig(
+        source=source,
+        cache=store,
+        out=out,
+        steps=6,
+        batch_size=8,
+        model_size="tiny",
+        grid=GRID,
+        workers=0,
+        warmup_steps=2,
+        save_every=3,
+        val_every=3,
+        log_every=1,
+        val_samples=16,
+    )
 
 
 def test_resume_continues_from_the_same_step_and_optimizer_state(data, tmp_path, monkeypatch):
@@ -87,7 +116,7 @@ def test_resume_continues_from_the_same_step_and_optimizer_state(data, tmp_path,
     resumed = Trainer(small_config(source, store, interrupted))
     assert resumed.step == 3
     assert all(state["step"].item() == 3 for state in resumed.optimizer.state_dict()["state"].values())
-    assert [r["step"] for r in records(interrupted, "train")] == [1, 2, 3]   # the log is cut back too
+    assert [r["step"] for r in records(interrupted, "train")] == [1, 2, 3]  # the log is cut back too
     resumed.run()
     for name, value in reference.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
@@ -96,14 +125,33 @@ def test_resume_continues_from_the_same_step_and_optimizer_state(data, tmp_path,
 
 def sf_subprocess(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "sfcache.cli.main", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sfcache.cli.main", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(data, tmp_path):
     source, store = data
-    common = ["--source", str(source), "--cache", str(store), "--steps", "16", "--batch-size", "8",
-              "--save-every", "2", "--val-every", "8", "--deterministic", *TINY]
+    common = [
+        "--source",
+        str(source),
+        "--cache",
+        str(store),
+        "--steps",
+        "16",
+        "--batch-size",
+        "8",
+        "--save-every",
+        "2",
+        "--val-every",
+        "8",
+        "--deterministic",
+        *TINY,
+    ]
     reference = sf_subprocess("train", "--out", str(tmp_path / "reference"), *common)
     killed_out = tmp_path / "killed"
     victim = sf_subprocess("train", "--out", str(killed_out), *common)
@@ -136,8 +184,22 @@ def test_a_store_of_other_views_grid_and_dataset_is_refused_with_each_difference
     source, _ = data
     other_source = write_dataset(tmp_path / "other", seed=1)
     other_store = write_store(tmp_path / "other_store", other_source, views=("wrist", "primary"))
-    status = sf("train", "--source", str(source), "--cache", str(other_store), "--out", str(tmp_path / "run"),
-                "--views", "primary,wrist", "--steps", "1", *TINY[:2], "--grid", "8")
+    status = sf(
+        "train",
+        "--source",
+        str(source),
+        "--cache",
+        str(other_store),
+        "--out",
+        str(tmp_path / "run"),
+        "--views",
+        "primary,wrist",
+        "--steps",
+        "1",
+        *TINY[:2],
+        "--grid",
+        "8",
+    )
     error = capsys.readouterr().err
     assert status == 2 and "Traceback" not in error
     assert "configuration differs" in error
@@ -150,11 +212,42 @@ def test_a_store_of_other_views_grid_and_dataset_is_refused_with_each_difference
 def test_resuming_against_a_store_of_other_width_is_refused(data, tmp_path, capsys):
     source, store = data
     out = tmp_path / "run"
-    assert sf("train", "--source", str(source), "--cache", str(store), "--out", str(out), "--steps", "1",
-              "--batch-size", "4", "--val-episodes", "0", *TINY) == 0
+    assert (
+        sf(
+            "train",
+            "--source",
+            str(source),
+            "--cache",
+            str(store),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--val-episodes",
+            "0",
+            *TINY,
+        )
+        == 0
+    )
     narrow = write_store(tmp_path / "narrow", source, channels=16)
-    status = sf("train", "--source", str(source), "--cache", str(narrow), "--out", str(out), "--steps", "2",
-                "--batch-size", "4", "--val-episodes", "0", *TINY)
+    status = sf(
+        "train",
+        "--source",
+        str(source),
+        "--cache",
+        str(narrow),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--val-episodes",
+        "0",
+        *TINY,
+    )
     error = capsys.readouterr().err
     assert status == 2
     assert "channels: store has 32, asked 16" in error and "resuming a checkpoint" in error
@@ -163,8 +256,9 @@ def test_resuming_against_a_store_of_other_width_is_refused(data, tmp_path, caps
 def test_an_unfinished_store_is_a_clear_error(data, tmp_path, capsys):
     source, _ = data
     partial = write_store(tmp_path / "partial", source, unfinished_shards=1)
-    status = sf("train", "--source", str(source), "--cache", str(partial), "--out", str(tmp_path / "run"),
-                "--steps", "1", *TINY)
+    status = sf(
+        "train", "--source", str(source), "--cache", str(partial), "--out", str(tmp_path / "run"), "--steps", "1", *TINY
+    )
     error = capsys.readouterr().err
     assert status == 2 and "Traceback" not in error
     assert "1 episodes are not fully extracted" in error and "demo_7" in error and "sf extract" in error
@@ -173,8 +267,25 @@ def test_an_unfinished_store_is_a_clear_error(data, tmp_path, capsys):
 def test_online_vggt_targets_train_inside_the_step(data, tmp_path):
     source, _ = data
     out = tmp_path / "online"
-    assert sf("train", "--source", str(source), "--online-vggt", "random:tiny", "--out", str(out), "--steps", "2",
-              "--batch-size", "2", "--val-episodes", "0", *TINY) == 0
+    assert (
+        sf(
+            "train",
+            "--source",
+            str(source),
+            "--online-vggt",
+            "random:tiny",
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--val-episodes",
+            "0",
+            *TINY,
+        )
+        == 0
+    )
     logged = records(out, "train")
     assert [r["step"] for r in logged] == [2]
     assert 0.0 < logged[0]["align_loss"] < 2.0
@@ -188,33 +299,38 @@ def test_samples_decode_only_their_own_frames_and_pad_the_action_chunk(data, mon
     full = source.read(episode.key)
     decoded = []
     original = type(source)._read_frames
-    monkeypatch.setattr(type(source), "_read_frames",
-                        lambda self, episode, start, stop: decoded.append(stop - start) or original(
-                            self, episode, start, stop))
-    for step in (0, episode.length - 3, episode.length - 1):   # a full chunk, then chunks past the end
+    monkeypatch.setattr(
+        type(source),
+        "_read_frames",
+        lambda self, episode, start, stop: decoded.append(stop - start) or original(self, episode, start, stop),
+    )
+    for step in (0, episode.length - 3, episode.length - 1):  # a full chunk, then chunks past the end
         sample = dataset[dataset.rows.starts[1] + step]
         padded = np.minimum(np.arange(step, step + 8), episode.length - 1)
         np.testing.assert_array_equal(sample["actions"].numpy(), full.actions[padded])
         np.testing.assert_array_equal(sample["frames"].numpy(), full.frames[step])
         np.testing.assert_array_equal(sample["proprio"].numpy(), full.proprio[step])
-        np.testing.assert_array_equal(sample["targets"].numpy(),
-                                      training.targets.cache.read(episode.key, step)[0])
-    assert decoded == [1, 1, 1]                       # one step's frames per sample, none for the chunk
+        np.testing.assert_array_equal(sample["targets"].numpy(), training.targets.cache.read(episode.key, step)[0])
+    assert decoded == [1, 1, 1]  # one step's frames per sample, none for the chunk
 
 
-@pytest.mark.parametrize("option, message", [
-    (["--align-weight", "0", "--align-layer", "99"], "--align-layer must be in 1..4 for --model-size tiny"),
-    (["--align-weight", "0", "--align-layer", "0"], "--align-layer must be in 1..4"),
-    (["--align-weight", "0", "--lr", "-1"], "--lr must be a positive finite number, got -1.0"),
-    (["--align-weight", "0", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
-    (["--align-weight", "0", "--workers", "-1"], "these must be >= 0: --workers -1"),
-    (["--align-weight", "0", "--val-episodes", "-1"], "--val-episodes -1"),
-    (["--align-weight", "0", "--device", "tpu"], "--device 'tpu': expected auto | cpu | cuda | cuda:N"),
-    (["--align-weight", "-1", "--lr", "0", "--device", "gpu"],        # every problem, in one line
-     "--align-weight must be >= 0, got -1.0; --lr must be a positive finite number, got 0.0; --device 'gpu'"),
-    (["--online-vggt", "random:tiny", "--cache-layer", "99"], "--cache-layer 99: this VGGT "
-                                                               "has layers 0..3"),
-])
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--align-weight", "0", "--align-layer", "99"], "--align-layer must be in 1..4 for --model-size tiny"),
+        (["--align-weight", "0", "--align-layer", "0"], "--align-layer must be in 1..4"),
+        (["--align-weight", "0", "--lr", "-1"], "--lr must be a positive finite number, got -1.0"),
+        (["--align-weight", "0", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
+        (["--align-weight", "0", "--workers", "-1"], "these must be >= 0: --workers -1"),
+        (["--align-weight", "0", "--val-episodes", "-1"], "--val-episodes -1"),
+        (["--align-weight", "0", "--device", "tpu"], "--device 'tpu': expected auto | cpu | cuda | cuda:N"),
+        (
+            ["--align-weight", "-1", "--lr", "0", "--device", "gpu"],  # every problem, in one line
+            "--align-weight must be >= 0, got -1.0; --lr must be a positive finite number, got 0.0; --device 'gpu'",
+        ),
+        (["--online-vggt", "random:tiny", "--cache-layer", "99"], "--cache-layer 99: this VGGT has layers 0..3"),
+    ],
+)
 def test_bad_options_are_one_line_errors(data, tmp_path, capsys, option, message):
     source, _ = data
     status = sf("train", "--source", str(source), "--out", str(tmp_path / "run"), "--steps", "1", *TINY, *option)
@@ -240,7 +356,7 @@ def test_an_unusable_out_or_checkpoint_is_a_one_line_error(data, tmp_path, capsy
         assert sf(*args, "--out", str(out)) == 2
         error = capsys.readouterr().err
         assert "Traceback" not in error and expected in error and "--no-resume" in error
-    assert sf(*args, "--out", str(out), "--no-resume", "--val-episodes", "0") == 0   # the way out it names works
+    assert sf(*args, "--out", str(out), "--no-resume", "--val-episodes", "0") == 0  # the way out it names works
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_metrics_stay_json(data, tmp_path, monkeypatch):
@@ -258,11 +374,24 @@ def test_a_non_finite_loss_stops_with_the_step_and_metrics_stay_json(data, tmp_p
 
     monkeypatch.setattr(loop, "compute_losses", turns_nan_at_step_3)
     out = tmp_path / "run"
-    config = TrainConfig(source=source, cache=store, out=out, steps=6, batch_size=4, model_size="tiny", grid=GRID,
-                         workers=0, warmup_steps=2, save_every=1, val_every=100, log_every=1, val_episodes=0)
+    config = TrainConfig(
+        source=source,
+        cache=store,
+        out=out,
+        steps=6,
+        batch_size=4,
+        model_size="tiny",
+        grid=GRID,
+        workers=0,
+        warmup_steps=2,
+        save_every=1,
+        val_every=100,
+        log_every=1,
+        val_episodes=0,
+    )
     with pytest.raises(loop.SfcacheError, match="step 3: the loss is not finite .*is kept as it was"):
         Trainer(config).run()
-    logged = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]   # strict JSON, no NaN
+    logged = [json.loads(line) for line in (out / METRICS).read_text().splitlines()]  # strict JSON, no NaN
     assert [r["step"] for r in logged] == [1, 2]
     assert torch.load(out / CHECKPOINT, weights_only=False)["step"] == 2
 
@@ -270,10 +399,24 @@ def test_a_non_finite_loss_stops_with_the_step_and_metrics_stay_json(data, tmp_p
 def test_resuming_with_another_align_weight_names_that_setting(data, tmp_path, capsys):
     source, store = data
     out = tmp_path / "run"
-    args = ["train", "--source", str(source), "--cache", str(store), "--out", str(out), "--steps", "1",
-            "--batch-size", "4", "--val-episodes", "0", *TINY]
+    args = [
+        "train",
+        "--source",
+        str(source),
+        "--cache",
+        str(store),
+        "--out",
+        str(out),
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--val-episodes",
+        "0",
+        *TINY,
+    ]
     assert sf(*args) == 0
-    assert sf(*args[:-len(TINY)], "--steps", "2", "--align-weight", "0", *TINY) == 2
+    assert sf(*args[: -len(TINY)], "--steps", "2", "--align-weight", "0", *TINY) == 2
     error = capsys.readouterr().err
     assert "align_weight: store has 0.5, asked 0.0" in error, error
     assert "other settings" in error and "--no-resume" in error and "other data" not in error

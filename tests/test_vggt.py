@@ -48,6 +48,7 @@ def small_images() -> torch.Tensor:
 
 # ---- numerics against the official implementation -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", GOLDEN_CASES)
 def test_matches_official_aggregator(case):
     """Outputs computed by the official VGGT Aggregator (fixture) for stored and interpolated pos-embed grids,
@@ -57,8 +58,9 @@ def test_matches_official_aggregator(case):
     model, weights_id = load_vggt(str(weights))
     assert weights_id == sha256(weights)
     images = GOLDEN_IO[f"{case}_input"].float() / 255
-    expected = {int(key.rsplit("layer", 1)[1]): value for key, value in GOLDEN_IO.items()
-                if key.startswith(case + "_layer")}
+    expected = {
+        int(key.rsplit("layer", 1)[1]): value for key, value in GOLDEN_IO.items() if key.startswith(case + "_layer")
+    }
     out = model(images, layers=tuple(expected))
     for layer, target in expected.items():
         assert out[layer].shape == target.shape
@@ -104,6 +106,7 @@ def test_vggt_1b_has_the_official_aggregator_parameters():
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
 
+
 def test_full_model_state_dict_loads_and_heads_are_ignored(small_model, small_images):
     fresh = VGGTFeatures(SMALL, seed=2)
     assert not torch.equal(fresh(small_images)[-1], small_model(small_images)[-1])
@@ -111,11 +114,14 @@ def test_full_model_state_dict_loads_and_heads_are_ignored(small_model, small_im
     assert torch.equal(fresh(small_images)[-1], small_model(small_images)[-1])
 
 
-@pytest.mark.parametrize("breakage, named", [
-    ("drop", "aggregator.global_blocks.1.attn.k_norm.weight"),
-    ("reshape", "aggregator.global_blocks.1.attn.k_norm.weight is (32,), expected (64,)"),
-    ("extra", "aggregator.frame_blocks.3.norm1.weight"),
-])
+@pytest.mark.parametrize(
+    "breakage, named",
+    [
+        ("drop", "aggregator.global_blocks.1.attn.k_norm.weight"),
+        ("reshape", "aggregator.global_blocks.1.attn.k_norm.weight is (32,), expected (64,)"),
+        ("extra", "aggregator.frame_blocks.3.norm1.weight"),
+    ],
+)
 def test_bad_aggregator_keys_name_the_key_and_load_nothing(small_model, breakage, named):
     state = full_checkpoint(small_model)
     key = "aggregator.global_blocks.1.attn.k_norm.weight"
@@ -164,8 +170,9 @@ def test_wrapped_and_bf16_checkpoints_load(tmp_path, small_model, small_images):
 
 
 def test_non_preset_architecture_is_inferred(tmp_path, small_images):
-    config = VGGTConfig(img_size=56, patch_size=14, embed_dim=192, depth=2, mlp_ratio=2.0,
-                        num_register_tokens=2, patch_embed_depth=3)
+    config = VGGTConfig(
+        img_size=56, patch_size=14, embed_dim=192, depth=2, mlp_ratio=2.0, num_register_tokens=2, patch_embed_depth=3
+    )
     source = VGGTFeatures(config, seed=5)
     save_file(full_checkpoint(source), tmp_path / "model.safetensors")
     model, _ = load_vggt(str(tmp_path))
@@ -183,13 +190,16 @@ def test_conv_embedder_checkpoint_is_inferred(tmp_path, small_images):
     assert torch.equal(model(small_images, layers=(1,))[1], source(small_images, layers=(1,))[1])
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("{tmp}/missing.pt", "no such file"),
-    ("{tmp}/garbage.pt", "not a PyTorch checkpoint .neither the zip archive torch.save writes"),
-    ("{tmp}/weights.npz", "expected a .safetensors"),
-    ("{tmp}", "holds none of model.safetensors, model.pt"),
-    ("random:huge", "unknown preset 'huge'; choose one of vggt-1b, tiny"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("{tmp}/missing.pt", "no such file"),
+        ("{tmp}/garbage.pt", "not a PyTorch checkpoint .neither the zip archive torch.save writes"),
+        ("{tmp}/weights.npz", "expected a .safetensors"),
+        ("{tmp}", "holds none of model.safetensors, model.pt"),
+        ("random:huge", "unknown preset 'huge'; choose one of vggt-1b, tiny"),
+    ],
+)
 def test_unusable_specs_raise_weights_error(tmp_path, spec, message):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "weights.npz").write_bytes(b"")
@@ -203,10 +213,13 @@ def test_hub_id_without_huggingface_hub_is_a_clear_error(monkeypatch):
         load_vggt("facebook/VGGT-1B")
 
 
-@pytest.mark.parametrize("failure, message", [
-    ("offline", "not in the local Hugging Face cache and the Hub cannot be reached"),
-    ("network", "cannot fetch model.safetensors .*ConnectionError"),
-])
+@pytest.mark.parametrize(
+    "failure, message",
+    [
+        ("offline", "not in the local Hugging Face cache and the Hub cannot be reached"),
+        ("network", "cannot fetch model.safetensors .*ConnectionError"),
+    ],
+)
 def test_hub_download_failure_is_a_clear_error(monkeypatch, failure, message):
     huggingface_hub = pytest.importorskip("huggingface_hub")
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -234,10 +247,13 @@ def test_random_weights_are_reproducible_from_the_seed():
 
 # ---- forward ----------------------------------------------------------------------------------------------------
 
+
 def test_only_requested_layers_are_computed(small_model, small_images):
     calls = []
-    hooks = [block.register_forward_hook(lambda *_: calls.append(1))
-             for block in [*small_model.aggregator.frame_blocks, *small_model.aggregator.global_blocks]]
+    hooks = [
+        block.register_forward_hook(lambda *_: calls.append(1))
+        for block in [*small_model.aggregator.frame_blocks, *small_model.aggregator.global_blocks]
+    ]
     try:
         full = small_model(small_images, layers=(0, 1, 2))
         assert len(calls) == 6
@@ -260,17 +276,20 @@ def test_negative_layers_count_from_the_end(small_model, small_images):
         small_model(small_images, layers=(3,))
 
 
-@pytest.mark.parametrize("layers, flag, distinct, message", [
-    ((-2, 0), "--layers", False, None),
-    ((5,), "--layers", False, r"^--layers 5: this VGGT has layers 0\.\.3 \(or -4\.\.-1; -1 is the last"),
-    ((1, -5), "--cache-layer", False, r"^--cache-layer -5: this VGGT has layers 0\.\.3"),
-    ((), "--layers", False, r"^--layers \(none\): this VGGT has layers 0\.\.3"),
-    ((3, -1), "--layers", True, r"^--layers 3,-1: names the same layer twice"),
-])
+@pytest.mark.parametrize(
+    "layers, flag, distinct, message",
+    [
+        ((-2, 0), "--layers", False, None),
+        ((5,), "--layers", False, r"^--layers 5: this VGGT has layers 0\.\.3 \(or -4\.\.-1; -1 is the last"),
+        ((1, -5), "--cache-layer", False, r"^--cache-layer -5: this VGGT has layers 0\.\.3"),
+        ((), "--layers", False, r"^--layers \(none\): this VGGT has layers 0\.\.3"),
+        ((3, -1), "--layers", True, r"^--layers 3,-1: names the same layer twice"),
+    ],
+)
 def test_resolve_layers_names_the_flag_the_layer_and_the_range(layers, flag, distinct, message):
     if message is None:
         assert resolve_layers(layers, 4, flag, distinct) == (2, 0)
-        assert resolve_layers((3, -1), 4) == (3, 3)           # one layer under two names is fine for the model
+        assert resolve_layers((3, -1), 4) == (3, 3)  # one layer under two names is fine for the model
     else:
         with pytest.raises(SfcacheError, match=message):
             resolve_layers(layers, 4, flag, distinct)
@@ -279,7 +298,7 @@ def test_resolve_layers_names_the_flag_the_layer_and_the_range(layers, flag, dis
 def test_channels_split_into_frame_then_global_halves(small_model, small_images):
     """A single frame: the global block sees the same tokens as the frame block but has other weights."""
     out = small_model(small_images[:, :1], layers=(0,))[0]
-    frame_half, global_half = out[..., :SMALL.embed_dim], out[..., SMALL.embed_dim:]
+    frame_half, global_half = out[..., : SMALL.embed_dim], out[..., SMALL.embed_dim :]
     # the frame block's output is the global block's input, so both halves differ only by one residual block
     assert not torch.allclose(frame_half, global_half)
     assert (global_half - frame_half).abs().mean() < frame_half.abs().mean()
@@ -321,6 +340,7 @@ def test_tiny_preset_exercises_every_path():
 
 # ---- preprocessing ------------------------------------------------------------------------------------------------
 
+
 def frames_of(height: int, width: int, views: int = 2, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(1, views, height, width, 3), dtype=np.uint8)
 
@@ -355,8 +375,12 @@ def test_sf_mode_is_the_bicubic_upsample_of_the_policy_frame():
     checker = np.kron(np.indices((28, 28)).sum(0) % 2, np.ones((8, 8)))  # hard edges overshoot
     frames = (np.stack([checker * 255] * 3, -1)[None, None]).astype(np.uint8)
     out = preprocess(frames, "sf")
-    expected = F.interpolate(torch.from_numpy(frames[0]).permute(0, 3, 1, 2).float() / 255,
-                             size=(518, 518), mode="bicubic", align_corners=False)
+    expected = F.interpolate(
+        torch.from_numpy(frames[0]).permute(0, 3, 1, 2).float() / 255,
+        size=(518, 518),
+        mode="bicubic",
+        align_corners=False,
+    )
     assert out.shape == (1, 1, 3, 518, 518)
     assert torch.allclose(out[0], expected, atol=1e-6)
     assert out.min() < 0 and out.max() > 1  # not clamped, as in SF's trainer

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-CROP_AREA = 0.9          # OpenVLA-OFT: random_resized_crop scale [0.9, 0.9], ratio [1, 1]
+CROP_AREA = 0.9  # OpenVLA-OFT: random_resized_crop scale [0.9, 0.9], ratio [1, 1]
 
 
 def random_boxes(batch: int, generator: torch.Generator, area: float = CROP_AREA) -> torch.Tensor:
@@ -56,8 +56,14 @@ def crop_images(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
     return out.view(batch, views, 3, size, size)
 
 
-def colour_jitter(images: torch.Tensor, generator: torch.Generator, brightness: float = 0.2,
-                  contrast: float = 0.2, saturation: float = 0.2, hue: float = 0.05) -> torch.Tensor:
+def colour_jitter(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    brightness: float = 0.2,
+    contrast: float = 0.2,
+    saturation: float = 0.2,
+    hue: float = 0.05,
+) -> torch.Tensor:
     """OpenVLA-OFT's colour augmentation on [B, V, 3, H, W] in [0, 1], one draw per sample.
 
     Brightness adds delta in [-b, b], contrast and saturation scale by [1-c, 1+c] about the
@@ -86,6 +92,7 @@ def _rotate_hue(images: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     yiq = torch.einsum("ij,bvjhw->bvihw", to_yiq, images)
     cos, sin = angle.cos()[:, :, 0], angle.sin()[:, :, 0]  # [B, 1, 1, 1]
     i, q = yiq[:, :, 1:2], yiq[:, :, 2:3]
-    yiq = torch.cat([yiq[:, :, :1], i * cos[..., None] - q * sin[..., None], i * sin[..., None] + q * cos[..., None]],
-                    dim=2)
+    yiq = torch.cat(
+        [yiq[:, :, :1], i * cos[..., None] - q * sin[..., None], i * sin[..., None] + q * cos[..., None]], dim=2
+    )
     return torch.einsum("ij,bvjhw->bvihw", torch.linalg.inv(to_yiq), yiq)

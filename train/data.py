@@ -41,12 +41,14 @@ class StepDataset(Dataset):
     adds pool(E).
     """
 
-    def __init__(self, source: Source, episodes: list[EpisodeRows], chunk: int, text_len: int,
-                 targets: CachedTargets | None):
+    def __init__(
+        self, source: Source, episodes: list[EpisodeRows], chunk: int, text_len: int, targets: CachedTargets | None
+    ):
         self.source, self.episodes, self.chunk, self.targets = source, episodes, chunk, targets
         self.text = encode_instructions([e.instruction for e in episodes], text_len)
-        self.rows = RowIndex.packed({e.key: e.length for e in episodes}, where="training samples",
-                                    holder="the training episodes")
+        self.rows = RowIndex.packed(
+            {e.key: e.length for e in episodes}, where="training samples", holder="the training episodes"
+        )
 
     def __len__(self) -> int:
         return self.rows.num_rows
@@ -54,13 +56,15 @@ class StepDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         position, step = self.rows.position(index)
         episode = self.episodes[position]
-        current = self.source.read(episode.key, step, step + 1)    # the only frames a sample needs
+        current = self.source.read(episode.key, step, step + 1)  # the only frames a sample needs
         chunk = self.source.read(episode.key, step, min(step + self.chunk, episode.length), frames=False)
         actions = chunk.actions[np.minimum(np.arange(self.chunk), len(chunk.actions) - 1)]
-        sample = {"frames": torch.from_numpy(np.ascontiguousarray(current.frames[0])),
-                  "text": self.text[position],
-                  "proprio": torch.from_numpy(current.proprio[0].astype(np.float32)),
-                  "actions": torch.from_numpy(actions.astype(np.float32))}
+        sample = {
+            "frames": torch.from_numpy(np.ascontiguousarray(current.frames[0])),
+            "text": self.text[position],
+            "proprio": torch.from_numpy(current.proprio[0].astype(np.float32)),
+            "actions": torch.from_numpy(actions.astype(np.float32)),
+        }
         if self.targets is not None:
             sample["targets"] = self.targets.read_rows([episode.cache_start + step])[0]
         return sample
@@ -74,30 +78,40 @@ class TrainingData:
     val: StepDataset
     views: tuple[str, ...]
     action_dim: int
-    proprio_mean: torch.Tensor    # over a sample of training steps, to standardise the policy's input
+    proprio_mean: torch.Tensor  # over a sample of training steps, to standardise the policy's input
     proprio_std: torch.Tensor
     targets: CachedTargets | None
-    identity: dict            # recorded in checkpoints; a resume must see the same
+    identity: dict  # recorded in checkpoints; a resume must see the same
 
 
-def open_training_data(source_path: Path, cache_path: Path | None, views: tuple[str, ...] | None,
-                       grid: tuple[int, int], chunk: int, text_len: int, val_episodes: int,
-                       cache_layer: int | None = None) -> TrainingData:
+def open_training_data(
+    source_path: Path,
+    cache_path: Path | None,
+    views: tuple[str, ...] | None,
+    grid: tuple[int, int],
+    chunk: int,
+    text_len: int,
+    val_episodes: int,
+    cache_layer: int | None = None,
+) -> TrainingData:
     """Open source and cache, check they belong together, and split episodes into train / validation."""
     targets = CachedTargets(cache_path, layer=cache_layer, add_position_embedding=False) if cache_path else None
     if targets is not None and targets.recipe not in TRAINER_RECIPES:
-        raise SfcacheError(f"{cache_path}: extracted with --recipe {targets.recipe}, but sf train trains an "
-                           f"OpenVLA-OFT-style policy (square 224 px views, crop augmentation, no token mask); "
-                           f"use a store made with --recipe {' or '.join(TRAINER_RECIPES)}")
-    recorded = recorded_views(targets.cache.provenance.source) if targets else None    # with any name=column mapping
+        raise SfcacheError(
+            f"{cache_path}: extracted with --recipe {targets.recipe}, but sf train trains an "
+            f"OpenVLA-OFT-style policy (square 224 px views, crop augmentation, no token mask); "
+            f"use a store made with --recipe {' or '.join(TRAINER_RECIPES)}"
+        )
+    recorded = recorded_views(targets.cache.provenance.source) if targets else None  # with any name=column mapping
     source = open_source(source_path, views=views or recorded)
     identity = {"views": list(source.views), "grid": list(grid), "source": _source_identity(source.describe())}
-    if targets is not None and get_recipe(targets.recipe).jpeg_fast_dct:   # the policy sees the frames VGGT saw
+    if targets is not None and get_recipe(targets.recipe).jpeg_fast_dct:  # the policy sees the frames VGGT saw
         source.jpeg_fast_dct = identity["jpeg_fast_dct"] = True
     if targets is not None:
         check_cache_matches(targets, source, grid)
-        identity.update(channels=targets.channels, layer=targets.layer,
-                        weights_id=targets.cache.provenance.vggt.weights_id)
+        identity.update(
+            channels=targets.channels, layer=targets.layer, weights_id=targets.cache.provenance.vggt.weights_id
+        )
     episodes = _episode_rows(source, targets)
     if val_episodes >= len(episodes):
         raise SfcacheError(f"{source_path}: {len(episodes)} episodes, cannot hold out {val_episodes} for validation")
@@ -107,8 +121,13 @@ def open_training_data(source_path: Path, cache_path: Path | None, views: tuple[
     return TrainingData(
         train=StepDataset(source, train, chunk, text_len, targets),
         val=StepDataset(source, [e for i, e in enumerate(episodes) if i in held_out], chunk, text_len, targets),
-        views=tuple(source.views), proprio_mean=proprio.mean(0), proprio_std=_spread(proprio),
-        action_dim=source.read(train[0].key, 0, 1).actions.shape[1], targets=targets, identity=identity)
+        views=tuple(source.views),
+        proprio_mean=proprio.mean(0),
+        proprio_std=_spread(proprio),
+        action_dim=source.read(train[0].key, 0, 1).actions.shape[1],
+        targets=targets,
+        identity=identity,
+    )
 
 
 def _spread(proprio: torch.Tensor) -> torch.Tensor:
@@ -116,17 +135,21 @@ def _spread(proprio: torch.Tensor) -> torch.Tensor:
     return proprio.std(0).clamp(min=1e-3) if len(proprio) > 1 else torch.ones(proprio.shape[1])
 
 
-def _proprio_sample(source: Source, episodes: list[EpisodeRows], per_episode: int = 2,
-                    max_episodes: int = 64) -> torch.Tensor:
+def _proprio_sample(
+    source: Source, episodes: list[EpisodeRows], per_episode: int = 2, max_episodes: int = 64
+) -> torch.Tensor:
     """Proprio of a few evenly spaced steps of up to `max_episodes` episodes: float32 [N, P]."""
     chosen = [episodes[int(i)] for i in np.unique(np.linspace(0, len(episodes) - 1, max_episodes).round())]
-    rows = [source.read(e.key, step, step + 1).proprio
-            for e in chosen for step in np.unique(np.linspace(0, e.length - 1, per_episode).round().astype(int))]
+    rows = [
+        source.read(e.key, step, step + 1).proprio
+        for e in chosen
+        for step in np.unique(np.linspace(0, e.length - 1, per_episode).round().astype(int))
+    ]
     return torch.from_numpy(np.concatenate(rows).astype(np.float32))
 
 
 SOURCE_FIELDS = ("format", "variant", "rotate", "fingerprint")
-TRAINER_RECIPES = ("none", "openvla-oft")   # what this trainer's inputs and augmentation match
+TRAINER_RECIPES = ("none", "openvla-oft")  # what this trainer's inputs and augmentation match
 
 
 def _source_identity(describe: dict) -> dict:
@@ -164,17 +187,24 @@ def _episode_rows(source: Source, targets: CachedTargets | None) -> list[Episode
     cached = cache.index
     absent = [e.key for e in infos if e.key not in cached]
     if absent and cache.provenance.selection is None:
-        raise StoreError(f"{targets.store}: {len(absent)} of {len(infos)} source episodes are not in the cache "
-                         f"(e.g. {absent[:3]}); the cache was made from other data or is outdated: re-extract")
-    infos = [e for e in infos if e.key in cached]   # a store made with --episodes covers its selection
-    wrong = [(e.key, cached.record(e.key).length, e.num_steps) for e in infos
-             if cached.record(e.key).length != e.num_steps]
+        raise StoreError(
+            f"{targets.store}: {len(absent)} of {len(infos)} source episodes are not in the cache "
+            f"(e.g. {absent[:3]}); the cache was made from other data or is outdated: re-extract"
+        )
+    infos = [e for e in infos if e.key in cached]  # a store made with --episodes covers its selection
+    wrong = [
+        (e.key, cached.record(e.key).length, e.num_steps) for e in infos if cached.record(e.key).length != e.num_steps
+    ]
     if wrong:
         key, stored, actual = wrong[0]
-        raise StoreError(f"{targets.store}: episode {key!r} has {stored} steps in the cache but {actual} in the "
-                         f"source ({len(wrong)} episodes differ); re-extract")
+        raise StoreError(
+            f"{targets.store}: episode {key!r} has {stored} steps in the cache but {actual} in the "
+            f"source ({len(wrong)} episodes differ); re-extract"
+        )
     unfinished = sorted(set(cache.missing_episodes()) & {e.key for e in infos})
     if unfinished:
-        raise StoreError(f"{targets.store}: {len(unfinished)} episodes are not fully extracted (e.g. "
-                         f"{unfinished[:3]}); run `sf extract` again with the same options to finish the store")
+        raise StoreError(
+            f"{targets.store}: {len(unfinished)} episodes are not fully extracted (e.g. "
+            f"{unfinished[:3]}); run `sf extract` again with the same options to finish the store"
+        )
     return [EpisodeRows(e.key, e.instruction, e.num_steps, cached.record(e.key).start) for e in infos]

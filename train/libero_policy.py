@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sfcache.device import resolve_device
 from sfcache.errors import SfcacheError
 from sfcache.libero_eval import Observation, jpeg_roundtrip, normalize_gripper
 from sfcache.train.augment import center_boxes, crop_images
-from sfcache.device import resolve_device
 from sfcache.train.loop import CHECKPOINT, load_checkpoint
 from sfcache.train.model import Policy, PolicyConfig, encode_instructions
 
-JPEG_SOURCES = ("libero_rlds",)      # training frames that were JPEG-decoded
+JPEG_SOURCES = ("libero_rlds",)  # training frames that were JPEG-decoded
 
 
 class CheckpointPolicy:
@@ -33,16 +33,21 @@ class CheckpointPolicy:
         self.path = path / CHECKPOINT if path.is_dir() else path
         if not self.path.is_file():
             raise SfcacheError(f"{path}: no checkpoint here (expected an `sf train` run folder or its {CHECKPOINT})")
-        saved = load_checkpoint(self.path, required=("step", "model", "policy", "identity"),
-                                advice="give an `sf train` run folder or its checkpoint")
+        saved = load_checkpoint(
+            self.path,
+            required=("step", "model", "policy", "identity"),
+            advice="give an `sf train` run folder or its checkpoint",
+        )
         try:
             self.config = PolicyConfig(**{**saved["policy"], "grid": tuple(saved["policy"]["grid"])})
         except TypeError as error:
             raise SfcacheError(f"{self.path}: its policy settings do not fit this sfcache ({error})") from None
         self.identity, self.step, state = saved["identity"], int(saved["step"]), saved["model"]
         if (self.config.proprio_dim, self.config.action_dim) != (8, 7):
-            raise SfcacheError(f"{self.path}: trained with proprio {self.config.proprio_dim} and actions "
-                               f"{self.config.action_dim}; LIBERO has proprio 8 and actions 7")
+            raise SfcacheError(
+                f"{self.path}: trained with proprio {self.config.proprio_dim} and actions "
+                f"{self.config.action_dim}; LIBERO has proprio 8 and actions 7"
+            )
         self.device = resolve_device(device)
         torch.manual_seed(seed)
         self.model = Policy(self.config).to(self.device).eval()
@@ -54,18 +59,26 @@ class CheckpointPolicy:
     def describe(self) -> dict:
         """What is evaluated: recorded with the results, so a resumed evaluation must use the same weights."""
         digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
-        return {"checkpoint": str(self.path.resolve()), "sha256": digest, "step": self.step, "views": list(self.views),
-                "source_format": self.source_format, "image_size": list(self.config.image_size)}
+        return {
+            "checkpoint": str(self.path.resolve()),
+            "sha256": digest,
+            "step": self.step,
+            "views": list(self.views),
+            "source_format": self.source_format,
+            "image_size": list(self.config.image_size),
+        }
 
     def images(self, observation: Observation) -> torch.Tensor:
         """float [1, V, 3, S, S] in [0, 1]: the checkpoint's views, centre-cropped and resized as in validation."""
         missing = [v for v in self.views if v not in observation.images]
         if missing:
-            raise SfcacheError(f"{self.path}: the policy was trained on views {list(self.views)}; the simulator "
-                               f"gives {sorted(observation.images)}")
+            raise SfcacheError(
+                f"{self.path}: the policy was trained on views {list(self.views)}; the simulator "
+                f"gives {sorted(observation.images)}"
+            )
         frames = [observation.images[v] for v in self.views]
         if self.source_format in JPEG_SOURCES:
-            fast = bool(self.identity.get("jpeg_fast_dct"))    # decoded in training as the store's recipe did
+            fast = bool(self.identity.get("jpeg_fast_dct"))  # decoded in training as the store's recipe did
             frames = [jpeg_roundtrip(f, fast_dct=fast) for f in frames]
         stacked = torch.from_numpy(np.stack(frames)).to(self.device).permute(0, 3, 1, 2).float()[None] / 255
         return crop_images(stacked, center_boxes(1), self.config.image_size[0])
@@ -75,7 +88,8 @@ class CheckpointPolicy:
         text = self._text.get(observation.instruction)
         if text is None:
             text = self._text[observation.instruction] = encode_instructions(
-                [observation.instruction], self.config.text_len).to(self.device)
+                [observation.instruction], self.config.text_len
+            ).to(self.device)
         proprio = torch.from_numpy(observation.proprio.astype(np.float32))[None].to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             actions, _ = self.model(self.images(observation), text, proprio)

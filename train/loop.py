@@ -27,11 +27,11 @@ from sfcache.errors import ConfigMismatch, SfcacheError, differences
 from sfcache.options import comma_list, comma_text, option
 from sfcache.progress import progress_bar
 from sfcache.torch import SpatialForcingLoss
-from sfcache.vggt import random_weights_warning
 from sfcache.train.augment import center_boxes, colour_jitter, crop_images, random_boxes
 from sfcache.train.data import StepDataset, TrainingData, check_resume, open_training_data
 from sfcache.train.model import SIZES, Policy, PolicyConfig
 from sfcache.train.online import OnlineTargets
+from sfcache.vggt import random_weights_warning
 
 CHECKPOINT, METRICS, PLOT = "checkpoint.pt", "metrics.jsonl", "loss_curves.png"
 
@@ -53,11 +53,13 @@ class TrainConfig:
     align_layer: int | None = option(None, "Policy block whose visual tokens are aligned (default: 3/4 of the depth).")
     model_size: str = option("small", " | ".join(SIZES) + ".")
     grid: int = option(16, "Visual tokens per side; images are grid*14 px (16 -> 224).")
-    views: tuple[str, ...] | None = option(None, "Comma-separated camera views (default: the cache's).",
-                                           parse=comma_list, show=comma_text)
+    views: tuple[str, ...] | None = option(
+        None, "Comma-separated camera views (default: the cache's).", parse=comma_list, show=comma_text
+    )
     cache_layer: int | None = option(None, "Stored VGGT layer (default: the only one).")
-    online_vggt: str | None = option(None, "VGGT weights: compute targets inside each step like the public SF "
-                                           "trainer (to compare).")
+    online_vggt: str | None = option(
+        None, "VGGT weights: compute targets inside each step like the public SF trainer (to compare)."
+    )
     device: str = option("auto", f"{DEVICE_CHOICES}.")
     val_episodes: int = option(2, "Episodes held out for validation action L1.")
     val_every: int = option(200, "Validate every N steps.")
@@ -79,10 +81,18 @@ class TrainConfig:
         if self.align_weight < 0:
             problems.append(f"--align-weight must be >= 0, got {self.align_weight}")
         if self.align_weight > 0 and self.cache is None and self.online_vggt is None:
-            problems.append("--align-weight > 0 needs targets: give --cache STORE or --online-vggt WEIGHTS "
-                            "(or --align-weight 0 for the baseline without SF)")
-        counts = {"steps": self.steps, "batch-size": self.batch_size, "val-every": self.val_every,
-                  "save-every": self.save_every, "log-every": self.log_every, "grid": self.grid}
+            problems.append(
+                "--align-weight > 0 needs targets: give --cache STORE or --online-vggt WEIGHTS "
+                "(or --align-weight 0 for the baseline without SF)"
+            )
+        counts = {
+            "steps": self.steps,
+            "batch-size": self.batch_size,
+            "val-every": self.val_every,
+            "save-every": self.save_every,
+            "log-every": self.log_every,
+            "grid": self.grid,
+        }
         small = [f"--{name} {value}" for name, value in counts.items() if value < 1]
         if small:
             problems.append(f"these must be >= 1: {', '.join(small)}")
@@ -94,8 +104,10 @@ class TrainConfig:
             problems.append(f"--lr must be a positive finite number, got {self.lr}")
         depth = SIZES[self.model_size][1] if self.model_size in SIZES else None
         if depth and self.align_layer is not None and not 1 <= self.align_layer <= depth:
-            problems.append(f"--align-layer must be in 1..{depth} for --model-size {self.model_size} "
-                            f"(default {round(depth * 3 / 4)}), got {self.align_layer}")
+            problems.append(
+                f"--align-layer must be in 1..{depth} for --model-size {self.model_size} "
+                f"(default {round(depth * 3 / 4)}), got {self.align_layer}"
+            )
         try:
             check_device(self.device)
         except SfcacheError as problem:
@@ -112,9 +124,9 @@ class TrainResult:
     checkpoint: Path
     metrics: Path
     plot: Path
-    weights_id: str | None          # the VGGT the targets came from; None for the baseline without SF
+    weights_id: str | None  # the VGGT the targets came from; None for the baseline without SF
     steps: int
-    resumed_from: int | None        # the checkpoint's step when the run resumed
+    resumed_from: int | None  # the checkpoint's step when the run resumed
     mean_step_time_s: float | None  # median seconds per step of this process's steps
     val_action_l1: float | None = None
     val_mean_action_l1: float | None = None
@@ -136,8 +148,9 @@ class StepBatches(Sampler):
             for position in range(step * self.batch_size, (step + 1) * self.batch_size):
                 if position // self.num_samples != epoch:
                     epoch = position // self.num_samples
-                    order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(
-                        self.seed * 100_003 + epoch)).tolist()
+                    order = torch.randperm(
+                        self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                    ).tolist()
                 batch.append(order[position % self.num_samples])
             yield batch
 
@@ -161,8 +174,14 @@ class Batch:
     targets: torch.Tensor | None
 
 
-def prepare(raw: dict, policy: PolicyConfig, device: torch.device, boxes: torch.Tensor,
-            generator: torch.Generator | None, targets_geometry: tuple | None) -> Batch:
+def prepare(
+    raw: dict,
+    policy: PolicyConfig,
+    device: torch.device,
+    boxes: torch.Tensor,
+    generator: torch.Generator | None,
+    targets_geometry: tuple | None,
+) -> Batch:
     """Crop (+ jitter when `generator`) the frames and crop the cached target grid with the same boxes."""
     frames = raw["frames"].to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float() / 255
     images = crop_images(frames, boxes, policy.image_size[0])
@@ -175,8 +194,9 @@ def prepare(raw: dict, policy: PolicyConfig, device: torch.device, boxes: torch.
     return Batch(images, raw["text"].to(device), raw["proprio"].to(device), raw["actions"].to(device), targets)
 
 
-def compute_losses(model: Policy, sf_loss: SpatialForcingLoss | None, batch: Batch, align_weight: float
-                   ) -> dict[str, torch.Tensor]:
+def compute_losses(
+    model: Policy, sf_loss: SpatialForcingLoss | None, batch: Batch, align_weight: float
+) -> dict[str, torch.Tensor]:
     """L = L1(actions) + alpha * L_align (SF's L_SF); L_align only when alpha > 0."""
     predicted, visual = model(batch.images, batch.text, batch.proprio)
     action_l1 = (predicted.float() - batch.actions).abs().mean()
@@ -198,16 +218,28 @@ class Trainer:
         self.checkpoint_path, self.metrics_path, self.plot_path = c.out / CHECKPOINT, c.out / METRICS, c.out / PLOT
         saved = load_checkpoint(self.checkpoint_path) if c.resume and self.checkpoint_path.exists() else None
         self.data: TrainingData = open_training_data(  # the baseline (alpha = 0) reads no targets
-            c.source, c.cache if c.align_weight > 0 else None, c.views, (c.grid, c.grid),
-            chunk=PolicyConfig.chunk, text_len=PolicyConfig.text_len,
-            val_episodes=c.val_episodes, cache_layer=c.cache_layer)
-        self.policy_config = PolicyConfig.sized(c.model_size, c.align_layer, views=len(self.data.views),
-                                                grid=(c.grid, c.grid), proprio_dim=len(self.data.proprio_mean),
-                                                action_dim=self.data.action_dim)
+            c.source,
+            c.cache if c.align_weight > 0 else None,
+            c.views,
+            (c.grid, c.grid),
+            chunk=PolicyConfig.chunk,
+            text_len=PolicyConfig.text_len,
+            val_episodes=c.val_episodes,
+            cache_layer=c.cache_layer,
+        )
+        self.policy_config = PolicyConfig.sized(
+            c.model_size,
+            c.align_layer,
+            views=len(self.data.views),
+            grid=(c.grid, c.grid),
+            proprio_dim=len(self.data.proprio_mean),
+            action_dim=self.data.action_dim,
+        )
         torch.manual_seed(c.seed)
         self.model = Policy(self.policy_config, self.data.proprio_mean, self.data.proprio_std).to(self.device)
-        self.online = OnlineTargets(c.online_vggt, self.device, c.cache_layer, self.policy_config.grid) \
-            if c.online_vggt else None
+        self.online = (
+            OnlineTargets(c.online_vggt, self.device, c.cache_layer, self.policy_config.grid) if c.online_vggt else None
+        )
         if self.online and self.data.targets:  # both: online targets train, the cache is compared with them
             stored = {"weights_id": self.data.identity["weights_id"], "channels": self.data.targets.channels}
             online = {"weights_id": self.online.weights_id, "channels": self.online.channels}
@@ -216,22 +248,29 @@ class Trainer:
                 raise ConfigMismatch(c.cache, {f"{name} (vs --online-vggt)": pair for name, pair in differ.items()})
         if self.online:
             self.data.identity["online_vggt"] = self.online.weights_id
-        if saved is not None:   # the run's own settings first: they explain a different identity too
+        if saved is not None:  # the run's own settings first: they explain a different identity too
             self._check_same_run(saved)
             check_resume(saved["identity"], self.data.identity, c.cache or c.source)
         target_width = self.online.channels if self.online else self.data.targets.channels if self.data.targets else 0
-        self.sf_loss = SpatialForcingLoss(self.policy_config.dim, target_width).to(self.device) \
-            if c.align_weight > 0 else None
+        self.sf_loss = (
+            SpatialForcingLoss(self.policy_config.dim, target_width).to(self.device) if c.align_weight > 0 else None
+        )
         self.targets_geometry = None
         if self.data.targets is not None:
             t = self.data.targets
             self.targets_geometry = (t.native_grid, t.position_embedding().to(self.device))
         parameters = [p for m in (self.model, self.sf_loss) if m is not None for p in m.parameters()]
-        self.optimizer = torch.optim.AdamW([
-            {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": c.weight_decay},
-            {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}], lr=c.lr, betas=(0.9, 0.95))
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": c.weight_decay},
+                {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=c.lr,
+            betas=(0.9, 0.95),
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, c.warmup_steps, c.steps))
+            self.optimizer, lambda s: lr_factor(s, c.warmup_steps, c.steps)
+        )
         self.step = 0
         self.action_sum = torch.zeros(self.data.action_dim, dtype=torch.float64)
         self.action_count = 0
@@ -244,15 +283,25 @@ class Trainer:
     # -- checkpoints
 
     def _state(self) -> dict:
-        return {"step": self.step, "model": self.model.state_dict(),
-                "sf_loss": self.sf_loss.state_dict() if self.sf_loss else None,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "action_sum": self.action_sum, "action_count": self.action_count,
-                "policy": self.policy_config.to_dict(), "identity": self.data.identity,
-                "config": {"seed": self.config.seed, "batch_size": self.config.batch_size,
-                           "align_weight": self.config.align_weight, "steps": self.config.steps}}
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "sf_loss": self.sf_loss.state_dict() if self.sf_loss else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "action_sum": self.action_sum,
+            "action_count": self.action_count,
+            "policy": self.policy_config.to_dict(),
+            "identity": self.data.identity,
+            "config": {
+                "seed": self.config.seed,
+                "batch_size": self.config.batch_size,
+                "align_weight": self.config.align_weight,
+                "steps": self.config.steps,
+            },
+        }
 
     def save(self) -> None:
         """Write the checkpoint atomically: a kill at any moment leaves the old or the new one."""
@@ -261,15 +310,21 @@ class Trainer:
         os.replace(partial, self.checkpoint_path)
 
     def _check_same_run(self, saved: dict) -> None:
-        """ConfigMismatch naming each run setting (policy, seed, batch size, alpha) that differs from the checkpoint's."""
-        asked = {"policy": self.policy_config.to_dict(), "seed": self.config.seed,
-                 "batch_size": self.config.batch_size, "align_weight": self.config.align_weight}
+        """ConfigMismatch naming each run setting (policy, seed, batch size, alpha) that differs from the
+        checkpoint's."""
+        asked = {
+            "policy": self.policy_config.to_dict(),
+            "seed": self.config.seed,
+            "batch_size": self.config.batch_size,
+            "align_weight": self.config.align_weight,
+        }
         had = {"policy": _jsonable(saved["policy"]), **{k: saved["config"][k] for k in asked if k != "policy"}}
         asked["policy"] = _jsonable(asked["policy"])
         diff = differences(had, asked, ("policy", "seed", "batch_size", "align_weight"))
         if diff:
-            raise ConfigMismatch(f"{self.checkpoint_path} (resuming a run made with other settings; "
-                                 "use --no-resume to start over)", diff)
+            raise ConfigMismatch(
+                f"{self.checkpoint_path} (resuming a run made with other settings; use --no-resume to start over)", diff
+            )
 
     def _restore(self, saved: dict) -> None:
         self.model.load_state_dict(saved["model"])
@@ -300,16 +355,22 @@ class Trainer:
     # -- training
 
     def _loader(self, dataset: StepDataset, batches) -> DataLoader:
-        return DataLoader(dataset, batch_sampler=batches, num_workers=self.config.workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+        return DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=self.config.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
 
     def _online_targets(self, batch: Batch) -> dict[str, float]:
         """Replace cached targets with online VGGT ones; log how closely the cached crop matched them."""
         online = self.online(batch.images)
         stats = {}
         if batch.targets is not None:
-            stats["online_vs_cached_cos"] = torch.nn.functional.cosine_similarity(
-                online.float(), batch.targets.float(), dim=-1).mean().item()
+            stats["online_vs_cached_cos"] = (
+                torch.nn.functional.cosine_similarity(online.float(), batch.targets.float(), dim=-1).mean().item()
+            )
         batch.targets = online
         return stats
 
@@ -317,8 +378,9 @@ class Trainer:
         c = self.config
         generator = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)
         boxes = random_boxes(len(raw["frames"]), generator) if c.augment else center_boxes(len(raw["frames"]))
-        batch = prepare(raw, self.policy_config, self.device, boxes, generator if c.augment else None,
-                        self.targets_geometry)
+        batch = prepare(
+            raw, self.policy_config, self.device, boxes, generator if c.augment else None, self.targets_geometry
+        )
         stats = self._online_targets(batch) if self.online is not None and c.align_weight > 0 else {}
         self.action_sum += batch.actions.detach().double().cpu().sum(dim=(0, 1))
         self.action_count += batch.actions.shape[0] * batch.actions.shape[1]
@@ -328,12 +390,15 @@ class Trainer:
         if not torch.isfinite(losses["loss"]):
             parts = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
             kept = f"{self.checkpoint_path} is kept as it was" if self.checkpoint_path.exists() else "nothing was saved"
-            raise SfcacheError(f"step {self.step + 1}: the loss is not finite ({parts}); {kept}. "
-                               "Lower --lr, or check the data's actions and proprio for extreme values")
+            raise SfcacheError(
+                f"step {self.step + 1}: the loss is not finite ({parts}); {kept}. "
+                "Lower --lr, or check the data's actions and proprio for extreme values"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for g in self.optimizer.param_groups for p in g["params"]], c.grad_clip)
+            [p for g in self.optimizer.param_groups for p in g["params"]], c.grad_clip
+        )
         self.optimizer.step()
         self.scheduler.step()
         return {**{k: v.item() for k, v in losses.items()}, "grad_norm": grad_norm.item(), **stats}
@@ -345,7 +410,7 @@ class Trainer:
         if len(val) == 0:
             return {}
         rows = np.unique(np.linspace(0, len(val) - 1, min(self.config.val_samples, len(val))).round().astype(int))
-        batches = [rows[i:i + self.config.batch_size].tolist() for i in range(0, len(rows), self.config.batch_size)]
+        batches = [rows[i : i + self.config.batch_size].tolist() for i in range(0, len(rows), self.config.batch_size)]
         mean_action = (self.action_sum / max(1, self.action_count)).float().to(self.device)
         self.model.eval()
         error = baseline = count = 0.0
@@ -372,35 +437,68 @@ class Trainer:
                 self.step += 1
                 bar.advance(task)
                 if self.step % c.log_every == 0 or self.step == c.steps:
-                    self.log({"step": self.step, "split": "train", "lr": self.scheduler.get_last_lr()[0],
-                              "step_time_s": step_times[-1], **metrics})
+                    self.log(
+                        {
+                            "step": self.step,
+                            "split": "train",
+                            "lr": self.scheduler.get_last_lr()[0],
+                            "step_time_s": step_times[-1],
+                            **metrics,
+                        }
+                    )
                 if self.step % c.val_every == 0 or self.step == c.steps:
                     val_metrics = self.validate()
                     if val_metrics:
                         self.log({"step": self.step, "split": "val", **val_metrics})
                 if self.step % c.save_every == 0 or self.step == c.steps:
                     self.save()
-        plot_metrics(self.metrics_path, self.plot_path, self.data.identity.get("online_vggt")
-                     or self.data.identity.get("weights_id"))
-        return TrainResult(out=c.out, checkpoint=self.checkpoint_path, metrics=self.metrics_path, plot=self.plot_path,
-                           weights_id=self.data.identity.get("online_vggt") or self.data.identity.get("weights_id"),
-                           steps=self.step, resumed_from=self.resumed_from,
-                           mean_step_time_s=float(np.median(step_times)) if step_times else None, **val_metrics)
+        plot_metrics(
+            self.metrics_path,
+            self.plot_path,
+            self.data.identity.get("online_vggt") or self.data.identity.get("weights_id"),
+        )
+        return TrainResult(
+            out=c.out,
+            checkpoint=self.checkpoint_path,
+            metrics=self.metrics_path,
+            plot=self.plot_path,
+            weights_id=self.data.identity.get("online_vggt") or self.data.identity.get("weights_id"),
+            steps=self.step,
+            resumed_from=self.resumed_from,
+            mean_step_time_s=float(np.median(step_times)) if step_times else None,
+            **val_metrics,
+        )
 
 
-REQUIRED_CHECKPOINT_KEYS = ("step", "model", "sf_loss", "optimizer", "scheduler", "rng", "action_sum",
-                            "action_count", "policy", "identity", "config")
+REQUIRED_CHECKPOINT_KEYS = (
+    "step",
+    "model",
+    "sf_loss",
+    "optimizer",
+    "scheduler",
+    "rng",
+    "action_sum",
+    "action_count",
+    "policy",
+    "identity",
+    "config",
+)
 
 
-def load_checkpoint(path: Path, required: tuple[str, ...] = REQUIRED_CHECKPOINT_KEYS,
-                    advice: str = "delete it or pass --no-resume to start over") -> dict:
+def load_checkpoint(
+    path: Path,
+    required: tuple[str, ...] = REQUIRED_CHECKPOINT_KEYS,
+    advice: str = "delete it or pass --no-resume to start over",
+) -> dict:
     """A checkpoint written by `sf train` holding `required`; a truncated or foreign file is a one-line error
     ending in `advice` (what to do)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch.load raises many kinds (unpickling, zip, EOF) for a damaged file
-        raise SfcacheError(f"{path}: not a readable sf train checkpoint ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0] if str(error) else 'no detail'}); {advice}") from None
+        raise SfcacheError(
+            f"{path}: not a readable sf train checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); {advice}"
+        ) from None
     missing = [k for k in required if not isinstance(saved, dict) or k not in saved]
     if missing:
         raise SfcacheError(f"{path}: not an sf train checkpoint (missing {', '.join(missing)}); {advice}")
@@ -416,8 +514,9 @@ def _writable_folder(out: Path) -> None:
     except FileExistsError:
         raise SfcacheError(f"--out {out}: is a file; expected a run folder (new or from an earlier sf train)") from None
     except OSError as error:
-        raise SfcacheError(f"--out {out}: cannot write there ({error.strerror or error}); "
-                           "choose a writable folder") from None
+        raise SfcacheError(
+            f"--out {out}: cannot write there ({error.strerror or error}); choose a writable folder"
+        ) from None
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -432,30 +531,43 @@ def plot_metrics(metrics_path: Path, png_path: Path, weights_id: str | None = No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
-        if metrics_path.exists() else []
+    records = (
+        [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        if metrics_path.exists()
+        else []
+    )
     train_rows = [r for r in records if r["split"] == "train"]
     val_rows = [r for r in records if r["split"] == "val"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot([r["step"] for r in train_rows], [r["action_l1"] for r in train_rows], label="train action L1")
     if any("align_loss" in r for r in train_rows):
-        left.plot([r["step"] for r in train_rows if "align_loss" in r],
-                  [r["align_loss"] for r in train_rows if "align_loss" in r], label="align loss (1 - cos)")
+        left.plot(
+            [r["step"] for r in train_rows if "align_loss" in r],
+            [r["align_loss"] for r in train_rows if "align_loss" in r],
+            label="align loss (1 - cos)",
+        )
     left.set_xlabel("step")
     left.set_ylabel("train loss")
     left.set_title("training")
     left.legend()
     right.plot([r["step"] for r in val_rows], [r["val_action_l1"] for r in val_rows], "o-", label="val action L1")
-    right.plot([r["step"] for r in val_rows], [r["val_mean_action_l1"] for r in val_rows], "--",
-               label="mean-action baseline")
+    right.plot(
+        [r["step"] for r in val_rows], [r["val_mean_action_l1"] for r in val_rows], "--", label="mean-action baseline"
+    )
     right.set_xlabel("step")
     right.set_ylabel("action L1")
     right.set_title("validation (held-out episodes)")
     right.legend()
     random_weights = random_weights_warning(weights_id) is not None
-    fig.suptitle("SF targets: " + (f"VGGT {weights_id}" + (" (RANDOM weights, no geometry)" if random_weights else "")
-                                   if weights_id else "none (baseline without SF)"),
-                 color="red" if random_weights else "black")
+    fig.suptitle(
+        "SF targets: "
+        + (
+            f"VGGT {weights_id}" + (" (RANDOM weights, no geometry)" if random_weights else "")
+            if weights_id
+            else "none (baseline without SF)"
+        ),
+        color="red" if random_weights else "black",
+    )
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

@@ -25,23 +25,22 @@ SIZES = {  # (dim, depth, heads)
 @dataclass(frozen=True)
 class PolicyConfig:
     views: int = 2
-    grid: tuple[int, int] = (16, 16)     # patch tokens per view; image = grid * patch pixels
+    grid: tuple[int, int] = (16, 16)  # patch tokens per view; image = grid * patch pixels
     patch: int = 14
     dim: int = 256
     depth: int = 8
     heads: int = 8
-    text_len: int = 48                   # instruction bytes kept
+    text_len: int = 48  # instruction bytes kept
     proprio_dim: int = 8
     action_dim: int = 7
-    chunk: int = 8                       # actions predicted per step (OpenVLA-OFT: 8)
-    align_layer: int = 6                 # SF taps visual tokens after this block (1-based)
+    chunk: int = 8  # actions predicted per step (OpenVLA-OFT: 8)
+    align_layer: int = 6  # SF taps visual tokens after this block (1-based)
 
     @classmethod
-    def sized(cls, size: str, align_layer: int | None = None, **fields) -> "PolicyConfig":
+    def sized(cls, size: str, align_layer: int | None = None, **fields) -> PolicyConfig:
         """A config of a named size; `align_layer` defaults to 3/4 of the depth (SF: 24 of 32)."""
         dim, depth, heads = SIZES[size]
-        return cls(dim=dim, depth=depth, heads=heads, align_layer=align_layer or max(1, round(depth * 3 / 4)),
-                   **fields)
+        return cls(dim=dim, depth=depth, heads=heads, align_layer=align_layer or max(1, round(depth * 3 / 4)), **fields)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -56,7 +55,7 @@ def encode_instructions(texts: list[str], length: int) -> torch.Tensor:
     out = torch.zeros(len(texts), length, dtype=torch.long)
     for row, text in enumerate(texts):
         data = text.encode("utf-8")[:length]
-        out[row, :len(data)] = torch.tensor(list(data), dtype=torch.long) + 1
+        out[row, : len(data)] = torch.tensor(list(data), dtype=torch.long) + 1
     return out
 
 
@@ -81,8 +80,9 @@ class Block(nn.Module):
 class Policy(nn.Module):
     """images [B, V, 3, H, W] in [0, 1], text [B, L], proprio [B, P] -> actions [B, chunk, A], visual tokens."""
 
-    def __init__(self, config: PolicyConfig, proprio_mean: torch.Tensor | None = None,
-                 proprio_std: torch.Tensor | None = None):
+    def __init__(
+        self, config: PolicyConfig, proprio_mean: torch.Tensor | None = None, proprio_std: torch.Tensor | None = None
+    ):
         super().__init__()
         if not 1 <= config.align_layer <= config.depth:
             raise ValueError(f"align_layer must be in 1..{config.depth}, got {config.align_layer}")
@@ -104,8 +104,9 @@ class Policy(nn.Module):
         self.norm = nn.LayerNorm(c.dim)
         self.action_head = nn.Linear(c.dim, c.action_dim)
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor, proprio: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, text: torch.Tensor, proprio: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted action chunk [B, chunk, A] and visual tokens after `align_layer` [B, V*h*w, dim]."""
         c = self.config
         batch = images.shape[0]
@@ -114,12 +115,18 @@ class Policy(nn.Module):
         visual = (visual + self.visual_pos).flatten(1, 2)
         state = self.proprio((proprio - self.proprio_mean) / self.proprio_std)[:, None]
         x = torch.cat([visual, self.text_embed(text) + self.text_pos, self.queries + state], dim=1)
-        keep = torch.cat([torch.ones(batch, visual.shape[1], dtype=torch.bool, device=x.device), text > 0,
-                          torch.ones(batch, c.chunk, dtype=torch.bool, device=x.device)], dim=1)
+        keep = torch.cat(
+            [
+                torch.ones(batch, visual.shape[1], dtype=torch.bool, device=x.device),
+                text > 0,
+                torch.ones(batch, c.chunk, dtype=torch.bool, device=x.device),
+            ],
+            dim=1,
+        )
         aligned = None
         for depth, block in enumerate(self.blocks, start=1):
             x = block(x, keep)
             if depth == c.align_layer:
-                aligned = x[:, :visual.shape[1]]
-        actions = self.action_head(self.norm(x[:, -c.chunk:]))
+                aligned = x[:, : visual.shape[1]]
+        actions = self.action_head(self.norm(x[:, -c.chunk :]))
         return actions, aligned

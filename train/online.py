@@ -23,7 +23,7 @@ class OnlineTargets:
         (self.layer,) = self.model.resolve_layers([-1 if layer is None else layer], flag="--cache-layer")
         self.img_size = self.model.config.img_size
         side = self.img_size // self.model.config.patch_size
-        self.native = (side, side)                   # "sf" mode feeds a square image
+        self.native = (side, side)  # "sf" mode feeds a square image
         self.channels = self.model.config.out_channels
         self.position_embedding = pooled_position_embedding(self.native, grid, self.channels, 1.0).to(device)
 

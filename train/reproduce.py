@@ -30,23 +30,37 @@ from sfcache.libero_eval import EvalConfig, evaluate, simulator_available
 from sfcache.options import comma_list, comma_text, option, option_like, user_path
 from sfcache.sources import detect_format, open_source
 from sfcache.store import open_cache
-from sfcache.vggt.weights import HUB_ID, RANDOM_SPEC, weights_config
 from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer, TrainResult
+from sfcache.vggt.weights import HUB_ID, RANDOM_SPEC, weights_config
 
-__all__ = ["SUITES", "ReproduceConfig", "ReproduceReport", "SuiteData", "SuiteResult", "find_suites", "preflight",
-           "reproduce"]
+__all__ = [
+    "SUITES",
+    "ReproduceConfig",
+    "ReproduceReport",
+    "SuiteData",
+    "SuiteResult",
+    "find_suites",
+    "preflight",
+    "reproduce",
+]
 
 SUITES = ("spatial", "object", "goal", "10")
-RUNS = {"sf": "with SF", "baseline": "without SF"}     # run folder -> label
-GET_DATA = ("get the RLDS release with `huggingface-cli download openvla/modified_libero_rlds --repo-type dataset "
-            "--local-dir DIR` (folders libero_<suite>_no_noops/), or the HDF5 suites with LIBERO's "
-            "benchmark_scripts/download_libero_datasets.py (folders libero_<suite>/), then pass LIBERO_DIR=DIR")
-GET_VGGT = ("get the official checkpoint facebook/VGGT-1B (CC BY-NC 4.0) with `huggingface-cli download "
-            "facebook/VGGT-1B model.pt --local-dir DIR` and pass VGGT=DIR/model.pt (or VGGT=facebook/VGGT-1B "
-            "once it is in your Hugging Face cache)")
-NO_GEOMETRY = ("RANDOM VGGT WEIGHTS ({spec}): the targets carry no geometry. This run tests the pipeline; "
-               "it is NOT a reproduction of Spatial Forcing.")
+RUNS = {"sf": "with SF", "baseline": "without SF"}  # run folder -> label
+GET_DATA = (
+    "get the RLDS release with `huggingface-cli download openvla/modified_libero_rlds --repo-type dataset "
+    "--local-dir DIR` (folders libero_<suite>_no_noops/), or the HDF5 suites with LIBERO's "
+    "benchmark_scripts/download_libero_datasets.py (folders libero_<suite>/), then pass LIBERO_DIR=DIR"
+)
+GET_VGGT = (
+    "get the official checkpoint facebook/VGGT-1B (CC BY-NC 4.0) with `huggingface-cli download "
+    "facebook/VGGT-1B model.pt --local-dir DIR` and pass VGGT=DIR/model.pt (or VGGT=facebook/VGGT-1B "
+    "once it is in your Hugging Face cache)"
+)
+NO_GEOMETRY = (
+    "RANDOM VGGT WEIGHTS ({spec}): the targets carry no geometry. This run tests the pipeline; "
+    "it is NOT a reproduction of Spatial Forcing."
+)
 
 
 def _parse_suites(text: str) -> tuple[str, ...]:
@@ -63,10 +77,15 @@ class ReproduceConfig:
     scheduler) in one message, so a user fixes them all in one go.
     """
 
-    libero_dir: Path | None = option(None, "Folder holding libero_<suite>_no_noops/ (RLDS or HDF5) or "
-                                           "libero_<suite>/ (HDF5) folders.", parse=user_path, show=str)
-    vggt: str | None = option(None, "VGGT checkpoint path, a cached hub id (facebook/VGGT-1B), or random:<preset> "
-                                    "(pipeline tests only).")
+    libero_dir: Path | None = option(
+        None,
+        "Folder holding libero_<suite>_no_noops/ (RLDS or HDF5) or libero_<suite>/ (HDF5) folders.",
+        parse=user_path,
+        show=str,
+    )
+    vggt: str | None = option(
+        None, "VGGT checkpoint path, a cached hub id (facebook/VGGT-1B), or random:<preset> (pipeline tests only)."
+    )
     out: Path = option(Path("out/reproduce-libero"), "Output folder (caches, runs, report).")
     device: str = option_like(ExtractConfig, "device")
     scheduler: str | None = option_like(ExtractConfig, "scheduler")
@@ -85,10 +104,14 @@ class ReproduceConfig:
     loader_workers: int = option_like(TrainConfig, "workers")
     extract_batch_size: int = option_like(ExtractConfig, "batch_size")
     steps_per_shard: int = option_like(ExtractConfig, "steps_per_shard")
-    eval_trials: int = option_like(EvalConfig, "trials_per_task", help="LIBERO simulator episodes per task and "
-                                   "checkpoint (OFT: 50); 0 skips the simulator evaluation.")
-    eval_checkpoints: int = option(1, "Checkpoints evaluated per run, evenly spaced, the last one included (>1 "
-                                      "plots success vs steps).")
+    eval_trials: int = option_like(
+        EvalConfig,
+        "trials_per_task",
+        help="LIBERO simulator episodes per task and checkpoint (OFT: 50); 0 skips the simulator evaluation.",
+    )
+    eval_checkpoints: int = option(
+        1, "Checkpoints evaluated per run, evenly spaced, the last one included (>1 plots success vs steps)."
+    )
     eval_max_steps: int | None = option_like(EvalConfig, "max_steps")
 
     def __post_init__(self):
@@ -102,26 +125,38 @@ class ReproduceConfig:
         if unknown or not self.suites:
             problems.append(f"--suites {','.join(self.suites)}: choose from {','.join(SUITES)}")
         if self.align_weight <= 0:
-            problems.append(f"--align-weight must be > 0 for the SF runs (the baseline uses 0), "
-                            f"got {self.align_weight}")
+            problems.append(
+                f"--align-weight must be > 0 for the SF runs (the baseline uses 0), got {self.align_weight}"
+            )
         if self.eval_trials < 0 or self.eval_checkpoints < 1:
-            problems.append(f"--eval-trials must be >= 0 and --eval-checkpoints >= 1, got {self.eval_trials} and "
-                            f"{self.eval_checkpoints}")
+            problems.append(
+                f"--eval-trials must be >= 0 and --eval-checkpoints >= 1, got {self.eval_trials} and "
+                f"{self.eval_checkpoints}"
+            )
         if self.val_episodes < 1:
             problems.append(f"--val-episodes must be >= 1 (validation L1 is the evaluation), got {self.val_episodes}")
         if self.out.is_file():
             problems.append(f"--out {self.out}: is a file; expected an output folder (new or to resume)")
         # the stage configs check device and scheduler, and alpha and held-out episodes less strictly: those are
         # left out (valid values), so each problem is named once
-        checked = replace(self, device="auto", scheduler=None, align_weight=1.0, val_episodes=1,
-                          out=self.out / "preflight")
+        checked = replace(
+            self, device="auto", scheduler=None, align_weight=1.0, val_episodes=1, out=self.out / "preflight"
+        )
         suite = SuiteData(SUITES[0], Path("."), "libero_rlds")
-        stages = [(lambda: _extraction_config(checked, suite, checked.out), {"--batch-size": "--extract-batch-size"}),
-                  (lambda: _training_config(checked, suite, checked.out, checked.out, checked.align_weight),
-                   {"--val-every": "--eval-every", "--save-every": "--eval-every", "--workers": "--loader-workers"})]
+        stages = [
+            (lambda: _extraction_config(checked, suite, checked.out), {"--batch-size": "--extract-batch-size"}),
+            (
+                lambda: _training_config(checked, suite, checked.out, checked.out, checked.align_weight),
+                {"--val-every": "--eval-every", "--save-every": "--eval-every", "--workers": "--loader-workers"},
+            ),
+        ]
         if self.eval_trials > 0:
-            stages.append((lambda: _evaluation_config(checked, suite, checked.out),
-                           {"--trials-per-task": "--eval-trials", "--max-steps": "--eval-max-steps"}))
+            stages.append(
+                (
+                    lambda: _evaluation_config(checked, suite, checked.out),
+                    {"--trials-per-task": "--eval-trials", "--max-steps": "--eval-max-steps"},
+                )
+            )
         for build, flags in stages:
             try:
                 build()
@@ -141,9 +176,9 @@ def _named_as_given(message: str, flags: dict[str, str]) -> str:
 class SuiteData:
     """One LIBERO suite found on disk."""
 
-    suite: str      # "spatial", "object", "goal", "10"
-    path: Path      # the folder handed to open_source
-    format: str     # libero_rlds | libero_hdf5
+    suite: str  # "spatial", "object", "goal", "10"
+    path: Path  # the folder handed to open_source
+    format: str  # libero_rlds | libero_hdf5
 
     @property
     def name(self) -> str:
@@ -156,9 +191,9 @@ class SuiteResult:
 
     path: str
     format: str
-    cache: dict                   # extract_suite's figures: steps, bytes, extraction timing, weights
-    runs: dict                    # {"sf" | "baseline": curves and final validation L1}
-    evaluation: dict | None       # {"sf" | "baseline": success per evaluated checkpoint}; None without simulator
+    cache: dict  # extract_suite's figures: steps, bytes, extraction timing, weights
+    runs: dict  # {"sf" | "baseline": curves and final validation L1}
+    evaluation: dict | None  # {"sf" | "baseline": success per evaluated checkpoint}; None without simulator
     plot: str
     plots: list[str]
 
@@ -170,13 +205,14 @@ class ReproduceReport:
     random_weights: bool
     is_reproduction: bool
     warnings: list[str]
-    evaluation: str               # how the runs were evaluated
+    evaluation: str  # how the runs were evaluated
     suites_missing: list[str]
-    config: dict                  # ReproduceConfig as JSON
+    config: dict  # ReproduceConfig as JSON
     suites: dict[str, SuiteResult]
 
 
 # ----------------------------------------------------------------------------- checks before any work
+
 
 def find_suites(libero_dir: Path, suites: tuple[str, ...]) -> tuple[list[SuiteData], list[str]]:
     """Suites found under `libero_dir` (the `_no_noops` folder, RLDS or HDF5, before the original HDF5 one)
@@ -211,11 +247,20 @@ def _check_data(cfg: ReproduceConfig) -> tuple[list[SuiteData], list[str], list[
         hint = ""
         if root.name.startswith("libero_"):
             hint = f" ({root.name} looks like one suite folder: pass its parent {root.parent} instead)"
-        return [], missing, [f"LIBERO_DIR={root} holds none of the LIBERO suites{hint}; looked for {looked}. "
-                             f"{GET_DATA}"]
+        return (
+            [],
+            missing,
+            [f"LIBERO_DIR={root} holds none of the LIBERO suites{hint}; looked for {looked}. {GET_DATA}"],
+        )
     if missing and cfg.require_all:
-        return found, missing, [f"LIBERO_DIR={root}: found {', '.join(s.name for s in found)} but not "
-                                f"{', '.join(missing)} (--require-all); {GET_DATA}"]
+        return (
+            found,
+            missing,
+            [
+                f"LIBERO_DIR={root}: found {', '.join(s.name for s in found)} but not "
+                f"{', '.join(missing)} (--require-all); {GET_DATA}"
+            ],
+        )
     return found, missing, []
 
 
@@ -279,13 +324,20 @@ def _check_scheduler(address: str | None) -> list[str]:
 def preflight(cfg: ReproduceConfig) -> tuple[list[SuiteData], list[str]]:
     """(suites to run, suites missing); SfcacheError listing every problem with the inputs, before any work."""
     found, missing, data_problems = _check_data(cfg)
-    problems = cfg.problems() + data_problems + _check_vggt(cfg.vggt) + _check_device(cfg.device) + _check_scheduler(cfg.scheduler)
+    problems = (
+        cfg.problems()
+        + data_problems
+        + _check_vggt(cfg.vggt)
+        + _check_device(cfg.device)
+        + _check_scheduler(cfg.scheduler)
+    )
     if problems:
         raise SfcacheError("nothing was run:\n  - " + "\n  - ".join(problems))
     return found, missing
 
 
 # ----------------------------------------------------------------------------- stages
+
 
 def _store_complete(store: Path, cfg: ReproduceConfig, suite: SuiteData) -> bool:
     """True when `store` holds every step, extracted from this data with these weights and grid."""
@@ -295,10 +347,18 @@ def _store_complete(store: Path, cfg: ReproduceConfig, suite: SuiteData) -> bool
     except StoreError:
         return False
     made = cache.provenance
-    stored = {"weights": made.vggt.weights, "grid": tuple(made.targets.grid), "dtype": made.targets.dtype,
-              "fingerprint": made.source.get("fingerprint")}
-    asked = {"weights": cfg.vggt, "grid": (cfg.grid, cfg.grid), "dtype": cfg.dtype,
-             "fingerprint": open_source(suite.path, suite.format).fingerprint()}
+    stored = {
+        "weights": made.vggt.weights,
+        "grid": tuple(made.targets.grid),
+        "dtype": made.targets.dtype,
+        "fingerprint": made.source.get("fingerprint"),
+    }
+    asked = {
+        "weights": cfg.vggt,
+        "grid": (cfg.grid, cfg.grid),
+        "dtype": cfg.dtype,
+        "fingerprint": open_source(suite.path, suite.format).fingerprint(),
+    }
     return bool(done) and not differences(stored, asked, ("weights", "grid", "dtype", "fingerprint"))
 
 
@@ -310,42 +370,84 @@ def extract_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console:
         console.print(f"  extract: {store} is complete, skipped")
     else:
         summary = extract(_extraction_config(cfg, suite, store))
-        runs.append({k: getattr(summary, k) for k in ("extracted_steps", "already_done_steps", "extract_s",
-                                                      "steps_per_s", "cluster_startup_s", "workers", "device")})
+        runs.append(
+            {
+                k: getattr(summary, k)
+                for k in (
+                    "extracted_steps",
+                    "already_done_steps",
+                    "extract_s",
+                    "steps_per_s",
+                    "cluster_startup_s",
+                    "workers",
+                    "device",
+                )
+            }
+        )
         log.write_text(json.dumps({"runs": runs}, indent=1))
-        console.print(f"  extract: {summary.extracted_steps} steps in {summary.extract_s:.1f} s "
-                      f"({summary.steps_per_s:.2f} steps/s on {summary.workers} worker(s), {summary.device}); "
-                      f"{summary.already_done_steps} were already done")
+        console.print(
+            f"  extract: {summary.extracted_steps} steps in {summary.extract_s:.1f} s "
+            f"({summary.steps_per_s:.2f} steps/s on {summary.workers} worker(s), {summary.device}); "
+            f"{summary.already_done_steps} were already done"
+        )
     facts = summarize(open_cache(store))
     extracted = sum(r["extracted_steps"] for r in runs)
     seconds = sum(r["extract_s"] for r in runs)
-    return {"store": str(store), "episodes": facts.episodes, "steps": facts.steps,
-            "bytes_on_disk": facts.bytes_on_disk, "bytes_per_step": facts.bytes_per_step,
-            "raw_bytes_per_step": facts.raw_bytes_per_step, "weights_id": facts.vggt.weights_id,
-            "random_weights": facts.vggt.random_weights,
-            "extract_steps_per_s": round(extracted / seconds, 3) if seconds else None,
-            "extract_runs": runs}
+    return {
+        "store": str(store),
+        "episodes": facts.episodes,
+        "steps": facts.steps,
+        "bytes_on_disk": facts.bytes_on_disk,
+        "bytes_per_step": facts.bytes_per_step,
+        "raw_bytes_per_step": facts.raw_bytes_per_step,
+        "weights_id": facts.vggt.weights_id,
+        "random_weights": facts.vggt.random_weights,
+        "extract_steps_per_s": round(extracted / seconds, 3) if seconds else None,
+        "extract_runs": runs,
+    }
 
 
 def _extraction_config(cfg: ReproduceConfig, suite: SuiteData, store: Path) -> ExtractConfig:
-    return ExtractConfig(source=suite.path, out=store, vggt=cfg.vggt, format=suite.format, layers=(-1,),  # SF: last
-                         grid=(cfg.grid, cfg.grid), dtype=cfg.dtype, batch_size=cfg.extract_batch_size,
-                         steps_per_shard=cfg.steps_per_shard, scheduler=cfg.scheduler, device=cfg.device)
+    return ExtractConfig(
+        source=suite.path,
+        out=store,
+        vggt=cfg.vggt,
+        format=suite.format,
+        layers=(-1,),  # SF: last
+        grid=(cfg.grid, cfg.grid),
+        dtype=cfg.dtype,
+        batch_size=cfg.extract_batch_size,
+        steps_per_shard=cfg.steps_per_shard,
+        scheduler=cfg.scheduler,
+        device=cfg.device,
+    )
 
 
-def _training_config(cfg: ReproduceConfig, suite: SuiteData, store: Path, out: Path, align_weight: float
-                     ) -> TrainConfig:
-    return TrainConfig(source=suite.path, out=out, cache=store if align_weight > 0 else None, steps=cfg.steps,
-                       batch_size=cfg.batch_size, align_weight=align_weight, model_size=cfg.model_size, grid=cfg.grid,
-                       device=cfg.device, val_episodes=cfg.val_episodes, val_every=cfg.eval_every,
-                       save_every=cfg.eval_every, workers=cfg.loader_workers)
+def _training_config(
+    cfg: ReproduceConfig, suite: SuiteData, store: Path, out: Path, align_weight: float
+) -> TrainConfig:
+    return TrainConfig(
+        source=suite.path,
+        out=out,
+        cache=store if align_weight > 0 else None,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        align_weight=align_weight,
+        model_size=cfg.model_size,
+        grid=cfg.grid,
+        device=cfg.device,
+        val_episodes=cfg.val_episodes,
+        val_every=cfg.eval_every,
+        save_every=cfg.eval_every,
+        workers=cfg.loader_workers,
+    )
 
 
 def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-RUN_SETTINGS = ("step", "seed", "batch_size", "align_weight", "steps")   # what a finished run must match
+RUN_SETTINGS = ("step", "seed", "batch_size", "align_weight", "steps")  # what a finished run must match
 
 
 def _training_finished(config: TrainConfig) -> bool:
@@ -354,8 +456,13 @@ def _training_finished(config: TrainConfig) -> bool:
     if not checkpoint.exists():
         return False
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    asked = {"step": config.steps, "seed": config.seed, "batch_size": config.batch_size,
-             "align_weight": config.align_weight, "steps": config.steps}
+    asked = {
+        "step": config.steps,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "align_weight": config.align_weight,
+        "steps": config.steps,
+    }
     final_val = any(r["split"] == "val" and r["step"] == config.steps for r in _read_metrics(config.out / METRICS))
     return not differences({"step": saved["step"], **saved["config"]}, asked, RUN_SETTINGS) and final_val
 
@@ -373,7 +480,7 @@ class SnapshotTrainer(Trainer):
         folder.mkdir(exist_ok=True)
         state = self._state()
         snapshot = folder / f"step_{self.step:06d}.pt"
-        partial = snapshot.with_suffix(".pt.partial")   # a kill mid-write leaves no torn snapshot to evaluate
+        partial = snapshot.with_suffix(".pt.partial")  # a kill mid-write leaves no torn snapshot to evaluate
         torch.save({k: state[k] for k in ("step", "model", "policy", "identity", "config")}, partial)
         os.replace(partial, snapshot)
 
@@ -396,13 +503,22 @@ def train_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: C
             console.print(f"  train {RUNS[run]} (alpha {align_weight}): {summary.steps} steps{resumed}")
         records = _read_metrics(config.out / METRICS)
         val = [r for r in records if r["split"] == "val"]
-        runs[run] = {"out": str(config.out), "align_weight": align_weight,
-                     "val_action_l1": val[-1]["val_action_l1"], "val_mean_action_l1": val[-1]["val_mean_action_l1"],
-                     "train": [{k: r[k] for k in ("step", "action_l1", "align_loss") if k in r}
-                               for r in records if r["split"] == "train"],
-                     "val": [{"step": r["step"], "val_action_l1": r["val_action_l1"]} for r in val]}
-        console.print(f"    validation action L1 {runs[run]['val_action_l1']:.4f} "
-                      f"(mean-action baseline {runs[run]['val_mean_action_l1']:.4f})")
+        runs[run] = {
+            "out": str(config.out),
+            "align_weight": align_weight,
+            "val_action_l1": val[-1]["val_action_l1"],
+            "val_mean_action_l1": val[-1]["val_mean_action_l1"],
+            "train": [
+                {k: r[k] for k in ("step", "action_l1", "align_loss") if k in r}
+                for r in records
+                if r["split"] == "train"
+            ],
+            "val": [{"step": r["step"], "val_action_l1": r["val_action_l1"]} for r in val],
+        }
+        console.print(
+            f"    validation action L1 {runs[run]['val_action_l1']:.4f} "
+            f"(mean-action baseline {runs[run]['val_mean_action_l1']:.4f})"
+        )
     return runs
 
 
@@ -430,12 +546,21 @@ def evaluate_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console
             policy = CheckpointPolicy(checkpoint, device=cfg.device)
             out = folder / run / "eval_libero" / f"step_{policy.step:06d}"
             summary = evaluate(policy, _evaluation_config(cfg, suite, out), policy.describe())
-            points.append({"step": policy.step, "success_rate": summary.success_rate, "ci95": summary.ci95,
-                           "episodes": summary.episodes, "protocol": summary.protocol,
-                           "summary": str(out / "summary.json")})
-            console.print(f"  simulator {RUNS[run]}, step {policy.step}: success {100 * summary.success_rate:.1f}% "
-                          f"(95% {100 * summary.ci95[0]:.1f}-{100 * summary.ci95[1]:.1f}%) over "
-                          f"{summary.episodes} episodes")
+            points.append(
+                {
+                    "step": policy.step,
+                    "success_rate": summary.success_rate,
+                    "ci95": summary.ci95,
+                    "episodes": summary.episodes,
+                    "protocol": summary.protocol,
+                    "summary": str(out / "summary.json"),
+                }
+            )
+            console.print(
+                f"  simulator {RUNS[run]}, step {policy.step}: success {100 * summary.success_rate:.1f}% "
+                f"(95% {100 * summary.ci95[0]:.1f}-{100 * summary.ci95[1]:.1f}%) over "
+                f"{summary.episodes} episodes"
+            )
         runs[run] = points
     return runs
 
@@ -461,6 +586,7 @@ def plot_success(name: str, evaluation: dict, png: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- report
+
 
 def plot_suite(name: str, runs: dict, png: Path) -> None:
     """Train and validation action L1 with vs without SF, one figure per suite."""
@@ -491,9 +617,13 @@ def simulator_note(cfg: ReproduceConfig) -> str:
     missing = simulator_available()
     if missing is not None:
         return f"{missing}: {offline} only"
-    steps = f"{cfg.eval_max_steps} steps per episode (shortened)" if cfg.eval_max_steps else "the protocol's step limits"
-    return (f"closed-loop success in the LIBERO simulator (OpenVLA-OFT protocol: {cfg.eval_trials} trials per task, "
-            f"{steps}) and validation action L1 on held-out episodes")
+    steps = (
+        f"{cfg.eval_max_steps} steps per episode (shortened)" if cfg.eval_max_steps else "the protocol's step limits"
+    )
+    return (
+        f"closed-loop success in the LIBERO simulator (OpenVLA-OFT protocol: {cfg.eval_trials} trials per task, "
+        f"{steps}) and validation action L1 on held-out episodes"
+    )
 
 
 def _success(evaluation: dict | None, run: str) -> str:
@@ -503,35 +633,48 @@ def _success(evaluation: dict | None, run: str) -> str:
     return f"{100 * last['success_rate']:.1f}% ({100 * last['ci95'][0]:.0f}-{100 * last['ci95'][1]:.0f})"
 
 
-def write_report(cfg: ReproduceConfig, results: dict[str, SuiteResult], missing: list[str], out: Path
-                 ) -> ReproduceReport:
+def write_report(
+    cfg: ReproduceConfig, results: dict[str, SuiteResult], missing: list[str], out: Path
+) -> ReproduceReport:
     """report.json (every number) and report.md (tables, warnings, plots); returns the report."""
     random_weights = any(r.cache["random_weights"] for r in results.values())
     report = ReproduceReport(
-        random_weights=random_weights, is_reproduction=not random_weights,
-        warnings=[NO_GEOMETRY.format(spec=cfg.vggt)] if random_weights else [], evaluation=simulator_note(cfg),
-        suites_missing=missing, config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        suites=results)
+        random_weights=random_weights,
+        is_reproduction=not random_weights,
+        warnings=[NO_GEOMETRY.format(spec=cfg.vggt)] if random_weights else [],
+        evaluation=simulator_note(cfg),
+        suites_missing=missing,
+        config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        suites=results,
+    )
     (out / "report.json").write_text(json.dumps(asdict(report), indent=1))
     lines = ["# Spatial Forcing with sfcache: LIBERO", ""]
     if random_weights:
         lines += [f"> **WARNING: {report.warnings[0]}**", ""]
-    lines += [f"VGGT `{cfg.vggt}` (last layer, {cfg.grid}x{cfg.grid} grid, {cfg.dtype}); policy `{cfg.model_size}`, "
-              f"{cfg.steps} steps, batch {cfg.batch_size}, alpha {cfg.align_weight} vs 0, "
-              f"{cfg.val_episodes} held-out episodes per suite.", "",
-              f"Evaluation: {report.evaluation}.", ""]
+    lines += [
+        f"VGGT `{cfg.vggt}` (last layer, {cfg.grid}x{cfg.grid} grid, {cfg.dtype}); policy `{cfg.model_size}`, "
+        f"{cfg.steps} steps, batch {cfg.batch_size}, alpha {cfg.align_weight} vs 0, "
+        f"{cfg.val_episodes} held-out episodes per suite.",
+        "",
+        f"Evaluation: {report.evaluation}.",
+        "",
+    ]
     if missing:
         lines += [f"Suites not found in {cfg.libero_dir}: {', '.join(missing)}.", ""]
-    lines += ["| suite | data | episodes | steps | cache bytes | bytes/step | extraction steps/s "
-              "| val L1 with SF | val L1 without SF | mean-action L1 | success with SF | success without SF |",
-              "|" + "---|" * 12]
+    lines += [
+        "| suite | data | episodes | steps | cache bytes | bytes/step | extraction steps/s "
+        "| val L1 with SF | val L1 without SF | mean-action L1 | success with SF | success without SF |",
+        "|" + "---|" * 12,
+    ]
     for name, r in results.items():
         c, runs = r.cache, r.runs
         rate = f"{c['extract_steps_per_s']:.2f}" if c["extract_steps_per_s"] else "n/a (not timed here)"
-        lines.append(f"| {name} | {r.format} | {c['episodes']} | {c['steps']} | {c['bytes_on_disk']} | "
-                     f"{c['bytes_per_step']:.0f} | {rate} | {runs['sf']['val_action_l1']:.4f} | "
-                     f"{runs['baseline']['val_action_l1']:.4f} | {runs['sf']['val_mean_action_l1']:.4f} | "
-                     f"{_success(r.evaluation, 'sf')} | {_success(r.evaluation, 'baseline')} |")
+        lines.append(
+            f"| {name} | {r.format} | {c['episodes']} | {c['steps']} | {c['bytes_on_disk']} | "
+            f"{c['bytes_per_step']:.0f} | {rate} | {runs['sf']['val_action_l1']:.4f} | "
+            f"{runs['baseline']['val_action_l1']:.4f} | {runs['sf']['val_mean_action_l1']:.4f} | "
+            f"{_success(r.evaluation, 'sf')} | {_success(r.evaluation, 'baseline')} |"
+        )
     lines += ["", "Success: the last checkpoint's rate in the simulator, with its 95% Wilson interval.", ""]
     for name, r in results.items():
         lines += [f"## {name}", ""] + [f"![{name}]({Path(p).relative_to(out).as_posix()})" for p in r.plots] + [""]
@@ -540,6 +683,7 @@ def write_report(cfg: ReproduceConfig, results: dict[str, SuiteResult], missing:
 
 
 # ----------------------------------------------------------------------------- driver
+
 
 def reproduce(cfg: ReproduceConfig, console: Console | None = None) -> ReproduceReport:
     """Check inputs, then extract, train (with and without SF) and report every suite found (report.json)."""
@@ -567,24 +711,48 @@ def reproduce(cfg: ReproduceConfig, console: Console | None = None) -> Reproduce
         if evaluation and len(evaluation["sf"]) > 1:
             plots.append(cfg.out / "plots" / f"{suite.name}_success.png")
             plot_success(suite.name, evaluation, plots[1])
-        results[suite.name] = SuiteResult(path=str(suite.path), format=suite.format, cache=cache, runs=runs,
-                                          evaluation=evaluation, plot=str(plots[0]), plots=[str(p) for p in plots])
+        results[suite.name] = SuiteResult(
+            path=str(suite.path),
+            format=suite.format,
+            cache=cache,
+            runs=runs,
+            evaluation=evaluation,
+            plot=str(plots[0]),
+            plots=[str(p) for p in plots],
+        )
     report = write_report(cfg, results, missing, cfg.out)
     _print_summary(console, results)
     if random_weights:
         console.print(f"[bold red]{NO_GEOMETRY.format(spec=cfg.vggt)}[/]", highlight=False)
-    console.print(f"report: {cfg.out / 'report.md'}\nnumbers: {cfg.out / 'report.json'}\nplots: {cfg.out / 'plots'}",
-                  highlight=False)
+    console.print(
+        f"report: {cfg.out / 'report.md'}\nnumbers: {cfg.out / 'report.json'}\nplots: {cfg.out / 'plots'}",
+        highlight=False,
+    )
     return report
 
 
 def _print_summary(console: Console, results: dict[str, SuiteResult]) -> None:
-    table = Table("suite", "steps", "cache MiB", "steps/s", "val L1 SF", "val L1 baseline", "success SF",
-                  "success baseline", title="LIBERO")
+    table = Table(
+        "suite",
+        "steps",
+        "cache MiB",
+        "steps/s",
+        "val L1 SF",
+        "val L1 baseline",
+        "success SF",
+        "success baseline",
+        title="LIBERO",
+    )
     for name, r in results.items():
         c, runs = r.cache, r.runs
-        table.add_row(name, str(c["steps"]), f"{c['bytes_on_disk'] / 2**20:.1f}",
-                      f"{c['extract_steps_per_s']:.2f}" if c["extract_steps_per_s"] else "n/a",
-                      f"{runs['sf']['val_action_l1']:.4f}", f"{runs['baseline']['val_action_l1']:.4f}",
-                      _success(r.evaluation, "sf"), _success(r.evaluation, "baseline"))
+        table.add_row(
+            name,
+            str(c["steps"]),
+            f"{c['bytes_on_disk'] / 2**20:.1f}",
+            f"{c['extract_steps_per_s']:.2f}" if c["extract_steps_per_s"] else "n/a",
+            f"{runs['sf']['val_action_l1']:.4f}",
+            f"{runs['baseline']['val_action_l1']:.4f}",
+            _success(r.evaluation, "sf"),
+            _success(r.evaluation, "baseline"),
+        )
     console.print(table)

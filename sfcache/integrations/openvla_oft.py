@@ -29,16 +29,26 @@ import torch
 from sfcache.errors import SfcacheError
 from sfcache.torch import CachedTargets
 
-__all__ = ["CachedTargets", "augment_with_boxes", "batch_targets", "collate_with_sf_fields", "crop_boxes",
-           "episode_fields", "sample_fields", "with_sf_fields", "with_tfds_ids"]
+__all__ = [
+    "CachedTargets",
+    "augment_with_boxes",
+    "batch_targets",
+    "collate_with_sf_fields",
+    "crop_boxes",
+    "episode_fields",
+    "sample_fields",
+    "with_sf_fields",
+    "with_tfds_ids",
+]
 
-VIEWS = ("primary", "wrist")      # OFT's LIBERO `image_obs_keys` names, which are also sfcache's RLDS views
+VIEWS = ("primary", "wrist")  # OFT's LIBERO `image_obs_keys` names, which are also sfcache's RLDS views
 FIELDS = ("sf_tfds_id", "sf_step", "sf_episode_length")
-BOXES = "sf_crop_boxes"           # observation key: [V, 4] boxes in `views` order
+BOXES = "sf_crop_boxes"  # observation key: [V, 4] boxes in `views` order
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- tf.data side
+
 
 def with_tfds_ids(builder):
     """`builder` whose `as_dataset` always adds TFDS's per-episode `tfds_id` (dlimp's `from_rlds` offers no
@@ -65,16 +75,19 @@ def episode_fields(traj: dict) -> dict:
 
     tfds_id = traj.get("traj_metadata", {}).get("tfds_id")
     if tfds_id is None:
-        raise SfcacheError("episode_fields: the trajectory has no traj_metadata/tfds_id; wrap the TFDS builder "
-                           "with sfcache.integrations.openvla_oft.with_tfds_ids(...) where it is made")
+        raise SfcacheError(
+            "episode_fields: the trajectory has no traj_metadata/tfds_id; wrap the TFDS builder "
+            "with sfcache.integrations.openvla_oft.with_tfds_ids(...) where it is made"
+        )
     length = tf.shape(traj["action"])[0]
     return {"sf_tfds_id": tfds_id, "sf_step": tf.range(length), "sf_episode_length": tf.fill([length], length)}
 
 
 def augment_with_boxes(augment: Callable, views: Sequence[str] = VIEWS) -> Callable:
     """OFT's `obs_transforms.augment`, also writing `observation["sf_crop_boxes"]` [V, 4] for `views`."""
+
     def augment_and_box(obs: dict, seed, augment_kwargs: dict) -> dict:
-        boxes = crop_boxes(obs, seed, augment_kwargs, views)   # before augment, on the same image names
+        boxes = crop_boxes(obs, seed, augment_kwargs, views)  # before augment, on the same image names
         obs = augment(obs, seed=seed, augment_kwargs=augment_kwargs)
         obs[BOXES] = boxes
         return obs
@@ -140,6 +153,7 @@ def dlimp_crop_box(seed, scale, ratio, height, width):
 
 # ----------------------------------------------------------------------------- PyTorch side
 
+
 class with_sf_fields:  # noqa: N801 - used like a function: with_sf_fields(RLDSBatchTransform(...))
     """Wraps OFT's `RLDSBatchTransform`: each sample also carries `sample_fields(rlds_batch)`."""
 
@@ -158,13 +172,18 @@ def sample_fields(rlds_batch: dict, views: Sequence[str] = VIEWS) -> dict:
     obs = rlds_batch["observation"]
     missing = [name for name in FIELDS if name not in obs]
     if missing:
-        raise SfcacheError(f"OFT sample lacks observation fields {missing}; add "
-                           "`new_obs.update(sf_oft.episode_fields(traj))` to make_dataset_from_rlds's restructure")
+        raise SfcacheError(
+            f"OFT sample lacks observation fields {missing}; add "
+            "`new_obs.update(sf_oft.episode_fields(traj))` to make_dataset_from_rlds's restructure"
+        )
     boxes = obs[BOXES][-1] if BOXES in obs else np.tile(np.float32(FULL_BOX), (len(views), 1))
     tfds_id = obs["sf_tfds_id"][-1]
-    return {"sf_tfds_id": tfds_id.decode() if isinstance(tfds_id, bytes) else str(tfds_id),
-            "sf_step": int(obs["sf_step"][-1]), "sf_episode_length": int(obs["sf_episode_length"][-1]),
-            BOXES: np.asarray(boxes, np.float32)}
+    return {
+        "sf_tfds_id": tfds_id.decode() if isinstance(tfds_id, bytes) else str(tfds_id),
+        "sf_step": int(obs["sf_step"][-1]),
+        "sf_episode_length": int(obs["sf_episode_length"][-1]),
+        BOXES: np.asarray(boxes, np.float32),
+    }
 
 
 class collate_with_sf_fields:  # noqa: N801 - used like a function around OFT's collator
@@ -188,10 +207,12 @@ def batch_targets(targets: CachedTargets, batch: dict[str, Any]) -> torch.Tensor
     Joined by TFDS id and step with the trajectory length checked, each view's grid cropped to the
     box its image was augmented with, then SF's position embedding added (if `targets` adds it).
     """
-    if tuple(targets.views) != tuple(VIEWS):   # the boxes come in VIEWS order: each must crop its own camera
-        raise SfcacheError(f"{targets.store}: holds views {list(targets.views)}, but OFT's crop boxes are for "
-                           f"{list(VIEWS)} in that order; extract with --recipe openvla-oft (views primary,wrist)")
-    values = targets.targets_for(batch["sf_tfds_id"], batch["sf_step"], lengths=batch["sf_episode_length"],
-                                 boxes=batch[BOXES])
+    if tuple(targets.views) != tuple(VIEWS):  # the boxes come in VIEWS order: each must crop its own camera
+        raise SfcacheError(
+            f"{targets.store}: holds views {list(targets.views)}, but OFT's crop boxes are for "
+            f"{list(VIEWS)} in that order; extract with --recipe openvla-oft (views primary,wrist)"
+        )
+    values = targets.targets_for(
+        batch["sf_tfds_id"], batch["sf_step"], lengths=batch["sf_episode_length"], boxes=batch[BOXES]
+    )
     return values.flatten(1, 2)
-

@@ -33,7 +33,7 @@ from sfcache.sources.images import check_frame_sizes
 class EpisodeInfo:
     """What a source knows about an episode without decoding any frame."""
 
-    key: str            # stable across runs, e.g. "libero_spatial/<task_name>/demo_12"
+    key: str  # stable across runs, e.g. "libero_spatial/<task_name>/demo_12"
     instruction: str
     num_steps: int
 
@@ -42,9 +42,9 @@ class EpisodeInfo:
 class Steps:
     """A step range of one episode, frames as the policy sees them."""
 
-    frames: np.ndarray | None   # uint8 [T, V, H, W, 3] RGB, views in the source's order; None: not read
-    actions: np.ndarray         # float32 [T, A]
-    proprio: np.ndarray         # float32 [T, P]
+    frames: np.ndarray | None  # uint8 [T, V, H, W, 3] RGB, views in the source's order; None: not read
+    actions: np.ndarray  # float32 [T, A]
+    proprio: np.ndarray  # float32 [T, P]
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Episode:
 
     info: EpisodeInfo
     file: Path
-    where: Any = None    # format-specific locator: HDF5 group name, record offset, row range
+    where: Any = None  # format-specific locator: HDF5 group name, record offset, row range
 
 
 def natural_key(text: str) -> list:
@@ -66,8 +66,7 @@ def require_finite(values: np.ndarray, file: Path, episode: str, key: str, first
     bad = ~np.isfinite(values)
     if bad.any():
         step = first_step + int(np.argwhere(bad)[0][0])
-        raise SourceError(file, f"non-finite value at step {step} (expected finite numbers)",
-                          episode=episode, key=key)
+        raise SourceError(file, f"non-finite value at step {step} (expected finite numbers)", episode=episode, key=key)
 
 
 class Source(ABC):
@@ -76,24 +75,32 @@ class Source(ABC):
     Safe to pickle into worker processes: the catalog travels, open file handles do not.
     """
 
-    format: str                       # registry name, e.g. "libero_hdf5"
-    view_keys: dict[str, str]         # canonical view name -> on-disk name
+    format: str  # registry name, e.g. "libero_hdf5"
+    view_keys: dict[str, str]  # canonical view name -> on-disk name
     default_views: tuple[str, ...]
-    default_rotate: bool = False      # LIBERO HDF5 stores frames upside down
-    jpeg_fast_dct: bool = False       # IFAST JPEG DCT as TF decodes (set by `--recipe openvla-oft`; RLDS reads it)
+    default_rotate: bool = False  # LIBERO HDF5 stores frames upside down
+    jpeg_fast_dct: bool = False  # IFAST JPEG DCT as TF decodes (set by `--recipe openvla-oft`; RLDS reads it)
 
-    def __init__(self, path: str | Path, views: tuple[str, ...] | None = None, *,
-                 rotate: bool | None = None, skip_bad: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        views: tuple[str, ...] | None = None,
+        *,
+        rotate: bool | None = None,
+        skip_bad: bool = False,
+    ):
         self.path = Path(path)
         if not self.path.exists():
             raise SourceError(self.path, "no such file or directory")
         wanted, self.view_map = parse_views(self.path, self._default_views() if views is None else views)
-        self.view_keys = {**self._view_keys(), **self.view_map}    # view name -> on-disk name, this dataset's
+        self.view_keys = {**self._view_keys(), **self.view_map}  # view name -> on-disk name, this dataset's
         unknown = [view for view in wanted if view not in self.view_keys]
         if unknown or not wanted or len(set(wanted)) != len(wanted):
-            raise SfcacheError(f"{self.path}: views {list(wanted)} not usable for {self.format}; "
-                               f"choose distinct names from {list(self.view_keys)} or map name=column")
-        self.views = wanted           # view names, in the order VGGT sees them
+            raise SfcacheError(
+                f"{self.path}: views {list(wanted)} not usable for {self.format}; "
+                f"choose distinct names from {list(self.view_keys)} or map name=column"
+            )
+        self.views = wanted  # view names, in the order VGGT sees them
         self.rotate = self.default_rotate if rotate is None else bool(rotate)
         self.skip_bad = skip_bad
         self.skipped: list[SourceError] = []
@@ -144,8 +151,9 @@ class Source(ABC):
         length = episode.info.num_steps
         stop = length if stop is None else stop
         if not 0 <= start < stop <= length:
-            raise SourceError(episode.file, f"step range [{start}, {stop}) outside the episode's "
-                                            f"{length} steps", episode=key)
+            raise SourceError(
+                episode.file, f"step range [{start}, {stop}) outside the episode's {length} steps", episode=key
+            )
         images = self._read_frames(episode, start, stop) if frames else None
         if images is not None and self.rotate:
             images = rotate_180(images)
@@ -154,8 +162,13 @@ class Source(ABC):
 
     def describe(self) -> dict:
         """Provenance recorded in a store: format, path, views, orientation, file fingerprint."""
-        description = {"format": self.format, "path": str(self.path.resolve()), "views": list(self.views),
-                       "rotate": self.rotate, "fingerprint": self.fingerprint()}
+        description = {
+            "format": self.format,
+            "path": str(self.path.resolve()),
+            "views": list(self.views),
+            "rotate": self.rotate,
+            "fingerprint": self.fingerprint(),
+        }
         if self.view_map:
             description["view_map"] = {view: self.view_map[view] for view in self.views if view in self.view_map}
         variant = self._variant()
@@ -178,7 +191,7 @@ class Source(ABC):
         if self._catalog is None:
             found: list[Episode] = []
             skipped: list[SourceError] = []
-            with progress_bar(unit="episodes", transient=True) as progress:   # big datasets take seconds
+            with progress_bar(unit="episodes", transient=True) as progress:  # big datasets take seconds
                 task = progress.add_task(f"indexing {self.path.name}", total=None)
                 for item in self._scan():
                     if isinstance(item, SourceError):
@@ -228,7 +241,9 @@ def parse_views(path: Path, views: tuple[str, ...] | list[str]) -> tuple[tuple[s
         name, equals, column = (part.strip() for part in str(entry).partition("="))
         if equals:
             if not name or not column:
-                raise SfcacheError(f"{path}: view {entry!r}: expected name=column, e.g. base=observation.images.cam_high")
+                raise SfcacheError(
+                    f"{path}: view {entry!r}: expected name=column, e.g. base=observation.images.cam_high"
+                )
             mapping[name] = column
         names.append(name)
     return tuple(names), mapping

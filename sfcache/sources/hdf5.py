@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -23,8 +23,9 @@ def open_h5(file: Path) -> h5py.File:
         raise SourceError(file, f"cannot open as HDF5 (truncated or not HDF5: {err})") from None
 
 
-def scan_files(files: list[Path], where: Path, expected: str,
-               scan_file: Callable[[Path, h5py.File], Iterable]) -> Iterator:
+def scan_files(
+    files: list[Path], where: Path, expected: str, scan_file: Callable[[Path, h5py.File], Iterable]
+) -> Iterator:
     """Each file's episodes from `scan_file(file, h5)`; a file that fails to open or check yields its
     SourceError instead, so skip_bad can leave that file out and go on."""
     if not files:
@@ -48,12 +49,15 @@ def checked(group: h5py.Group, name: str, file: Path, episode: str, *, kind: str
     if not isinstance(dataset, h5py.Dataset):
         raise SourceError(file, f"missing (expected {words} {wanted})", episode=episode, key=_path(group, name))
     if dataset.dtype.kind not in kinds or (kind == "uint8" and dataset.dtype != np.uint8):
-        raise SourceError(file, f"dtype {dataset.dtype}, expected {words} {wanted}", episode=episode,
-                          key=_path(group, name))
-    if len(dataset.shape) != len(shape) or any(want is not None and got != want
-                                               for got, want in zip(dataset.shape, shape)):
-        raise SourceError(file, f"shape {dataset.shape}, expected {words} {wanted}", episode=episode,
-                          key=_path(group, name))
+        raise SourceError(
+            file, f"dtype {dataset.dtype}, expected {words} {wanted}", episode=episode, key=_path(group, name)
+        )
+    if len(dataset.shape) != len(shape) or any(
+        want is not None and got != want for got, want in zip(dataset.shape, shape)
+    ):
+        raise SourceError(
+            file, f"shape {dataset.shape}, expected {words} {wanted}", episode=episode, key=_path(group, name)
+        )
     return dataset
 
 
@@ -66,8 +70,9 @@ def require_steps(file: Path, episode: str, lengths: dict[str, int]) -> int:
     distinct = set(lengths.values())
     if len(distinct) > 1:
         listed = ", ".join(f"{key} {length}" for key, length in lengths.items())
-        raise SourceError(file, f"per-step datasets disagree on the number of steps ({listed}); expected "
-                                "one length", episode=episode)
+        raise SourceError(
+            file, f"per-step datasets disagree on the number of steps ({listed}); expected one length", episode=episode
+        )
     steps = distinct.pop()
     if steps == 0:
         raise SourceError(file, "empty episode (0 steps)", episode=episode, key=next(iter(lengths)))
@@ -79,8 +84,9 @@ def read_range(dataset: h5py.Dataset, start: int, stop: int, file: Path, episode
     try:
         return dataset[start:stop]
     except (OSError, ValueError) as err:
-        raise SourceError(file, f"cannot read steps [{start}, {stop}): {err}", episode=episode,
-                          key=dataset.name.lstrip("/")) from None
+        raise SourceError(
+            file, f"cannot read steps [{start}, {stop}): {err}", episode=episode, key=dataset.name.lstrip("/")
+        ) from None
 
 
 class HandleCache:

@@ -30,8 +30,9 @@ class ImageDecodeError(ValueError):
     """The bytes are not a decodable JPEG/PNG; readers turn it into a SourceError with context."""
 
 
-def decode_image(data: bytes, *, bgr: bool = False, out: np.ndarray | None = None,
-                 fast_dct: bool = False) -> np.ndarray:
+def decode_image(
+    data: bytes, *, bgr: bool = False, out: np.ndarray | None = None, fast_dct: bool = False
+) -> np.ndarray:
     """One embedded image -> uint8 [H, W, 3] RGB; `bgr` swaps channels (in libjpeg-turbo for JPEG);
     `out` is a contiguous [H, W, 3] slot a JPEG is decoded straight into; `fast_dct`: IFAST like TF."""
     if data[:2] == _JPEG_MAGIC:
@@ -51,8 +52,9 @@ def decode_image(data: bytes, *, bgr: bool = False, out: np.ndarray | None = Non
     else:
         raise ImageDecodeError(f"neither JPEG nor PNG ({len(data)} bytes, starts {data[:8]!r})")
     if out is not None and image.shape != out.shape:
-        raise ImageDecodeError(f"frame {image.shape[:2]} differs from the episode's {out.shape[:2]} "
-                               "(expected one size)")
+        raise ImageDecodeError(
+            f"frame {image.shape[:2]} differs from the episode's {out.shape[:2]} (expected one size)"
+        )
     if out is not None and not np.shares_memory(image, out):
         out[...] = image
     return image
@@ -65,25 +67,33 @@ def opencv_channel_order(data: bytes) -> bool:
         marker = data[position + 1]
         if marker == _SOS:
             break
-        length = int.from_bytes(data[position + 2:position + 4], "big")
-        if marker == _COM and data[position + 4:position + 2 + length] == _RGB_MARKER:
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == _COM and data[position + 4 : position + 2 + length] == _RGB_MARKER:
             return False
         position += 2 + length
     return True
 
 
-def decode_views(views: Sequence[Sequence[bytes]], names: Sequence[str], keys: Sequence[str], first_step: int,
-                 file: Path, episode: str, robotwin_channels: bool = False, fast_dct: bool = False) -> np.ndarray:
+def decode_views(
+    views: Sequence[Sequence[bytes]],
+    names: Sequence[str],
+    keys: Sequence[str],
+    first_step: int,
+    file: Path,
+    episode: str,
+    robotwin_channels: bool = False,
+    fast_dct: bool = False,
+) -> np.ndarray:
     """Encoded frames per view -> uint8 [T, V, H, W, 3], each frame decoded straight into place.
 
     robotwin_channels: swap cv2-written JPEGs (no XPL-RGB1 marker) back to RGB; fast_dct: IFAST JPEG DCT
     (TF's default decode). A bad frame is named by view key and step; views must share one frame size.
     """
+
     def decode(blob, view: int, step: int, out=None) -> np.ndarray:
         data = bytes(blob)
         try:
-            return decode_image(data, bgr=robotwin_channels and opencv_channel_order(data), out=out,
-                                fast_dct=fast_dct)
+            return decode_image(data, bgr=robotwin_channels and opencv_channel_order(data), out=out, fast_dct=fast_dct)
         except ImageDecodeError as err:
             raise SourceError(file, f"step {first_step + step}: {err}", episode=episode, key=keys[view]) from None
 
@@ -106,8 +116,7 @@ def check_frame_sizes(shapes: Sequence[tuple], names: Sequence[str], file: Path,
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
     """RGB -> JPEG with OpenCV's defaults (quality 95, 4:2:0), as the datasets were written."""
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=quality, colorspace="RGB",
-                                  colorsubsampling="420")
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=quality, colorspace="RGB", colorsubsampling="420")
 
 
 def encode_png(rgb: np.ndarray) -> bytes:

@@ -29,7 +29,7 @@ from sfcache.sources.images import decode_views
 from sfcache.sources.video import VideoFiles, frames_at
 
 CAMERA_PREFIX = "observation.images."
-OPENPI_VIEWS = {"primary": "image", "wrist": "wrist_image"}          # openpi's LIBERO conversion
+OPENPI_VIEWS = {"primary": "image", "wrist": "wrist_image"}  # openpi's LIBERO conversion
 VECTOR_COLUMNS = {"actions": ("action", "actions"), "proprio": ("observation.state", "state")}
 V3_EPISODE_COLUMNS = ["episode_index", "tasks", "length", "data/chunk_index", "data/file_index", "dataset_from_index"]
 
@@ -69,12 +69,16 @@ class LeRobot(Source):
             int(info["chunks_size"])
             features = dict(info["features"])
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise SourceError(file, f"expected LeRobot metadata with codebase_version, data_path, chunks_size and "
-                                    f"features ({type(err).__name__}: {err})") from None
+            raise SourceError(
+                file,
+                f"expected LeRobot metadata with codebase_version, data_path, chunks_size and "
+                f"features ({type(err).__name__}: {err})",
+            ) from None
         if not version.startswith(("v2", "v3")):
             raise SourceError(file, f"codebase_version {version!r}; expected v2.x or v3.x", key="codebase_version")
-        if any(f.get("dtype") == "video" for f in features.values() if isinstance(f, dict)) \
-                and not isinstance(info.get("video_path"), str):
+        if any(f.get("dtype") == "video" for f in features.values() if isinstance(f, dict)) and not isinstance(
+            info.get("video_path"), str
+        ):
             raise SourceError(file, "video features but no video_path template", key="video_path")
         self.__dict__["_info_json"] = info
         return info
@@ -82,14 +86,18 @@ class LeRobot(Source):
     def _cameras(self) -> dict[str, str]:
         """Camera column -> 'image' | 'video', in info.json order."""
         features = self._info()["features"]
-        return {name: f["dtype"] for name, f in features.items()
-                if isinstance(f, dict) and f.get("dtype") in ("image", "video")}
+        return {
+            name: f["dtype"]
+            for name, f in features.items()
+            if isinstance(f, dict) and f.get("dtype") in ("image", "video")
+        }
 
     def _view_keys(self) -> dict[str, str]:
         cameras = self._cameras()
         keys = {alias: column for alias, column in OPENPI_VIEWS.items() if column in cameras}
-        keys.update({column.removeprefix(CAMERA_PREFIX): column for column in cameras
-                     if column not in OPENPI_VIEWS.values()})
+        keys.update(
+            {column.removeprefix(CAMERA_PREFIX): column for column in cameras if column not in OPENPI_VIEWS.values()}
+        )
         return keys
 
     def _default_views(self) -> tuple[str, ...]:
@@ -105,8 +113,11 @@ class LeRobot(Source):
                     return name, int(np.prod(features[name]["shape"]))
                 except (KeyError, TypeError, ValueError):
                     raise SourceError(file, "expected a feature with a shape", key=name) from None
-        raise SourceError(file, f"no {' or '.join(map(repr, VECTOR_COLUMNS[role]))} feature "
-                                f"(features: {list(features)})", key="features")
+        raise SourceError(
+            file,
+            f"no {' or '.join(map(repr, VECTOR_COLUMNS[role]))} feature (features: {list(features)})",
+            key="features",
+        )
 
     def _columns(self) -> tuple[list[str], list[str]]:
         """The chosen views' (image columns, video columns)."""
@@ -114,16 +125,23 @@ class LeRobot(Source):
         file = self.path / "meta" / "info.json"
         for view, column in zip(self.views, chosen):
             if column not in cameras:
-                raise SourceError(file, f"view {view}={column}: not an image or video feature "
-                                        f"(cameras: {list(cameras)})", key=column)
+                raise SourceError(
+                    file, f"view {view}={column}: not an image or video feature (cameras: {list(cameras)})", key=column
+                )
         return ([c for c in chosen if cameras[c] == "image"], [c for c in chosen if cameras[c] == "video"])
 
     # --- listing ----------------------------------------------------------------------------------
 
     def _files(self) -> list[Path]:
-        return sorted([*self.path.glob("meta/*.json*"), *self.path.glob("meta/*.parquet"),
-                       *self.path.glob("meta/episodes/*/*.parquet"), *self.path.glob("data/*/*.parquet"),
-                       *self.path.glob("videos/**/*.mp4")])
+        return sorted(
+            [
+                *self.path.glob("meta/*.json*"),
+                *self.path.glob("meta/*.parquet"),
+                *self.path.glob("meta/episodes/*/*.parquet"),
+                *self.path.glob("data/*/*.parquet"),
+                *self.path.glob("videos/**/*.mp4"),
+            ]
+        )
 
     def _scan(self) -> Iterator[Episode | SourceError]:
         info = self._info()
@@ -144,8 +162,11 @@ class LeRobot(Source):
                 if file not in rows_in:
                     rows_in[file] = self._check_file(file, key, needed)
                 if rows.first + length > rows_in[file]:
-                    raise SourceError(file, f"{rows_in[file]} rows, the episode metadata needs rows "
-                                            f"[{rows.first}, {rows.first + length})", episode=key)
+                    raise SourceError(
+                        file,
+                        f"{rows_in[file]} rows, the episode metadata needs rows [{rows.first}, {rows.first + length})",
+                        episode=key,
+                    )
                 for column, video, _ in rows.videos:
                     if not video.is_file():
                         raise SourceError(video, "missing video file for this camera", episode=key, key=column)
@@ -165,36 +186,59 @@ class LeRobot(Source):
                 continue
             chunk = index // int(info["chunks_size"])
             where = dict(episode_chunk=chunk, episode_index=index)
-            yield episode_key(index), instruction, length, self.path / info["data_path"].format(**where), Rows(
-                0, tuple((c, self.path / info["video_path"].format(video_key=c, **where), 0.0) for c in videos))
+            yield (
+                episode_key(index),
+                instruction,
+                length,
+                self.path / info["data_path"].format(**where),
+                Rows(0, tuple((c, self.path / info["video_path"].format(video_key=c, **where), 0.0) for c in videos)),
+            )
 
     def _listing_v3(self, info: dict, videos: list[str]) -> Iterator[tuple | SourceError]:
         """The same from meta/episodes/*/*.parquet; rows are offsets inside the shared data file."""
         first_in_file: dict[Path, int] = {}
         entries = []
-        video_columns = [f"videos/{c}/{field}" for c in videos for field in ("chunk_index", "file_index",
-                                                                             "from_timestamp")]
+        video_columns = [
+            f"videos/{c}/{field}" for c in videos for field in ("chunk_index", "file_index", "from_timestamp")
+        ]
         for meta in sorted(self.path.glob("meta/episodes/*/*.parquet")):
             try:
                 rows = pq.read_table(meta, columns=V3_EPISODE_COLUMNS + video_columns).to_pylist()
             except (OSError, pa.ArrowException, KeyError) as err:
-                yield SourceError(meta, f"expected episode metadata with columns "
-                                        f"{V3_EPISODE_COLUMNS + video_columns} ({err})")
+                yield SourceError(
+                    meta, f"expected episode metadata with columns {V3_EPISODE_COLUMNS + video_columns} ({err})"
+                )
                 continue
             for row in rows:
-                file = self.path / info["data_path"].format(chunk_index=row["data/chunk_index"],
-                                                           file_index=row["data/file_index"])
+                file = self.path / info["data_path"].format(
+                    chunk_index=row["data/chunk_index"], file_index=row["data/file_index"]
+                )
                 first_in_file[file] = min(first_in_file.get(file, row["dataset_from_index"]), row["dataset_from_index"])
                 entries.append((row, file))
         if not entries:
             yield SourceError(self.path / "meta" / "episodes", "no episode metadata parquet files (LeRobot v3)")
         for row, file in entries:
             tasks = row["tasks"] or [""]
-            where = tuple((c, self.path / info["video_path"].format(
-                video_key=c, chunk_index=row[f"videos/{c}/chunk_index"], file_index=row[f"videos/{c}/file_index"]),
-                float(row[f"videos/{c}/from_timestamp"])) for c in videos)
-            yield (episode_key(row["episode_index"]), str(tasks[0]), int(row["length"]), file,
-                   Rows(row["dataset_from_index"] - first_in_file[file], where))
+            where = tuple(
+                (
+                    c,
+                    self.path
+                    / info["video_path"].format(
+                        video_key=c,
+                        chunk_index=row[f"videos/{c}/chunk_index"],
+                        file_index=row[f"videos/{c}/file_index"],
+                    ),
+                    float(row[f"videos/{c}/from_timestamp"]),
+                )
+                for c in videos
+            )
+            yield (
+                episode_key(row["episode_index"]),
+                str(tasks[0]),
+                int(row["length"]),
+                file,
+                Rows(row["dataset_from_index"] - first_in_file[file], where),
+            )
 
     @staticmethod
     def _check_file(file: Path, key: str, columns: set[str]) -> int:
@@ -233,12 +277,20 @@ class LeRobot(Source):
     def _rows(self, episode: Episode, start: int, stop: int) -> pa.Table:
         """Rows of steps [start, stop) (the episode's table is loaded once), checked to be in step order."""
         images, videos = self._columns()
-        columns = [*images, *(self._vector(role)[0] for role in VECTOR_COLUMNS), "frame_index",
-                   *(["timestamp"] if videos else [])]
+        columns = [
+            *images,
+            *(self._vector(role)[0] for role in VECTOR_COLUMNS),
+            "frame_index",
+            *(["timestamp"] if videos else []),
+        ]
         table = self._last_loaded(episode, lambda: self._load(episode, columns)).slice(start, stop - start)
         if table.column("frame_index").to_pylist() != list(range(start, stop)):
-            raise SourceError(episode.file, f"frame_index is not {start}..{stop - 1} in row order",
-                              episode=episode.info.key, key="frame_index")
+            raise SourceError(
+                episode.file,
+                f"frame_index is not {start}..{stop - 1} in row order",
+                episode=episode.info.key,
+                key="frame_index",
+            )
         return table
 
     def _read_frames(self, episode: Episode, start: int, stop: int) -> np.ndarray:
@@ -253,14 +305,24 @@ class LeRobot(Source):
                 container = self._process_local("videos", VideoFiles).container(video, key, column)
                 per_view.append(frames_at(container, times, video, key, column))
             else:
-                per_view.append(decode_views([self._image_bytes(table.column(column), file, key, column)], (view,),
-                                             (column,), start, file, key)[:, 0])
+                per_view.append(
+                    decode_views(
+                        [self._image_bytes(table.column(column), file, key, column)],
+                        (view,),
+                        (column,),
+                        start,
+                        file,
+                        key,
+                    )[:, 0]
+                )
         return stack_views(per_view, self.views, file, key)
 
     def _read_vectors(self, episode: Episode, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         key, file, table = episode.info.key, episode.file, self._rows(episode, start, stop)
-        actions, state = (self._vectors(table.column(name), name, width, file, key, start)
-                          for name, width in map(self._vector, VECTOR_COLUMNS))
+        actions, state = (
+            self._vectors(table.column(name), name, width, file, key, start)
+            for name, width in map(self._vector, VECTOR_COLUMNS)
+        )
         return actions, state
 
     @staticmethod

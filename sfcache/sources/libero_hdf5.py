@@ -30,7 +30,7 @@ def instruction_from_file_name(file: Path) -> str:
     words = file.name.removesuffix(".hdf5").removesuffix("_demo").split("_")
     scene = [i for i, word in enumerate(words) if "SCENE" in word]
     if scene:
-        words = words[scene[0] + 1:]
+        words = words[scene[0] + 1 :]
     return " ".join(words)
 
 
@@ -46,8 +46,7 @@ class LiberoHDF5(Source):
         return [self.path] if self.path.is_file() else sorted(self.path.rglob("*.hdf5"))
 
     def _scan(self) -> Iterator[Episode | SourceError]:
-        return scan_files(self._files(), self.path, ".hdf5 files (expected <suite>/<task>_demo.hdf5)",
-                          self._scan_file)
+        return scan_files(self._files(), self.path, ".hdf5 files (expected <suite>/<task>_demo.hdf5)", self._scan_file)
 
     def _scan_file(self, file: Path, h5: h5py.File) -> Iterator[Episode | SourceError]:
         data = h5.get("data")
@@ -74,7 +73,7 @@ class LiberoHDF5(Source):
             instruction = json.loads(data.attrs["problem_info"])["language_instruction"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise SourceError(file, "not JSON with 'language_instruction'", key="data.attrs['problem_info']") from None
-        if isinstance(instruction, list):          # some LIBERO files store it as a list of pieces
+        if isinstance(instruction, list):  # some LIBERO files store it as a list of pieces
             instruction = "".join(instruction)
         return ORIGINAL, str(instruction).strip().strip('"')
 
@@ -85,9 +84,13 @@ class LiberoHDF5(Source):
             images = checked(demo, self.view_keys[view], file, key, kind="uint8", shape=(None, None, None, 3))
             datasets.append(images)
             if frame_shape not in (None, images.shape[1:]):
-                raise SourceError(file, f"frame size {images.shape[1:3]} differs from the other view's "
-                                        f"{frame_shape[:2]} (expected one size)", episode=key,
-                                  key=self.view_keys[view])
+                raise SourceError(
+                    file,
+                    f"frame size {images.shape[1:3]} differs from the other view's "
+                    f"{frame_shape[:2]} (expected one size)",
+                    episode=key,
+                    key=self.view_keys[view],
+                )
             frame_shape = images.shape[1:]
         obs = demo.get("obs")
         has_pos_ori = isinstance(obs, h5py.Group) and "ee_pos" in obs and "ee_ori" in obs
@@ -102,8 +105,12 @@ class LiberoHDF5(Source):
 
     def _read_frames(self, episode: Episode, start: int, stop: int) -> np.ndarray:
         key, file = episode.info.key, episode.file
-        return stack_views([read_range(self._dataset(episode, self.view_keys[view]), start, stop, file, key)
-                            for view in self.views], self.views, file, key)
+        return stack_views(
+            [read_range(self._dataset(episode, self.view_keys[view]), start, stop, file, key) for view in self.views],
+            self.views,
+            file,
+            key,
+        )
 
     def _read_vectors(self, episode: Episode, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         name, _, proprio_keys = episode.where

@@ -24,16 +24,20 @@ import crc32c
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from sfcache.keys import episode_key
 from sfcache.errors import SourceError
+from sfcache.keys import episode_key
 from sfcache.sources.base import Episode, EpisodeInfo, Source, require_finite
 from sfcache.sources.images import decode_views
 from sfcache.sources.tf_example import Example
 
 _MASK_DELTA = 0xA282EAD8
 # Step fields every episode must hold: (list kind in the proto, values per step).
-REQUIRED = {"steps/is_first": ("int64_list", 1), "steps/observation/state": ("float_list", 8),
-            "steps/action": ("float_list", 7), "steps/language_instruction": ("bytes_list", 1)}
+REQUIRED = {
+    "steps/is_first": ("int64_list", 1),
+    "steps/observation/state": ("float_list", 8),
+    "steps/action": ("float_list", 7),
+    "steps/language_instruction": ("bytes_list", 1),
+}
 
 
 def masked_crc(data: bytes) -> int:
@@ -53,8 +57,7 @@ def read_record(handle, file: Path, offset: int, index: int) -> tuple[bytes, int
         raise SourceError(file, f"record {index} at byte {offset}: length CRC mismatch (corrupt TFRecord framing)")
     body = handle.read(length + 4)
     if len(body) < length + 4:
-        raise SourceError(file, f"truncated at byte {offset}: record {index} holds {len(body)} of "
-                                f"{length + 4} bytes")
+        raise SourceError(file, f"truncated at byte {offset}: record {index} holds {len(body)} of {length + 4} bytes")
     data, (data_crc,) = body[:length], struct.unpack("<I", body[length:])
     if masked_crc(data) != data_crc:
         raise SourceError(file, f"record {index} at byte {offset}: data CRC mismatch (corrupt record)")
@@ -78,18 +81,26 @@ class LiberoRLDS(Source):
         """Folders holding dataset_info.json (the TFDS version folders)."""
         if (self.path / "dataset_info.json").is_file():
             return [self.path]
-        found = sorted({info.parent for pattern in ("*/dataset_info.json", "*/*/dataset_info.json")
-                        for info in self.path.glob(pattern)})
+        found = sorted(
+            {
+                info.parent
+                for pattern in ("*/dataset_info.json", "*/*/dataset_info.json")
+                for info in self.path.glob(pattern)
+            }
+        )
         if not found:
             raise SourceError(self.path, "no TFDS dataset_info.json here or one/two folders below")
         versions: dict[Path, list[str]] = {}
         for folder in found:
             versions.setdefault(folder.parent, []).append(folder.name)
         for dataset, names in versions.items():
-            if len(names) > 1:   # the same episodes twice, under TFDS ids (shard file names) that collide
-                raise SourceError(dataset, f"holds {len(names)} versions ({', '.join(names)}); expected one version "
-                                           "per dataset: pass the version folder to extract, e.g. "
-                                           f"{dataset / names[-1]}")
+            if len(names) > 1:  # the same episodes twice, under TFDS ids (shard file names) that collide
+                raise SourceError(
+                    dataset,
+                    f"holds {len(names)} versions ({', '.join(names)}); expected one version "
+                    "per dataset: pass the version folder to extract, e.g. "
+                    f"{dataset / names[-1]}",
+                )
         return found
 
     def _shards(self, folder: Path) -> list[tuple[Path, int]]:
@@ -101,8 +112,10 @@ class LiberoRLDS(Source):
             lengths = [int(n) for n in split["shardLengths"]]
             name = info["name"]
         except (OSError, json.JSONDecodeError, KeyError, StopIteration, TypeError, ValueError) as err:
-            raise SourceError(info_file, f"expected TFDS metadata with name and a train split's shardLengths "
-                                         f"({type(err).__name__}: {err})") from None
+            raise SourceError(
+                info_file,
+                f"expected TFDS metadata with name and a train split's shardLengths ({type(err).__name__}: {err})",
+            ) from None
         total = len(lengths)
         return [(folder / f"{name}-train.tfrecord-{i:05d}-of-{total:05d}", n) for i, n in enumerate(lengths)]
 
@@ -110,12 +123,13 @@ class LiberoRLDS(Source):
         return sorted(file for folder in self._datasets() for file, _ in self._shards(folder) if file.exists())
 
     def describe(self) -> dict:
-        """Adds each shard's file name and episode count: a store maps TFDS ids to keys with them (`sfcache.keys.tfds_ids`)."""
+        """Adds each shard's file name and episode count: a store maps TFDS ids to keys with them
+        (`sfcache.keys.tfds_ids`)."""
         shards = []
         for folder in self._datasets():
             try:
                 shards += [[folder.parent.name, file.name, count] for file, count in self._shards(folder)]
-            except SourceError:          # unreadable metadata: its episodes are skipped (skip_bad) or fail
+            except SourceError:  # unreadable metadata: its episodes are skipped (skip_bad) or fail
                 continue
         return {**super().describe(), "tfds_shards": shards}
 
@@ -144,7 +158,7 @@ class LiberoRLDS(Source):
                     data, next_offset = read_record(handle, file, offset, index)
                 except SourceError as err:
                     yield SourceError(err.file, err.what, episode=key)
-                    return                                   # framing lost: nothing after it can be found
+                    return  # framing lost: nothing after it can be found
                 try:
                     steps, instruction = self._check(Example.FromString(data), file, key)
                     yield Episode(EpisodeInfo(key, instruction, steps), file, (offset, index))
@@ -163,8 +177,9 @@ class LiberoRLDS(Source):
             if name not in features:
                 raise SourceError(file, f"missing feature (expected {kind})", episode=key, key=name)
             if features[name].WhichOneof("kind") != kind:
-                raise SourceError(file, f"holds {features[name].WhichOneof('kind')}, expected {kind}",
-                                  episode=key, key=name)
+                raise SourceError(
+                    file, f"holds {features[name].WhichOneof('kind')}, expected {kind}", episode=key, key=name
+                )
         steps = len(features["steps/is_first"].int64_list.value)
         if steps == 0:
             raise SourceError(file, "empty episode (0 steps)", episode=key, key="steps/is_first")
@@ -191,8 +206,15 @@ class LiberoRLDS(Source):
     def _read_frames(self, episode: Episode, start: int, stop: int) -> np.ndarray:
         features = self._features(episode)
         names = [self.view_keys[view] for view in self.views]
-        return decode_views([features[name].bytes_list.value[start:stop] for name in names], self.views, names,
-                            start, episode.file, episode.info.key, fast_dct=self.jpeg_fast_dct)
+        return decode_views(
+            [features[name].bytes_list.value[start:stop] for name in names],
+            self.views,
+            names,
+            start,
+            episode.file,
+            episode.info.key,
+            fast_dct=self.jpeg_fast_dct,
+        )
 
     def _read_vectors(self, episode: Episode, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         key, file, features = episode.info.key, episode.file, self._features(episode)

@@ -27,10 +27,20 @@ from sfcache.sources.hdf5 import HandleCache, checked, read_range, require_steps
 from sfcache.sources.images import decode_views
 
 LEGACY, XPOLICYLAB = "legacy_2.0", "xpolicylab"
-CAMERAS = {LEGACY: {"head": "observation/head_camera/rgb", "left_wrist": "observation/left_camera/rgb",
-                    "right_wrist": "observation/right_camera/rgb", "front": "observation/front_camera/rgb"},
-           XPOLICYLAB: {"head": "vision/cam_head/colors", "left_wrist": "vision/cam_left_wrist/colors",
-                        "right_wrist": "vision/cam_right_wrist/colors", "third_view": "vision/cam_third_view/colors"}}
+CAMERAS = {
+    LEGACY: {
+        "head": "observation/head_camera/rgb",
+        "left_wrist": "observation/left_camera/rgb",
+        "right_wrist": "observation/right_camera/rgb",
+        "front": "observation/front_camera/rgb",
+    },
+    XPOLICYLAB: {
+        "head": "vision/cam_head/colors",
+        "left_wrist": "vision/cam_left_wrist/colors",
+        "right_wrist": "vision/cam_right_wrist/colors",
+        "third_view": "vision/cam_third_view/colors",
+    },
+}
 XPOLICYLAB_JOINTS = ("left_arm_joint_states", "left_ee_joint_states", "right_arm_joint_states", "right_ee_joint_states")
 
 
@@ -45,15 +55,19 @@ class RoboTwin(Source):
         return [self.path] if self.path.is_file() else sorted(self.path.rglob("episode*.hdf5"))
 
     def _scan(self) -> Iterator[Episode | SourceError]:
-        return scan_files(self._files(), self.path,
-                          "episode*.hdf5 files (expected <task>/<config>/data/episode<N>.hdf5)",
-                          lambda file, h5: [self._check(file, h5)])
+        return scan_files(
+            self._files(),
+            self.path,
+            "episode*.hdf5 files (expected <task>/<config>/data/episode<N>.hdf5)",
+            lambda file, h5: [self._check(file, h5)],
+        )
 
     def _check(self, file: Path, h5: h5py.File) -> Episode:
         layout = LEGACY if "observation" in h5 else XPOLICYLAB if "vision" in h5 else None
         if layout is None:
-            raise SourceError(file, f"neither observation/ (RoboTwin 2.0) nor vision/ (XPolicyLab) group; "
-                                    f"has {sorted(h5)}")
+            raise SourceError(
+                file, f"neither observation/ (RoboTwin 2.0) nor vision/ (XPolicyLab) group; has {sorted(h5)}"
+            )
         parents = [parent.name for parent in file.parents[1:4]][::-1]
         key = "/".join((["robotwin"] + parents[1:] if layout == LEGACY else parents) + [file.stem])
         lengths, cameras = {}, []
@@ -62,8 +76,9 @@ class RoboTwin(Source):
             cameras.append(name)
             lengths[name] = checked(h5, name, file, key, kind="bytes", shape=(None,)).shape[0]
         if layout == LEGACY:
-            lengths["joint_action/vector"] = checked(h5, "joint_action/vector", file, key, kind="float",
-                                                     shape=(None, 14)).shape[0]
+            lengths["joint_action/vector"] = checked(
+                h5, "joint_action/vector", file, key, kind="float", shape=(None, 14)
+            ).shape[0]
             instruction = self._legacy_instruction(file, key)
         else:
             for group in ("state", "action"):
@@ -78,8 +93,12 @@ class RoboTwin(Source):
         given as a dataset path or a camera group (`front_camera`, `cam_third_view`)."""
         if view not in self.view_map:
             if view not in CAMERAS[layout]:
-                raise SourceError(file, f"view {view!r} does not exist in the {layout} layout "
-                                        f"(it has {list(CAMERAS[layout])}; map others with name=camera)", episode=key)
+                raise SourceError(
+                    file,
+                    f"view {view!r} does not exist in the {layout} layout "
+                    f"(it has {list(CAMERAS[layout])}; map others with name=camera)",
+                    episode=key,
+                )
             return CAMERAS[layout][view]
         column = self.view_map[view]
         for name in (column, f"observation/{column}/rgb", f"vision/{column}/colors"):
@@ -96,7 +115,7 @@ class RoboTwin(Source):
         except FileNotFoundError:
             raise SourceError(path, 'missing instructions file (expected {"seen": [...], ...})', episode=key) from None
         except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise SourceError(path, "expected JSON with a non-empty \"seen\" list", episode=key, key="seen") from None
+            raise SourceError(path, 'expected JSON with a non-empty "seen" list', episode=key, key="seen") from None
 
     @staticmethod
     def _xpolicylab_instruction(h5: h5py.File, file: Path, key: str) -> str:
@@ -117,8 +136,15 @@ class RoboTwin(Source):
     def _read_frames(self, episode: Episode, start: int, stop: int) -> np.ndarray:
         (_, names), key, file = episode.where, episode.info.key, episode.file
         h5 = self._process_local("h5", HandleCache)
-        return decode_views([read_range(h5.dataset(file, name), start, stop, file, key) for name in names],
-                            self.views, names, start, file, key, robotwin_channels=True)
+        return decode_views(
+            [read_range(h5.dataset(file, name), start, stop, file, key) for name in names],
+            self.views,
+            names,
+            start,
+            file,
+            key,
+            robotwin_channels=True,
+        )
 
     def _read_vectors(self, episode: Episode, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         (layout, _), key, file = episode.where, episode.info.key, episode.file
@@ -131,8 +157,9 @@ class RoboTwin(Source):
         for group in ("state", "action"):
             parts = []
             for joint in XPOLICYLAB_JOINTS:
-                parts.append(read_range(h5.dataset(file, f"{group}/{joint}"), start, stop, file, key)
-                             .astype(np.float32))
+                parts.append(
+                    read_range(h5.dataset(file, f"{group}/{joint}"), start, stop, file, key).astype(np.float32)
+                )
                 require_finite(parts[-1], file, key, f"{group}/{joint}", start)
             packed[group] = np.concatenate(parts, axis=1)
         return packed["action"], packed["state"]

@@ -21,34 +21,44 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sfcache.keys import episode_key
 from sfcache.sources.images import encode_jpeg, encode_png
 from sfcache.sources.libero_hdf5 import instruction_from_file_name
-from sfcache.keys import episode_key
 from sfcache.sources.libero_rlds import write_record
 from sfcache.sources.tf_example import encode_example
 
 LIBERO_TASKS = {
-    "libero_spatial": ["pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate",
-                       "pick_up_the_black_bowl_next_to_the_ramekin_and_place_it_on_the_plate",
-                       "pick_up_the_black_bowl_on_the_stove_and_place_it_on_the_plate"],
-    "libero_object": ["pick_up_the_alphabet_soup_and_place_it_in_the_basket",
-                      "pick_up_the_cream_cheese_and_place_it_in_the_basket"],
+    "libero_spatial": [
+        "pick_up_the_black_bowl_between_the_plate_and_the_ramekin_and_place_it_on_the_plate",
+        "pick_up_the_black_bowl_next_to_the_ramekin_and_place_it_on_the_plate",
+        "pick_up_the_black_bowl_on_the_stove_and_place_it_on_the_plate",
+    ],
+    "libero_object": [
+        "pick_up_the_alphabet_soup_and_place_it_in_the_basket",
+        "pick_up_the_cream_cheese_and_place_it_in_the_basket",
+    ],
     "libero_goal": ["open_the_middle_drawer_of_the_cabinet", "put_the_bowl_on_the_stove"],
-    "libero_10": ["LIVING_ROOM_SCENE2_put_both_the_alphabet_soup_and_the_tomato_sauce_in_the_basket",
-                  "KITCHEN_SCENE3_turn_on_the_stove_and_put_the_moka_pot_on_it",
-                  "KITCHEN_SCENE4_put_the_black_bowl_in_the_bottom_drawer_of_the_cabinet_and_close_it"],
+    "libero_10": [
+        "LIVING_ROOM_SCENE2_put_both_the_alphabet_soup_and_the_tomato_sauce_in_the_basket",
+        "KITCHEN_SCENE3_turn_on_the_stove_and_put_the_moka_pot_on_it",
+        "KITCHEN_SCENE4_put_the_black_bowl_in_the_bottom_drawer_of_the_cabinet_and_close_it",
+    ],
 }
-RLDS_BUILDER_NAMES = {"libero_10": "liber_o10"}    # sic: TFDS snake-cases the LIBERO_10 builder class
+RLDS_BUILDER_NAMES = {"libero_10": "liber_o10"}  # sic: TFDS snake-cases the LIBERO_10 builder class
 ROBOTWIN_TASKS = ["place_dual_shoes", "stack_bowls_two", "handover_block"]
-ROBOTWIN_INSTRUCTIONS = {"place_dual_shoes": "Place the two shoes side by side on the mat.",
-                         "stack_bowls_two": "Stack the green bowl on top of the blue bowl.",
-                         "handover_block": "Hand the red block over to the other arm."}
+ROBOTWIN_INSTRUCTIONS = {
+    "place_dual_shoes": "Place the two shoes side by side on the mat.",
+    "stack_bowls_two": "Stack the green bowl on top of the blue bowl.",
+    "handover_block": "Hand the red block over to the other arm.",
+}
 
 # Per view: sky, table, object, marker colours (channel-asymmetric so a BGR swap shows).
-_PALETTES = [((70, 120, 210), (150, 100, 60), (220, 40, 30), (240, 210, 40)),
-             ((40, 160, 90), (90, 90, 110), (30, 60, 220), (250, 120, 200)),
-             ((180, 90, 160), (120, 140, 60), (240, 160, 20), (20, 220, 230)),
-             ((200, 200, 80), (60, 70, 140), (130, 30, 170), (250, 250, 250))]
+_PALETTES = [
+    ((70, 120, 210), (150, 100, 60), (220, 40, 30), (240, 210, 40)),
+    ((40, 160, 90), (90, 90, 110), (30, 60, 220), (250, 120, 200)),
+    ((180, 90, 160), (120, 140, 60), (240, 160, 20), (20, 220, 230)),
+    ((200, 200, 80), (60, 70, 140), (130, 30, 170), (250, 250, 250)),
+]
 _XPL_MARKER = b"XPL-RGB1"
 
 
@@ -57,9 +67,9 @@ class ExpectedEpisode:
     """What a reader must return for one episode (frames in the format's default view order)."""
 
     instruction: str
-    frames: np.ndarray    # uint8 [T, V, H, W, 3] as the policy sees them
-    actions: np.ndarray   # float32 [T, A]
-    proprio: np.ndarray   # float32 [T, P]
+    frames: np.ndarray  # uint8 [T, V, H, W, 3] as the policy sees them
+    actions: np.ndarray  # float32 [T, A]
+    proprio: np.ndarray  # float32 [T, P]
 
 
 @dataclass
@@ -69,7 +79,7 @@ class Written:
     path: Path
     format: str
     episodes: dict[str, ExpectedEpisode] = field(default_factory=dict)
-    lossy: bool = False   # frames went through JPEG: compare within a tolerance
+    lossy: bool = False  # frames went through JPEG: compare within a tolerance
     files: list[Path] = field(default_factory=list)
 
 
@@ -80,7 +90,7 @@ def render_view(view: int, position: np.ndarray, height: int, width: int) -> np.
     y, x = y / height, x / width
     shade = (0.75 + 0.25 * y)[..., None]
     image = np.where((y < 0.4)[..., None], sky * shade, table * (1.1 - 0.2 * x)[..., None])
-    zoom = 1.0 + 0.6 * view                       # wrist views see the object larger and off-centre
+    zoom = 1.0 + 0.6 * view  # wrist views see the object larger and off-centre
     cx, cy = 0.5 + (position[0] - 0.5) / zoom, 0.55 + (position[1] - 0.5) / zoom
     half = 0.09 * zoom
     image[(np.abs(x - cx) < half) & (np.abs(y - cy) < half * 0.8)] = obj
@@ -114,8 +124,18 @@ def _opencv_jpeg(rgb: np.ndarray) -> bytes:
 
 # --- LIBERO HDF5 (original and no_noops) ------------------------------------------------------------
 
-def write_libero_hdf5(root: Path, *, suite: str = "libero_spatial", tasks: int = 2, demos: int = 3,
-                      steps: int = 10, size: int | None = None, no_noops: bool = False, seed: int = 0) -> Written:
+
+def write_libero_hdf5(
+    root: Path,
+    *,
+    suite: str = "libero_spatial",
+    tasks: int = 2,
+    demos: int = 3,
+    steps: int = 10,
+    size: int | None = None,
+    no_noops: bool = False,
+    seed: int = 0,
+) -> Written:
     """LIBERO task files `<suite>/<task>_demo.hdf5` (original: 128px, problem_info attrs; no_noops:
     256px, no attributes, gaps in demo numbering, folder `<suite>_no_noops`)."""
     size = size or (256 if no_noops else 128)
@@ -130,29 +150,40 @@ def write_libero_hdf5(root: Path, *, suite: str = "libero_spatial", tasks: int =
         with h5py.File(file, "w") as h5:
             data = h5.create_group("data")
             if not no_noops:
-                data.attrs["problem_info"] = json.dumps({"problem_name": "libero_tabletop_manipulation",
-                                                         "domain_name": "robosuite",
-                                                         "language_instruction": instruction})
-                data.attrs["env_args"] = json.dumps({"type": 1, "env_name": "Libero_Tabletop_Manipulation",
-                                                     "env_kwargs": {"camera_heights": size, "camera_widths": size}})
+                data.attrs["problem_info"] = json.dumps(
+                    {
+                        "problem_name": "libero_tabletop_manipulation",
+                        "domain_name": "robosuite",
+                        "language_instruction": instruction,
+                    }
+                )
+                data.attrs["env_args"] = json.dumps(
+                    {
+                        "type": 1,
+                        "env_name": "Libero_Tabletop_Manipulation",
+                        "env_kwargs": {"camera_heights": size, "camera_widths": size},
+                    }
+                )
                 data.attrs["bddl_file_name"] = f"libero/libero/bddl_files/{suite}/{task}.bddl"
                 data.attrs["macros_image_convention"] = "opengl"
                 data.attrs["num_demos"] = demos
                 data.attrs["total"] = demos * steps
             for number in numbers:
                 key = f"{folder.name}/{task}/demo_{number}"
-                written.episodes[key] = _write_libero_demo(data.create_group(f"demo_{number}"), rng, steps, size,
-                                                           instruction, attrs=not no_noops)
+                written.episodes[key] = _write_libero_demo(
+                    data.create_group(f"demo_{number}"), rng, steps, size, instruction, attrs=not no_noops
+                )
         written.files.append(file)
     return written
 
 
-def _write_libero_demo(demo: h5py.Group, rng: np.random.Generator, steps: int, size: int, instruction: str,
-                       attrs: bool) -> ExpectedEpisode:
+def _write_libero_demo(
+    demo: h5py.Group, rng: np.random.Generator, steps: int, size: int, instruction: str, attrs: bool
+) -> ExpectedEpisode:
     actions, path = _episode_motion(rng, steps, 7)
-    actions[:, 6] = np.where(actions[:, 6] > 0, 1.0, -1.0)       # gripper: -1 open .. 1 close
-    frames = _render_episode(path, 2, size, size)                 # as the policy sees them
-    stored = frames[:, :, ::-1, ::-1]                             # LIBERO keeps them upside down
+    actions[:, 6] = np.where(actions[:, 6] > 0, 1.0, -1.0)  # gripper: -1 open .. 1 close
+    frames = _render_episode(path, 2, size, size)  # as the policy sees them
+    stored = frames[:, :, ::-1, ::-1]  # LIBERO keeps them upside down
     ee_pos = np.concatenate([path, np.full((steps, 1), 0.9)], axis=1)
     ee_ori = rng.normal(size=(steps, 3)) * 0.1 + np.array([3.1, 0.0, 0.0])
     gripper = np.stack([0.04 - 0.02 * (actions[:, 6] > 0), -0.04 + 0.02 * (actions[:, 6] > 0)], axis=1)
@@ -184,8 +215,17 @@ def write_demo_dataset(root: Path) -> Path:
 
 # --- LIBERO RLDS (TFDS TFRecords) ---------------------------------------------------------------------
 
-def write_libero_rlds(root: Path, *, suite: str = "libero_10", episodes: int = 3, steps: int = 8,
-                      size: int = 256, shards: int = 2, seed: int = 0) -> Written:
+
+def write_libero_rlds(
+    root: Path,
+    *,
+    suite: str = "libero_10",
+    episodes: int = 3,
+    steps: int = 8,
+    size: int = 256,
+    shards: int = 2,
+    seed: int = 0,
+) -> Written:
     """`<suite>_no_noops/1.0.0/` as modified_libero_rlds ships it: one tf.train.Example per episode."""
     name = RLDS_BUILDER_NAMES.get(suite, suite)
     folder = Path(root) / f"{suite}_no_noops" / "1.0.0"
@@ -201,9 +241,10 @@ def write_libero_rlds(root: Path, *, suite: str = "libero_10", episodes: int = 3
             for _ in range(count):
                 instruction = instruction_from_file_name(Path(tasks[index % len(tasks)]))
                 actions, path = _episode_motion(rng, steps, 7)
-                frames = _render_episode(path, 2, size, size)          # stored already rotated
-                state = np.concatenate([path, np.full((steps, 1), 0.9), rng.normal(size=(steps, 5))],
-                                       axis=1).astype(np.float32)
+                frames = _render_episode(path, 2, size, size)  # stored already rotated
+                state = np.concatenate([path, np.full((steps, 1), 0.9), rng.normal(size=(steps, 5))], axis=1).astype(
+                    np.float32
+                )
                 flags = np.zeros(steps, np.int64)
                 record = {
                     "steps/observation/image": ([encode_jpeg(f) for f in frames[:, 0]], "byte"),
@@ -219,7 +260,7 @@ def write_libero_rlds(root: Path, *, suite: str = "libero_10", episodes: int = 3
                     "steps/language_instruction": ([instruction.encode()] * steps, "byte"),
                     "episode_metadata/file_path": ([f"/data/{suite}_no_noops/{tasks[0]}_demo.hdf5".encode()], "byte"),
                 }
-                order = rng.permutation(len(record))                   # key order varies with protobuf versions
+                order = rng.permutation(len(record))  # key order varies with protobuf versions
                 write_record(handle, encode_example(dict(list(record.items())[i] for i in order)))
                 key = episode_key(index, f"{suite}_no_noops")
                 written.episodes[key] = ExpectedEpisode(instruction, frames, actions, state)
@@ -230,56 +271,120 @@ def write_libero_rlds(root: Path, *, suite: str = "libero_10", episodes: int = 3
 
 
 def _write_tfds_metadata(folder: Path, name: str, lengths: list[int], size: int) -> None:
-    split = {"filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}", "name": "train",
-             "numBytes": str(sum(f.stat().st_size for f in folder.glob(f"{name}-train.tfrecord-*"))),
-             "shardLengths": [str(n) for n in lengths]}
-    info = {"citation": "// TODO(example_dataset): BibTeX citation", "description": "LIBERO, no no-op steps.",
-            "fileFormat": "tfrecord", "moduleName": f"{name}_dataset_builder", "name": name,
-            "releaseNotes": {"1.0.0": "Initial release."}, "splits": [split], "version": "1.0.0"}
+    split = {
+        "filepathTemplate": "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+        "name": "train",
+        "numBytes": str(sum(f.stat().st_size for f in folder.glob(f"{name}-train.tfrecord-*"))),
+        "shardLengths": [str(n) for n in lengths],
+    }
+    info = {
+        "citation": "// TODO(example_dataset): BibTeX citation",
+        "description": "LIBERO, no no-op steps.",
+        "fileFormat": "tfrecord",
+        "moduleName": f"{name}_dataset_builder",
+        "name": name,
+        "releaseNotes": {"1.0.0": "Initial release."},
+        "splits": [split],
+        "version": "1.0.0",
+    }
     (folder / "dataset_info.json").write_text(json.dumps(info, indent=2))
 
     def tensor(shape: list[int], dtype: str, encoding: str = "none") -> dict:
-        return {"pythonClassName": "tensorflow_datasets.core.features.tensor_feature.Tensor",
-                "tensor": {"shape": {"dimensions": [str(d) for d in shape]}, "dtype": dtype, "encoding": encoding}}
+        return {
+            "pythonClassName": "tensorflow_datasets.core.features.tensor_feature.Tensor",
+            "tensor": {"shape": {"dimensions": [str(d) for d in shape]}, "dtype": dtype, "encoding": encoding},
+        }
 
-    image = {"pythonClassName": "tensorflow_datasets.core.features.image_feature.Image",
-             "image": {"shape": {"dimensions": [str(size), str(size), "3"]}, "dtype": "uint8", "encodingFormat": "jpeg"}}
-    step = {"observation": {"pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
-                            "featuresDict": {"features": {"image": image, "wrist_image": image,
-                                                          "state": tensor([8], "float32"),
-                                                          "joint_state": tensor([7], "float32")}}},
-            "action": tensor([7], "float32"), "reward": tensor([], "float32"), "discount": tensor([], "float32"),
-            "is_first": tensor([], "bool"), "is_last": tensor([], "bool"), "is_terminal": tensor([], "bool"),
-            "language_instruction": {"pythonClassName": "tensorflow_datasets.core.features.text_feature.Text",
-                                     "text": {}}}
-    features = {"pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
-                "featuresDict": {"features": {
-                    "steps": {"pythonClassName": "tensorflow_datasets.core.features.dataset_feature.Dataset",
-                              "sequence": {"feature": {
-                                  "pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
-                                  "featuresDict": {"features": step}}, "length": "-1"}},
-                    "episode_metadata": {
-                        "pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
-                        "featuresDict": {"features": {"file_path": {
-                            "pythonClassName": "tensorflow_datasets.core.features.text_feature.Text",
-                            "text": {}}}}}}}}
+    image = {
+        "pythonClassName": "tensorflow_datasets.core.features.image_feature.Image",
+        "image": {"shape": {"dimensions": [str(size), str(size), "3"]}, "dtype": "uint8", "encodingFormat": "jpeg"},
+    }
+    step = {
+        "observation": {
+            "pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
+            "featuresDict": {
+                "features": {
+                    "image": image,
+                    "wrist_image": image,
+                    "state": tensor([8], "float32"),
+                    "joint_state": tensor([7], "float32"),
+                }
+            },
+        },
+        "action": tensor([7], "float32"),
+        "reward": tensor([], "float32"),
+        "discount": tensor([], "float32"),
+        "is_first": tensor([], "bool"),
+        "is_last": tensor([], "bool"),
+        "is_terminal": tensor([], "bool"),
+        "language_instruction": {"pythonClassName": "tensorflow_datasets.core.features.text_feature.Text", "text": {}},
+    }
+    features = {
+        "pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
+        "featuresDict": {
+            "features": {
+                "steps": {
+                    "pythonClassName": "tensorflow_datasets.core.features.dataset_feature.Dataset",
+                    "sequence": {
+                        "feature": {
+                            "pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
+                            "featuresDict": {"features": step},
+                        },
+                        "length": "-1",
+                    },
+                },
+                "episode_metadata": {
+                    "pythonClassName": "tensorflow_datasets.core.features.features_dict.FeaturesDict",
+                    "featuresDict": {
+                        "features": {
+                            "file_path": {
+                                "pythonClassName": "tensorflow_datasets.core.features.text_feature.Text",
+                                "text": {},
+                            }
+                        }
+                    },
+                },
+            }
+        },
+    }
     (folder / "features.json").write_text(json.dumps(features, indent=2))
 
 
 # --- LeRobot v2.1 and v3.0 (openpi's LIBERO names, or LeRobot's own with video cameras) -------------------
 
-LEROBOT_CAMERAS = {"openpi": ["image", "wrist_image"],
-                   "lerobot": ["observation.images.cam_high", "observation.images.cam_left_wrist",
-                               "observation.images.cam_right_wrist"]}
+LEROBOT_CAMERAS = {
+    "openpi": ["image", "wrist_image"],
+    "lerobot": [
+        "observation.images.cam_high",
+        "observation.images.cam_left_wrist",
+        "observation.images.cam_right_wrist",
+    ],
+}
 LEROBOT_VECTORS = {"openpi": ("actions", "state"), "lerobot": ("action", "observation.state")}
-_LEROBOT_SCALARS = [("timestamp", "float32"), ("frame_index", "int64"), ("episode_index", "int64"),
-                    ("index", "int64"), ("task_index", "int64")]
+_LEROBOT_SCALARS = [
+    ("timestamp", "float32"),
+    ("frame_index", "int64"),
+    ("episode_index", "int64"),
+    ("index", "int64"),
+    ("task_index", "int64"),
+]
 _FPS = 10
 
 
-def write_lerobot(root: Path, *, episodes: int = 3, steps: int = 8, size: int = 256, version: str = "v2.1",
-                  names: str = "openpi", cameras: int = 2, videos: int = 0, action_dim: int | None = None,
-                  state_dim: int | None = None, seed: int = 0) -> Written:
+def write_lerobot(
+    root: Path,
+    *,
+    episodes: int = 3,
+    steps: int = 8,
+    size: int = 256,
+    version: str = "v2.1",
+    names: str = "openpi",
+    cameras: int = 2,
+    videos: int = 0,
+    action_dim: int | None = None,
+    state_dim: int | None = None,
+    seed: int = 0,
+) -> Written:
     """A LeRobot dataset: v2.1 (one parquet and one mp4 per camera per episode, meta/*.jsonl) or v3.0
     (episodes packed into one data file in row groups of 3 and one mp4 per camera, meta/episodes/*.parquet).
 
@@ -301,8 +406,11 @@ def write_lerobot(root: Path, *, episodes: int = 3, steps: int = 8, size: int = 
     (root / "meta").mkdir(parents=True, exist_ok=True)
     written = Written(root, "lerobot")
     rng = np.random.default_rng(seed)
-    tasks = [instruction_from_file_name(Path(t)) for suite in ("libero_spatial", "libero_10")
-             for t in LIBERO_TASKS[suite][:2]]
+    tasks = [
+        instruction_from_file_name(Path(t))
+        for suite in ("libero_spatial", "libero_10")
+        for t in LIBERO_TASKS[suite][:2]
+    ]
     video_columns, image_columns = columns[:videos], columns[videos:]
     schema = _lerobot_schema(image_columns, (action_name, action_dim), (state_name, state_dim))
     tables, listing, rendered, total = [], [], [], 0
@@ -311,12 +419,24 @@ def write_lerobot(root: Path, *, episodes: int = 3, steps: int = 8, size: int = 
         actions, path = _episode_motion(rng, steps, action_dim)
         frames = _render_episode(path, len(columns), size, size)
         state = np.concatenate([path, rng.normal(size=(steps, state_dim - 2))], axis=1).astype(np.float32)
-        tables.append(pa.table({
-            **{c: [{"bytes": encode_png(f), "path": None} for f in frames[:, columns.index(c)]] for c in image_columns},
-            state_name: state.tolist(), action_name: actions.tolist(),
-            "timestamp": np.arange(steps, dtype=np.float32) / _FPS, "frame_index": np.arange(steps),
-            "episode_index": np.full(steps, index), "index": total + np.arange(steps),
-            "task_index": np.full(steps, task_index)}, schema=schema))
+        tables.append(
+            pa.table(
+                {
+                    **{
+                        c: [{"bytes": encode_png(f), "path": None} for f in frames[:, columns.index(c)]]
+                        for c in image_columns
+                    },
+                    state_name: state.tolist(),
+                    action_name: actions.tolist(),
+                    "timestamp": np.arange(steps, dtype=np.float32) / _FPS,
+                    "frame_index": np.arange(steps),
+                    "episode_index": np.full(steps, index),
+                    "index": total + np.arange(steps),
+                    "task_index": np.full(steps, task_index),
+                },
+                schema=schema,
+            )
+        )
         listing.append({"episode_index": index, "tasks": [tasks[task_index]], "length": steps})
         written.episodes[episode_key(index)] = ExpectedEpisode(tasks[task_index], frames, actions, state)
         rendered.append(frames)
@@ -328,47 +448,83 @@ def write_lerobot(root: Path, *, episodes: int = 3, steps: int = 8, size: int = 
             where = dict(episode_chunk=index // 1000, episode_index=index)
             written.files.append(_write_parquet(table, root / data_path.format(**where)))
             for column in video_columns:
-                decoded = _encode_video(rendered[index][:, columns.index(column)],
-                                        root / video_path.format(video_key=column, **where))
+                decoded = _encode_video(
+                    rendered[index][:, columns.index(column)], root / video_path.format(video_key=column, **where)
+                )
                 written.episodes[episode_key(index)].frames[:, columns.index(column)] = decoded
         (root / "meta" / "episodes.jsonl").write_text("".join(json.dumps(line) + "\n" for line in listing))
-        (root / "meta" / "tasks.jsonl").write_text("".join(json.dumps({"task_index": i, "task": t}) + "\n"
-                                                           for i, t in enumerate(tasks)))
+        (root / "meta" / "tasks.jsonl").write_text(
+            "".join(json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(tasks))
+        )
     else:
         data_path = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
         video_path = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
-        written.files.append(_write_parquet(pa.concat_tables(tables), root / data_path.format(chunk_index=0,
-                                                                                              file_index=0), 3))
+        written.files.append(
+            _write_parquet(pa.concat_tables(tables), root / data_path.format(chunk_index=0, file_index=0), 3)
+        )
         starts = np.cumsum([0] + [line["length"] for line in listing])
-        meta = {**{key: [line[key] for line in listing] for key in ("episode_index", "tasks", "length")},
-                "data/chunk_index": [0] * episodes, "data/file_index": [0] * episodes,
-                "dataset_from_index": starts[:-1].tolist(), "dataset_to_index": starts[1:].tolist()}
+        meta = {
+            **{key: [line[key] for line in listing] for key in ("episode_index", "tasks", "length")},
+            "data/chunk_index": [0] * episodes,
+            "data/file_index": [0] * episodes,
+            "dataset_from_index": starts[:-1].tolist(),
+            "dataset_to_index": starts[1:].tolist(),
+        }
         for column in video_columns:
-            decoded = _encode_video(np.concatenate([frames[:, columns.index(column)] for frames in rendered]),
-                                    root / video_path.format(video_key=column, chunk_index=0, file_index=0))
+            decoded = _encode_video(
+                np.concatenate([frames[:, columns.index(column)] for frames in rendered]),
+                root / video_path.format(video_key=column, chunk_index=0, file_index=0),
+            )
             for index in range(episodes):
-                written.episodes[episode_key(index)].frames[:, columns.index(column)] = \
-                    decoded[starts[index]:starts[index + 1]]
-            meta.update({f"videos/{column}/chunk_index": [0] * episodes, f"videos/{column}/file_index": [0] * episodes,
-                         f"videos/{column}/from_timestamp": (starts[:-1] / _FPS).tolist(),
-                         f"videos/{column}/to_timestamp": (starts[1:] / _FPS).tolist()})
+                written.episodes[episode_key(index)].frames[:, columns.index(column)] = decoded[
+                    starts[index] : starts[index + 1]
+                ]
+            meta.update(
+                {
+                    f"videos/{column}/chunk_index": [0] * episodes,
+                    f"videos/{column}/file_index": [0] * episodes,
+                    f"videos/{column}/from_timestamp": (starts[:-1] / _FPS).tolist(),
+                    f"videos/{column}/to_timestamp": (starts[1:] / _FPS).tolist(),
+                }
+            )
         meta.update({"meta/episodes/chunk_index": [0] * episodes, "meta/episodes/file_index": [0] * episodes})
         _write_parquet(pa.table(meta), root / "meta" / "episodes" / "chunk-000" / "file-000.parquet")
-        _write_parquet(pa.table({"task_index": list(range(len(tasks))), "task": tasks}),
-                       root / "meta" / "tasks.parquet")
+        _write_parquet(
+            pa.table({"task_index": list(range(len(tasks))), "task": tasks}), root / "meta" / "tasks.parquet"
+        )
     written.files.extend(sorted(root.glob("videos/**/*.mp4")))
     image = {"shape": [size, size, 3], "names": ["height", "width", "channel"]}
-    video_info = {"video.height": size, "video.width": size, "video.codec": "av1", "video.pix_fmt": "yuv420p",
-                  "video.is_depth_map": False, "video.fps": _FPS, "video.channels": 3, "has_audio": False}
-    info = {"codebase_version": version, "robot_type": "panda", "total_episodes": episodes, "total_frames": total,
-            "total_tasks": len(tasks), "total_videos": len(video_columns) * episodes, "total_chunks": 1,
-            "chunks_size": 1000, "fps": _FPS, "splits": {"train": f"0:{episodes}"}, "data_path": data_path,
-            "video_path": video_path if video_columns else None,
-            "features": {**{c: {"dtype": "video", **image, "info": video_info} for c in video_columns},
-                         **{c: {"dtype": "image", **image} for c in image_columns},
-                         state_name: {"dtype": "float32", "shape": [state_dim], "names": None},
-                         action_name: {"dtype": "float32", "shape": [action_dim], "names": None},
-                         **{name: {"dtype": dtype, "shape": [1], "names": None} for name, dtype in _LEROBOT_SCALARS}}}
+    video_info = {
+        "video.height": size,
+        "video.width": size,
+        "video.codec": "av1",
+        "video.pix_fmt": "yuv420p",
+        "video.is_depth_map": False,
+        "video.fps": _FPS,
+        "video.channels": 3,
+        "has_audio": False,
+    }
+    info = {
+        "codebase_version": version,
+        "robot_type": "panda",
+        "total_episodes": episodes,
+        "total_frames": total,
+        "total_tasks": len(tasks),
+        "total_videos": len(video_columns) * episodes,
+        "total_chunks": 1,
+        "chunks_size": 1000,
+        "fps": _FPS,
+        "splits": {"train": f"0:{episodes}"},
+        "data_path": data_path,
+        "video_path": video_path if video_columns else None,
+        "features": {
+            **{c: {"dtype": "video", **image, "info": video_info} for c in video_columns},
+            **{c: {"dtype": "image", **image} for c in image_columns},
+            state_name: {"dtype": "float32", "shape": [state_dim], "names": None},
+            action_name: {"dtype": "float32", "shape": [action_dim], "names": None},
+            **{name: {"dtype": dtype, "shape": [1], "names": None} for name, dtype in _LEROBOT_SCALARS},
+        },
+    }
     if version == "v3.0":
         info.update(data_files_size_in_mb=100, video_files_size_in_mb=500)
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
@@ -390,16 +546,24 @@ def _encode_video(frames: np.ndarray, file: Path) -> np.ndarray:
 
 def _lerobot_schema(images: list[str], action: tuple[str, int], state: tuple[str, int]) -> pa.Schema:
     """The parquet schema HF datasets writes, with its `huggingface` features metadata."""
-    hf_features = {**{c: {"_type": "Image"} for c in images},
-                   **{name: {"feature": {"dtype": "float32", "_type": "Value"}, "length": width, "_type": "Sequence"}
-                      for name, width in (state, action)},
-                   **{name: {"dtype": dtype, "_type": "Value"} for name, dtype in _LEROBOT_SCALARS}}
+    hf_features = {
+        **{c: {"_type": "Image"} for c in images},
+        **{
+            name: {"feature": {"dtype": "float32", "_type": "Value"}, "length": width, "_type": "Sequence"}
+            for name, width in (state, action)
+        },
+        **{name: {"dtype": dtype, "_type": "Value"} for name, dtype in _LEROBOT_SCALARS},
+    }
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    return pa.schema([*((c, image_type) for c in images), (state[0], pa.list_(pa.float32())),
-                      (action[0], pa.list_(pa.float32())),
-                      *((name, pa.float32() if dtype == "float32" else pa.int64())
-                        for name, dtype in _LEROBOT_SCALARS)],
-                     metadata={"huggingface": json.dumps({"info": {"features": hf_features}})})
+    return pa.schema(
+        [
+            *((c, image_type) for c in images),
+            (state[0], pa.list_(pa.float32())),
+            (action[0], pa.list_(pa.float32())),
+            *((name, pa.float32() if dtype == "float32" else pa.int64()) for name, dtype in _LEROBOT_SCALARS),
+        ],
+        metadata={"huggingface": json.dumps({"info": {"features": hf_features}})},
+    )
 
 
 def _write_parquet(table: pa.Table, file: Path, row_group_size: int | None = None) -> Path:
@@ -410,9 +574,20 @@ def _write_parquet(table: pa.Table, file: Path, row_group_size: int | None = Non
 
 # --- RoboTwin 2.0 (legacy) and XPolicyLab -------------------------------------------------------------
 
-def write_robotwin(root: Path, *, layout: str = "legacy", tasks: int = 2, episodes: int = 2, steps: int = 6,
-                   height: int = 240, width: int = 320, front_camera: bool = False, xpl_marker: bool = True,
-                   seed: int = 0) -> Written:
+
+def write_robotwin(
+    root: Path,
+    *,
+    layout: str = "legacy",
+    tasks: int = 2,
+    episodes: int = 2,
+    steps: int = 6,
+    height: int = 240,
+    width: int = 320,
+    front_camera: bool = False,
+    xpl_marker: bool = True,
+    seed: int = 0,
+) -> Written:
     """RoboTwin episodes under `root/data`: legacy `<task>/<config>/data/episode{N}.hdf5` + instructions,
     or XPolicyLab `<bench>/<task>/<env_cfg>/data/episode_{N:07d}.hdf5` (JPEGs with or without XPL-RGB1)."""
     if layout not in ("legacy", "xpolicylab"):
@@ -424,7 +599,7 @@ def write_robotwin(root: Path, *, layout: str = "legacy", tasks: int = 2, episod
     for task in ROBOTWIN_TASKS[:tasks]:
         for number in range(episodes):
             actions, path = _episode_motion(rng, steps, 14)
-            actions[:, [6, 13]] = (actions[:, [6, 13]] + 1) / 2            # grippers in [0, 1]
+            actions[:, [6, 13]] = (actions[:, [6, 13]] + 1) / 2  # grippers in [0, 1]
             frames = _render_episode(path, views, height, width)
             instruction = ROBOTWIN_INSTRUCTIONS[task]
             if layout == "legacy":
@@ -432,8 +607,9 @@ def write_robotwin(root: Path, *, layout: str = "legacy", tasks: int = 2, episod
                 file = folder / "data" / f"episode{number}.hdf5"
                 _write_robotwin_legacy(file, frames, actions, rng)
                 (folder / "instructions").mkdir(parents=True, exist_ok=True)
-                (folder / "instructions" / f"episode{number}.json").write_text(json.dumps(
-                    {"seen": [instruction, instruction.lower()], "unseen": [instruction.upper()]}))
+                (folder / "instructions" / f"episode{number}.json").write_text(
+                    json.dumps({"seen": [instruction, instruction.lower()], "unseen": [instruction.upper()]})
+                )
                 key, proprio = f"robotwin/{task}/demo_clean/episode{number}", actions
             else:
                 file = data_root / "robotwin" / task / "aloha-agilex_clean_50" / "data" / f"episode_{number:07d}.hdf5"
@@ -451,10 +627,12 @@ def _write_robotwin_legacy(file: Path, frames: np.ndarray, actions: np.ndarray, 
     file.parent.mkdir(parents=True, exist_ok=True)
     steps = len(frames)
     with h5py.File(file, "w") as h5:
-        for view, camera in enumerate(["head_camera", "left_camera", "right_camera", "front_camera"][:frames.shape[1]]):
+        for view, camera in enumerate(
+            ["head_camera", "left_camera", "right_camera", "front_camera"][: frames.shape[1]]
+        ):
             group = h5.create_group(f"observation/{camera}")
             encoded = [_opencv_jpeg(frame) for frame in frames[:, view]]
-            group.create_dataset("rgb", data=encoded, dtype=f"S{max(map(len, encoded))}")   # NUL padded
+            group.create_dataset("rgb", data=encoded, dtype=f"S{max(map(len, encoded))}")  # NUL padded
             group["intrinsic_cv"] = np.tile(np.array([[300.0, 0, 160], [0, 300, 120], [0, 0, 1]]), (steps, 1, 1))
             group["extrinsic_cv"] = np.tile(np.eye(3, 4), (steps, 1, 1))
             group["cam2world_gl"] = np.tile(np.eye(4), (steps, 1, 1))
@@ -468,8 +646,9 @@ def _write_robotwin_legacy(file: Path, frames: np.ndarray, actions: np.ndarray, 
         h5["pointcloud"] = np.zeros((steps, 0), np.float32)
 
 
-def _write_xpolicylab(file: Path, frames: np.ndarray, actions: np.ndarray, proprio: np.ndarray,
-                      instruction: str, xpl_marker: bool) -> None:
+def _write_xpolicylab(
+    file: Path, frames: np.ndarray, actions: np.ndarray, proprio: np.ndarray, instruction: str, xpl_marker: bool
+) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
     steps = len(frames)
     encode = _jpeg_with_marker if xpl_marker else _opencv_jpeg

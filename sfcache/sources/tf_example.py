@@ -21,33 +21,46 @@ def _message_classes() -> dict[str, type]:
     types = descriptor_pb2.FieldDescriptorProto
     label, optional = types.LABEL_REPEATED, types.LABEL_OPTIONAL
 
-    for name, kind in (("BytesList", types.TYPE_BYTES), ("FloatList", types.TYPE_FLOAT),
-                       ("Int64List", types.TYPE_INT64)):
+    for name, kind in (
+        ("BytesList", types.TYPE_BYTES),
+        ("FloatList", types.TYPE_FLOAT),
+        ("Int64List", types.TYPE_INT64),
+    ):
         message = fd.message_type.add(name=name)
         field = message.field.add(name="value", number=1, label=label, type=kind)
         if kind != types.TYPE_BYTES:
             field.options.packed = True
     feature = fd.message_type.add(name="Feature")
     feature.oneof_decl.add(name="kind")
-    for number, (field_name, type_name) in enumerate((("bytes_list", "BytesList"), ("float_list", "FloatList"),
-                                                      ("int64_list", "Int64List")), start=1):
-        feature.field.add(name=field_name, number=number, label=optional, type=types.TYPE_MESSAGE,
-                          type_name=f".tensorflow.{type_name}", oneof_index=0)
+    for number, (field_name, type_name) in enumerate(
+        (("bytes_list", "BytesList"), ("float_list", "FloatList"), ("int64_list", "Int64List")), start=1
+    ):
+        feature.field.add(
+            name=field_name,
+            number=number,
+            label=optional,
+            type=types.TYPE_MESSAGE,
+            type_name=f".tensorflow.{type_name}",
+            oneof_index=0,
+        )
     features = fd.message_type.add(name="Features")
     entry = features.nested_type.add(name="FeatureEntry")
     entry.options.map_entry = True
     entry.field.add(name="key", number=1, label=optional, type=types.TYPE_STRING)
     entry.field.add(name="value", number=2, label=optional, type=types.TYPE_MESSAGE, type_name=".tensorflow.Feature")
-    features.field.add(name="feature", number=1, label=label, type=types.TYPE_MESSAGE,
-                       type_name=".tensorflow.Features.FeatureEntry")
+    features.field.add(
+        name="feature", number=1, label=label, type=types.TYPE_MESSAGE, type_name=".tensorflow.Features.FeatureEntry"
+    )
     example = fd.message_type.add(name="Example")
-    example.field.add(name="features", number=1, label=optional, type=types.TYPE_MESSAGE,
-                      type_name=".tensorflow.Features")
+    example.field.add(
+        name="features", number=1, label=optional, type=types.TYPE_MESSAGE, type_name=".tensorflow.Features"
+    )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fd)
     # protobuf >= 4.21 has GetMessageClass; older ones (TensorFlow 2.15 allows 3.20) only the factory
-    message_class = (getattr(message_factory, "GetMessageClass", None)
-                     or message_factory.MessageFactory(pool).GetPrototype)
+    message_class = (
+        getattr(message_factory, "GetMessageClass", None) or message_factory.MessageFactory(pool).GetPrototype
+    )
     return {name: message_class(pool.FindMessageTypeByName(f"tensorflow.{name}")) for name in ("Example", "Feature")}
 
 

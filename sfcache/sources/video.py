@@ -18,8 +18,8 @@ import numpy as np
 
 from sfcache.errors import SourceError
 
-TOLERANCE_S = 1e-4     # LeRobotDataset's default tolerance_s
-OPEN_FILES = 8         # containers kept open per process (v3.0 packs many episodes in one file)
+TOLERANCE_S = 1e-4  # LeRobotDataset's default tolerance_s
+OPEN_FILES = 8  # containers kept open per process (v3.0 packs many episodes in one file)
 
 
 class VideoFiles:
@@ -45,8 +45,14 @@ class VideoFiles:
         return container
 
 
-def frames_at(container: av.container.InputContainer, timestamps: np.ndarray, file: Path, episode: str, key: str,
-              tolerance_s: float = TOLERANCE_S) -> np.ndarray:
+def frames_at(
+    container: av.container.InputContainer,
+    timestamps: np.ndarray,
+    file: Path,
+    episode: str,
+    key: str,
+    tolerance_s: float = TOLERANCE_S,
+) -> np.ndarray:
     """uint8 [T, H, W, 3] RGB: for each timestamp (seconds, ascending) the closest decoded frame."""
     stream = container.streams.video[0]
     base = stream.time_base or Fraction(1, 1)
@@ -67,15 +73,20 @@ def frames_at(container: av.container.InputContainer, timestamps: np.ndarray, fi
     except av.FFmpegError as err:
         raise SourceError(file, f"video decode failed near {first:.4f} s ({err})", episode=episode, key=key) from None
     if not times:
-        raise SourceError(file, f"no frame between {first:.4f} s and {last:.4f} s (video ends early?)",
-                          episode=episode, key=key)
+        raise SourceError(
+            file, f"no frame between {first:.4f} s and {last:.4f} s (video ends early?)", episode=episode, key=key
+        )
     decoded = np.asarray(times)
     nearest = np.abs(decoded[None, :] - timestamps[:, None]).argmin(axis=1)
     off = np.abs(decoded[nearest] - timestamps)
     if (off > tolerance_s).any():
         first_bad = int(np.flatnonzero(off > tolerance_s)[0])
-        raise SourceError(file, f"no frame within {tolerance_s} s of timestamp {timestamps[first_bad]:.4f} s "
-                                f"(closest {decoded[nearest[first_bad]]:.4f} s; expected one frame per row timestamp)",
-                          episode=episode, key=key)
+        raise SourceError(
+            file,
+            f"no frame within {tolerance_s} s of timestamp {timestamps[first_bad]:.4f} s "
+            f"(closest {decoded[nearest[first_bad]]:.4f} s; expected one frame per row timestamp)",
+            episode=episode,
+            key=key,
+        )
     rgb = {int(i): frames[int(i)].to_ndarray(format="rgb24") for i in np.unique(nearest)}
     return np.stack([rgb[int(i)] for i in nearest])

@@ -5,5 +5,13 @@ from sfcache.vggt.model import VGGTFeatures
 from sfcache.vggt.preprocess import preprocess
 from sfcache.vggt.weights import infer_config, load_vggt, random_weights_warning, weights_config
 
-__all__ = ["PRESETS", "VGGTConfig", "VGGTFeatures", "infer_config", "load_vggt", "preprocess", "random_weights_warning",
-           "weights_config"]
+__all__ = [
+    "PRESETS",
+    "VGGTConfig",
+    "VGGTFeatures",
+    "infer_config",
+    "load_vggt",
+    "preprocess",
+    "random_weights_warning",
+    "weights_config",
+]

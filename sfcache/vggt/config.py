@@ -13,14 +13,14 @@ HEAD_DIM = 64  # every public VGGT / DINOv2 variant uses 64-dim heads; checkpoin
 class VGGTConfig:
     """Shapes of the feature-only VGGT (the official `Aggregator`); biases, qk-norm and LayerScale are always on."""
 
-    img_size: int = 518                        # training resolution; sets the stored DINOv2 pos-embed grid
+    img_size: int = 518  # training resolution; sets the stored DINOv2 pos-embed grid
     patch_size: int = 14
-    embed_dim: int = 1024                      # output channels are 2 * embed_dim (frame ++ global)
-    depth: int = 24                            # frame blocks = global blocks = output layers
+    embed_dim: int = 1024  # output channels are 2 * embed_dim (frame ++ global)
+    depth: int = 24  # frame blocks = global blocks = output layers
     mlp_ratio: float = 4.0
-    num_register_tokens: int = 4               # in the aggregator and again inside the DINOv2 embedder
+    num_register_tokens: int = 4  # in the aggregator and again inside the DINOv2 embedder
     patch_embed: Literal["dinov2", "conv"] = "dinov2"
-    patch_embed_depth: int = 24                # DINOv2 blocks; 0 for the plain-conv embedder
+    patch_embed_depth: int = 24  # DINOv2 blocks; 0 for the plain-conv embedder
     rope_freq: float = 100.0
 
     def __post_init__(self):

@@ -37,9 +37,15 @@ class DinoV2Embedder(nn.Module):
         self.register_tokens = nn.Parameter(torch.zeros(1, config.num_register_tokens, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, dim))  # in every checkpoint; only used for masked training
         self.blocks = nn.ModuleList(
-            Block(dim, config.mlp_hidden_dim, norm_eps=DINOV2_NORM_EPS, qk_norm=False,
-                  layer_scale_init=DINOV2_LAYER_SCALE_INIT)
-            for _ in range(config.patch_embed_depth))
+            Block(
+                dim,
+                config.mlp_hidden_dim,
+                norm_eps=DINOV2_NORM_EPS,
+                qk_norm=False,
+                layer_scale_init=DINOV2_LAYER_SCALE_INIT,
+            )
+            for _ in range(config.patch_embed_depth)
+        )
         self.norm = nn.LayerNorm(dim, eps=DINOV2_NORM_EPS)
 
     def position_embedding(self, grid_h: int, grid_w: int, dtype: torch.dtype) -> Tensor:
@@ -65,7 +71,7 @@ class DinoV2Embedder(nn.Module):
         x = torch.cat((x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)[:, 1 + self.register_tokens.shape[1]:]
+        return self.norm(x)[:, 1 + self.register_tokens.shape[1] :]
 
 
 def build_patch_embed(config: VGGTConfig) -> nn.Module:

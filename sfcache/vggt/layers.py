@@ -12,8 +12,9 @@ from torch import Tensor, nn
 from sfcache.vggt.config import HEAD_DIM
 
 
-def rope_2d_tables(grid_h: int, grid_w: int, num_special: int, freq: float,
-                   device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+def rope_2d_tables(
+    grid_h: int, grid_w: int, num_special: int, freq: float, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
     """cos/sin tables [num_special + h*w, HEAD_DIM] for VGGT's 2D RoPE of one frame.
 
     Patch (y, x) sits at position (y + 1, x + 1), row-major; special tokens sit at (0, 0).

@@ -35,8 +35,13 @@ class Aggregator(nn.Module):
         self.global_blocks = nn.ModuleList(self._block() for _ in range(config.depth))
 
     def _block(self) -> Block:
-        return Block(self.config.embed_dim, self.config.mlp_hidden_dim, norm_eps=AGGREGATOR_NORM_EPS,
-                     qk_norm=True, layer_scale_init=AGGREGATOR_LAYER_SCALE_INIT)
+        return Block(
+            self.config.embed_dim,
+            self.config.mlp_hidden_dim,
+            norm_eps=AGGREGATOR_NORM_EPS,
+            qk_norm=True,
+            layer_scale_init=AGGREGATOR_LAYER_SCALE_INIT,
+        )
 
     def forward(self, images: Tensor, layers: Sequence[int]) -> dict[int, Tensor]:
         """images [B, S, 3, H, W] in [0, 1] -> {layer: [B, S, h*w, 2C]}; stops after the deepest layer."""
@@ -47,8 +52,9 @@ class Aggregator(nn.Module):
         patches = self.patch_embed(((images - mean) / std).view(batch * frames, 3, height, width))
 
         special = torch.cat((self.camera_token, self.register_token), dim=2)
-        special = torch.cat((special[:, :1].expand(batch, 1, -1, -1),
-                             special[:, 1:].expand(batch, frames - 1, -1, -1)), dim=1)
+        special = torch.cat(
+            (special[:, :1].expand(batch, 1, -1, -1), special[:, 1:].expand(batch, frames - 1, -1, -1)), dim=1
+        )
         tokens = torch.cat((special.reshape(batch * frames, *special.shape[2:]), patches), dim=1)
         per_frame, dim = tokens.shape[1:]
         first_patch = self.config.special_tokens
@@ -61,8 +67,12 @@ class Aggregator(nn.Module):
             tokens = self.global_blocks[index](frame_out.view(batch, frames * per_frame, dim), global_rope)
             if index in layers:
                 outputs[index] = torch.cat(
-                    (frame_out.view(batch, frames, per_frame, dim)[:, :, first_patch:],
-                     tokens.view(batch, frames, per_frame, dim)[:, :, first_patch:]), dim=-1)
+                    (
+                        frame_out.view(batch, frames, per_frame, dim)[:, :, first_patch:],
+                        tokens.view(batch, frames, per_frame, dim)[:, :, first_patch:],
+                    ),
+                    dim=-1,
+                )
         return outputs
 
 
@@ -73,14 +83,17 @@ def auto_compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
-def resolve_layers(layers: Sequence[int], depth: int, flag: str = "--layers",
-                   distinct: bool = False) -> tuple[int, ...]:
+def resolve_layers(
+    layers: Sequence[int], depth: int, flag: str = "--layers", distinct: bool = False
+) -> tuple[int, ...]:
     """Layer indices of a `depth`-block VGGT as non-negative ints (negative count from the end, like SF's -1).
     SfcacheError naming `flag`, the layers asked and the valid range; `distinct` also refuses one layer named twice."""
     bad = [int(layer) for layer in layers if not -depth <= layer < depth]
     if bad or not layers:
-        raise SfcacheError(f"{flag} {','.join(map(str, bad or layers)) or '(none)'}: this VGGT has layers "
-                           f"0..{depth - 1} (or -{depth}..-1; -1 is the last, the one SF uses)")
+        raise SfcacheError(
+            f"{flag} {','.join(map(str, bad or layers)) or '(none)'}: this VGGT has layers "
+            f"0..{depth - 1} (or -{depth}..-1; -1 is the last, the one SF uses)"
+        )
     resolved = tuple(int(layer) % depth for layer in layers)
     if distinct and len(set(resolved)) != len(resolved):
         raise SfcacheError(f"{flag} {','.join(map(str, layers))}: names the same layer twice")
@@ -140,7 +153,9 @@ class VGGTFeatures(nn.Module):
         """
         patch = self.config.patch_size
         if images.ndim != 5 or images.shape[2] != 3 or images.shape[-2] % patch or images.shape[-1] % patch:
-            raise ValueError(f"images must be [B, S, 3, H, W] with H, W multiples of {patch}; got {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be [B, S, 3, H, W] with H, W multiples of {patch}; got {tuple(images.shape)}"
+            )
         if not images.is_floating_point():
             raise ValueError(f"images must be float in [0, 1], got {images.dtype} (use sfcache.vggt.preprocess)")
         resolved = self.resolve_layers(layers)
@@ -155,19 +170,27 @@ class VGGTFeatures(nn.Module):
         Missing, unexpected or misshaped aggregator keys raise WeightsError naming them; nothing is loaded then.
         `assign=True` adopts the given tensors instead of copying (for a model built on the meta device).
         """
-        theirs = {key[len(CHECKPOINT_PREFIX):]: value for key, value in state_dict.items()
-                  if key.startswith(CHECKPOINT_PREFIX)}
+        theirs = {
+            key[len(CHECKPOINT_PREFIX) :]: value
+            for key, value in state_dict.items()
+            if key.startswith(CHECKPOINT_PREFIX)
+        }
         if not theirs:
             example = ", ".join(list(state_dict)[:3]) or "none"
             raise WeightsError(f"no '{CHECKPOINT_PREFIX}*' keys (keys start: {example}); not a VGGT state dict")
         ours = self.aggregator.state_dict()
         problems = []
-        for label, keys in (("missing", sorted(ours.keys() - theirs.keys())),
-                            ("unexpected", sorted(theirs.keys() - ours.keys()))):
+        for label, keys in (
+            ("missing", sorted(ours.keys() - theirs.keys())),
+            ("unexpected", sorted(theirs.keys() - ours.keys())),
+        ):
             if keys:
                 problems.append(f"{len(keys)} {label} ({_name_some(keys)})")
-        misshaped = [f"{CHECKPOINT_PREFIX}{key} is {tuple(theirs[key].shape)}, expected {tuple(ours[key].shape)}"
-                     for key in sorted(ours.keys() & theirs.keys()) if theirs[key].shape != ours[key].shape]
+        misshaped = [
+            f"{CHECKPOINT_PREFIX}{key} is {tuple(theirs[key].shape)}, expected {tuple(ours[key].shape)}"
+            for key in sorted(ours.keys() & theirs.keys())
+            if theirs[key].shape != ours[key].shape
+        ]
         if misshaped:
             problems.append(f"{len(misshaped)} misshaped ({'; '.join(misshaped[:5])})")
         if problems:

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 MODES = ("sf", "crop", "pad", "letterbox")
-POLICY_SIZE = 224            # OpenVLA-OFT's image size (RLDS resize_resolution)
-PATCH = 14                   # the official preprocessing rounds to multiples of VGGT's patch size
-POLICY_MEAN = (0.485, 0.456, 0.406)   # OpenVLA's DINOv2 normalisation, undone by SF before VGGT
+POLICY_SIZE = 224  # OpenVLA-OFT's image size (RLDS resize_resolution)
+PATCH = 14  # the official preprocessing rounds to multiples of VGGT's patch size
+POLICY_MEAN = (0.485, 0.456, 0.406)  # OpenVLA's DINOv2 normalisation, undone by SF before VGGT
 POLICY_STD = (0.229, 0.224, 0.225)
 LANCZOS_RADIUS = 3
-TF_PI = np.float32(3.14159265359)     # the constant TF's sampling kernels use
+TF_PI = np.float32(3.14159265359)  # the constant TF's sampling kernels use
 
 
 def preprocess(frames: np.ndarray | torch.Tensor, mode: str = "sf", img_size: int = 518) -> torch.Tensor:
@@ -106,7 +106,7 @@ def letterbox(frames: np.ndarray, size: int = POLICY_SIZE) -> np.ndarray:
     out = np.zeros((len(frames), size, size, 3), np.uint8)
     for canvas, frame in zip(out, frames):
         resized = Image.fromarray(frame).resize((new_width, new_height), Image.Resampling.BILINEAR)
-        canvas[top:top + new_height, left:left + new_width] = np.asarray(resized)
+        canvas[top : top + new_height, left : left + new_width] = np.asarray(resized)
     return out
 
 
@@ -114,15 +114,15 @@ def letterbox_mask(height: int, width: int, size: int = POLICY_SIZE) -> np.ndarr
     """bool [size, size]: True where the letterboxed H x W frame has image content (openpi's padding mask)."""
     top, left, new_height, new_width = letterbox_geometry(height, width, size)
     mask = np.zeros((size, size), bool)
-    mask[top:top + new_height, left:left + new_width] = True
+    mask[top : top + new_height, left : left + new_width] = True
     return mask
 
 
 def _letterbox_images(frames: torch.Tensor, img_size: int, source_size: tuple[int, int]) -> torch.Tensor:
     content = torch.from_numpy(letterbox_mask(*source_size)).to(frames.device)
     images = frames.permute(0, 3, 1, 2).float()
-    images = (images / 255.0 * 2.0 - 1.0) / 2.0 + 0.5     # openpi's uint8 -> [-1, 1], then SF's back to [0, 1]
-    images = images.masked_fill(~content, 1.0)            # padding -> white in the VGGT copy
+    images = (images / 255.0 * 2.0 - 1.0) / 2.0 + 0.5  # openpi's uint8 -> [-1, 1], then SF's back to [0, 1]
+    images = images.masked_fill(~content, 1.0)  # padding -> white in the VGGT copy
     return _upsample(images, img_size)
 
 
@@ -145,6 +145,7 @@ def _upsample(images: torch.Tensor, img_size: int) -> torch.Tensor:
 
 def _normalize(images: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
     """torchvision's normalize: float32 mean/std, subtract then divide."""
+
     def as_channels(values: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(values, dtype=images.dtype).view(1, 3, 1, 1)
 
@@ -160,8 +161,12 @@ def _official_size(height: int, width: int, mode: str, img_size: int) -> tuple[i
 
 def _official_resize(frames: np.ndarray, mode: str, img_size: int) -> np.ndarray:
     new_height, new_width = _official_size(*frames.shape[1:3], mode, img_size)
-    return np.stack([np.asarray(Image.fromarray(frame).resize((new_width, new_height), Image.Resampling.BICUBIC))
-                     for frame in frames])
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(frame).resize((new_width, new_height), Image.Resampling.BICUBIC))
+            for frame in frames
+        ]
+    )
 
 
 def _official_images(resized: torch.Tensor, mode: str, img_size: int) -> torch.Tensor:
@@ -169,7 +174,7 @@ def _official_images(resized: torch.Tensor, mode: str, img_size: int) -> torch.T
     images = resized.permute(0, 3, 1, 2).float().div(255)
     if mode == "crop":
         top = max(new_height - img_size, 0) // 2
-        return images[:, :, top:top + img_size]
+        return images[:, :, top : top + img_size]
     pad_h, pad_w = img_size - new_height, img_size - new_width
     return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=1.0)
 
@@ -205,7 +210,7 @@ def _lanczos3_spans(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Te
     f32 = np.float32
     scale = f32(out_size) / f32(in_size)
     inv_scale = f32(1.0 / float(scale))
-    kernel_scale = max(inv_scale, f32(1.0))    # widen the kernel when shrinking: the antialias
+    kernel_scale = max(inv_scale, f32(1.0))  # widen the kernel when shrinking: the antialias
     reach = f32(LANCZOS_RADIUS) * kernel_scale
     span_size = min(2 * math.ceil(reach) + 1, in_size)
     indices = np.zeros((out_size, span_size), dtype=np.int64)
@@ -217,9 +222,9 @@ def _lanczos3_spans(in_size: int, out_size: int) -> tuple[torch.Tensor, torch.Te
         offsets = (np.arange(first, last, dtype=np.float32) + f32(0.5) - sample) * (f32(1.0) / kernel_scale)
         span = _lanczos3(np.abs(offsets))
         total = f32(0.0)
-        for weight in span:    # TF sums in span order, in float32
+        for weight in span:  # TF sums in span order, in float32
             total = f32(total + weight)
-        weights[x, :len(span)] = span * (f32(1.0) / total)
+        weights[x, : len(span)] = span * (f32(1.0) / total)
         indices[x] = np.minimum(np.arange(first, first + span_size), in_size - 1)  # padding taps weigh 0
     return torch.from_numpy(indices), torch.from_numpy(weights)
 
@@ -228,7 +233,7 @@ def _resample_rows(image: torch.Tensor, indices: torch.Tensor, weights: torch.Te
     """Weighted sums over spans of axis 1 of [N, H, W, C], accumulated tap by tap like TF."""
     image = image.contiguous()
     out = torch.zeros(image.shape[0], len(indices), *image.shape[2:], device=image.device)
-    for tap in range(indices.shape[1]):   # a separate multiply, then add: never fused, so exact anywhere
+    for tap in range(indices.shape[1]):  # a separate multiply, then add: never fused, so exact anywhere
         out += image.index_select(1, indices[:, tap]) * weights[:, tap].view(1, -1, 1, 1)
     return out
 

@@ -17,14 +17,15 @@ from sfcache.errors import WeightsError
 from sfcache.vggt.config import PRESETS, VGGTConfig
 from sfcache.vggt.model import CHECKPOINT_PREFIX, VGGTFeatures
 
-WEIGHT_FILES = ("model.safetensors", "model.pt")       # hub snapshot layout, preferred first
+WEIGHT_FILES = ("model.safetensors", "model.pt")  # hub snapshot layout, preferred first
 TORCH_SUFFIXES = (".pt", ".pth")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 RANDOM_SPEC = re.compile(r"^random:(?P<preset>[\w.-]+?)(?:@(?P<seed>\d+))?$")
 
 
-def load_vggt(spec: str, device: str | torch.device = "cpu",
-              compute_dtype: torch.dtype | None = None) -> tuple[VGGTFeatures, str]:
+def load_vggt(
+    spec: str, device: str | torch.device = "cpu", compute_dtype: torch.dtype | None = None
+) -> tuple[VGGTFeatures, str]:
     """A frozen eval-mode VGGTFeatures on `device` and its weights id.
 
     spec: a .pt/.pth/.safetensors file, a directory holding model.safetensors or model.pt, a hub id
@@ -52,8 +53,10 @@ def random_weights_warning(weights_id: str | None) -> str | None:
     """The one warning every command prints for targets made with `random:` weights (None for real ones)."""
     if not str(weights_id).startswith("random:"):
         return None
-    return (f"RANDOM WEIGHTS ({weights_id}): these targets carry no geometry; for tests and demos only, "
-            "never for training a policy")
+    return (
+        f"RANDOM WEIGHTS ({weights_id}): these targets carry no geometry; for tests and demos only, "
+        "never for training a policy"
+    )
 
 
 def weights_config(spec: str) -> VGGTConfig:
@@ -98,19 +101,25 @@ def _download_from_hub(repo_id: str) -> Path:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     except ImportError:
-        raise WeightsError(f"{repo_id}: downloading needs huggingface_hub (pip install 'sfcache[hub]'); "
-                           "or pass a local path to the checkpoint") from None
+        raise WeightsError(
+            f"{repo_id}: downloading needs huggingface_hub (pip install 'sfcache[hub]'); "
+            "or pass a local path to the checkpoint"
+        ) from None
     for name in WEIGHT_FILES:
         try:
             return Path(hf_hub_download(repo_id=repo_id, filename=name))
         except LocalEntryNotFoundError:
-            raise WeightsError(f"{repo_id}: not in the local Hugging Face cache and the Hub cannot be reached "
-                               "(offline?); pass a local path instead") from None
+            raise WeightsError(
+                f"{repo_id}: not in the local Hugging Face cache and the Hub cannot be reached "
+                "(offline?); pass a local path instead"
+            ) from None
         except EntryNotFoundError:
             continue
         except Exception as error:  # noqa: BLE001  network, auth, gating, unknown repo: one message for the user
-            raise WeightsError(f"{repo_id}: cannot fetch {name} from the Hugging Face Hub "
-                               f"({type(error).__name__}: {error}); pass a local path instead") from None
+            raise WeightsError(
+                f"{repo_id}: cannot fetch {name} from the Hugging Face Hub "
+                f"({type(error).__name__}: {error}); pass a local path instead"
+            ) from None
     raise WeightsError(f"{repo_id}: the hub repo holds none of {', '.join(WEIGHT_FILES)}")
 
 
@@ -120,15 +129,18 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             state = load_file(path, device="cpu")
-        elif path.suffix in TORCH_SUFFIXES:   # torch.save's zip archive maps; a legacy pickle file cannot
+        elif path.suffix in TORCH_SUFFIXES:  # torch.save's zip archive maps; a legacy pickle file cannot
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
         else:
             raise WeightsError(f"{path}: expected a .safetensors, .pt or .pth checkpoint")
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
-        if not zipped and path.suffix != ".safetensors":   # torch's own message here talks about weights_only
-            raise WeightsError(f"{path}: not a PyTorch checkpoint (neither the zip archive torch.save writes nor "
-                               "a legacy torch file); expected VGGT's model.pt or a .safetensors") from None
+        if not zipped and path.suffix != ".safetensors":  # torch's own message here talks about weights_only
+            raise WeightsError(
+                f"{path}: not a PyTorch checkpoint (neither the zip archive torch.save writes nor "
+                "a legacy torch file); expected VGGT's model.pt or a .safetensors"
+            ) from None
         raise WeightsError(f"{path}: cannot read checkpoint ({type(error).__name__}: {error})") from None
     if isinstance(state, Mapping) and not any(key.startswith(CHECKPOINT_PREFIX) for key in state):
         state = next((state[key] for key in ("model", "state_dict") if isinstance(state.get(key), Mapping)), state)
@@ -139,8 +151,9 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 
 def infer_config(state_dict: Mapping[str, Tensor]) -> VGGTConfig:
     """The architecture a checkpoint was trained with, from tensor shapes alone (head dim 64)."""
-    tensors = {key[len(CHECKPOINT_PREFIX):]: value for key, value in state_dict.items()
-               if key.startswith(CHECKPOINT_PREFIX)}
+    tensors = {
+        key[len(CHECKPOINT_PREFIX) :]: value for key, value in state_dict.items() if key.startswith(CHECKPOINT_PREFIX)
+    }
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in tensors:
@@ -148,22 +161,30 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> VGGTConfig:
         return tuple(tensors[key].shape)
 
     def count_blocks(prefix: str) -> int:
-        indices = {key[len(prefix):].split(".", 1)[0] for key in tensors if key.startswith(prefix)}
+        indices = {key[len(prefix) :].split(".", 1)[0] for key in tensors if key.startswith(prefix)}
         return len(indices)
 
     embed_dim = shape("camera_token")[-1]
-    fields = {"embed_dim": embed_dim, "num_register_tokens": shape("register_token")[2],
-              "depth": count_blocks("frame_blocks."),
-              "mlp_ratio": shape("frame_blocks.0.mlp.fc1.weight")[0] / embed_dim}
+    fields = {
+        "embed_dim": embed_dim,
+        "num_register_tokens": shape("register_token")[2],
+        "depth": count_blocks("frame_blocks."),
+        "mlp_ratio": shape("frame_blocks.0.mlp.fc1.weight")[0] / embed_dim,
+    }
     if "patch_embed.pos_embed" in tensors:
         patch_size = shape("patch_embed.patch_embed.proj.weight")[-1]
         positions = shape("patch_embed.pos_embed")[1] - 1
         grid = math.isqrt(positions)
         if grid * grid != positions:
-            raise WeightsError(f"{CHECKPOINT_PREFIX}patch_embed.pos_embed holds {positions} patch positions, "
-                               "expected a square grid")
-        fields.update(patch_embed="dinov2", patch_size=patch_size, img_size=grid * patch_size,
-                      patch_embed_depth=count_blocks("patch_embed.blocks."))
+            raise WeightsError(
+                f"{CHECKPOINT_PREFIX}patch_embed.pos_embed holds {positions} patch positions, expected a square grid"
+            )
+        fields.update(
+            patch_embed="dinov2",
+            patch_size=patch_size,
+            img_size=grid * patch_size,
+            patch_embed_depth=count_blocks("patch_embed.blocks."),
+        )
     else:
         patch_size = shape("patch_embed.proj.weight")[-1]
         # a conv embedder has no resolution-specific weights; keep the official 37x37-patch training grid

@@ -25,8 +25,7 @@ def main() -> None:
     decoded = [tf.io.decode_image(data).numpy() for data in jpegs]
     arrays = {f"jpeg_{i}": np.frombuffer(data, np.uint8) for i, data in enumerate(jpegs)}
     arrays.update({f"tf_decoded_{i}": image for i, image in enumerate(decoded)})
-    np.savez_compressed(Path(__file__).with_name("tf_jpeg_golden.npz"), tensorflow=np.array(tf.__version__),
-                        **arrays)
+    np.savez_compressed(Path(__file__).with_name("tf_jpeg_golden.npz"), tensorflow=np.array(tf.__version__), **arrays)
 
 
 if __name__ == "__main__":
