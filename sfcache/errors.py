@@ -13,6 +13,12 @@ class SfcacheError(Exception):
     """An expected, user-fixable problem (bad input, wrong config, missing file)."""
 
 
+def raise_problems(problems: list[str]) -> None:
+    """One SfcacheError listing every problem found: a config reports all of them at once, not the first."""
+    if problems:
+        raise SfcacheError("; ".join(problems))
+
+
 class SourceError(SfcacheError):
     """A dataset file does not hold what its format promises."""
 

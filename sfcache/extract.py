@@ -39,8 +39,8 @@ from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
 from sfcache.device import DEVICE_CHOICES, HostCopy, check_device, encode_on_device, pinned, resolve_device, to_device
-from sfcache.errors import Interrupted, SfcacheError, SourceError, StoreError, WeightsError
-from sfcache.options import comma_list, comma_text, option
+from sfcache.errors import Interrupted, SfcacheError, SourceError, StoreError, WeightsError, raise_problems
+from sfcache.options import comma_list, comma_text, option, same_fields
 from sfcache.pooling import pooled_targets
 from sfcache.progress import progress_bar
 from sfcache.recipes import Recipe, camera_views, get_recipe, recipe_inputs, resolve_preprocess, slot_layout
@@ -229,8 +229,7 @@ class ExtractConfig:
             problems.append(str(error))
         if self.min_cosine is not None and not 0 < self.min_cosine <= 1:
             problems.append(f"--min-cosine must be in (0, 1], got {self.min_cosine}")
-        if problems:
-            raise SfcacheError("; ".join(problems))
+        raise_problems(problems)
 
 
 @dataclass(frozen=True)
@@ -640,14 +639,9 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
             source=source,
             weights=cfg.vggt,
             device=cluster.device,
-            layers=cfg.layers,
-            grid=cfg.grid,
-            preprocess=cfg.preprocess,
             recipe=recipe,
             layout=layout,
-            compute_dtype=cfg.compute_dtype,
-            batch_size=cfg.batch_size,
-            skip_bad=cfg.skip_bad,
+            **same_fields(cfg, ("layers", "grid", "preprocess", "compute_dtype", "batch_size", "skip_bad")),
             store=cfg.out.resolve(),
             workers_per_host=_workers_per_host(cluster.client),
             run=run,
@@ -671,10 +665,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
             source=source.describe(),
             recipe=recipe.name,
             token_mask=recipe.token_mask,
-            dtype=cfg.dtype,
-            codec=cfg.codec,
-            checksum=cfg.checksum,
-            steps_per_shard=cfg.steps_per_shard,
+            **same_fields(cfg, ("dtype", "codec", "checksum", "steps_per_shard")),
             selection=cfg.episodes,
         )
         fitted, k = "none", parse_reduce(cfg.reduce)

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from rich.progress import Progress
 
 from sfcache.errors import StoreError, WeightsError
+from sfcache.options import same_fields
 from sfcache.pooling import pooled_targets
 from sfcache.provenance import Fidelity, ReduceProvenance
 from sfcache.recipes import get_recipe, insert_blanks, recipe_inputs
@@ -295,11 +296,8 @@ def summarize(cache: Cache) -> Summary:
         complete=bool(done.all()),
         missing_episodes=tuple(cache.missing_episodes()),
         vggt=VggtSummary(
-            weights=vggt.weights,
-            weights_id=vggt.weights_id,
+            **same_fields(vggt, ("weights", "weights_id", "preprocess", "compute_dtype")),
             random_weights=bool(random_weights),
-            preprocess=vggt.preprocess,
-            compute_dtype=vggt.compute_dtype,
             config=dict(vggt.config),
         ),
         created=provenance.created,
@@ -313,14 +311,7 @@ def _reduce_summary(reduce: ReduceProvenance | None) -> ReduceSummary | None:
     """A reduced store's request, K and held-out fidelity per layer (None for full targets)."""
     if reduce is None:
         return None
-    return ReduceSummary(
-        asked=reduce.asked,
-        min_cosine=reduce.min_cosine,
-        sample_steps=reduce.sample_steps,
-        held_out_steps=reduce.held_out_steps,
-        fidelity=reduce.fidelity,
-        bytes_per_step=reduce.bytes_per_step,
-    )
+    return ReduceSummary(**same_fields(reduce, tuple(f.name for f in dataclasses.fields(ReduceSummary))))
 
 
 def _raw_bytes_per_step(cache: Cache) -> int:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 from rich.table import Table
 
-from sfcache.errors import SfcacheError
+from sfcache.errors import SfcacheError, raise_problems
 from sfcache.options import comma_text, option
 from sfcache.progress import progress_bar
 from sfcache.vggt.preprocess import resize_like_rlds
@@ -424,8 +424,7 @@ class EvalConfig:
             problems.append(f"--tasks {','.join(map(str, self.tasks))}: expected task indices >= 0")
         if self.out.is_file():
             problems.append(f"--out {self.out}: is a file; expected a results folder")
-        if problems:
-            raise SfcacheError("; ".join(problems))
+        raise_problems(problems)
 
     @property
     def step_limit(self) -> int:
@@ -444,8 +443,7 @@ def _check_config(config: EvalConfig, tasks: list[Task]) -> list[Task]:
     wrong = [i for i in chosen if not 0 <= i < len(tasks)]
     if wrong or not chosen:
         problems.append(f"--tasks {','.join(map(str, chosen))}: {config.suite} has tasks 0..{len(tasks) - 1}")
-    if problems:
-        raise SfcacheError("; ".join(problems))
+    raise_problems(problems)
     return [tasks[i] for i in dict.fromkeys(chosen)]
 
 

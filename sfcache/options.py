@@ -65,3 +65,8 @@ def default_of(config: type, name: str) -> Any:
 
 def _field(config: type, name: str) -> dataclasses.Field:
     return next(f for f in dataclasses.fields(config) if f.name == name)
+
+
+def same_fields(source: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """{name: source.name} for fields that one config or record hands on unchanged to another of the same names."""
+    return {name: getattr(source, name) for name in names}

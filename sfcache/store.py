@@ -34,6 +34,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from sfcache import __version__
 from sfcache.errors import ConfigMismatch, RunSuperseded, StoreError, differences
 from sfcache.keys import tfds_ids
+from sfcache.options import same_fields
 from sfcache.provenance import Fidelity, Provenance, ReduceProvenance, TargetsProvenance, VggtProvenance
 from sfcache.rows import EpisodeRecord, RowIndex, pack_episodes
 from sfcache.shard_file import DamagedShard, ShardReader, direct_layout, write_shard_file
@@ -246,14 +247,8 @@ class StoreConfig:
             episodes=tuple(self.episodes),
             vggt=VggtProvenance.from_attrs(self.vggt),
             targets=TargetsProvenance(
-                layers=tuple(self.layers),
-                grid=tuple(self.grid),
-                native_grid=tuple(self.native_grid),
-                aspect_ratio=self.aspect_ratio,
-                views=tuple(self.views),
-                channels=self.channels,
-                dtype=self.dtype,
-                codec=self.codec,
+                **{name: tuple(getattr(self, name)) for name in ("layers", "grid", "native_grid", "views")},
+                **same_fields(self, ("aspect_ratio", "channels", "dtype", "codec")),
                 checksum="crc32c" if self.checksum else "none",
                 mask="tokens" if self.token_mask else "none",
                 int8_block=int8_block(self.channels) if self.dtype == "int8" else None,
@@ -291,6 +286,21 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
+# The weights, model, inputs and stored form that decide every target value (compared on resume, required of a store)
+TARGET_IDENTITY = (
+    "vggt.weights_id",
+    "vggt.config",
+    "vggt.preprocess",
+    "vggt.compute_dtype",
+    "targets.layers",
+    "targets.grid",
+    "targets.views",
+    "targets.channels",
+    "targets.dtype",
+    "targets.codec",
+)
+
+
 def _differences(stored: dict, asked: dict) -> dict[str, tuple[object, object]]:
     """Fields that change target values, compared between a store's attrs and a new run's."""
     stored = {**stored, "recipe": stored.get("recipe", "none")}  # stores made before recipes existed
@@ -298,16 +308,7 @@ def _differences(stored: dict, asked: dict) -> dict[str, tuple[object, object]]:
         "format_version",
         "recipe",
         "targets.mask",
-        "vggt.weights_id",
-        "vggt.config",
-        "vggt.preprocess",
-        "vggt.compute_dtype",
-        "targets.layers",
-        "targets.grid",
-        "targets.views",
-        "targets.channels",
-        "targets.dtype",
-        "targets.codec",
+        *TARGET_IDENTITY,
         "targets.checksum",
         "steps_per_shard",
         "selection",
@@ -716,16 +717,7 @@ REQUIRED_PROVENANCE = (
     "num_shards",
     "episodes",
     "vggt.weights",
-    "vggt.weights_id",
-    "vggt.config",
-    "vggt.preprocess",
-    "vggt.compute_dtype",
-    "targets.layers",
-    "targets.grid",
-    "targets.views",
-    "targets.channels",
-    "targets.dtype",
-    "targets.codec",
+    *TARGET_IDENTITY,
     "source.format",
     "source.path",
     "source.views",

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from sfcache.crop import crop_target_grid
 from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
-from sfcache.errors import ConfigMismatch, SfcacheError, differences
+from sfcache.errors import ConfigMismatch, SfcacheError, differences, raise_problems
 from sfcache.options import comma_list, comma_text, option
 from sfcache.progress import progress_bar
 from sfcache.torch import SpatialForcingLoss
@@ -112,8 +112,7 @@ class TrainConfig:
             check_device(self.device)
         except SfcacheError as problem:
             problems.append(str(problem))
-        if problems:
-            raise SfcacheError("; ".join(problems))
+        raise_problems(problems)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError, 
 from sfcache.extract import ExtractConfig, extract
 from sfcache.inspect import summarize
 from sfcache.libero_eval import EvalConfig, evaluate, simulator_available
-from sfcache.options import comma_list, comma_text, option, option_like, user_path
+from sfcache.options import comma_list, comma_text, option, option_like, same_fields, user_path
 from sfcache.sources import detect_format, open_source
 from sfcache.store import open_cache
 from sfcache.train.libero_policy import CheckpointPolicy
@@ -430,13 +430,8 @@ def _training_config(
         source=suite.path,
         out=out,
         cache=store if align_weight > 0 else None,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
         align_weight=align_weight,
-        model_size=cfg.model_size,
-        grid=cfg.grid,
-        device=cfg.device,
-        val_episodes=cfg.val_episodes,
+        **same_fields(cfg, ("steps", "batch_size", "model_size", "grid", "device", "val_episodes")),
         val_every=cfg.eval_every,
         save_every=cfg.eval_every,
         workers=cfg.loader_workers,

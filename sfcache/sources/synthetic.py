@@ -125,17 +125,8 @@ def _opencv_jpeg(rgb: np.ndarray) -> bytes:
 # --- LIBERO HDF5 (original and no_noops) ------------------------------------------------------------
 
 
-def write_libero_hdf5(
-    root: Path,
-    *,
-    suite: str = "libero_spatial",
-    tasks: int = 2,
-    demos: int = 3,
-    steps: int = 10,
-    size: int | None = None,
-    no_noops: bool = False,
-    seed: int = 0,
-) -> Written:
+def write_libero_hdf5(root: Path, *, suite: str = "libero_spatial", tasks: int = 2, demos: int = 3, steps: int = 10,
+                      size: int | None = None, no_noops: bool = False, seed: int = 0) -> Written:  # fmt: skip
     """LIBERO task files `<suite>/<task>_demo.hdf5` (original: 128px, problem_info attrs; no_noops:
     256px, no attributes, gaps in demo numbering, folder `<suite>_no_noops`)."""
     size = size or (256 if no_noops else 128)
@@ -216,16 +207,8 @@ def write_demo_dataset(root: Path) -> Path:
 # --- LIBERO RLDS (TFDS TFRecords) ---------------------------------------------------------------------
 
 
-def write_libero_rlds(
-    root: Path,
-    *,
-    suite: str = "libero_10",
-    episodes: int = 3,
-    steps: int = 8,
-    size: int = 256,
-    shards: int = 2,
-    seed: int = 0,
-) -> Written:
+def write_libero_rlds(root: Path, *, suite: str = "libero_10", episodes: int = 3, steps: int = 8, size: int = 256,
+                      shards: int = 2, seed: int = 0) -> Written:  # fmt: skip
     """`<suite>_no_noops/1.0.0/` as modified_libero_rlds ships it: one tf.train.Example per episode."""
     name = RLDS_BUILDER_NAMES.get(suite, suite)
     folder = Path(root) / f"{suite}_no_noops" / "1.0.0"
@@ -371,20 +354,9 @@ _LEROBOT_SCALARS = [
 _FPS = 10
 
 
-def write_lerobot(
-    root: Path,
-    *,
-    episodes: int = 3,
-    steps: int = 8,
-    size: int = 256,
-    version: str = "v2.1",
-    names: str = "openpi",
-    cameras: int = 2,
-    videos: int = 0,
-    action_dim: int | None = None,
-    state_dim: int | None = None,
-    seed: int = 0,
-) -> Written:
+def write_lerobot(root: Path, *, episodes: int = 3, steps: int = 8, size: int = 256, version: str = "v2.1",
+                  names: str = "openpi", cameras: int = 2, videos: int = 0, action_dim: int | None = None,
+                  state_dim: int | None = None, seed: int = 0) -> Written:  # fmt: skip
     """A LeRobot dataset: v2.1 (one parquet and one mp4 per camera per episode, meta/*.jsonl) or v3.0
     (episodes packed into one data file in row groups of 3 and one mp4 per camera, meta/episodes/*.parquet).
 
@@ -575,19 +547,9 @@ def _write_parquet(table: pa.Table, file: Path, row_group_size: int | None = Non
 # --- RoboTwin 2.0 (legacy) and XPolicyLab -------------------------------------------------------------
 
 
-def write_robotwin(
-    root: Path,
-    *,
-    layout: str = "legacy",
-    tasks: int = 2,
-    episodes: int = 2,
-    steps: int = 6,
-    height: int = 240,
-    width: int = 320,
-    front_camera: bool = False,
-    xpl_marker: bool = True,
-    seed: int = 0,
-) -> Written:
+def write_robotwin(root: Path, *, layout: str = "legacy", tasks: int = 2, episodes: int = 2, steps: int = 6,
+                   height: int = 240, width: int = 320, front_camera: bool = False, xpl_marker: bool = True,
+                   seed: int = 0) -> Written:  # fmt: skip
     """RoboTwin episodes under `root/data`: legacy `<task>/<config>/data/episode{N}.hdf5` + instructions,
     or XPolicyLab `<bench>/<task>/<env_cfg>/data/episode_{N:07d}.hdf5` (JPEGs with or without XPL-RGB1)."""
     if layout not in ("legacy", "xpolicylab"):
