@@ -15,6 +15,7 @@ rounded to `keepbits`, then zstd) in a Zarr v3 array; zfpy does not fit (see `_b
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.codecs.numcodecs import BitRound
 
-from bench import preset_settings
+from bench import preset_settings, row
 from bench.extract import _bare_loop
 from sfcache.extract import torch_threads
 from sfcache.inspect import token_cosine
@@ -71,6 +72,7 @@ def low_rank_features(steps: int, rank: int = 256, noise_share: float = 0.05, se
 
 def _compare(workdir: Path, features: np.ndarray, label: str, name: str, where: str) -> list[dict]:
     """PCA at each K and dtype, and BitRound, on `features` [N, V, n, C]; rows against the float16 full store."""
+    figure = partial(row, "compact", device=where)
     steps, views, tokens, channels = features.shape
     fit_rows, held_rows = sample_rows(steps)
     moments = Moments(channels)
@@ -97,8 +99,8 @@ def _compare(workdir: Path, features: np.ndarray, label: str, name: str, where: 
                 f"{libero / 2**30:.1f} GiB vs {libero_full / 2**30:.1f} GiB float16"
             )
             rows += [
-                _row(f"pca{k}_{dtype}_{name}_cosine_mean", figures["mean"], full_cosine, "cosine", where, notes),
-                _row(f"pca{k}_{dtype}_{name}_bytes_per_step", stored, full_bytes, "bytes", where, notes),
+                figure(f"pca{k}_{dtype}_{name}_cosine_mean", figures["mean"], full_cosine, "cosine", notes),
+                figure(f"pca{k}_{dtype}_{name}_bytes_per_step", stored, full_bytes, "bytes", notes),
             ]
     for keepbits in KEEPBITS:
         on_disk, back = _bitround(workdir / f"bitround-{name}-{keepbits}", held, keepbits)
@@ -110,8 +112,8 @@ def _compare(workdir: Path, features: np.ndarray, label: str, name: str, where: 
             f"{np.percentile(cosine, 1):.4f}, worst {cosine.min():.4f}; LIBERO projected {libero / 2**30:.1f} GiB"
         )
         rows += [
-            _row(f"bitround{keepbits}_{name}_cosine_mean", float(cosine.mean()), full_cosine, "cosine", where, notes),
-            _row(f"bitround{keepbits}_{name}_bytes_per_step", per_step, full_bytes, "bytes", where, notes),
+            figure(f"bitround{keepbits}_{name}_cosine_mean", cosine.mean(), full_cosine, "cosine", notes),
+            figure(f"bitround{keepbits}_{name}_bytes_per_step", per_step, full_bytes, "bytes", notes),
         ]
     return rows
 
@@ -137,16 +139,3 @@ def _bitround(path: Path, values: np.ndarray, keepbits: int) -> tuple[int, np.nd
     array[...] = values
     on_disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and "c" in f.relative_to(path).parts)
     return on_disk, array[...]
-
-
-def _row(metric: str, value: float, baseline: float, unit: str, device: str, notes: str) -> dict:
-    return {
-        "bench": "compact",
-        "metric": metric,
-        "value": float(value),
-        "baseline": float(baseline),
-        "ratio": float(value) / float(baseline) if baseline else float("nan"),
-        "unit": unit,
-        "device": device,
-        "notes": notes,
-    }

@@ -16,16 +16,17 @@ CPU at batch 1: about 100 s per 2-view step on one thread of this 2-core VM, est
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench import preset_settings
+from bench import device_sync, preset_settings, row, scratch_store_config
 from sfcache.device import pinned
-from sfcache.sources import EpisodeInfo, open_source
+from sfcache.sources import open_source
 from sfcache.sources import synthetic as syn
-from sfcache.store import StoreConfig, create_store, encode, lock_store, pack_episodes
+from sfcache.store import create_store, encode, lock_store
 from sfcache.vggt import load_vggt
 from sfcache.vggt.preprocess import device_images, host_frames
 
@@ -36,6 +37,7 @@ PRESETS = {"tiny": {"steps": 16, "forward": None}, "vggt-1b": {"steps": 32, "for
 
 
 def cpu_cost_rows(workdir: Path, preset: str, batch: int, where: str) -> list[dict]:
+    figure = partial(row, "extract", device=where)
     settings = preset_settings(PRESETS, preset, "cpu_cost")
     steps_each = settings["steps"]
     cases = {
@@ -71,24 +73,20 @@ def cpu_cost_rows(workdir: Path, preset: str, batch: int, where: str) -> list[di
                 f"{views} views of {frame[0]}x{frame[1]}, {shape}, batch {batch}, 1 thread"
             )
             rows += [
-                _row(
-                    f"cpu_ms_per_step_{name}", lean, forward_ms, "ms/step", where, f"{parts}; baseline: {forward_how}"
-                ),
-                _row(
+                figure(f"cpu_ms_per_step_{name}", lean, forward_ms, "ms/step", f"{parts}; baseline: {forward_how}"),
+                figure(
                     f"cpu_ms_per_step_{name}_cpu_preprocess",
                     cpu_path,
                     forward_ms,
                     "ms/step",
-                    where,
                     f"adds lanczos3/bicubic to {IMG_SIZE} on the CPU {device:.2f} ms and the float16 cast there "
                     f"(write {write_ms[views][1]:.2f} ms); baseline: {forward_how}",
                 ),
-                _row(
+                figure(
                     f"cores_per_gpu_at_100_steps_per_s_{name}",
                     lean / GPU_STEP_MS,
                     cpu_path / GPU_STEP_MS,
                     "cores",
-                    where,
                     "device preprocessing and cast; baseline: preprocessing and cast on the CPU",
                 ),
             ]
@@ -125,18 +123,7 @@ def _write_ms_per_step(path: Path, views: int, steps: int) -> tuple[float, float
     values = np.random.default_rng(0).standard_normal((steps, views, TOKENS, CHANNELS), dtype=np.float32)
     out = []
     for k, given in enumerate((encode(values, "float16"), values)):
-        config = StoreConfig(
-            episodes=pack_episodes([EpisodeInfo("cost", "", steps)]),
-            layers=(0,),
-            grid=(16, 16),
-            native_grid=(37, 37),
-            aspect_ratio=1.0,
-            views=tuple(f"v{i}" for i in range(views)),
-            channels=CHANNELS,
-            vggt={},
-            source={},
-            steps_per_shard=steps,
-        )
+        config = scratch_store_config(steps, CHANNELS, views=tuple(f"v{i}" for i in range(views)))
         best = float("inf")
         for repeat in range(2):
             with lock_store(path / f"{k}-{repeat}"):
@@ -156,7 +143,7 @@ def _forward_ms_per_step(weights: str | None, batch: int) -> tuple[float, str]:
     batch = batch if device.type == "cuda" else 1
     model, _ = load_vggt(weights, device)
     images = torch.rand(batch, 2, 3, IMG_SIZE, IMG_SIZE, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     with torch.inference_mode():
         if device.type == "cuda":
             model(images)
@@ -166,16 +153,3 @@ def _forward_ms_per_step(weights: str | None, batch: int) -> tuple[float, str]:
         sync()
     seconds = time.perf_counter() - started
     return 1000 * seconds / batch, f"{weights} forward per 2-view step, batch {batch}, {device.type}"
-
-
-def _row(metric: str, value: float, baseline: float, unit: str, device: str, notes: str) -> dict:
-    return {
-        "bench": "extract",
-        "metric": metric,
-        "value": float(value),
-        "baseline": float(baseline),
-        "ratio": float(value) / float(baseline),
-        "unit": unit,
-        "device": device,
-        "notes": notes,
-    }

@@ -15,29 +15,28 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from distributed import LocalCluster
 
-from bench import preset_settings
+from bench import preset_settings, row, scratch_store_config
 from bench.cpu_cost import cpu_cost_rows
 from sfcache.extract import TASKS_IN_FLIGHT, ExtractConfig, extract, torch_threads
 from sfcache.inspect import token_cosine
 from sfcache.pooling import pool_grid
-from sfcache.sources import EpisodeInfo, open_source
+from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_rlds
 from sfcache.store import (
     CODECS,
     DTYPES,
-    StoreConfig,
     create_store,
     decode,
     encode,
     lock_store,
     open_cache,
-    pack_episodes,
 )
 from sfcache.vggt import load_vggt, preprocess
 
@@ -55,6 +54,7 @@ def run(workdir: Path, preset: str) -> list[dict]:
     data = write_libero_rlds(workdir / "data", episodes=settings["episodes"], steps=settings["steps"]).path
     device = "cuda" if torch.cuda.is_available() else "cpu"
     where = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({torch_threads(1)} torch threads)"
+    figure = partial(row, "extract", device=where)
 
     started = time.perf_counter()
     with LocalCluster(
@@ -85,21 +85,19 @@ def run(workdir: Path, preset: str) -> list[dict]:
     targets, bare_rate = _bare_loop(data, settings["weights"], settings["batch_size"], device)
     pipeline_rate = summary.steps_per_s
     rows = [
-        _row(
+        figure(
             "steps_per_s",
             pipeline_rate,
             bare_rate,
             "steps/s",
-            where,
             f"extract, 1 warm worker, {summary.steps} steps x {len(summary.views)} views, batch "
             f"{settings['batch_size']}; baseline: preprocess+forward+pool on frames in memory",
         ),
-        _row(
+        figure(
             "startup_s",
             startup + summary.cluster_startup_s,
             summary.extract_s,
             "s",
-            where,
             "excluded above: Dask cluster start, worker warm-up (one episode), model load; "
             "baseline: the extraction itself",
         ),
@@ -112,6 +110,7 @@ def run(workdir: Path, preset: str) -> list[dict]:
 
 def _int8_outliers(where: str, steps: int = 4, channels: int = 2048) -> list[dict]:
     """Per-token cosine after int8 on heavy-tailed features with 1% of tokens 50x larger (VGGT-1B width)."""
+    figure = partial(row, "extract", device=where)
     rng = np.random.default_rng(0)
     x = rng.standard_t(3, (steps, 2, GRID[0] * GRID[1], channels)).astype(np.float32)
     x *= np.exp(rng.normal(0.0, 1.0, channels)).astype(np.float32)  # channels of very different size
@@ -126,8 +125,8 @@ def _int8_outliers(where: str, steps: int = 4, channels: int = 2048) -> list[dic
         "sizes, 1% of tokens x50; per-token 128-channel-block scales; baseline: format-1 per-channel scales"
     )
     return [
-        _row("int8_outlier_cosine_worst", float(cosine.min()), float(baseline.min()), "cosine", where, notes),
-        _row("int8_outlier_cosine_mean", float(cosine.mean()), float(baseline.mean()), "cosine", where, notes),
+        figure(f"int8_outlier_cosine_{name}", float(reduce(cosine)), float(reduce(baseline)), "cosine", notes)
+        for name, reduce in (("worst", np.min), ("mean", np.mean))
     ]
 
 
@@ -157,36 +156,31 @@ def _bare_loop(data: Path, weights: str, batch_size: int, device: str) -> tuple[
 
 def _fidelity_and_size(workdir: Path, targets: np.ndarray, where: str) -> list[dict]:
     """Store the float32 targets once per dtype/codec; cosine of what reads back, bytes per step on disk."""
+    figure = partial(row, "extract", device=where)
     rows = []
     steps = len(targets)
     float32_bytes = targets[0].nbytes
     for dtype in DTYPES:
         for codec in CODECS:
             path = workdir / f"fidelity-{dtype}-{codec}"
-            config = StoreConfig(
-                episodes=pack_episodes([EpisodeInfo("bench", "", steps)]),
-                layers=(0,),
+            config = scratch_store_config(
+                steps,
+                targets.shape[-1],
                 grid=GRID,
                 native_grid=GRID,
-                aspect_ratio=1.0,
                 views=tuple(f"view{v}" for v in range(targets.shape[1])),
-                channels=targets.shape[-1],
-                vggt={},
-                source={},
                 dtype=dtype,
                 codec=codec,
-                steps_per_shard=steps,
             )
             with lock_store(path):
                 create_store(path, config).write_shard(0, {0: targets})
             on_disk = sum(f.stat().st_size for f in (path / "targets").rglob("*") if f.is_file() and "c" in f.parts)
             rows.append(
-                _row(
+                figure(
                     f"bytes_per_step_{dtype}_{codec}",
                     on_disk / steps,
                     float32_bytes,
                     "bytes",
-                    where,
                     "baseline: float32 bytes per step; random-weight features",
                 )
             )
@@ -194,37 +188,22 @@ def _fidelity_and_size(workdir: Path, targets: np.ndarray, where: str) -> list[d
                 back = open_cache(path).read_rows(slice(0, steps))
                 cosine = token_cosine(back, targets)
                 rows.append(
-                    _row(
+                    figure(
                         f"cosine_mean_{dtype}",
                         float(cosine.mean()),
                         1.0,
                         "cosine",
-                        where,
                         "fidelity check: per-token cosine of what reads back to the float32 targets; "
                         "baseline 1 = lossless, expected just under 1 (only the dtype's rounding)",
                     )
                 )
                 rows.append(
-                    _row(
+                    figure(
                         f"cosine_worst_{dtype}",
                         float(cosine.min()),
                         1.0,
                         "cosine",
-                        where,
                         "worst token over all steps and views; baseline 1 = lossless",
                     )
                 )
     return rows
-
-
-def _row(metric: str, value: float, baseline: float, unit: str, device: str, notes: str) -> dict:
-    return {
-        "bench": "extract",
-        "metric": metric,
-        "value": float(value),
-        "baseline": float(baseline),
-        "ratio": float(value) / float(baseline) if baseline else float("nan"),
-        "unit": unit,
-        "device": device,
-        "notes": notes,
-    }

@@ -24,7 +24,7 @@ import torch
 from distributed import Client, LocalCluster
 
 import bench
-from bench import preset_settings
+from bench import device_sync, preset_settings
 from sfcache.extract import TASKS_IN_FLIGHT, ExtractConfig, extract
 from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_rlds
@@ -121,7 +121,7 @@ def _bare_forward(model, data: Path, steps: int, batch: int) -> dict:
     source = open_source(data)
     frames = source.read(source.episodes()[0].key, 0, batch).frames
     images = preprocess(frames, "sf", model.config.img_size).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():

@@ -7,7 +7,6 @@ channel/orientation fixes); the ratio shows what that costs.
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,20 +16,11 @@ import pyarrow.parquet as pq
 import simplejpeg
 from PIL import Image
 
-from bench import preset_settings
+from bench import best_seconds, preset_settings
 from sfcache.sources import open_source
 from sfcache.sources import synthetic as syn
 
 PRESETS = {"tiny": {"episodes": 4, "steps": 40, "repeats": 2}, "vggt-1b": {"episodes": 10, "steps": 100, "repeats": 3}}
-
-
-def _best_rate(frames: int, work: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        best = min(best, time.perf_counter() - start)
-    return frames / best
 
 
 def _through_source(path: Path) -> Callable[[], int]:
@@ -135,8 +125,8 @@ def run(workdir: Path, preset: str) -> list[dict]:
     rows = []
     for name, (written, views, baseline, how) in cases.items():
         frames = views * sum(len(e.actions) for e in written.episodes.values())
-        value = _best_rate(frames, _through_source(written.path), repeats)
-        reference = _best_rate(frames, baseline(written.files), repeats)
+        value = frames / best_seconds(repeats, _through_source(written.path))
+        reference = frames / best_seconds(repeats, baseline(written.files))
         rows.append(
             {
                 "bench": "sources",

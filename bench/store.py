@@ -13,14 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from bench import preset_settings
-from sfcache.sources import EpisodeInfo
-from sfcache.store import StoreConfig, create_store, encode, lock_store, pack_episodes
+from bench import best_seconds, preset_settings, scratch_store_config
+from sfcache.store import StoreConfig, create_store, encode, lock_store
 
 PRESETS = {"tiny": {"shards": 1, "repeats": 3}, "vggt-1b": {"shards": 4, "repeats": 3}}
 STEPS_PER_SHARD, VIEWS, TOKENS, CHANNELS = 32, 2, 256, 2048
@@ -120,18 +118,8 @@ def _in_memory(encoded: tuple, shards: int, repeats: int) -> list[dict]:
 
 def _best_interleaved(repeats: int, work, baseline) -> tuple[float, float]:
     """Fastest seconds of `work` and of `baseline`, run alternately (a shared disk's load hits both alike)."""
-    times = [(_best(1, lambda _: work(k)), _best(1, lambda _: baseline(k))) for k in range(repeats)]
+    times = [(best_seconds(1, lambda: work(k)), best_seconds(1, lambda: baseline(k))) for k in range(repeats)]
     return min(t for t, _ in times), min(t for _, t in times)
-
-
-def _best(repeats: int, work) -> float:
-    """Fastest of `repeats` runs, each into a fresh directory."""
-    best = float("inf")
-    for k in range(repeats):
-        started = time.perf_counter()
-        work(k)
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def _plain_write(folder: Path, encoded: tuple, shards: int) -> None:
@@ -151,18 +139,6 @@ def _plain_write(folder: Path, encoded: tuple, shards: int) -> None:
 
 
 def _config(steps: int, dtype: str, codec: str, checksum: bool) -> StoreConfig:
-    return StoreConfig(
-        episodes=pack_episodes([EpisodeInfo("bench", "", steps)]),
-        layers=(0,),
-        grid=(16, 16),
-        native_grid=(37, 37),
-        aspect_ratio=1.0,
-        views=("primary", "wrist"),
-        channels=CHANNELS,
-        vggt={},
-        source={},
-        dtype=dtype,
-        codec=codec,
-        checksum=checksum,
-        steps_per_shard=STEPS_PER_SHARD,
+    return scratch_store_config(
+        steps, CHANNELS, dtype=dtype, codec=codec, checksum=checksum, steps_per_shard=STEPS_PER_SHARD
     )

@@ -29,12 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import preset_settings
+from bench import device_sync, preset_settings, row, scratch_store_config
 from sfcache.crop import crop_target_grid
 from sfcache.extract import ExtractConfig, extract
+from sfcache.provenance import VggtProvenance
 from sfcache.sources import EpisodeInfo
 from sfcache.sources.synthetic import write_libero_hdf5
-from sfcache.store import StoreConfig, create_store, lock_store, open_cache, pack_episodes
+from sfcache.store import create_store, lock_store, open_cache, pack_episodes
 from sfcache.torch import CachedTargets
 from sfcache.train.augment import random_boxes
 from sfcache.train.loop import StepBatches, TrainConfig, Trainer, prepare
@@ -69,23 +70,6 @@ WARM_UP = 2
 LOADER_WORKERS = 2
 
 
-def _row(metric: str, value: float, baseline: float, unit: str, notes: str) -> dict:
-    return {
-        "bench": "train",
-        "metric": metric,
-        "value": value,
-        "baseline": baseline,
-        "ratio": value / baseline,
-        "unit": unit,
-        "notes": notes,
-    }
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _in_memory_batches(trainer: Trainer, count: int) -> list[dict]:
     """The trainer's first `count` batches (seed 0), fetched through its own loader before any timing."""
     batches = StepBatches(len(trainer.data.train), trainer.config.batch_size, 0, 0, count)
@@ -96,11 +80,12 @@ def _interleaved_seconds(works: list[Callable[[int], object]], timed: int, devic
     """Seconds of each `work(round)` in each of `timed` rounds after WARM_UP, the works run in turn every
     round (a load spike hits all alike)."""
     times: list[list[float]] = [[] for _ in works]
+    sync = device_sync(device)
     for step in range(WARM_UP + timed):
         for work, spent in zip(works, times):
             start = time.perf_counter()
             work(step)
-            _synchronize(device)
+            sync()
             if step >= WARM_UP:
                 spent.append(time.perf_counter() - start)
     return times
@@ -139,23 +124,13 @@ def _loader_store(path: Path, rows: int, channels: int) -> Path:
     """A store of `rows` random targets (2 views, 16x16, float16, 32-step shards) written through the store API:
     enough rows that shuffled batches are scattered over many shards."""
     episodes = pack_episodes([EpisodeInfo(f"bench/task/demo_{i}", "bench", 64) for i in range(rows // 64)])
-    config = StoreConfig(
+    config = scratch_store_config(
+        32,
+        channels,
         episodes=episodes,
         layers=(23,),
-        grid=(16, 16),
-        native_grid=(37, 37),
-        aspect_ratio=1.0,
-        views=("primary", "wrist"),
-        channels=channels,
-        vggt={
-            "weights": "random",
-            "weights_id": "random",
-            "config": {"depth": 24},
-            "preprocess": "sf",
-            "compute_dtype": "float32",
-        },
+        vggt=VggtProvenance("random", "random", {"depth": 24}, "float32", "sf").to_attrs(),
         source={"format": "bench"},
-        steps_per_shard=32,
     )
     generator = np.random.default_rng(0)
     with lock_store(path):
@@ -186,7 +161,7 @@ def _loader_rates(store: Path, batch: int, batches: int) -> dict[str, float]:
     start = time.perf_counter()
     count = sum(len(values) for values in stream)
     loader_rate = count / (time.perf_counter() - start)
-    halves = np.array_split(np.sort([row for rows in order[LOADER_WORKERS:] for row in rows]), LOADER_WORKERS)
+    halves = np.array_split(np.sort([step for rows in order[LOADER_WORKERS:] for step in rows]), LOADER_WORKERS)
     ranges = [_byte_ranges(store, targets.layer, half.tolist()) for half in halves]
     stored = sum(length for part in ranges for _, _, length in part)
     plain_s = _parallel_seconds(_read_ranges, ranges, stored, context)
@@ -210,11 +185,11 @@ def _byte_ranges(store: Path, layer: int, rows: list[int]) -> list[tuple[Path, i
     name = f"targets/layer_{layer}"
     per_shard = cache.steps_per_shard
     runs: list[list[int]] = []
-    for row in rows:
-        if runs and row == runs[-1][1] and row % per_shard:
-            runs[-1][1] = row + 1
+    for step in rows:
+        if runs and step == runs[-1][1] and step % per_shard:
+            runs[-1][1] = step + 1
         else:
-            runs.append([row, row + 1])
+            runs.append([step, step + 1])
     index: dict[int, tuple[Path, np.ndarray]] = {}
     ranges = []
     for first, stop in runs:
@@ -353,14 +328,16 @@ def run(workdir: Path, preset: str) -> list[dict]:
         )
 
     rows = [
-        _row(
+        row(
+            "train",
             "train step: cached SF vs no SF",
             cached_s,
             no_sf_s,
             "s/step",
             f"goal ratio <= 1.1; {shape(model, batch, timed)}",
         ),
-        _row(
+        row(
+            "train",
             "train step: SF overhead vs SF work alone",
             overhead_s,
             sf_work_s,
@@ -374,7 +351,8 @@ def run(workdir: Path, preset: str) -> list[dict]:
     ]
     if small is not None:
         rows.append(
-            _row(
+            row(
+                "train",
                 "train step (small policy): cached SF vs no SF",
                 statistics.median(small[1]),
                 statistics.median(small[0]),
@@ -385,8 +363,9 @@ def run(workdir: Path, preset: str) -> list[dict]:
             )
         )
     rows += [
-        _row("train step: online VGGT vs cached SF", online_s, cached_s, "s/step", shape(model, batch, timed)),
-        _row(
+        row("train", "train step: online VGGT vs cached SF", online_s, cached_s, "s/step", shape(model, batch, timed)),
+        row(
+            "train",
             "target loader: CachedTargets DataLoader vs sequential-read bound",
             loader["loader"],
             loader["bound"],
@@ -399,7 +378,8 @@ def run(workdir: Path, preset: str) -> list[dict]:
             f"Cache.read_rows of the sorted rows (undecoded, {LOADER_WORKERS} processes) straight from the "
             f"shard files: {loader['direct']:.0f} samples/s, through zarr: {loader['zarr']:.0f}",
         ),
-        _row(
+        row(
+            "train",
             "online-target cosine: cropped cache vs uncropped cache",
             cropped_cos,
             uncropped_cos,

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench import preset_settings
+from bench import best_seconds, device_sync, preset_settings, row
 from sfcache.vggt import load_vggt, preprocess
 from sfcache.vggt.preprocess import POLICY_SIZE
 
@@ -29,31 +28,13 @@ PRESETS = {
 def _best_rate(frames: int, work: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
     work()  # warm-up: kernels, caches, allocator
     sync()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return frames / best
-
-
-def _row(metric: str, value: float, baseline: float, unit: str, notes: str) -> dict:
-    return {
-        "bench": "vggt",
-        "metric": metric,
-        "value": value,
-        "baseline": baseline,
-        "ratio": value / baseline,
-        "unit": unit,
-        "notes": notes,
-    }
+    return frames / best_seconds(repeats, work, sync)
 
 
 def run(workdir: Path, preset: str) -> list[dict]:
     settings = preset_settings(PRESETS, preset, "vggt")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     model, _ = load_vggt(settings["weights"], device)
     size, depth = model.config.img_size, model.config.depth
     batch, views, repeats = settings["batch"], settings["views"], settings["repeats"]
@@ -64,7 +45,8 @@ def run(workdir: Path, preset: str) -> list[dict]:
     shape = f"[{batch}, {views}, 3, {size}, {size}], {settings['weights']}"
 
     rows = [
-        _row(
+        row(
+            "vggt",
             "forward to a middle layer",
             _best_rate(count, lambda: model(images, layers=(middle,)), repeats, sync),
             _best_rate(count, lambda: model(images, layers=(-1,)), repeats, sync),
@@ -75,7 +57,8 @@ def run(workdir: Path, preset: str) -> list[dict]:
     if device.type == "cuda":
         fp32, _ = load_vggt(settings["weights"], device, compute_dtype=torch.float32)
         rows.append(
-            _row(
+            row(
+                "vggt",
                 "forward under autocast",
                 _best_rate(count, lambda: model(images), repeats, sync),
                 _best_rate(count, lambda: fp32(images), repeats, sync),
@@ -96,7 +79,8 @@ def run(workdir: Path, preset: str) -> list[dict]:
         return preprocess(small[:, None], "sf", size)
 
     rows.append(
-        _row(
+        row(
+            "vggt",
             "sf preprocess 256->224->img_size",
             _best_rate(len(raw), lambda: preprocess(raw, "sf", size), repeats, lambda: None),
             _best_rate(len(raw), pil_lanczos, repeats, lambda: None),
