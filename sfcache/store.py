@@ -617,7 +617,11 @@ def _create_or_resume(path: Path, config: StoreConfig, overwrite: bool) -> Cache
                 shards=(config.steps_per_shard, views, tokens, blocks),
                 compressors=_compressors("none", 4, config.checksum),
                 fill_value=0,
-                attributes={"layer": layer, "scale_of": layer_array(layer), "block": int8_block(width)},
+                attributes={
+                    "layer": layer,
+                    "scale_of": layer_array(layer).removeprefix("targets/"),
+                    "block": int8_block(width),
+                },
             )
     if config.token_mask:
         root.create_array(
@@ -650,7 +654,7 @@ def _write_basis(root: zarr.Group, layer: int, reduce: Reduction) -> None:
             chunks=values.shape,
             fill_value=0,
             compressors=None,
-            attributes={"layer": layer, "basis_of": layer_array(layer)},
+            attributes={"layer": layer, "basis_of": layer_array(layer).removeprefix("targets/")},
         )
         array[...] = values
 
