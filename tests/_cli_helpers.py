@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 
@@ -14,3 +15,8 @@ def run_main(main: Callable[[list[str]], None], capsys, *args) -> tuple[int, str
         code = exit_.code or 0
     captured = capsys.readouterr()
     return code, captured.out + captured.err
+
+
+def sf_command(*args) -> list[str]:
+    """The command line of `sf ARGS` in a fresh interpreter (this venv's python, the installed sfcache.cli)."""
+    return [sys.executable, "-m", "sfcache.cli.main", *(str(a) for a in args)]

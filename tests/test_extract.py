@@ -30,6 +30,7 @@ from sfcache.sources import FORMATS, open_source
 from sfcache.sources.synthetic import write_lerobot, write_libero_hdf5, write_libero_rlds, write_robotwin
 from sfcache.store import open_cache
 from sfcache.vggt import load_vggt, preprocess
+from tests._cli_helpers import sf_command
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--vggt", "random:tiny", "--layers", "-1"]
@@ -339,18 +340,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path, schedulers):
     assert run_cli(written.path, "--out", reference, *options, "--scheduler", schedulers[2]).exit_code == 0
 
     out = tmp_path / "store"
-    command = [
-        sys.executable,
-        "-m",
-        "sfcache.cli.main",
-        "extract",
-        str(written.path),
-        "--out",
-        str(out),
-        *options,
-        "--workers",
-        "2",
-    ]
+    command = sf_command("extract", written.path, "--out", out, *options, "--workers", "2")
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     kill_after = random.Random().randint(1, 3)  # a random moment: after 1..3 of the 6 shards are done
     deadline = time.monotonic() + 120

@@ -39,6 +39,7 @@ from sfcache.sources.synthetic import write_libero_hdf5
 from sfcache.store import is_locked, lock_store, open_cache
 from sfcache.vggt import load_vggt, preprocess
 from tests import test_sources_bad_input as bad
+from tests._cli_helpers import sf_command
 from tests._faults_helpers import LoggedSlowWrites, ReadOnlyAfter, TaskLog, running_tasks
 from tests._train_helpers import tree_digest, write_dataset, write_store
 
@@ -106,18 +107,7 @@ def assert_equal_stores(path: Path, reference: Path) -> None:
 
 def spawn_extract(dataset: Path, out: Path, log: Path) -> subprocess.Popen:
     """`sf extract` with its own local cluster (1 worker process), in a new process group."""
-    command = [
-        sys.executable,
-        "-m",
-        "sfcache.cli.main",
-        "extract",
-        str(dataset),
-        "--out",
-        str(out),
-        *SHARDED,
-        "--workers",
-        "1",
-    ]
+    command = sf_command("extract", dataset, "--out", out, *SHARDED, "--workers", "1")
     OUTPUTS.append(log)
     with log.open("wb") as stderr:
         return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
@@ -503,7 +493,7 @@ class ExternalCluster:
 
 def spawn_client(dataset: Path, out: Path, log: Path, *args: str) -> subprocess.Popen:
     """`sf extract` as a client of a running scheduler, in its own process group (the cluster is not its child)."""
-    command = [sys.executable, "-m", "sfcache.cli.main", "extract", str(dataset), "--out", str(out), *SHARDED, *args]
+    command = sf_command("extract", dataset, "--out", out, *SHARDED, *args)
     OUTPUTS.append(log)
     with log.open("wb") as stderr:
         return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from sfcache.store import (
     resumable_reduction,
 )
 from sfcache.torch import CachedTargets
+from tests._cli_helpers import sf_command
 from tests.test_faults import REPO, SHARDED, assert_equal_stores, done_count, kill_process_group
 
 REDUCE = ["--reduce", "pca:8", "--min-cosine", "0.5"]
@@ -209,23 +209,16 @@ def scheduler():
         yield cluster.scheduler_address
 
 
+def reduced_extract(dataset: Path, out: Path) -> list[str]:
+    """`sf extract --reduce` with its own local cluster of one worker process."""
+    return sf_command("extract", dataset, "--out", out, *SHARDED, *REDUCE, "--workers", "1")
+
+
 def sf_extract_process(dataset: Path, out: Path) -> str:
     """`sf extract --reduce` with its own 1-worker cluster, as the runs killed below: a reduced store's host
     projection runs in a Dask worker process (single-threaded BLAS) there, and differs in the last bit on some
     rows from an in-process worker's (this process's BLAS is threaded). Returns its output, one line."""
-    command = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "extract",
-        str(dataset),
-        "--out",
-        str(out),
-        *SHARDED,
-        *REDUCE,
-        "--workers",
-        "1",
-    ]
+    command = reduced_extract(dataset, out)
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     return " ".join(done.stdout.split())
@@ -294,19 +287,7 @@ extract.VGGTWorker.sample = sample
 
 def spawn_and_kill(dataset: Path, out: Path, env: dict, happened) -> None:
     """`sf extract --reduce` with its own 1-worker cluster, SIGKILLed with all its processes once `happened()`."""
-    command = [
-        sys.executable,
-        "-m",
-        "sfcache.cli.main",
-        "extract",
-        str(dataset),
-        "--out",
-        str(out),
-        *SHARDED,
-        *REDUCE,
-        "--workers",
-        "1",
-    ]
+    command = reduced_extract(dataset, out)
     victim = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )

@@ -6,8 +6,8 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from sfcache.cli.main import main
+from sfcache.options import default_of
 from sfcache.train.data import open_training_data
 from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer
+from tests._cli_helpers import sf_command
 from tests._train_helpers import GRID, tree_digest, write_dataset, write_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,7 +128,7 @@ def test_resume_continues_from_the_same_step_and_optimizer_state(data, tmp_path,
 def sf_subprocess(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.Popen(
-        [sys.executable, "-m", "sfcache.cli.main", *args],
+        sf_command(*args),
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -374,20 +376,13 @@ def test_a_non_finite_loss_stops_with_the_step_and_metrics_stay_json(data, tmp_p
 
     monkeypatch.setattr(loop, "compute_losses", turns_nan_at_step_3)
     out = tmp_path / "run"
-    config = TrainConfig(
-        source=source,
-        cache=store,
-        out=out,
-        steps=6,
+    config = replace(
+        small_config(source, store, out),
         batch_size=4,
-        model_size="tiny",
-        grid=GRID,
-        workers=0,
-        warmup_steps=2,
         save_every=1,
         val_every=100,
-        log_every=1,
         val_episodes=0,
+        val_samples=default_of(TrainConfig, "val_samples"),
     )
     with pytest.raises(loop.SfcacheError, match="step 3: the loss is not finite .*is kept as it was"):
         Trainer(config).run()
