@@ -89,19 +89,27 @@ INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
-def interrupts_raise() -> Iterator[None]:
-    """Turn SIGINT, SIGTERM and SIGHUP (Ctrl-C, `kill`, a closed SSH terminal) into `Interrupted` in the main
-    thread, so long work unwinds its cleanup (stop tasks, release locks) and the CLI prints one line."""
+def signals_handled(signums: Iterable[int], handler) -> Iterator[None]:
+    """Handle `signums` with `handler` (a function or signal.SIG_IGN) in the main thread, then restore the previous
+    handlers; a no-op in other threads, where Python cannot install handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+
+
+@contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """Turn SIGINT, SIGTERM and SIGHUP (Ctrl-C, `kill`, a closed SSH terminal) into `Interrupted` in the main
+    thread, so long work unwinds its cleanup (stop tasks, release locks) and the CLI prints one line."""
 
     def interrupt(signum, frame):
         raise Interrupted(signum)
 
-    previous = {signum: signal.signal(signum, interrupt) for signum in INTERRUPTS}
-    try:
+    with signals_handled(INTERRUPTS, interrupt):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)

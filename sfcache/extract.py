@@ -39,7 +39,15 @@ from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
 from sfcache.device import DEVICE_CHOICES, HostCopy, check_device, encode_on_device, pinned, resolve_device, to_device
-from sfcache.errors import Interrupted, SfcacheError, SourceError, StoreError, WeightsError, raise_problems
+from sfcache.errors import (
+    Interrupted,
+    SfcacheError,
+    SourceError,
+    StoreError,
+    WeightsError,
+    raise_problems,
+    signals_handled,
+)
 from sfcache.options import comma_list, comma_text, option, same_fields
 from sfcache.pooling import pooled_targets
 from sfcache.progress import progress_bar
@@ -335,7 +343,6 @@ class VGGTWorker(WorkerPlugin):
         cache = open_cache(self.job.store, mode="r+")
         todo = [s for s, done in zip(shards, cache.done_shards(shards)) if not done]
         report = {
-            "steps": 0,
             "failed": [],
             "error": None,
             "written": {},
@@ -454,9 +461,9 @@ class VGGTWorker(WorkerPlugin):
             return {layer: stored for layer, (stored, _) in copy.get().items()}, mask
 
     @staticmethod
-    def _write(cache, shard: int, outputs: list[tuple[HostCopy, np.ndarray | None]], run: str) -> tuple[int, int, dict]:
-        """Write one shard (fenced by the run) from its batches' (encoded targets, mask); returns (shard, steps,
-        file digests)."""
+    def _write(cache, shard: int, outputs: list[tuple[HostCopy, np.ndarray | None]], run: str) -> tuple[int, dict]:
+        """Write one shard (fenced by the run) from its batches' (encoded targets, mask); returns (shard, file
+        digests)."""
         batches = [copy.get() for copy, _ in outputs]
         encoded = {layer: _concat([batch[layer] for batch in batches]) for layer in batches[0]}
         targets = {
@@ -465,7 +472,7 @@ class VGGTWorker(WorkerPlugin):
         }
         masks = [mask for _, mask in outputs]
         cache.write_shard(shard, targets, None if masks[0] is None else np.concatenate(masks), run=run)
-        return shard, len(next(iter(encoded.values()))[0]), cache.shard_digests(shard)
+        return shard, cache.shard_digests(shard)
 
 
 class _Turn:
@@ -507,12 +514,11 @@ def _collect(pending: tuple, report: dict) -> bool:
     """Fold a finished shard write into the task report; False after a store error (the first one is kept)."""
     shard, future = pending
     try:
-        shard, steps, digests = future.result()
+        shard, digests = future.result()
     except StoreError as error:
         if report["error"] is None:
             report["error"], report["error_shard"] = str(error), shard
         return False
-    report["steps"] += steps
     report["written"][shard] = digests
     return True
 
@@ -869,15 +875,8 @@ def _workers_ignore_interrupts() -> Iterator[None]:
     reaches the whole process group, and only this client should act on it (stop the tasks, release the
     lock) instead of every worker printing a KeyboardInterrupt traceback. A Ctrl-C during these few
     seconds of start-up is lost."""
-    if threading.current_thread() is not threading.main_thread():
+    with signals_handled((signal.SIGINT, signal.SIGHUP), signal.SIG_IGN):
         yield
-        return
-    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _close_client(client: Client) -> None:
@@ -974,7 +973,7 @@ def _run_shards(
 ) -> dict:
     """Submit shard-range tasks, advance the bar per batch, stop everything cleanly on a failure.
 
-    Returns {"steps", "failed", "written": {shard: {"host", "store", "digests"}}, "seconds"}.
+    Returns {"failed", "written": {shard: {"host", "store", "digests"}}, "seconds"}.
     """
     per_task = max(1, min(MAX_SHARDS_PER_TASK, -(-len(pending) // (cluster.workers * TASKS_PER_WORKER))))
     groups = _consecutive_groups(pending, per_task)
@@ -991,7 +990,7 @@ def _run_shards(
         )
         for group in groups
     ]
-    outcome: dict = {"steps": 0, "failed": [], "written": {}}
+    outcome: dict = {"failed": [], "written": {}}
     total = _steps_of(cache, pending)
     bar = progress_bar("steps") if progress else None
     topic = f"sfcache-progress-{run}"
@@ -1003,7 +1002,6 @@ def _run_shards(
                 cluster.client.subscribe_topic(topic, lambda event: bar.advance(task, event[1]))
             for future in as_completed(futures):
                 report = _task_report(future, cluster)
-                outcome["steps"] += report["steps"]
                 outcome["failed"] += report["failed"]
                 outcome["written"].update(
                     {
