@@ -35,7 +35,14 @@ from sfcache import __version__
 from sfcache.errors import ConfigMismatch, RunSuperseded, StoreError, differences
 from sfcache.keys import tfds_ids
 from sfcache.options import same_fields
-from sfcache.provenance import Fidelity, Provenance, ReduceProvenance, TargetsProvenance, VggtProvenance
+from sfcache.provenance import (
+    REDUCE_IDENTITY,
+    Fidelity,
+    Provenance,
+    ReduceProvenance,
+    TargetsProvenance,
+    VggtProvenance,
+)
 from sfcache.rows import EpisodeRecord, RowIndex, pack_episodes
 from sfcache.shard_file import DamagedShard, ShardReader, direct_layout, write_shard_file
 
@@ -312,10 +319,7 @@ def _differences(stored: dict, asked: dict) -> dict[str, tuple[object, object]]:
         "targets.checksum",
         "steps_per_shard",
         "selection",
-        "targets.reduce.asked",
-        "targets.reduce.min_cosine",
-        "targets.reduce.sample_steps",
-        "targets.reduce.held_out_steps",
+        *(f"targets.reduce.{name}" for name in REDUCE_IDENTITY if name != "method"),  # "asked" names the method
     ]
     fields += sorted(
         f"source.{k}"
