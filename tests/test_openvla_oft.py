@@ -322,6 +322,29 @@ def test_boxes_follow_the_installed_dlimps_seeds_with_colour_ops_before_the_crop
             augment(dict(obs), seed=seed, augment_kwargs=flips)
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_check_boxes_reports_the_pixel_error_of_the_boxes_on_real_frames(oft, variant, monkeypatch):
+    samples = [
+        {
+            "observation": {
+                "image_primary": obs["test_unaugmented"][:, 0],
+                "image_wrist": obs["test_unaugmented"][:, 1],
+                "pad_mask_dict": {"image_primary": np.ones(1, bool), "image_wrist": np.ones(1, bool)},
+            }
+        }
+        for obs in oft["batches"][0]["observation"]
+    ]
+    with installed(variant):
+        report = sf_oft.check_boxes(samples, oft_augment, OFT_AUGMENT, limit=3)
+        assert (report.samples, report.views) == (3, sf_oft.VIEWS)
+        assert report.max_error_px < 0.05 and report.max_levels <= 1, report
+        assert str(report).startswith("crop boxes of 3 samples x 2 views ['primary', 'wrist']: at most 0.0")
+        measured = sf_oft.crop_boxes
+        monkeypatch.setattr(sf_oft, "crop_boxes", lambda *a, **k: measured(*a, **k) + [0, 1 / POLICY, 0, 1 / POLICY])
+        off = sf_oft.check_boxes(samples, oft_augment, OFT_AUGMENT, limit=3)
+    assert 0.95 < off.max_error_px < 1.05 and off.max_levels > 2, off  # a box 1 px off is reported as such
+
+
 def test_a_join_to_an_episode_of_another_length_fails_clearly(oft):
     targets = CachedTargets(oft["store"])
     batch = oft["batches"][0]

@@ -30,9 +30,11 @@ from sfcache.errors import SfcacheError
 from sfcache.torch import CachedTargets
 
 __all__ = [
+    "BoxCheck",
     "CachedTargets",
     "augment_with_boxes",
     "batch_targets",
+    "check_boxes",
     "collate_with_sf_fields",
     "crop_boxes",
     "episode_fields",
@@ -196,6 +198,88 @@ def box_of(sampled):
     y = span(tf.reduce_mean(sampled[0, :, 0]), tf.reduce_mean(sampled[-1, :, 0]), height)
     x = span(tf.reduce_mean(sampled[:, 0, 1]), tf.reduce_mean(sampled[:, -1, 1]), width)
     return tf.stack([y[0], x[0], y[1], x[1]])
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxCheck:
+    """How far `augment_with_boxes`'s boxes are from the crops the installed augment applied (`check_boxes`)."""
+
+    samples: int
+    views: tuple[str, ...]
+    max_error_px: float  # largest |box side - side fitted to the applied crop's pixels|, in pixels of the image
+    max_levels: float  # largest uint8 difference: the applied crop vs the frame cropped with the box
+
+    def __str__(self) -> str:
+        return (
+            f"crop boxes of {self.samples} samples x {len(self.views)} views {list(self.views)}: at most "
+            f"{self.max_error_px:.3f} px from the crop applied ({self.max_levels:.0f} uint8 levels apart)"
+        )
+
+
+def check_boxes(samples, augment: Callable, augment_kwargs: dict, views: Sequence[str] = VIEWS, limit: int = 4):
+    """Check `augment_with_boxes(augment)` against the installed dlimp on real frames: a `BoxCheck`.
+
+    `samples`: OFT frames with un-augmented observations (e.g. `RLDSDataset(..., image_aug=False)` iterated with
+    an identity batch transform); the last frame of each window is used, `limit` samples. Each is augmented
+    for real with colour ops neutral (`measured_views`, same seeds), and each view's box is compared with
+    the box fitted to the applied crop's pixels (least squares, from the measured box).
+    """
+    import tensorflow as tf
+
+    errors, levels, count = [0.0], [0.0], 0
+    for n, sample in zip(range(limit), samples, strict=False):
+        observation = sample["observation"]
+        obs = {key: tf.convert_to_tensor(value[-1]) for key, value in observation.items() if key.startswith("image_")}
+        obs["pad_mask_dict"] = {
+            key: tf.convert_to_tensor(value[-1]) for key, value in observation["pad_mask_dict"].items()
+        }
+        seed = tf.constant([n, 7 * n + 1], tf.int32)
+        boxes = crop_boxes(augment, obs, seed, augment_kwargs, views).numpy().astype(np.float64)
+        applied = augment(dict(obs), seed=seed, augment_kwargs=measured_views(obs, augment_kwargs, views))
+        for box, view in zip(boxes, views, strict=True):
+            if f"image_{view}" not in obs:
+                continue
+            frame = tf.image.convert_image_dtype(obs[f"image_{view}"], tf.float32)
+            target = np.asarray(applied[f"image_{view}"], np.float64)
+            ours = tf.image.convert_image_dtype(crop_frame(frame, box), tf.uint8, saturate=True).numpy()
+            levels.append(float(np.abs(ours.astype(np.float64) - target).max()))
+            size = np.array(tuple(frame.shape[:2]) * 2, np.float64)
+            errors.append(float((np.abs(fit_box(frame, target, box) - box) * size).max()))
+        count += 1
+    return BoxCheck(count, tuple(views), max(errors), max(levels))
+
+
+def crop_frame(frame, box):
+    """`frame` [H, W, C] float32 cropped to `box` (sfcache's convention) and resized to H x W, bilinear (TF's op)."""
+    import tensorflow as tf
+
+    height, width = frame.shape[:2]
+    corners = []  # crop_and_resize puts the box corners on the first and last output pixel centres
+    for lo, hi, n in ((box[0], box[2], height), (box[1], box[3], width)):
+        start = (lo * n - (1 - (hi - lo)) / 2) / max(n - 1, 1)
+        corners.append((start, start + hi - lo))
+    (y0, y1), (x0, x1) = corners
+    boxes = tf.constant([[y0, x0, y1, x1]], tf.float32)
+    return tf.image.crop_and_resize(frame[None], boxes, [0], (height, width))[0]
+
+
+def fit_box(frame, target: np.ndarray, box: np.ndarray, iterations: int = 10) -> np.ndarray:
+    """The box whose crop of `frame` best explains the uint8 crop `target` (Gauss-Newton from `box`)."""
+    size = np.array(tuple(frame.shape[:2]) * 2, np.float64)
+
+    def render(candidate):  # what dlimp's uint8 conversion (x * 255.5, truncated) gives on average
+        return crop_frame(frame, candidate).numpy().astype(np.float64).ravel() * 255.5 - 0.5
+
+    flat = target.ravel()
+    for _ in range(iterations):
+        base = render(box)
+        steps = 0.05 / size  # a twentieth of a pixel per side
+        jacobian = np.stack([(render(box + np.eye(4)[k] * steps[k]) - base) / steps[k] for k in range(4)], axis=1)
+        update = np.linalg.lstsq(jacobian, flat - base, rcond=None)[0]
+        box = box + update
+        if (np.abs(update) * size).max() < 1e-3:
+            break
+    return box
 
 
 # ----------------------------------------------------------------------------- PyTorch side
