@@ -18,8 +18,10 @@ fork OFT pins, and upstream); every test of the boxes runs against both.
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -400,3 +402,87 @@ def test_boxes_of_oft_views_are_refused_on_a_store_of_another_view_order():
     store = SimpleNamespace(views=("wrist", "primary"), store="stores/swapped")
     with pytest.raises(SfcacheError, match=r"holds views \['wrist', 'primary'\], but OFT's crop boxes are for"):
         sf_oft.batch_targets(store, {})
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "openvla-oft.md"
+ANCHORS = Path(__file__).resolve().parent / "data" / "openvla_sf_anchors"
+
+
+def doc_edits(text: str) -> dict[str, list[tuple[int, int, str, str]]]:
+    """The doc's patch section: {file: [(first, last, instruction, block)]}, lines [first, last] replaced by the
+    block (last = first - 1: inserted after line first - 1), each as printed."""
+    section = text.split("## 2. The patch", 1)[1].split("\n## ", 1)[0]
+    edits: dict[str, list] = {}
+    for part in re.split(r"^### ", section, flags=re.M)[1:]:
+        path = re.match(r"`([^`]+)`", part)[1]
+        for instruction, block in re.findall(r"((?:[^\n]+\n)+)\n```python\n(.*?)```", part, flags=re.S):
+            instruction = " ".join(instruction.split())
+            if m := re.search(r"replace lines (\d+)-(\d+)", instruction, flags=re.I):
+                first, last = int(m[1]), int(m[2])
+            elif m := re.search(r"line (\d+) \(`[^`]+`\) becomes", instruction, flags=re.I):
+                first = last = int(m[1])
+            elif m := re.search(r"after line (\d+)|\(ends at line (\d+)\), add", instruction, flags=re.I):
+                first, last = int(m[1] or m[2]) + 1, int(m[1] or m[2])
+            else:
+                raise AssertionError(f"doc instruction not understood: {instruction}")
+            edits.setdefault(path, []).append((first, last, instruction, block))
+    return edits
+
+
+def anchor_lines(name: str) -> list[str]:
+    """The committed anchor lines of one file at their line numbers, every other line blank: [line 1, ...]."""
+    numbered = [
+        line.split("|", 1) for line in (ANCHORS / f"{name}.lines").read_text().splitlines() if line[:1].isdigit()
+    ]
+    lines = [""] * max(int(number) for number, _ in numbered)
+    for number, text in numbered:
+        lines[int(number) - 1] = text
+    return lines
+
+
+def matches(anchor: str, line: str) -> bool:
+    """A doc anchor (`...` standing for any text) against a file line."""
+    return re.fullmatch(".*".join(map(re.escape, anchor.split("..."))), line.strip()) is not None
+
+
+def test_the_docs_patch_applied_as_printed_compiles_and_its_diff_counts_are_true(tmp_path):
+    text = DOC.read_text()
+    edits = doc_edits(text)
+    assert [len(e) for e in edits.values()] == [4, 7]
+    counted = {}
+    for path, file_edits in edits.items():
+        name = Path(path).name
+        original = anchor_lines(name)
+        patched = list(original)
+        for first, last, instruction, block in sorted(file_edits, reverse=True):
+            anchors = re.findall(r"(?:line \d+ \(|from |through |after the )`([^`]+)`", instruction, flags=re.I)
+            where = original[first - 1] if last >= first else original[last - 1]
+            indent = len(where) - len(where.lstrip())
+            assert block.splitlines()[0][:indent] == " " * indent and block[indent] != " ", (instruction, block)
+            if "replace lines" in instruction.lower():
+                assert matches(anchors[0], original[first - 1]) and matches(anchors[1], original[last - 1]), instruction
+            elif "ends at line" in instruction:  # `x = Call(...)`: that call's closing line
+                assert original[last - 1].strip() == ")", instruction
+                start = anchors[0].split("(...)")[0]
+                assert any(line.strip().startswith(start) for line in original[: last - 1]), instruction
+            else:
+                assert matches(anchors[0], where), (anchors[0], where)
+            patched[first - 1 : last] = block.splitlines()
+        (tmp_path / "a").mkdir(exist_ok=True)
+        (tmp_path / "b").mkdir(exist_ok=True)
+        (tmp_path / "a" / name).write_text("\n".join(original) + "\n")
+        (tmp_path / "b" / name).write_text("\n".join(patched) + "\n")
+        compile((tmp_path / "b" / name).read_text(), path, "exec")  # a mis-indented line is a SyntaxError here
+        diff = subprocess.run(
+            ["diff", "-u", str(tmp_path / "a" / name), str(tmp_path / "b" / name)], capture_output=True, text=True
+        ).stdout.splitlines()[2:]
+        counted[name] = (sum(line[0] == "+" for line in diff), sum(line[0] == "-" for line in diff))
+    table = {
+        Path(m[1]).name: (int(m[2]), int(m[3]))
+        for m in re.finditer(r"^\| `([^`]+\.py)` \| (\d+) \| (\d+)", text, flags=re.M)
+    }
+    assert table == counted
+    written, deleted = (sum(c[i] for c in counted.values()) for i in (0, 1))
+    assert re.search(rf"^\| total \| {written} \| {deleted} \|", text, flags=re.M)
+    assert f"`diff -u` counts {written} insertions and {deleted} deletions" in " ".join(text.split())
+    assert f"**{written} lines written**" in text and f"**{deleted} lines deleted**" in text
