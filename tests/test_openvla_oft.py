@@ -11,7 +11,7 @@ so `oft_pipeline` below replicates, op for op, the parts of them the join depend
 - `decode_and_resize`: `tf.io.decode_image` + dlimp `resize_image` (lanczos3, antialias, round, clip);
 - OFT `augment` (`oft_augment`: seed + i over the set of image names, per-camera kwargs, skipping padding)
   calling `dlimp.transforms.augment_image`, applied per observation window through dlimp's `vmap`.
-dlimp's `augment_image` itself is `tests/_dlimp_variants.py`, in both seedings users have installed (the
+OFT's `augment` and dlimp's `augment_image` are `tests/_oft_doubles.py`, in both seedings users have installed (the
 fork OFT pins, and upstream); every test of the boxes runs against both.
 """
 
@@ -40,39 +40,12 @@ from sfcache.torch import CachedTargets, SpatialForcingLoss, crop_target_grid
 from sfcache.train.augment import crop_images
 from sfcache.vggt import load_vggt
 from sfcache.vggt.preprocess import preprocess
-from tests._dlimp_variants import VARIANTS, crop_seed, draw_crop_box, installed
+from tests._oft_doubles import OFT_AUGMENT, VARIANTS, crop_seed, draw_crop_box, installed, oft_augment
 from tests.test_store import build, make_config
 
 EPISODES, STEPS, FUTURE, SIZE, POLICY = 4, 6, 2, 96, 224
 IMAGE_KEYS = {"primary": "image", "wrist": "wrist_image"}
-OFT_AUGMENT = dict(  # openvla-SF's image_aug kwargs (prismatic/vla/datasets/datasets.py)
-    random_resized_crop=dict(scale=[0.9, 0.9], ratio=[1.0, 1.0]),
-    random_brightness=[0.2],
-    random_contrast=[0.8, 1.2],
-    random_saturation=[0.8, 1.2],
-    random_hue=[0.05],
-    augment_order=["random_resized_crop", "random_brightness", "random_contrast", "random_saturation", "random_hue"],
-)
 CROP_ONLY = dict(random_resized_crop=OFT_AUGMENT["random_resized_crop"], augment_order=["random_resized_crop"])
-
-
-def oft_augment(obs, seed, augment_kwargs):
-    """OFT's `obs_transforms.augment`, calling whichever dlimp `import dlimp` gives."""
-    import dlimp as dl
-    import tensorflow as tf
-
-    names = {key[6:] for key in obs if key.startswith("image_")}
-    if "augment_order" in augment_kwargs:
-        augment_kwargs = {name: augment_kwargs for name in names}
-    for i, name in enumerate(names):
-        if name not in augment_kwargs:
-            continue
-        obs[f"image_{name}"] = tf.cond(
-            obs["pad_mask_dict"][f"image_{name}"],
-            lambda: dl.transforms.augment_image(obs[f"image_{name}"], **augment_kwargs[name], seed=seed + i),  # noqa: B023
-            lambda: obs[f"image_{name}"],  # noqa: B023
-        )
-    return obs
 
 
 def vmap(tf, fn):

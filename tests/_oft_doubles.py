@@ -1,7 +1,8 @@
-"""The two dlimps an OpenVLA-OFT user may have installed, as small test doubles built from TensorFlow's own ops.
+"""OpenVLA-OFT's `augment` and the two dlimps its users may have installed, as small doubles built from TF's own ops.
 
-dlimp is not on the package registry. Both variants share the crop op and TF's stateless colour ops and
-differ only in seeding, as read from the two public repositories (`dlimp/augmentations.py`):
+dlimp and prismatic (OFT's repository) are not on the package registry; bench/train.py times with these too.
+The two dlimps share the crop op and TF's stateless colour ops and differ only in seeding, as read from the two
+public repositories (`dlimp/augmentations.py`):
 - `fork` (moojink/dlimp_openvla, pinned by OpenVLA-OFT and openvla-SF): before each op of `augment_order`
   the seed is replaced by two int32s drawn statelessly from it, and that op gets the new seed;
 - `upstream` (kvablack/dlimp): every op gets the caller's seed as it is.
@@ -17,6 +18,15 @@ import contextlib
 import sys
 import types
 from functools import partial
+
+OFT_AUGMENT = dict(  # openvla-SF's image_aug kwargs (prismatic/vla/datasets/datasets.py)
+    random_resized_crop=dict(scale=[0.9, 0.9], ratio=[1.0, 1.0]),
+    random_brightness=[0.2],
+    random_contrast=[0.8, 1.2],
+    random_saturation=[0.8, 1.2],
+    random_hue=[0.05],
+    augment_order=["random_resized_crop", "random_brightness", "random_contrast", "random_saturation", "random_hue"],
+)
 
 
 def draw_crop_box(tf, seed, scale, ratio):
@@ -88,3 +98,23 @@ def installed(variant: str):
             sys.modules.pop("dlimp")
         else:
             sys.modules["dlimp"] = saved
+
+
+def oft_augment(obs, seed, augment_kwargs):
+    """OFT's `obs_transforms.augment`: camera i of its set of image names gets seed + i, per-camera kwargs, padding
+    images skipped; it calls whichever dlimp `import dlimp` gives."""
+    import dlimp as dl
+    import tensorflow as tf
+
+    names = {key[6:] for key in obs if key.startswith("image_")}
+    if "augment_order" in augment_kwargs:
+        augment_kwargs = {name: augment_kwargs for name in names}
+    for i, name in enumerate(names):
+        if name not in augment_kwargs:
+            continue
+        obs[f"image_{name}"] = tf.cond(
+            obs["pad_mask_dict"][f"image_{name}"],
+            lambda: dl.transforms.augment_image(obs[f"image_{name}"], **augment_kwargs[name], seed=seed + i),  # noqa: B023
+            lambda: obs[f"image_{name}"],  # noqa: B023
+        )
+    return obs
