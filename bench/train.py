@@ -52,6 +52,7 @@ PRESETS = {
         "small_timed": 7,
         "loader_rows": 512,
         "loader_batches": 24,
+        "oft_samples": 64,
     },
     "vggt-1b": {
         "weights": "random:vggt-1b",
@@ -64,6 +65,7 @@ PRESETS = {
         "small_timed": 7,
         "loader_rows": 512,
         "loader_batches": 64,
+        "oft_samples": 256,
     },
 }
 WARM_UP = 2
@@ -257,6 +259,46 @@ def _target_agreement(cached: Trainer, online: Trainer) -> tuple[float, float]:
     return cosine(truth, batch.targets, dim=-1).mean().item(), cosine(truth, uncropped, dim=-1).mean().item()
 
 
+def _oft_frame_seconds(samples: int, timed: int) -> tuple[list[float], list[float]] | None:
+    """Seconds per `samples` frames of OpenVLA-OFT's training frame transform in tf.data (decode and resize two
+    256 px JPEG views to 224, then OFT's augment with its kwargs, dlimp's fork), with and without
+    `augment_with_boxes`; None without TensorFlow. OFT's augment and dlimp are the test doubles
+    (`tests/_oft_doubles.py`: the same TF ops). Drained inside the graph (`reduce`): no Python per sample."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    from sfcache.integrations.openvla_oft import augment_with_boxes
+    from tests._oft_doubles import OFT_AUGMENT, installed, oft_augment
+
+    rows, cols = np.mgrid[0:256, 0:256]
+    picture = np.stack([rows, cols, (rows * cols) // 256], axis=-1).astype(np.uint8)
+    jpegs = [tf.io.encode_jpeg(np.roll(picture, shift, axis=(0, 1)), quality=95) for shift in (0, 37)]
+
+    def decoded(jpeg):  # OFT's decode_and_resize: TF's decode, dlimp's resize_image
+        image = tf.image.resize(
+            tf.io.decode_image(jpeg, 3, expand_animations=False), (224, 224), "lanczos3", antialias=True
+        )
+        return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+    def frame(_):
+        views = {f"image_{view}": decoded(jpeg) for view, jpeg in zip(("primary", "wrist"), jpegs, strict=True)}
+        return {**views, "pad_mask_dict": {key: tf.constant(True) for key in views}}
+
+    def pipeline(augment: Callable) -> Callable[[int], object]:
+        def aug(obs):
+            seed = tf.random.uniform([2], maxval=tf.dtypes.int32.max, dtype=tf.int32)
+            return augment(obs, seed=seed, augment_kwargs=OFT_AUGMENT)
+
+        frames = tf.data.Dataset.range(samples).map(frame).map(aug)
+        return lambda _: frames.reduce(np.int64(0), lambda count, _: count + 1)
+
+    with installed("fork"):
+        works = [pipeline(oft_augment), pipeline(augment_with_boxes(oft_augment))]
+        plain, boxed = _interleaved_seconds(works, timed, torch.device("cpu"))
+    return plain, boxed
+
+
 def run(workdir: Path, preset: str) -> list[dict]:
     settings = preset_settings(PRESETS, preset, "train")
     source = write_libero_hdf5(
@@ -390,4 +432,19 @@ def run(workdir: Path, preset: str) -> list[dict]:
             "change little across the image, so the gain is small",
         ),
     ]
+    oft = _oft_frame_seconds(settings["oft_samples"], timed)
+    if oft is not None:
+        plain, boxed = (statistics.median(seconds) / settings["oft_samples"] * 1e3 for seconds in oft)
+        rows.append(
+            row(
+                "train",
+                "OpenVLA-OFT frame transform in tf.data: with vs without augment_with_boxes",
+                boxed,
+                plain,
+                "ms/sample",
+                f"median of {timed} interleaved runs of {settings['oft_samples']} samples, one tf.data thread: decode "
+                "and resize two 256 px JPEG views to 224, OFT's augment with its kwargs (dlimp fork seeding, test "
+                f"doubles of the same TF ops); the boxes (measured on coordinate images) add {boxed - plain:.2f} ms",
+            )
+        )
     return rows
