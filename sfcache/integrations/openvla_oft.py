@@ -144,24 +144,23 @@ def measured_views(obs: dict, augment_kwargs: dict, views: Sequence[str]) -> dic
     per_view = {key[6:]: augment_kwargs for key in obs if key.startswith("image_")}
     if "augment_order" not in augment_kwargs:  # OFT's per-camera form: {name: kwargs}
         per_view = {name: augment_kwargs.get(name) for name in per_view}
-    return {
-        view: measuring_kwargs(per_view[view])
-        for view in views
-        if per_view.get(view) is not None and CROP_OP in per_view[view]["augment_order"]
-    }
+    measured = {view: measuring_kwargs(per_view[view]) for view in views if per_view.get(view) is not None}
+    return {view: kwargs for view, kwargs in measured.items() if kwargs is not None}
 
 
-def measuring_kwargs(kwargs: dict) -> dict:
-    """`kwargs` of one view with its colour ops neutral and those after the last crop left out (see `crop_boxes`)."""
+def measuring_kwargs(kwargs: dict) -> dict | None:
+    """`kwargs` of one view with its colour ops neutral and those after the last crop left out (see `crop_boxes`);
+    None without a crop (the full image)."""
     order = list(kwargs["augment_order"])
-    last_crop = max(i for i, op in enumerate(order) if op == CROP_OP)
     for op in order:
         if op != CROP_OP and op not in NEUTRAL_COLOUR_OPS:
             raise SfcacheError(
                 f"augment_with_boxes: augment_order {order} has {op!r}, which a crop box cannot describe; "
                 f"sfcache follows {CROP_OP!r} and the colour ops {sorted(NEUTRAL_COLOUR_OPS)}"
             )
-    kept = order[: last_crop + 1]
+    if CROP_OP not in order:
+        return None
+    kept = order[: max(i for i, op in enumerate(order) if op == CROP_OP) + 1]
     return {
         "augment_order": kept,
         CROP_OP: kwargs.get(CROP_OP, {}),
