@@ -259,16 +259,17 @@ def _target_agreement(cached: Trainer, online: Trainer) -> tuple[float, float]:
     return cosine(truth, batch.targets, dim=-1).mean().item(), cosine(truth, uncropped, dim=-1).mean().item()
 
 
-def _oft_frame_seconds(samples: int, timed: int) -> tuple[list[float], list[float]] | None:
+def _oft_frame_seconds(samples: int, timed: int) -> dict[str, list[float]] | None:
     """Seconds per `samples` frames of OpenVLA-OFT's training frame transform in tf.data (decode and resize two
-    256 px JPEG views to 224, then OFT's augment with its kwargs, dlimp's fork), with and without
-    `augment_with_boxes`; None without TensorFlow. OFT's augment and dlimp are the test doubles
+    256 px JPEG views to 224, then OFT's augment with its kwargs, dlimp's fork) with and without
+    `augment_with_boxes`, and, to see the added work alone, of the decode with only the boxes and with
+    nothing else; None without TensorFlow. OFT's augment and dlimp are the test doubles
     (`tests/_oft_doubles.py`: the same TF ops). Drained inside the graph (`reduce`): no Python per sample."""
     try:
         import tensorflow as tf
     except ImportError:
         return None
-    from sfcache.integrations.openvla_oft import augment_with_boxes
+    from sfcache.integrations.openvla_oft import augment_with_boxes, crop_boxes
     from tests._oft_doubles import OFT_AUGMENT, installed, oft_augment
 
     rows, cols = np.mgrid[0:256, 0:256]
@@ -293,10 +294,18 @@ def _oft_frame_seconds(samples: int, timed: int) -> tuple[list[float], list[floa
         frames = tf.data.Dataset.range(samples).map(frame).map(aug)
         return lambda _: frames.reduce(np.int64(0), lambda count, _: count + 1)
 
+    def only_boxes(obs, seed, augment_kwargs):
+        return {**obs, "sf_crop_boxes": crop_boxes(oft_augment, obs, seed, augment_kwargs)}
+
+    variants = {
+        "plain": oft_augment,
+        "boxed": augment_with_boxes(oft_augment),
+        "decode": lambda obs, seed, augment_kwargs: obs,
+        "decode_boxes": only_boxes,
+    }
     with installed("fork"):
-        works = [pipeline(oft_augment), pipeline(augment_with_boxes(oft_augment))]
-        plain, boxed = _interleaved_seconds(works, timed, torch.device("cpu"))
-    return plain, boxed
+        seconds = _interleaved_seconds([pipeline(work) for work in variants.values()], timed, torch.device("cpu"))
+    return dict(zip(variants, seconds, strict=True))
 
 
 def run(workdir: Path, preset: str) -> list[dict]:
@@ -434,17 +443,19 @@ def run(workdir: Path, preset: str) -> list[dict]:
     ]
     oft = _oft_frame_seconds(settings["oft_samples"], timed)
     if oft is not None:
-        plain, boxed = (statistics.median(seconds) / settings["oft_samples"] * 1e3 for seconds in oft)
+        ms = {name: statistics.median(seconds) / settings["oft_samples"] * 1e3 for name, seconds in oft.items()}
         rows.append(
             row(
                 "train",
                 "OpenVLA-OFT frame transform in tf.data: with vs without augment_with_boxes",
-                boxed,
-                plain,
+                ms["boxed"],
+                ms["plain"],
                 "ms/sample",
                 f"median of {timed} interleaved runs of {settings['oft_samples']} samples, one tf.data thread: decode "
                 "and resize two 256 px JPEG views to 224, OFT's augment with its kwargs (dlimp fork seeding, test "
-                f"doubles of the same TF ops); the boxes (measured on coordinate images) add {boxed - plain:.2f} ms",
+                f"doubles of the same TF ops); difference {ms['boxed'] - ms['plain']:.2f} ms; the boxes alone "
+                f"(measured on coordinate images; decode + boxes - decode) {ms['decode_boxes'] - ms['decode']:.2f} ms, "
+                f"OFT's augment alone {ms['plain'] - ms['decode']:.2f} ms, decode and resize {ms['decode']:.2f} ms",
             )
         )
     return rows
