@@ -78,18 +78,23 @@ def _in_memory_batches(trainer: Trainer, count: int) -> list[dict]:
     return list(trainer._loader(trainer.data.train, batches))
 
 
-def _interleaved_seconds(works: list[Callable[[int], object]], timed: int, device: torch.device) -> list[list[float]]:
+def _interleaved_seconds(
+    works: list[Callable[[int], object]],
+    timed: int,
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[list[float]]:
     """Seconds of each `work(round)` in each of `timed` rounds after WARM_UP, the works run in turn every
-    round (a load spike hits all alike)."""
+    round (a load spike hits all alike); `clock` time.process_time counts this process's CPU seconds instead."""
     times: list[list[float]] = [[] for _ in works]
     sync = device_sync(device)
     for step in range(WARM_UP + timed):
         for work, spent in zip(works, times):
-            start = time.perf_counter()
+            start = clock()
             work(step)
             sync()
             if step >= WARM_UP:
-                spent.append(time.perf_counter() - start)
+                spent.append(clock() - start)
     return times
 
 
@@ -260,7 +265,8 @@ def _target_agreement(cached: Trainer, online: Trainer) -> tuple[float, float]:
 
 
 def _oft_frame_seconds(samples: int, timed: int) -> dict[str, list[float]] | None:
-    """Seconds per `samples` frames of OpenVLA-OFT's training frame transform in tf.data (decode and resize two
+    """CPU seconds (all threads of this process: a cost, not other processes' load) per `samples` frames of
+    OpenVLA-OFT's training frame transform in tf.data (decode and resize two
     256 px JPEG views to 224, then OFT's augment with its kwargs, dlimp's fork) with and without
     `augment_with_boxes`, and, to see the added work alone, of the decode with only the boxes and with
     nothing else; None without TensorFlow. OFT's augment and dlimp are the test doubles
@@ -304,7 +310,8 @@ def _oft_frame_seconds(samples: int, timed: int) -> dict[str, list[float]] | Non
         "decode_boxes": only_boxes,
     }
     with installed("fork"):
-        seconds = _interleaved_seconds([pipeline(work) for work in variants.values()], timed, torch.device("cpu"))
+        works = [pipeline(work) for work in variants.values()]
+        seconds = _interleaved_seconds(works, timed, torch.device("cpu"), clock=time.process_time)
     return dict(zip(variants, seconds, strict=True))
 
 
@@ -450,8 +457,8 @@ def run(workdir: Path, preset: str) -> list[dict]:
                 "OpenVLA-OFT frame transform in tf.data: with vs without augment_with_boxes",
                 ms["boxed"],
                 ms["plain"],
-                "ms/sample",
-                f"median of {timed} interleaved runs of {settings['oft_samples']} samples, one tf.data thread: decode "
+                "CPU ms/sample",
+                f"median of {timed} interleaved runs of {settings['oft_samples']} samples, CPU time: decode "
                 "and resize two 256 px JPEG views to 224, OFT's augment with its kwargs (dlimp fork seeding, test "
                 f"doubles of the same TF ops); difference {ms['boxed'] - ms['plain']:.2f} ms; the boxes alone "
                 f"(measured on coordinate images; decode + boxes - decode) {ms['decode_boxes'] - ms['decode']:.2f} ms, "
