@@ -52,6 +52,7 @@ PRESETS = {
         "small_timed": 7,
         "loader_rows": 512,
         "loader_batches": 24,
+        "oft_samples": 64,
     },
     "vggt-1b": {
         "weights": "random:vggt-1b",
@@ -64,6 +65,7 @@ PRESETS = {
         "small_timed": 7,
         "loader_rows": 512,
         "loader_batches": 64,
+        "oft_samples": 256,
     },
 }
 WARM_UP = 2
@@ -76,18 +78,23 @@ def _in_memory_batches(trainer: Trainer, count: int) -> list[dict]:
     return list(trainer._loader(trainer.data.train, batches))
 
 
-def _interleaved_seconds(works: list[Callable[[int], object]], timed: int, device: torch.device) -> list[list[float]]:
+def _interleaved_seconds(
+    works: list[Callable[[int], object]],
+    timed: int,
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[list[float]]:
     """Seconds of each `work(round)` in each of `timed` rounds after WARM_UP, the works run in turn every
-    round (a load spike hits all alike)."""
+    round (a load spike hits all alike); `clock` time.process_time counts this process's CPU seconds instead."""
     times: list[list[float]] = [[] for _ in works]
     sync = device_sync(device)
     for step in range(WARM_UP + timed):
         for work, spent in zip(works, times):
-            start = time.perf_counter()
+            start = clock()
             work(step)
             sync()
             if step >= WARM_UP:
-                spent.append(time.perf_counter() - start)
+                spent.append(clock() - start)
     return times
 
 
@@ -257,6 +264,57 @@ def _target_agreement(cached: Trainer, online: Trainer) -> tuple[float, float]:
     return cosine(truth, batch.targets, dim=-1).mean().item(), cosine(truth, uncropped, dim=-1).mean().item()
 
 
+def _oft_frame_seconds(samples: int, timed: int) -> dict[str, list[float]] | None:
+    """CPU seconds (all threads of this process: a cost, not other processes' load) per `samples` frames of
+    OpenVLA-OFT's training frame transform in tf.data (decode and resize two
+    256 px JPEG views to 224, then OFT's augment with its kwargs, dlimp's fork) with and without
+    `augment_with_boxes`, and, to see the added work alone, of the decode with only the boxes and with
+    nothing else; None without TensorFlow. OFT's augment and dlimp are the test doubles
+    (`tests/_oft_doubles.py`: the same TF ops). Drained inside the graph (`reduce`): no Python per sample."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    from sfcache.integrations.openvla_oft import augment_with_boxes, crop_boxes
+    from tests._oft_doubles import OFT_AUGMENT, installed, oft_augment
+
+    rows, cols = np.mgrid[0:256, 0:256]
+    picture = np.stack([rows, cols, (rows * cols) // 256], axis=-1).astype(np.uint8)
+    jpegs = [tf.io.encode_jpeg(np.roll(picture, shift, axis=(0, 1)), quality=95) for shift in (0, 37)]
+
+    def decoded(jpeg):  # OFT's decode_and_resize: TF's decode, dlimp's resize_image
+        image = tf.image.resize(
+            tf.io.decode_image(jpeg, 3, expand_animations=False), (224, 224), "lanczos3", antialias=True
+        )
+        return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+    def frame(_):
+        views = {f"image_{view}": decoded(jpeg) for view, jpeg in zip(("primary", "wrist"), jpegs, strict=True)}
+        return {**views, "pad_mask_dict": {key: tf.constant(True) for key in views}}
+
+    def pipeline(augment: Callable) -> Callable[[int], object]:
+        def aug(obs):
+            seed = tf.random.uniform([2], maxval=tf.dtypes.int32.max, dtype=tf.int32)
+            return augment(obs, seed=seed, augment_kwargs=OFT_AUGMENT)
+
+        frames = tf.data.Dataset.range(samples).map(frame).map(aug)
+        return lambda _: frames.reduce(np.int64(0), lambda count, _: count + 1)
+
+    def only_boxes(obs, seed, augment_kwargs):
+        return {**obs, "sf_crop_boxes": crop_boxes(oft_augment, obs, seed, augment_kwargs)}
+
+    variants = {
+        "plain": oft_augment,
+        "boxed": augment_with_boxes(oft_augment),
+        "decode": lambda obs, seed, augment_kwargs: obs,
+        "decode_boxes": only_boxes,
+    }
+    with installed("fork"):
+        works = [pipeline(work) for work in variants.values()]
+        seconds = _interleaved_seconds(works, timed, torch.device("cpu"), clock=time.process_time)
+    return dict(zip(variants, seconds, strict=True))
+
+
 def run(workdir: Path, preset: str) -> list[dict]:
     settings = preset_settings(PRESETS, preset, "train")
     source = write_libero_hdf5(
@@ -390,4 +448,21 @@ def run(workdir: Path, preset: str) -> list[dict]:
             "change little across the image, so the gain is small",
         ),
     ]
+    oft = _oft_frame_seconds(settings["oft_samples"], timed)
+    if oft is not None:
+        ms = {name: statistics.median(seconds) / settings["oft_samples"] * 1e3 for name, seconds in oft.items()}
+        rows.append(
+            row(
+                "train",
+                "OpenVLA-OFT frame transform in tf.data: with vs without augment_with_boxes",
+                ms["boxed"],
+                ms["plain"],
+                "CPU ms/sample",
+                f"median of {timed} interleaved runs of {settings['oft_samples']} samples, CPU time: decode "
+                "and resize two 256 px JPEG views to 224, OFT's augment with its kwargs (dlimp fork seeding, test "
+                f"doubles of the same TF ops); difference {ms['boxed'] - ms['plain']:.2f} ms; the boxes alone "
+                f"(measured on coordinate images; decode + boxes - decode) {ms['decode_boxes'] - ms['decode']:.2f} ms, "
+                f"OFT's augment alone {ms['plain'] - ms['decode']:.2f} ms, decode and resize {ms['decode']:.2f} ms",
+            )
+        )
     return rows

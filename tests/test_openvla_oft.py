@@ -9,18 +9,19 @@ so `oft_pipeline` below replicates, op for op, the parts of them the join depend
   users add (`episode_fields`), `add_pad_mask_dict`, `chunk_act_obs` (window 1, future actions),
   flatten and a frame shuffle;
 - `decode_and_resize`: `tf.io.decode_image` + dlimp `resize_image` (lanczos3, antialias, round, clip);
-- OFT `augment` (seed + i over the set of image names, skipping padding) calling dlimp `augment_image`
-  (to float, each op with the same seed then clip, back to uint8) with dlimp's `random_resized_crop`
-  (four stateless draws of one seed, `crop_and_resize`) and TF's stateless colour ops, with OFT's
-  training kwargs (`datasets.py`), applied per observation window of 1 (dlimp `vmap`).
-The test's crop is written independently of `sfcache.integrations.openvla_oft.dlimp_crop_box`.
+- OFT `augment` (`oft_augment`: seed + i over the set of image names, per-camera kwargs, skipping padding)
+  calling `dlimp.transforms.augment_image`, applied per observation window through dlimp's `vmap`.
+OFT's `augment` and dlimp's `augment_image` are `tests/_oft_doubles.py`, in both seedings users have installed (the
+fork OFT pins, and upstream); every test of the boxes runs against both.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,19 +40,23 @@ from sfcache.torch import CachedTargets, SpatialForcingLoss, crop_target_grid
 from sfcache.train.augment import crop_images
 from sfcache.vggt import load_vggt
 from sfcache.vggt.preprocess import preprocess
+from tests._oft_doubles import OFT_AUGMENT, VARIANTS, crop_seed, draw_crop_box, installed, oft_augment
 from tests.test_store import build, make_config
 
 EPISODES, STEPS, FUTURE, SIZE, POLICY = 4, 6, 2, 96, 224
 IMAGE_KEYS = {"primary": "image", "wrist": "wrist_image"}
-OFT_AUGMENT = dict(
-    random_resized_crop=dict(scale=[0.9, 0.9], ratio=[1.0, 1.0]),
-    random_brightness=[0.2],
-    random_contrast=[0.8, 1.2],
-    random_saturation=[0.8, 1.2],
-    random_hue=[0.05],
-    augment_order=["random_resized_crop", "random_brightness", "random_contrast", "random_saturation", "random_hue"],
-)
 CROP_ONLY = dict(random_resized_crop=OFT_AUGMENT["random_resized_crop"], augment_order=["random_resized_crop"])
+
+
+def vmap(tf, fn):
+    """dlimp's `vmap`: `fn` on each element of the leading axis, restacked."""
+
+    def mapped(structure):
+        elements = zip(*map(tf.unstack, tf.nest.flatten(structure)))
+        results = [fn(tf.nest.pack_sequence_as(structure, list(element))) for element in elements]
+        return tf.nest.map_structure(lambda *x: tf.stack(x), *results)
+
+    return mapped
 
 
 def oft_pipeline(tf, tfds, builder):
@@ -95,52 +100,17 @@ def oft_pipeline(tf, tfds, builder):
             obs[f"image_{view}"] = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
         return obs
 
-    def dlimp_augment_image(image, seed, kwargs):
-        image = tf.image.convert_image_dtype(image, tf.float32)
-        for op in kwargs["augment_order"]:
-            if op == "random_resized_crop":
-                (low, high), ratios = kwargs[op]["scale"], tf.math.log(kwargs[op]["ratio"])
-                area = tf.random.stateless_uniform((1,), seed, low, high)
-                aspect = tf.exp(tf.random.stateless_uniform((1,), seed, ratios[0], ratios[1]))
-                height = tf.clip_by_value(tf.sqrt(area / aspect), 0, 1)
-                width = tf.clip_by_value(tf.sqrt(area * aspect), 0, 1)
-                y0 = tf.random.stateless_uniform((1,), seed, 0, 1 - height)
-                x0 = tf.random.stateless_uniform((1,), seed, 0, 1 - width)
-                box = tf.stack([y0, x0, y0 + height, x0 + width], axis=1)
-                image = tf.image.crop_and_resize(image[None], box, [0], (POLICY, POLICY))[0]
-            else:
-                colour = {
-                    "random_brightness": tf.image.stateless_random_brightness,
-                    "random_contrast": tf.image.stateless_random_contrast,
-                    "random_saturation": tf.image.stateless_random_saturation,
-                    "random_hue": tf.image.stateless_random_hue,
-                }[op]
-                image = colour(image, *kwargs[op], seed=seed)
-            image = tf.clip_by_value(image, 0, 1)
-        return tf.image.convert_image_dtype(image, tf.uint8, saturate=True)
-
-    def oft_augment(obs, seed, augment_kwargs):
-        names = {key[6:] for key in obs if key.startswith("image_")}
-        for i, name in enumerate(names):
-            obs[f"image_{name}"] = tf.cond(
-                obs["pad_mask_dict"][f"image_{name}"],
-                lambda: dlimp_augment_image(obs[f"image_{name}"], seed + i, augment_kwargs),
-                lambda: obs[f"image_{name}"],
-            )
-        return obs
-
     augment = sf_oft.augment_with_boxes(oft_augment)  # the line users change
 
     def frame_transforms(frame):
-        obs = decode_and_resize(tf.nest.map_structure(lambda x: x[0], frame["observation"]))
-        unaugmented = tf.stack([obs["image_primary"], obs["image_wrist"]])
+        obs = vmap(tf, decode_and_resize)(frame["observation"])
         seed = tf.random.uniform([2], maxval=tf.dtypes.int32.max, dtype=tf.int32)
-        crop_only = augment(dict(obs), seed=seed, augment_kwargs=CROP_ONLY)
-        obs = augment(dict(obs), seed=seed, augment_kwargs=OFT_AUGMENT)
-        obs["test_crop_only"] = tf.stack([crop_only["image_primary"], crop_only["image_wrist"]])
-        obs["test_crop_only_boxes"] = crop_only["sf_crop_boxes"]
-        obs["test_unaugmented"] = unaugmented
-        return {**frame, "observation": tf.nest.map_structure(lambda x: x[None], obs)}
+        crop_only = vmap(tf, lambda o: augment(o, seed=seed, augment_kwargs=CROP_ONLY))(dict(obs))
+        augmented = vmap(tf, lambda o: augment(o, seed=seed, augment_kwargs=OFT_AUGMENT))(dict(obs))
+        augmented["test_crop_only"] = tf.stack([crop_only["image_primary"], crop_only["image_wrist"]], axis=1)
+        augmented["test_crop_only_boxes"] = crop_only["sf_crop_boxes"]
+        augmented["test_unaugmented"] = tf.stack([obs["image_primary"], obs["image_wrist"]], axis=1)
+        return {**frame, "observation": augmented}
 
     frames = episodes.map(steps_on_top).map(restructure).flat_map(tf.data.Dataset.from_tensor_slices)
     return frames.shuffle(64, seed=3).map(frame_transforms)
@@ -148,7 +118,7 @@ def oft_pipeline(tf, tfds, builder):
 
 @pytest.fixture(scope="module")
 def oft(tmp_path_factory):
-    """One OFT-pipeline run over a small RLDS dataset with its cache: collated batches and what made them."""
+    """OFT-pipeline runs over a small RLDS dataset with its cache, one per dlimp variant: collated batches."""
     tf = pytest.importorskip("tensorflow")
     tfds = pytest.importorskip("tensorflow_datasets")
     root = tmp_path_factory.mktemp("oft")
@@ -172,9 +142,20 @@ def oft(tmp_path_factory):
     builder = sf_oft.with_tfds_ids(tfds.builder_from_directory(str(written.path / "1.0.0")))
     transform = sf_oft.with_sf_fields(lambda sample: {"observation": sample["observation"]})
     collate = sf_oft.collate_with_sf_fields(lambda items: {"observation": [i["observation"] for i in items]})
-    samples = [transform(sample) for sample in oft_pipeline(tf, tfds, builder).as_numpy_iterator()]
-    batches = [collate(samples[i : i + 4]) for i in range(0, len(samples), 4)]
-    return {"tf": tf, "tfds": tfds, "builder": builder, "written": written, "store": root / "store", "batches": batches}
+    batches = {}
+    for variant in VARIANTS:
+        with installed(variant):
+            samples = [transform(sample) for sample in oft_pipeline(tf, tfds, builder).as_numpy_iterator()]
+        batches[variant] = [collate(samples[i : i + 4]) for i in range(0, len(samples), 4)]
+    return {
+        "tf": tf,
+        "tfds": tfds,
+        "builder": builder,
+        "written": written,
+        "store": root / "store",
+        "batches": batches["fork"],
+        "variants": batches,
+    }
 
 
 def test_tfds_ids_name_sfcache_episodes_and_train_slices(oft):
@@ -235,16 +216,19 @@ def test_every_sample_is_joined_to_the_target_of_its_unaugmented_frame(oft):
         torch.testing.assert_close(cropped, expected.flatten(1, 2), rtol=1e-5, atol=1e-5)
 
 
-def test_crop_boxes_are_the_crops_dlimp_applied_per_view(oft):
-    checked = 0
-    for batch in oft["batches"]:
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_crop_boxes_are_the_crops_dlimp_applied_per_view(oft, variant):
+    """Against both dlimps: every sample's box, cropping its un-augmented frame, gives the pixels dlimp's crop
+    gave (within uint8 truncation); the same box 1 px off does not."""
+    checked, worst = 0, 0.0
+    for batch in oft["variants"][variant]:
         boxes = batch["sf_crop_boxes"]  # [B, V, 4]
         assert boxes.shape[1:] == (2, 4)
         crop_only = torch.from_numpy(np.stack([obs["test_crop_only_boxes"][0] for obs in batch["observation"]]))
-        torch.testing.assert_close(boxes, crop_only, rtol=0, atol=0)  # the draws depend only on the seed
+        torch.testing.assert_close(boxes, crop_only, rtol=0, atol=1e-6)  # the crop is OFT's first op
         assert not torch.equal(boxes[:, 0], boxes[:, 1])  # each view has its own seed
         spans = boxes[..., 2:] - boxes[..., :2]
-        torch.testing.assert_close(spans, torch.full_like(spans, 0.9**0.5), rtol=0, atol=1e-6)
+        torch.testing.assert_close(spans, torch.full_like(spans, 0.9**0.5), rtol=0, atol=1e-5)
         raw = torch.from_numpy(np.stack([obs["test_unaugmented"][0] for obs in batch["observation"]]))
         applied = np.stack([obs["test_crop_only"][0] for obs in batch["observation"]]).astype(np.int16)
         full = np.stack([obs["image_primary"][0] for obs in batch["observation"]]).astype(np.int16)
@@ -252,12 +236,88 @@ def test_crop_boxes_are_the_crops_dlimp_applied_per_view(oft):
         for view in range(2):
             image = raw[:, view].permute(0, 3, 1, 2)[:, None].float() / 255
             ours = (crop_images(image, boxes[:, view], POLICY)[:, 0].permute(0, 2, 3, 1) * 255).numpy()
-            assert np.abs(ours - applied[:, view]).max() <= 1.01  # uint8 truncation
-            shifted = boxes[:, view] + torch.tensor([1.5, 1.5, 1.5, 1.5]) / POLICY
-            off = (crop_images(image, shifted, POLICY)[:, 0].permute(0, 2, 3, 1) * 255).numpy()
-            assert np.abs(off - applied[:, view]).max() > 8  # a box 1.5 px off is seen
+            worst = max(worst, np.abs(ours - applied[:, view]).max())
+            for shift in ([1, 1, 1, 1], [0, 0, 1, 1], [-1, 0, -1, 0]):  # moved 1 px, or grown 1 px
+                off = boxes[:, view] + torch.tensor(shift, dtype=torch.float32) / POLICY
+                moved = (crop_images(image, off, POLICY)[:, 0].permute(0, 2, 3, 1) * 255).numpy()
+                assert np.abs(moved - applied[:, view]).max(axis=(1, 2, 3)).min() > 2  # every sample sees it
             checked += len(boxes)
+    assert worst <= 1.01, worst  # uint8 truncation
     assert checked == 2 * EPISODES * (STEPS - FUTURE)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_boxes_follow_the_installed_dlimps_seeds_with_colour_ops_before_the_crop(variant):
+    """Colour ops ahead of the crop change the fork's crop seed, not upstream's; per-camera kwargs, padding views
+    and views without a crop get the full image; a flip is refused."""
+    tf = pytest.importorskip("tensorflow")
+    height, width = 180, 240
+    crop = dict(scale=[0.4, 0.8], ratio=[0.6, 1.6])
+    order = ["random_brightness", "random_contrast", "random_resized_crop", "random_saturation", "random_hue"]
+    kwargs = {**OFT_AUGMENT, "random_resized_crop": crop, "augment_order": order}
+    obs = {
+        "image_primary": tf.zeros((height, width, 3), tf.uint8),
+        "image_wrist": tf.zeros((height, width, 3), tf.uint8),
+        "image_left": tf.zeros((8, 8, 3), tf.uint8),
+        "pad_mask_dict": {"image_primary": True, "image_wrist": True, "image_left": True},
+    }
+    names = list({key[6:] for key in obs if key.startswith("image_")})  # OFT's seed + i enumerates this set
+    augment = sf_oft.augment_with_boxes(oft_augment)
+    seed = tf.constant([123, 456])
+    with installed(variant):
+        boxes = augment(dict(obs), seed=seed, augment_kwargs=kwargs)["sf_crop_boxes"].numpy()
+    for v, view in enumerate(sf_oft.VIEWS):
+        drawn = {}
+        for model in VARIANTS:
+            y0, x0, y1, x1 = draw_crop_box(tf, crop_seed(tf, model, seed + names.index(view), 2), **crop)[0].numpy()
+            # crop_and_resize's corners sit on pixel centres: in sfcache's convention the same sampling is
+            drawn[model] = np.array(
+                [
+                    ((height - 1) * y0 + (1 - (y1 - y0)) / 2) / height,
+                    ((width - 1) * x0 + (1 - (x1 - x0)) / 2) / width,
+                ]
+            )
+            drawn[model] = np.concatenate([drawn[model], drawn[model] + [y1 - y0, x1 - x0]])
+        scale = np.array([height, width, height, width])
+        assert np.abs((boxes[v] - drawn[variant]) * scale).max() < 0.01
+        other = "upstream" if variant == "fork" else "fork"
+        assert np.abs((boxes[v] - drawn[other]) * scale).max() > 1  # the two seedings give other crops
+
+    per_camera = {"primary": kwargs, "wrist": {"augment_order": ["random_hue"], "random_hue": [0.05]}}
+    padded = {**obs, "pad_mask_dict": {**obs["pad_mask_dict"], "image_primary": False}}
+    with installed(variant):
+        only_primary = augment(dict(obs), seed=seed, augment_kwargs=per_camera)["sf_crop_boxes"].numpy()
+        no_crop = augment(dict(padded), seed=seed, augment_kwargs=kwargs)["sf_crop_boxes"].numpy()
+        np.testing.assert_allclose(only_primary[0], boxes[0], atol=1e-6)
+        np.testing.assert_allclose(only_primary[1], sf_oft.FULL_BOX, atol=1e-6)
+        np.testing.assert_allclose(no_crop[0], sf_oft.FULL_BOX, atol=1e-6)
+        np.testing.assert_allclose(no_crop[1], boxes[1], atol=1e-6)
+        for flips in (["random_resized_crop", "random_flip_left_right"], ["random_flip_left_right"]):
+            with pytest.raises(SfcacheError, match="has 'random_flip_left_right', which a crop box cannot describe"):
+                augment(dict(obs), seed=seed, augment_kwargs={**kwargs, "augment_order": flips})
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_check_boxes_reports_the_pixel_error_of_the_boxes_on_real_frames(oft, variant, monkeypatch):
+    samples = [
+        {
+            "observation": {
+                "image_primary": obs["test_unaugmented"][:, 0],
+                "image_wrist": obs["test_unaugmented"][:, 1],
+                "pad_mask_dict": {"image_primary": np.ones(1, bool), "image_wrist": np.ones(1, bool)},
+            }
+        }
+        for obs in oft["batches"][0]["observation"]
+    ]
+    with installed(variant):
+        report = sf_oft.check_boxes(samples, oft_augment, OFT_AUGMENT, limit=3)
+        assert (report.samples, report.views) == (3, sf_oft.VIEWS)
+        assert report.max_error_px < 0.05 and report.max_levels <= 1, report
+        assert str(report).startswith("crop boxes of 3 samples x 2 views ['primary', 'wrist']: at most 0.0")
+        measured = sf_oft.crop_boxes
+        monkeypatch.setattr(sf_oft, "crop_boxes", lambda *a, **k: measured(*a, **k) + [0, 1 / POLICY, 0, 1 / POLICY])
+        off = sf_oft.check_boxes(samples, oft_augment, OFT_AUGMENT, limit=3)
+    assert 0.95 < off.max_error_px < 1.05 and off.max_levels > 2, off  # a box 1 px off is reported as such
 
 
 def test_a_join_to_an_episode_of_another_length_fails_clearly(oft):
@@ -315,3 +375,87 @@ def test_boxes_of_oft_views_are_refused_on_a_store_of_another_view_order():
     store = SimpleNamespace(views=("wrist", "primary"), store="stores/swapped")
     with pytest.raises(SfcacheError, match=r"holds views \['wrist', 'primary'\], but OFT's crop boxes are for"):
         sf_oft.batch_targets(store, {})
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "openvla-oft.md"
+ANCHORS = Path(__file__).resolve().parent / "data" / "openvla_sf_anchors"
+
+
+def doc_edits(text: str) -> dict[str, list[tuple[int, int, str, str]]]:
+    """The doc's patch section: {file: [(first, last, instruction, block)]}, lines [first, last] replaced by the
+    block (last = first - 1: inserted after line first - 1), each as printed."""
+    section = text.split("## 2. The patch", 1)[1].split("\n## ", 1)[0]
+    edits: dict[str, list] = {}
+    for part in re.split(r"^### ", section, flags=re.M)[1:]:
+        path = re.match(r"`([^`]+)`", part)[1]
+        for instruction, block in re.findall(r"((?:[^\n]+\n)+)\n```python\n(.*?)```", part, flags=re.S):
+            instruction = " ".join(instruction.split())
+            if m := re.search(r"replace lines (\d+)-(\d+)", instruction, flags=re.I):
+                first, last = int(m[1]), int(m[2])
+            elif m := re.search(r"line (\d+) \(`[^`]+`\) becomes", instruction, flags=re.I):
+                first = last = int(m[1])
+            elif m := re.search(r"after line (\d+)|\(ends at line (\d+)\), add", instruction, flags=re.I):
+                first, last = int(m[1] or m[2]) + 1, int(m[1] or m[2])
+            else:
+                raise AssertionError(f"doc instruction not understood: {instruction}")
+            edits.setdefault(path, []).append((first, last, instruction, block))
+    return edits
+
+
+def anchor_lines(name: str) -> list[str]:
+    """The committed anchor lines of one file at their line numbers, every other line blank: [line 1, ...]."""
+    numbered = [
+        line.split("|", 1) for line in (ANCHORS / f"{name}.lines").read_text().splitlines() if line[:1].isdigit()
+    ]
+    lines = [""] * max(int(number) for number, _ in numbered)
+    for number, text in numbered:
+        lines[int(number) - 1] = text
+    return lines
+
+
+def matches(anchor: str, line: str) -> bool:
+    """A doc anchor (`...` standing for any text) against a file line."""
+    return re.fullmatch(".*".join(map(re.escape, anchor.split("..."))), line.strip()) is not None
+
+
+def test_the_docs_patch_applied_as_printed_compiles_and_its_diff_counts_are_true(tmp_path):
+    text = DOC.read_text()
+    edits = doc_edits(text)
+    assert [len(e) for e in edits.values()] == [4, 7]
+    counted = {}
+    for path, file_edits in edits.items():
+        name = Path(path).name
+        original = anchor_lines(name)
+        patched = list(original)
+        for first, last, instruction, block in sorted(file_edits, reverse=True):
+            anchors = re.findall(r"(?:line \d+ \(|from |through |after the )`([^`]+)`", instruction, flags=re.I)
+            where = original[first - 1] if last >= first else original[last - 1]
+            indent = len(where) - len(where.lstrip())
+            assert block.splitlines()[0][:indent] == " " * indent and block[indent] != " ", (instruction, block)
+            if "replace lines" in instruction.lower():
+                assert matches(anchors[0], original[first - 1]) and matches(anchors[1], original[last - 1]), instruction
+            elif "ends at line" in instruction:  # `x = Call(...)`: that call's closing line
+                assert original[last - 1].strip() == ")", instruction
+                start = anchors[0].split("(...)")[0]
+                assert any(line.strip().startswith(start) for line in original[: last - 1]), instruction
+            else:
+                assert matches(anchors[0], where), (anchors[0], where)
+            patched[first - 1 : last] = block.splitlines()
+        (tmp_path / "a").mkdir(exist_ok=True)
+        (tmp_path / "b").mkdir(exist_ok=True)
+        (tmp_path / "a" / name).write_text("\n".join(original) + "\n")
+        (tmp_path / "b" / name).write_text("\n".join(patched) + "\n")
+        compile((tmp_path / "b" / name).read_text(), path, "exec")  # a mis-indented line is a SyntaxError here
+        diff = subprocess.run(
+            ["diff", "-u", str(tmp_path / "a" / name), str(tmp_path / "b" / name)], capture_output=True, text=True
+        ).stdout.splitlines()[2:]
+        counted[name] = (sum(line[0] == "+" for line in diff), sum(line[0] == "-" for line in diff))
+    table = {
+        Path(m[1]).name: (int(m[2]), int(m[3]))
+        for m in re.finditer(r"^\| `([^`]+\.py)` \| (\d+) \| (\d+)", text, flags=re.M)
+    }
+    assert table == counted
+    written, deleted = (sum(c[i] for c in counted.values()) for i in (0, 1))
+    assert re.search(rf"^\| total \| {written} \| {deleted} \|", text, flags=re.M)
+    assert f"`diff -u` counts {written} insertions and {deleted} deletions" in " ".join(text.split())
+    assert f"**{written} lines written**" in text and f"**{deleted} lines deleted**" in text

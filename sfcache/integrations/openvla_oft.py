@@ -7,9 +7,9 @@ so the join needs what survives the shuffles, carried per frame from the read to
   `with_tfds_ids`), which an RLDS store maps to its key (`Cache.key_for`), plus the trajectory's
   length, checked against the store so that other data cannot silently misalign (`episode_fields`);
 - the step: its index in the trajectory (`episode_fields`);
-- per view, the crop OFT's augmentation drew. dlimp's `random_resized_crop` draws everything from
-  the view's seed (`seed + i`, i counting OFT's set of image names); `augment_with_boxes` wraps OFT's
-  `augment` and re-derives the same box from the same seed with the same stateless draws.
+- per view, the crop OFT's augmentation drew: `augment_with_boxes` wraps OFT's `augment` and measures
+  it, running that same `augment` (and so the installed dlimp, whichever seeding it has) with the same
+  seed on coordinate images (`crop_boxes`); `check_boxes` compares such boxes with real frames' crops.
 
 `with_sf_fields` / `collate_with_sf_fields` carry the fields through OFT's batch transform and collator,
 and `batch_targets` turns a batch into targets cropped to the boxes with SF's position embedding added.
@@ -30,9 +30,11 @@ from sfcache.errors import SfcacheError
 from sfcache.torch import CachedTargets
 
 __all__ = [
+    "BoxCheck",
     "CachedTargets",
     "augment_with_boxes",
     "batch_targets",
+    "check_boxes",
     "collate_with_sf_fields",
     "crop_boxes",
     "episode_fields",
@@ -87,7 +89,7 @@ def augment_with_boxes(augment: Callable, views: Sequence[str] = VIEWS) -> Calla
     """OFT's `obs_transforms.augment`, also writing `observation["sf_crop_boxes"]` [V, 4] for `views`."""
 
     def augment_and_box(obs: dict, seed, augment_kwargs: dict) -> dict:
-        boxes = crop_boxes(obs, seed, augment_kwargs, views)  # before augment, on the same image names
+        boxes = crop_boxes(augment, obs, seed, augment_kwargs, views)
         obs = augment(obs, seed=seed, augment_kwargs=augment_kwargs)
         obs[BOXES] = boxes
         return obs
@@ -95,60 +97,188 @@ def augment_with_boxes(augment: Callable, views: Sequence[str] = VIEWS) -> Calla
     return augment_and_box
 
 
-def crop_boxes(obs: dict, seed, augment_kwargs: dict, views: Sequence[str] = VIEWS):
-    """The crop OFT's `augment` applies to each view: float32 [V, 4] (y0, x0, y1, x1) in sfcache's convention.
+# Colour ops of dlimp's AUGMENT_OPS with arguments under which TF's op leaves every pixel as it is (to float32
+# rounding) but still draws from its seed: contrast and saturation refuse lower == upper, so the factor is drawn
+# from [1, the next float32 above 1).
+_ONE_UP = float(np.nextafter(np.float32(1), np.float32(2)))
+NEUTRAL_COLOUR_OPS = {
+    "random_brightness": {"max_delta": 0.0},
+    "random_contrast": {"lower": 1.0, "upper": _ONE_UP},
+    "random_saturation": {"lower": 1.0, "upper": _ONE_UP},
+    "random_hue": {"max_delta": 0.0},
+}
+CROP_OP = "random_resized_crop"
 
-    OFT augments `image_<name>` with seed `seed + i`, i enumerating the set {name for "image_<name>" keys}
-    (a set: its order is fixed within one process, so it is rebuilt here the same way). A view without
-    augmentation, without a crop in its `augment_order`, or marked padding gets the full image.
+
+def crop_boxes(augment: Callable, obs: dict, seed, augment_kwargs: dict, views: Sequence[str] = VIEWS):
+    """The crop `augment(obs, seed, augment_kwargs)` applies to each view, measured: float32 [V, 4] (y0, x0, y1, x1).
+
+    Measured rather than re-derived, because which dlimp is installed decides the crop: the fork OFT and
+    openvla-SF pin (moojink/dlimp_openvla) re-draws the seed before every op of `augment_order`, upstream
+    kvablack/dlimp hands every op the view's seed unchanged, so the same seed gives other boxes. So this
+    calls the pipeline's own `augment` (which calls whatever dlimp is installed, with OFT's seed + i over
+    its set of image names and its padding skip) on a copy of `obs` whose views are float32 coordinate
+    images (pixel centres' (y, x) fractions in two channels), with the same seed and the same op order:
+    colour ops before the last crop keep their place (so the fork re-draws the seed as often as for the
+    real image) but get `NEUTRAL_COLOUR_OPS` arguments, colour ops after it are left out (a later op cannot
+    change an earlier op's seed in either variant), and views without a crop are left out of the kwargs (OFT
+    skips them). dlimp passes float32 images through unscaled, crops with `crop_and_resize` (bilinear, exact
+    on a linear ramp) and clips to [0, 1], so the output holds, per output pixel, the input fraction it
+    sampled; `box_of` reads the box off it. A padding view, an unaugmented view and validation get the
+    full image. An op that moves pixels other than the crop (flips, rot90) cannot be a box: SfcacheError.
     """
     import tensorflow as tf
 
-    names = {key[6:] for key in obs if key.startswith("image_")}
-    per_view = {name: augment_kwargs for name in names} if "augment_order" in augment_kwargs else augment_kwargs
-    index = {name: i for i, name in enumerate(names)}
+    probe_kwargs = measured_views(obs, augment_kwargs, views)
+    probe = dict(obs)  # same keys in the same order: OFT's set of image names, hence seed + i, is the same
+    for view in probe_kwargs:
+        shape = tf.shape(obs[f"image_{view}"])
+        probe[f"image_{view}"] = coordinate_image(shape[-3], shape[-2])
+    probe = augment(probe, seed=seed, augment_kwargs=probe_kwargs) if probe_kwargs else probe
     full = tf.constant(FULL_BOX, tf.float32)
-    boxes = []
-    for view in views:
-        kwargs = per_view.get(view)
-        if view not in index or kwargs is None or "random_resized_crop" not in kwargs["augment_order"]:
-            boxes.append(full)
-            continue
-        crop = kwargs.get("random_resized_crop")
-        scale, ratio = (crop["scale"], crop["ratio"]) if hasattr(crop, "items") else crop
-        image = obs[f"image_{view}"]
-        box = dlimp_crop_box(seed + index[view], scale, ratio, tf.shape(image)[-3], tf.shape(image)[-2])
-        pad_mask = obs.get("pad_mask_dict", {}).get(f"image_{view}", True)
-        boxes.append(tf.where(pad_mask, box, full))
-    return tf.stack(boxes)
+    return tf.stack([box_of(probe[f"image_{view}"]) if view in probe_kwargs else full for view in views])
 
 
-def dlimp_crop_box(seed, scale, ratio, height, width):
-    """The box dlimp's `random_resized_crop` draws for one [H, W, 3] image, in sfcache's convention.
+def measured_views(obs: dict, augment_kwargs: dict, views: Sequence[str]) -> dict:
+    """OFT augment kwargs in its per-camera form for the `views` of `obs` that get a crop, as `measuring_kwargs`."""
+    per_view = {key[6:]: augment_kwargs for key in obs if key.startswith("image_")}
+    if "augment_order" not in augment_kwargs:  # OFT's per-camera form: {name: kwargs}
+        per_view = {name: augment_kwargs.get(name) for name in per_view}
+    measured = {view: measuring_kwargs(per_view[view]) for view in views if per_view.get(view) is not None}
+    return {view: kwargs for view, kwargs in measured.items() if kwargs is not None}
 
-    dlimp makes four `stateless_uniform` draws of shape (1,) with the same seed (scale, log-ratio,
-    y offset, x offset) and crops with `tf.image.crop_and_resize`, whose box corners sit on the
-    first and last pixel centres (pixel i of an H-pixel output reads row (H-1)*y0 + i*(y1-y0)).
-    sfcache boxes map output pixel centres linearly into the box instead (as `crop_target_grid`
-    assumes): the same sampling is the box shifted by ((H-1)*y0 + (1 - (y1-y0))/2)/H - y0.
+
+def measuring_kwargs(kwargs: dict) -> dict | None:
+    """`kwargs` of one view with its colour ops neutral and those after the last crop left out (see `crop_boxes`);
+    None without a crop (the full image)."""
+    order = list(kwargs["augment_order"])
+    for op in order:
+        if op != CROP_OP and op not in NEUTRAL_COLOUR_OPS:
+            raise SfcacheError(
+                f"augment_with_boxes: augment_order {order} has {op!r}, which a crop box cannot describe; "
+                f"sfcache follows {CROP_OP!r} and the colour ops {sorted(NEUTRAL_COLOUR_OPS)}"
+            )
+    if CROP_OP not in order:
+        return None
+    kept = order[: max(i for i, op in enumerate(order) if op == CROP_OP) + 1]
+    return {
+        "augment_order": kept,
+        CROP_OP: kwargs.get(CROP_OP, {}),
+        **{op: NEUTRAL_COLOUR_OPS[op] for op in kept if op != CROP_OP},
+    }
+
+
+def coordinate_image(height, width):
+    """float32 [H, W, 3]: each pixel's centre as fractions of the image, (y, x, 0)."""
+    import tensorflow as tf
+
+    def centres(size):
+        return (tf.range(size, dtype=tf.float32) + 0.5) / tf.cast(size, tf.float32)
+
+    y, x = tf.meshgrid(centres(height), centres(width), indexing="ij")
+    return tf.stack([y, x, tf.zeros_like(y)], axis=-1)
+
+
+def box_of(sampled):
+    """The box, in sfcache's convention, of a coordinate image after a crop and resize: float32 [4].
+
+    sfcache boxes map output pixel centres linearly into the box (`crop_target_grid`): output pixel i of
+    n samples fraction lo + (i + 0.5) / n * (hi - lo), which is what the coordinate channel holds; so the
+    first and last rows (columns) give lo and hi. Averaged along the other axis (float32 rounding).
     """
     import tensorflow as tf
 
-    def draw(low, high):
-        return tf.random.stateless_uniform((1,), seed, low, high)
-
-    scales = draw(scale[0], scale[1])
-    ratios = tf.exp(draw(tf.math.log(ratio[0]), tf.math.log(ratio[1])))
-    box_h = tf.clip_by_value(tf.sqrt(scales / ratios), 0, 1)
-    box_w = tf.clip_by_value(tf.sqrt(scales * ratios), 0, 1)
-    y0, x0 = draw(0, 1 - box_h), draw(0, 1 - box_w)
-
-    def centred(start, span, size):
+    def span(first, last, size):
         size = tf.cast(size, tf.float32)
-        return ((size - 1) * start + (1 - span) / 2) / size
+        extent = (last - first) * size / tf.maximum(size - 1, 1)
+        return tf.stack([first - extent * 0.5 / size, first - extent * 0.5 / size + extent])
 
-    y0, x0 = centred(y0, box_h, height), centred(x0, box_w, width)
-    return tf.concat([y0, x0, y0 + box_h, x0 + box_w], axis=0)
+    height, width = tf.shape(sampled)[0], tf.shape(sampled)[1]
+    y = span(tf.reduce_mean(sampled[0, :, 0]), tf.reduce_mean(sampled[-1, :, 0]), height)
+    x = span(tf.reduce_mean(sampled[:, 0, 1]), tf.reduce_mean(sampled[:, -1, 1]), width)
+    return tf.stack([y[0], x[0], y[1], x[1]])
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxCheck:
+    """How far `augment_with_boxes`'s boxes are from the crops the installed augment applied (`check_boxes`)."""
+
+    samples: int
+    views: tuple[str, ...]
+    max_error_px: float  # largest |box side - side fitted to the applied crop's pixels|, in pixels of the image
+    max_levels: float  # largest uint8 difference: the applied crop vs the frame cropped with the box
+
+    def __str__(self) -> str:
+        return (
+            f"crop boxes of {self.samples} samples x {len(self.views)} views {list(self.views)}: at most "
+            f"{self.max_error_px:.3f} px from the crop applied ({self.max_levels:.0f} uint8 levels apart)"
+        )
+
+
+def check_boxes(samples, augment: Callable, augment_kwargs: dict, views: Sequence[str] = VIEWS, limit: int = 4):
+    """Check `augment_with_boxes(augment)` against the installed dlimp on real frames: a `BoxCheck`.
+
+    `samples`: OFT frames with un-augmented observations (e.g. `RLDSDataset(..., image_aug=False)` iterated with
+    an identity batch transform); the last frame of each window is used, `limit` samples. Each is augmented
+    for real with colour ops neutral (`measured_views`, same seeds), and each view's box is compared with
+    the box fitted to the applied crop's pixels (least squares, from the measured box).
+    """
+    import tensorflow as tf
+
+    errors, levels, count = [0.0], [0.0], 0
+    for n, sample in zip(range(limit), samples, strict=False):
+        observation = sample["observation"]
+        obs = {key: tf.convert_to_tensor(value[-1]) for key, value in observation.items() if key.startswith("image_")}
+        obs["pad_mask_dict"] = {
+            key: tf.convert_to_tensor(value[-1]) for key, value in observation["pad_mask_dict"].items()
+        }
+        seed = tf.constant([n, 7 * n + 1], tf.int32)
+        boxes = crop_boxes(augment, obs, seed, augment_kwargs, views).numpy().astype(np.float64)
+        applied = augment(dict(obs), seed=seed, augment_kwargs=measured_views(obs, augment_kwargs, views))
+        for box, view in zip(boxes, views, strict=True):
+            if f"image_{view}" not in obs:
+                continue
+            frame = tf.image.convert_image_dtype(obs[f"image_{view}"], tf.float32)
+            target = np.asarray(applied[f"image_{view}"], np.float64)
+            ours = tf.image.convert_image_dtype(crop_frame(frame, box), tf.uint8, saturate=True).numpy()
+            levels.append(float(np.abs(ours.astype(np.float64) - target).max()))
+            size = np.array(tuple(frame.shape[:2]) * 2, np.float64)
+            errors.append(float((np.abs(fit_box(frame, target, box) - box) * size).max()))
+        count += 1
+    return BoxCheck(count, tuple(views), max(errors), max(levels))
+
+
+def crop_frame(frame, box):
+    """`frame` [H, W, C] float32 cropped to `box` (sfcache's convention) and resized to H x W, bilinear (TF's op)."""
+    import tensorflow as tf
+
+    height, width = frame.shape[:2]
+    corners = []  # crop_and_resize puts the box corners on the first and last output pixel centres
+    for lo, hi, n in ((box[0], box[2], height), (box[1], box[3], width)):
+        start = (lo * n - (1 - (hi - lo)) / 2) / max(n - 1, 1)
+        corners.append((start, start + hi - lo))
+    (y0, y1), (x0, x1) = corners
+    boxes = tf.constant([[y0, x0, y1, x1]], tf.float32)
+    return tf.image.crop_and_resize(frame[None], boxes, [0], (height, width))[0]
+
+
+def fit_box(frame, target: np.ndarray, box: np.ndarray, iterations: int = 10) -> np.ndarray:
+    """The box whose crop of `frame` best explains the uint8 crop `target` (Gauss-Newton from `box`)."""
+    size = np.array(tuple(frame.shape[:2]) * 2, np.float64)
+
+    def render(candidate):  # what dlimp's uint8 conversion (x * 255.5, truncated) gives on average
+        return crop_frame(frame, candidate).numpy().astype(np.float64).ravel() * 255.5 - 0.5
+
+    flat = target.ravel()
+    for _ in range(iterations):
+        base = render(box)
+        steps = 0.05 / size  # a twentieth of a pixel per side
+        jacobian = np.stack([(render(box + np.eye(4)[k] * steps[k]) - base) / steps[k] for k in range(4)], axis=1)
+        update = np.linalg.lstsq(jacobian, flat - base, rcond=None)[0]
+        box = box + update
+        if (np.abs(update) * size).max() < 1e-3:
+            break
+    return box
 
 
 # ----------------------------------------------------------------------------- PyTorch side
