@@ -181,12 +181,13 @@ def write_token_store(
     source: dict | None = None,
     steps_per_shard: int = 32,
     dtype: str = "float16",
+    overwrite: bool = False,
 ) -> Cache:
     """Write a model's hidden states into an sfcache store: `hidden(key, start, stop)` returns float32
     [stop - start, len(layers), V*h*w, channels] for those steps of episode `key`; `layers` are distinct layer
     numbers (stored as `targets/layer_<L>`). `model` (weights, weights_id, config, preprocess, compute_dtype) is
     recorded where a target store records its VGGT. Shard by shard: a rerun with the same arguments writes only
-    the shards not done; other arguments are a ConfigMismatch naming each difference."""
+    the shards not done; other arguments are a ConfigMismatch naming each difference (`overwrite` starts over)."""
     config = StoreConfig(
         episodes=pack_episodes(episodes),
         layers=tuple(layers),
@@ -204,7 +205,7 @@ def write_token_store(
         raise SfcacheError(f"{path}: token store layers must be distinct, got {list(layers)}")
     expected = (len(config.layers), len(config.views) * grid[0] * grid[1], channels)
     with lock_store(path):
-        cache = create_store(path, config)
+        cache = create_store(path, config, overwrite=overwrite)
         todo = np.flatnonzero(~cache.done_shards())
         with progress_bar(unit="shards") as bar:
             task = bar.add_task(f"hidden states -> {Path(path).name}", total=config.num_shards)
