@@ -155,11 +155,11 @@ class SourceRows:
         for row in np.asarray(rows).tolist():
             key, step = self.index.locate(row)
             read = self.source.read(key, step, step + 1, frames=not depth, depth=depth)
-            values = torch.from_numpy(read.depth[0] if depth else read.frames[0])  # [V, H, W] | [V, H, W, 3]
-            maps = values[:, None] if depth else values.permute(0, 3, 1, 2)
-            boxes = self.box.expand(len(maps), 4)
-            steps.append(crop_resize(maps.float(), boxes, self.size, mode="nearest" if depth else "bilinear"))
-        return torch.stack(steps)  # [B, V, C, S, S]
+            steps.append(read.depth[0][:, None] if depth else read.frames[0].transpose(0, 3, 1, 2))  # [V, C, H, W]
+        maps = torch.from_numpy(np.stack(steps))  # one crop for the batch: [B, V, C, H, W]
+        flat = crop_resize(maps.flatten(0, 1).float(), self.box.expand(maps.shape[0] * maps.shape[1], 4), self.size,
+                           mode="nearest" if depth else "bilinear")  # fmt: skip
+        return flat.view(*maps.shape[:3], self.size, self.size)
 
     def depth(self, rows: np.ndarray) -> np.ndarray:
         return self._read(rows, depth=True)[:, :, 0].numpy()
