@@ -23,7 +23,7 @@ from sfcache.errors import SfcacheError, raise_problems
 from sfcache.options import comma_text, option
 from sfcache.probe import FitSettings, SourceRows, StoreData, probe, write_token_store
 from sfcache.probe.head import SCALES
-from sfcache.sources import open_source
+from sfcache.sources import Source, open_source
 from sfcache.train.augment import center_boxes, crop_images
 from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.model import encode_instructions
@@ -104,14 +104,19 @@ def default_layers(align_layer: int) -> tuple[int, ...]:
     return tuple(max(1, align_layer - 3 + i) for i in range(len(SCALES)))
 
 
-def policy_tokens(policy: CheckpointPolicy, dataset: Path, store: Path, layers: Sequence[int], overwrite: bool):
-    """StoreData of the frozen policy's visual tokens at `layers` for every step of `dataset` (a LIBERO HDF5 with
-    depth), written to `store` (resumable), with depth and frames cropped as the policy saw them."""
+def depth_source(policy: CheckpointPolicy, dataset: Path) -> Source:
+    """The dataset in the policy's views, checked to be LIBERO HDF5 with depth (one line naming what is missing)."""
     source = open_source(dataset, views=policy.views)
     if source.format != "libero_hdf5":
         raise SfcacheError(f"{dataset}: a {source.format} dataset; sf probe reads LIBERO HDF5 with depth")
+    source.read(source.episodes()[0].key, 0, 1, frames=False, depth=True)
+    return source
+
+
+def policy_tokens(policy: CheckpointPolicy, source: Source, store: Path, layers: Sequence[int], overwrite: bool):
+    """StoreData of the frozen policy's visual tokens at `layers` for every step of `source`, written to `store`
+    (resumable), with depth and frames cropped as the policy saw them."""
     infos = source.episodes()
-    source.read(infos[0].key, 0, 1, frames=False, depth=True)  # no depth: one line now, before any work
     config, model = policy.config, policy.model
     instructions = {info.key: info.instruction for info in infos}
 
@@ -155,11 +160,18 @@ def run_probe(config: ProbeConfig) -> dict:
     if not all(0 <= layer <= depth for layer in layers):
         raise SfcacheError(f"--layers {comma_text(layers)}: this policy has blocks 1..{depth} (0 = patch embedding)")
     stored = tuple(sorted({0, *layers}))
-    overwrite = not config.resume
-    data = policy_tokens(policy, config.data, config.out / "tokens", stored, overwrite)
-    test = {}
+    sources = {"tokens": depth_source(policy, config.data)}  # every input checked before any work
     if config.test_data is not None:
-        test["test_data"] = policy_tokens(policy, config.test_data, config.out / "tokens_test", stored, overwrite)
+        sources["tokens_test"] = depth_source(policy, config.test_data)
+    try:
+        config.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SfcacheError(f"--out {config.out}: cannot be a probe folder ({error.strerror or error})") from None
+    data, *tests = (
+        policy_tokens(policy, source, config.out / name, stored, overwrite=not config.resume)
+        for name, source in sources.items()
+    )
+    test = {"test_data": tests[0]} if tests else {}
     weights_id = policy.identity.get("weights_id")
     about = {
         "checkpoint": policy.describe(),
