@@ -30,6 +30,9 @@ def probe(fields: dict) -> None:
                 m = results[name][view]
                 table.add_row(view, names[name], f"{m['abs_rel']:.3f}", f"{m['rmse_m']:.3f}", f"{m['delta1']:.3f}")
         console.print(table)
+        for view, ratios in report["comparison"][set_name][POLICY].items():
+            over = [f"{ratios[f'abs_rel_over_{n}']:.2f}x the {names[n]}'s" for n in (PATCH_EMBEDDING, MEAN_DEPTH)]
+            console.print(f"{set_name}, {view}: the policy's AbsRel is {' and '.join(over)} (below 1: it carries more)")
     if report["about"]["warning"]:
         Console(stderr=True).print(
             f"[bold red]the policy's SF targets: {report['about']['warning']}[/]", highlight=False, soft_wrap=True

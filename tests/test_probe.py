@@ -86,6 +86,7 @@ def test_the_probe_finds_depth_in_tokens_made_of_depth_and_not_in_noise(tmp_path
         assert test["depth_tokens"][view]["abs_rel"] < min(0.1, 0.5 * baseline), test
         assert test["depth_tokens"][view]["delta1"] > 0.8
         assert test["noise"][view]["abs_rel"] > 0.8 * baseline, test
+        assert report["comparison"]["test"]["depth_tokens"][view]["abs_rel_over_mean_depth"] < 0.5
     assert report["split"]["test_rows"] == 20 and len(report["split"]["test_episodes"]) == 5  # 20% of 24, whole
     assert report["heads"] == {"depth_tokens": ["0", "1", "2", "3"], "noise": ["4", "5", "6", "7"]}
     assert json.loads((tmp_path / "probe.json").read_text()) == report

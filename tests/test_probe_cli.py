@@ -60,6 +60,16 @@ def test_sf_probe_writes_the_report_metrics_and_pictures_from_the_policys_own_to
                 metrics = report["results"][set_name][name][view]
                 assert metrics["pixels"] == rows * 56 * 56  # every synthetic pixel is valid
                 assert 0 < metrics["abs_rel"] < 50 and metrics["rmse_m"] > 0 and 0 <= metrics["delta1"] <= 1
+    results, ratios = report["results"]["test_data"], report["comparison"]["test_data"]
+    assert set(ratios) == {"policy"}  # the policy's layers against both controls
+    assert ratios["policy"]["wrist"] == pytest.approx(
+        {
+            "abs_rel_over_mean_depth": results["policy"]["wrist"]["abs_rel"] / results[MEAN_DEPTH]["wrist"]["abs_rel"],
+            "abs_rel_over_patch_embedding": results["policy"]["wrist"]["abs_rel"]
+            / results["patch_embedding"]["wrist"]["abs_rel"],
+        }
+    )
+    assert "test_data, wrist: the policy's AbsRel is" in printed
     mean = report["results"]["test"][MEAN_DEPTH]
     assert mean["primary"]["rmse_m"] > 10 * mean["wrist"]["rmse_m"]  # metres vs centimetres, reported apart
     for picture in ("test_primary.png", "test_wrist.png", "test_data_primary.png", "test_data_wrist.png"):

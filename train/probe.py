@@ -183,4 +183,4 @@ def run_probe(config: ProbeConfig) -> dict:
         "test_data": None if config.test_data is None else str(config.test_data.resolve()),
     }
     heads = {POLICY: tuple(stored.index(layer) for layer in layers), PATCH_EMBEDDING: (stored.index(0),) * len(SCALES)}
-    return probe(data, config.out, config.settings(), heads, test, about, config.resume)
+    return probe(data, config.out, config.settings(), heads, test, about, config.resume, control=PATCH_EMBEDDING)

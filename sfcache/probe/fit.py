@@ -249,12 +249,14 @@ def probe(
     test: dict[str, ProbeData] | None = None,
     about: dict | None = None,
     resume: bool = True,
+    control: str | None = None,
 ) -> dict:
     """Train one DPT head per entry of `heads` ({name: 4 indices into data.layers}; default {"probe": (0, 1, 2,
     3)}) on the training episodes, and report AbsRel, RMSE (m) and delta1 per view of each head and of the
     mean-depth baseline on the held-out episodes ("test") and on every `test` set (all its rows). Writes
     OUT/probe.json (returned), OUT/metrics.jsonl, OUT/heads/*.pt and a picture per set and view; `about` is
-    recorded in probe.json as given."""
+    recorded in probe.json as given. `comparison[set][head][view]` is each head's AbsRel over the mean-depth
+    baseline's and over the `control` head's (a name in `heads`): below 1, the head beats it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     heads = heads or {"probe": tuple(range(len(SCALES)))}
@@ -303,12 +305,30 @@ def probe(
         },
         "test_sets": {name: other.describe() for name, other in test.items()},
         "results": results,
+        "comparison": {
+            set_name: {
+                name: {view: _ratios(by_set, name, view, control) for view in data.views}
+                for name in heads
+                if name != control
+            }
+            for set_name, by_set in results.items()
+        },
         "pictures": [str(p.relative_to(out)) for p in pictures],
     }
     partial = out / (REPORT + ".partial")
     partial.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     os.replace(partial, out / REPORT)
     return report
+
+
+def _ratios(results: dict, name: str, view: str, control: str | None) -> dict[str, float | None]:
+    """AbsRel of head `name` over the baseline's and the control head's on one view (None without pixels)."""
+    mine = results[name][view]["abs_rel"]
+    ratios = {}
+    for other in (MEAN_DEPTH, control) if control else (MEAN_DEPTH,):
+        theirs = results[other][view]["abs_rel"]
+        ratios[f"abs_rel_over_{other}"] = None if mine is None or not theirs else mine / theirs
+    return ratios
 
 
 def _pictures(out: Path, set_name: str, data: ProbeData, rows: np.ndarray, predictors: dict,
