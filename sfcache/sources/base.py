@@ -3,7 +3,8 @@
 `Source` does the work shared by all formats (catalog, skip_bad, range checks, rotation, provenance);
 a format only says how to list its episodes (`_scan`) and how to read a step range's frames
 (`_read_frames`) and its actions and proprio (`_read_vectors`), so `read(..., frames=False)` decodes
-no image (a trainer's action chunk needs only the vectors of the next steps).
+no image (a trainer's action chunk needs only the vectors of the next steps). A format that records metric
+depth also says how to read it (`_read_depth`, for `read(..., depth=True)`; LIBERO HDF5 only).
 What is checked where:
   episodes(): structure (files open, keys present, shapes/dtypes, lengths agree, no empty episode,
               instruction present, container framing/CRC); a bad episode raises or, with skip_bad,
