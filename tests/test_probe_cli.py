@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from sfcache.cli.main import main
-from sfcache.probe import MEAN_DEPTH
+from sfcache.probe import MEAN_DEPTH, SourceRows
+from sfcache.rows import RowIndex
 from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_hdf5
 from sfcache.store import open_cache
@@ -45,16 +46,16 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 def test_sf_probe_writes_the_report_metrics_and_pictures_from_the_policys_own_tokens(setup, tmp_path, capsys):
     out = tmp_path / "probe"
     args = ["probe", setup["run"], "--data", setup["data"], "--test-data", setup["other"], "--out", out]
-    status, printed = run_main(main, capsys, *args, "--steps", "6", "--save-every", "3", *SMALL)
+    status, printed = run_main(main, capsys, *args, "--steps", "6", "--save-every", "3", "--every", "2", *SMALL)
     assert status == 0, printed
     assert "depth probe, test" in printed and "policy blocks 1,1,2,3" in printed and "mean depth image" in printed
     report = json.loads((out / "probe.json").read_text())
     assert report["about"]["layers"] == [1, 1, 2, 3]  # tiny: 4 blocks, SF at 3, the 3 before it from block 1
     assert report["about"]["sf_targets"] is None and report["about"]["warning"] is None  # trained without SF
     assert report["heads"] == {"policy": ["1", "1", "2", "3"], "patch_embedding": ["0", "0", "0", "0"]}
-    assert report["data"]["rows"] == 36 and report["data"]["image_size"] == [56, 56]
-    assert report["split"]["test_rows"] == 6 and len(report["split"]["test_episodes"]) == 1  # 20% of 6 episodes
-    for set_name, rows in (("test", 6), ("test_data", 10)):
+    assert report["data"]["rows"] == 18 and report["data"]["image_size"] == [56, 56]  # every 2nd of 6 x 6 steps
+    assert report["split"]["test_rows"] == 3 and len(report["split"]["test_episodes"]) == 1  # 20% of 6 episodes
+    for set_name, rows in (("test", 3), ("test_data", 6)):
         for name in ("policy", "patch_embedding", MEAN_DEPTH):
             for view in ("primary", "wrist"):
                 metrics = report["results"][set_name][name][view]
@@ -78,20 +79,32 @@ def test_sf_probe_writes_the_report_metrics_and_pictures_from_the_policys_own_to
     assert [(r["probe"], r["step"]) for r in logged if r["split"] == "train"] == [
         (name, step) for name in ("policy", "patch_embedding") for step in range(1, 7) if step % 10 == 0 or step == 6
     ]
-    # the stored tokens are the frozen policy's hidden states of the frames as validation crops them
+    # the stored tokens are the frozen policy's hidden states of every 2nd frame as validation crops them
     tokens = open_cache(out / "tokens")
     assert tokens.layers == (0, 1, 2, 3) and tokens.views == ("primary", "wrist") and tokens.grid == (4, 4)
     source, policy = open_source(setup["data"]), CheckpointPolicy(setup["run"], device="cpu")
     info = source.episodes()[4]
-    steps = source.read(info.key, 2, 4)
+    steps = source.read(info.key, 2, 5)
+    steps.frames, steps.proprio = steps.frames[::2], steps.proprio[::2]  # stored steps 1 and 2
     images = crop_images(torch.from_numpy(steps.frames).permute(0, 1, 4, 2, 3).float() / 255, center_boxes(2), 56)
     with torch.no_grad():
         expected = policy.model.hidden_states(
             images, encode_instructions([info.instruction] * 2, 48), torch.from_numpy(steps.proprio), [0, 2]
         )
     for i, layer in enumerate((0, 2)):
-        stored = tokens.read(info.key, slice(2, 4), layer=layer).reshape(2, 32, -1)
+        stored = tokens.read(info.key, slice(1, 3), layer=layer).reshape(2, 32, -1)
         np.testing.assert_allclose(stored, expected[:, i].numpy(), rtol=1e-2, atol=1e-2)
+
+
+def test_source_rows_read_the_depth_of_every_nth_step_cropped_as_asked(setup):
+    source = open_source(setup["data"])
+    cache_index = RowIndex.packed({info.key: -(-info.num_steps // 2) for info in source.episodes()})
+    whole = SourceRows(source, cache_index, 32, every=2)  # the whole frame at its own size: the depth as stored
+    info = source.episodes()[1]
+    np.testing.assert_array_equal(whole.depth(np.array([4, 5])), source.read(info.key, 2, 5, depth=True).depth[::2])
+    np.testing.assert_array_equal(whole.frames(np.array([5])), source.read(info.key, 4, 5).frames)
+    quarter = SourceRows(source, cache_index, 16, box=(0.0, 0.5, 0.5, 1.0), every=2).depth(np.array([5]))
+    np.testing.assert_array_equal(quarter, source.read(info.key, 4, 5, depth=True).depth[:, :, :16, 16:])
 
 
 def test_a_dataset_without_depth_and_bad_layers_are_one_line_errors(setup, tmp_path, capsys):

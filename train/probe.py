@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,7 @@ class ProbeConfig:
     max_depth: float = option(10.0, "Ground truth at or beyond this many metres is not a valid pixel.")
     seed: int = option(0, "Seed of the split, the heads' initialisation and the batches.")
     device: str = option("auto", f"{DEVICE_CHOICES}.")
+    every: int = option(1, "Probe every N-th step of each episode (the token stores shrink N-fold).")
     save_every: int = option(200, "Checkpoint each head every N steps.")
     resume: bool = option(True, "Continue from OUT (token stores, heads) if present.")
 
@@ -72,7 +73,7 @@ class ProbeConfig:
         if self.layers is not None and len(self.layers) != len(SCALES):
             problems.append(f"--layers needs {len(SCALES)} blocks (a DPT pyramid), got {comma_text(self.layers)}")
         counts = {"steps": self.steps, "batch-size": self.batch_size, "width": self.width}
-        counts["save-every"] = self.save_every
+        counts.update({"save-every": self.save_every, "every": self.every})
         small = [f"--{name} {value}" for name, value in counts.items() if value < 1]
         if small:
             problems.append(f"these must be >= 1: {', '.join(small)}")
@@ -113,26 +114,29 @@ def depth_source(policy: CheckpointPolicy, dataset: Path) -> Source:
     return source
 
 
-def policy_tokens(policy: CheckpointPolicy, source: Source, store: Path, layers: Sequence[int], overwrite: bool):
-    """StoreData of the frozen policy's visual tokens at `layers` for every step of `source`, written to `store`
-    (resumable), with depth and frames cropped as the policy saw them."""
-    infos = source.episodes()
+def policy_tokens(
+    policy: CheckpointPolicy, source: Source, store: Path, layers: Sequence[int], every: int, overwrite: bool
+) -> StoreData:
+    """StoreData of the frozen policy's visual tokens at `layers` for every `every`-th step of `source`, written to
+    `store` (resumable), with depth and frames cropped as the policy saw them."""
+    lengths = {info.key: info.num_steps for info in source.episodes()}
+    kept = [replace(info, num_steps=-(-info.num_steps // every)) for info in source.episodes()]
     config, model = policy.config, policy.model
-    instructions = {info.key: info.instruction for info in infos}
+    instructions = {info.key: info.instruction for info in kept}
 
     @torch.no_grad()
     def hidden(key: str, start: int, stop: int) -> np.ndarray:
-        steps = source.read(key, start, stop)
-        frames = torch.from_numpy(steps.frames).to(policy.device).permute(0, 1, 4, 2, 3).float() / 255
+        steps = source.read(key, start * every, min((stop - 1) * every + 1, lengths[key]))
+        frames = torch.from_numpy(steps.frames[::every]).to(policy.device).permute(0, 1, 4, 2, 3).float() / 255
         images = crop_images(frames, center_boxes(len(frames)), config.image_size[0])
         text = encode_instructions([instructions[key]] * len(frames), config.text_len).to(policy.device)
-        proprio = torch.from_numpy(steps.proprio).to(policy.device)
+        proprio = torch.from_numpy(steps.proprio[::every]).to(policy.device)
         return model.hidden_states(images, text, proprio, layers).float().cpu().numpy()
 
     described = policy.describe()
     cache = write_token_store(
         store,
-        infos,
+        kept,
         hidden,
         layers=layers,
         views=policy.views,
@@ -142,13 +146,13 @@ def policy_tokens(policy: CheckpointPolicy, source: Source, store: Path, layers:
             "weights": described["checkpoint"],
             "weights_id": f"sha256:{described['sha256']}",
             "config": config.to_dict(),
-            "preprocess": "centre 90% crop, resized to the policy's input (sf train's validation)",
+            "preprocess": f"every {every}th step, centre 90% crop resized to the policy's input (its validation's)",
             "compute_dtype": "float32",
         },
         source=source.describe(),
         overwrite=overwrite,
     )
-    rows = SourceRows(source, cache.index, config.image_size[0], center_boxes(1)[0].tolist())
+    rows = SourceRows(source, cache.index, config.image_size[0], center_boxes(1)[0].tolist(), every=every)
     return StoreData(store, depth=rows.depth, frames=rows.frames)
 
 
@@ -168,7 +172,7 @@ def run_probe(config: ProbeConfig) -> dict:
     except OSError as error:
         raise SfcacheError(f"--out {config.out}: cannot be a probe folder ({error.strerror or error})") from None
     data, *tests = (
-        policy_tokens(policy, source, config.out / name, stored, overwrite=not config.resume)
+        policy_tokens(policy, source, config.out / name, stored, config.every, overwrite=not config.resume)
         for name, source in sources.items()
     )
     test = {"test_data": tests[0]} if tests else {}

@@ -144,16 +144,19 @@ def _rows_reader(values) -> Rows:
 class SourceRows:
     """Depth and frames of flat rows (`index`, e.g. a token store's) read from a dataset with depth, cropped to
     `box` (y0, x0, y1, x1 in fractions) and resized to size x size: what the model saw. Depth is resized
-    nearest (no depth blended across an object's edge), frames bilinearly as the policy's input."""
+    nearest (no depth blended across an object's edge), frames bilinearly as the policy's input. With `every`
+    N, step s of an indexed episode is step s*N of the dataset's (a store of every N-th step)."""
 
-    def __init__(self, source: Source, index: RowIndex, size: int, box: Sequence[float] = (0.0, 0.0, 1.0, 1.0)):
-        self.source, self.index, self.size = source, index, size
+    def __init__(self, source: Source, index: RowIndex, size: int, box: Sequence[float] = (0.0, 0.0, 1.0, 1.0),
+                 every: int = 1):  # fmt: skip
+        self.source, self.index, self.size, self.every = source, index, size, every
         self.box = torch.tensor([list(box)], dtype=torch.float32)
 
     def _read(self, rows: np.ndarray, depth: bool) -> torch.Tensor:
         steps = []
         for row in np.asarray(rows).tolist():
             key, step = self.index.locate(row)
+            step *= self.every
             read = self.source.read(key, step, step + 1, frames=not depth, depth=depth)
             steps.append(read.depth[0][:, None] if depth else read.frames[0].transpose(0, 3, 1, 2))  # [V, C, H, W]
         maps = torch.from_numpy(np.stack(steps))  # one crop for the batch: [B, V, C, H, W]
