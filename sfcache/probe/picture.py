@@ -33,7 +33,7 @@ def depth_picture(
     depth_map = matplotlib.colormaps["viridis"].with_extremes(bad="0.6")
     error_map = matplotlib.colormaps["magma"].with_extremes(bad="0.6")
     rows = len(predictions)
-    fig, axes = plt.subplots(rows, 4, figsize=(13, 3.1 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 4, figsize=(13, 3.1 * rows), squeeze=False, layout="constrained")
     for row, (name, predicted) in enumerate(predictions.items()):
         left, gt, pred, err = axes[row]
         if frame is not None:
@@ -42,9 +42,9 @@ def depth_picture(
         left.set_ylabel(f"{name}\nAbsRel {rel:.3f}", fontsize=9)
         gt.imshow(shown, cmap=depth_map, vmin=low, vmax=high)
         image = pred.imshow(predicted, cmap=depth_map, vmin=low, vmax=high)
-        fig.colorbar(image, ax=[gt, pred], label="depth (m)", fraction=0.046)
+        fig.colorbar(image, ax=[gt, pred], label="depth (m)")
         image = err.imshow(errors[name], cmap=error_map, vmin=0, vmax=worst)
-        fig.colorbar(image, ax=err, label="|error| (m)", fraction=0.046)
+        fig.colorbar(image, ax=err, label="|error| (m)")
         for axis in axes[row]:
             axis.set_xticks([])
             axis.set_yticks([])
