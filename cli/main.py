@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import sfcache
-from sfcache.cli import eval_libero, extract, inspect_cache, inspect_source, reproduce, train
+from sfcache.cli import eval_libero, extract, inspect_cache, inspect_source, probe, reproduce, train
 from sfcache.errors import Interrupted, SfcacheError
 
 app = typer.Typer(
@@ -42,6 +42,7 @@ app.command("inspect-cache")(inspect_cache.inspect_cache)
 app.command("train")(train.train)
 app.command("eval-libero")(eval_libero.eval_libero)
 app.command("reproduce-libero")(reproduce.reproduce_libero)
+app.command("probe")(probe.probe)
 
 
 def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:

@@ -13,7 +13,18 @@ import torch.nn.functional as F
 
 from sfcache.errors import SfcacheError
 
-__all__ = ["crop_target_grid", "per_view_boxes"]
+__all__ = ["crop_resize", "crop_target_grid", "per_view_boxes"]
+
+
+def crop_resize(maps: torch.Tensor, boxes: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Crop each map [N, C, H, W] to its box [N, 4] and resize to size x size: the policy's image crop
+    (`bilinear`) and, with `nearest`, the same crop of a depth map (no depth blended across an object's edge)."""
+    y0, x0, y1, x1 = boxes.float().unbind(1)
+    theta = torch.zeros(len(boxes), 2, 3, dtype=torch.float32)  # output pixel-centre fraction u -> y0 + (y1-y0)*u
+    theta[:, 0, 0], theta[:, 0, 2] = x1 - x0, x0 + x1 - 1.0
+    theta[:, 1, 1], theta[:, 1, 2] = y1 - y0, y0 + y1 - 1.0
+    grid = F.affine_grid(theta.to(maps.device), [maps.shape[0], maps.shape[1], size, size], align_corners=False)
+    return F.grid_sample(maps.float(), grid, mode=mode, padding_mode="border", align_corners=False)
 
 
 def per_view_boxes(boxes: torch.Tensor, batch: int, views: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from sfcache.libero_eval import EvalConfig
 from sfcache.options import OPTION
 from sfcache.sources.synthetic import write_libero_hdf5
 from sfcache.train.loop import TrainConfig, Trainer
+from sfcache.train.probe import ProbeConfig
 from sfcache.train.reproduce import ReproduceConfig
 from tests._cli_helpers import run_main
 from tests._train_helpers import GRID, write_dataset, write_store
@@ -33,6 +34,7 @@ CONFIGS = {
     "train": TrainConfig,
     "reproduce-libero": ReproduceConfig,
     "eval-libero": EvalConfig,
+    "probe": ProbeConfig,
 }
 
 MISSING = "{tmp}/no-such-path"
@@ -73,6 +75,9 @@ BAD: dict[tuple[str, str], tuple[str, ...]] = {
     ("reproduce-libero", "--vggt"): (MISSING,),
     ("reproduce-libero", "--scheduler"): ("nowhere",),
     ("reproduce-libero", "--eval-checkpoints"): ("0",),
+    ("probe", "--out"): (A_FILE,),
+    ("probe", "--layers"): ("1,x",),
+    ("probe", "--seed"): (EXEMPT, "every integer is a seed"),
 }
 BY_TYPE = {int: "-1", float: "-1", str: "nope", Path: MISSING}
 # reproduce-libero's inputs are named as `make reproduce-libero` takes them
@@ -104,6 +109,7 @@ def fixtures(tmp_path_factory) -> dict[str, str]:
     store = write_store(root / "store", data)
     libero = root / "libero"
     write_libero_hdf5(libero, suite="libero_goal", tasks=1, demos=2, steps=6, size=64)
+    depth = write_libero_hdf5(root / "depth", tasks=1, demos=2, steps=4, size=32, depth=True).path
     from sfcache.train.loop import train
 
     train(
@@ -127,6 +133,7 @@ def fixtures(tmp_path_factory) -> dict[str, str]:
         "data": str(data),
         "store": str(store),
         "libero": str(libero),
+        "depth": str(depth),
         "run": str(root / "run"),
         "file": str(root / "a-file"),
         "episode": open_cache(store).episodes[0],
@@ -152,6 +159,7 @@ def _valid(command: str, fx: dict[str, str], tmp: Path) -> tuple[list[str], dict
             },
         ),
         "eval-libero": ([fx["run"]], {"--suite": "spatial", "--device": "cpu"}),
+        "probe": ([fx["run"]], {"--data": fx["depth"], "--out": str(tmp / "probe"), "--device": "cpu"}),
         "reproduce-libero": (
             [],
             {"--libero-dir": fx["libero"], "--vggt": "random:tiny", "--out": str(tmp / "repro"), **tiny},
@@ -171,6 +179,8 @@ def no_work(monkeypatch):
         "sfcache.cli.eval_libero.evaluate",
         "sfcache.train.reproduce.extract",
         "sfcache.train.reproduce.train",
+        "sfcache.train.probe.write_token_store",
+        "sfcache.train.probe.probe",
     ):
         monkeypatch.setattr(target, started)
     monkeypatch.setattr(Trainer, "run", started)

@@ -197,12 +197,16 @@ def test_hdf5_layout_end_to_end_with_simulator_evaluation(tmp_path, scheduler, c
     monkeypatch.setattr("sfcache.train.reproduce.simulator_available", lambda: None)
     monkeypatch.setattr("sfcache.train.reproduce.evaluate", fake_evaluate)
     root = tmp_path / "libero"
-    written = write_libero_hdf5(root, suite="libero_goal", tasks=1, demos=3, steps=6, size=64)
+    written = write_libero_hdf5(root, suite="libero_goal", tasks=1, demos=3, steps=6, size=64, depth=True)
     out = tmp_path / "out"
     code, output = run(
         capsys,
         "--libero-dir",
         root,
+        "--probe-dir",  # the same files carry depth: both policies are probed side by side
+        root,
+        "--probe-steps",
+        "2",
         "--scheduler",
         scheduler,
         "--out",
@@ -229,6 +233,20 @@ def test_hdf5_layout_end_to_end_with_simulator_evaluation(tmp_path, scheduler, c
     assert [c.strip() for c in row.strip("|").split("|")][-2:] == ["100.0% (84-100)", "100.0% (84-100)"]
     assert (out / "plots" / "libero_goal_success.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "libero_goal_success.png" in (out / "report.md").read_text()
+    probe = report["suites"]["libero_goal"]["probe"]
+    for run_name in ("sf", "baseline"):
+        probed = json.loads(Path(probe[run_name]["report"]).read_text())
+        checkpoint = out / "libero_goal" / run_name / CHECKPOINT
+        assert probed["about"]["checkpoint"]["checkpoint"] == str(checkpoint.resolve())
+        assert probe[run_name]["test"] == probed["results"]["test"] and probed["settings"]["steps"] == 2
+    assert probed["about"]["sf_targets"] is None  # the baseline; the SF run's targets are random:tiny's
+    assert json.loads(Path(probe["sf"]["report"]).read_text())["about"]["warning"].startswith("RANDOM WEIGHTS")
+    md = (out / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| libero_goal | wrist |"))
+    cells = [float(c) for c in row.strip("|").split("|")[2:]]
+    assert cells[0] == pytest.approx(probe["sf"]["test"]["policy"]["wrist"]["abs_rel"], abs=5e-4)
+    assert cells[1] == pytest.approx(probe["baseline"]["test"]["policy"]["wrist"]["abs_rel"], abs=5e-4)
+    assert "RANDOM VGGT weights: its tokens carry no geometry" in md
 
 
 def test_find_suites_prefers_rlds_no_noops_and_reports_missing(tmp_path):

@@ -156,6 +156,44 @@ def test_libero_hdf5_orientation_and_rotate_flag(tmp_path):
     assert mean_error(policy_view, stored.read(key).frames) > WRONG_FRAMES
 
 
+def test_libero_hdf5_depth_is_turned_and_ordered_like_the_frames(tmp_path):
+    written = syn.write_libero_hdf5(tmp_path, tasks=1, demos=1, steps=4, size=24, depth=True)
+    key, expected = next(iter(written.episodes.items()))
+    steps = open_source(written.path).read(key, 1, 3, depth=True)
+    assert steps.depth.dtype == np.float32 and steps.depth.shape == (2, 2, 24, 24)
+    np.testing.assert_array_equal(steps.depth, expected.depth[1:3])
+    assert steps.depth[:, 0].min() > 0.5 and steps.depth[:, 1].max() < 0.2  # agentview metres, wrist near
+    # the far wall (3 m) is the top of the policy view, as the sky is in the frames
+    assert steps.depth[0, 0, 0].mean() == pytest.approx(3.0, abs=0.01) and steps.depth[0, 0, -1].mean() < 1.5
+    swapped = open_source(written.path, views=("wrist", "primary")).read(key, 1, 3, depth=True)
+    np.testing.assert_array_equal(swapped.depth, expected.depth[1:3, ::-1])
+    unturned = open_source(written.path, rotate=False).read(key, 1, 3, depth=True)
+    np.testing.assert_array_equal(unturned.depth, expected.depth[1:3, :, ::-1, ::-1])
+    assert open_source(written.path).read(key, 1, 3).depth is None  # not read unless asked
+
+
+def test_missing_depth_is_one_line_naming_the_file_and_key(tmp_path):
+    plain = syn.write_libero_hdf5(tmp_path / "plain", tasks=1, demos=1, steps=3, size=16)
+    key = next(iter(plain.episodes))
+    with pytest.raises(SourceError) as error:
+        open_source(plain.path).read(key, depth=True)
+    assert str(error.value) == (
+        f"{plain.files[0]}, episode {key}: has no obs/agentview_depth: "
+        "record it with `sf collect-libero --depth` or `sf render-depth`"
+    )
+    with_depth = syn.write_libero_hdf5(tmp_path / "depth", tasks=1, demos=1, steps=3, size=16, depth=True)
+    with h5py.File(with_depth.files[0], "a") as h5:
+        del h5["data/demo_0/obs/eye_in_hand_depth"]
+        h5["data/demo_0/obs/eye_in_hand_depth"] = np.ones((3, 8, 8), np.float16)
+    wrong_size = r"obs/eye_in_hand_depth'.*shape \(3, 8, 8\), expected float array \[3, 16, 16\]"
+    with pytest.raises(SourceError, match=wrong_size):
+        open_source(with_depth.path).read(key, depth=True)
+    lerobot = syn.write_lerobot(tmp_path / "lerobot", episodes=1, steps=2, size=16)
+    source = open_source(lerobot.path)
+    with pytest.raises(SourceError, match="the lerobot format records no depth"):
+        source.read(source.episodes()[0].key, depth=True)
+
+
 def test_libero_hdf5_variants(tmp_path):
     original = syn.write_libero_hdf5(tmp_path / "o", suite="libero_10", tasks=2, demos=2, steps=3, size=32)
     no_noops = syn.write_libero_hdf5(

@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from sfcache.crop import crop_resize
 
 CROP_AREA = 0.9  # OpenVLA-OFT: random_resized_crop scale [0.9, 0.9], ratio [1, 1]
 
@@ -33,26 +34,13 @@ def center_boxes(batch: int, area: float = CROP_AREA) -> torch.Tensor:
     return torch.tensor([lo, lo, lo + side, lo + side]).expand(batch, 4).clone()
 
 
-def _box_affine(boxes: torch.Tensor) -> torch.Tensor:
-    """Per-box maps for `affine_grid` (align_corners=False): output pixel-center fraction u -> y0 + (y1-y0)*u."""
-    y0, x0, y1, x1 = boxes.float().unbind(1)
-    theta = torch.zeros(len(boxes), 2, 3, dtype=torch.float32)
-    theta[:, 0, 0], theta[:, 0, 2] = x1 - x0, x0 + x1 - 1.0
-    theta[:, 1, 1], theta[:, 1, 2] = y1 - y0, y0 + y1 - 1.0
-    return theta
-
-
 def crop_images(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Crop each sample's views [B, V, 3, H, W] to its box and resize to size x size (bilinear).
 
     Pixel centers of the output map to the box linearly (the resize of a crop).
     """
     batch, views = images.shape[:2]
-    theta = _box_affine(boxes).to(images.device)
-    theta = theta.repeat_interleave(views, dim=0)
-    flat = images.flatten(0, 1).float()
-    grid = F.affine_grid(theta, [flat.shape[0], 3, size, size], align_corners=False)
-    out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = crop_resize(images.flatten(0, 1), boxes.repeat_interleave(views, dim=0), size)
     return out.view(batch, views, 3, size, size)
 
 

@@ -4,11 +4,12 @@ Shaped like OpenVLA-OFT at toy scale: a patch-14 stem gives 16x16 visual tokens 
 one bidirectional transformer reads [visual | instruction | action queries], the proprio embedding
 is added to every query (a direct path from state to action), and the queries regress an action
 chunk (L1). `forward` also returns the visual tokens after block
-`align_layer`, where the Spatial Forcing loss attaches.
+`align_layer`, where the Spatial Forcing loss attaches; `hidden_states` those of any blocks (for `sf probe`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -104,10 +105,10 @@ class Policy(nn.Module):
         self.norm = nn.LayerNorm(c.dim)
         self.action_head = nn.Linear(c.dim, c.action_dim)
 
-    def forward(
+    def _inputs(
         self, images: torch.Tensor, text: torch.Tensor, proprio: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predicted action chunk [B, chunk, A] and visual tokens after `align_layer` [B, V*h*w, dim]."""
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The sequence [visual | instruction | queries] block 1 reads, its padding mask, and the visual length."""
         c = self.config
         batch = images.shape[0]
         pixels = (images.flatten(0, 1) - self.mean) / self.std
@@ -123,10 +124,32 @@ class Policy(nn.Module):
             ],
             dim=1,
         )
+        return x, keep, visual.shape[1]
+
+    def forward(
+        self, images: torch.Tensor, text: torch.Tensor, proprio: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted action chunk [B, chunk, A] and visual tokens after `align_layer` [B, V*h*w, dim]."""
+        c = self.config
+        x, keep, visual = self._inputs(images, text, proprio)
         aligned = None
         for depth, block in enumerate(self.blocks, start=1):
             x = block(x, keep)
             if depth == c.align_layer:
-                aligned = x[:, : visual.shape[1]]
+                aligned = x[:, :visual]
         actions = self.action_head(self.norm(x[:, -c.chunk :]))
         return actions, aligned
+
+    def hidden_states(
+        self, images: torch.Tensor, text: torch.Tensor, proprio: torch.Tensor, layers: Sequence[int]
+    ) -> torch.Tensor:
+        """Visual tokens [B, len(layers), V*h*w, dim] at each of `layers`: 0 is the patch-embedding input block 1
+        reads (stem + position), k the output of block k. What a depth probe (`sf probe`) reads."""
+        if not layers or not all(0 <= layer <= self.config.depth for layer in layers):
+            raise ValueError(f"layers must be in 0..{self.config.depth}, got {list(layers)}")
+        x, keep, visual = self._inputs(images, text, proprio)
+        states = {0: x[:, :visual]}
+        for depth, block in enumerate(self.blocks[: max(layers)], start=1):
+            x = block(x, keep)
+            states[depth] = x[:, :visual]
+        return torch.stack([states[layer] for layer in layers], dim=1)

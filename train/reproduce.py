@@ -2,7 +2,8 @@
 
 Per suite: extract a target cache once, train the policy with SF (alpha 0.5) and the baseline without
 (alpha 0), read validation action L1 on held-out episodes, evaluate both in the LIBERO simulator when it
-is installed (`sf eval-libero`'s loop, OpenVLA-OFT's protocol), then write report.md / report.json and
+is installed (`sf eval-libero`'s loop, OpenVLA-OFT's protocol), probe both policies' tokens for depth when
+`--probe-dir` holds the suite with depth (`sf probe`), then write report.md / report.json and
 plots per suite. Every input is checked before any work starts. Every stage resumes: the extractor
 fills in unfinished shards, the trainer continues from its checkpoint, and a stage counts as done
 only when its outputs say so (a complete store, a checkpoint at the last step), never by a marker.
@@ -28,10 +29,12 @@ from sfcache.extract import ExtractConfig, extract
 from sfcache.inspect import summarize
 from sfcache.libero_eval import EvalConfig, evaluate, simulator_available
 from sfcache.options import comma_list, comma_text, option, option_like, same_fields, user_path
+from sfcache.probe import MEAN_DEPTH
 from sfcache.sources import detect_format, open_source
 from sfcache.store import open_cache
 from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer, TrainResult
+from sfcache.train.probe import PATCH_EMBEDDING, POLICY, ProbeConfig, run_probe
 from sfcache.vggt.weights import HUB_ID, RANDOM_SPEC, weights_config
 
 __all__ = [
@@ -113,6 +116,15 @@ class ReproduceConfig:
         1, "Checkpoints evaluated per run, evenly spaced, the last one included (>1 plots success vs steps)."
     )
     eval_max_steps: int | None = option_like(EvalConfig, "max_steps")
+    probe_dir: Path | None = option(
+        None,
+        "Folder of LIBERO HDF5 suites with depth (libero_<suite>/ from `sf collect-libero --depth` or "
+        "`sf render-depth`): probe both policies' tokens for depth (`sf probe`), side by side.",
+        parse=user_path,
+        show=str,
+    )
+    probe_steps: int = option_like(ProbeConfig, "steps", help="Training steps of each depth-probe head.")
+    probe_every: int = option_like(ProbeConfig, "every")
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -137,6 +149,12 @@ class ReproduceConfig:
             problems.append(f"--val-episodes must be >= 1 (validation L1 is the evaluation), got {self.val_episodes}")
         if self.out.is_file():
             problems.append(f"--out {self.out}: is a file; expected an output folder (new or to resume)")
+        if self.probe_dir is not None and not self.probe_dir.is_dir():
+            problems.append(f"--probe-dir {self.probe_dir}: no such directory (LIBERO HDF5 suites with depth)")
+        if self.probe_steps < 1 or self.probe_every < 1:
+            problems.append(
+                f"--probe-steps and --probe-every must be >= 1, got {self.probe_steps} and {self.probe_every}"
+            )
         # the stage configs check device and scheduler, and alpha and held-out episodes less strictly: those are
         # left out (valid values), so each problem is named once
         checked = replace(
@@ -196,6 +214,7 @@ class SuiteResult:
     evaluation: dict | None  # {"sf" | "baseline": success per evaluated checkpoint}; None without simulator
     plot: str
     plots: list[str]
+    probe: dict | None = None  # {"sf" | "baseline": sf probe's held-out results}; None without --probe-dir
 
 
 @dataclass(frozen=True)
@@ -560,6 +579,59 @@ def evaluate_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console
     return runs
 
 
+def probe_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: Console) -> dict | None:
+    """`sf probe` of the SF and the baseline run (each resumes) on the suite's depth dataset, or None."""
+    if cfg.probe_dir is None:
+        return None
+    found, _ = find_suites(cfg.probe_dir, (suite.suite,))
+    if not found or found[0].format != "libero_hdf5":
+        console.print(f"  depth probe: no LIBERO HDF5 {suite.name} with depth in {cfg.probe_dir}, skipped")
+        return None
+    runs = {}
+    for run in RUNS:
+        out = folder / run / "probe"
+        config = ProbeConfig(
+            checkpoint=folder / run,
+            data=found[0].path,
+            out=out,
+            steps=cfg.probe_steps,
+            every=cfg.probe_every,
+            device=cfg.device,
+        )
+        report = run_probe(config)
+        runs[run] = {"report": str(out / "probe.json"), "layers": report["about"]["layers"]}
+        runs[run].update(data=str(found[0].path), test=report["results"]["test"])
+        policy = report["results"]["test"][POLICY]
+        console.print(
+            f"  depth probe {RUNS[run]}: AbsRel "
+            + ", ".join(f"{view} {metrics['abs_rel']:.3f}" for view, metrics in policy.items())
+        )
+    return runs
+
+
+def _probe_lines(results: dict[str, SuiteResult], random_weights: bool) -> list[str]:
+    """report.md's depth-probe table: AbsRel per view of both policies' layers, their patch embeddings, the mean."""
+    probed = {name: r.probe for name, r in results.items() if r.probe}
+    if not probed:
+        return []
+    lines = [
+        "## Depth probe (`sf probe`, held-out episodes, AbsRel: lower is better)",
+        "",
+        "| suite | view | policy with SF | policy without SF | patch embedding with SF | "
+        "patch embedding without SF | mean depth image |",
+        "|" + "---|" * 7,
+    ]
+    for name, probe in probed.items():
+        sf, base = probe["sf"]["test"], probe["baseline"]["test"]
+        for view in sf[POLICY]:
+            cells = [sf[POLICY], base[POLICY], sf[PATCH_EMBEDDING], base[PATCH_EMBEDDING], sf[MEAN_DEPTH]]
+            lines.append(f"| {name} | {view} | " + " | ".join(f"{c[view]['abs_rel']:.3f}" for c in cells) + " |")
+    lines += ["", "Read each policy's layers against its own patch embedding and the mean-depth image (README)."]
+    if random_weights:
+        lines.append("The SF policy aligned to RANDOM VGGT weights: its tokens carry no geometry from SF.")
+    return [*lines, ""]
+
+
 def plot_success(name: str, evaluation: dict, png: Path) -> None:
     """Simulator success rate (with its 95% interval) against training steps, with vs without SF."""
     import matplotlib
@@ -671,6 +743,7 @@ def write_report(
             f"{_success(r.evaluation, 'sf')} | {_success(r.evaluation, 'baseline')} |"
         )
     lines += ["", "Success: the last checkpoint's rate in the simulator, with its 95% Wilson interval.", ""]
+    lines += _probe_lines(results, random_weights)
     for name, r in results.items():
         lines += [f"## {name}", ""] + [f"![{name}]({Path(p).relative_to(out).as_posix()})" for p in r.plots] + [""]
     (out / "report.md").write_text("\n".join(lines))
@@ -700,6 +773,7 @@ def reproduce(cfg: ReproduceConfig, console: Console | None = None) -> Reproduce
         cache = extract_suite(cfg, suite, folder, console)
         runs = train_suite(cfg, suite, folder, console)
         evaluation = evaluate_suite(cfg, suite, folder, console)
+        probe = probe_suite(cfg, suite, folder, console)
         plots = [cfg.out / "plots" / f"{suite.name}.png"]
         plots[0].parent.mkdir(exist_ok=True)
         plot_suite(suite.name, runs, plots[0])
@@ -714,6 +788,7 @@ def reproduce(cfg: ReproduceConfig, console: Console | None = None) -> Reproduce
             evaluation=evaluation,
             plot=str(plots[0]),
             plots=[str(p) for p in plots],
+            probe=probe,
         )
     report = write_report(cfg, results, missing, cfg.out)
     _print_summary(console, results)

@@ -3,7 +3,8 @@
 `Source` does the work shared by all formats (catalog, skip_bad, range checks, rotation, provenance);
 a format only says how to list its episodes (`_scan`) and how to read a step range's frames
 (`_read_frames`) and its actions and proprio (`_read_vectors`), so `read(..., frames=False)` decodes
-no image (a trainer's action chunk needs only the vectors of the next steps).
+no image (a trainer's action chunk needs only the vectors of the next steps). A format that records metric
+depth also says how to read it (`_read_depth`, for `read(..., depth=True)`; LIBERO HDF5 only).
 What is checked where:
   episodes(): structure (files open, keys present, shapes/dtypes, lengths agree, no empty episode,
               instruction present, container framing/CRC); a bad episode raises or, with skip_bad,
@@ -45,6 +46,7 @@ class Steps:
     frames: np.ndarray | None  # uint8 [T, V, H, W, 3] RGB, views in the source's order; None: not read
     actions: np.ndarray  # float32 [T, A]
     proprio: np.ndarray  # float32 [T, P]
+    depth: np.ndarray | None = None  # float32 [T, V, H, W] metres, turned and ordered like frames; None: not read
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,13 @@ class Source(ABC):
     def _read_vectors(self, episode: Episode, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 (actions [T, A], proprio [T, P]) of steps [start, stop), checked finite."""
 
+    def _read_depth(self, episode: Episode, start: int, stop: int) -> np.ndarray:
+        """float32 [T, V, H, W] metric depth of steps [start, stop) as stored (before rotation); formats
+        that record depth override this."""
+        raise SourceError(
+            episode.file, f"the {self.format} format records no depth (depth is read from LIBERO HDF5 only)"
+        )
+
     def _view_keys(self) -> dict[str, str]:
         """Canonical view name -> on-disk name; formats whose cameras come from metadata compute it."""
         return dict(self.view_keys)
@@ -141,8 +150,11 @@ class Source(ABC):
         """All episodes in a stable order (natural sort of keys)."""
         return [episode.info for episode in self._entries().values()]
 
-    def read(self, key: str, start: int = 0, stop: int | None = None, *, frames: bool = True) -> Steps:
-        """Steps [start, stop) of episode `key`, frames as the policy sees them (None when `frames=False`)."""
+    def read(
+        self, key: str, start: int = 0, stop: int | None = None, *, frames: bool = True, depth: bool = False
+    ) -> Steps:
+        """Steps [start, stop) of episode `key`, frames as the policy sees them (None when `frames=False`), and with
+        `depth` the metric depth of each view, turned like the frames."""
         episode = self._entries().get(key)
         if episode is None:
             keys = list(self._entries())
@@ -157,8 +169,11 @@ class Source(ABC):
         images = self._read_frames(episode, start, stop) if frames else None
         if images is not None and self.rotate:
             images = rotate_180(images)
+        metres = self._read_depth(episode, start, stop) if depth else None
+        if metres is not None and self.rotate:
+            metres = np.ascontiguousarray(metres[..., ::-1, ::-1])
         actions, proprio = self._read_vectors(episode, start, stop)
-        return Steps(images, actions, proprio)
+        return Steps(images, actions, proprio, metres)
 
     def describe(self) -> dict:
         """Provenance recorded in a store: format, path, views, orientation, file fingerprint."""

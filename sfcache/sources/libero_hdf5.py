@@ -4,6 +4,8 @@ Both keep one file per task, `<suite>/<task_name>_demo.hdf5`, with `data/demo_<i
 told apart by content: the original has `data.attrs["problem_info"]` (JSON with the instruction);
 no_noops files carry no attributes, so the instruction comes from the file name.
 Frames are stored upside down (OpenGL); the policy sees them rotated 180 degrees (default).
+Depth (`sf collect-libero --depth`, `sf render-depth`) is optional: `obs/<camera>_depth` next to each
+`obs/<camera>_rgb`, float16 [T, H, W] metres, stored upside down like the frames; read with `read(depth=True)`.
 Proprio is the RLDS `state`: eef position (3) + axis-angle (3) from obs/ee_pos + obs/ee_ori
 (or obs/ee_states when those are absent) + obs/gripper_states (2) = 8 numbers.
 """
@@ -32,6 +34,11 @@ def instruction_from_file_name(file: Path) -> str:
     if scene:
         words = words[scene[0] + 1 :]
     return " ".join(words)
+
+
+def depth_key(rgb_key: str) -> str:
+    """The depth dataset recorded next to a camera's frames: obs/agentview_rgb -> obs/agentview_depth."""
+    return rgb_key.removesuffix("_rgb") + "_depth"
 
 
 class LiberoHDF5(Source):
@@ -111,6 +118,24 @@ class LiberoHDF5(Source):
             file,
             key,
         )
+
+    def _read_depth(self, episode: Episode, start: int, stop: int) -> np.ndarray:
+        key, file, name = episode.info.key, episode.file, episode.where[0]
+        h5 = self._process_local("h5", HandleCache)
+        demo = h5.dataset(file, f"data/{name}")
+        views = []
+        for view in self.views:
+            column = depth_key(self.view_keys[view])
+            if column not in demo:
+                raise SourceError(
+                    file,
+                    f"has no {column}: record it with `sf collect-libero --depth` or `sf render-depth`",
+                    episode=key,
+                )
+            frames = demo[self.view_keys[view]]
+            dataset = checked(demo, column, file, key, kind="float", shape=(frames.shape[0], *frames.shape[1:3]))
+            views.append(read_range(dataset, start, stop, file, key).astype(np.float32))
+        return np.stack(views, axis=1)
 
     def _read_vectors(self, episode: Episode, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         name, _, proprio_keys = episode.where

@@ -70,6 +70,7 @@ class ExpectedEpisode:
     frames: np.ndarray  # uint8 [T, V, H, W, 3] as the policy sees them
     actions: np.ndarray  # float32 [T, A]
     proprio: np.ndarray  # float32 [T, P]
+    depth: np.ndarray | None = None  # float32 [T, V, H, W] metres as the policy sees them (LIBERO with depth=True)
 
 
 @dataclass
@@ -96,6 +97,21 @@ def render_view(view: int, position: np.ndarray, height: int, width: int) -> np.
     image[(np.abs(x - cx) < half) & (np.abs(y - cy) < half * 0.8)] = obj
     image[(x < 0.14) & (y < 0.1 + 0.04 * view)] = marker
     return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def render_depth(view: int, position: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Metric depth of `render_view`'s scene: a far wall behind the sky, a table plane nearing the camera
+    towards the bottom, the object box standing out of it; the wrist view is ~20x closer (LIBERO: agentview
+    0.7-3 m, eye-in-hand 0.03-0.13 m). float32 [H, W]."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    y, x = (y + 0.5) / height, (x + 0.5) / width
+    depth = np.where(y < 0.4, 3.0, 2.4 - 1.6 * (y - 0.4) / 0.6 + 0.1 * x).astype(np.float32)
+    zoom = 1.0 + 0.6 * view
+    cx, cy = 0.5 + (position[0] - 0.5) / zoom, 0.55 + (position[1] - 0.5) / zoom
+    half = 0.09 * zoom
+    box = (np.abs(x - cx) < half) & (np.abs(y - cy) < half * 0.8)
+    depth[box] -= 0.35 + 0.2 * (1 - np.abs(x - cx)[box] / half)  # a rounded front face
+    return depth / (1.0 + 19.0 * (view % 2))
 
 
 def _episode_motion(rng: np.random.Generator, steps: int, action_dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -126,9 +142,12 @@ def _opencv_jpeg(rgb: np.ndarray) -> bytes:
 
 
 def write_libero_hdf5(root: Path, *, suite: str = "libero_spatial", tasks: int = 2, demos: int = 3, steps: int = 10,
-                      size: int | None = None, no_noops: bool = False, seed: int = 0) -> Written:  # fmt: skip
+                      size: int | None = None, no_noops: bool = False, seed: int = 0,
+                      depth: bool = False) -> Written:  # fmt: skip
     """LIBERO task files `<suite>/<task>_demo.hdf5` (original: 128px, problem_info attrs; no_noops:
-    256px, no attributes, gaps in demo numbering, folder `<suite>_no_noops`)."""
+    256px, no attributes, gaps in demo numbering, folder `<suite>_no_noops`). `depth`: also
+    `obs/agentview_depth` and `obs/eye_in_hand_depth`, float16 [T, H, W] metres, upside down like the frames
+    (what `sf collect-libero --depth` records)."""
     size = size or (256 if no_noops else 128)
     folder = Path(root) / (f"{suite}_no_noops" if no_noops else suite)
     folder.mkdir(parents=True, exist_ok=True)
@@ -162,14 +181,14 @@ def write_libero_hdf5(root: Path, *, suite: str = "libero_spatial", tasks: int =
             for number in numbers:
                 key = f"{folder.name}/{task}/demo_{number}"
                 written.episodes[key] = _write_libero_demo(
-                    data.create_group(f"demo_{number}"), rng, steps, size, instruction, attrs=not no_noops
+                    data.create_group(f"demo_{number}"), rng, steps, size, instruction, attrs=not no_noops, depth=depth
                 )
         written.files.append(file)
     return written
 
 
 def _write_libero_demo(
-    demo: h5py.Group, rng: np.random.Generator, steps: int, size: int, instruction: str, attrs: bool
+    demo: h5py.Group, rng: np.random.Generator, steps: int, size: int, instruction: str, attrs: bool, depth: bool
 ) -> ExpectedEpisode:
     actions, path = _episode_motion(rng, steps, 7)
     actions[:, 6] = np.where(actions[:, 6] > 0, 1.0, -1.0)  # gripper: -1 open .. 1 close
@@ -196,7 +215,15 @@ def _write_libero_demo(
     obs["ee_pos"] = ee_pos
     obs["ee_ori"] = ee_ori
     proprio = np.concatenate([ee_pos, ee_ori, gripper], axis=1).astype(np.float32)
-    return ExpectedEpisode(instruction, frames, actions, proprio)
+    metres = None
+    if depth:
+        stored_depth = np.stack([np.stack([render_depth(v, p, size, size) for v in range(2)]) for p in path]).astype(
+            np.float16
+        )[:, :, ::-1, ::-1]
+        obs["agentview_depth"] = np.ascontiguousarray(stored_depth[:, 0])
+        obs["eye_in_hand_depth"] = np.ascontiguousarray(stored_depth[:, 1])
+        metres = stored_depth[:, :, ::-1, ::-1].astype(np.float32)
+    return ExpectedEpisode(instruction, frames, actions, proprio, metres)
 
 
 def write_demo_dataset(root: Path) -> Path:
