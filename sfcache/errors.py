@@ -44,6 +44,11 @@ class StoreError(SfcacheError):
     """A cache store is missing, locked, incomplete or configured differently."""
 
 
+class NotAStore(StoreError):
+    """The path is no sfcache store at all (missing, a file, an empty folder, unreadable or foreign zarr.json):
+    there is nothing to check or repair."""
+
+
 class ConfigMismatch(StoreError):
     """What is asked differs from what a store holds; the message lists each difference."""
 
