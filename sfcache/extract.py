@@ -230,8 +230,11 @@ class ExtractConfig:
         except SfcacheError as problem:
             problems.append(str(problem))
         for name in ("batch_size", "steps_per_shard"):
-            if not 1 <= getattr(self, name) <= MAX_COUNT:
-                problems.append(f"--{name.replace('_', '-')} must be in [1, {MAX_COUNT}], got {getattr(self, name)}")
+            value, flag = getattr(self, name), f"--{name.replace('_', '-')}"
+            if value < 1:
+                problems.append(f"{flag} must be >= 1, got {value}")
+            elif value > MAX_COUNT:
+                problems.append(f"{flag} must be <= {MAX_COUNT}, got {value}")
         if self.workers is not None and self.workers < 1:
             problems.append(f"--workers must be >= 1, got {self.workers}")
         if not self.layers or len(set(self.layers)) != len(self.layers):
