@@ -402,6 +402,7 @@ class VGGTWorker(WorkerPlugin):
             "store": os.path.realpath(self.job.store),
         }
         shard, cache = shards[0], None  # the shard being worked on, for the message of an unexpected error
+        pending: deque = deque()  # (shard, its write on the writer thread)
         try:
             cache = open_cache(self.job.store, mode="r+")
             index = cache.index
@@ -412,7 +413,6 @@ class VGGTWorker(WorkerPlugin):
                     report["written"][shard] = recorded  # the client confirms it: nothing to recompute
                     report["adopted"].append(shard)
                     todo.remove(shard)
-            pending: deque = deque()
             with (
                 _prefetch(self._batches(cache, index, todo, self.job.store / STOP_NAME), depth=2) as batches,
                 _Turn(self.model_turn) as model,
@@ -442,6 +442,8 @@ class VGGTWorker(WorkerPlugin):
                     self._collect(pending.popleft(), report, cache)
         except Exception as error:  # noqa: BLE001  any other failure: one line for the client, the traceback beside
             self._fail(report, shard, error, cache)
+            while pending:  # shards written before it still count
+                self._collect(pending.popleft(), report, cache)
         return report
 
     def _collect(self, pending: tuple, report: dict, cache) -> bool:

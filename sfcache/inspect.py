@@ -408,9 +408,10 @@ def check(path: str | Path, progress: Progress | None = None) -> CheckResult:
     task = progress.add_task("check", total=int(done.sum())) if progress else None
     checked, unrecorded = 0, []
     for shard in np.flatnonzero(done).tolist():
+        before = len(failures)
         _check_shard(cache, shard, arrays, fail)
-        if not _check_digests(cache, shard, fail):
-            unrecorded.append(shard)
+        if not _check_digests(cache, shard, fail if len(failures) == before else lambda where, what: None):
+            unrecorded.append(shard)  # (a shard already failing above is not reported twice)
         checked += 1
         if progress:
             progress.advance(task)
