@@ -32,6 +32,7 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from multiprocessing import resource_tracker
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -52,7 +53,6 @@ from sfcache.errors import (
     StoreError,
     WeightsError,
     raise_problems,
-    signals_handled,
 )
 from sfcache.options import comma_list, comma_text, option, same_fields
 from sfcache.pooling import pooled_targets
@@ -992,22 +992,25 @@ def _connect(cfg: ExtractConfig, stack: ExitStack) -> _Cluster:
 
 @contextmanager
 def _interrupts_after_start() -> Iterator[None]:
-    """Start local worker processes with SIGINT and SIGHUP blocked (they inherit the signal mask): Ctrl-C in a
-    terminal reaches the whole process group, and only this client should act on it (stop the tasks, release the
-    lock) instead of every worker printing a KeyboardInterrupt traceback. Here the signals wait, pending, and
-    SIGTERM is noted, until the cluster is up; then the first one ends the run as `Interrupted` (so a Ctrl-C
-    during start-up is neither lost nor half through starting the cluster, whose stack then closes it)."""
-    arrived: list[int] = []
-    blocked = {signal.SIGINT, signal.SIGHUP}
+    """Start local worker processes with SIGINT and SIGHUP blocked: they inherit the mask of the thread that starts
+    them (Dask's loop thread, started here) and keep it, so Ctrl-C in a terminal, which reaches the whole process
+    group, never reaches them; only this client acts on it (stop the tasks, release the lock) instead of every
+    worker printing a KeyboardInterrupt traceback. Here the signals are noted, not acted on, until the cluster is
+    up; then the first one ends the run as `Interrupted` (the stack that holds the cluster then closes it)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    with signals_handled(INTERRUPTS, lambda signum, frame: arrived.append(signum)):
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending signal is handled (noted) here
+    arrived: list[int] = []
+    quiet = {signal.SIGINT, signal.SIGHUP}
+    resource_tracker.ensure_running()  # started later, it would unblock SIGINT in the thread starting workers
+    before = {signum: signal.signal(signum, lambda signum, frame: arrived.append(signum)) for signum in INTERRUPTS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, quiet)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one pending here is noted now
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
     if arrived:
         raise Interrupted(arrived[0])
 
