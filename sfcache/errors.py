@@ -109,6 +109,21 @@ def signals_handled(signums: Iterable[int], handler) -> Iterator[None]:
 
 
 @contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back for a critical section (taking a lock and entering the `try` that
+    releases it, starting worker processes): the first that arrives meanwhile is noted, then raised again when the
+    section ends, where the handlers from before it act on it (`interrupts_raise`: `Interrupted`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    with signals_handled(INTERRUPTS, lambda signum, frame: arrived.append(signum)):
+        yield
+    if arrived:
+        signal.raise_signal(arrived[0])
+
+
+@contextmanager
 def interrupts_raise() -> Iterator[None]:
     """Turn SIGINT, SIGTERM and SIGHUP (Ctrl-C, `kill`, a closed SSH terminal) into `Interrupted` in the main
     thread, so long work unwinds its cleanup (stop tasks, release locks) and the CLI prints one line."""

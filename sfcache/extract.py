@@ -46,12 +46,12 @@ from distributed.scheduler import KilledWorker
 from sfcache import __version__
 from sfcache.device import DEVICE_CHOICES, HostCopy, check_device, encode_on_device, pinned, resolve_device, to_device
 from sfcache.errors import (
-    INTERRUPTS,
     Interrupted,
     SfcacheError,
     SourceError,
     StoreError,
     WeightsError,
+    interrupts_deferred,
     raise_problems,
 )
 from sfcache.options import comma_list, comma_text, option, same_fields
@@ -995,24 +995,17 @@ def _interrupts_after_start() -> Iterator[None]:
     """Start local worker processes with SIGINT and SIGHUP blocked: they inherit the mask of the thread that starts
     them (Dask's loop thread, started here) and keep it, so Ctrl-C in a terminal, which reaches the whole process
     group, never reaches them; only this client acts on it (stop the tasks, release the lock) instead of every
-    worker printing a KeyboardInterrupt traceback. Here the signals are noted, not acted on, until the cluster is
-    up; then the first one ends the run as `Interrupted` (the stack that holds the cluster then closes it)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    arrived: list[int] = []
+    worker printing a KeyboardInterrupt traceback. A signal that arrives meanwhile is acted on once the cluster is
+    up (`interrupts_deferred`), so that the stack holding the cluster then closes it."""
     quiet = {signal.SIGINT, signal.SIGHUP}
-    resource_tracker.ensure_running()  # started later, it would unblock SIGINT in the thread starting workers
-    before = {signum: signal.signal(signum, lambda signum, frame: arrived.append(signum)) for signum in INTERRUPTS}
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, quiet)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one pending here is noted now
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
-    if arrived:
-        raise Interrupted(arrived[0])
+    with interrupts_deferred():
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, quiet)
+        try:
+            resource_tracker.ensure_running()  # started by Dask, it would unblock SIGINT in the thread starting workers
+            signal.pthread_sigmask(signal.SIG_BLOCK, quiet)  # ... as ensure_running just did here
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one pending here is noted now
 
 
 def _close_client(client: Client) -> None:

@@ -23,7 +23,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -35,7 +35,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from sfcache import __version__
-from sfcache.errors import ConfigMismatch, NotAStore, RunSuperseded, StoreError, differences
+from sfcache.errors import ConfigMismatch, NotAStore, RunSuperseded, StoreError, differences, interrupts_deferred
 from sfcache.keys import tfds_ids
 from sfcache.options import same_fields
 from sfcache.provenance import (
@@ -358,28 +358,32 @@ def lock_store(path: str | Path) -> Iterator[Path]:
         raise StoreError(f"{path}: is a file; a store is a directory (choose another --out)")
     created = not path.exists()
     lock = path / LOCK_NAME
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        descriptor = _hold_lock_file(lock)
-    except OSError as err:
-        raise StoreError(
-            f"{lock}: cannot create the store lock ({err.strerror}); --out must be a writable "
-            "directory on a file system with file locks"
-        ) from None
-    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    try:
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, json.dumps(mine).encode(), 0)
-        os.fsync(descriptor)
-    except OSError as err:
-        _release_lock(descriptor, lock, path, created)
-        raise StoreError(
-            f"{lock}: cannot write the store lock ({err.strerror}); free space or make {path} writable, then run again"
-        ) from None
-    try:
-        yield lock
-    finally:
-        _release_lock(descriptor, lock, path, created)
+    with ExitStack() as critical:
+        critical.enter_context(interrupts_deferred())  # no signal between taking the lock and the try releasing it
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            descriptor = _hold_lock_file(lock)
+        except OSError as err:
+            raise StoreError(
+                f"{lock}: cannot create the store lock ({err.strerror}); --out must be a writable "
+                "directory on a file system with file locks"
+            ) from None
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        try:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, json.dumps(mine).encode(), 0)
+            os.fsync(descriptor)
+        except OSError as err:
+            _release_lock(descriptor, lock, path, created)
+            raise StoreError(
+                f"{lock}: cannot write the store lock ({err.strerror}); free space or make {path} writable, "
+                "then run again"
+            ) from None
+        try:
+            critical.close()  # a signal that arrived meanwhile is handled here, inside the try
+            yield lock
+        finally:
+            _release_lock(descriptor, lock, path, created)
 
 
 def _hold_lock_file(lock: Path) -> int:
@@ -1361,7 +1365,9 @@ class Cache:
         """Rows of array `name` exactly as stored (not decoded, no done flag asked): zarr's own error on damage."""
         return self._open(name)[rows] if name == DONE_ARRAY else self._array(name)[rows]
 
-    def shard_digests(self, shard: int) -> dict[str, list[int] | None]:
+    def shard_digests(
+        self, shard: int, known: Mapping[str, list[int] | None] | None = None
+    ) -> dict[str, list[int] | None]:
         """[size, CRC32C] of each target array's file of a shard (None where missing), as seen from here.
 
         The writer records these (`write_shard`) and reports them; the extraction client compares them with its
@@ -1372,6 +1378,9 @@ class Cache:
         digests: dict[str, list[int] | None] = {}
         for name in self._target_arrays():
             file = self.shard_file(name, shard)
+            if (known or {}).get(name) is not None:  # computed as it was written (`known`: {array: digest})
+                digests[str(file.relative_to(self.path))] = known[name]
+                continue
             try:
                 data = file.read_bytes()
             except FileNotFoundError:
@@ -1521,6 +1530,7 @@ class Cache:
                 f"{self.path}: shard {shard} got mask {None if mask is None else tuple(mask.shape)}, "
                 f"expected {expected[:3] if self.has_mask else 'none'}"
             )
+        written: dict[str, list[int] | None] = {}  # array -> digest of its file, as written
         try:
             for layer, values in targets.items():
                 shape = tuple((values[0] if isinstance(values, tuple) else values).shape)
@@ -1537,12 +1547,14 @@ class Cache:
                     stored, scale = encode(
                         self.reduction.project(layer, values) if self.reduced else values, self.dtype
                     )
-                self._write_synced(layer_array(layer), rows, stored)
+                written[layer_array(layer)] = self._write_synced(layer_array(layer), rows, stored)
                 if scale is not None:
-                    self._write_synced(layer_array(layer, "_scale"), rows, scale)
+                    written[layer_array(layer, "_scale")] = self._write_synced(
+                        layer_array(layer, "_scale"), rows, scale
+                    )
             if mask is not None:
-                self._write_synced(MASK_ARRAY, rows, mask.astype(np.uint8))
-            digests = self.shard_digests(shard)
+                written[MASK_ARRAY] = self._write_synced(MASK_ARRAY, rows, mask.astype(np.uint8))
+            digests = self.shard_digests(shard, written)
             self._record_digests(shard, digests)
             if done:
                 self._array(DONE_ARRAY)[shard] = 1
@@ -1553,20 +1565,23 @@ class Cache:
                 f"{err}; the shard stays not done"
             ) from err
 
-    def _write_synced(self, name: str, rows: slice, stored: np.ndarray) -> None:
-        """Write, then flush the shard file and its directory to disk, so a done flag never outlives its data.
+    def _write_synced(self, name: str, rows: slice, stored: np.ndarray) -> list[int] | None:
+        """Write, then flush the shard file and its directory to disk, so a done flag never outlives its data;
+        returns the file's [size, CRC32C] when written directly (None: through zarr, digest it from the file).
 
         Nothing is read back: before or after the fsync a read is served from the page cache, so it
-        would compare memory with itself, not with the disk. Bytes that rot on disk are caught on read
-        by `--checksum`'s CRC32C per step (and the shard index's own CRC32C).
+        would compare memory with itself, not with the disk. Bytes that rot on disk are caught by the
+        recorded digests (`--check`, `--repair`, `verify=True` reads) and on every read by `--checksum`'s
+        CRC32C per step (and the shard index's own CRC32C).
         """
+        digest = None
         array = self._array(name)
         shard_file = self.shard_file(name, rows.start // self.steps_per_shard)
         checksum = direct_layout(array)
         if checksum is None:  # compressed: through zarr's codecs
             array[rows] = stored
         else:  # uncompressed: the shard file itself, at plain-write speed
-            write_shard_file(shard_file, stored, self.steps_per_shard, checksum)
+            digest = list(write_shard_file(shard_file, stored, self.steps_per_shard, checksum))
         if shard_file.exists():  # an all-zero shard is stored as no file at all
             for target in (shard_file, shard_file.parent):  # the data, then the rename that published it
                 descriptor = os.open(target, os.O_RDONLY)
@@ -1574,6 +1589,7 @@ class Cache:
                     os.fsync(descriptor)
                 finally:
                     os.close(descriptor)
+        return digest
 
 
 def _digest_text(digest: list[int] | None) -> str:

@@ -30,19 +30,25 @@ class LoggedSlowWrites(WorkerPlugin):
         def write_shard(cache, shard, targets, mask=None, **kwargs):
             time.sleep(delay)
             try:
-                original(cache, shard, targets, mask, **kwargs)
+                digests = original(cache, shard, targets, mask, **kwargs)
             except RunSuperseded:
                 with open(log, "a") as handle:
                     handle.write(f"refused {shard} {os.getpid()}\n")
                 raise
             with open(log, "a") as handle:
                 handle.write(f"{shard} {os.getpid()}\n")
+            return digests
 
         Cache.write_shard = write_shard
 
 
 def dask_setup(worker):
-    """`dask worker --preload tests._faults_helpers`: LoggedSlowWrites from SFCACHE_TEST_WRITE_LOG/_DELAY."""
+    """`dask worker --preload tests._faults_helpers`: LoggedSlowWrites from SFCACHE_TEST_WRITE_LOG/_DELAY;
+    SFCACHE_TEST_NO_LEASE=1 keeps the model of a dead client (so that only the run fence stops its tasks)."""
+    if os.environ.get("SFCACHE_TEST_NO_LEASE"):
+        from sfcache.extract import VGGTWorker
+
+        VGGTWorker.client_alive = lambda self: True
     if os.environ.get("SFCACHE_TEST_WRITE_LOG"):
         LoggedSlowWrites(
             Path(os.environ["SFCACHE_TEST_WRITE_LOG"]), float(os.environ.get("SFCACHE_TEST_WRITE_DELAY", "0"))

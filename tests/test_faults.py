@@ -434,8 +434,8 @@ class ExternalCluster:
     """A separately started `dask scheduler` and `dask worker` (1 thread) on loopback, as a user runs them;
     the worker preloads LoggedSlowWrites (SFCACHE_TEST_WRITE_LOG / _DELAY)."""
 
-    def __init__(self, tmp: Path, delay: float, wrap: list[str] | None = None):
-        self.tmp, self.delay, self.wrap = tmp, delay, wrap or []
+    def __init__(self, tmp: Path, delay: float, wrap: list[str] | None = None, lease: bool = True):
+        self.tmp, self.delay, self.wrap, self.lease = tmp, delay, wrap or [], lease
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.writes = tmp / "writes.log"
@@ -461,6 +461,7 @@ class ExternalCluster:
             PYTHONPATH=str(REPO),
             SFCACHE_TEST_WRITE_LOG=str(self.writes),
             SFCACHE_TEST_WRITE_DELAY=str(self.delay),
+            **({} if self.lease else {"SFCACHE_TEST_NO_LEASE": "1"}),
         )
         return self._spawn(
             [
@@ -524,7 +525,7 @@ def test_orphaned_tasks_of_a_killed_client_cannot_write_into_the_store_that_repl
         == 0
     )
     out, log = tmp_path / "store", tmp_path / "client.log"
-    with ExternalCluster(tmp_path, delay=1.0) as cluster:
+    with ExternalCluster(tmp_path, delay=1.0, lease=False) as cluster:  # the fence alone (the lease would stop it)
         victim = spawn_client(dataset, out, log, "--scheduler", cluster.address)
         wait_until(lambda: done_count(out) >= 1, victim, log)
         os.killpg(victim.pid, signal.SIGKILL)  # the client only: its task goes on writing
