@@ -1020,7 +1020,6 @@ STARTUP_POINTS = {  # what must have happened before the signal: deterministic p
         ("importing", signal.SIGTERM),
         ("store locked", signal.SIGINT),
         ("cluster starting", signal.SIGINT),
-        ("cluster starting", signal.SIGTERM),
     ],
 )
 def test_a_signal_at_any_point_of_start_up_is_one_line_releases_the_lock_and_leaves_nothing_running(
