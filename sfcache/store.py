@@ -1401,9 +1401,14 @@ class Cache:
         if not self.has_digests:
             return None
         row = self._array(DIGESTS_ARRAY)[shard]
+        files = [str(self.shard_file(name, shard).relative_to(self.path)) for name in self._target_arrays()]
+        if row.shape != (len(files), 2):
+            raise StoreError(
+                f"{self.path / DIGESTS_ARRAY / 'zarr.json'}: holds {row.shape} per shard, expected "
+                f"({len(files)}, 2) (size and CRC32C of each of {len(files)} shard files); the store is damaged"
+            )
         if not row[:, 0].any():
             return None
-        files = [str(self.shard_file(name, shard).relative_to(self.path)) for name in self._target_arrays()]
         return {
             file: None if size == NO_FILE else [int(size), int(crc)]
             for file, (size, crc) in zip(files, row.tolist(), strict=True)
