@@ -92,6 +92,7 @@ STOP_WAIT_S = 600  # after a failure, how long running tasks may take to finish 
 INTERRUPT_WAIT_S = 5  # ... after Ctrl-C / SIGTERM / SIGHUP (the run fence stops any later write)
 STOP_SAY_S = 5  # waiting for running tasks longer than this is said on stderr
 LEASE_CHECK_S = 2.0  # how often a worker's plugin checks that its client still holds the store
+LEASE_MISSES = 2  # ... and how many checks in a row must find it gone before the plugin removes itself
 MAX_SHARDS_PER_TASK = 8
 TASKS_PER_WORKER = 4  # enough tasks to balance workers and move the progress bar smoothly
 TASKS_IN_FLIGHT = 2  # per worker: one on the model, the next reading its first batches (VGGTWorker.run)
@@ -358,11 +359,13 @@ class VGGTWorker(WorkerPlugin):
         return is_locked(self.job.store) or not self.lock_visible
 
     def _lease(self, worker) -> None:
-        """Every LEASE_CHECK_S while this plugin is set up: once its client is gone, remove the plugin from the
-        scheduler and every worker (teardown frees the model and its GPU memory), so a dead client leaves no
-        model behind; its tasks still running stop at their next shard (`_batches`)."""
+        """Every LEASE_CHECK_S while this plugin is set up: once its client is gone (LEASE_MISSES checks in a row),
+        remove the plugin from the scheduler and every worker (teardown frees the model and its GPU memory), so a
+        dead client leaves no model behind; its tasks still running stop at their next shard (`_batches`)."""
+        misses = 0
         while not self.expired.wait(LEASE_CHECK_S):
-            if not self.client_alive():
+            misses = 0 if self.client_alive() else misses + 1
+            if misses == LEASE_MISSES:  # twice in a row: not a file system hiccup
                 self.expired.set()
                 worker.loop.add_callback(self._remove_everywhere, worker)
                 return
