@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 from rich.console import Console
 
-from sfcache.cli.options import config_command
+from sfcache.cli.options import config_command, path_text
 from sfcache.device import DEVICE_CHOICES
 from sfcache.libero_eval import EvalConfig, evaluate, results_table
 from sfcache.options import default_of
@@ -18,13 +16,13 @@ from sfcache.train.loop import TrainConfig
 @config_command(EvalConfig, defaults={"out": None})
 def eval_libero(
     fields: dict,
-    checkpoint: Path = typer.Argument(..., help="An `sf train` run folder or its checkpoint.pt."),
+    checkpoint: str = typer.Argument(..., help="An `sf train` run folder or its checkpoint.pt.", metavar="CHECKPOINT"),
     device: str = typer.Option(
         default_of(TrainConfig, "device"), "--device", help=f"{DEVICE_CHOICES} (the policy's device)."
     ),
 ) -> None:
     """Closed-loop success rates in the LIBERO simulator: results.jsonl, summary.json, videos, a table."""
-    policy = CheckpointPolicy(checkpoint, device=device, seed=fields["seed"])
+    policy = CheckpointPolicy(path_text(checkpoint, "CHECKPOINT"), device=device, seed=fields["seed"])
     config = EvalConfig(**{**fields, "out": fields["out"] or policy.path.parent / f"eval_libero_{fields['suite']}"})
     summary = evaluate(policy, config, policy.describe())
     Console().print(results_table(summary))

@@ -8,7 +8,6 @@ import typer
 from rich.console import Console
 
 from sfcache.cli.options import config_command
-from sfcache.errors import interrupts_raise
 from sfcache.extract import ExtractConfig, plan
 from sfcache.extract import extract as run_extract
 from sfcache.vggt import random_weights_warning
@@ -33,8 +32,7 @@ def extract(
     for name in ["distributed", *logging.root.manager.loggerDict]:  # failures reach the user as one line of ours
         if name.startswith("distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    with interrupts_raise():
-        summary = run_extract(cfg)
+    summary = run_extract(cfg)  # `sf` turns Ctrl-C, SIGTERM and SIGHUP into one line (sfcache.cli.main)
     console.print(
         f"store {summary.store}: {summary.shards_done}/{summary.shards} shards done, "
         f"{summary.steps} steps of {summary.episodes} episodes ({summary.format}, recipe "
@@ -45,7 +43,13 @@ def extract(
     console.print(
         f"extracted {summary.extracted_steps} steps in {summary.extract_s:.1f} s "
         f"({summary.steps_per_s:.2f} steps/s on {summary.workers} worker(s), {summary.device}); "
-        f"{summary.already_done_steps} were already done; cluster startup "
+        f"{summary.already_done_steps} were already done"
+        + (
+            f" and {summary.adopted_steps} written by an earlier attempt were confirmed, not recomputed"
+            if summary.adopted_steps
+            else ""
+        )
+        + "; cluster startup "
         f"{summary.cluster_startup_s:.1f} s",
         highlight=False,
     )

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
-from pathlib import Path
 
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
 from sfcache import inspect as inspection
+from sfcache.cli.options import path_text
 from sfcache.device import DEVICE_CHOICES, resolve_device
-from sfcache.errors import SfcacheError
+from sfcache.errors import NotAStore, SfcacheError
 from sfcache.extract import ExtractConfig
 from sfcache.options import default_of
 from sfcache.progress import progress_bar
@@ -23,7 +24,7 @@ MISSING_SHOWN = 10  # episode keys listed before "... and N more"
 
 
 def inspect_cache(
-    store: Path = typer.Argument(..., help="Store directory written by `sf extract --out`."),
+    store: str = typer.Argument(..., help="Store directory written by `sf extract --out`.", metavar="STORE"),
     episode: str | None = typer.Option(
         None,
         "--episode",
@@ -56,8 +57,8 @@ def inspect_cache(
     device: str = typer.Option(
         default_of(ExtractConfig, "device"), "--device", help=f"Device for --verify: {DEVICE_CHOICES}."
     ),
-    source: Path | None = typer.Option(None, "--source", help="Dataset location for --verify/--pca when it moved."),
-    pca: Path | None = typer.Option(
+    source: str | None = typer.Option(None, "--source", help="Dataset location for --verify/--pca when it moved."),
+    pca: str | None = typer.Option(
         None,
         "--pca",
         help="Write a PNG: per step, each view's frame beside a "
@@ -68,6 +69,7 @@ def inspect_cache(
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON on stdout instead."),
 ) -> None:
     """Summarise a target store; optionally check, verify and picture it. Exit 1 if --check or --verify fails."""
+    store, source, pca = path_text(store, "STORE"), path_text(source, "--source"), path_text(pca, "--pca")
     if threshold is not None and not 0 < threshold <= 1:
         raise SfcacheError(f"--threshold must be a cosine in (0, 1], got {threshold}")
     if pca is not None and pca.is_dir():
@@ -78,6 +80,8 @@ def inspect_cache(
             report["check"] = inspection.check(store, progress=bar)
     try:
         cache = inspection.open_store(store)
+    except NotAStore:  # nothing to check or repair: one line (the check said so already when asked)
+        raise
     except SfcacheError:
         if not check:
             raise
@@ -232,6 +236,8 @@ def _norms(figures: inspection.StepNorms | inspection.EpisodeReport) -> list[str
 
 
 def _render_check(console: Console, result: inspection.CheckResult) -> None:
+    for note in result.notes:
+        console.print(f"[yellow]check:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if result.ok:
         console.print(f"[bold green]check: OK[/] ({result.shards_checked}/{result.shards} shards read)")
         return
@@ -243,8 +249,10 @@ def _render_check(console: Console, result: inspection.CheckResult) -> None:
     table.add_column("where", overflow="fold")
     table.add_column("what", overflow="fold")
     for failure in result.failures:
-        table.add_row(failure.where, failure.what)
+        table.add_row(escape(failure.where), escape(failure.what))  # data text: [..] is not markup
     console.print(table)
+    if result.shards_checked == 0 and all(failure.where.endswith("zarr.json") for failure in result.failures):
+        return  # its provenance is damaged: re-extracting (--overwrite) is the way, not --repair
     console.print(
         "to repair: run `sf extract` again with the same options and --repair; it redoes every shard "
         "that fails here (a missing shard file is redone by any rerun)",

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from sfcache.cli.options import path_text
 from sfcache.sources import FORMATS, open_source
 
 SHOWN_EPISODES = 8
 
 
 def inspect_source(
-    path: Path = typer.Argument(..., help="Dataset folder or file."),
+    path: str = typer.Argument(..., help="Dataset folder or file.", metavar="PATH"),
     format: str = typer.Option("auto", "--format", help=f"auto or one of: {', '.join(FORMATS)}."),
     views: str = typer.Option(
         None, "--views", help="Comma list of views in VGGT order, each a name or name=column (default: the format's)."
@@ -24,6 +24,7 @@ def inspect_source(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON report instead of tables."),
 ) -> None:
     """Show the detected format, episodes, steps, views and frame size of a dataset."""
+    path = path_text(path, "PATH")
     chosen = tuple(view.strip() for view in views.split(",")) if views else None
     source = open_source(path, format=format, views=chosen, skip_bad=skip_bad)
     episodes = source.episodes()

@@ -62,6 +62,16 @@ def _parameter(field: dataclasses.Field, hint: Any, default: Any) -> inspect.Par
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=spec, annotation=kind)
 
 
+def path_text(text: str | None, name: str) -> Path | None:
+    """A typed-in path (None stays None); an empty text is an error, never the current folder (typer would read
+    '' as Path('.'), so that `sf extract ''` scanned the folder it ran in)."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise SfcacheError(f"{name}: empty path; give a file or folder (. for the current folder)")
+    return Path(text)
+
+
 def field_values(config: type, given: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """Typed-in option values -> config field values; a text its parser refuses is an SfcacheError naming it.
     An empty text is the default: the command's (`defaults`) if it replaces the field's, else left to the config."""
@@ -74,6 +84,8 @@ def field_values(config: type, given: dict[str, Any], defaults: dict[str, Any] |
             value = defaults[field.name]
         elif value == "" and field.default is not MISSING:
             continue  # empty: the config's default
+        elif value == "" and _field_type(hints[field.name]) is Path:
+            path_text(value, flag_of(field) if not info.argument else info.metavar or field.name.upper())
         if info.parse is not None and isinstance(value, str):
             try:
                 value = info.parse(value)

@@ -7,8 +7,9 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "open_cache"]
 
 
-def open_cache(path, mode: str = "r"):
-    """Open a target store (read-only by default). See sfcache.store.Cache."""
+def open_cache(path, mode: str = "r", verify: bool = False):
+    """Open a target store (read-only by default; `verify`: check each shard against its recorded digests before
+    its first read). See sfcache.store.Cache."""
     from sfcache.store import open_cache as _open
 
-    return _open(path, mode=mode)
+    return _open(path, mode=mode, verify=verify)

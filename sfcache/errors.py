@@ -44,6 +44,11 @@ class StoreError(SfcacheError):
     """A cache store is missing, locked, incomplete or configured differently."""
 
 
+class NotAStore(StoreError):
+    """The path is no sfcache store at all (missing, a file, an empty folder, unreadable or foreign zarr.json):
+    there is nothing to check or repair."""
+
+
 class ConfigMismatch(StoreError):
     """What is asked differs from what a store holds; the message lists each difference."""
 
@@ -101,6 +106,21 @@ def signals_handled(signums: Iterable[int], handler) -> Iterator[None]:
     finally:
         for signum, before in previous.items():
             signal.signal(signum, before)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back for a critical section (taking a lock and entering the `try` that
+    releases it, starting worker processes): the first that arrives meanwhile is noted, then raised again when the
+    section ends, where the handlers from before it act on it (`interrupts_raise`: `Interrupted`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    with signals_handled(INTERRUPTS, lambda signum, frame: arrived.append(signum)):
+        yield
+    if arrived:
+        signal.raise_signal(arrived[0])
 
 
 @contextmanager

@@ -15,19 +15,24 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import fnmatch
+import gc
 import logging
 import os
 import queue
 import signal
 import socket
+import tempfile
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from multiprocessing import resource_tracker
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -38,6 +43,7 @@ from distributed.comm.addressing import get_address_host_port, parse_address
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
+from sfcache import __version__
 from sfcache.device import DEVICE_CHOICES, HostCopy, check_device, encode_on_device, pinned, resolve_device, to_device
 from sfcache.errors import (
     Interrupted,
@@ -45,8 +51,8 @@ from sfcache.errors import (
     SourceError,
     StoreError,
     WeightsError,
+    interrupts_deferred,
     raise_problems,
-    signals_handled,
 )
 from sfcache.options import comma_list, comma_text, option, same_fields
 from sfcache.pooling import pooled_targets
@@ -57,12 +63,16 @@ from sfcache.rows import RowIndex
 from sfcache.sources import Source, open_source
 from sfcache.store import (
     CODECS,
+    DIGESTS_ARRAY,
+    DONE_ARRAY,
     DTYPES,
+    ERROR_LOG,
     RUN_NAME,
     Reduction,
     StoreConfig,
     create_store,
     current_run,
+    is_locked,
     lock_store,
     open_cache,
     pack_episodes,
@@ -80,11 +90,17 @@ STOP_NAME = ".sfcache.stop"  # created by the client to make running tasks finis
 WORKER_WAIT_S = 60  # how long a running scheduler may have no workers before we give up
 STOP_WAIT_S = 600  # after a failure, how long running tasks may take to finish their shard
 INTERRUPT_WAIT_S = 5  # ... after Ctrl-C / SIGTERM / SIGHUP (the run fence stops any later write)
+STOP_SAY_S = 5  # waiting for running tasks longer than this is said on stderr
+LEASE_CHECK_S = 2.0  # how often a worker's plugin checks that its client still holds the store
+LEASE_MISSES = 2  # ... and how many checks in a row must find it gone before the plugin removes itself
 MAX_SHARDS_PER_TASK = 8
 TASKS_PER_WORKER = 4  # enough tasks to balance workers and move the progress bar smoothly
 TASKS_IN_FLIGHT = 2  # per worker: one on the model, the next reading its first batches (VGGTWorker.run)
 GPU_SHARE = {"GPU": 1 / TASKS_IN_FLIGHT}  # what a task asks of a worker advertising the resource GPU=1
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+MAX_COUNT = 1 << 20  # --batch-size, --steps-per-shard: beyond this a typo, not a plan (a shard index of 16 MiB)
+MAX_GRID_SIDE = 1024  # --grid: VGGT's own patch grid is 16-74 per side; pooling only resamples it
+MAX_SHARD_BYTES = 8 << 30  # a shard's targets are held in a worker's memory until written
 PREPROCESS_MODES = ("sf", "crop", "pad")  # --preprocess; letterbox comes with --recipe openpi
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 
@@ -215,14 +231,20 @@ class ExtractConfig:
         except SfcacheError as problem:
             problems.append(str(problem))
         for name in ("batch_size", "steps_per_shard"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+            value, flag = getattr(self, name), f"--{name.replace('_', '-')}"
+            if value < 1:
+                problems.append(f"{flag} must be >= 1, got {value}")
+            elif value > MAX_COUNT:
+                problems.append(f"{flag} must be <= {MAX_COUNT}, got {value}")
         if self.workers is not None and self.workers < 1:
             problems.append(f"--workers must be >= 1, got {self.workers}")
         if not self.layers or len(set(self.layers)) != len(self.layers):
             problems.append(f"--layers must be distinct layer indices, got {list(self.layers)}")
-        if self.grid is not None and min(self.grid) < 1:
-            problems.append(f"--grid must be positive, got {self.grid}")
+        if self.grid is not None and not (min(self.grid) >= 1 and max(self.grid) <= MAX_GRID_SIDE):
+            problems.append(
+                f"--grid {_show_grid(self.grid)}: each side must be in [1, {MAX_GRID_SIDE}] (VGGT-1B's own grid is "
+                "37x37; SF pools it to 16x16)"
+            )
         if self.scheduler is not None and (problem := _scheduler_problem(self.scheduler)):
             problems.append(problem)
         if self.out.is_file():
@@ -253,8 +275,9 @@ class ExtractSummary:
     steps: int  # rows of the store
     shards_done: int
     shards: int
-    extracted_steps: int  # by this run
-    already_done_steps: int
+    extracted_steps: int  # by this run (adopted ones included)
+    adopted_steps: int  # written by an earlier attempt (a dead worker or client), confirmed by this run
+    already_done_steps: int  # done (confirmed) before this run
     failed: list[dict]  # {"shard", "file", "what", "episode", "key", "message"}
     repaired: list[dict]  # {"shard", "why"}
     run: str  # the run id (the store's write fence)
@@ -304,6 +327,7 @@ class VGGTWorker(WorkerPlugin):
         self.model = None
 
     def setup(self, worker=None):
+        self.expired = threading.Event()  # set when the plugin is torn down or its client is gone
         self.model_turn = threading.Lock()  # one task's batches on the model at a time
         self.slots = threading.BoundedSemaphore(self.job.tasks_in_flight)  # bounds prefetched memory
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="sfcache-write")  # shards in order, no contention
@@ -314,12 +338,44 @@ class VGGTWorker(WorkerPlugin):
         dtype = None if self.job.compute_dtype == "auto" else getattr(torch, self.job.compute_dtype)
         self.model, self.weights_id = load_vggt(self.job.weights, device, compute_dtype=dtype)
         self.device = device
+        if worker is not None:  # the lease: a model outlives its client by LEASE_CHECK_S at most
+            self.lock_visible = is_locked(self.job.store)  # the client holds it now, if this host sees flocks
+            threading.Thread(target=self._lease, args=(worker,), name="sfcache-lease", daemon=True).start()
 
     def teardown(self, worker=None):
+        self.expired.set()
         self.writer.shutdown(wait=True)
         self.model = None
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def client_alive(self) -> bool:
+        """Whether this run's client is still there: the store still belongs to its run and (where this worker
+        can see flocks) its lock is held. A client killed with kill -9 fails this at once: the kernel dropped its
+        lock; one that ended or was replaced moved the run marker on."""
+        if current_run(self.job.store) != self.job.run:
+            return False
+        return is_locked(self.job.store) or not self.lock_visible
+
+    def _lease(self, worker) -> None:
+        """Every LEASE_CHECK_S while this plugin is set up: once its client is gone (LEASE_MISSES checks in a row),
+        remove the plugin from the scheduler and every worker (teardown frees the model and its GPU memory), so a
+        dead client leaves no model behind; its tasks still running stop at their next shard (`_batches`)."""
+        misses = 0
+        while not self.expired.wait(LEASE_CHECK_S):
+            misses = 0 if self.client_alive() else misses + 1
+            if misses == LEASE_MISSES:  # twice in a row: not a file system hiccup
+                self.expired.set()
+                worker.loop.add_callback(self._remove_everywhere, worker)
+                return
+
+    async def _remove_everywhere(self, worker) -> None:
+        try:
+            await worker.scheduler.unregister_worker_plugin(name=self.name)
+        except Exception:  # noqa: BLE001  already removed (another worker's lease), or the scheduler is gone
+            if self.name in worker.plugins:
+                await worker.plugin_remove(self.name)
 
     def facts(self) -> dict:
         """What the client records as provenance; must agree across workers."""
@@ -340,53 +396,89 @@ class VGGTWorker(WorkerPlugin):
             return self._run(shards)
 
     def _run(self, shards: list[int]) -> dict:
-        cache = open_cache(self.job.store, mode="r+")
-        todo = [s for s, done in zip(shards, cache.done_shards(shards)) if not done]
         report = {
             "failed": [],
             "error": None,
             "written": {},
+            "adopted": [],
             "host": socket.gethostname(),
             "store": os.path.realpath(self.job.store),
         }
-        stop_file = self.job.store / STOP_NAME
-        index = cache.index
-        pending: deque = deque()
-        with (
-            _prefetch(self._batches(cache, index, todo, stop_file), depth=2) as batches,
-            _Turn(self.model_turn) as model,
-        ):
-            outputs: list[tuple[HostCopy, np.ndarray | None]] = []
-            for shard, inputs, last in batches:
-                if isinstance(inputs, SourceError):
-                    outputs = []
-                    report["failed"].append({"shard": shard, **_error_fields(inputs)})
-                    if self.job.skip_bad:
-                        continue
-                    break
-                images, mask = inputs
-                model.take()
-                outputs.append((self._targets(images, "float32" if cache.reduced else cache.dtype), mask))
-                _log_progress(self.job.run, _steps_in(images))
-                if last:
-                    pending.append((shard, self.writer.submit(self._write, cache, shard, outputs, self.job.run)))
-                    outputs = []
-                while pending and (pending[0][1].done() or len(pending) > 1):
-                    if not _collect(pending.popleft(), report):
+        shard, cache = shards[0], None  # the shard being worked on, for the message of an unexpected error
+        pending: deque = deque()  # (shard, its write on the writer thread)
+        try:
+            cache = open_cache(self.job.store, mode="r+")
+            index = cache.index
+            todo = [s for s, done in zip(shards, cache.done_shards(shards)) if not done]
+            for shard in list(todo):  # written by an earlier attempt (a dead worker or client), never confirmed
+                recorded = cache.recorded_digests(shard)
+                if recorded is not None and cache.shard_digests(shard) == recorded:
+                    report["written"][shard] = recorded  # the client confirms it: nothing to recompute
+                    report["adopted"].append(shard)
+                    todo.remove(shard)
+            with (
+                _prefetch(self._batches(cache, index, todo, self.job.store / STOP_NAME), depth=2) as batches,
+                _Turn(self.model_turn) as model,
+            ):
+                outputs: list[tuple[HostCopy, np.ndarray | None]] = []
+                for shard, inputs, last in batches:
+                    if isinstance(inputs, SourceError):
+                        outputs = []
+                        report["failed"].append({"shard": shard, **_error_fields(inputs)})
+                        if self.job.skip_bad:
+                            continue
                         break
-                if report["error"]:
-                    break
-            model.give_up()
-            while pending:
-                _collect(pending.popleft(), report)
+                    images, mask = inputs
+                    model.take()
+                    outputs.append((self._targets(images, "float32" if cache.reduced else cache.dtype), mask))
+                    _log_progress(self.job.run, _steps_in(images))
+                    if last:
+                        pending.append((shard, self.writer.submit(self._write, cache, shard, outputs, self.job.run)))
+                        outputs = []
+                    while pending and (pending[0][1].done() or len(pending) > 1):
+                        if not self._collect(pending.popleft(), report, cache):
+                            break
+                    if report["error"]:
+                        break
+                model.give_up()
+                while pending:
+                    self._collect(pending.popleft(), report, cache)
+        except Exception as error:  # noqa: BLE001  any other failure: one line for the client, the traceback beside
+            self._fail(report, shard, error, cache)
+            while pending:  # shards written before it still count
+                self._collect(pending.popleft(), report, cache)
         return report
+
+    def _collect(self, pending: tuple, report: dict, cache) -> bool:
+        """Fold a finished shard write into the task report; False after a failed write (the first one is kept)."""
+        shard, future = pending
+        try:
+            shard, digests = future.result()
+        except Exception as error:  # noqa: BLE001  a store error, or anything else the write raised
+            self._fail(report, shard, error, cache)
+            return False
+        report["written"][shard] = digests
+        return True
+
+    def _fail(self, report: dict, shard: int, error: BaseException, cache) -> None:
+        """Record the task's first failure: a store error as its own line, anything else as one line naming the
+        shard, its rows and the cause (out of memory: the option that lowers it), with the traceback for the log."""
+        if report["error"] is not None:
+            return
+        report["error_shard"] = shard
+        if isinstance(error, SfcacheError):
+            report["error"] = str(error)
+            return
+        where = _shard_text(cache, shard)
+        report["error"] = f"{where} failed on {report['host']}: {_cause(error, self.job.batch_size)}"
+        report["traceback"] = "".join(traceback.format_exception(error))
 
     def _batches(self, cache, index: RowIndex, shards: list[int], stop_file: Path) -> Iterator[tuple]:
         """(shard, (images, token mask | None) | SourceError, last batch of the shard?) in row order."""
         img_size = self.model.config.img_size
         for shard in shards:
-            if stop_file.exists() or current_run(self.job.store) != self.job.run:
-                return  # asked to stop, or this run was superseded or has ended: compute nothing more
+            if stop_file.exists() or current_run(self.job.store) != self.job.run or self.expired.is_set():
+                return  # asked to stop, this run was superseded or has ended, or its client is gone
             rows = cache.shard_rows(shard)
             try:
                 for start in range(rows.start, rows.stop, self.job.batch_size):
@@ -462,8 +554,8 @@ class VGGTWorker(WorkerPlugin):
 
     @staticmethod
     def _write(cache, shard: int, outputs: list[tuple[HostCopy, np.ndarray | None]], run: str) -> tuple[int, dict]:
-        """Write one shard (fenced by the run) from its batches' (encoded targets, mask); returns (shard, file
-        digests)."""
+        """Write one shard (fenced by the run) from its batches' (encoded targets, mask), recording its digests but
+        not its done flag (the client sets it once it has read the digests back); returns (shard, file digests)."""
         batches = [copy.get() for copy, _ in outputs]
         encoded = {layer: _concat([batch[layer] for batch in batches]) for layer in batches[0]}
         targets = {
@@ -471,8 +563,8 @@ class VGGTWorker(WorkerPlugin):
             for layer, (stored, scales) in encoded.items()
         }
         masks = [mask for _, mask in outputs]
-        cache.write_shard(shard, targets, None if masks[0] is None else np.concatenate(masks), run=run)
-        return shard, cache.shard_digests(shard)
+        mask = None if masks[0] is None else np.concatenate(masks)
+        return shard, cache.write_shard(shard, targets, mask, run=run, done=False)
 
 
 class _Turn:
@@ -510,25 +602,39 @@ def _steps_in(images: torch.Tensor | list[tuple[torch.Tensor, tuple[int, int]]])
     return len(images) if isinstance(images, torch.Tensor) else sum(len(host) for host, _ in images)
 
 
-def _collect(pending: tuple, report: dict) -> bool:
-    """Fold a finished shard write into the task report; False after a store error (the first one is kept)."""
-    shard, future = pending
-    try:
-        shard, digests = future.result()
-    except StoreError as error:
-        if report["error"] is None:
-            report["error"], report["error_shard"] = str(error), shard
-        return False
-    report["written"][shard] = digests
-    return True
-
-
 def _log_progress(run: str, steps: int) -> None:
     """Tell the client that `steps` more steps were computed (moves its progress bar per batch)."""
     try:
         get_worker().log_event(f"sfcache-progress-{run}", steps)
     except ValueError:  # not inside a Dask worker (direct calls): no one to tell
         pass
+
+
+def _shard_text(cache, shard: int) -> str:
+    """'shard S (rows a-b: episode K steps i-j, ...)': where a task failed, in the user's terms."""
+    if cache is None:
+        return f"shard {shard}"
+    rows = cache.shard_rows(shard)
+    pieces = cache.index.pieces(rows.start, rows.stop)
+    steps = ", ".join(f"episode {key} steps {a}-{b - 1}" for key, a, b in pieces[:3])
+    more = f" and {len(pieces) - 3} more episodes" if len(pieces) > 3 else ""
+    return f"shard {shard} (rows {rows.start}-{rows.stop - 1}: {steps}{more})"
+
+
+def _cause(error: BaseException, batch_size: int | None = None) -> str:
+    """The cause of an unexpected task failure in one line; running out of memory names the options that lower it."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    text = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    lowered = first.lower()
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)) or any(
+        words in lowered for words in ("out of memory", "can't allocate memory", "cannot allocate memory")
+    ):
+        return (
+            f"out of memory ({text}); lower --batch-size{'' if batch_size is None else f' (now {batch_size})'} "
+            "(steps per VGGT forward pass), "
+            "or --steps-per-shard (a shard's targets are held until written)"
+        )
+    return text
 
 
 def _error_fields(error: SourceError) -> dict:
@@ -674,6 +780,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
             **same_fields(cfg, ("dtype", "codec", "checksum", "steps_per_shard")),
             selection=cfg.episodes,
         )
+        _check_shard_size(store_config, cfg)
         fitted, k = "none", parse_reduce(cfg.reduce)
         if isinstance(k, int) and k > config.out_channels:  # before computing any sample
             raise SfcacheError(
@@ -686,14 +793,13 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
             )
             reduction = resumable_reduction(cfg.out, store_config, cfg.overwrite)
             fitted = "reused" if reduction is not None else "fitted"
-            reduction = reduction or _fit_basis(cluster, plugin, store_config, cfg.batch_size, progress)
+            reduction = reduction or _fit_basis(cluster, plugin, store_config, cfg.batch_size, progress, cfg.out)
             check_fidelity(reduction)
             store_config = replace(store_config, reduce=reduction)
         cache = create_store(cfg.out, store_config, overwrite=cfg.overwrite)
         repaired = _repair(cache, cfg.repair)
         pending = [int(s) for s in np.flatnonzero(~cache.done_shards())]
         outcome = _run_shards(cluster, cache, plugin, pending, progress, cfg.skip_bad, run)
-        _verify_written(cache, outcome["written"])
     final = open_cache(cfg.out)
     extracted = _steps_of(final, list(outcome["written"]))
     return ExtractSummary(
@@ -707,6 +813,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
         shards_done=int(final.done_shards().sum()),
         shards=final.num_shards,
         extracted_steps=extracted,
+        adopted_steps=_steps_of(final, outcome["adopted"]),
         already_done_steps=_steps_of(final, np.flatnonzero(final.done_shards()).tolist()) - extracted,
         failed=outcome["failed"],
         repaired=repaired,
@@ -725,7 +832,24 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     )
 
 
-def _fit_basis(cluster: _Cluster, plugin: str, config: StoreConfig, batch_size: int, progress: bool) -> Reduction:
+def _check_shard_size(config: StoreConfig, cfg: ExtractConfig) -> None:
+    """Refuse, before any task, a shard too large for a worker's memory (it holds a shard's targets until written)."""
+    per_step = step_bytes(
+        len(config.views), config.grid[0] * config.grid[1], config.channels, cfg.dtype, len(config.layers), False
+    )
+    steps = min(cfg.steps_per_shard, config.num_steps)
+    if per_step * steps > MAX_SHARD_BYTES:
+        raise SfcacheError(
+            f"--steps-per-shard {cfg.steps_per_shard} with --grid {_show_grid(config.grid)}: a shard would hold "
+            f"{per_step * steps / 2**30:.1f} GiB of targets ({per_step / 2**20:.1f} MiB per step), kept in a "
+            f"worker's memory until written; keep it under {MAX_SHARD_BYTES >> 30} GiB (lower --steps-per-shard "
+            "or --grid)"
+        )
+
+
+def _fit_basis(
+    cluster: _Cluster, plugin: str, config: StoreConfig, batch_size: int, progress: bool, store: Path
+) -> Reduction:
     """Fit the PCA basis on the workers' exact targets of the sample rows (sfcache.reduce.sample_rows).
 
     One task per batch of `batch_size` sample rows; results are folded in submission order, so the
@@ -754,7 +878,7 @@ def _fit_basis(cluster: _Cluster, plugin: str, config: StoreConfig, batch_size: 
     with bar or nullcontext(), _cancelled_on_exit(cluster.client, futures):
         task = bar.add_task("fit basis", total=int(rows.size)) if bar else None
         for start, future in zip(range(0, rows.size, batch_size), futures):
-            targets, mask = _task_report(future, cluster)  # a lost scheduler or dying workers: one line
+            targets, mask = _task_report(future, cluster, store)  # a lost scheduler or dying workers: one line
             batch = rows[start : start + batch_size]
             is_held = np.isin(batch, held_rows)
             for layer, values in targets.items():
@@ -852,7 +976,7 @@ def _connect(cfg: ExtractConfig, stack: ExitStack) -> _Cluster:
         specs = {f"gpu{g}": _worker_spec({"CUDA_VISIBLE_DEVICES": g}, {"GPU": 1}) for g in gpus[:workers]}
     else:
         specs = {f"cpu{i}": _worker_spec({}, {}) for i in range(workers)}
-    with _workers_ignore_interrupts():
+    with _interrupts_after_start():
         local = stack.enter_context(
             SpecCluster(
                 scheduler={
@@ -865,18 +989,26 @@ def _connect(cfg: ExtractConfig, stack: ExitStack) -> _Cluster:
             )
         )
         client = stack.enter_context(Client(local))
-        client.wait_for_workers(workers, timeout=600)
+    client.wait_for_workers(workers, timeout=600)
     return _Cluster(client, local.scheduler_address, workers, device.type, GPU_SHARE if gpus else None)
 
 
 @contextmanager
-def _workers_ignore_interrupts() -> Iterator[None]:
-    """Start local worker processes with SIGINT and SIGHUP ignored (they inherit it): Ctrl-C in a terminal
-    reaches the whole process group, and only this client should act on it (stop the tasks, release the
-    lock) instead of every worker printing a KeyboardInterrupt traceback. A Ctrl-C during these few
-    seconds of start-up is lost."""
-    with signals_handled((signal.SIGINT, signal.SIGHUP), signal.SIG_IGN):
-        yield
+def _interrupts_after_start() -> Iterator[None]:
+    """Start local worker processes with SIGINT and SIGHUP blocked: they inherit the mask of the thread that starts
+    them (Dask's loop thread, started here) and keep it, so Ctrl-C in a terminal, which reaches the whole process
+    group, never reaches them; only this client acts on it (stop the tasks, release the lock) instead of every
+    worker printing a KeyboardInterrupt traceback. A signal that arrives meanwhile is acted on once the cluster is
+    up (`interrupts_deferred`), so that the stack holding the cluster then closes it."""
+    quiet = {signal.SIGINT, signal.SIGHUP}
+    with interrupts_deferred():
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, quiet)
+        try:
+            resource_tracker.ensure_running()  # started by Dask, it would unblock SIGINT in the thread starting workers
+            signal.pthread_sigmask(signal.SIG_BLOCK, quiet)  # ... as ensure_running just did here
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one pending here is noted now
 
 
 def _close_client(client: Client) -> None:
@@ -971,9 +1103,11 @@ def _native_grid(source: Source, infos: list, mode: str, config: VGGTConfig) -> 
 def _run_shards(
     cluster: _Cluster, cache, plugin: str, pending: list[int], progress: bool, skip_bad: bool, run: str = ""
 ) -> dict:
-    """Submit shard-range tasks, advance the bar per batch, stop everything cleanly on a failure.
+    """Submit shard-range tasks, advance the bar per batch, confirm and mark done each task's shards as its report
+    comes in, stop everything cleanly on a failure.
 
-    Returns {"failed", "written": {shard: {"host", "store", "digests"}}, "seconds"}.
+    Returns {"failed", "written": {shard: {"host", "store", "digests"}} (confirmed and done), "adopted": [shards
+    written by an earlier attempt, confirmed now], "seconds"}.
     """
     per_task = max(1, min(MAX_SHARDS_PER_TASK, -(-len(pending) // (cluster.workers * TASKS_PER_WORKER))))
     groups = _consecutive_groups(pending, per_task)
@@ -990,7 +1124,8 @@ def _run_shards(
         )
         for group in groups
     ]
-    outcome: dict = {"failed": [], "written": {}}
+    outcome: dict = {"failed": [], "written": {}, "adopted": []}
+    unconfirmed: list[tuple] = []  # (shard, file, how, where) of written shards this client cannot read back
     total = _steps_of(cache, pending)
     bar = progress_bar("steps") if progress else None
     topic = f"sfcache-progress-{run}"
@@ -1001,21 +1136,28 @@ def _run_shards(
             if bar:
                 cluster.client.subscribe_topic(topic, lambda event: bar.advance(task, event[1]))
             for future in as_completed(futures):
-                report = _task_report(future, cluster)
+                report = _task_report(future, cluster, cache.path)
                 outcome["failed"] += report["failed"]
-                outcome["written"].update(
-                    {
-                        int(shard): {"host": report["host"], "store": report["store"], "digests": digests}
-                        for shard, digests in report["written"].items()
-                    }
-                )
+                written = {
+                    int(shard): {"host": report["host"], "store": report["store"], "digests": digests}
+                    for shard, digests in report["written"].items()
+                }
+                try:
+                    bad = _confirm_written(cache, written)
+                except StoreError:  # the store turned unwritable: the task's own write error says more
+                    if not report["error"]:
+                        raise
+                    bad = [(shard, DONE_ARRAY, "not marked done", written[shard]) for shard in written]
+                unconfirmed += bad
+                outcome["written"].update({s: w for s, w in written.items() if s not in {b[0] for b in bad}})
+                outcome["adopted"] += [int(shard) for shard in report.get("adopted", [])]
                 if bar:  # per-batch events may count a batch twice after a worker death: settle on shards
                     bar.update(
                         task,
                         completed=min(total, max(bar.tasks[0].completed, _steps_of(cache, list(outcome["written"])))),
                     )
                 if report["error"]:
-                    raise StoreError(_first_error(futures, report))
+                    raise _task_error(futures, report, cache.path)
                 if report["failed"] and not skip_bad:
                     first = report["failed"][0]
                     raise SourceError(
@@ -1030,18 +1172,21 @@ def _run_shards(
     except _LostScheduler:  # nothing to stop from here; the run fence stops what still runs out there
         raise
     except BaseException:
-        _stop_tasks(cache.path, futures, STOP_WAIT_S)
+        _stop_tasks(cache.path, cluster.client, futures, STOP_WAIT_S)
         raise
     finally:
         if interrupted:
-            _stop_tasks(cache.path, futures, INTERRUPT_WAIT_S)
+            _stop_tasks(cache.path, cluster.client, futures, INTERRUPT_WAIT_S)
         if bar:
             _unsubscribe(cluster.client, topic)
+    if unconfirmed:
+        raise _unconfirmed_error(cache, unconfirmed)
     return {**outcome, "seconds": time.perf_counter() - started}
 
 
-def _task_report(future, cluster: _Cluster) -> dict:
-    """A finished task's report; a lost scheduler or a worker dying again and again as one SfcacheError."""
+def _task_report(future, cluster: _Cluster, store: Path) -> dict:
+    """A finished task's report; a lost scheduler, a worker dying again and again, or anything else a task raised
+    as one SfcacheError (the traceback of an unexpected error goes to the store's error log)."""
     try:
         return future.result()
     except KilledWorker as error:
@@ -1056,6 +1201,50 @@ def _task_report(future, cluster: _Cluster) -> dict:
                 "finished shards are kept, fix the cause and run the same command again"
             ) from None
         raise _lost_scheduler(cluster.address, error) from None
+    except SfcacheError:  # an expected error raised on a worker: already one line
+        raise
+    except Exception as error:  # noqa: BLE001  anything else a task raised outside its own handling
+        trace = "".join(traceback.format_exception(type(error), error, future.traceback()))
+        raise SfcacheError(
+            f"{_task_name(future.key)} failed on its worker ({_cause(error)}); finished "
+            f"shards are kept; full traceback in {_write_error_log(store, trace)}"
+        ) from None
+
+
+def _task_name(key) -> str:
+    """What a task key names: 'the task of shards a-b', 'the basis sample task from row r'."""
+    parts = str(key).split("-")
+    if str(key).startswith("sfcache-shards-"):
+        return f"the task of shards {parts[2]}-{parts[3]}"
+    if str(key).startswith("sfcache-fit-"):
+        return f"the basis sample task from row {parts[2]}"
+    return f"task {key}"
+
+
+def _task_error(futures: list, report: dict, store: Path) -> SfcacheError:
+    """The failure of the lowest shard among the tasks finished so far (the first to fix), as one line; an
+    unexpected error's traceback is written to the store's error log, which the line names."""
+    first = _first_error(futures, report)
+    if not first.get("traceback"):
+        return StoreError(first["error"])
+    log = _write_error_log(store, first["traceback"])
+    return SfcacheError(
+        f"{first['error']}; finished shards are kept, fix the cause and run the same command again; full "
+        f"traceback in {log}"
+    )
+
+
+def _write_error_log(store: Path, text: str) -> Path:
+    """Append a traceback to STORE/ERROR_LOG (a temporary file when the store is not writable); its path."""
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    for log in (store / ERROR_LOG, Path(tempfile.gettempdir()) / f"sfcache-error-{os.getpid()}.log"):
+        try:
+            with open(log, "a") as handle:
+                handle.write(f"--- {stamp} sfcache {__version__}\n{text}\n")
+            return log
+        except OSError:
+            continue
+    return Path(tempfile.gettempdir())
 
 
 class _LostScheduler(SfcacheError):
@@ -1071,8 +1260,8 @@ def _lost_scheduler(address: str, error: BaseException) -> SfcacheError:
     )
 
 
-def _first_error(futures: list, report: dict) -> str:
-    """The write failure of the lowest shard among the tasks finished so far (the first to fix)."""
+def _first_error(futures: list, report: dict) -> dict:
+    """The report of the lowest failed shard among the tasks finished so far (the first to fix)."""
     errors = [report]
     for future in futures:
         if future.status == "finished":
@@ -1082,7 +1271,7 @@ def _first_error(futures: list, report: dict) -> str:
                 continue
             if other.get("error"):
                 errors.append(other)
-    return min(errors, key=lambda r: r.get("error_shard", 1 << 62))["error"]
+    return min(errors, key=lambda r: r.get("error_shard", 1 << 62))
 
 
 def _unsubscribe(client: Client, topic: str) -> None:
@@ -1094,33 +1283,55 @@ def _unsubscribe(client: Client, topic: str) -> None:
         pass
 
 
-def _stop_tasks(store: Path, futures: list, timeout: float) -> None:
+def _stop_tasks(store: Path, client: Client, futures: list, timeout: float) -> None:
     """Make running tasks finish their current shard and queued ones return at once, then wait for them
-    (at most `timeout` s), so that no task writes after the lock is released; the run fence stops any
-    straggler from writing once this run has ended."""
-    stop_file = store / STOP_NAME
+    (at most `timeout` s, saying so after STOP_SAY_S, and not at all once no worker is left to run them),
+    so that no task writes after the lock is released; the run fence stops any straggler from writing once
+    this run has ended. Never raises: the error that stopped the run is the one to report."""
     try:
-        stop_file.touch()
+        (store / STOP_NAME).touch()
     except OSError:  # a read-only store: running tasks stop at their next failing write instead
         pass
+    started = time.monotonic()
+    said = False
     try:
-        wait(futures, timeout=timeout)
-    except BaseException:  # a timeout, a dead cluster or a second Ctrl-C: the fence covers the rest
+        while any(not future.done() for future in futures) and time.monotonic() - started < timeout:
+            if not client.scheduler_info(n_workers=-1)["workers"]:
+                break  # nothing can run them: the fence covers whatever a worker that comes back would do
+            if not said and time.monotonic() - started > STOP_SAY_S:
+                busy = sum(not future.done() for future in futures)
+                logging.getLogger("sfcache").warning(
+                    "waiting up to %.0f s for %d running task(s) to finish their current shard ...", timeout, busy
+                )
+                said = True
+            try:
+                wait(futures, timeout=1)
+            except TimeoutError:
+                pass
+    except BaseException:  # noqa: BLE001  a dead cluster or a second Ctrl-C: the fence covers the rest
         pass
     finally:
         for future in futures:
             try:
                 future.cancel()
-            except Exception:  # the cluster is gone
+            except Exception:  # noqa: BLE001  the cluster is gone
                 pass
-        _remove_stop_file(store)
+        try:
+            _remove_stop_file(store)
+        except StoreError:  # left for the next run's start-up, which removes it or says why it cannot
+            pass
 
 
 def _remove_stop_file(store: Path) -> None:
+    """Remove the stop request; checked first, since a read-only file system refuses even an absent file's unlink."""
+    stop = store / STOP_NAME
     try:
-        (store / STOP_NAME).unlink(missing_ok=True)
+        if stop.exists():
+            stop.unlink()
+    except FileNotFoundError:
+        pass
     except OSError as err:
-        raise StoreError(f"{store / STOP_NAME}: cannot remove ({err.strerror}); --out must be writable") from None
+        raise StoreError(f"{stop}: cannot remove ({err.strerror}); --out must be writable") from None
 
 
 def _check_shared_store(cluster: _Cluster, job: _Job) -> None:
@@ -1151,12 +1362,16 @@ def _store_view(store: str, run: str) -> tuple[str, str]:
 def _repair(cache, full: bool) -> list[dict]:
     """Clear the done flags of done shards this client cannot read back, so that this run redoes them.
 
-    Always: a shard file that is missing. With `full` (--repair): every done shard is also decoded
-    (checksums, when the store has them) and checked for NaN/Inf.
+    Always: a shard file that is missing. With `full` (--repair): every done shard's files are also compared with
+    the digests recorded when they were written (any changed byte, or another shard's file in its place), then
+    decoded (checksums, when the store has them) and checked for NaN/Inf.
     """
     broken = {shard: f"{file} is missing" for shard, file in cache.missing_shard_files().items()}
     if full:
         for shard in np.flatnonzero(cache.done_shards()).tolist():
+            problem = None if shard in broken else cache.digest_problem(shard)
+            if problem:
+                broken[shard] = problem
             for layer in () if shard in broken else cache.layers:
                 try:
                     values = cache.read_rows(cache.shard_rows(shard), layer=layer)
@@ -1171,24 +1386,31 @@ def _repair(cache, full: bool) -> list[dict]:
     return [{"shard": shard, "why": why} for shard, why in sorted(broken.items())]
 
 
-def _verify_written(cache, written: dict[int, dict]) -> None:
-    """Before reporting success: every shard a worker wrote must read back, from this client's view of the
-    file system, with the size and CRC the worker saw, and its done flag must be visible here. Shards
-    that fail are marked not done (redone on the next run) and named with the worker's host and path."""
-    shards = sorted(written)
-    seen_done = dict(zip(shards, cache.done_shards(shards).tolist()))
-    bad = []
-    for shard in shards:
+def _confirm_written(cache, written: dict[int, dict]) -> list[tuple]:
+    """Mark done the shards a task wrote whose files read back, from this client's view of the file system, with
+    the digests the worker reported and recorded; the others are reset (redone by the next run) and returned as
+    (shard, file, how, where it was written) for `_unconfirmed_error`."""
+    good, bad = [], []
+    for shard in sorted(written):
         ours, theirs = cache.shard_digests(shard), written[shard]["digests"]
-        if ours != theirs or not seen_done[shard]:
-            file = next((f for f in theirs if ours.get(f) != theirs[f]), f"done/c/{shard}")
-            bad.append((shard, file, "missing" if ours.get(file) is None else "different"))
-    if not bad:
-        return
-    cache.mark_not_done([shard for shard, _, _ in bad])
-    shard, file, how = bad[0]
-    where = written[shard]
-    raise StoreError(
+        if ours == theirs == cache.recorded_digests(shard):
+            good.append(shard)
+            continue
+        file = next((f for f in theirs if ours.get(f) != theirs[f]), DIGESTS_ARRAY)
+        how = "missing" if ours.get(file) is None else "different"
+        if file == DIGESTS_ARRAY:
+            how = "different from its recorded digest"
+        bad.append((shard, file, how, written[shard]))
+    if bad:
+        cache.mark_not_done([shard for shard, *_ in bad])
+    cache.mark_done(good)
+    return bad
+
+
+def _unconfirmed_error(cache, bad: list[tuple]) -> StoreError:
+    """Written shards this client could not read back: the first one named with the worker's host and path."""
+    shard, file, how, where = bad[0]
+    return StoreError(
         f"{cache.path / file}: shard {shard} was written by the Dask worker on host {where['host']} at "
         f"{Path(where['store']) / file}, but this client finds it {how}; {len(bad)} shard(s) left not "
         "done. --out must be on a file system shared by this client and every worker (not a job's "

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 from rich.progress import Progress
 
-from sfcache.errors import StoreError, WeightsError
+from sfcache.errors import NotAStore, StoreError, WeightsError
 from sfcache.options import same_fields
 from sfcache.pooling import pooled_targets
 from sfcache.provenance import Fidelity, ReduceProvenance
@@ -179,6 +179,7 @@ class CheckResult(_Record):
     failures: tuple[Failure, ...]
     shards_checked: int
     shards: int
+    notes: tuple[str, ...] = ()  # what the check could not cover (no digests recorded)
 
 
 @dataclass(frozen=True)
@@ -380,8 +381,10 @@ def episode_report(cache: Cache, key: str, layer: int | None = None) -> EpisodeR
 
 
 def check(path: str | Path, progress: Progress | None = None) -> CheckResult:
-    """Read every done shard and cross-check index, arrays and done flags; never raises on a bad store.
-    Each failure names the file, array, shard or episode concerned."""
+    """Read every done shard, compare its files with the digests recorded when they were written (any changed
+    byte, or another shard's file in its place), and cross-check index, arrays and done flags; never raises on a
+    bad store (NotAStore for a path that is no store at all). Each failure names the file, array, shard or
+    episode concerned."""
     path = Path(path)
     failures: list[Failure] = []
 
@@ -390,6 +393,8 @@ def check(path: str | Path, progress: Progress | None = None) -> CheckResult:
 
     try:
         cache = open_store(path)
+    except NotAStore:
+        raise
     except StoreError as error:
         fail(str(path / "zarr.json"), str(error))
         return _check_result(failures, 0, 0)
@@ -401,12 +406,27 @@ def check(path: str | Path, progress: Progress | None = None) -> CheckResult:
         return _check_result(failures, 0, cache.num_shards)
 
     task = progress.add_task("check", total=int(done.sum())) if progress else None
-    checked = 0
-    for shard in np.flatnonzero(done):
-        _check_shard(cache, int(shard), arrays, fail)
+    checked, unrecorded = 0, []
+    for shard in np.flatnonzero(done).tolist():
+        before = len(failures)
+        _check_shard(cache, shard, arrays, fail)
+        if not _check_digests(cache, shard, fail if len(failures) == before else lambda where, what: None):
+            unrecorded.append(shard)  # (a shard already failing above is not reported twice)
         checked += 1
         if progress:
             progress.advance(task)
+    notes = []
+    if not cache.has_digests:
+        notes.append(
+            "no digests recorded: this store was written before sfcache recorded shard digests, so a flipped "
+            "byte that still decodes, or a shard file moved to another position, cannot be seen (`sf extract "
+            "--checksum` stores see flipped bytes; `--verify` recomputes steps)"
+        )
+    elif unrecorded:
+        notes.append(
+            f"no digests recorded for done shard(s) {_ranges(np.array(unrecorded))} (written before sfcache "
+            "recorded them): their bytes are decoded and checked for NaN/Inf only"
+        )
     if not done.all():
         keys = cache.missing_episodes()
         more = f" ... and {len(keys) - LISTED} more" if len(keys) > LISTED else ""
@@ -417,7 +437,7 @@ def check(path: str | Path, progress: Progress | None = None) -> CheckResult:
         )
     if (path / LOCK_NAME).exists():
         fail(str(path / LOCK_NAME), _lock_state(path))
-    return _check_result(failures, checked, cache.num_shards)
+    return _check_result(failures, checked, cache.num_shards, notes)
 
 
 def _ranges(numbers: np.ndarray) -> str:
@@ -436,8 +456,26 @@ def _lock_state(path: Path) -> str:
     )
 
 
-def _check_result(failures: list[Failure], checked: int, shards: int) -> CheckResult:
-    return CheckResult(ok=not failures, failures=tuple(failures), shards_checked=checked, shards=shards)
+def _check_result(failures: list[Failure], checked: int, shards: int, notes: list[str] = ()) -> CheckResult:
+    return CheckResult(
+        ok=not failures, failures=tuple(failures), shards_checked=checked, shards=shards, notes=tuple(notes)
+    )
+
+
+def _check_digests(cache: Cache, shard: int, fail) -> bool:
+    """A done shard's files against the digests recorded when it was written; False when none were recorded."""
+    if not cache.has_digests:
+        return True  # said once for the whole store
+    try:
+        if cache.recorded_digests(shard) is None:
+            return False
+        if not cache.missing_shard_files([shard]):  # a missing file is reported by _check_shard
+            problem = cache.digest_problem(shard)
+            if problem:
+                fail(f"shard {shard}", problem)
+    except StoreError as error:
+        fail(f"digests shard {shard}", str(error))
+    return True
 
 
 def _check_index(cache: Cache, fail) -> None:

@@ -48,9 +48,10 @@ def direct_layout(array) -> bool | None:
     return inner[-1] is Crc32cCodec
 
 
-def write_shard_file(path: Path, stored: np.ndarray, chunks_per_shard: int, checksum: bool) -> None:
+def write_shard_file(path: Path, stored: np.ndarray, chunks_per_shard: int, checksum: bool) -> tuple[int, int]:
     """Atomically replace the shard file `path` with the rows `stored` [rows <= chunks_per_shard, ...]
-    (one inner chunk per row; rows past the end of the array are left out, as zarr does)."""
+    (one inner chunk per row; rows past the end of the array are left out, as zarr does). Returns the file's
+    (size, CRC32C), computed over the bytes as they are written (no read-back)."""
     stored = np.ascontiguousarray(stored, dtype=stored.dtype.newbyteorder("<"))
     rows, chunk_bytes = len(stored), stored[0].nbytes if len(stored) else 0
     step = chunk_bytes + (4 if checksum else 0)
@@ -60,18 +61,28 @@ def write_shard_file(path: Path, stored: np.ndarray, chunks_per_shard: int, chec
     index_bytes = index.tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{uuid.uuid4().hex}.partial")  # what a killed writer leaves; removed on resume
+    size, crc = 0, 0
+
+    def write(f, data) -> None:
+        nonlocal size, crc
+        f.write(data)
+        view = np.frombuffer(data, dtype=np.uint8)
+        view.flags.writeable = False  # what google_crc32c.extend takes (no copy)
+        size, crc = size + view.nbytes, google_crc32c.extend(crc, view)
+
     try:
         with open(partial, "wb") as f:
             if checksum:
                 for row in stored:
                     data = row.reshape(-1).view(np.uint8)
-                    f.write(data)
-                    f.write(np.uint32(google_crc32c.value(data)).astype("<u4").tobytes())
+                    write(f, data)
+                    write(f, np.uint32(google_crc32c.value(data)).astype("<u4").tobytes())
             else:
-                f.write(memoryview(stored).cast("B"))
-            f.write(index_bytes)
-            f.write(np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes())
+                write(f, memoryview(stored).cast("B"))
+            write(f, index_bytes)
+            write(f, np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes())
         os.replace(partial, path)
+        return size, crc
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

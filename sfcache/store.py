@@ -2,11 +2,14 @@
 
 Layout (see ARCHITECTURE.md): root attrs["sfcache"] hold the provenance and the episode index,
 `targets/layer_<L>` hold [N, V, h*w, C] with one step per inner chunk and `steps_per_shard`
-steps per shard file, and `done[shard]` is set only after that shard's data is written and fsynced
-(not read back: that would read the page cache). A shard file is replaced atomically (by sfcache.shard_file or
-zarr's LocalStore), so a killed writer leaves either the old shard or the new one, never a torn one; shard files
-are fsynced before their flag is set, so even a power loss cannot leave a flag without its data. Resuming redoes
-every shard whose flag is unset.
+steps per shard file. A writer records each shard file's size and CRC32C in `digests[shard]` once the data is
+written and fsynced; `done[shard]` is set when the digests are confirmed (by the extraction client, reading the
+files back from its own view of the file system), so a done shard's bytes can always be checked against them
+and a file moved or copied from another shard position does not match. A shard file is replaced atomically
+(by sfcache.shard_file or zarr's LocalStore), so a killed writer leaves either the old shard or the new one, never
+a torn one; shard files are fsynced before their digests and flag are written, so even a power loss cannot leave a
+flag without its data. Resuming redoes every shard whose flag is unset (one whose files still match its recorded
+digests is confirmed, not recomputed).
 """
 
 from __future__ import annotations
@@ -19,20 +22,20 @@ import shutil
 import socket
 import time
 import uuid
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from sfcache import __version__
-from sfcache.errors import ConfigMismatch, RunSuperseded, StoreError, differences
+from sfcache.errors import ConfigMismatch, NotAStore, RunSuperseded, StoreError, differences, interrupts_deferred
 from sfcache.keys import tfds_ids
 from sfcache.options import same_fields
 from sfcache.provenance import (
@@ -77,13 +80,16 @@ READABLE_VERSIONS = (1, 2)
 INT8_BLOCK = 128  # channels per int8 scale (see `encode`)
 MASK_ARRAY = "targets/mask"
 DONE_ARRAY = "done"
+DIGESTS_ARRAY = "digests"  # [num_shards, files per shard, 2] uint64: (size, CRC32C) of each shard file; 0 = none
+NO_FILE = 2**64 - 1  # the size recorded for a shard file that zarr left out (all fill value)
 LAYER_PARTS = ("", "_scale", "_mean", "_basis")  # values, int8 scales, --reduce mean and basis
 DTYPES = ("float16", "bfloat16", "int8")
 CODECS = ("none", "zstd", "blosc-zstd")
 LOCK_NAME = ".sfcache.lock"
 RUN_NAME = ".sfcache.run"  # the id of the one extraction run allowed to write (see store_run)
 RUN_ENDED = "ended"
-KEPT = (LOCK_NAME, RUN_NAME)  # what clearing a store for --overwrite keeps (both are held open by flock)
+ERROR_LOG = ".sfcache.errors.log"  # tracebacks of unexpected extraction failures (the error line names it)
+KEPT = (LOCK_NAME, RUN_NAME, ERROR_LOG)  # what clearing a store for --overwrite keeps (lock and run: held by flock)
 _STORED_DTYPE = {"float16": "float16", "bfloat16": "uint16", "int8": "int8"}
 
 
@@ -352,28 +358,32 @@ def lock_store(path: str | Path) -> Iterator[Path]:
         raise StoreError(f"{path}: is a file; a store is a directory (choose another --out)")
     created = not path.exists()
     lock = path / LOCK_NAME
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        descriptor = _hold_lock_file(lock)
-    except OSError as err:
-        raise StoreError(
-            f"{lock}: cannot create the store lock ({err.strerror}); --out must be a writable "
-            "directory on a file system with file locks"
-        ) from None
-    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-    try:
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, json.dumps(mine).encode(), 0)
-        os.fsync(descriptor)
-    except OSError as err:
-        _release_lock(descriptor, lock, path, created)
-        raise StoreError(
-            f"{lock}: cannot write the store lock ({err.strerror}); free space or make {path} writable, then run again"
-        ) from None
-    try:
-        yield lock
-    finally:
-        _release_lock(descriptor, lock, path, created)
+    with ExitStack() as critical:
+        critical.enter_context(interrupts_deferred())  # no signal between taking the lock and the try releasing it
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            descriptor = _hold_lock_file(lock)
+        except OSError as err:
+            raise StoreError(
+                f"{lock}: cannot create the store lock ({err.strerror}); --out must be a writable "
+                "directory on a file system with file locks"
+            ) from None
+        mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        try:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, json.dumps(mine).encode(), 0)
+            os.fsync(descriptor)
+        except OSError as err:
+            _release_lock(descriptor, lock, path, created)
+            raise StoreError(
+                f"{lock}: cannot write the store lock ({err.strerror}); free space or make {path} writable, "
+                "then run again"
+            ) from None
+        try:
+            critical.close()  # a signal that arrived meanwhile is handled here, inside the try
+            yield lock
+        finally:
+            _release_lock(descriptor, lock, path, created)
 
 
 def _hold_lock_file(lock: Path) -> int:
@@ -578,7 +588,11 @@ def _create_or_resume(path: Path, config: StoreConfig, overwrite: bool) -> Cache
         if diff:
             raise ConfigMismatch(path, diff)
         _remove_partial_writes(path)
-        return open_cache(path, mode="r+")
+        cache = open_cache(path, mode="r+")
+        if not cache.has_digests:  # a store written before digests were recorded: its new shards get them
+            root = zarr.open_group(str(path), mode="r+", zarr_format=3)
+            _create_digests(root, cache.num_shards, cache.shard_arrays())
+        return cache
     if existing is not None or _has_foreign_files(path):
         if existing is None or not ({"sfcache", "sfcache_creating"} & set(existing)):
             raise StoreError(
@@ -641,8 +655,36 @@ def _create_or_resume(path: Path, config: StoreConfig, overwrite: bool) -> Cache
     root.create_array(
         DONE_ARRAY, shape=(max(config.num_shards, 1),), chunks=(1,), dtype="uint8", fill_value=0, compressors=None
     )
+    _create_digests(root, config.num_shards, _per_shard_arrays(config.layers, config.dtype, config.token_mask))
     root.attrs.put({"sfcache": asked})
     return open_cache(path, mode="r+")
+
+
+def _create_digests(root: zarr.Group, num_shards: int, arrays: Mapping[int | str, list[str]]) -> None:
+    """The digests array: per shard and shard file (in `Cache.shard_arrays` order) its [size, CRC32C]; one chunk
+    per shard like `done`, so that recording one shard rewrites no other shard's."""
+    files = [name for names in arrays.values() for name in names]
+    root.create_array(
+        DIGESTS_ARRAY,
+        shape=(max(num_shards, 1), len(files), 2),
+        chunks=(1, len(files), 2),
+        dtype="uint64",
+        fill_value=0,
+        compressors=None,
+        attributes={
+            "files": files,
+            "meaning": "[size in bytes, CRC32C] of each shard file as written (0, 0: not recorded; "
+            f"size {NO_FILE}: no file, all fill value)",
+        },
+    )
+
+
+def _per_shard_arrays(layers: Sequence[int], dtype: str, has_mask: bool) -> dict[int | str, list[str]]:
+    """{layer: its arrays stored shard by shard (values, int8 scales), MASK_ARRAY: [MASK_ARRAY] if stored}."""
+    arrays: dict[int | str, list[str]] = {
+        layer: [layer_array(layer)] + ([layer_array(layer, "_scale")] if dtype == "int8" else []) for layer in layers
+    }
+    return {**arrays, MASK_ARRAY: [MASK_ARRAY]} if has_mask else arrays
 
 
 def _write_basis(root: zarr.Group, layer: int, reduce: Reduction) -> None:
@@ -879,22 +921,36 @@ def _validate_index(meta: Path, attrs: dict) -> None:
         fail("episodes", f"lengths summing to num_steps = {attrs['num_steps']}, not {row}", f"{len(episodes)} episodes")
 
 
-def open_cache(path: str | Path, mode: str = "r", complete: bool = False) -> Cache:
+def open_cache(path: str | Path, mode: str = "r", complete: bool = False, verify: bool = False) -> Cache:
     """Open a store; "r" is read-only at the Zarr level, "r+" lets an extractor write shards.
-    `complete` also requires every field a full `sf extract` records (REQUIRED_PROVENANCE)."""
+    `complete` also requires every field a full `sf extract` records (REQUIRED_PROVENANCE); `verify` checks each
+    shard's files against their recorded digests before its first read (one more read of the shard)."""
     if mode not in ("r", "r+"):
         raise StoreError(f"{path}: mode must be 'r' or 'r+', got {mode!r}")
-    return Cache(path, mode, complete)
+    cache = Cache(path, mode, complete)
+    cache.verify = verify
+    return cache
 
 
 def read_attrs(path: str | Path) -> dict:
     """attrs["sfcache"] straight from STORE/zarr.json, not yet validated (for a store that may not open)."""
     path = Path(path)
-    attrs = _existing_attrs(path)
+    if not path.is_dir():
+        what = "is a file; a store is a directory" if path.exists() else "does not exist"
+        raise NotAStore(f"not an sfcache store: {path}: {what}")
+    try:
+        attrs = _existing_attrs(path)
+    except StoreError as error:
+        raise NotAStore(f"not an sfcache store: {error}") from None
     if attrs is None:
-        raise StoreError(f"{path}: no store here (zarr.json missing); run `sf extract` first")
+        raise NotAStore(f"not an sfcache store: {path}: no zarr.json here; run `sf extract` first")
     if "sfcache" not in attrs:
-        raise StoreError(f"{path}: not a complete sfcache store (no provenance in zarr.json)")
+        what = (
+            "its creation was interrupted (no provenance in zarr.json); run `sf extract` again to recreate it"
+            if "sfcache_creating" in attrs
+            else "zarr.json holds no sfcache provenance (a Zarr group of other data?)"
+        )
+        raise NotAStore(f"not an sfcache store: {path}: {what}")
     if not isinstance(attrs["sfcache"], dict):
         raise StoreError(
             f"{path / 'zarr.json'}: attributes.sfcache is a {type(attrs['sfcache']).__name__}, "
@@ -907,6 +963,7 @@ class Cache:
     """A target store: one read of zarr.json at open, arrays opened on first use, picklable when read-only."""
 
     direct_reads = True  # False: every read through zarr (the tests and the bench compare both paths)
+    verify = False  # True: a shard's files are checked against their recorded digests before its first read
 
     def __init__(self, path: str | Path, mode: str = "r", complete: bool = False):
         self.path, self.mode = Path(path), mode
@@ -1211,6 +1268,9 @@ class Cache:
             file = self._missing_file(shard)
             if file is not None:
                 raise self._missing_file_error(file, shard)
+            problem = self.digest_problem(shard) if self.verify else None
+            if problem:
+                raise StoreError(f"{problem}; run `sf extract` again with the same options and --repair")
         self._known_done.update(shards)
 
     @staticmethod
@@ -1238,7 +1298,13 @@ class Cache:
         """`_open`, once, checked to hold every row the index needs."""
         if name not in self._arrays:
             array = self._open(name)
-            rows = self.num_shards if name == DONE_ARRAY else self.num_steps if name in self._target_arrays() else 0
+            rows = (
+                self.num_shards
+                if name in (DONE_ARRAY, DIGESTS_ARRAY)
+                else self.num_steps
+                if name in self._target_arrays()
+                else 0
+            )
             if array.shape[0] < rows:  # arrays of rows (not a --reduce basis) must hold every row of the index
                 raise StoreError(
                     f"{self.path / name / 'zarr.json'}: array {name!r} has {array.shape[0]} rows, but "
@@ -1299,15 +1365,22 @@ class Cache:
         """Rows of array `name` exactly as stored (not decoded, no done flag asked): zarr's own error on damage."""
         return self._open(name)[rows] if name == DONE_ARRAY else self._array(name)[rows]
 
-    def shard_digests(self, shard: int) -> dict[str, list[int] | None]:
-        """[size, crc32] of each target array's file of a shard (None where missing), as seen from here.
+    def shard_digests(
+        self, shard: int, known: Mapping[str, list[int] | None] | None = None
+    ) -> dict[str, list[int] | None]:
+        """[size, CRC32C] of each target array's file of a shard (None where missing), as seen from here.
 
-        A worker reports these for each shard it wrote; the client compares them with its own view of
-        the file system before it counts the shard done (a worker writing to a private /tmp is caught).
+        The writer records these (`write_shard`) and reports them; the extraction client compares them with its
+        own view of the file system before it counts the shard done (a worker writing to a private /tmp is
+        caught), and `digest_problem` compares them with the record. CRC32C (hardware, ~17 GB/s here) rather
+        than a cryptographic hash: it guards against rot and misplaced files, not against an attacker.
         """
         digests: dict[str, list[int] | None] = {}
         for name in self._target_arrays():
             file = self.shard_file(name, shard)
+            if (known or {}).get(name) is not None:  # computed as it was written (`known`: {array: digest})
+                digests[str(file.relative_to(self.path))] = known[name]
+                continue
             try:
                 data = file.read_bytes()
             except FileNotFoundError:
@@ -1315,8 +1388,69 @@ class Cache:
                 continue
             except OSError as err:
                 raise StoreError(f"{file}: shard {shard} is unreadable ({err.strerror})") from None
-            digests[str(file.relative_to(self.path))] = [len(data), zlib.crc32(data)]
+            digests[str(file.relative_to(self.path))] = [len(data), google_crc32c.value(data)]
         return digests
+
+    @property
+    def has_digests(self) -> bool:
+        """False for a store written before shard digests were recorded (its shards cannot be checked by them)."""
+        return (self.path / DIGESTS_ARRAY / "zarr.json").is_file()
+
+    def recorded_digests(self, shard: int) -> dict[str, list[int] | None] | None:
+        """The digests recorded when `shard` was written, shaped as `shard_digests`; None if none were recorded."""
+        if not self.has_digests:
+            return None
+        row = self._array(DIGESTS_ARRAY)[shard]
+        files = [str(self.shard_file(name, shard).relative_to(self.path)) for name in self._target_arrays()]
+        if row.shape != (len(files), 2):
+            raise StoreError(
+                f"{self.path / DIGESTS_ARRAY / 'zarr.json'}: holds {row.shape} per shard, expected "
+                f"({len(files)}, 2) (size and CRC32C of each of {len(files)} shard files); the store is damaged"
+            )
+        if not row[:, 0].any():
+            return None
+        return {
+            file: None if size == NO_FILE else [int(size), int(crc)]
+            for file, (size, crc) in zip(files, row.tolist(), strict=True)
+        }
+
+    def digest_problem(self, shard: int) -> str | None:
+        """How shard `shard`'s files differ from the digests recorded when it was written (the first differing
+        file named), or None when they match or none were recorded (`recorded_digests`)."""
+        recorded = self.recorded_digests(shard)
+        if recorded is None:
+            return None
+        found = self.shard_digests(shard)
+        for file, want in recorded.items():
+            got = found.get(file)
+            if got != want:
+                return (
+                    f"{self.path / file}: shard {shard} does not match the digest recorded when it was written "
+                    f"({_digest_text(got)}, recorded {_digest_text(want)}): its bytes changed on disk, or "
+                    "another shard's file was moved or copied here"
+                )
+        return None
+
+    def mark_done(self, shards: Sequence[int]) -> None:
+        """Set the done flags of `shards`, whose files the caller has just checked against their digests."""
+        if self.mode == "r":
+            raise StoreError(f"{self.path}: opened read-only; cannot change done flags")
+        done = self._array(DONE_ARRAY)
+        try:
+            for shard in shards:
+                done[int(shard)] = 1
+        except OSError as err:
+            raise StoreError(
+                f"{self.path}: cannot mark shards {list(shards)} done ({err}); --out must be writable"
+            ) from None
+
+    def _record_digests(self, shard: int, digests: Mapping[str, list[int] | None]) -> None:
+        """Write `shard_digests(shard)` into the digests array (a store without one, written before, gets none)."""
+        if not self.has_digests:
+            return
+        self._array(DIGESTS_ARRAY)[shard] = np.array(
+            [[NO_FILE, 0] if digest is None else digest for digest in digests.values()], dtype=np.uint64
+        )
 
     def missing_shard_files(self, shards: Sequence[int] | None = None) -> dict[int, Path]:
         """Done shards (all, or the given ones) with a target file missing: {shard: first missing file}.
@@ -1344,6 +1478,8 @@ class Cache:
         try:
             for shard in shards:
                 done[int(shard)] = 0
+                if self.has_digests:  # a stale record must not vouch for a file written later
+                    self._array(DIGESTS_ARRAY)[int(shard)] = 0
             for shard in shards:
                 for name in self._target_arrays():
                     self.shard_file(name, int(shard)).unlink(missing_ok=True)
@@ -1356,11 +1492,7 @@ class Cache:
     def shard_arrays(self) -> dict[int | str, list[str]]:
         """{layer: its arrays stored shard by shard (values, int8 scales), MASK_ARRAY: [MASK_ARRAY] if stored}:
         a shard's data is whole only when each of these files is."""
-        arrays: dict[int | str, list[str]] = {
-            layer: [layer_array(layer)] + ([layer_array(layer, "_scale")] if self.dtype == "int8" else [])
-            for layer in self.layers
-        }
-        return {**arrays, MASK_ARRAY: [MASK_ARRAY]} if self.has_mask else arrays
+        return _per_shard_arrays(self.layers, self.dtype, self.has_mask)
 
     def _target_arrays(self) -> list[str]:
         return [name for names in self.shard_arrays().values() for name in names]
@@ -1373,8 +1505,11 @@ class Cache:
         targets: Mapping[int, np.ndarray | Encoded],
         mask: np.ndarray | None = None,
         run: str | None = None,
-    ) -> None:
-        """Encode and write every layer of one shard (and its token mask), fsync it, then mark it done.
+        done: bool = True,
+    ) -> dict[str, list[int] | None]:
+        """Encode and write every layer of one shard (and its token mask), fsync it, record its files' digests,
+        then mark it done (with `done=False`, an extraction task's write: its client marks it done once it has
+        read the files back and found the digests). Returns the digests (`shard_digests`).
 
         `targets[layer]` is float32 [rows in shard, V, h*w, C], or that already encoded as
         (stored, int8 scales or None) in this store's dtype (`sfcache.device.encode_on_device` casts on
@@ -1384,9 +1519,11 @@ class Cache:
         the store's current run (RunSuperseded otherwise), and no new run can start until this write has ended.
         """
         with _run_fence(self.path, run, f"shard {shard}") if run is not None else nullcontext():
-            self._write_shard(shard, targets, mask)
+            return self._write_shard(shard, targets, mask, done)
 
-    def _write_shard(self, shard: int, targets: Mapping[int, np.ndarray | Encoded], mask: np.ndarray | None) -> None:
+    def _write_shard(
+        self, shard: int, targets: Mapping[int, np.ndarray | Encoded], mask: np.ndarray | None, done: bool
+    ) -> dict[str, list[int] | None]:
         if self.mode == "r":
             raise StoreError(f"{self.path}: opened read-only; cannot write shard {shard}")
         rows = self.shard_rows(shard)
@@ -1398,6 +1535,7 @@ class Cache:
                 f"{self.path}: shard {shard} got mask {None if mask is None else tuple(mask.shape)}, "
                 f"expected {expected[:3] if self.has_mask else 'none'}"
             )
+        written: dict[str, list[int] | None] = {}  # array -> digest of its file, as written
         try:
             for layer, values in targets.items():
                 shape = tuple((values[0] if isinstance(values, tuple) else values).shape)
@@ -1414,32 +1552,41 @@ class Cache:
                     stored, scale = encode(
                         self.reduction.project(layer, values) if self.reduced else values, self.dtype
                     )
-                self._write_synced(layer_array(layer), rows, stored)
+                written[layer_array(layer)] = self._write_synced(layer_array(layer), rows, stored)
                 if scale is not None:
-                    self._write_synced(layer_array(layer, "_scale"), rows, scale)
+                    written[layer_array(layer, "_scale")] = self._write_synced(
+                        layer_array(layer, "_scale"), rows, scale
+                    )
             if mask is not None:
-                self._write_synced(MASK_ARRAY, rows, mask.astype(np.uint8))
-            self._array(DONE_ARRAY)[shard] = 1
+                written[MASK_ARRAY] = self._write_synced(MASK_ARRAY, rows, mask.astype(np.uint8))
+            digests = self.shard_digests(shard, written)
+            self._record_digests(shard, digests)
+            if done:
+                self._array(DONE_ARRAY)[shard] = 1
+            return digests
         except OSError as err:
             raise StoreError(
                 f"{self.path}: writing shard {shard} (rows {rows.start}-{rows.stop - 1}) failed: "
                 f"{err}; the shard stays not done"
             ) from err
 
-    def _write_synced(self, name: str, rows: slice, stored: np.ndarray) -> None:
-        """Write, then flush the shard file and its directory to disk, so a done flag never outlives its data.
+    def _write_synced(self, name: str, rows: slice, stored: np.ndarray) -> list[int] | None:
+        """Write, then flush the shard file and its directory to disk, so a done flag never outlives its data;
+        returns the file's [size, CRC32C] when written directly (None: through zarr, digest it from the file).
 
         Nothing is read back: before or after the fsync a read is served from the page cache, so it
-        would compare memory with itself, not with the disk. Bytes that rot on disk are caught on read
-        by `--checksum`'s CRC32C per step (and the shard index's own CRC32C).
+        would compare memory with itself, not with the disk. Bytes that rot on disk are caught by the
+        recorded digests (`--check`, `--repair`, `verify=True` reads) and on every read by `--checksum`'s
+        CRC32C per step (and the shard index's own CRC32C).
         """
+        digest = None
         array = self._array(name)
         shard_file = self.shard_file(name, rows.start // self.steps_per_shard)
         checksum = direct_layout(array)
         if checksum is None:  # compressed: through zarr's codecs
             array[rows] = stored
         else:  # uncompressed: the shard file itself, at plain-write speed
-            write_shard_file(shard_file, stored, self.steps_per_shard, checksum)
+            digest = list(write_shard_file(shard_file, stored, self.steps_per_shard, checksum))
         if shard_file.exists():  # an all-zero shard is stored as no file at all
             for target in (shard_file, shard_file.parent):  # the data, then the rename that published it
                 descriptor = os.open(target, os.O_RDONLY)
@@ -1447,6 +1594,11 @@ class Cache:
                     os.fsync(descriptor)
                 finally:
                     os.close(descriptor)
+        return digest
+
+
+def _digest_text(digest: list[int] | None) -> str:
+    return "no file" if digest is None else f"{digest[0]} bytes, CRC32C {digest[1]:08x}"
 
 
 def _contiguous_runs(rows: np.ndarray) -> tuple[list[slice], np.ndarray | None]:

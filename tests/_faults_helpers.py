@@ -30,23 +30,40 @@ class LoggedSlowWrites(WorkerPlugin):
         def write_shard(cache, shard, targets, mask=None, **kwargs):
             time.sleep(delay)
             try:
-                original(cache, shard, targets, mask, **kwargs)
+                digests = original(cache, shard, targets, mask, **kwargs)
             except RunSuperseded:
                 with open(log, "a") as handle:
                     handle.write(f"refused {shard} {os.getpid()}\n")
                 raise
             with open(log, "a") as handle:
                 handle.write(f"{shard} {os.getpid()}\n")
+            return digests
 
         Cache.write_shard = write_shard
 
 
 def dask_setup(worker):
-    """`dask worker --preload tests._faults_helpers`: LoggedSlowWrites from SFCACHE_TEST_WRITE_LOG/_DELAY."""
+    """`dask worker --preload tests._faults_helpers`: LoggedSlowWrites from SFCACHE_TEST_WRITE_LOG/_DELAY;
+    SFCACHE_TEST_NO_LEASE=1 keeps the model of a dead client (so that only the run fence stops its tasks)."""
+    if os.environ.get("SFCACHE_TEST_NO_LEASE"):
+        from sfcache.extract import VGGTWorker
+
+        VGGTWorker.client_alive = lambda self: True
     if os.environ.get("SFCACHE_TEST_WRITE_LOG"):
         LoggedSlowWrites(
             Path(os.environ["SFCACHE_TEST_WRITE_LOG"]), float(os.environ.get("SFCACHE_TEST_WRITE_DELAY", "0"))
         ).setup(worker)
+
+
+def sfcache_plugins(dask_worker=None) -> tuple[list[str], int]:
+    """(sfcache plugins on this worker, VGGT models alive in its memory); run through client.run."""
+    import gc
+
+    from sfcache.vggt import VGGTFeatures
+
+    gc.collect()
+    models = sum(isinstance(o, VGGTFeatures) for o in gc.get_objects())
+    return [name for name in dask_worker.plugins if name.startswith("sfcache-vggt-")], models
 
 
 def running_tasks(dask_worker=None) -> tuple[int, list[str]]:
@@ -65,18 +82,19 @@ class TaskLog(SchedulerPlugin):
 
 
 class ReadOnlyAfter:
-    """Simulate `chmod -R a-w STORE` for a non-root user once `writes` shard files under STORE/targets were published.
+    """Simulate `chmod -R a-w STORE` for a non-root user (EACCES), or a read-only remount (EROFS), once `writes`
+    shard files under STORE/targets were published.
 
     Tests run as root, whom chmod does not stop; so every call that would create, rename, delete or open for
-    writing something inside the store raises PermissionError(EACCES) from then on, as the kernel would.
-    Install with `install(monkeypatch)`; reads keep working.
+    writing something inside the store raises PermissionError(EACCES) from then on, as the kernel would; with
+    EROFS the kernel refuses even the unlink of an absent file. Install with `install(monkeypatch)`; reads keep working.
     """
 
     CALLS = ("open", "unlink", "replace", "rename", "link", "mkdir", "rmdir")
     WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
-    def __init__(self, store: Path, writes: int):
-        self.store, self.writes = str(store.resolve()), writes
+    def __init__(self, store: Path, writes: int, error: int = errno.EACCES):
+        self.store, self.writes, self.error = str(store.resolve()), writes, error
         self.published = 0
         self.refused: list[str] = []
 
@@ -90,7 +108,7 @@ class ReadOnlyAfter:
 
     def _refuse(self, path) -> None:
         self.refused.append(os.fspath(path))
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        raise OSError(self.error, os.strerror(self.error), os.fspath(path))
 
     def install(self, monkeypatch) -> None:
         real = {name: getattr(os, name) for name in self.CALLS}
@@ -102,8 +120,8 @@ class ReadOnlyAfter:
                 writes = name != "open" or (len(args) > 1 and args[1] & self.WRITE_FLAGS)
                 if name == "mkdir":  # the kernel answers EEXIST before EACCES
                     writes = not os.path.lexists(paths[0])
-                elif name != "open":  # ... and ENOENT before EACCES
-                    writes = os.path.lexists(paths[0])
+                elif name != "open" and not (name == "unlink" and self.error == errno.EROFS):
+                    writes = os.path.lexists(paths[0])  # ... and ENOENT before EACCES (not before EROFS)
                 if self.read_only and writes and any(self._inside(p) for p in paths):
                     self._refuse(paths[-1])
                 result = real[name](*args, **kwargs)

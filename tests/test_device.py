@@ -121,6 +121,9 @@ def test_store_bench_reports_write_rates_against_a_plain_write(tmp_path, monkeyp
         "write_mib_per_s_int8_zstd",
         "write_mib_per_s_float16_cpu_encode",
     } <= set(rows)
+    for metric in ("digest_mib_per_s", "read_mib_per_s_verify", "read_mib_per_s_checksum"):  # integrity costs
+        assert rows[metric]["value"] > 0 and rows[metric]["baseline"] > 0, metric
+        assert "[2, 2, 256, 2048] float16" in rows[metric]["notes"]
 
 
 def test_gpu_bench_dry_runs_on_cpu_with_the_tiny_preset(tmp_path):

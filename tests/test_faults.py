@@ -7,6 +7,7 @@ test controls); afterwards the store must hold exactly what an uninterrupted run
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 import zarr
 from distributed import Client, LocalCluster
 from typer.testing import CliRunner
@@ -40,7 +42,7 @@ from sfcache.store import is_locked, lock_store, open_cache
 from sfcache.vggt import load_vggt, preprocess
 from tests import test_sources_bad_input as bad
 from tests._cli_helpers import sf_command
-from tests._faults_helpers import LoggedSlowWrites, ReadOnlyAfter, TaskLog, running_tasks
+from tests._faults_helpers import LoggedSlowWrites, ReadOnlyAfter, TaskLog, running_tasks, sfcache_plugins
 from tests._train_helpers import tree_digest, write_dataset, write_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,6 +209,7 @@ def test_a_worker_killed_mid_task_is_retried_on_the_survivor_and_every_shard_is_
 
     address, key = victim
     assert outcome["failed"] == [] and outcome["shards_done"] == outcome["shards"] == 6
+    assert outcome["already_done_steps"] == 0  # shards the dead worker wrote count once the client confirmed them
     finished = [worker for k, _, finish, worker in tasks.transitions if k == key and finish == "memory"]
     assert len(finished) == 1 and finished[0] in survivors - {address}  # retried on a live worker
     assert sum(1 for k, _, finish, _ in tasks.transitions if k == key and finish == "processing") >= 2
@@ -215,35 +218,40 @@ def test_a_worker_killed_mid_task_is_retried_on_the_survivor_and_every_shard_is_
     assert_equal_stores(out, reference)
 
 
-def test_a_store_turning_read_only_mid_run_ends_with_one_line_and_marks_only_whole_shards(
-    tmp_path, dataset, scheduler, monkeypatch, capsys
+@pytest.fixture(scope="module")
+def two_layer_reference(dataset, scheduler, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two-layers") / "store"
+    assert sf_extract(dataset, "--out", out, *SHARDED, "--layers", "1,-1", "--scheduler", scheduler).exit_code == 0
+    return out
+
+
+@pytest.mark.parametrize("error", [errno.EACCES, errno.EROFS], ids=["chmod", "read-only remount"])
+def test_a_store_turning_read_only_mid_run_reports_the_shard_write_and_keeps_only_whole_shards(
+    tmp_path, dataset, scheduler, two_layer_reference, monkeypatch, capsys, error
 ):
-    reference = tmp_path / "reference"
     two_layers = [*SHARDED, "--layers", "1,-1", "--scheduler", scheduler]
-    assert sf_extract(dataset, "--out", reference, *two_layers).exit_code == 0
     out = tmp_path / "store"
-    disk = ReadOnlyAfter(out, writes=3)  # shard 0 whole, shard 1 has one layer of two: then read-only
+    disk = ReadOnlyAfter(out, writes=3, error=error)  # shard 0 whole, shard 1 has one layer of two: then read-only
     disk.install(monkeypatch)
     with pytest.raises(SystemExit) as exited:
         main(["extract", str(dataset), "--out", str(out), *two_layers])
     monkeypatch.undo()
     err = capsys.readouterr().err.strip()
+    OUTPUTS.append(err)
     assert exited.value.code == 2 and disk.refused
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    assert "writing shard 1 (rows 2-3) failed" in err and "Permission denied" in err and str(out) in err
+    assert "writing shard 1 (rows 2-3) failed" in err and os.strerror(error) in err and str(out) in err, err
 
-    cache, want = open_cache(out), open_cache(reference)
-    done = cache.done_shards()
-    assert done.tolist() == [True, False, False, False, False, False]
-    for shard in np.flatnonzero(done):
-        rows = cache.shard_rows(int(shard))
-        for layer in (1, 3):
-            np.testing.assert_array_equal(cache.read_rows(rows, layer=layer), want.read_rows(rows, layer=layer))
-    assert not list(out.rglob("*.partial"))
-    (out / ".sfcache.lock").unlink()  # could not be removed while read-only; the error says so
+    # shard 0 was written and its digests recorded, but the client could not mark it done on a read-only store
+    cache, want = open_cache(out), open_cache(two_layer_reference)
+    assert not cache.done_shards().any()
+    assert cache.recorded_digests(0) == cache.shard_digests(0) == want.shard_digests(0)
+    assert cache.recorded_digests(1) is None and not list(out.rglob("*.partial"))
+    (out / ".sfcache.lock").unlink()  # could not be removed while read-only
     resumed = sf_extract(dataset, "--out", out, *two_layers)
     assert resumed.exit_code == 0, resumed.output
-    assert_equal_stores(out, reference)
+    assert "2 written by an earlier attempt were confirmed, not recomputed" in resumed.output, resumed.output
+    assert_equal_stores(out, two_layer_reference)
 
 
 def test_a_second_extractor_on_the_same_store_is_refused_and_the_first_completes(tmp_path, dataset, reference):
@@ -426,8 +434,8 @@ class ExternalCluster:
     """A separately started `dask scheduler` and `dask worker` (1 thread) on loopback, as a user runs them;
     the worker preloads LoggedSlowWrites (SFCACHE_TEST_WRITE_LOG / _DELAY)."""
 
-    def __init__(self, tmp: Path, delay: float, wrap: list[str] | None = None):
-        self.tmp, self.delay, self.wrap = tmp, delay, wrap or []
+    def __init__(self, tmp: Path, delay: float, wrap: list[str] | None = None, lease: bool = True):
+        self.tmp, self.delay, self.wrap, self.lease = tmp, delay, wrap or [], lease
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.writes = tmp / "writes.log"
@@ -453,6 +461,7 @@ class ExternalCluster:
             PYTHONPATH=str(REPO),
             SFCACHE_TEST_WRITE_LOG=str(self.writes),
             SFCACHE_TEST_WRITE_DELAY=str(self.delay),
+            **({} if self.lease else {"SFCACHE_TEST_NO_LEASE": "1"}),
         )
         return self._spawn(
             [
@@ -516,7 +525,7 @@ def test_orphaned_tasks_of_a_killed_client_cannot_write_into_the_store_that_repl
         == 0
     )
     out, log = tmp_path / "store", tmp_path / "client.log"
-    with ExternalCluster(tmp_path, delay=1.0) as cluster:
+    with ExternalCluster(tmp_path, delay=1.0, lease=False) as cluster:  # the fence alone (the lease would stop it)
         victim = spawn_client(dataset, out, log, "--scheduler", cluster.address)
         wait_until(lambda: done_count(out) >= 1, victim, log)
         os.killpg(victim.pid, signal.SIGKILL)  # the client only: its task goes on writing
@@ -841,19 +850,6 @@ def test_long_work_off_a_terminal_prints_a_progress_line_regularly(monkeypatch):
     assert len(lines) >= 2 and all(line.startswith("extract: 3/10 steps, ") for line in lines), lines
 
 
-def test_no_fault_test_output_holds_a_traceback():
-    """Runs last: what every fault test above showed the user (CLI output, client logs) has no traceback."""
-    if not OUTPUTS:
-        pytest.skip("scans the outputs of the other tests in this module; run them together")
-    texts = [
-        item.read_text(errors="replace") if isinstance(item, Path) else item
-        for item in OUTPUTS
-        if not isinstance(item, Path) or item.exists()
-    ]
-    offending = [text for text in texts if "Traceback" in text]
-    assert not offending, offending[0]
-
-
 def test_losing_the_scheduler_while_checking_the_store_is_shared_is_one_error(tmp_path):
     """The shared-store check runs before any task: a connection lost there is the lost-scheduler error too."""
     from types import SimpleNamespace
@@ -870,3 +866,283 @@ def test_losing_the_scheduler_while_checking_the_store_is_shared_is_one_error(tm
     cluster = SimpleNamespace(client=GoneClient(), address="tcp://10.1.2.3:8786")
     with pytest.raises(SfcacheError, match=r"lost the Dask scheduler tcp://10\.1\.2\.3:8786"):
         _check_shared_store(cluster, SimpleNamespace(store=tmp_path, run="run-1"))
+
+
+# ----------------------------------------------------------------------------- integrity by default: digests per shard
+
+
+def flip_byte(file: Path, offset: int) -> None:
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_and_a_shard_copied_to_another_position_are_found_by_check_and_redone_by_repair(
+    tmp_path, dataset, scheduler, reference
+):
+    """A default store (no --checksum): each shard's files were digested when written, bound to the shard index."""
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    assert open_cache(out).provenance.targets.checksum == "none"
+    flipped, copied = out / "targets/layer_3/c/2/0/0/0", out / "targets/layer_3/c/4/0/0/0"
+    flip_byte(flipped, 1000)  # inside the values: it still decodes to finite numbers
+    shutil.copyfile(out / "targets/layer_3/c/1/0/0/0", copied)  # a valid shard, at the wrong position
+    changed = open_cache(out).read_rows([4, 8])  # a plain read cannot tell
+    assert np.isfinite(changed).all()
+    assert (changed != open_cache(reference).read_rows([4, 8])).any()
+
+    check = CliRunner().invoke(app, ["inspect-cache", str(out), "--check"])
+    OUTPUTS.append(check.output)
+    assert check.exit_code == 1, check.output
+    flat = " ".join(check.output.split())
+    for shard in (2, 4):
+        assert f"shard {shard} does not match the digest recorded when it was written" in flat, check.output
+    assert "another shard's file was moved or copied here" in flat and "--repair" in flat
+    with pytest.raises(StoreError, match="shard 4 does not match the digest recorded"):
+        open_cache(out, verify=True).read_rows([8])  # reads check when asked
+    checked = open_cache(out, verify=True)
+    np.testing.assert_array_equal(checked.read_rows([0, 2]), open_cache(reference).read_rows([0, 2]))
+
+    repaired = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler, "--repair")
+    assert repaired.exit_code == 0, repaired.output
+    assert "redid shard 2:" in repaired.output and "redid shard 4:" in repaired.output, repaired.output
+    assert "extracted 4 steps" in repaired.output
+    assert_equal_stores(out, reference)
+
+
+def test_a_store_written_before_digests_still_checks_and_says_it_has_none(tmp_path, dataset, scheduler, reference):
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "digests")  # as every store written before digests were recorded
+    check = CliRunner().invoke(app, ["inspect-cache", str(out), "--check"])
+    assert check.exit_code == 0 and "no digests recorded" in " ".join(check.output.split()), check.output
+    cache = open_cache(out, mode="r+")
+    cache.mark_not_done([5])
+    resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
+    assert resumed.exit_code == 0 and "extracted 2 steps" in resumed.output, resumed.output
+    cache = open_cache(out)
+    assert cache.has_digests and cache.recorded_digests(5) == cache.shard_digests(5)
+    assert [cache.recorded_digests(s) for s in range(5)] == [None] * 5
+    check = CliRunner().invoke(app, ["inspect-cache", str(out), "--check"])
+    flat = " ".join(check.output.split())
+    assert check.exit_code == 0 and "no digests recorded for done shard(s) 0-4" in flat, check.output
+    assert_equal_stores(out, reference)
+
+
+# ----------------------------------------------------------------------------- errors inside tasks: one line, a log
+
+
+@pytest.mark.parametrize(
+    "raised, expected",
+    [
+        (ValueError("the pooled grid is inconsistent"), "ValueError: the pooled grid is inconsistent"),
+        (
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+            "out of memory (OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB); lower "
+            "--batch-size (now 2)",
+        ),
+    ],
+    ids=["ValueError", "out of memory"],
+)
+def test_an_unexpected_error_inside_a_task_is_one_line_naming_the_shard_with_its_traceback_in_a_log(
+    tmp_path, dataset, scheduler, monkeypatch, capsys, raised, expected
+):
+    import sfcache.extract as extract_module
+
+    original = extract_module.pooled_targets
+    calls = {"n": 0}
+
+    def fails_on_the_fourth_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # shards hold one batch each: shard 3 (rows 6-7)
+            raise raised
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "pooled_targets", fails_on_the_fourth_batch)
+    out = tmp_path / "store"
+    argv = ["extract", str(dataset), "--out", str(out), *SHARDED, "--scheduler", scheduler]
+    err = one_line_error(capsys, argv)
+    monkeypatch.undo()
+    log = out / ".sfcache.errors.log"
+    key = open_cache(out).index.locate(6)[0]
+    assert f"shard 3 (rows 6-7: episode {key} steps 2-3) failed on {socket.gethostname()}: {expected}" in err, err
+    assert f"full traceback in {log}" in err and "run the same command again" in err
+    trace = log.read_text()
+    assert "Traceback (most recent call last)" in trace and "fails_on_the_fourth_batch" in trace
+    assert open_cache(out).done_shards().tolist() == [True, True, True, False, False, False]
+    resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
+    assert resumed.exit_code == 0 and "6 were already done" in resumed.output, resumed.output
+
+
+def test_absurd_shard_and_grid_sizes_are_refused_before_anything_runs(tmp_path, dataset, capsys):
+    out = tmp_path / "store"
+    huge = str(2**63 - 1)
+    err = one_line_error(capsys, ["extract", str(dataset), "--out", str(out), *TINY, "--steps-per-shard", huge])
+    assert f"--steps-per-shard must be <= 1048576, got {2**63 - 1}" in err
+    err = one_line_error(capsys, ["extract", str(dataset), "--out", str(out), *TINY, "--grid", "100000x100000"])
+    assert "--grid 100000x100000: each side must be in [1, 1024]" in err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- signals during start-up
+
+
+def descendants_tagged(tag: str) -> list[psutil.Process]:
+    """Every live process started with SFCACHE_TEST_TAG=tag in its environment (children outlive their parent)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("SFCACHE_TEST_TAG") == tag:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def torch_loaded(pid: int) -> bool:
+    """The client has imported torch: `sf` installs its interrupt handlers before it imports any command."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+STARTUP_POINTS = {  # what must have happened before the signal: deterministic points of start-up
+    "importing": lambda process, out: torch_loaded(process.pid),
+    "store locked": lambda process, out: (out / ".sfcache.lock").exists(),
+    "cluster starting": lambda process, out: bool(psutil.Process(process.pid).children()),
+}
+
+
+@pytest.mark.parametrize(
+    "point, signum",
+    [
+        ("importing", signal.SIGTERM),
+        ("store locked", signal.SIGINT),
+        ("cluster starting", signal.SIGINT),
+    ],
+)
+def test_a_signal_at_any_point_of_start_up_is_one_line_releases_the_lock_and_leaves_nothing_running(
+    tmp_path, dataset, point, signum
+):
+    out, log, tag = tmp_path / "store", tmp_path / "victim.log", f"{tmp_path.name}-{point}"
+    command = sf_command("extract", dataset, "--out", out, *SHARDED, "--workers", "1")
+    OUTPUTS.append(log)
+    with log.open("wb") as stderr:
+        victim = subprocess.Popen(
+            command,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+            env={**os.environ, "SFCACHE_TEST_TAG": tag},
+        )
+    try:
+        wait_until(lambda: STARTUP_POINTS[point](victim, out), victim, log)
+        os.killpg(victim.pid, signum)  # the whole process group, as a terminal's Ctrl-C
+        code = victim.wait(timeout=120)
+    finally:
+        kill_process_group(victim)
+    err = log.read_text().strip()
+    assert code == 128 + signum, (code, err)
+    assert err == (
+        f"error: interrupted by {signal.Signals(signum).name}; work finished so far is kept: run the "
+        "same command again to resume"
+    ), err
+    assert not is_locked(out) and not (out / ".sfcache.lock").exists()
+    _, alive = psutil.wait_procs(descendants_tagged(tag), timeout=30)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+
+
+# ----------------------------------------------------------------------------- a dead client leaves no model
+
+
+def test_a_killed_client_leaves_no_plugin_or_model_on_an_external_worker(tmp_path, dataset):
+    out, log = tmp_path / "store", tmp_path / "client.log"
+    with ExternalCluster(tmp_path, delay=0.5) as cluster, Client(cluster.address, timeout="30s") as observer:
+        victim = spawn_client(dataset, out, log, "--scheduler", cluster.address)
+        wait_until(lambda: done_count(out) >= 1, victim, log)
+        (plugins, models), *_ = observer.run(sfcache_plugins).values()
+        assert len(plugins) == 1 and models == 1  # the client's model is loaded: now it dies
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+
+        def released() -> bool:
+            on_workers = list(observer.run(sfcache_plugins).values())
+            on_scheduler = observer.run_on_scheduler(
+                lambda dask_scheduler: [n for n in dask_scheduler.worker_plugins if n.startswith("sfcache-vggt-")]
+            )
+            return on_workers == [([], 0)] and not on_scheduler
+
+        wait_until(released, None, timeout=60)
+        resumed = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", cluster.address)
+        assert resumed.exit_code == 0, resumed.output
+        assert list(observer.run(sfcache_plugins).values()) == [([], 0)]
+
+
+# ----------------------------------------------------------------------------- stopping, non-stores, paths
+
+
+def test_stopping_tasks_does_not_wait_when_no_worker_is_left(tmp_path):
+    from sfcache.extract import STOP_NAME, _stop_tasks
+
+    with LocalCluster(n_workers=0, processes=False, **QUIET) as empty, Client(empty) as client:
+        future = client.submit(sum, [1, 2], key="sfcache-shards-0-0-test")
+        started = time.monotonic()
+        _stop_tasks(tmp_path, client, [future], 600)
+        assert time.monotonic() - started < 60  # not the 600 s a task would get to finish its shard
+    assert not (tmp_path / STOP_NAME).exists()
+
+
+def foreign_group(path: Path) -> None:
+    zarr.create_group(store=str(path), zarr_format=3, attributes={"thesis": "chapter 3"})
+
+
+NOT_STORES = {
+    "missing path": (lambda path: None, "does not exist"),
+    "a file": (lambda path: path.write_text("x"), "is a file"),
+    "an empty folder": (lambda path: path.mkdir(), "no zarr.json here"),
+    "garbage zarr.json": (lambda path: (path.mkdir(), (path / "zarr.json").write_text("{[nonsense")), "unreadable"),
+    "empty zarr.json": (lambda path: (path.mkdir(), (path / "zarr.json").write_text("")), "unreadable"),
+    "a foreign zarr group": (foreign_group, "holds no sfcache provenance"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_STORES))
+def test_inspect_cache_on_something_that_is_not_a_store_is_one_line(tmp_path, capsys, case):
+    make, why = NOT_STORES[case]
+    path = tmp_path / "thing"
+    make(path)
+    for extra in ([], ["--check"], ["--check", "--json"]):
+        err = one_line_error(capsys, ["inspect-cache", str(path), *extra])
+        assert err.startswith(f"error: not an sfcache store: {path}") and why in err, err
+        assert "--repair" not in err
+
+
+def test_check_failures_keep_square_brackets_and_empty_paths_are_errors(tmp_path, reference, capsys):
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    damage_attrs(lambda a: a["episodes"].__setitem__(0, ["k", 0]))(out / "zarr.json")
+    check = CliRunner().invoke(app, ["inspect-cache", str(out), "--check"], env={"COLUMNS": "400"})
+    assert check.exit_code == 1 and "expected [key, instruction, start, length]" in check.output, check.output
+    assert "--repair" not in check.output  # a damaged provenance is not what --repair redoes
+    for argv, named in (
+        (["extract", "", "--out", str(tmp_path / "s"), *TINY], "SOURCE_PATH: empty path"),
+        (["extract", str(tmp_path), "--out", "", *TINY], "--out: empty path"),
+        (["inspect-cache", ""], "STORE: empty path"),
+        (["inspect-source", " "], "PATH: empty path"),
+    ):
+        assert named in one_line_error(capsys, argv)
+
+
+def test_no_fault_test_output_holds_a_traceback():
+    """Runs last: what every fault test above showed the user (CLI output, client logs) has no traceback."""
+    if not OUTPUTS:
+        pytest.skip("scans the outputs of the other tests in this module; run them together")
+    texts = [
+        item.read_text(errors="replace") if isinstance(item, Path) else item
+        for item in OUTPUTS
+        if not isinstance(item, Path) or item.exists()
+    ]
+    offending = [text for text in texts if "Traceback" in text]
+    assert not offending, offending[0]

@@ -425,7 +425,7 @@ def rewrite(built_store: Path, store: Path, **options) -> Path:
 
 
 @pytest.mark.parametrize("checksum", [True, False])
-def test_a_flipped_data_byte_is_caught_by_check_only_with_checksums(built, tmp_path, checksum):
+def test_a_flipped_data_byte_is_caught_by_check_with_or_without_checksums(built, tmp_path, checksum):
     store = rewrite(built[1], tmp_path / "store", checksum=checksum)
     assert inspection.summarize(inspection.open_store(store)).checksum == ("crc32c" if checksum else "none")
     assert np.array_equal(
@@ -436,12 +436,12 @@ def test_a_flipped_data_byte_is_caught_by_check_only_with_checksums(built, tmp_p
     data[100] ^= 0x01  # inside step 2's values, not the index
     file.write_bytes(bytes(data))
     result = inspection.check(store)
-    if checksum:
-        assert not result.ok
-        assert [f.where for f in result.failures] == [str(file)]
-        assert "shard 1 unreadable" in result.failures[0].what
-    else:  # why --checksum exists: the flip reads as
-        assert result.ok  # an ordinary (wrong) number
+    assert not result.ok and len(result.failures) == 1
+    if checksum:  # the step's CRC32C fails its decode
+        assert result.failures[0].where == str(file) and "shard 1 unreadable" in result.failures[0].what
+    else:  # it decodes to an ordinary (wrong) number: the digest recorded when the shard was written differs
+        assert result.failures[0].where == "shard 1"
+        assert f"{file}: shard 1 does not match the digest recorded when it was written" in result.failures[0].what
 
 
 def test_int8_store_verifies_at_its_threshold_and_nan_scales_are_caught(built, tmp_path):
