@@ -10,6 +10,7 @@ from rich.markup import escape
 
 import sfcache
 from sfcache.cli import eval_libero, extract, inspect_cache, inspect_source, reproduce, train
+from sfcache.cli.options import plain_help
 from sfcache.errors import Interrupted, SfcacheError
 
 app = typer.Typer(
@@ -46,8 +47,8 @@ app.command("reproduce-libero")(reproduce.reproduce_libero)
 
 def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run a typer app; an SfcacheError ends it with one red line and exit status 2, never a traceback."""
-    try:
-        typer_app(args=argv, standalone_mode=True)
+    try:  # what typer_app(...) runs, with every command's --help names made plain first
+        plain_help(typer.main.get_command(typer_app))(args=argv, standalone_mode=True)
     except SfcacheError as err:
         Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(128 + err.signum if isinstance(err, Interrupted) else 2)

@@ -26,6 +26,9 @@ class OptionInfo:
     show: Callable[[Any], str] | None = None  # value -> text, for --help (needed with parse)
     argument: bool = False  # a positional argument instead of an option
     metavar: str | None = None
+    # the command needs a value (marked required in --help); the field's default (None) stays, so an empty text,
+    # what make passes for an unset variable, reaches the config, whose checks name the option with the others
+    required: bool = False
 
 
 def option(default: Any = MISSING, help: str = "", **how: Any) -> Any:
