@@ -54,6 +54,22 @@ class RoboTwin(Source):
     def _files(self) -> list[Path]:
         return [self.path] if self.path.is_file() else sorted(self.path.rglob("episode*.hdf5"))
 
+    def _view_keys(self) -> dict[str, str]:
+        """The canonical views the first episode file really has (its layout's cameras that are in it), so
+        `sf inspect-source` lists only those and `--views` offers only those; listing still checks every file.
+        Without a readable file, every canonical name: the scan then reports the file."""
+        files = self._files()
+        try:
+            with h5py.File(files[0], "r") as h5:
+                layout = LEGACY if "observation" in h5 else XPOLICYLAB if "vision" in h5 else None
+                if layout is not None:
+                    return {
+                        view: name for view, name in CAMERAS[layout].items() if isinstance(h5.get(name), h5py.Dataset)
+                    }
+        except (IndexError, OSError):
+            pass
+        return dict(self.view_keys)
+
     def _scan(self) -> Iterator[Episode | SourceError]:
         return scan_files(
             self._files(),
