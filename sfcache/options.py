@@ -45,6 +45,18 @@ def comma_text(values: tuple) -> str:
     return ",".join(map(str, values))
 
 
+def square_grid(text: str) -> int:
+    """'16' or '16x16' -> 16: a square token grid per side, also spelled as `sf extract --grid` spells it."""
+    side, _, other = text.strip().lower().partition("x")
+    if not side.isdigit() or int(side) < 1 or other not in ("", side):
+        raise ValueError("expected N or NxN (a square grid, e.g. 16 or 16x16)")
+    return int(side)
+
+
+def square_grid_text(side: int) -> str:
+    return f"{side}x{side}"
+
+
 def user_path(text: str) -> Path:
     """A path with ~ expanded (make passes it unexpanded)."""
     return Path(text).expanduser()

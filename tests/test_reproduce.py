@@ -389,3 +389,17 @@ def test_options_handed_to_a_stage_are_checked_by_its_config_and_named_as_given(
         *option,
     )
     assert code == 2 and message in output, output
+
+
+def test_grid_is_spelled_as_extract_spells_it(tmp_path, rlds_root, capsys, monkeypatch):
+    from sfcache.train.reproduce import ReproduceConfig
+
+    seen = {}
+    monkeypatch.setattr("sfcache.cli.reproduce.reproduce", lambda config: seen.setdefault("grid", config.grid))
+    for given in ("4x4", "4"):
+        seen.clear()
+        code, output = run(capsys, "--libero-dir", rlds_root, "--vggt", "random:tiny", "--grid", given)
+        assert code == 0 and seen == {"grid": 4}, output
+    code, output = run(capsys, "--libero-dir", rlds_root, "--vggt", "random:tiny", "--grid", "4x8")
+    assert code == 2 and "--grid 4x8: expected N or NxN (a square grid, e.g. 16 or 16x16)" in output
+    assert ReproduceConfig().grid == 16

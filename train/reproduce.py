@@ -27,7 +27,16 @@ from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError, 
 from sfcache.extract import ExtractConfig, extract
 from sfcache.inspect import summarize
 from sfcache.libero_eval import EvalConfig, evaluate, simulator_available
-from sfcache.options import comma_list, comma_text, option, option_like, same_fields, user_path
+from sfcache.options import (
+    comma_list,
+    comma_text,
+    option,
+    option_like,
+    same_fields,
+    square_grid,
+    square_grid_text,
+    user_path,
+)
 from sfcache.sources import detect_format, open_source
 from sfcache.store import open_cache
 from sfcache.train.libero_policy import CheckpointPolicy
@@ -98,7 +107,13 @@ class ReproduceConfig:
     steps: int = option_like(TrainConfig, "steps")
     model_size: str = option_like(TrainConfig, "model_size")
     batch_size: int = option_like(TrainConfig, "batch_size")
-    grid: int = option_like(TrainConfig, "grid", help="Target grid and policy tokens per side (16 -> 224 px).")
+    grid: int = option_like(
+        TrainConfig,
+        "grid",
+        help="Target grid and policy tokens, NxN or N per side (16x16 -> 224 px images).",
+        parse=square_grid,
+        show=square_grid_text,
+    )
     dtype: str = option_like(ExtractConfig, "dtype")
     # the baseline runs are the alpha 0 ones: this alpha is the SF runs' only
     align_weight: float = option_like(TrainConfig, "align_weight", help="SF's alpha for the runs with SF.")
