@@ -271,6 +271,15 @@ def test_inspect_source_lists_only_the_robotwin_cameras_the_files_have(tmp_path,
     assert code == 0 and json.loads(output)["available_views"] == available
 
 
+def test_a_robotwin_first_file_without_a_standard_camera_is_skipped_not_fatal(tmp_path):
+    written = syn.write_robotwin(tmp_path, tasks=1, episodes=3, steps=2, height=16, width=16)
+    with h5py.File(written.files[0], "r+") as h5:
+        del h5["observation/left_camera"]
+    source = open_source(written.path, skip_bad=True)
+    assert source.views == ("head", "left_wrist", "right_wrist") and len(source.episodes()) == 2
+    assert "observation/left_camera/rgb" in str(source.skipped[0])
+
+
 def test_a_robotwin_camera_missing_from_a_later_file_is_named(tmp_path):
     syn.write_robotwin(tmp_path, tasks=1, episodes=1, steps=2, height=16, width=16, front_camera=True)
     syn.write_robotwin(tmp_path / "z", tasks=1, episodes=1, steps=2, height=16, width=16)  # sorts after: no front
