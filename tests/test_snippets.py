@@ -281,5 +281,5 @@ def test_a_broken_snippet_fails_naming_its_doc_line(workspace, monkeypatch):
 @pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")
 def test_oft_trainer_snippet_aligns_the_stores_targets(workspace, monkeypatch):
     monkeypatch.chdir(workspace)
-    names = run_snippet(_the("targets.targets_for(batch["), workspace)
+    names = run_snippet(_the("targets.targets_for(keys, steps, lengths=lengths)"), workspace)
     assert names["sf_targets"].shape == (2, 2, 16, 256) and torch.isfinite(names["loss"]) and names["loss"] > 0
