@@ -60,8 +60,12 @@ def __getattr__(name: str):
 
 def run_app(typer_app, argv: list[str] | None = None) -> None:
     """Run a typer app; an SfcacheError ends it with one red line and exit status 2, never a traceback."""
-    try:
-        typer_app(args=argv, standalone_mode=True)
+    import typer
+
+    from sfcache.cli.options import plain_help
+
+    try:  # what typer_app(...) runs, with every command's --help names made plain first
+        plain_help(typer.main.get_command(typer_app))(args=argv, standalone_mode=True)
     except SfcacheError as err:
         _fail(err)
 

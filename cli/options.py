@@ -51,12 +51,18 @@ def _parameter(field: dataclasses.Field, hint: Any, default: Any) -> inspect.Par
     info: OptionInfo = field.metadata[OPTION]
     kind = _cli_type(hint, info)
     metavar = info.metavar or ("PATH" if _field_type(hint) is Path else None)  # read as text, shown as a path
-    shown = ... if default is MISSING else info.show(default) if info.parse and default is not None else default
+    shown = (
+        ...
+        if default is MISSING or info.required
+        else info.show(default)
+        if info.parse and default is not None
+        else default
+    )
     if info.argument:
         spec = typer.Argument(shown, help=info.help, metavar=metavar, show_default=True)
     else:
         flag = info.flag or "--" + field.name.replace("_", "-")
-        if kind is bool and default is True and info.flag is None:
+        if kind is bool and info.flag is None:  # a real flag pair, whatever the default: --x / --no-x
             flag = f"{flag}/--no-{flag[2:]}"
         spec = typer.Option(shown, flag, help=info.help, metavar=metavar)
     return inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=spec, annotation=kind)
@@ -95,6 +101,20 @@ def field_values(config: type, given: dict[str, Any], defaults: dict[str, Any] |
             value = Path(value)
         values[field.name] = value
     return values
+
+
+def plain_help(command: Any) -> Any:
+    """What every command's --help shows, one rule for all (also options that are not config fields): a flag shows
+    no `<bool>` value placeholder (it takes none: `--check`, not `--check true`), and an argument is named in
+    capitals as the README names it (STORE, PATH) unless it names itself (`metavar=`). Returns `command`."""
+    for sub in getattr(command, "commands", {}).values():
+        plain_help(sub)
+    for param in getattr(command, "params", []):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        elif param.param_type_name == "argument" and param.metavar is None:
+            param.metavar = param.name.upper()
+    return command
 
 
 def config_command(

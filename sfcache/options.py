@@ -26,6 +26,9 @@ class OptionInfo:
     show: Callable[[Any], str] | None = None  # value -> text, for --help (needed with parse)
     argument: bool = False  # a positional argument instead of an option
     metavar: str | None = None
+    # the command needs a value (marked required in --help); the field's default (None) stays, so an empty text,
+    # what make passes for an unset variable, reaches the config, whose checks name the option with the others
+    required: bool = False
 
 
 def option(default: Any = MISSING, help: str = "", **how: Any) -> Any:
@@ -40,6 +43,18 @@ def comma_list(text: str) -> tuple[str, ...]:
 
 def comma_text(values: tuple) -> str:
     return ",".join(map(str, values))
+
+
+def square_grid(text: str) -> int:
+    """'16' or '16x16' -> 16: a square token grid per side, also spelled as `sf extract --grid` spells it."""
+    side, _, other = text.strip().lower().partition("x")
+    if not side.isdigit() or int(side) < 1 or other not in ("", side):
+        raise ValueError("expected N or NxN (a square grid, e.g. 16 or 16x16)")
+    return int(side)
+
+
+def square_grid_text(side: int) -> str:
+    return f"{side}x{side}"
 
 
 def user_path(text: str) -> Path:

@@ -1,4 +1,8 @@
-"""One rich progress bar style for all long work: count, rate, elapsed, ETA."""
+"""One rich progress bar style for all long work: count, rate, elapsed, ETA, and any figures the work reports.
+
+A task's own figures are its rich fields: `bar.update(task, advance=1, loss=0.42)` shows `loss 0.42` after the
+ETA, on the bar and on the plain lines printed off a terminal.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +36,28 @@ class RateColumn(ProgressColumn):
         return Text("-" if speed is None else f"{speed:.1f} {self.unit}/s", style="cyan")
 
 
+class FieldsColumn(ProgressColumn):
+    """The task's own figures (rich task fields), e.g. 'loss 0.4213'."""
+
+    def render(self, task: Task) -> Text:
+        return Text(_figures(task.fields), style="magenta")
+
+
+def _figures(fields: dict) -> str:
+    return ", ".join(
+        f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}" for name, value in fields.items()
+    )
+
+
+def _clock(seconds: float | None) -> str:
+    """Seconds as m:ss or h:mm:ss (what the bar's columns show); '?' when unknown."""
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def progress_bar(unit: str = "steps", transient: bool = False, console: Console | None = None) -> Progress:
     """A Progress showing done/total, `unit`/s, elapsed and ETA; off a terminal (logs, CI, nohup) a plain
     line per task every LOG_EVERY_S seconds instead, so long work is never silent for minutes."""
@@ -44,6 +70,7 @@ def progress_bar(unit: str = "steps", transient: bool = False, console: Console 
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
+        FieldsColumn(),
     )
     if not console.is_terminal:
         return _LineProgress(*columns, unit=unit, console=console)
@@ -51,13 +78,21 @@ def progress_bar(unit: str = "steps", transient: bool = False, console: Console 
 
 
 class _LineProgress(Progress):
-    """A disabled Progress that prints "description: done/total unit, rate, elapsed" lines from a thread."""
+    """A disabled Progress that prints "description: done/total unit, rate, elapsed, ETA, figures" lines from a
+    thread. The rate is rich's recent one, else the mean since the task began (a step slower than rich's 30 s
+    window still gets an ETA); a task resumed part way (`completed=` at `add_task`) counts only the work since."""
 
     def __init__(self, *columns, unit: str, console: Console):
         super().__init__(*columns, console=console, disable=True)
         self.unit = unit
         self._stopping = threading.Event()
         self._reporter: threading.Thread | None = None
+        self._began: dict[int, float] = {}  # completed at add_task
+
+    def add_task(self, description: str, *args, completed: float = 0, **kwargs) -> int:
+        task = super().add_task(description, *args, completed=completed, **kwargs)
+        self._began[task] = completed
+        return task
 
     def start(self) -> None:
         super().start()
@@ -71,15 +106,21 @@ class _LineProgress(Progress):
             self._reporter.join()
         super().stop()
 
+    def line(self, task: Task) -> str:
+        """One plain progress line of `task`."""
+        elapsed = task.elapsed or 0.0
+        done_here = task.completed - self._began.get(task.id, 0)
+        speed = task.finished_speed or task.speed or (done_here / elapsed if elapsed > 0 and done_here > 0 else None)
+        total = "?" if task.total is None else f"{task.total:.0f}"
+        rate = "-" if speed is None else f"{speed:.1f}"
+        eta = None if task.total is None or not speed else max(task.total - task.completed, 0) / speed
+        figures = _figures(task.fields)
+        return (
+            f"{task.description}: {task.completed:.0f}/{total} {self.unit}, {rate} {self.unit}/s, "
+            f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}" + (f", {figures}" if figures else "")
+        )
+
     def _report(self) -> None:
         while not self._stopping.wait(LOG_EVERY_S):
             for task in self.tasks:
-                speed = task.finished_speed or task.speed
-                total = "?" if task.total is None else f"{task.total:.0f}"
-                rate = "-" if speed is None else f"{speed:.1f}"
-                self.console.print(
-                    f"{task.description}: {task.completed:.0f}/{total} {self.unit}, {rate} "
-                    f"{self.unit}/s, {task.elapsed or 0:.0f} s elapsed",
-                    markup=False,
-                    highlight=False,
-                )
+                self.console.print(self.line(task), markup=False, highlight=False)

@@ -11,6 +11,8 @@ worst per-token cosine to the exact targets, through the stored dtype) is measur
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from sfcache.errors import SfcacheError
@@ -27,12 +29,16 @@ __all__ = [
     "parse_reduce",
     "request",
     "sample_rows",
+    "tail_warnings",
     "valid_tokens",
 ]
 
 SAMPLE_STEPS = 256  # fit sample (steps spread evenly over the dataset); ~100k tokens on LIBERO's 2 views
 HELD_OUT_EVERY = 4  # every 4th sample step is held out to measure fidelity
 K_STEP = 8  # `pca:auto` tries K in multiples of 8: int8 then keeps >= 8 channels per scale
+# `--min-cosine` bounds the held-out *mean*; a few tokens (an object the sample rarely shows, a view's border)
+# can lie off the basis while the mean passes. A 1st percentile or worst this far below the mean is reported.
+TAIL_GAP = {"p1": 0.05, "worst": 0.2}
 COSINE_CHUNK = 4096  # held-out tokens per chunk of the K scan (bounds its memory to ~64 MiB at C = 2048)
 
 
@@ -167,20 +173,34 @@ def fit(
     return Reduction(request=asked, means=means, components=bases, fidelity=fidelity)
 
 
+def tail_warnings(reduction: Reduction) -> list[str]:
+    """One line per layer whose held-out 1st-percentile or worst token cosine lies far below the mean
+    (TAIL_GAP): the mean is what --min-cosine bounds, so such a store passes with badly rebuilt tokens."""
+    lines = []
+    for layer, figures in (reduction.fidelity or {}).items():
+        far = [f"{name} {figures[name]:.3f}" for name, gap in TAIL_GAP.items() if figures[name] < figures["mean"] - gap]
+        if far:
+            lines.append(
+                f"--reduce {reduction.request['asked']}: layer {layer} K={figures['k']} rebuilds held-out tokens "
+                f"at mean cosine {figures['mean']:.3f} but {' and '.join(far)} (--min-cosine bounds only the mean); "
+                "some tokens lose most of their target: use a larger pca:K, or no --reduce"
+            )
+    return lines
+
+
 def check_fidelity(reduction: Reduction) -> None:
     """Refuse a reduction whose held-out mean cosine is below the asked --min-cosine, or a pca:auto that
-    needs every channel (a store larger than no reduction at all), with one clear line."""
+    needs every channel (a store larger than no reduction at all), with one clear line; warn (the
+    `sfcache` logger) when its worst tokens are far below the mean (`tail_warnings`)."""
     floor = reduction.request.get("min_cosine")
-    if floor is None:
-        return
-    for layer, components in reduction.components.items():
+    for layer, components in reduction.components.items() if floor is not None else ():
         if reduction.request["asked"] == "pca:auto" and len(components) == components.shape[1]:
             raise SfcacheError(
                 f"--reduce pca:auto: layer {layer} reaches --min-cosine {floor} only with all "
                 f"{components.shape[1]} channels, so nothing is saved; extract without --reduce, or "
                 "lower --min-cosine"
             )
-    low = {layer: f for layer, f in (reduction.fidelity or {}).items() if f["mean"] < floor}
+    low = {layer: f for layer, f in (reduction.fidelity or {}).items() if floor is not None and f["mean"] < floor}
     if low:
         layer, figures = next(iter(low.items()))
         raise SfcacheError(
@@ -188,3 +208,5 @@ def check_fidelity(reduction: Reduction) -> None:
             f"cosine {figures['mean']:.5f} with K={figures['k']}, below --min-cosine {floor}; refusing to write this "
             "store (use a larger K, pca:auto, or a lower --min-cosine, with --overwrite if the store exists)"
         )
+    for line in tail_warnings(reduction):
+        logging.getLogger("sfcache").warning("warning: %s", line)

@@ -314,3 +314,26 @@ def test_kill_9_during_then_after_the_fit_then_resume_equals_an_uninterrupted_ru
 
     assert "basis reused" in sf_extract_process(dataset, out)  # the stored basis, never refitted
     assert_equal_stores(out, reference)  # so the refit after the first kill was bit-identical
+
+
+def test_pca_auto_warns_when_its_worst_tokens_are_far_below_the_mean(caplog):
+    """--min-cosine bounds the held-out mean: 1% of tokens off the basis pass it unseen unless warned about."""
+    values = low_rank(300, 24, 128, 0.05, tokens=8)
+    odd = np.random.default_rng(3).random(values.shape[:3]) < 0.01
+    scale = np.linalg.norm(values, axis=-1, keepdims=True)
+    stray = np.random.default_rng(4).standard_normal(values.shape).astype(np.float32)
+    values = np.where(odd[..., None], stray / np.linalg.norm(stray, axis=-1, keepdims=True) * scale, values)
+    reduction = fitted(values, "pca:auto", 0.98, "int8")
+    figures = reduction.fidelity["0"]
+    assert figures["mean"] >= 0.98 and figures["worst"] < 0.7 and figures["k"] <= 32
+    with caplog.at_level("WARNING", logger="sfcache"):
+        check_fidelity(reduction)  # passes --min-cosine, so it is written, but not silently
+    assert [r.getMessage() for r in caplog.records] == [
+        f"warning: --reduce pca:auto: layer 0 K={figures['k']} rebuilds held-out tokens at mean cosine "
+        f"{figures['mean']:.3f} but worst {figures['worst']:.3f} (--min-cosine bounds only the mean); some "
+        "tokens lose most of their target: use a larger pca:K, or no --reduce"
+    ]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sfcache"):
+        check_fidelity(fitted(low_rank(300, 24, 128, 0.05, tokens=8), "pca:auto", 0.98, "int8"))
+    assert caplog.records == []  # no tail: no warning

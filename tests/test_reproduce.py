@@ -38,7 +38,7 @@ TINY = [
     "4",
     "--val-episodes",
     "1",
-    "--eval-every",
+    "--val-every",
     "2",
     "--loader-workers",
     "0",
@@ -268,9 +268,18 @@ FAILS = {
         "",
         "random:tiny",
         [],
-        ["LIBERO_DIR is not given", "openvla/modified_libero_rlds", "download_libero_datasets.py"],
+        [
+            "--libero-dir is not given (LIBERO_DIR= with make)",
+            "openvla/modified_libero_rlds",
+            "download_libero_datasets.py",
+        ],
     ),
-    "missing LIBERO_DIR": ("{tmp}/nowhere", "random:tiny", [], ["no such directory", "openvla/modified_libero_rlds"]),
+    "missing LIBERO_DIR": (
+        "{tmp}/nowhere",
+        "random:tiny",
+        [],
+        ["--libero-dir {tmp}/nowhere: no such directory", "openvla/modified_libero_rlds"],
+    ),
     "LIBERO_DIR without suites": (
         "{tmp}",
         "random:tiny",
@@ -289,12 +298,12 @@ FAILS = {
         ["--require-all"],
         ["found libero_spatial but not libero_object, libero_goal, libero_10 (--require-all)"],
     ),
-    "no VGGT": ("{data}", "", [], ["VGGT is not given", "facebook/VGGT-1B (CC BY-NC 4.0)"]),
+    "no VGGT": ("{data}", "", [], ["--vggt is not given (VGGT= with make)", "facebook/VGGT-1B (CC BY-NC 4.0)"]),
     "missing VGGT file": (
         "{data}",
         "{tmp}/model.pt",
         [],
-        ["no such file or directory, and not a hub id", "facebook/VGGT-1B"],
+        ["--vggt {tmp}/model.pt: no such file or directory, and not a hub id", "facebook/VGGT-1B"],
     ),
     "hub id not cached": (
         "{data}",
@@ -308,7 +317,7 @@ FAILS = {
         "{data}",
         "random:tiny",
         ["--scheduler", "nowhere"],
-        ["SCHEDULER=nowhere: cannot reach the Dask scheduler (missing port number"],
+        ["--scheduler nowhere: cannot reach the Dask scheduler (missing port number"],
     ),
 }
 
@@ -327,7 +336,7 @@ def test_fails_fast_before_any_work(tmp_path, rlds_root, capsys, monkeypatch, ca
     assert code == 2, output
     assert "error: nothing was run" in output and "Traceback" not in output
     for text in expected:
-        assert text in output
+        assert text.format(tmp=scratch) in output
     assert not out.exists()
 
 
@@ -349,23 +358,33 @@ def test_bad_options_name_each_problem(tmp_path, rlds_root, capsys):
     )
     assert code == 2
     assert "--suites spatial,90: choose from spatial,object,goal,10" in output
-    assert "these must be >= 1: --steps 0" in output and "DEVICE=tpu: expected auto | cpu | cuda | cuda:N" in output
+    assert "these must be >= 1: --steps 0" in output and "--device tpu: expected auto | cpu | cuda | cuda:N" in output
     assert not (tmp_path / "out").exists()
 
 
 def test_option_data_and_weights_problems_are_listed_in_one_message(tmp_path, capsys):
-    code, output = run(capsys, "--steps", "0", "--device", "cpu", "--out", tmp_path / "out")
-    assert code == 2 and "Traceback" not in output
+    """What `make reproduce-libero` with nothing set passes: empty --libero-dir and --vggt, listed with the rest."""
+    code, output = run(
+        capsys, "--libero-dir", "", "--vggt", "", "--steps", "0", "--device", "cpu", "--out", tmp_path / "o"
+    )
+    assert code == 2 and "Traceback" not in output and not (tmp_path / "o").exists()
     assert output.startswith("error: nothing was run:"), output
-    for problem in ("these must be >= 1: --steps 0", "LIBERO_DIR is not given", "VGGT is not given"):
+    for problem in ("these must be >= 1: --steps 0", "--libero-dir is not given", "--vggt is not given"):
         assert problem in output, output
-    assert not (tmp_path / "out").exists()
+    assert "- LIBERO_DIR" not in output and "- VGGT" not in output  # each problem starts with the flag
+
+
+def test_without_arguments_it_names_the_required_options(capsys):
+    code, output = run(capsys)
+    assert code == 2 and "Missing option '--libero-dir'" in output and "Traceback" not in output
+    code, output = run(capsys, "--libero-dir", "x")
+    assert code == 2 and "Missing option '--vggt'" in output
 
 
 @pytest.mark.parametrize(
     "option, message",
     [
-        (["--eval-every", "0"], "these must be >= 1: --eval-every 0\n"),  # validation and checkpoint interval
+        (["--val-every", "0"], "these must be >= 1: --val-every 0\n"),  # validation and checkpoint interval
         (["--loader-workers", "-1"], "these must be >= 0: --loader-workers -1"),
         (["--extract-batch-size", "0"], "--extract-batch-size must be >= 1, got 0"),
         (["--eval-max-steps", "0"], "--eval-max-steps must be >= 1, got 0"),
@@ -388,3 +407,17 @@ def test_options_handed_to_a_stage_are_checked_by_its_config_and_named_as_given(
         *option,
     )
     assert code == 2 and message in output, output
+
+
+def test_grid_is_spelled_as_extract_spells_it(tmp_path, rlds_root, capsys, monkeypatch):
+    from sfcache.train.reproduce import ReproduceConfig
+
+    seen = {}
+    monkeypatch.setattr("sfcache.cli.reproduce.reproduce", lambda config: seen.setdefault("grid", config.grid))
+    for given in ("4x4", "4"):
+        seen.clear()
+        code, output = run(capsys, "--libero-dir", rlds_root, "--vggt", "random:tiny", "--grid", given)
+        assert code == 0 and seen == {"grid": 4}, output
+    code, output = run(capsys, "--libero-dir", rlds_root, "--vggt", "random:tiny", "--grid", "4x8")
+    assert code == 2 and "--grid 4x8: expected N or NxN (a square grid, e.g. 16 or 16x16)" in output
+    assert ReproduceConfig().grid == 16

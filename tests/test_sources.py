@@ -286,8 +286,43 @@ def test_robotwin_front_camera_and_layout_keys(tmp_path):
     assert key == "robotwin/place_dual_shoes/demo_clean/episode0"
     assert_frames(source.read(key).frames, expected.frames[:, [3, 0]], lossy=True)
     assert source.describe()["variant"] == "legacy_2.0"
-    with pytest.raises(SourceError, match="does not exist in the legacy_2.0 layout"):
-        open_source(written.path, views=("third_view",)).episodes()
+    with pytest.raises(
+        SfcacheError, match=r"choose distinct names from \['head', 'left_wrist', 'right_wrist', 'front'\]"
+    ):
+        open_source(written.path, views=("third_view",))  # the views of the files, not of both layouts
+
+
+@pytest.mark.parametrize("layout, front, available", [
+    ("legacy", False, ["head", "left_wrist", "right_wrist"]),
+    ("legacy", True, ["head", "left_wrist", "right_wrist", "front"]),
+    ("xpolicylab", False, ["head", "left_wrist", "right_wrist"]),
+])  # fmt: skip
+def test_inspect_source_lists_only_the_robotwin_cameras_the_files_have(tmp_path, capsys, layout, front, available):
+    import json
+
+    from sfcache.cli.main import main
+    from tests._cli_helpers import run_main
+
+    written = syn.write_robotwin(tmp_path, layout=layout, tasks=1, episodes=1, steps=2, height=16, width=16,
+                                 front_camera=front)  # fmt: skip
+    code, output = run_main(main, capsys, "inspect-source", written.path, "--json")
+    assert code == 0 and json.loads(output)["available_views"] == available
+
+
+def test_a_robotwin_first_file_without_a_standard_camera_is_skipped_not_fatal(tmp_path):
+    written = syn.write_robotwin(tmp_path, tasks=1, episodes=3, steps=2, height=16, width=16)
+    with h5py.File(written.files[0], "r+") as h5:
+        del h5["observation/left_camera"]
+    source = open_source(written.path, skip_bad=True)
+    assert source.views == ("head", "left_wrist", "right_wrist") and len(source.episodes()) == 2
+    assert "observation/left_camera/rgb" in str(source.skipped[0])
+
+
+def test_a_robotwin_camera_missing_from_a_later_file_is_named(tmp_path):
+    syn.write_robotwin(tmp_path, tasks=1, episodes=1, steps=2, height=16, width=16, front_camera=True)
+    syn.write_robotwin(tmp_path / "z", tasks=1, episodes=1, steps=2, height=16, width=16)  # sorts after: no front
+    with pytest.raises(SourceError, match="key 'observation/front_camera/rgb': missing"):
+        open_source(tmp_path, views=("head", "front")).episodes()
 
 
 def test_view_selection_and_order(tmp_path):

@@ -28,7 +28,16 @@ from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError, 
 from sfcache.extract import ExtractConfig, extract
 from sfcache.inspect import summarize
 from sfcache.libero_eval import EvalConfig, evaluate, simulator_available
-from sfcache.options import comma_list, comma_text, option, option_like, same_fields, user_path
+from sfcache.options import (
+    comma_list,
+    comma_text,
+    option,
+    option_like,
+    same_fields,
+    square_grid,
+    square_grid_text,
+    user_path,
+)
 from sfcache.probe import MEAN_DEPTH
 from sfcache.sources import detect_format, open_source
 from sfcache.store import open_cache
@@ -53,12 +62,13 @@ RUNS = {"sf": "with SF", "baseline": "without SF"}  # run folder -> label
 GET_DATA = (
     "get the RLDS release with `huggingface-cli download openvla/modified_libero_rlds --repo-type dataset "
     "--local-dir DIR` (folders libero_<suite>_no_noops/), or the HDF5 suites with LIBERO's "
-    "benchmark_scripts/download_libero_datasets.py (folders libero_<suite>/), then pass LIBERO_DIR=DIR"
+    "benchmark_scripts/download_libero_datasets.py (folders libero_<suite>/), then pass --libero-dir DIR "
+    "(LIBERO_DIR=DIR with make)"
 )
 GET_VGGT = (
     "get the official checkpoint facebook/VGGT-1B (CC BY-NC 4.0) with `huggingface-cli download "
-    "facebook/VGGT-1B model.pt --local-dir DIR` and pass VGGT=DIR/model.pt (or VGGT=facebook/VGGT-1B "
-    "once it is in your Hugging Face cache)"
+    "facebook/VGGT-1B model.pt --local-dir DIR` and pass --vggt DIR/model.pt (VGGT=DIR/model.pt with make), or "
+    "facebook/VGGT-1B once it is in your Hugging Face cache"
 )
 NO_GEOMETRY = (
     "RANDOM VGGT WEIGHTS ({spec}): the targets carry no geometry. This run tests the pipeline; "
@@ -85,9 +95,12 @@ class ReproduceConfig:
         "Folder holding libero_<suite>_no_noops/ (RLDS or HDF5) or libero_<suite>/ (HDF5) folders.",
         parse=user_path,
         show=str,
+        required=True,
     )
     vggt: str | None = option(
-        None, "VGGT checkpoint path, a cached hub id (facebook/VGGT-1B), or random:<preset> (pipeline tests only)."
+        None,
+        "VGGT checkpoint path, a cached hub id (facebook/VGGT-1B), or random:<preset> (pipeline tests only).",
+        required=True,
     )
     out: Path = option(Path("out/reproduce-libero"), "Output folder (caches, runs, report).")
     device: str = option_like(ExtractConfig, "device")
@@ -97,13 +110,19 @@ class ReproduceConfig:
     steps: int = option_like(TrainConfig, "steps")
     model_size: str = option_like(TrainConfig, "model_size")
     batch_size: int = option_like(TrainConfig, "batch_size")
-    grid: int = option_like(TrainConfig, "grid", help="Target grid and policy tokens per side (16 -> 224 px).")
+    grid: int = option_like(
+        TrainConfig,
+        "grid",
+        help="Target grid and policy tokens, NxN or N per side (16x16 -> 224 px images).",
+        parse=square_grid,
+        show=square_grid_text,
+    )
     dtype: str = option_like(ExtractConfig, "dtype")
     # the baseline runs are the alpha 0 ones: this alpha is the SF runs' only
     align_weight: float = option_like(TrainConfig, "align_weight", help="SF's alpha for the runs with SF.")
     # a report's validation L1 needs more held-out episodes than a quick `sf train`
     val_episodes: int = option_like(TrainConfig, "val_episodes", default=10, help="Held-out episodes per suite.")
-    eval_every: int = option_like(TrainConfig, "val_every", help="Validate and checkpoint every N steps.")
+    val_every: int = option_like(TrainConfig, "val_every", help="Validate and checkpoint every N steps.")
     loader_workers: int = option_like(TrainConfig, "workers")
     extract_batch_size: int = option_like(ExtractConfig, "batch_size")
     steps_per_shard: int = option_like(ExtractConfig, "steps_per_shard")
@@ -165,7 +184,7 @@ class ReproduceConfig:
             (lambda: _extraction_config(checked, suite, checked.out), {"--batch-size": "--extract-batch-size"}),
             (
                 lambda: _training_config(checked, suite, checked.out, checked.out, checked.align_weight),
-                {"--val-every": "--eval-every", "--save-every": "--eval-every", "--workers": "--loader-workers"},
+                {"--save-every": "--val-every", "--workers": "--loader-workers"},
             ),
         ]
         if self.eval_trials > 0:
@@ -185,7 +204,7 @@ class ReproduceConfig:
 
 def _named_as_given(message: str, flags: dict[str, str]) -> str:
     """A stage config's message with its flags renamed to the reproduce options they come from (`flags`); one
-    option feeding two fields (--eval-every) is named once."""
+    option feeding two fields (--val-every) is named once."""
     renamed = re.sub(r"(?<![\w-])--[a-z-]+\b", lambda found: flags.get(found[0], found[0]), message)
     return re.sub(r"(--[a-z-]+ \S+)(, \1)+", r"\1", renamed)
 
@@ -256,10 +275,10 @@ def find_suites(libero_dir: Path, suites: tuple[str, ...]) -> tuple[list[SuiteDa
 def _check_data(cfg: ReproduceConfig) -> tuple[list[SuiteData], list[str], list[str]]:
     """(suites found, suites missing, problems)."""
     if cfg.libero_dir is None:
-        return [], [], [f"LIBERO_DIR is not given: {GET_DATA}"]
+        return [], [], [f"--libero-dir is not given (LIBERO_DIR= with make): {GET_DATA}"]
     root = cfg.libero_dir
     if not root.is_dir():
-        return [], [], [f"LIBERO_DIR={root}: no such directory; {GET_DATA}"]
+        return [], [], [f"--libero-dir {root}: no such directory; {GET_DATA}"]
     found, missing = find_suites(root, cfg.suites)
     looked = ", ".join(f"libero_{s}_no_noops/ or libero_{s}/" for s in cfg.suites)
     if not found:
@@ -269,14 +288,14 @@ def _check_data(cfg: ReproduceConfig) -> tuple[list[SuiteData], list[str], list[
         return (
             [],
             missing,
-            [f"LIBERO_DIR={root} holds none of the LIBERO suites{hint}; looked for {looked}. {GET_DATA}"],
+            [f"--libero-dir {root} holds none of the LIBERO suites{hint}; looked for {looked}. {GET_DATA}"],
         )
     if missing and cfg.require_all:
         return (
             found,
             missing,
             [
-                f"LIBERO_DIR={root}: found {', '.join(s.name for s in found)} but not "
+                f"--libero-dir {root}: found {', '.join(s.name for s in found)} but not "
                 f"{', '.join(missing)} (--require-all); {GET_DATA}"
             ],
         )
@@ -286,7 +305,7 @@ def _check_data(cfg: ReproduceConfig) -> tuple[list[SuiteData], list[str], list[
 def _check_vggt(spec: str | None) -> list[str]:
     """Problems with the VGGT spec, found without loading or downloading the model."""
     if not spec:
-        return [f"VGGT is not given: {GET_VGGT}"]
+        return [f"--vggt is not given (VGGT= with make): {GET_VGGT}"]
     if RANDOM_SPEC.match(spec):
         try:
             weights_config(spec)
@@ -297,11 +316,11 @@ def _check_vggt(spec: str | None) -> list[str]:
         try:
             weights_config(spec)
         except WeightsError as error:
-            return [f"VGGT={spec}: {error}; {GET_VGGT}"]
+            return [f"--vggt {spec}: {error}; {GET_VGGT}"]
         return []
     if HUB_ID.match(spec):
         return _check_hub_cache(spec)
-    return [f"VGGT={spec}: no such file or directory, and not a hub id; {GET_VGGT}"]
+    return [f"--vggt {spec}: no such file or directory, and not a hub id; {GET_VGGT}"]
 
 
 def _check_hub_cache(repo_id: str) -> list[str]:
@@ -309,22 +328,22 @@ def _check_hub_cache(repo_id: str) -> list[str]:
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
-        return [f"VGGT={repo_id}: a hub id needs huggingface_hub (pip install 'sfcache[hub]'); or {GET_VGGT}"]
+        return [f"--vggt {repo_id}: a hub id needs huggingface_hub (pip install 'sfcache[hub]'); or {GET_VGGT}"]
     for name in ("model.safetensors", "model.pt"):
         if isinstance(try_to_load_from_cache(repo_id, name), str):
             return []
-    return [f"VGGT={repo_id}: not in the local Hugging Face cache, and this command downloads nothing; {GET_VGGT}"]
+    return [f"--vggt {repo_id}: not in the local Hugging Face cache, and this command downloads nothing; {GET_VGGT}"]
 
 
 def _check_device(device: str) -> list[str]:
     try:
         check_device(device)
     except SfcacheError:
-        return [f"DEVICE={device}: expected {DEVICE_CHOICES}"]
+        return [f"--device {device}: expected {DEVICE_CHOICES}"]
     try:
         resolve_device(device)
     except SfcacheError as problem:
-        return [f"DEVICE={device}: {problem} (DEVICE=auto picks a GPU when there is one)"]
+        return [f"--device {device}: {problem} (--device auto picks a GPU when there is one)"]
     return []
 
 
@@ -337,7 +356,7 @@ def _check_scheduler(address: str | None) -> list[str]:
         with Client(address, timeout="10s"):
             return []
     except (OSError, ValueError) as error:
-        return [f"SCHEDULER={address}: cannot reach the Dask scheduler ({error}); leave it empty for a local cluster"]
+        return [f"--scheduler {address}: cannot reach the Dask scheduler ({error}); leave it out for a local cluster"]
 
 
 def preflight(cfg: ReproduceConfig) -> tuple[list[SuiteData], list[str]]:
@@ -451,8 +470,8 @@ def _training_config(
         cache=store if align_weight > 0 else None,
         align_weight=align_weight,
         **same_fields(cfg, ("steps", "batch_size", "model_size", "grid", "device", "val_episodes")),
-        val_every=cfg.eval_every,
-        save_every=cfg.eval_every,
+        val_every=cfg.val_every,
+        save_every=cfg.val_every,
         workers=cfg.loader_workers,
     )
 

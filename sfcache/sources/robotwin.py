@@ -54,6 +54,24 @@ class RoboTwin(Source):
     def _files(self) -> list[Path]:
         return [self.path] if self.path.is_file() else sorted(self.path.rglob("episode*.hdf5"))
 
+    def _view_keys(self) -> dict[str, str]:
+        """The views this dataset offers: the layout's three cameras (every file must have them; a file without
+        one is reported by the scan, or skipped with --skip-bad) and an optional camera (front, third_view) only
+        if the first file has it, so `sf inspect-source` lists what the data holds. Without a readable first
+        file, every canonical name: the scan then reports that file."""
+        try:
+            with h5py.File(self._files()[0], "r") as h5:
+                layout = LEGACY if "observation" in h5 else XPOLICYLAB if "vision" in h5 else None
+                if layout is not None:
+                    return {
+                        view: name
+                        for view, name in CAMERAS[layout].items()
+                        if view in self.default_views or isinstance(h5.get(name), h5py.Dataset)
+                    }
+        except (IndexError, OSError):
+            pass
+        return dict(self.view_keys)
+
     def _scan(self) -> Iterator[Episode | SourceError]:
         return scan_files(
             self._files(),

@@ -1,0 +1,44 @@
+"""Progress off a terminal (logs, nohup): every plain line carries the ETA and the task's own figures."""
+
+from __future__ import annotations
+
+import io
+import time
+
+from rich.console import Console
+
+import sfcache.progress as progress
+
+
+def test_plain_lines_carry_rate_eta_and_the_tasks_figures():
+    clock = [100.0]
+    bar = progress.progress_bar("steps", console=Console(file=io.StringIO()))
+    bar.get_time = lambda: clock[0]
+    task = bar.add_task("train", total=150, completed=50)  # resumed at step 50: only the steps since count
+    clock[0] = 110.0
+    bar.update(task, advance=5, loss=0.5)
+    assert bar.line(bar.tasks[0]) == "train: 55/150 steps, 0.5 steps/s, 0:10 elapsed, ETA 3:10, loss 0.5"
+    clock[0] = 120.0
+    bar.update(task, advance=10, loss=0.123456)  # rich's recent rate once it has two samples: 10 steps in 10 s
+    assert bar.line(bar.tasks[0]) == "train: 65/150 steps, 1.0 steps/s, 0:20 elapsed, ETA 1:25, loss 0.1235"
+    unknown = bar.add_task("indexing", total=None)
+    assert bar.line(bar.tasks[1]) == "indexing: 0/? steps, - steps/s, 0:00 elapsed, ETA ?"
+    assert unknown == 1 and progress._clock(3725) == "1:02:05"
+
+
+def test_the_reporter_thread_prints_lines_with_eta(monkeypatch):
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.05)
+    log = io.StringIO()
+    with progress.progress_bar("episodes", console=Console(file=log)) as bar:
+        task = bar.add_task("eval", total=4)
+        time.sleep(0.1)
+        bar.update(task, advance=1, success=1)
+        time.sleep(0.3)
+    lines = log.getvalue().splitlines()
+    assert lines[-1].startswith("eval: 1/4 episodes, ") and ", ETA " in lines[-1] and lines[-1].endswith("success 1")
+
+
+def test_the_terminal_bar_shows_the_figures_too():
+    bar = progress.progress_bar("steps", console=Console(file=io.StringIO(), force_terminal=True))
+    task = bar.add_task("train", total=3, loss=0.42137)
+    assert progress.FieldsColumn().render(bar.tasks[task]).plain == "loss 0.4214"
