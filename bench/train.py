@@ -98,8 +98,8 @@ def _train_steps(trainer: Trainer, timed: int) -> Callable[[int], object]:
 
 
 def _sf_work(trainer: Trainer) -> Callable[[int], object]:
-    """Only what cached SF adds to a step: crop the target grid and add pool(E), the projector and loss
-    forward and backward (into the VLA tokens), AdamW on a copy of the projector."""
+    """Only what cached SF adds to a step: decode the stored targets (widen, crop the grid, add pool(E)), the
+    projector and loss forward and backward (into the VLA tokens), AdamW on a copy of the projector."""
     raw = _in_memory_batches(trainer, 1)[0]
     boxes = random_boxes(len(raw["frames"]), torch.Generator().manual_seed(0))
     batch = prepare(raw, trainer.policy_config, trainer.device, boxes, None, None)
@@ -108,11 +108,10 @@ def _sf_work(trainer: Trainer) -> Callable[[int], object]:
     tokens = visual.detach().requires_grad_()
     sf_loss = copy.deepcopy(trainer.sf_loss)
     optimizer = torch.optim.AdamW(sf_loss.parameters())
-    native, position_embedding = trainer.targets_geometry
 
     def work(_: int) -> None:
-        targets = crop_target_grid(raw["targets"].to(trainer.device), trainer.policy_config.grid, native, boxes)
-        loss = sf_loss(tokens, targets + position_embedding)
+        targets = trainer.data.targets.decode(raw["targets"], device=trainer.device, boxes=boxes)
+        loss = sf_loss(tokens, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -250,9 +249,9 @@ def _target_agreement(cached: Trainer, online: Trainer) -> tuple[float, float]:
     """Mean cosine of online targets of cropped images with cropped cached targets, and with uncropped ones."""
     raw = next(iter(cached._loader(cached.data.train, StepBatches(len(cached.data.train), 8, 1, 0, 1))))
     boxes = random_boxes(len(raw["frames"]), torch.Generator().manual_seed(0))
-    batch = prepare(raw, cached.policy_config, cached.device, boxes, None, cached.targets_geometry)
+    batch = prepare(raw, cached.policy_config, cached.device, boxes, None, cached.data.targets)
     truth = online.online(batch.images)
-    uncropped = raw["targets"].to(cached.device) + cached.targets_geometry[1]
+    uncropped = cached.data.targets.decode(raw["targets"], device=cached.device)
     cosine = torch.nn.functional.cosine_similarity
     return cosine(truth, batch.targets, dim=-1).mean().item(), cosine(truth, uncropped, dim=-1).mean().item()
 

@@ -95,10 +95,6 @@ class ShardReader:
         self.step = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize + (4 if checksum else 0)
         self._indexes: dict[Path, tuple[tuple, np.ndarray]] = {}
 
-    def empty(self, rows: int) -> np.ndarray:
-        """A buffer for `rows` rows, as stored (little-endian)."""
-        return np.empty((rows, *self.row_shape), self.dtype)
-
     def read(self, path: Path, chunks: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
         """out[positions[i]] = chunk chunks[i] of shard file `path` (chunks ascending and unique; a chunk the
         index lists as missing gets the fill value, as zarr gives it). FileNotFoundError if there is no
