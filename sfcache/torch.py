@@ -26,11 +26,12 @@ from sfcache.keys import episode_key
 from sfcache.pooling import pool_grid, position_embedding
 from sfcache.rows import RowIndex
 from sfcache.store import open_cache
-from sfcache.stored import StoredTargets, read_stored, widen
+from sfcache.stored import StoredBatches, StoredTargets, read_stored, widen
 
 __all__ = [
     "CachedTargets",
     "SpatialForcingLoss",
+    "StoredBatches",
     "StoredTargets",
     "WithTargets",
     "crop_target_grid",
@@ -275,12 +276,13 @@ class CachedTargets(torch.utils.data.Dataset):
         seed: int = 0,
         drop_last: bool = False,
         **loader: Any,
-    ) -> torch.utils.data.DataLoader:
-        """A DataLoader of `StoredTargets`, one per batch of rows (`batch_sampler`, e.g. the one your own
-        DataLoader uses, so the two stay in step; else shuffled batches of `batch_size` rows, seeded):
-        each batch one read in a worker, handed over in shared memory and (`pin_memory`, on by default when
-        `device` is a GPU) pinned; `decode(stored, device)` on the training device makes the targets.
-        `loader`: DataLoader options (num_workers, multiprocessing_context, prefetch_factor, ...)."""
+    ) -> StoredBatches:
+        """An iterable of `StoredTargets` like a DataLoader (`sfcache.stored.StoredBatches`), one per batch of rows
+        (`batch_sampler`, e.g. the one your own DataLoader uses, so the two stay in step; else shuffled batches
+        of `batch_size` rows, seeded): each batch one read in a worker into shared memory it reuses, pinned when
+        `pin_memory` (by default when `device` is a GPU); `decode(stored, device)` on the training device makes
+        the targets. `loader`: num_workers (2), prefetch_factor, multiprocessing_context and other DataLoader
+        options."""
         if batch_sampler is None:
             sampler = (
                 torch.utils.data.RandomSampler(self, generator=torch.Generator().manual_seed(seed))
@@ -289,7 +291,7 @@ class CachedTargets(torch.utils.data.Dataset):
             )
             batch_sampler = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
         loader.setdefault("pin_memory", self.device is not None and self.device.type == "cuda")
-        return torch.utils.data.DataLoader(_StoredRows(self), sampler=batch_sampler, batch_size=None, **loader)
+        return StoredBatches(self, batch_sampler, **loader)
 
     def _check_boxes(self, boxes: torch.Tensor | None) -> None:
         if boxes is None:
@@ -349,19 +351,6 @@ class CachedTargets(torch.utils.data.Dataset):
 def _first(batch):
     """Row 0 of a read: a tensor, or a (targets, mask) pair."""
     return tuple(part[0] for part in batch) if isinstance(batch, tuple) else batch[0]
-
-
-class _StoredRows(torch.utils.data.Dataset):
-    """`CachedTargets` a batch at a time: item = a list of rows, value = their `StoredTargets` (`batches`)."""
-
-    def __init__(self, targets: CachedTargets):
-        self.targets = targets
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, rows: Sequence[int]) -> StoredTargets:
-        return self.targets.read_stored(rows)
 
 
 def pooled_position_embedding(
