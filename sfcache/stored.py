@@ -180,7 +180,8 @@ class _Ring:
 
     def claim(self, worker: int, rows: int) -> int | None:
         """A free slot of `worker` for `rows` rows, now taken (in the worker); None if there is none."""
-        free = torch.nonzero(self.free[worker]).flatten().tolist() if rows <= self.rows else []
+        flags = self.free[worker].numpy().copy()  # a snapshot: the training process sets flags meanwhile
+        free = np.flatnonzero(flags).tolist() if rows <= self.rows else []
         if not free:
             return None
         self.free[worker, free[0]] = 0
