@@ -13,7 +13,8 @@ import torch
 from sfcache.errors import SfcacheError, StoreError
 from sfcache.reduce import request
 from sfcache.sources import EpisodeInfo
-from sfcache.store import Reduction, StoreConfig, create_store, lock_store, pack_episodes
+from sfcache.store import Reduction, StoreConfig, create_store, decode, encode, lock_store, pack_episodes
+from sfcache.stored import widen
 from sfcache.torch import CachedTargets, StoredTargets, WithTargets
 from sfcache.train.augment import random_boxes
 from sfcache.train.loop import StepBatches, TrainConfig, Trainer, prepare
@@ -190,3 +191,17 @@ def test_the_trainers_targets_are_what_targets_for_joins_for_the_same_batch(tmp_
     keys, steps = zip(*(dataset.rows.locate(index) for index in next(iter(batches))))
     assert_same(batch.targets, targets.targets_for(list(keys), list(steps), boxes=boxes))
     assert batch.targets.shape == (6, 2, GRID * GRID, targets.channels)
+
+
+def test_widen_is_the_stores_decode_bit_for_bit_for_every_dtype_and_scale_layout():
+    values = np.random.default_rng(3).standard_normal((3, 2, 4, 256)).astype(np.float32) * 5
+    for dtype in ("float16", "bfloat16", "int8"):
+        stored, scale = encode(values, dtype)
+        tensor = torch.from_numpy(stored)
+        tensor = tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+        got = widen(tensor, None if scale is None else torch.from_numpy(scale))
+        assert torch.equal(got, torch.from_numpy(decode(stored, dtype, scale)))
+    stored, _ = encode(values, "int8")
+    per_channel = np.abs(values).max(axis=2) / 127  # format version 1: one scale per step, view and channel
+    got = widen(torch.from_numpy(stored), torch.from_numpy(per_channel))
+    assert torch.equal(got, torch.from_numpy(decode(stored, "int8", per_channel)))
