@@ -205,3 +205,18 @@ def test_widen_is_the_stores_decode_bit_for_bit_for_every_dtype_and_scale_layout
     per_channel = np.abs(values).max(axis=2) / 127  # format version 1: one scale per step, view and channel
     got = widen(torch.from_numpy(stored), torch.from_numpy(per_channel))
     assert torch.equal(got, torch.from_numpy(decode(stored, "int8", per_channel)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.own_process  # forked DataLoader workers
+def test_on_a_gpu_batches_arrive_pinned_and_decode_there_as_on_the_cpu(tmp_path):
+    path = make_store(tmp_path / "s", "int8", True, False)
+    on_gpu, on_cpu = CachedTargets(path, device="cuda"), CachedTargets(path)
+    assert on_gpu.read_stored(ROWS).values.is_pinned()
+    batches = [ROWS[:6], ROWS[6:]]
+    for rows, stored in zip(batches, on_gpu.batches(batches, num_workers=2)):
+        assert stored.values.is_pinned() and stored.scales.is_pinned()
+        boxes = random_boxes(len(rows), torch.Generator().manual_seed(0))
+        decoded = on_gpu.decode(stored, boxes=boxes)
+        assert decoded.device.type == "cuda"
+        torch.testing.assert_close(decoded.cpu(), on_cpu.decode(on_cpu.read_stored(rows), boxes=boxes))
