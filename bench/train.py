@@ -204,10 +204,10 @@ def run(workdir: Path, preset: str) -> list[dict]:
             sf_work_s,
             "s/step",
             f"self-check, expected about 1: overhead = median over {timed} rounds of (cached SF step - no-SF step), "
-            "SF work alone = median of target-grid crop + pool(E), projector and loss forward/backward and AdamW "
-            "on a projector copy, timed in the same rounds; the step adds only gradient clipping over the "
-            "projector to that, so well above 1 = SF costs something else; the overhead is a small difference of "
-            "two step times, so load on a shared CPU spreads it",
+            "SF work alone = median of the targets' decode (widen, crop, pool(E)), projector and loss "
+            "forward/backward and AdamW on a projector copy, timed in the same rounds; the step adds only gradient "
+            "clipping over the projector to that, so well above 1 = SF costs something else; the overhead is a "
+            "small difference of two step times, so load on a shared CPU spreads it",
         ),
     ]
     if small is not None:
