@@ -6,7 +6,8 @@ device and is not timed here) and the per-sample path as it was (`DataLoader(Cac
 decoded to float32 with pool(E) in the workers, collated per sample). The bound: the same rows' stored bytes read
 sequentially (rows sorted, split in equal parts, contiguous byte ranges of the shard files, plain unbuffered reads
 into one buffer) by as many processes as the loader has workers, all from the page cache. Each figure is the median
-of REPEATS rounds that run loader, bound and per-sample path in turn (load on the shared CPU hits all alike).
+of REPEATS rounds that run loader and bound in turn (load on the shared CPU hits both alike); the per-sample path,
+tens of times slower, is timed once.
 The batched loader is timed after each worker's start and first fill of its ring slots (PREFETCH + 2 batches
 each: later batches reuse them). CPU seconds per sample: the workers' user + system time (/proc) plus the training
 process's in the timed window, over the samples served in it; peak memory per worker: its largest resident set
@@ -39,7 +40,7 @@ from sfcache.train.loop import StepBatches
 
 LAYER = 23
 BATCH = 32
-REPEATS = 3
+REPEATS = 5
 PREFETCH = 2  # DataLoader's default prefetch_factor: a worker's ring has PREFETCH + 2 slots
 
 
@@ -77,10 +78,10 @@ def loader_store(path: Path, rows: int, channels: int, dtype: str = "float16", r
 
 
 def loader_figures(store: Path, batches: int, workers: int, per_sample_batches: int, detail: bool = False) -> dict:
-    """Medians over REPEATS rounds (see the module): samples/s of the batched loader ("loader"), of the per-sample
-    path ("per_sample"), of the bound; CPU seconds per sample and peak MiB per worker of the batched loader;
-    stored bytes per row. With `detail`, also `Cache.read_rows` of the bound's rows by as many processes, straight
-    from the shard files ("direct") and through zarr ("zarr")."""
+    """Medians over REPEATS rounds (see the module): samples/s of the batched loader ("loader") and of the bound,
+    of one pass of the per-sample path ("per_sample"); CPU seconds per sample and peak MiB per worker of the
+    batched loader; stored bytes per row. With `detail`, also `Cache.read_rows` of the bound's rows by as many
+    processes, straight from the shard files ("direct") and through zarr ("zarr")."""
     context = multiprocessing.get_context()
     targets = CachedTargets(store)
     warm_up = workers * (PREFETCH + 2)  # each worker's start and the first fill of its ring slots
@@ -94,10 +95,9 @@ def loader_figures(store: Path, batches: int, workers: int, per_sample_batches: 
         for name, value in _batched_pass(targets, order, workers, warm_up).items():
             rounds.setdefault(name, []).append(value)
         rounds.setdefault("bound", []).append(count / _parallel_seconds(_read_ranges, ranges, stored, context))
-        per_sample = torch.utils.data.DataLoader(
-            targets, batch_sampler=order[: workers + per_sample_batches], num_workers=workers
-        )
-        rounds.setdefault("per_sample", []).append(_rate(per_sample, workers))
+    per_sample = order[: workers + per_sample_batches]  # tens of times slower: one pass
+    per_sample = torch.utils.data.DataLoader(targets, batch_sampler=per_sample, num_workers=workers)
+    rounds["per_sample"] = [_rate(per_sample, workers)]
     figures = {name: statistics.median(values) for name, values in rounds.items()}
     figures["row_bytes"] = stored / count
     if detail:
@@ -283,11 +283,11 @@ def _rows(figures: dict, name: str, channels: int, dtype: str, reduce: int | Non
         ),
         row(
             "train",
-            f"{label}: per-sample path vs read bound",
+            f"{label}: per-sample path vs sequential-read bound",
             figures["per_sample"],
             figures["bound"],
             "samples/s",
             f"DataLoader(CachedTargets, batch_sampler=): float32 + pool(E) decoded in the workers, collated per "
-            f"sample (the loader before the batched path; {mib('per_sample')} of stored bytes); {shape}",
+            f"sample (the loader before the batched path; {mib('per_sample')} of stored bytes; one pass); {shape}",
         ),
     ]
