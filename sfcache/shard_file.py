@@ -114,8 +114,8 @@ class ShardReader:
             out[positions[missing]] = self.fill_value
             offsets = present[:, 0].astype(np.int64)
             crcs = np.empty((len(kept), 4), np.uint8) if self.checksum else None
-            breaks = np.flatnonzero(np.diff(offsets) != self.step) + 1  # runs of chunks back to back in the file
-            for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(kept)]) if len(kept) else ():
+            breaks = (np.flatnonzero(np.diff(offsets) != self.step) + 1).tolist()  # runs of chunks back to back
+            for start, stop in zip([0, *breaks], [*breaks, len(kept)]) if len(kept) else ():
                 self._read_run(
                     descriptor, int(offsets[start]), raw, kept[start:stop], None if crcs is None else crcs[start:stop]
                 )

@@ -932,6 +932,7 @@ class Cache:
         self._zstore = None
         self._arrays: dict[str, zarr.Array] = {}
         self._readers: dict[str, ShardReader | None] = {}
+        self._shard_files: dict[tuple[str, int], Path] = {}
         self._index: RowIndex | None = None
         self._tfds_ids: dict[str, str] | None = None
         self._known_done: set[int] = set()
@@ -944,7 +945,17 @@ class Cache:
             k: v
             for k, v in self.__dict__.items()
             if k
-            not in ("_zstore", "_arrays", "_readers", "_index", "_tfds_ids", "_known_done", "_reduction", "_index_ok")
+            not in (
+                "_zstore",
+                "_arrays",
+                "_readers",
+                "_shard_files",
+                "_index",
+                "_tfds_ids",
+                "_known_done",
+                "_reduction",
+                "_index_ok",
+            )
         }
 
     def __setstate__(self, state):
@@ -1276,8 +1287,12 @@ class Cache:
     def shard_file(self, name: str, shard: int) -> Path:
         """The file holding shard `shard` of array `name` (every array has steps_per_shard rows per shard;
         shard 0 of a --reduce mean or basis is its one chunk)."""
-        array = self._array(name)
-        return self.path / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+        file = self._shard_files.get((name, shard))
+        if file is None:  # a loader asks for the same files batch after batch
+            array = self._array(name)
+            key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+            file = self._shard_files[(name, shard)] = self.path / name / key
+        return file
 
     # -- integrity (sfcache.inspect.check)
 
