@@ -10,8 +10,8 @@ of REPEATS rounds that run loader and bound in turn (load on the shared CPU hits
 tens of times slower, is timed once.
 The batched loader is timed after each worker's start and first fill of its ring slots (PREFETCH + 2 batches
 each: later batches reuse them). CPU seconds per sample: the workers' user + system time (/proc) plus the training
-process's in the timed window, over the samples served in it; peak memory per worker: its largest resident set
-(the reused shared slots it fills included).
+process's in the timed window, over the samples served in it; peak memory per worker: its peak resident set less
+the one it started with (shared with the training process it was forked from), so its ring slots and buffers.
 """
 
 from __future__ import annotations
@@ -119,17 +119,18 @@ def _rate(loader, workers: int) -> float:
 
 def _batched_pass(targets: CachedTargets, order: list[list[int]], workers: int, warm_up: int) -> dict[str, float]:
     """One pass of `CachedTargets.batches` over `order`, timed after `warm_up` batches (each worker's start and
-    first fill of its ring slots): samples/s, CPU s per sample (workers + this process) in that window, peak MiB
-    resident per worker."""
+    first fill of its ring slots): samples/s, CPU s per sample (workers + this process) in that window, and the
+    most memory a worker added to its resident set at start (its peak resident set less what it started with)."""
     with tempfile.TemporaryDirectory() as folder:
         stream = iter(targets.batches(order, num_workers=workers, worker_init_fn=partial(_note_pid, folder)))
         for _ in range(warm_up):
             next(stream)
-        pids = [int(f.read_text()) for f in Path(folder).iterdir()]
+        started = {int(pid): int(rss) for pid, rss in (f.read_text().split() for f in Path(folder).iterdir())}
+        pids = list(started)
         began, cpu, ticks = time.perf_counter(), time.process_time(), _cpu_ticks(pids)
         count = sum(len(next(stream)) for _ in range(len(order) - warm_up))  # the workers are alive until the end
         seconds, cpu, ticks = time.perf_counter() - began, time.process_time() - cpu, _cpu_ticks(pids) - ticks
-        peak = max(_peak_kib(pid) for pid in pids)
+        peak = max(_memory_kib(pid, "VmHWM") - started[pid] for pid in pids)
         for _ in stream:
             raise RuntimeError("bench loader: more batches than asked")
     return {
@@ -140,8 +141,9 @@ def _batched_pass(targets: CachedTargets, order: list[list[int]], workers: int, 
 
 
 def _note_pid(folder: str, worker: int) -> None:
-    """worker_init_fn: leave this worker's pid, so that its CPU time and memory can be read while it runs."""
-    Path(folder, str(worker)).write_text(str(os.getpid()))
+    """worker_init_fn: leave this worker's pid and resident KiB at its start (what it shares with the process it
+    was forked from), so that its CPU time and added memory can be read while it runs."""
+    Path(folder, str(worker)).write_text(f"{os.getpid()} {_memory_kib(os.getpid(), 'VmRSS')}")
 
 
 def _cpu_ticks(pids: list[int]) -> int:
@@ -149,9 +151,9 @@ def _cpu_ticks(pids: list[int]) -> int:
     return sum(sum(map(int, Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13])) for pid in pids)
 
 
-def _peak_kib(pid: int) -> int:
-    """Peak resident set of a process (VmHWM), KiB."""
-    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM"))
+def _memory_kib(pid: int, field: str) -> int:
+    """A memory figure of a process from /proc/PID/status (VmRSS: resident now, VmHWM: peak resident), KiB."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(field))
     return int(line.split()[1])
 
 
@@ -265,7 +267,7 @@ def _rows(figures: dict, name: str, channels: int, dtype: str, reduce: int | Non
         f"CachedTargets.batches (stored dtype, reused shared memory, decode on the training device not timed): "
         f"{mib('loader')} against the bound's {mib('bound')} of stored bytes; CPU "
         f"{figures['cpu_per_sample'] * 1e3:.2f} ms a sample (workers + training process), peak "
-        f"{figures['peak_mib']:.0f} MiB resident per worker; {shape}"
+        f"{figures['peak_mib']:.0f} MiB per worker (its peak resident set over the one it started with); {shape}"
     )
     if "direct" in figures:
         batched += (
