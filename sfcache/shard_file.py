@@ -106,10 +106,6 @@ class ShardReader:
         self.step = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize + (4 if checksum else 0)
         self._indexes: dict[Path, tuple[tuple, np.ndarray]] = {}
 
-    def empty(self, rows: int) -> np.ndarray:
-        """A buffer for `rows` rows, as stored (little-endian)."""
-        return np.empty((rows, *self.row_shape), self.dtype)
-
     def read(self, path: Path, chunks: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
         """out[positions[i]] = chunk chunks[i] of shard file `path` (chunks ascending and unique; a chunk the
         index lists as missing gets the fill value, as zarr gives it). FileNotFoundError if there is no
@@ -129,8 +125,8 @@ class ShardReader:
             out[positions[missing]] = self.fill_value
             offsets = present[:, 0].astype(np.int64)
             crcs = np.empty((len(kept), 4), np.uint8) if self.checksum else None
-            breaks = np.flatnonzero(np.diff(offsets) != self.step) + 1  # runs of chunks back to back in the file
-            for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(kept)]) if len(kept) else ():
+            breaks = (np.flatnonzero(np.diff(offsets) != self.step) + 1).tolist()  # runs of chunks back to back
+            for start, stop in zip([0, *breaks], [*breaks, len(kept)]) if len(kept) else ():
                 self._read_run(
                     descriptor, int(offsets[start]), raw, kept[start:stop], None if crcs is None else crcs[start:stop]
                 )

@@ -22,7 +22,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -989,6 +989,7 @@ class Cache:
         self._zstore = None
         self._arrays: dict[str, zarr.Array] = {}
         self._readers: dict[str, ShardReader | None] = {}
+        self._shard_files: dict[tuple[str, int], Path] = {}
         self._index: RowIndex | None = None
         self._tfds_ids: dict[str, str] | None = None
         self._known_done: set[int] = set()
@@ -1001,7 +1002,17 @@ class Cache:
             k: v
             for k, v in self.__dict__.items()
             if k
-            not in ("_zstore", "_arrays", "_readers", "_index", "_tfds_ids", "_known_done", "_reduction", "_index_ok")
+            not in (
+                "_zstore",
+                "_arrays",
+                "_readers",
+                "_shard_files",
+                "_index",
+                "_tfds_ids",
+                "_known_done",
+                "_reduction",
+                "_index_ok",
+            )
         }
 
     def __setstate__(self, state):
@@ -1166,32 +1177,51 @@ class Cache:
         times zarr's speed. A compressed one goes through zarr as contiguous runs, each one slice read:
         zarr then fetches only the inner chunks of those rows, where an orthogonal selection is ~10x slower.
         """
-        rows = np.arange(self.num_steps)[rows] if isinstance(rows, slice) else np.atleast_1d(np.asarray(rows))
-        if rows.size and (rows.dtype.kind not in "iu" or rows.min() < 0 or rows.max() >= self.num_steps):
-            raise StoreError(f"{self.path}: rows must be integers in [0, {self.num_steps}), got {rows[:8].tolist()}")
         if not decoded and (self.dtype != "float16" or self.reduced):
             raise StoreError(
                 f"{self.path}: only float16 stores without --reduce are read undecoded; this one is "
                 f"{self.dtype}{' and reduced' if self.reduced else ''}"
             )
-        name = layer_array(self.resolve_layer(layer))
-        self._check_index()
-        self._require_done(rows)
-        stored = self._checked_read(name, rows)
-        scale = self._checked_read(f"{name}_scale", rows) if self.dtype == "int8" else None
+        stored, scale, token_mask = self.read_encoded(rows, layer=layer, mask=mask)
         values = decode(stored, self.dtype, scale) if decoded else stored
         if self.reduced and reconstruct:
             values = self.reduction.reconstruct(self.resolve_layer(layer), values)
-        if not mask:
-            return values
-        if not self.has_mask:
-            return values, np.ones(values.shape[:3], bool)
-        return values, self._checked_read(MASK_ARRAY, rows).astype(bool)
+        return (values, token_mask.astype(bool)) if mask else values
 
-    def _checked_read(self, name: str, rows: np.ndarray) -> np.ndarray:
+    def read_encoded(
+        self,
+        rows: Sequence[int] | np.ndarray | slice,
+        layer: int | None = None,
+        mask: bool = False,
+        empty: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Rows as stored, in the order asked: (values [T, V, h*w, C or K] float16 | uint16 bfloat16 bits |
+        int8, int8 scales or None, with `mask` the uint8 token mask [T, V, h*w] (all 1 without one) or None).
+
+        The batched loaders' read (`sfcache.torch.CachedTargets.read_stored`): each result is allocated by
+        `empty(shape, dtype)` (default `np.empty`), so a loader can have the shard bytes land in shared or
+        pinned memory.
+        """
+        rows = np.arange(self.num_steps)[rows] if isinstance(rows, slice) else np.atleast_1d(np.asarray(rows))
+        if rows.size and (rows.dtype.kind not in "iu" or rows.min() < 0 or rows.max() >= self.num_steps):
+            raise StoreError(f"{self.path}: rows must be integers in [0, {self.num_steps}), got {rows[:8].tolist()}")
+        name = layer_array(self.resolve_layer(layer))
+        self._check_index()
+        self._require_done(rows)
+        stored = self._checked_read(name, rows, empty)
+        scale = self._checked_read(f"{name}_scale", rows, empty) if self.dtype == "int8" else None
+        if not mask:
+            return stored, scale, None
+        if not self.has_mask:
+            token_mask = (empty or np.empty)(stored.shape[:3], np.dtype(np.uint8))
+            token_mask[...] = 1
+            return stored, scale, token_mask
+        return stored, scale, self._checked_read(MASK_ARRAY, rows, empty)
+
+    def _checked_read(self, name: str, rows: np.ndarray, empty=None) -> np.ndarray:
         """`_read`, with a damaged shard file (bad checksum, truncated, unreadable) named in one StoreError."""
         try:
-            return self._read(name, rows)
+            return self._read(name, rows, empty)
         except StoreError:
             raise
         except Exception as err:  # zarr and its codecs raise many types for damaged bytes
@@ -1204,11 +1234,19 @@ class Cache:
             "the file is damaged: run `sf extract` again with the same options and --repair"
         )
 
-    def _read(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """Rows of array `name` as stored, in request order: from the shard files themselves where
-        `direct_layout` allows (uncompressed), else through zarr."""
+    def _read(self, name: str, rows: np.ndarray, empty=None) -> np.ndarray:
+        """Rows of array `name` as stored, in request order, in a buffer from `empty(shape, dtype)`: from the
+        shard files themselves where `direct_layout` allows (uncompressed), else through zarr."""
         reader = self._reader(name) if self.direct_reads else None
-        return self._read_zarr(name, rows) if reader is None else self._read_direct(name, reader, rows)
+        if reader is not None:
+            out = (empty or np.empty)((rows.size, *reader.row_shape), reader.dtype)
+            return self._read_direct(name, reader, rows, out)
+        values = self._read_zarr(name, rows)
+        if empty is None:
+            return values
+        out = empty(values.shape, values.dtype)
+        out[...] = values
+        return out
 
     def _reader(self, name: str) -> ShardReader | None:
         if name not in self._readers:
@@ -1221,9 +1259,8 @@ class Cache:
             )
         return self._readers[name]
 
-    def _read_direct(self, name: str, reader: ShardReader, rows: np.ndarray) -> np.ndarray:
-        """Each shard's asked chunks read into their rows of one buffer; a repeated row is read once, then copied."""
-        out = reader.empty(rows.size)
+    def _read_direct(self, name: str, reader: ShardReader, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Each shard's asked chunks read into their rows of `out`; a repeated row is read once, then copied."""
         unique, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
         shards = unique // self.steps_per_shard
         for group in np.split(np.arange(unique.size), np.flatnonzero(np.diff(shards)) + 1) if unique.size else ():
@@ -1316,8 +1353,12 @@ class Cache:
     def shard_file(self, name: str, shard: int) -> Path:
         """The file holding shard `shard` of array `name` (every array has steps_per_shard rows per shard;
         shard 0 of a --reduce mean or basis is its one chunk)."""
-        array = self._array(name)
-        return self.path / name / array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+        file = self._shard_files.get((name, shard))
+        if file is None:  # a loader asks for the same files batch after batch
+            array = self._array(name)
+            key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+            file = self._shard_files[(name, shard)] = self.path / name / key
+        return file
 
     # -- integrity (sfcache.inspect.check)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,13 @@ from sfcache.keys import episode_key
 from sfcache.pooling import pool_grid, position_embedding
 from sfcache.rows import RowIndex
 from sfcache.store import open_cache
+from sfcache.stored import StoredBatches, StoredTargets, read_stored, widen
 
 __all__ = [
     "CachedTargets",
     "SpatialForcingLoss",
+    "StoredBatches",
+    "StoredTargets",
     "WithTargets",
     "crop_target_grid",
     "lerobot_episodes",
@@ -40,9 +43,14 @@ __all__ = [
 class CachedTargets(torch.utils.data.Dataset):
     """Cached SF targets, float32 [V, h*w, C] per step, indexed by flat row or (episode key, step).
 
+    The fast path is batched: `batches(...)` (a DataLoader of `StoredTargets`: each batch one sorted read of
+    the shard files in a worker, the stored dtype through shared and pinned memory) and `decode(stored,
+    device)` on the training device. Every other read (`dataset[i]`, `read_rows`, `targets_for`) is
+    `decode(read_stored(rows))`, so all give the same values.
+
     `dtype=torch.float16` returns half the bytes (pool(E) is still added in float32, then rounded);
-    `device="cuda"` (for `targets_for` in the training process, not in DataLoader workers) moves a
-    float16 store's values as stored and widens them and adds pool(E) on that device.
+    `device="cuda"` (for `targets_for` in the training process, not in DataLoader workers) reads into pinned
+    memory, moves the values as stored and decodes them on that device.
 
     The store is opened lazily and read-only in each process (so DataLoader workers each get
     their own handle and training can never modify the cache). With `add_position_embedding`
@@ -56,8 +64,8 @@ class CachedTargets(torch.utils.data.Dataset):
     forces pairs on a store without a mask (all True); False on a masked store is refused, since
     ignoring the mask would align padding and blank-camera tokens.
 
-    A compact store (`sf extract --reduce pca:...`) returns targets rebuilt from its PCA coefficients on
-    the CPU. With `coefficients=True` reads return float32 [..., V, h*w, K] coefficients instead (K/C of the
+    A compact store (`sf extract --reduce pca:...`) returns targets rebuilt from its PCA coefficients where
+    they are decoded. With `coefficients=True` reads return float32 [..., V, h*w, K] coefficients instead (K/C of the
     bytes through DataLoader workers and host-to-device copies) and `reconstruct(batch, device)` turns
     them into the targets on the training device: one [K, C] matmul, plus the position embedding.
     On a store of full targets `reconstruct` only moves them and adds the embedding, so one trainer
@@ -124,7 +132,8 @@ class CachedTargets(torch.utils.data.Dataset):
         return _first(self.read_rows([index]))
 
     def __getitems__(self, indices: list[int]) -> list:
-        """DataLoader's batched fetch: one store read for the whole batch."""
+        """DataLoader's batched fetch of decoded samples: one store read for the whole batch (for the stored
+        bytes decoded on the training device instead, see `batches`)."""
         batch = self.read_rows(indices)
         return list(zip(*batch)) if self.return_mask else list(batch)
 
@@ -147,6 +156,56 @@ class CachedTargets(torch.utils.data.Dataset):
             )
         return self.index.row(key, step)
 
+    def rows(
+        self,
+        keys: Sequence[str],
+        steps: Sequence[int] | torch.Tensor,
+        lengths: Sequence[int] | torch.Tensor | None = None,
+    ) -> list[int]:
+        """Flat rows of a batch's (episode key or TFDS id, step) pairs, each checked as `row` does."""
+        steps = steps.tolist() if isinstance(steps, torch.Tensor) else steps
+        lengths = lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths
+        lengths = [None] * len(keys) if lengths is None else lengths
+        return [self.row(k, int(s), n) for k, s, n in zip(keys, steps, lengths, strict=True)]
+
+    def check_episodes(
+        self, episodes: Mapping[str, tuple[int | None, int]], *, by_index: bool = False, selected_only: bool = False
+    ) -> list[str]:
+        """The keys of a dataset's `episodes` ({key or TFDS id: (first global index or None, length)}) that this
+        store serves, each checked to be in the store with the same length (joined `by_index`: at the same first
+        row) and fully extracted; one StoreError naming the first few that are not. With `selected_only`, a
+        store made with `sf extract --episodes` serves its selection: episodes outside it are left out."""
+        cache = self.cache
+        skip_absent = selected_only and cache.provenance.selection is not None
+        served, bad = [], []
+        for key, (first, length) in episodes.items():
+            try:
+                record = cache.episode(key)
+            except StoreError:
+                if not skip_absent:
+                    bad.append(f"{key} is not in the store")
+                continue
+            if record.length != length:
+                bad.append(f"{key} has {record.length} steps in the store, {length} in the dataset")
+            elif by_index and first is not None and record.start != first:
+                bad.append(
+                    f"{key} starts at row {record.start} in the store, at index {first} in the dataset "
+                    "(the store holds other episodes: join by key and step)"
+                )
+            else:
+                served.append(key)
+        if bad:
+            raise StoreError(
+                f"{self.store}: does not match the dataset's episodes ({len(bad)} differ): " + "; ".join(bad[:3])
+            )
+        unfinished = sorted(set(cache.missing_episodes()) & {cache.key_for(key) for key in served})
+        if unfinished:
+            raise StoreError(
+                f"{self.store}: {len(unfinished)} episodes are not fully extracted (e.g. {unfinished[:3]}); "
+                "run `sf extract` again with the same options to finish the store"
+            )
+        return served
+
     def get(self, key: str, step: int, length: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Targets of one step: float32 [V, h*w, C] (with the mask: a pair, see the class)."""
         return _first(self.read_rows([self.row(key, step, length)]))
@@ -164,61 +223,88 @@ class CachedTargets(torch.utils.data.Dataset):
         `boxes`: the crop each sample's views were augmented with, [B, 4] or [B, V, 4] (y0, x0, y1, x1
         in image fractions): the grid is resampled over the box before the position embedding is added.
         """
-        steps = steps.tolist() if isinstance(steps, torch.Tensor) else steps
-        lengths = lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths
-        lengths = [None] * len(keys) if lengths is None else lengths
-        rows = [self.row(k, int(s), n) for k, s, n in zip(keys, steps, lengths, strict=True)]
+        self._check_boxes(boxes)
+        return self.decode(self.read_stored(self.rows(keys, steps, lengths)), boxes=boxes)
+
+    def read_rows(self, rows: Sequence[int]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Targets of flat rows: float32 [B, V, h*w, C], and with the mask bool [B, V, h*w] (one batched read)."""
+        return self.decode(self.read_stored(rows))
+
+    def read_stored(self, rows: Sequence[int]) -> StoredTargets:
+        """Flat rows as stored, in one sorted read of the shard files (`sfcache.stored`): in shared memory
+        in a DataLoader worker, in pinned memory where this dataset's `device` is a GPU. `decode` makes targets."""
+        rows = [int(row) for row in rows]
+        memory = (
+            "shared"
+            if torch.utils.data.get_worker_info() is not None
+            else "pinned"
+            if self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
+            else "plain"
+        )
+        return read_stored(self.cache, rows, self.layer, self.return_mask, memory)
+
+    def decode(
+        self,
+        stored: StoredTargets,
+        device: str | torch.device | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Targets of a stored batch, computed on `device` (default: this dataset's `device`, else where the
+        batch is): the stored bytes are moved, then widened (int8: times its scales), rebuilt from PCA
+        coefficients (unless `coefficients`), resampled over crop `boxes` ([B, 4] or [B, V, 4], see
+        `targets_for`), pool(E) added and cast to `dtype`: float32 [B, V, h*w, C], or a (targets, mask) pair.
+        Each row's values do not depend on the other rows of the batch: `dataset[i]` gives the same."""
+        self._check_boxes(boxes)
+        device = torch.device(device) if device is not None else self.device or stored.values.device
+        stored = stored.to(device, non_blocking=True)
+        values = widen(stored.values, stored.scales)
+        if self.cache.reduced and not self.coefficients:
+            values = self._rebuild(values)
+        if boxes is not None:
+            values = crop_target_grid(values, self.grid, self.native_grid, boxes)
+        if self.add_position_embedding and not self.coefficients:
+            values = values + self._position_embedding_on(device)
+        values = values.to(self.dtype)
+        return values if stored.mask is None else (values, stored.mask.bool())
+
+    def batches(
+        self,
+        batch_sampler: Iterable[Sequence[int]] | None = None,
+        *,
+        batch_size: int = 32,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        **loader: Any,
+    ) -> StoredBatches:
+        """An iterable of `StoredTargets` like a DataLoader (`sfcache.stored.StoredBatches`), one per batch of rows
+        (`batch_sampler`, e.g. the one your own DataLoader uses, so the two stay in step; else shuffled batches
+        of `batch_size` rows, seeded): each batch one read in a worker into shared memory it reuses, pinned when
+        `pin_memory` (by default when `device` is a GPU); `decode(stored, device)` on the training device makes
+        the targets. `loader`: num_workers (2), prefetch_factor, multiprocessing_context and other DataLoader
+        options."""
+        if batch_sampler is None:
+            sampler = (
+                torch.utils.data.RandomSampler(self, generator=torch.Generator().manual_seed(seed))
+                if shuffle
+                else torch.utils.data.SequentialSampler(self)
+            )
+            batch_sampler = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
+        loader.setdefault("pin_memory", self.device is not None and self.device.type == "cuda")
+        return StoredBatches(self, batch_sampler, **loader)
+
+    def _check_boxes(self, boxes: torch.Tensor | None) -> None:
         if boxes is None:
-            return self.read_rows(rows)
+            return
         if self.coefficients:
             raise SfcacheError(
                 f"{self.store}: crop boxes need whole targets; join with boxes on a CachedTargets(coefficients=False)"
             )
-        values, mask = self._read(rows)
         if self.cache.has_mask:
             raise SfcacheError(
                 f"{self.store}: crop boxes were given, but this store carries a token mask (recipe "
                 f"{self.recipe}), whose trainer feeds VGGT the un-augmented image; join without boxes"
             )
-        return self._finish(crop_target_grid(values, self.grid, self.native_grid, boxes), mask)
-
-    def read_rows(self, rows: Sequence[int]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Targets of flat rows: float32 [B, V, h*w, C], and with the mask bool [B, V, h*w] (one batched read)."""
-        return self._finish(*self._read(rows))
-
-    def _read(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Stored values of flat rows without the position embedding, float32 on `device` (a float16 store's
-        values cross as float16 and are widened there), and the mask when this dataset returns it."""
-        undecoded = (
-            self.cache.dtype == "float16"
-            and not self.cache.reduced
-            and (self.device is not None or self.dtype != torch.float32)
-        )
-        read = self.cache.read_rows(
-            np.asarray(rows),
-            layer=self.layer,
-            mask=self.return_mask,
-            reconstruct=not self.coefficients,
-            decoded=not undecoded,
-        )
-        values, mask = read if self.return_mask else (read, None)
-        values = torch.from_numpy(np.ascontiguousarray(values))
-        if self.device is not None:
-            values = values.to(self.device, non_blocking=True)
-            mask = None if mask is None else torch.from_numpy(mask).to(self.device)
-        elif mask is not None:
-            mask = torch.from_numpy(mask)
-        return values.float(), mask
-
-    def _finish(self, values: torch.Tensor, mask: torch.Tensor | None):
-        """Add pool(E) in float32 where the values are (coefficients get it in `reconstruct`), then return them
-        in `dtype`."""
-        if self.add_position_embedding and not self.coefficients:
-            if self._pos_on is None or self._pos_on.device != values.device:
-                self._pos_on = self.position_embedding().to(values.device)
-            values = values + self._pos_on
-        values = values.to(self.dtype)
-        return values if mask is None else (values, mask)
 
     def reconstruct(self, coefficients: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
         """float32 targets [..., V, h*w, C] on `device` from a `coefficients=True` read [..., V, h*w, K]
@@ -230,18 +316,27 @@ class CachedTargets(torch.utils.data.Dataset):
             )
         device = torch.device(device) if device is not None else coefficients.device
         values = coefficients.to(device, non_blocking=True).float()
-        reduction = self.cache.reduction
-        if reduction is not None:
-            if str(device) not in self._basis:
-                self._basis[str(device)] = tuple(
-                    torch.from_numpy(np.ascontiguousarray(array)).to(device)
-                    for array in (reduction.components[self.layer], reduction.means[self.layer])
-                )
-            components, mean = self._basis[str(device)]
-            values = torch.addmm(mean, values.reshape(-1, values.shape[-1]), components).reshape(
-                *values.shape[:-1], components.shape[1]
+        if self.cache.reduced:
+            values = self._rebuild(values)
+        return values + self._position_embedding_on(device) if self.add_position_embedding else values
+
+    def _rebuild(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """float32 targets [..., C] from PCA coefficients [..., K] on their device: coefficients @ basis + mean."""
+        device = coefficients.device
+        if str(device) not in self._basis:
+            reduction = self.cache.reduction
+            self._basis[str(device)] = tuple(
+                torch.from_numpy(np.ascontiguousarray(array)).to(device)
+                for array in (reduction.components[self.layer], reduction.means[self.layer])
             )
-        return values + self.position_embedding().to(device) if self.add_position_embedding else values
+        components, mean = self._basis[str(device)]
+        return torch.matmul(coefficients, components) + mean
+
+    def _position_embedding_on(self, device: torch.device) -> torch.Tensor:
+        """pool(E) on `device`, moved there once."""
+        if self._pos_on is None or self._pos_on.device != device:
+            self._pos_on = self.position_embedding().to(device)
+        return self._pos_on
 
     def position_embedding(self) -> torch.Tensor:
         """pool(E): SF's position embedding pooled from VGGT's native grid to the cache grid, [h*w, C].
@@ -307,26 +402,33 @@ class WithTargets(torch.utils.data.Dataset):
                 "so the join can check that store rows equal the dataset's global index"
             )
         if episodes is not None:
-            _check_episodes(targets, episodes, by_index=index is not None)
+            targets.check_episodes(episodes, by_index=index is not None)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        sample = dict(self.dataset[index])
-        if self.out is not None:
-            value = self.targets[self._row(sample)]
-            targets, mask = value if isinstance(value, tuple) else (value, None)
-            sample[self.out] = targets
-            if mask is not None:
-                sample[self.mask_out] = mask
-        return sample
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """DataLoader's batched fetch: the samples, and their targets in one store read (the same values as
+        one sample at a time)."""
+        fetch = getattr(self.dataset, "__getitems__", None)
+        samples = [dict(sample) for sample in (fetch(indices) if fetch else [self.dataset[i] for i in indices])]
+        if self.out is not None and samples:
+            read = self.targets.read_rows([self._row(sample) for sample in samples])
+            targets, mask = read if isinstance(read, tuple) else (read, None)
+            for i, sample in enumerate(samples):
+                sample[self.out] = targets[i]
+                if mask is not None:
+                    sample[self.mask_out] = mask[i]
+        return samples
 
     def targets_for(self, batch: dict) -> Any:
         """Targets of a collated batch (after any preprocessor that kept the join fields): float32
         [B, V, h*w, C], or a (targets, mask) pair from a masked store."""
         if self.index is not None:
-            return self.targets.read_rows([int(i) for i in torch.as_tensor(batch[self.index]).reshape(-1).tolist()])
+            return self.targets.read_rows(torch.as_tensor(batch[self.index]).reshape(-1).tolist())
         keys, steps = self._key(batch), self._step(batch)
         steps = steps.reshape(-1).tolist() if isinstance(steps, torch.Tensor) else steps
         return self.targets.targets_for([str(k) for k in keys], [int(s) for s in steps])
@@ -363,29 +465,6 @@ def lerobot_episodes(dataset: Any) -> dict[str, tuple[int, int]] | None:
         }
     chosen = getattr(dataset, "episodes", None)
     return {episode_key(i): every[i] for i in (sorted(every) if chosen is None else chosen)}
-
-
-def _check_episodes(targets: CachedTargets, episodes: dict[str, tuple[int | None, int]], by_index: bool) -> None:
-    """Every episode the dataset serves is in the store with the same length (and, joined by index,
-    the same first row); StoreError naming the first few that differ."""
-    bad = []
-    for key, (first, length) in episodes.items():
-        try:
-            start, stored = targets.row(key, 0), targets.cache.episode(key).length
-        except StoreError:
-            bad.append(f"{key} is not in the store")
-            continue
-        if stored != length:
-            bad.append(f"{key} has {stored} steps in the store, {length} in the dataset")
-        elif by_index and first is not None and start != first:
-            bad.append(
-                f"{key} starts at row {start} in the store, at index {first} in the dataset "
-                "(the store holds other episodes: join by key and step)"
-            )
-    if bad:
-        raise StoreError(
-            f"{targets.store}: does not match the dataset's episodes ({len(bad)} differ): " + "; ".join(bad[:3])
-        )
 
 
 class SpatialForcingLoss(nn.Module):

@@ -12,6 +12,7 @@ import pytest
 import bench
 import bench.cpu_cost
 import bench.gpu
+import bench.loader
 import bench.run
 import bench.train
 from sfcache.errors import SfcacheError
@@ -72,7 +73,7 @@ def test_vggt_1b_runs_the_real_architecture_and_more_work_than_tiny():
 
 def _rows_bytes(store, rows: list[int]) -> bytes:
     """The stored bytes of `rows` read through the plain file ranges of the loader bound."""
-    ranges = bench.train._byte_ranges(store, 23, sorted(rows))
+    ranges = bench.loader.byte_ranges(store, 23, sorted(rows))
     parts = []
     for file, offset, length in ranges:
         with open(file, "rb") as f:
@@ -82,9 +83,9 @@ def _rows_bytes(store, rows: list[int]) -> bytes:
 
 
 def test_loader_bound_ranges_hold_exactly_the_stored_bytes_of_the_rows(tmp_path):
-    store = bench.train._loader_store(tmp_path / "store", 128, 8)
+    store = bench.loader.loader_store(tmp_path / "store", 128, 8)
     rows = [33, 0, 1, 2, 5, 5, 31, 32, 127, 64]  # runs, a repeat, shard ends and starts, the last row
-    ranges = bench.train._byte_ranges(store, 23, sorted(rows))
+    ranges = bench.loader.byte_ranges(store, 23, sorted(rows))
     assert len(ranges) == 7  # [0, 3), [5], [5], [31], [32, 34), [64], [127]: 31 and 32 are two shards
     stored = open_cache(store).read_rows(sorted(rows), decoded=False)
     assert _rows_bytes(store, rows) == np.ascontiguousarray(stored).tobytes()
@@ -93,16 +94,16 @@ def test_loader_bound_ranges_hold_exactly_the_stored_bytes_of_the_rows(tmp_path)
 
 @pytest.mark.own_process  # forks the reader processes
 def test_loader_bound_and_zarr_readers_move_every_byte_in_parallel_processes(tmp_path):
-    store = bench.train._loader_store(tmp_path / "store", 128, 8)
+    store = bench.loader.loader_store(tmp_path / "store", 128, 8)
     halves = np.array_split(np.sort([*range(128), *range(0, 128, 3)]), 2)
-    ranges = [bench.train._byte_ranges(store, 23, half.tolist()) for half in halves]
+    ranges = [bench.loader.byte_ranges(store, 23, half.tolist()) for half in halves]
     stored = sum(length for part in ranges for _, _, length in part)
     assert stored == (128 + 43) * 2 * 256 * 8 * 2
     context = multiprocessing.get_context()
-    assert bench.train._parallel_seconds(bench.train._read_ranges, ranges, stored, context) > 0
+    assert bench.loader._parallel_seconds(bench.loader._read_ranges, ranges, stored, context) > 0
     assert (
-        bench.train._parallel_seconds(bench.train._read_rows, [(store, 23, half) for half in halves], stored, context)
+        bench.loader._parallel_seconds(bench.loader._read_rows, [(store, 23, half) for half in halves], stored, context)
         > 0
     )
     with pytest.raises(RuntimeError, match="moved .* bytes, expected"):
-        bench.train._parallel_seconds(bench.train._read_ranges, ranges, stored + 1, context)
+        bench.loader._parallel_seconds(bench.loader._read_ranges, ranges, stored + 1, context)

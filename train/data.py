@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from sfcache.errors import ConfigMismatch, SfcacheError, StoreError, differences
+from sfcache.errors import ConfigMismatch, SfcacheError, differences
 from sfcache.recipes import get_recipe
 from sfcache.rows import RowIndex
 from sfcache.sources import Source, open_source, recorded_views
@@ -25,20 +25,21 @@ from sfcache.train.model import encode_instructions
 
 @dataclass(frozen=True)
 class EpisodeRows:
-    """One episode of the run: its steps in the source and its first row in the cache (-1 without one)."""
+    """One episode of the run: its key, instruction and steps in the source."""
 
     key: str
     instruction: str
     length: int
-    cache_start: int
 
 
 class StepDataset(Dataset):
-    """One sample per (episode, step): uint8 frames [V, H, W, 3], text, proprio, an action chunk, targets.
+    """One sample per (episode, step): uint8 frames [V, H, W, 3], text, proprio, an action chunk, and with a
+    cache the step's flat row in it ("row").
 
-    Actions past the episode's end repeat the last action (OpenVLA-OFT's chunking). Targets are
-    the raw cached grid (no position embedding): the trainer crops them with the image and then
-    adds pool(E).
+    Actions past the episode's end repeat the last action (OpenVLA-OFT's chunking). Targets join the batch
+    as a user's loop joins them: `collate` reads the batch's rows as stored (`CachedTargets.read_stored`, in
+    the DataLoader worker), and the trainer decodes them on its device with the batch's crop boxes
+    (`CachedTargets.decode`, position embedding included).
     """
 
     def __init__(
@@ -66,8 +67,15 @@ class StepDataset(Dataset):
             "actions": torch.from_numpy(actions.astype(np.float32)),
         }
         if self.targets is not None:
-            sample["targets"] = self.targets.read_rows([episode.cache_start + step])[0]
+            sample["row"] = self.targets.row(episode.key, step)
         return sample
+
+    def collate(self, samples: list[dict]) -> dict:
+        """The DataLoader's batch: samples stacked, and with a cache "targets", the rows' `StoredTargets`."""
+        batch = default_collate(samples)
+        if self.targets is not None:
+            batch["targets"] = self.targets.read_stored(batch["row"].tolist())
+        return batch
 
 
 @dataclass
@@ -95,7 +103,7 @@ def open_training_data(
     cache_layer: int | None = None,
 ) -> TrainingData:
     """Open source and cache, check they belong together, and split episodes into train / validation."""
-    targets = CachedTargets(cache_path, layer=cache_layer, add_position_embedding=False) if cache_path else None
+    targets = CachedTargets(cache_path, layer=cache_layer) if cache_path else None
     if targets is not None and targets.recipe not in TRAINER_RECIPES:
         raise SfcacheError(
             f"{cache_path}: extracted with --recipe {targets.recipe}, but sf train trains an "
@@ -179,32 +187,10 @@ def check_resume(saved: dict, current: dict, where: Path) -> None:
 
 
 def _episode_rows(source: Source, targets: CachedTargets | None) -> list[EpisodeRows]:
-    """Source episodes with their cache rows; StoreError if the cache lacks, shortens or has not finished any."""
+    """Source episodes of the run: all, or with a cache those it serves (`CachedTargets.check_episodes`: a
+    store made with --episodes serves its selection; lacking, shortened or unfinished episodes are refused)."""
     infos = source.episodes()
-    if targets is None:
-        return [EpisodeRows(e.key, e.instruction, e.num_steps, -1) for e in infos]
-    cache = targets.cache
-    cached = cache.index
-    absent = [e.key for e in infos if e.key not in cached]
-    if absent and cache.provenance.selection is None:
-        raise StoreError(
-            f"{targets.store}: {len(absent)} of {len(infos)} source episodes are not in the cache "
-            f"(e.g. {absent[:3]}); the cache was made from other data or is outdated: re-extract"
-        )
-    infos = [e for e in infos if e.key in cached]  # a store made with --episodes covers its selection
-    wrong = [
-        (e.key, cached.record(e.key).length, e.num_steps) for e in infos if cached.record(e.key).length != e.num_steps
-    ]
-    if wrong:
-        key, stored, actual = wrong[0]
-        raise StoreError(
-            f"{targets.store}: episode {key!r} has {stored} steps in the cache but {actual} in the "
-            f"source ({len(wrong)} episodes differ); re-extract"
-        )
-    unfinished = sorted(set(cache.missing_episodes()) & {e.key for e in infos})
-    if unfinished:
-        raise StoreError(
-            f"{targets.store}: {len(unfinished)} episodes are not fully extracted (e.g. "
-            f"{unfinished[:3]}); run `sf extract` again with the same options to finish the store"
-        )
-    return [EpisodeRows(e.key, e.instruction, e.num_steps, cached.record(e.key).start) for e in infos]
+    if targets is not None:
+        served = set(targets.check_episodes({e.key: (None, e.num_steps) for e in infos}, selected_only=True))
+        infos = [e for e in infos if e.key in served]
+    return [EpisodeRows(e.key, e.instruction, e.num_steps) for e in infos]

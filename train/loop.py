@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from sfcache.crop import crop_target_grid
 from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
 from sfcache.errors import ConfigMismatch, SfcacheError, differences, raise_problems
 from sfcache.options import comma_list, comma_text, option
 from sfcache.progress import progress_bar
-from sfcache.torch import SpatialForcingLoss
+from sfcache.torch import CachedTargets, SpatialForcingLoss
 from sfcache.train.augment import center_boxes, colour_jitter, crop_images, random_boxes
 from sfcache.train.data import StepDataset, TrainingData, check_resume, open_training_data
 from sfcache.train.model import SIZES, Policy, PolicyConfig
@@ -179,18 +178,18 @@ def prepare(
     device: torch.device,
     boxes: torch.Tensor,
     generator: torch.Generator | None,
-    targets_geometry: tuple | None,
+    targets: CachedTargets | None,
 ) -> Batch:
-    """Crop (+ jitter when `generator`) the frames and crop the cached target grid with the same boxes."""
+    """Crop (+ jitter when `generator`) the frames, and with `targets` decode the batch's stored targets on
+    `device` cropped with the same boxes (`CachedTargets.decode`, as a user's loop does)."""
     frames = raw["frames"].to(device, non_blocking=True).permute(0, 1, 4, 2, 3).float() / 255
     images = crop_images(frames, boxes, policy.image_size[0])
     if generator is not None:
         images = colour_jitter(images, generator)
-    targets = None
-    if "targets" in raw and targets_geometry is not None:
-        native, position_embedding = targets_geometry
-        targets = crop_target_grid(raw["targets"].to(device), policy.grid, native, boxes) + position_embedding
-    return Batch(images, raw["text"].to(device), raw["proprio"].to(device), raw["actions"].to(device), targets)
+    decoded = None
+    if "targets" in raw and targets is not None:
+        decoded = targets.decode(raw["targets"], device=device, boxes=boxes)
+    return Batch(images, raw["text"].to(device), raw["proprio"].to(device), raw["actions"].to(device), decoded)
 
 
 def compute_losses(
@@ -254,10 +253,6 @@ class Trainer:
         self.sf_loss = (
             SpatialForcingLoss(self.policy_config.dim, target_width).to(self.device) if c.align_weight > 0 else None
         )
-        self.targets_geometry = None
-        if self.data.targets is not None:
-            t = self.data.targets
-            self.targets_geometry = (t.native_grid, t.position_embedding().to(self.device))
         parameters = [p for m in (self.model, self.sf_loss) if m is not None for p in m.parameters()]
         self.optimizer = torch.optim.AdamW(
             [
@@ -357,6 +352,7 @@ class Trainer:
         return DataLoader(
             dataset,
             batch_sampler=batches,
+            collate_fn=dataset.collate,
             num_workers=self.config.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
@@ -378,7 +374,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step)
         boxes = random_boxes(len(raw["frames"]), generator) if c.augment else center_boxes(len(raw["frames"]))
         batch = prepare(
-            raw, self.policy_config, self.device, boxes, generator if c.augment else None, self.targets_geometry
+            raw, self.policy_config, self.device, boxes, generator if c.augment else None, self.data.targets
         )
         stats = self._online_targets(batch) if self.online is not None and c.align_weight > 0 else {}
         self.action_sum += batch.actions.detach().double().cpu().sum(dim=(0, 1))
