@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +18,8 @@ from sfcache.store import open_cache
 from sfcache.train.augment import center_boxes, crop_images
 from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.model import encode_instructions
-from tests._cli_helpers import run_main, sf_command
+from tests._cli_helpers import kill_9_then_resume, run_main
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--batch-size", "4", "--width", "8", "--device", "cpu"]
 
 
@@ -118,31 +113,15 @@ def test_a_dataset_without_depth_and_bad_layers_are_one_line_errors(setup, tmp_p
     assert status == 2 and "--layers 1,2,3,9: this policy has blocks 1..4 (0 = patch embedding)" in printed
 
 
-def sf_subprocess(*args) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(sf_command(*args), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 def test_kill_9_then_resume_equals_an_uninterrupted_probe(setup, tmp_path):
     common = ["--data", setup["data"], "--steps", "40", "--save-every", "2", "--layers", "1,2,3,4", *SMALL]
-    reference = sf_subprocess("probe", setup["run"], "--out", tmp_path / "reference", *common)
     killed = tmp_path / "killed"
-    victim = sf_subprocess("probe", setup["run"], "--out", killed, *common)
-    try:
-        checkpoint = killed / "heads" / "policy.pt"
-        while not checkpoint.exists() and victim.poll() is None:
-            time.sleep(0.02)
-        os.kill(victim.pid, signal.SIGKILL)
-        assert victim.wait() == -signal.SIGKILL
-        killed_at = torch.load(checkpoint, weights_only=False)["step"]
-        assert 2 <= killed_at < 40
-        resumed = sf_subprocess("probe", setup["run"], "--out", killed, *common)
-        assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
-        assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()
-    finally:
-        for process in (reference, victim):
-            if process.poll() is None:
-                process.kill()
+    killed_at = kill_9_then_resume(
+        ["probe", setup["run"], "--out", tmp_path / "reference", *common],
+        ["probe", setup["run"], "--out", killed, *common],
+        killed / "heads" / "policy.pt",
+    )
+    assert 2 <= killed_at < 40
     a, b = (json.loads((folder / "probe.json").read_text()) for folder in (killed, tmp_path / "reference"))
     assert a["results"] == b["results"]
     for head in ("policy", "patch_embedding"):

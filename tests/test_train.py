@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,10 +14,9 @@ from sfcache.cli.main import main
 from sfcache.options import default_of
 from sfcache.train.data import open_training_data
 from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer
-from tests._cli_helpers import sf_command
+from tests._cli_helpers import kill_9_then_resume
 from tests._train_helpers import GRID, tree_digest, write_dataset, write_store
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model-size", "tiny", "--grid", str(GRID), "--workers", "0", "--warmup-steps", "5"]
 
 
@@ -125,17 +120,6 @@ def test_resume_continues_from_the_same_step_and_optimizer_state(data, tmp_path,
     assert records(interrupted, "val") == records(tmp_path / "reference", "val")
 
 
-def sf_subprocess(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(
-        sf_command(*args),
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
 def test_kill_9_then_resume_equals_an_uninterrupted_run(data, tmp_path):
     source, store = data
     common = [
@@ -154,24 +138,13 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(data, tmp_path):
         "--deterministic",
         *TINY,
     ]
-    reference = sf_subprocess("train", "--out", str(tmp_path / "reference"), *common)
     killed_out = tmp_path / "killed"
-    victim = sf_subprocess("train", "--out", str(killed_out), *common)
-    try:
-        checkpoint = killed_out / CHECKPOINT
-        while not checkpoint.exists() and victim.poll() is None:
-            time.sleep(0.02)
-        os.kill(victim.pid, signal.SIGKILL)
-        assert victim.wait() == -signal.SIGKILL
-        killed_at = torch.load(checkpoint, weights_only=False)["step"]
-        assert 2 <= killed_at < 16
-        resumed = sf_subprocess("train", "--out", str(killed_out), *common)
-        assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
-        assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()
-    finally:
-        for process in (reference, victim):
-            if process.poll() is None:
-                process.kill()
+    killed_at = kill_9_then_resume(
+        ["train", "--out", tmp_path / "reference", *common],
+        ["train", "--out", killed_out, *common],
+        killed_out / CHECKPOINT,
+    )
+    assert 2 <= killed_at < 16
     a = torch.load(killed_out / CHECKPOINT, weights_only=False)
     b = torch.load(tmp_path / "reference" / CHECKPOINT, weights_only=False)
     assert a["step"] == b["step"] == 16

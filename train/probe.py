@@ -20,7 +20,7 @@ import torch
 
 from sfcache.device import DEVICE_CHOICES
 from sfcache.errors import SfcacheError, raise_problems
-from sfcache.options import comma_text, option
+from sfcache.options import comma_text, option, same_fields
 from sfcache.probe import FitSettings, SourceRows, StoreData, probe, write_token_store
 from sfcache.probe.head import SCALES
 from sfcache.sources import Source, open_source
@@ -87,17 +87,9 @@ class ProbeConfig:
         self.settings()  # the device word
 
     def settings(self) -> FitSettings:
-        return FitSettings(
-            steps=self.steps,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            width=self.width,
-            seed=self.seed,
-            test_fraction=self.test_fraction,
-            max_depth=self.max_depth,
-            device=self.device,
-            save_every=self.save_every,
-        )
+        """The head's training settings: the fields this config hands on under the same names."""
+        names = ("steps", "batch_size", "lr", "width", "seed", "test_fraction", "max_depth", "device", "save_every")
+        return FitSettings(**same_fields(self, names))
 
 
 def default_layers(align_layer: int) -> tuple[int, ...]:
