@@ -26,7 +26,7 @@ from sfcache.options import same_fields
 from sfcache.pooling import pooled_targets
 from sfcache.provenance import Fidelity, ReduceProvenance
 from sfcache.recipes import get_recipe, insert_blanks, recipe_inputs
-from sfcache.sources import Source, open_source, recorded_views
+from sfcache.sources import FORMATS, Source, open_source, recorded_views
 from sfcache.store import (
     DONE_ARRAY,
     LOCK_NAME,
@@ -81,7 +81,7 @@ class _Record:
 class RecipeSummary(_Record):
     name: str
     matches: str
-    jpeg_dct: str  # "ifast" | "islow"
+    jpeg_dct: str | None  # "ifast" | "islow"; None where the format holds no JPEGs (raw pixels, PNG, video)
     slots: tuple[str, ...]
     token_mask: bool
 
@@ -246,6 +246,12 @@ def open_store(path: str | Path) -> Cache:
 # ----------------------------------------------------------------------------- summary
 
 
+def _jpeg_frames(source: Mapping) -> bool:
+    """Whether the recorded source's frames are JPEGs, decoded on read (RLDS, RoboTwin): where the DCT counts."""
+    kind = FORMATS.get(source.get("format"))
+    return bool(kind and kind.jpeg_frames)
+
+
 def summarize(cache: Cache) -> Summary:
     """The figures a user wants before training: contents, size, completeness, provenance."""
     provenance = cache.provenance
@@ -274,7 +280,7 @@ def summarize(cache: Cache) -> Summary:
         recipe=RecipeSummary(
             name=recipe.name,
             matches=recipe.trainer,
-            jpeg_dct="ifast" if recipe.jpeg_fast_dct else "islow",
+            jpeg_dct=("ifast" if recipe.jpeg_fast_dct else "islow") if _jpeg_frames(source) else None,
             slots=tuple(recipe.slots),
             token_mask=cache.has_mask,
         ),

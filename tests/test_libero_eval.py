@@ -70,7 +70,7 @@ def run_dir(tmp_path_factory) -> Path:
             grid=4,
             device="cpu",
             val_episodes=1,
-            workers=0,
+            loader_workers=0,
         )
     )
     return root / "run"

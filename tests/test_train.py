@@ -22,7 +22,7 @@ from tests._cli_helpers import sf_command
 from tests._train_helpers import GRID, tree_digest, write_dataset, write_store
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--model-size", "tiny", "--grid", str(GRID), "--workers", "0", "--warmup-steps", "5"]
+TINY = ["--model-size", "tiny", "--grid", str(GRID), "--loader-workers", "0", "--warmup-steps", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def small_config(source: Path, store: Path, out: Path) -> TrainConfig:
         batch_size=8,
         model_size="tiny",
         grid=GRID,
-        workers=0,
+        loader_workers=0,
         warmup_steps=2,
         save_every=3,
         val_every=3,
@@ -208,6 +208,7 @@ def test_a_store_of_other_views_grid_and_dataset_is_refused_with_each_difference
     assert "views: store has ['wrist', 'primary'], asked ['primary', 'wrist']" in error
     assert "grid: store has [4, 4], asked [8, 8]" in error
     assert "source.fingerprint: store has 'sha256:" in error
+    assert "give the store's --views and --grid and the dataset it was extracted from as --source" in error
     assert f"source.path: store has '{other_source.resolve()}', asked '{source.resolve()}'" in error
 
 
@@ -323,7 +324,7 @@ def test_samples_decode_only_their_own_frames_and_pad_the_action_chunk(data, mon
         (["--align-weight", "0", "--align-layer", "0"], "--align-layer must be in 1..4"),
         (["--align-weight", "0", "--lr", "-1"], "--lr must be a positive finite number, got -1.0"),
         (["--align-weight", "0", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
-        (["--align-weight", "0", "--workers", "-1"], "these must be >= 0: --workers -1"),
+        (["--align-weight", "0", "--loader-workers", "-1"], "these must be >= 0: --loader-workers -1"),
         (["--align-weight", "0", "--val-episodes", "-1"], "--val-episodes -1"),
         (["--align-weight", "0", "--device", "tpu"], "--device 'tpu': expected auto | cpu | cuda | cuda:N"),
         (
@@ -413,5 +414,7 @@ def test_resuming_with_another_align_weight_names_that_setting(data, tmp_path, c
     assert sf(*args) == 0
     assert sf(*args[: -len(TINY)], "--steps", "2", "--align-weight", "0", *TINY) == 2
     error = capsys.readouterr().err
-    assert "align_weight: store has 0.5, asked 0.0" in error, error
-    assert "other settings" in error and "--no-resume" in error and "other data" not in error
+    assert error.strip() == (
+        f"error: the checkpoint in {out} was trained with --align-weight 0.5, you asked 0.0; use --no-resume (or "
+        "another --out) to start over"
+    ), error

@@ -34,8 +34,6 @@ from sfcache.options import (
     option,
     option_like,
     same_fields,
-    square_grid,
-    square_grid_text,
     user_path,
 )
 from sfcache.probe import MEAN_DEPTH
@@ -111,11 +109,7 @@ class ReproduceConfig:
     model_size: str = option_like(TrainConfig, "model_size")
     batch_size: int = option_like(TrainConfig, "batch_size")
     grid: int = option_like(
-        TrainConfig,
-        "grid",
-        help="Target grid and policy tokens, NxN or N per side (16x16 -> 224 px images).",
-        parse=square_grid,
-        show=square_grid_text,
+        TrainConfig, "grid", help="Target grid and policy tokens, NxN or N per side (16x16 -> 224 px images)."
     )
     dtype: str = option_like(ExtractConfig, "dtype")
     # the baseline runs are the alpha 0 ones: this alpha is the SF runs' only
@@ -123,7 +117,7 @@ class ReproduceConfig:
     # a report's validation L1 needs more held-out episodes than a quick `sf train`
     val_episodes: int = option_like(TrainConfig, "val_episodes", default=10, help="Held-out episodes per suite.")
     val_every: int = option_like(TrainConfig, "val_every", help="Validate and checkpoint every N steps.")
-    loader_workers: int = option_like(TrainConfig, "workers")
+    loader_workers: int = option_like(TrainConfig, "loader_workers")
     extract_batch_size: int = option_like(ExtractConfig, "batch_size")
     steps_per_shard: int = option_like(ExtractConfig, "steps_per_shard")
     eval_trials: int = option_like(
@@ -184,7 +178,7 @@ class ReproduceConfig:
             (lambda: _extraction_config(checked, suite, checked.out), {"--batch-size": "--extract-batch-size"}),
             (
                 lambda: _training_config(checked, suite, checked.out, checked.out, checked.align_weight),
-                {"--save-every": "--val-every", "--workers": "--loader-workers"},
+                {"--save-every": "--val-every"},
             ),
         ]
         if self.eval_trials > 0:
@@ -472,7 +466,7 @@ def _training_config(
         **same_fields(cfg, ("steps", "batch_size", "model_size", "grid", "device", "val_episodes")),
         val_every=cfg.val_every,
         save_every=cfg.val_every,
-        workers=cfg.loader_workers,
+        loader_workers=cfg.loader_workers,
     )
 
 
