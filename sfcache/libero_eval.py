@@ -30,6 +30,7 @@ from rich.table import Table
 from sfcache.errors import SfcacheError, raise_problems
 from sfcache.options import comma_text, option
 from sfcache.progress import progress_bar
+from sfcache.quiet import quiet_robosuite
 from sfcache.vggt.preprocess import resize_like_rlds
 
 __all__ = [
@@ -126,6 +127,7 @@ def _libero() -> tuple[Any, Any, Any]:
     if importlib.util.find_spec("libero") is None:
         raise SimulatorError(f"the LIBERO simulator is not installed: {INSTALL}")
     _write_libero_config()
+    quiet_robosuite()  # before LIBERO imports robosuite
     try:
         from libero.libero import benchmark, get_libero_path
         from libero.libero.envs import OffScreenRenderEnv
