@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,7 @@ def test_short_episode_end_to_end_renders_and_resumes(run_dir, tmp_path, capsys,
     assert summary["episodes"] == 1 and summary["success_rate"] == 0.0 and summary["ci95"][1] > 0.7
     assert summary["protocol"].startswith("shortened") and summary["config"]["step_limit"] == 8
     assert summary["policy"]["step"] == 2 and "libero_spatial" in output and "success 0.0%" in output
+    assert re.search(r"^task 0 trial 0: 8/8 steps, .* ETA ", output, re.MULTILINE), output  # within the episode
 
     frames = np.stack(imageio.mimread(out / record["video"]))  # the primary view at each policy step
     assert frames.shape == (8, 256, 256, 3)

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from sfcache.cli.main import main
+from sfcache.libero_eval import EvalConfig, results_table, summarize
 from sfcache.options import default_of
 from sfcache.train.data import open_training_data
+from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer
 from tests._cli_helpers import sf_command
 from tests._train_helpers import GRID, tree_digest, write_dataset, write_store
@@ -77,6 +82,15 @@ def test_sf_train_beats_mean_action_baseline_and_leaves_cache_untouched(data, tm
     assert train[-1]["align_loss"] < train[0]["align_loss"]  # the policy learns the targets too
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tree_digest(store) == before  # training never writes the cache
+    # its evaluation says where its targets came from: summary.json's policy and the table's caption
+    described = CheckpointPolicy(out, device="cpu").describe()
+    assert described["random_weights"].startswith("RANDOM WEIGHTS (random:tiny+seed0): these targets carry no")
+    record = {"task": "t", "task_id": 0, "trial": 0, "success": True, "steps": 5, "seconds": 1.0, "sim_steps": 15}
+    summary = summarize([record], EvalConfig("spatial", tmp_path / "eval", tasks=(0,), trials_per_task=1), described)
+    assert json.loads(json.dumps(asdict(summary)))["policy"]["random_weights"] == described["random_weights"]
+    table = Console(file=io.StringIO(), width=300)
+    table.print(results_table(summary))
+    assert described["random_weights"] in table.file.getvalue()
 
 
 def small_config(source: Path, store: Path, out: Path) -> TrainConfig:
@@ -414,9 +428,13 @@ def test_resuming_with_another_align_weight_names_that_setting(data, tmp_path, c
         *TINY,
     ]
     assert sf(*args) == 0
+    trained = capsys.readouterr().err  # off a terminal: plain progress lines, the last with the step's loss
+    assert re.search(r"^train: 1/1 steps, .* ETA 0:00, loss \d", trained, re.MULTILINE), trained
+    assert sf(*args) == 0
+    assert f"{out} is already complete: 1 of 1 steps trained; nothing to do" in capsys.readouterr().out
     assert sf(*args[: -len(TINY)], "--steps", "2", "--align-weight", "0", *TINY) == 2
     error = capsys.readouterr().err
-    assert error.strip() == (
+    assert error.strip().splitlines()[-1] == (
         f"error: the checkpoint in {out} was trained with --align-weight 0.5, you asked 0.0; use --no-resume (or "
         "another --out) to start over"
     ), error

@@ -469,7 +469,7 @@ class Trainer:
                 metrics = self.train_step(raw)
                 step_times.append(time.perf_counter() - began)
                 self.step += 1
-                bar.advance(task)
+                bar.update(task, advance=1, loss=metrics["loss"])  # plain lines (logs) carry it too
                 if self.step % c.log_every == 0 or self.step == c.steps:
                     self.log(
                         {
