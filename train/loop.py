@@ -573,11 +573,15 @@ def plot_metrics(metrics_path: Path, png_path: Path, weights_id: str | None = No
     train_rows = [r for r in records if r["split"] == "train"]
     val_rows = [r for r in records if r["split"] == "val"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot([r["step"] for r in train_rows], [r["action_l1"] for r in train_rows], label="train action L1")
+    marker = "o" if len(train_rows) == 1 else None  # one logged step: a point, not an invisible line
+    left.plot(
+        [r["step"] for r in train_rows], [r["action_l1"] for r in train_rows], marker=marker, label="train action L1"
+    )
     if any("align_loss" in r for r in train_rows):
         left.plot(
             [r["step"] for r in train_rows if "align_loss" in r],
             [r["align_loss"] for r in train_rows if "align_loss" in r],
+            marker=marker,
             label="align loss (1 - cos)",
         )
     left.set_xlabel("step")

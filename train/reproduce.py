@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import textwrap
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from sfcache.store import open_cache
 from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer, TrainResult
 from sfcache.train.probe import PATCH_EMBEDDING, POLICY, ProbeConfig, run_probe
-from sfcache.vggt.weights import HUB_ID, RANDOM_SPEC, weights_config
+from sfcache.vggt.weights import HUB_ID, RANDOM_SPEC, random_weights_warning, weights_config
 
 __all__ = [
     "SUITES",
@@ -645,8 +646,9 @@ def _probe_lines(results: dict[str, SuiteResult], random_weights: bool) -> list[
     return [*lines, ""]
 
 
-def plot_success(name: str, evaluation: dict, png: Path) -> None:
-    """Simulator success rate (with its 95% interval) against training steps, with vs without SF."""
+def plot_success(name: str, evaluation: dict, png: Path, warning: str | None = None) -> None:
+    """Simulator success rate (with its 95% interval) against training steps, with vs without SF; `warning` (the
+    random-weights one) across the top in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -660,6 +662,7 @@ def plot_success(name: str, evaluation: dict, png: Path) -> None:
         ax.fill_between(steps, [100 * p["ci95"][0] for p in points], [100 * p["ci95"][1] for p in points], alpha=0.2)
     ax.set(title=f"{name}: LIBERO simulator success", xlabel="training step", ylabel="success (%)", ylim=(0, 100))
     ax.legend()
+    _warn_in_figure(fig, warning)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -668,8 +671,9 @@ def plot_success(name: str, evaluation: dict, png: Path) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-def plot_suite(name: str, runs: dict, png: Path) -> None:
-    """Train and validation action L1 with vs without SF, one figure per suite."""
+def plot_suite(name: str, runs: dict, png: Path, warning: str | None = None) -> None:
+    """Train and validation action L1 with vs without SF, one figure per suite (a single logged point drawn as a
+    marker); `warning` (the random-weights one) across the top in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -678,15 +682,25 @@ def plot_suite(name: str, runs: dict, png: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for run, label in RUNS.items():
         curve = runs[run]
-        left.plot([r["step"] for r in curve["train"]], [r["action_l1"] for r in curve["train"]], label=label)
+        train = curve["train"]
+        marker = "o" if len(train) == 1 else None
+        left.plot([r["step"] for r in train], [r["action_l1"] for r in train], marker=marker, label=label)
         right.plot([r["step"] for r in curve["val"]], [r["val_action_l1"] for r in curve["val"]], "o-", label=label)
-    left.set(title=f"{name}: train action L1", xlabel="step")
-    right.set(title=f"{name}: validation action L1 (held-out episodes)", xlabel="step")
-    left.legend()
-    right.legend()
+    left.set(title=f"{name}: train action L1", xlabel="step", ylabel="action L1 (training batches)")
+    right.set(title=f"{name}: validation action L1", xlabel="step", ylabel="action L1 (held-out episodes)")
+    for ax in (left, right):
+        ax.xaxis.get_major_locator().set_params(integer=True)  # steps, never 1.975
+        ax.legend()
+    _warn_in_figure(fig, warning)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def _warn_in_figure(fig, warning: str | None) -> None:
+    """The random-weights warning as the figure's red title, wrapped to its width (nothing for real weights)."""
+    if warning:
+        fig.suptitle(textwrap.fill(warning, 110), color="red", fontweight="bold", fontsize=9)
 
 
 def simulator_note(cfg: ReproduceConfig) -> str:
@@ -789,10 +803,11 @@ def reproduce(cfg: ReproduceConfig, console: Console | None = None) -> Reproduce
         probe = probe_suite(cfg, suite, folder, console)
         plots = [cfg.out / "plots" / f"{suite.name}.png"]
         plots[0].parent.mkdir(exist_ok=True)
-        plot_suite(suite.name, runs, plots[0])
+        warning = random_weights_warning(cache["weights_id"])
+        plot_suite(suite.name, runs, plots[0], warning)
         if evaluation and len(evaluation["sf"]) > 1:
             plots.append(cfg.out / "plots" / f"{suite.name}_success.png")
-            plot_success(suite.name, evaluation, plots[1])
+            plot_success(suite.name, evaluation, plots[1], warning)
         results[suite.name] = SuiteResult(
             path=str(suite.path),
             format=suite.format,
