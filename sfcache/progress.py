@@ -2,7 +2,8 @@
 
 A task's own figures are its rich fields: `bar.update(task, advance=1, loss=0.42)` shows `loss 0.42` after the
 ETA, on the bar and on the plain lines printed off a terminal; a `unit=` field gives a task its own unit (the
-steps within an episode on a bar of episodes). Off a terminal, each task that moved ends with its last line.
+steps within an episode on a bar of episodes). Off a terminal, a task with figures or already reported ends with
+its last line.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class _LineProgress(Progress):
         self._stopping = threading.Event()
         self._reporter: threading.Thread | None = None
         self._began: dict[int, float] = {}  # completed at add_task
+        self._reported: set[int] = set()  # tasks a line was printed for
 
     def add_task(self, description: str, *args, completed: float = 0, **kwargs) -> int:
         task = super().add_task(description, *args, completed=completed, **kwargs)
@@ -105,12 +107,14 @@ class _LineProgress(Progress):
         self._reporter.start()
 
     def stop(self) -> None:
-        """Stop reporting; each task that made progress ends with its last line (its final figures, the loss)."""
+        """Stop reporting; a task already reported, or one with figures (the loss), that moved ends with its last
+        line (a short task without figures, such as indexing, prints nothing)."""
         self._stopping.set()
         if self._reporter is not None:
             self._reporter.join()
             for task in self.tasks:
-                if task.visible and task.completed > self._began.get(task.id, 0):
+                moved = task.completed > self._began.get(task.id, 0)
+                if task.visible and moved and (task.id in self._reported or _figures(task.fields)):
                     self.console.print(self.line(task), markup=False, highlight=False)
             self._reporter = None
         super().stop()
@@ -134,3 +138,4 @@ class _LineProgress(Progress):
             for task in self.tasks:
                 if task.visible:
                     self.console.print(self.line(task), markup=False, highlight=False)
+                    self._reported.add(task.id)

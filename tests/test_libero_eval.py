@@ -173,6 +173,7 @@ def test_missing_simulator_and_backend_are_one_line_errors(run_dir, tmp_path, ca
 def test_short_episode_end_to_end_renders_and_resumes(run_dir, tmp_path, capsys, monkeypatch):
     import imageio.v2 as imageio
 
+    monkeypatch.setattr("sfcache.progress.LOG_EVERY_S", 0.1)  # plain lines (off a terminal) within the episode
     out = tmp_path / "eval"
     args = [
         "eval-libero",

@@ -49,6 +49,8 @@ def test_a_task_of_its_own_unit_hidden_tasks_and_the_closing_line(monkeypatch):
     log = io.StringIO()
     with progress.progress_bar("episodes", console=Console(file=log)) as bar:
         bar.add_task("suite", total=4)  # no progress: no closing line
+        quick = bar.add_task("indexing", total=None)  # short, no figures, never reported: no closing line
+        bar.update(quick, advance=3)
         within = bar.add_task("episode", total=220, visible=False, unit="steps")
         hidden = bar.add_task("hidden", total=3, visible=False)
         bar.update(hidden, advance=1)
