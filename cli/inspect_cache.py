@@ -61,8 +61,8 @@ def inspect_cache(
     pca: str | None = typer.Option(
         None,
         "--pca",
-        help="Write a PNG: per step, each view's frame beside a "
-        "PCA-to-RGB picture of its targets; 2*views*W x steps*H pixels.",
+        help="Write a PNG: per step, each view's input to VGGT beside a PCA-to-RGB picture of its targets, under a "
+        "band of labels and a caption; 2*views*W x (band + steps*H) pixels, W x H the frame (224x224 for openpi).",
     ),
     pca_steps: int = typer.Option(4, "--pca-steps", help="Steps drawn by --pca (one row each)."),
     layer: int | None = typer.Option(None, "--layer", help="Layer for --episode/--pca (default: the last stored)."),
