@@ -590,7 +590,7 @@ def plot_metrics(metrics_path: Path, png_path: Path, weights_id: str | None = No
     left.legend()
     right.plot([r["step"] for r in val_rows], [r["val_action_l1"] for r in val_rows], "o-", label="val action L1")
     right.plot(
-        [r["step"] for r in val_rows], [r["val_mean_action_l1"] for r in val_rows], "--", label="mean-action baseline"
+        [r["step"] for r in val_rows], [r["val_mean_action_l1"] for r in val_rows], "x--", label="mean-action baseline"
     )
     right.set_xlabel("step")
     right.set_ylabel("action L1")

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
-from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError, differences
+from sfcache.errors import ConfigMismatch, SfcacheError, SourceError, StoreError, WeightsError, differences
 from sfcache.extract import ExtractConfig, extract
 from sfcache.inspect import summarize
 from sfcache.libero_eval import EvalConfig, evaluate, simulator_available
@@ -402,7 +402,10 @@ def extract_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console:
     if _store_complete(store, cfg, suite):
         console.print(f"  extract: {store} is complete, skipped")
     else:
-        summary = extract(_extraction_config(cfg, suite, store))
+        try:
+            summary = extract(_extraction_config(cfg, suite, store))
+        except ConfigMismatch as mismatch:  # sf reproduce-libero has no --overwrite
+            raise mismatch.with_fix(f"use another --out, or delete {store} to extract it again") from None
         runs.append(
             {
                 k: getattr(summary, k)
@@ -700,7 +703,7 @@ def plot_suite(name: str, runs: dict, png: Path, warning: str | None = None) -> 
 def _warn_in_figure(fig, warning: str | None) -> None:
     """The random-weights warning as the figure's red title, wrapped to its width (nothing for real weights)."""
     if warning:
-        fig.suptitle(textwrap.fill(warning, 110), color="red", fontweight="bold", fontsize=9)
+        fig.suptitle(textwrap.fill(warning, int(fig.get_figwidth() * 11)), color="red", fontweight="bold", fontsize=9)
 
 
 def simulator_note(cfg: ReproduceConfig) -> str:
