@@ -33,7 +33,7 @@ from distributed import Client, LocalCluster
 from typer.testing import CliRunner
 
 from sfcache.cli.main import app, main
-from sfcache.errors import ConfigMismatch, RunSuperseded, SourceError, StoreError
+from sfcache.errors import ConfigMismatch, ResumeMismatch, RunSuperseded, SourceError, StoreError
 from sfcache.extract import ExtractConfig, extract
 from sfcache.pooling import pool_grid
 from sfcache.sources import open_source
@@ -355,6 +355,10 @@ def test_expected_errors_survive_pickling_with_every_field():
     back = pickle.loads(pickle.dumps(mismatch))
     assert type(back) is ConfigMismatch and str(back) == str(mismatch)
     assert back.store == "/stores/s" and back.differences == {"targets.dtype": ("float16", "int8")}
+    resumed = ResumeMismatch("runs/sf", {"--model-size": ("tiny", "small")}, fix="start over")
+    back = pickle.loads(pickle.dumps(resumed.with_fix("use --no-resume")))
+    assert type(back) is ResumeMismatch and back.fix == "use --no-resume" and back.holder == "checkpoint"
+    assert str(back) == "the checkpoint in runs/sf was trained with --model-size tiny, you asked small; use --no-resume"
 
 
 def test_a_source_with_skipped_episodes_travels_to_workers_intact(tmp_path):
