@@ -146,8 +146,8 @@ class ExtractConfig:
     out: Path = option(help="Target store directory (created, or resumed if it exists).")
     vggt: str | None = option(
         None,
-        "VGGT weights: checkpoint path, hub id (facebook/VGGT-1B) or random:<preset>[@seed] for tests; needed to "
-        "extract (--dry-run without it sizes the store for VGGT-1B).",
+        "VGGT weights: checkpoint path, hub id (facebook/VGGT-1B) or random:<preset> (random:<preset>@<seed>) for "
+        "tests; needed to extract (--dry-run without it sizes the store for VGGT-1B).",
     )
     format: str = option("auto", "Source format, or auto to detect it.")
     views: tuple[str, ...] | None = option(  # None = the format's default views and order

@@ -365,3 +365,12 @@ def test_train_warns_when_the_run_never_leaves_warm_up(fixtures, tmp_path, capsy
         "warm-up); lower --warmup-steps or raise --steps"
     )
     assert TrainConfig(source=".", out=tmp_path, steps=100, warmup_steps=100, align_weight=0).warnings() == []
+
+
+def test_help_says_what_min_cosine_bounds_and_what_pca_draws(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    _, extract_help = run_main(main, capsys, "extract", "--help")
+    assert "Held-out *mean* per-token cosine" in extract_help and "1st-percentile and worst" in extract_help
+    assert "random:<preset>@<seed>" in extract_help  # no text lost to rich markup
+    _, inspect_help = run_main(main, capsys, "inspect-cache", "--help")
+    assert "2*views*W x (band + steps*H) pixels" in inspect_help  # as the README and pca_picture_size say
