@@ -326,6 +326,16 @@ FIXES = [
     ),
     ("extract without weights", ["extract", "{data}", "--out", "{tmp}/store"], "--vggt is needed to extract"),
     ("inspect-cache of a folder without a store", ["inspect-cache", "{tmp}"], "run `sf extract` first"),
+    (
+        "eval-libero of a folder without a run",
+        ["eval-libero", "{tmp}", "--suite", "spatial", "--device", "cpu"],
+        "no checkpoint here (expected an `sf train` run folder or its checkpoint.pt)",
+    ),
+    (
+        "probe of a folder without a run",
+        ["probe", "{tmp}", "--data", "{depth}", "--out", "{tmp}/probe", "--device", "cpu"],
+        "no checkpoint here (expected an `sf train` run folder or its checkpoint.pt)",
+    ),
     ("inspect-source of a folder without a dataset", ["inspect-source", "{tmp}"], "or --format one of"),
     (
         "reproduce-libero with its required options empty (make's unset variables)",
