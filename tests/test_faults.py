@@ -1131,7 +1131,7 @@ def test_check_failures_keep_square_brackets_and_empty_paths_are_errors(tmp_path
     assert check.exit_code == 1 and "expected [key, instruction, start, length]" in check.output, check.output
     assert "--repair" not in check.output  # a damaged provenance is not what --repair redoes
     for argv, named in (
-        (["extract", "", "--out", str(tmp_path / "s"), *TINY], "SOURCE_PATH: empty path"),
+        (["extract", "", "--out", str(tmp_path / "s"), *TINY], "PATH: empty path"),
         (["extract", str(tmp_path), "--out", "", *TINY], "--out: empty path"),
         (["inspect-cache", ""], "STORE: empty path"),
         (["inspect-source", " "], "PATH: empty path"),
