@@ -201,7 +201,7 @@ def run(workdir: Path, preset: str) -> list[dict]:
                 steps=1000,
                 batch_size=batch,
                 model_size=model,
-                workers=2,
+                loader_workers=2,
                 val_episodes=0,
                 resume=False,
                 **options,

@@ -75,7 +75,7 @@ def main() -> None:
         "8",
         "--device",
         "cpu",
-        "--workers",
+        "--loader-workers",
         "0",
         "--val-every",
         "50",

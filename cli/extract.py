@@ -13,6 +13,25 @@ from sfcache.extract import extract as run_extract
 from sfcache.vggt import random_weights_warning
 
 
+def plan_lines(facts: dict) -> list[str]:
+    """`plan`'s facts as a user reads them: 'views: primary, wrist', 'grid: 16x16', sizes in MiB/GiB."""
+    shown = {
+        "vggt": facts["vggt"] or "none given; a run needs --vggt (facebook/VGGT-1B: the sizes here are its)",
+        "frame size": "x".join(map(str, facts["frame_size"])) + " px (height x width)",
+        "grid": "x".join(map(str, facts["grid"])),
+        "skipped episodes": ", ".join(facts["skipped_episodes"]) or "none",
+        "bytes per step": f"{facts['bytes_per_step']:,}",
+        "store size": f"about {facts['store_bytes_uncompressed'] / 2**30:.2f} GiB before compression",
+    }
+    lines = []
+    for name, value in facts.items():
+        label = name.replace("_", " ")
+        if label in shown or label == "store bytes uncompressed":
+            continue
+        lines.append(f"{label}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
+    return lines + [f"{label}: {value}" for label, value in shown.items()]
+
+
 @config_command(ExtractConfig)
 def extract(
     fields: dict,
@@ -22,12 +41,8 @@ def extract(
     cfg = ExtractConfig(**fields)
     console = Console(soft_wrap=True)
     if dry_run:
-        facts = plan(cfg)
-        for name, value in facts.items():
-            console.print(f"{name}: {value}", highlight=False, soft_wrap=True)
-        console.print(
-            f"store size: about {facts['store_bytes_uncompressed'] / 2**30:.2f} GiB before compression", highlight=False
-        )
+        for line in plan_lines(plan(cfg)):
+            console.print(line, highlight=False, soft_wrap=True)
         return
     for name in ["distributed", *logging.root.manager.loggerDict]:  # failures reach the user as one line of ours
         if name.startswith("distributed"):
@@ -40,19 +55,25 @@ def extract(
         f"{','.join(summary.views)}, layers {','.join(map(str, summary.layers))})",
         highlight=False,
     )
-    console.print(
-        f"extracted {summary.extracted_steps} steps in {summary.extract_s:.1f} s "
-        f"({summary.steps_per_s:.2f} steps/s on {summary.workers} worker(s), {summary.device}); "
-        f"{summary.already_done_steps} were already done"
-        + (
-            f" and {summary.adopted_steps} written by an earlier attempt were confirmed, not recomputed"
-            if summary.adopted_steps
-            else ""
+    if summary.extracted_steps == 0 and not summary.failed and summary.shards_done == summary.shards:
+        console.print(
+            f"{summary.store} is already complete: {summary.steps} steps in {summary.shards} shards; nothing to do",
+            highlight=False,
         )
-        + "; cluster startup "
-        f"{summary.cluster_startup_s:.1f} s",
-        highlight=False,
-    )
+    else:
+        console.print(
+            f"extracted {summary.extracted_steps} steps in {summary.extract_s:.1f} s "
+            f"({summary.steps_per_s:.2f} steps/s on {summary.workers} worker(s), {summary.device}); "
+            f"{summary.already_done_steps} were already done"
+            + (
+                f" and {summary.adopted_steps} written by an earlier attempt were confirmed, not recomputed"
+                if summary.adopted_steps
+                else ""
+            )
+            + "; cluster startup "
+            f"{summary.cluster_startup_s:.1f} s",
+            highlight=False,
+        )
     if summary.reduce:
         figures = summary.reduce["fidelity"]
         console.print(

@@ -61,8 +61,8 @@ def inspect_cache(
     pca: str | None = typer.Option(
         None,
         "--pca",
-        help="Write a PNG: per step, each view's frame beside a "
-        "PCA-to-RGB picture of its targets; 2*views*W x steps*H pixels.",
+        help="Write a PNG: per step, each view's input to VGGT beside a PCA-to-RGB picture of its targets, under a "
+        "band of labels and a caption; 2*views*W x (band + steps*H) pixels, W x H the frame (224x224 for openpi).",
     ),
     pca_steps: int = typer.Option(4, "--pca-steps", help="Steps drawn by --pca (one row each)."),
     layer: int | None = typer.Option(None, "--layer", help="Layer for --episode/--pca (default: the last stored)."),
@@ -165,7 +165,7 @@ def _render_summary(console: Console, summary: inspection.Summary) -> None:
             if summary.bytes_per_step is not None
             else f"{_bytes(summary.raw_bytes_per_step)} raw",
         ),
-        ("compression", f"{summary.compression_ratio:.3f}x" if summary.compression_ratio else "-"),
+        ("compression", _compression(summary)),
         (
             "complete",
             f"{'[green]yes[/]' if summary.complete else '[red]NO[/]'}: "
@@ -200,12 +200,20 @@ def _reduce(reduce: inspection.ReduceSummary) -> str:
     return "\n".join(lines)
 
 
+def _compression(summary: inspection.Summary) -> str:
+    """The codec's ratio, rounded; 'none' for an uncompressed store (its metadata makes the raw ratio ~1)."""
+    if summary.codec == "none":
+        return "none (uncompressed)"
+    return f"{summary.compression_ratio:.2f}x" if summary.compression_ratio else "-"
+
+
 def _recipe(recipe: inspection.RecipeSummary) -> str:
+    dct = f"; JPEG DCT {recipe.jpeg_dct}" if recipe.jpeg_dct else ""  # only where JPEGs were decoded
     if recipe.name == "none":
-        return f"none (JPEG DCT {recipe.jpeg_dct}; VGGT input per preprocess)"
+        return f"none (VGGT input per preprocess{dct})"
     slots = f"; slots {', '.join(recipe.slots)}" if recipe.slots else ""
     mask = "; token mask stored" if recipe.token_mask else ""
-    return f"{recipe.name}: matches {recipe.matches}; JPEG DCT {recipe.jpeg_dct}{slots}{mask}"
+    return f"{recipe.name}: matches {recipe.matches}{dct}{slots}{mask}"
 
 
 def _render_episode(console: Console, report: inspection.EpisodeReport) -> None:
@@ -264,7 +272,7 @@ def _render_verify(console: Console, result: inspection.VerifyResult) -> None:
     status = "[bold green]verify: OK[/]" if result.ok else "[bold red]verify: FAILED[/]"
     console.print(
         f"{status} {len(result.steps)} steps recomputed on {result.device}: per-token cosine "
-        f"mean {result.mean_cos:.6f}, worst {result.min_cos:.6f} (threshold {result.threshold})"
+        f"mean {result.mean_cos:.6f}, worst {result.min_cos:.6f} (threshold {result.threshold:.4g})"
     )
     if result.mask_errors:
         console.print(f"  [red]token mask: {result.mask_errors} stored values differ from the recomputed mask[/]")

@@ -15,8 +15,16 @@ from sfcache.vggt import random_weights_warning
 def train(fields: dict) -> None:
     """Train a small VLA policy; the SF loss aligns its visual tokens with cached VGGT targets."""
     config = TrainConfig(**fields)
+    errors = Console(stderr=True)
+    for warning in config.warnings():
+        errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     result = run_training(config)
-    if result.resumed_from is not None:
+    if result.resumed_from is not None and result.resumed_from >= config.steps:
+        typer.echo(
+            f"{result.out} is already complete: {result.resumed_from} of {config.steps} steps trained; nothing to do "
+            "(raise --steps to train on)"
+        )
+    elif result.resumed_from is not None:
         typer.echo(f"resumed from step {result.resumed_from}")
     if result.val_action_l1 is not None:
         typer.echo(
@@ -24,5 +32,5 @@ def train(fields: dict) -> None:
         )
     warning = random_weights_warning(result.weights_id)
     if warning:
-        Console(stderr=True).print(f"[bold red]{warning}[/]", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]{warning}[/]", highlight=False, soft_wrap=True)
     typer.echo(f"checkpoint: {result.checkpoint}\nmetrics:    {result.metrics}\nplot:       {result.plot}")

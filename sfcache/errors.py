@@ -50,16 +50,48 @@ class NotAStore(StoreError):
 
 
 class ConfigMismatch(StoreError):
-    """What is asked differs from what a store holds; the message lists each difference."""
+    """What is asked differs from what a store (or checkpoint: `holder`) holds; the message lists each difference
+    and ends with `fix`, what to do about it (a store's: start it over with --overwrite)."""
 
-    def __init__(self, store, differences: dict[str, tuple[object, object]]):
-        self.store, self.differences = str(store), differences
-        lines = "; ".join(f"{k}: store has {a!r}, asked {b!r}" for k, (a, b) in differences.items())
-        super().__init__(f"{store}: configuration differs ({lines})")
+    OVERWRITE = "use --overwrite to replace it, or another --out"
+
+    def __init__(
+        self, store, differences: dict[str, tuple[object, object]], *, fix: str = OVERWRITE, holder: str = "store"
+    ):
+        self.store, self.differences, self.fix, self.holder = str(store), differences, fix, holder
+        lines = "; ".join(f"{k}: {holder} has {a!r}, asked {b!r}" for k, (a, b) in differences.items())
+        super().__init__(f"{store}: configuration differs ({lines}); {fix}")
+
+    def with_fix(self, fix: str) -> ConfigMismatch:
+        """The same differences with another remedy (a command whose flag for starting over is not --overwrite)."""
+        return type(self)(self.store, self.differences, fix=fix, holder=self.holder)
 
     def __reduce__(self):
         """Rebuild from the fields, so the error survives pickling (Dask workers)."""
-        return type(self), (self.store, self.differences)
+        return partial(type(self), fix=self.fix, holder=self.holder), (self.store, self.differences)
+
+
+class ResumeMismatch(ConfigMismatch):
+    """A run resumed with other settings than its checkpoint was trained with: `differences` are keyed by the flag
+    that sets each ({"--model-size": ("tiny", "small")}), so the message reads as the command line was typed."""
+
+    NO_RESUME = "use --no-resume (or another --out) to start over"
+
+    def __init__(
+        self, run, differences: dict[str, tuple[object, object]], *, fix: str = NO_RESUME, holder: str = "checkpoint"
+    ):
+        self.store, self.differences, self.fix, self.holder = str(run), differences, fix, holder
+        pairs = ", and ".join(f"{flag} {_plain(a)}, you asked {_plain(b)}" for flag, (a, b) in differences.items())
+        StoreError.__init__(self, f"the {holder} in {run} was trained with {pairs}; {fix}")
+
+
+def _plain(value: object) -> str:
+    """A recorded setting as a user types it: 'tiny', 'a,b' for a list, 'none' for None."""
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(_plain, value))
+    return str(value)
 
 
 def differences(recorded: Mapping, asked: Mapping, fields: Iterable[str]) -> dict[str, tuple[object, object]]:

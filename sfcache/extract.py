@@ -80,7 +80,7 @@ from sfcache.store import (
     step_bytes,
     store_run,
 )
-from sfcache.vggt import VGGTConfig, load_vggt, preprocess, weights_config
+from sfcache.vggt import PRESETS, VGGTConfig, load_vggt, preprocess, weights_config
 from sfcache.vggt.model import resolve_layers
 from sfcache.vggt.preprocess import device_images, output_size
 
@@ -141,11 +141,13 @@ class ExtractConfig:
     """What `sf extract` was asked to do (each field's help is its `sf extract` option's)."""
 
     source: Path = option(
-        help="Dataset folder or file (LIBERO HDF5/RLDS, LeRobot, RoboTwin).", argument=True, metavar="SOURCE_PATH"
+        help="Dataset folder or file (LIBERO HDF5/RLDS, LeRobot, RoboTwin).", argument=True, metavar="PATH"
     )
     out: Path = option(help="Target store directory (created, or resumed if it exists).")
-    vggt: str = option(
-        help="VGGT weights: checkpoint path, hub id (facebook/VGGT-1B) or random:<preset>[@seed] for tests."
+    vggt: str | None = option(
+        None,
+        "VGGT weights: checkpoint path, hub id (facebook/VGGT-1B) or random:<preset> (random:<preset>@<seed>) for "
+        "tests; needed to extract (--dry-run without it sizes the store for VGGT-1B).",
     )
     format: str = option("auto", "Source format, or auto to detect it.")
     views: tuple[str, ...] | None = option(  # None = the format's default views and order
@@ -201,8 +203,8 @@ class ExtractConfig:
     )
     min_cosine: float | None = option(
         None,
-        "Held-out mean per-token cosine a --reduce store must reach, else "
-        "extract refuses to write it (needed by pca:auto).",
+        "Held-out *mean* per-token cosine a --reduce store must reach, else extract refuses to write it (needed by "
+        "pca:auto); the 1st-percentile and worst token cosines are recorded too, and warned on when far below.",
     )
     repair: bool = option(
         False,
@@ -740,6 +742,11 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
     Raises SourceError (bad data, unless skip_bad), StoreError (lock, write failure),
     ConfigMismatch (store made differently), WeightsError.
     """
+    if cfg.vggt is None:
+        raise SfcacheError(
+            "--vggt is needed to extract: a checkpoint path, facebook/VGGT-1B, or random:tiny for a test "
+            "(--dry-run sizes the store without it)"
+        )
     started = time.perf_counter()
     source, recipe, layout = _open(cfg, Path(cfg.source).resolve())
     infos = _select(source, cfg)
@@ -1439,7 +1446,7 @@ def plan(cfg: ExtractConfig) -> dict:
     device = cfg.device if cfg.scheduler else str(resolve_device(cfg.device))
     source, recipe, layout = _open(cfg, Path(cfg.source))
     infos = _select(source, cfg)
-    config = weights_config(cfg.vggt)
+    config = weights_config(cfg.vggt) if cfg.vggt else PRESETS["vggt-1b"]  # no --vggt: the model SF uses
     layers = resolve_layers(cfg.layers, config.depth, "--layers", distinct=True)
     native, _ = _native_grid(source, infos, cfg.preprocess, config)
     grid = cfg.grid or native
@@ -1469,6 +1476,7 @@ def plan(cfg: ExtractConfig) -> dict:
         "dtype": cfg.dtype,
         "codec": cfg.codec,
         "reduce": cfg.reduce,
+        "vggt": cfg.vggt,  # None: not given; the sizes are VGGT-1B's
         "device": device,
         "shards": -(-steps // cfg.steps_per_shard),
         "bytes_per_step": per_step,

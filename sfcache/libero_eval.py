@@ -19,7 +19,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +30,7 @@ from rich.table import Table
 from sfcache.errors import SfcacheError, raise_problems
 from sfcache.options import comma_text, option
 from sfcache.progress import progress_bar
+from sfcache.quiet import quiet_robosuite
 from sfcache.vggt.preprocess import resize_like_rlds
 
 __all__ = [
@@ -126,6 +127,7 @@ def _libero() -> tuple[Any, Any, Any]:
     if importlib.util.find_spec("libero") is None:
         raise SimulatorError(f"the LIBERO simulator is not installed: {INSTALL}")
     _write_libero_config()
+    quiet_robosuite()  # before LIBERO imports robosuite
     try:
         from libero.libero import benchmark, get_libero_path
         from libero.libero.envs import OffScreenRenderEnv
@@ -321,8 +323,10 @@ def run_episode(
     max_steps: int,
     wait_steps: int = WAIT_STEPS,
     record: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> EpisodeResult:
-    """One episode: reset to `init_state`, wait, then chunks open loop until `done` (success) or `max_steps`."""
+    """One episode: reset to `init_state`, wait, then chunks open loop until `done` (success) or `max_steps`;
+    `on_step(steps)` after each policy step (progress within an episode)."""
     began = time.perf_counter()
     env.reset()
     obs = env.set_init_state(init_state)
@@ -347,6 +351,8 @@ def run_episode(
             error = f"the simulator failed at step {steps}: {type(exc).__name__}: {exc}"
             break
         steps += 1
+        if on_step is not None:
+            on_step(steps)
         if done:
             success = True
             break
@@ -508,6 +514,7 @@ def evaluate(policy: Policy, config: EvalConfig, policy_info: dict | None = None
     total = len(tasks) * config.trials_per_task
     with progress_bar(unit="episodes") as bar, results_path.open("a") as log:
         job = bar.add_task(f"{SUITES[config.suite]}", total=total, completed=total - len(todo))
+        within = bar.add_task("episode", total=config.step_limit, visible=False, unit="steps")  # the running one
         for task in tasks:
             trials = [trial for t, trial in todo if t is task]
             if not trials:
@@ -516,6 +523,7 @@ def evaluate(policy: Policy, config: EvalConfig, policy_info: dict | None = None
             try:
                 for trial in trials:
                     _seed(config.seed, task.index, trial)
+                    bar.reset(within, description=f"task {task.index} trial {trial}", visible=True)
                     env.seed(0)
                     result = run_episode(
                         env,
@@ -525,6 +533,7 @@ def evaluate(policy: Policy, config: EvalConfig, policy_info: dict | None = None
                         config.step_limit,
                         config.wait_steps,
                         record=trial < config.video,
+                        on_step=lambda steps: bar.update(within, completed=steps),
                     )
                     record = {
                         "task": task.instruction,
@@ -652,6 +661,7 @@ def summarize(records: Iterable[dict], config: EvalConfig, policy_info: dict) ->
 def results_table(summary: EvalSummary) -> Table:
     """The summary as a rich table: one row per task, then the suite."""
     table = Table("task", "episodes", "success", "95% interval", "steps", "s/episode", title=summary.suite)
+    table.caption, table.caption_style = summary.policy.get("random_weights"), "bold red"  # in summary.json too
 
     def row(name: str, r: EvalSummary | TaskSuccess, style: str | None = None) -> None:
         table.add_row(

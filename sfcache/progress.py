@@ -1,7 +1,9 @@
 """One rich progress bar style for all long work: count, rate, elapsed, ETA, and any figures the work reports.
 
 A task's own figures are its rich fields: `bar.update(task, advance=1, loss=0.42)` shows `loss 0.42` after the
-ETA, on the bar and on the plain lines printed off a terminal.
+ETA, on the bar and on the plain lines printed off a terminal; a `unit=` field gives a task its own unit (the
+steps within an episode on a bar of episodes). Off a terminal, a task with figures or already reported ends with
+its last line.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from rich.progress import (
 from rich.text import Text
 
 LOG_EVERY_S = 30.0  # off a terminal, one plain progress line per task this often
+UNIT = "unit"  # a task field naming that task's own unit, where it counts other things than the bar's others
 
 
 class RateColumn(ProgressColumn):
@@ -33,7 +36,7 @@ class RateColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text("-" if speed is None else f"{speed:.1f} {self.unit}/s", style="cyan")
+        return Text("-" if speed is None else f"{speed:.1f} {task.fields.get(UNIT, self.unit)}/s", style="cyan")
 
 
 class FieldsColumn(ProgressColumn):
@@ -45,7 +48,9 @@ class FieldsColumn(ProgressColumn):
 
 def _figures(fields: dict) -> str:
     return ", ".join(
-        f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}" for name, value in fields.items()
+        f"{name} {value:.4g}" if isinstance(value, float) else f"{name} {value}"
+        for name, value in fields.items()
+        if name != UNIT
     )
 
 
@@ -88,6 +93,7 @@ class _LineProgress(Progress):
         self._stopping = threading.Event()
         self._reporter: threading.Thread | None = None
         self._began: dict[int, float] = {}  # completed at add_task
+        self._reported: set[int] = set()  # tasks a line was printed for
 
     def add_task(self, description: str, *args, completed: float = 0, **kwargs) -> int:
         task = super().add_task(description, *args, completed=completed, **kwargs)
@@ -101,9 +107,16 @@ class _LineProgress(Progress):
         self._reporter.start()
 
     def stop(self) -> None:
+        """Stop reporting; a task already reported, or one with figures (the loss), that moved ends with its last
+        line (a short task without figures, such as indexing, prints nothing)."""
         self._stopping.set()
         if self._reporter is not None:
             self._reporter.join()
+            for task in self.tasks:
+                moved = task.completed > self._began.get(task.id, 0)
+                if task.visible and moved and (task.id in self._reported or _figures(task.fields)):
+                    self.console.print(self.line(task), markup=False, highlight=False)
+            self._reporter = None
         super().stop()
 
     def line(self, task: Task) -> str:
@@ -114,13 +127,15 @@ class _LineProgress(Progress):
         total = "?" if task.total is None else f"{task.total:.0f}"
         rate = "-" if speed is None else f"{speed:.1f}"
         eta = None if task.total is None or not speed else max(task.total - task.completed, 0) / speed
-        figures = _figures(task.fields)
+        figures, unit = _figures(task.fields), task.fields.get(UNIT, self.unit)
         return (
-            f"{task.description}: {task.completed:.0f}/{total} {self.unit}, {rate} {self.unit}/s, "
+            f"{task.description}: {task.completed:.0f}/{total} {unit}, {rate} {unit}/s, "
             f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}" + (f", {figures}" if figures else "")
         )
 
     def _report(self) -> None:
         while not self._stopping.wait(LOG_EVERY_S):
             for task in self.tasks:
-                self.console.print(self.line(task), markup=False, highlight=False)
+                if task.visible:
+                    self.console.print(self.line(task), markup=False, highlight=False)
+                    self._reported.add(task.id)

@@ -121,7 +121,7 @@ def fixtures(tmp_path_factory) -> dict[str, str]:
             grid=GRID,
             device="cpu",
             val_episodes=0,
-            workers=0,
+            loader_workers=0,
         )
     )
     (root / "a-file").write_text("not a folder")
@@ -152,7 +152,8 @@ def _valid(command: str, fx: dict[str, str], tmp: Path) -> tuple[list[str], dict
                 "--out": str(tmp / "run"),
                 "--cache": fx["store"],
                 "--steps": "1",
-                "--workers": "0",
+                "--warmup-steps": "1",
+                "--loader-workers": "0",
                 **tiny,
             },
         ),
@@ -296,3 +297,90 @@ def test_config_flags_come_in_pairs_and_take_no_value(fixtures, tmp_path, capsys
     assert code == 0 and "steps" in output, output
     code, output = run_main(main, capsys, *dry, "--skip-bad", "true")
     assert code == 2 and "Got unexpected extra argument" in output
+
+
+# Each expected error of a command, given everything else valid, names the flag or the action that fixes it:
+# (what is wrong, the command line, what its one error line must say)
+FIXES = [
+    (
+        "train holds out more episodes than the dataset has",
+        ["train", "--source", "{data}", "--out", "{tmp}/run", "--align-weight", "0", "--val-episodes", "4"],
+        "4 episodes, cannot hold out 4 for validation; use --val-episodes 3 or fewer (0: no validation)",
+    ),
+    (
+        "train resumes a run trained with another model size",
+        ["train", "--source", "{data}", "--out", "{run}", "--align-weight", "0", "--val-episodes", "0"],
+        "the checkpoint in {run} was trained with --model-size tiny, you asked small; use --no-resume (or another "
+        "--out) to start over",
+    ),
+    (
+        "train with a cache extracted at another grid",
+        ["train", "--source", "{data}", "--cache", "{store}", "--out", "{tmp}/run", "--grid", "8x8"],
+        "grid: store has [4, 4], asked [8, 8]); give the store's --views and --grid and the dataset it was "
+        "extracted from as --source, or extract a store for these with sf extract",
+    ),
+    (
+        "train with steps that are not a square grid",
+        ["train", "--source", "{data}", "--out", "{tmp}/run", "--grid", "4x8"],
+        "--grid 4x8: expected N or NxN",
+    ),
+    ("extract without weights", ["extract", "{data}", "--out", "{tmp}/store"], "--vggt is needed to extract"),
+    ("inspect-cache of a folder without a store", ["inspect-cache", "{tmp}"], "run `sf extract` first"),
+    (
+        "eval-libero of a folder without a run",
+        ["eval-libero", "{tmp}", "--suite", "spatial", "--device", "cpu"],
+        "no checkpoint here (expected an `sf train` run folder or its checkpoint.pt)",
+    ),
+    (
+        "probe of a folder without a run",
+        ["probe", "{tmp}", "--data", "{depth}", "--out", "{tmp}/probe", "--device", "cpu"],
+        "no checkpoint here (expected an `sf train` run folder or its checkpoint.pt)",
+    ),
+    ("inspect-source of a folder without a dataset", ["inspect-source", "{tmp}"], "or --format one of"),
+    (
+        "reproduce-libero with its required options empty (make's unset variables)",
+        ["reproduce-libero", "--libero-dir", "", "--vggt", ""],
+        "--libero-dir",
+    ),
+]
+
+
+@pytest.mark.parametrize("args, fix", [case[1:] for case in FIXES], ids=[case[0] for case in FIXES])
+def test_each_expected_error_names_its_fix(args, fix, fixtures, tmp_path, capsys, monkeypatch):
+    def started(*args, **kwargs):
+        raise AssertionError("the command got past the check that should have refused it")
+
+    monkeypatch.setattr(Trainer, "run", started)
+    monkeypatch.setattr("sfcache.train.reproduce.extract", started)
+    tiny = ["--device", "cpu", "--steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--loader-workers", "0"]
+    if args[0] == "train":
+        args = [*args, *tiny, *([] if "--grid" in args else ["--grid", str(GRID)])]
+        args += ["--model-size", "small" if "{run}" in args else "tiny"]
+    code, output = run_main(main, capsys, *(arg.format(tmp=tmp_path, **fixtures) for arg in args))
+    assert code == 2 and "Traceback" not in output, output
+    lines = output.strip().splitlines()
+    listing = lines[0].endswith("nothing was run:") and all(line.startswith("  - ") for line in lines[1:])
+    assert lines[0].startswith("error: ") and (len(lines) == 1 or listing), output
+    assert fix.format(tmp=tmp_path, **fixtures) in output, output
+
+
+def test_train_warns_when_the_run_never_leaves_warm_up(fixtures, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Trainer, "run", lambda self: None)  # the warning comes first, before any work
+    args = ["train", "--source", fixtures["data"], "--out", tmp_path / "run", "--align-weight", "0", "--steps", "50"]
+    args += ["--model-size", "tiny", "--grid", str(GRID), "--device", "cpu", "--loader-workers", "0"]
+    with pytest.raises(AttributeError):  # the stand-in returns no result
+        main([str(a) for a in args])
+    assert capsys.readouterr().err.startswith(
+        "warning: --steps 50 is below --warmup-steps 100: the learning rate never reaches --lr (the run ends in "
+        "warm-up); lower --warmup-steps or raise --steps"
+    )
+    assert TrainConfig(source=".", out=tmp_path, steps=100, warmup_steps=100, align_weight=0).warnings() == []
+
+
+def test_help_says_what_min_cosine_bounds_and_what_pca_draws(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    _, extract_help = run_main(main, capsys, "extract", "--help")
+    assert "Held-out *mean* per-token cosine" in extract_help and "1st-percentile and worst" in extract_help
+    assert "random:<preset>@<seed>" in extract_help  # no text lost to rich markup
+    _, inspect_help = run_main(main, capsys, "inspect-cache", "--help")
+    assert "2*views*W x (band + steps*H) pixels" in inspect_help  # as the README and pca_picture_size say

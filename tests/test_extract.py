@@ -145,6 +145,9 @@ def test_resume_redoes_only_unfinished_shards_with_identical_values(tmp_path, sc
     resumed = store_values(out)
     np.testing.assert_array_equal(resumed["targets/layer_3"], complete["targets/layer_3"])
     assert resumed["done"].tolist() == [1, 1, 1, 1]
+    again = run_cli(*args)  # nothing left: said so, not "extracted 0 steps (0.00 steps/s)"
+    assert again.exit_code == 0 and f"{out} is already complete: 10 steps in 4 shards; nothing to do" in again.output
+    assert "extracted 0" not in again.output
 
 
 def test_other_configuration_is_refused_with_the_difference(tmp_path, schedulers, capsys):
@@ -170,6 +173,7 @@ def test_other_configuration_is_refused_with_the_difference(tmp_path, schedulers
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "configuration differs" in err and "Traceback" not in err
+    assert err.rstrip().endswith("; use --overwrite to replace it, or another --out"), err
     assert "targets.dtype: store has 'float16', asked 'int8'" in err
     assert "targets.grid: store has [16, 16], asked [8, 8]" in err
     assert open_cache(out).dtype == "float16" and not (out / ".sfcache.lock").exists()
@@ -310,8 +314,16 @@ def test_episode_pattern_and_dry_run(tmp_path, schedulers):
         app, ["extract", str(written.path), "--out", str(tmp_path / "store"), *TINY, "--episodes", pattern, "--dry-run"]
     )
     assert dry.exit_code == 0, dry.output
-    assert "episodes: 2" in dry.output and "steps: 4" in dry.output and "views: ['primary', 'wrist']" in dry.output
-    assert f"bytes_per_step: {2 * 256 * 256 * 2}" in dry.output and not (tmp_path / "store").exists()
+    assert "episodes: 2" in dry.output and "steps: 4" in dry.output and "views: primary, wrist" in dry.output
+    assert f"bytes per step: {2 * 256 * 256 * 2:,}" in dry.output and not (tmp_path / "store").exists()
+    assert "grid: 16x16" in dry.output and "[" not in dry.output and "'" not in dry.output  # no Python reprs
+    bare = [str(written.path), "--out", str(tmp_path / "store"), "--dry-run"]  # no --vggt: the plan, and what it needs
+    no_vggt = CliRunner().invoke(app, ["extract", *bare])
+    assert no_vggt.exit_code == 0, no_vggt.output
+    assert "vggt: none given; a run needs --vggt (facebook/VGGT-1B" in no_vggt.output
+    assert f"bytes per step: {2 * 256 * 2048 * 2:,}" in no_vggt.output  # VGGT-1B's 2048 channels
+    refused = CliRunner().invoke(app, ["extract", *bare[:-1]])
+    assert isinstance(refused.exception, SfcacheError) and "--vggt is needed to extract" in str(refused.exception)
     assert f"device: {resolve_device('auto')}" in dry.output
     no_gpu = CliRunner().invoke(
         app, ["extract", str(written.path), "--out", str(tmp_path / "store"), *TINY, "--device", "cuda:99", "--dry-run"]

@@ -33,7 +33,7 @@ from distributed import Client, LocalCluster
 from typer.testing import CliRunner
 
 from sfcache.cli.main import app, main
-from sfcache.errors import ConfigMismatch, RunSuperseded, SourceError, StoreError
+from sfcache.errors import ConfigMismatch, ResumeMismatch, RunSuperseded, SourceError, StoreError
 from sfcache.extract import ExtractConfig, extract
 from sfcache.pooling import pool_grid
 from sfcache.sources import open_source
@@ -355,6 +355,10 @@ def test_expected_errors_survive_pickling_with_every_field():
     back = pickle.loads(pickle.dumps(mismatch))
     assert type(back) is ConfigMismatch and str(back) == str(mismatch)
     assert back.store == "/stores/s" and back.differences == {"targets.dtype": ("float16", "int8")}
+    resumed = ResumeMismatch("runs/sf", {"--model-size": ("tiny", "small")}, fix="start over")
+    back = pickle.loads(pickle.dumps(resumed.with_fix("use --no-resume")))
+    assert type(back) is ResumeMismatch and back.fix == "use --no-resume" and back.holder == "checkpoint"
+    assert str(back) == "the checkpoint in runs/sf was trained with --model-size tiny, you asked small; use --no-resume"
 
 
 def test_a_source_with_skipped_episodes_travels_to_workers_intact(tmp_path):
@@ -393,7 +397,7 @@ def test_a_crash_inside_a_training_step_leaves_the_store_unchanged(tmp_path, mon
         batch_size=4,
         model_size="tiny",
         grid=4,
-        workers=0,
+        loader_workers=0,
         warmup_steps=1,
         save_every=1,
         val_every=10,
@@ -677,7 +681,7 @@ def test_sf_extract_repair_redoes_a_damaged_shard_that_check_finds(tmp_path, dat
         open_cache(out).read_rows([4])
     assert CliRunner().invoke(app, ["inspect-cache", str(out), "--check"]).exit_code == 1
     plain = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler)
-    assert plain.exit_code == 0 and "extracted 0 steps" in plain.output  # a plain resume reads nothing back
+    assert plain.exit_code == 0 and "is already complete" in plain.output  # a plain resume reads nothing back
     repaired = sf_extract(dataset, "--out", out, *SHARDED, "--scheduler", scheduler, "--repair")
     assert repaired.exit_code == 0 and "redid shard 2:" in repaired.output, repaired.output
     assert_equal_stores(out, reference)
@@ -1127,7 +1131,7 @@ def test_check_failures_keep_square_brackets_and_empty_paths_are_errors(tmp_path
     assert check.exit_code == 1 and "expected [key, instruction, start, length]" in check.output, check.output
     assert "--repair" not in check.output  # a damaged provenance is not what --repair redoes
     for argv, named in (
-        (["extract", "", "--out", str(tmp_path / "s"), *TINY], "SOURCE_PATH: empty path"),
+        (["extract", "", "--out", str(tmp_path / "s"), *TINY], "PATH: empty path"),
         (["extract", str(tmp_path), "--out", "", *TINY], "--out: empty path"),
         (["inspect-cache", ""], "STORE: empty path"),
         (["inspect-source", " "], "PATH: empty path"),

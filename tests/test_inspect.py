@@ -107,8 +107,11 @@ def test_cli_summary_text_and_json(built):
         "float16 / none",
         "4/4 shards, 8/8 steps",
         "random:tiny+seed0",
+        "none (VGGT input per preprocess)",  # raw-pixel HDF5: no JPEG decoded, so no DCT shown
+        "none (uncompressed)",  # not "0.997x": the ratio of an uncompressed store means nothing
     ):
         assert expected in text.output
+    assert "JPEG" not in text.output and inspection.summarize(inspection.open_store(store)).recipe.jpeg_dct is None
     as_json = invoke(store, "--json")
     assert as_json.exit_code == 0, as_json.output
     assert json.loads(as_json.output)["summary"] == inspection.summarize(inspection.open_store(store)).to_json()
@@ -358,12 +361,16 @@ def test_pca_png_size_and_tiles(built, tmp_path):
     picture = json.loads(result.output)["pca"]
     image = np.asarray(Image.open(out))
     assert Image.open(out).format == "PNG"
-    assert (picture["width"], picture["height"]) == inspection.pca_picture_size((FRAME, FRAME), 2, 3) == (256, 28 + 192)
-    band = inspection.LABEL_BAND
-    assert image.shape == (band + 3 * FRAME, 4 * FRAME, 3)
-    assert image[:band].max() > 0 and image[:band].min() == 0  # the column labels, written
     keys = list(written.episodes)
     assert picture["steps"] == [[keys[0], 0], [keys[1], 0], [keys[1], 3]]  # evenly over rows 0, 4, 7
+    tasks = list(dict.fromkeys(key.rpartition("/")[0] for key in keys[:2]))
+    assert (picture["width"], picture["height"]) == inspection.pca_picture_size((FRAME, FRAME), 2, 3, tasks)
+    band = inspection.label_band(4 * FRAME, tasks)
+    lines = len(inspection._wrap(inspection.CAPTION, 4 * FRAME))  # what "PCA L3" and the colours mean
+    lines += sum(len(inspection._wrap(f"task {n}: {task}", 4 * FRAME)) for n, task in enumerate(tasks, 1))
+    assert band == (2 + lines) * inspection.LINE + 4 and lines >= 4
+    assert image.shape == (band + 3 * FRAME, 4 * FRAME, 3)
+    assert image[:band].max() > 0 and image[:band].min() == 0  # the column labels, written
     first = written.episodes[keys[0]].frames[0]  # [views, H, W, 3]
     below = 16  # rows under the step label
     row = image[band + below : band + FRAME]

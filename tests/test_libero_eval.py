@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ def run_dir(tmp_path_factory) -> Path:
             grid=4,
             device="cpu",
             val_episodes=1,
-            workers=0,
+            loader_workers=0,
         )
     )
     return root / "run"
@@ -172,6 +173,7 @@ def test_missing_simulator_and_backend_are_one_line_errors(run_dir, tmp_path, ca
 def test_short_episode_end_to_end_renders_and_resumes(run_dir, tmp_path, capsys, monkeypatch):
     import imageio.v2 as imageio
 
+    monkeypatch.setattr("sfcache.progress.LOG_EVERY_S", 0.1)  # plain lines (off a terminal) within the episode
     out = tmp_path / "eval"
     args = [
         "eval-libero",
@@ -203,6 +205,7 @@ def test_short_episode_end_to_end_renders_and_resumes(run_dir, tmp_path, capsys,
     assert summary["episodes"] == 1 and summary["success_rate"] == 0.0 and summary["ci95"][1] > 0.7
     assert summary["protocol"].startswith("shortened") and summary["config"]["step_limit"] == 8
     assert summary["policy"]["step"] == 2 and "libero_spatial" in output and "success 0.0%" in output
+    assert re.search(r"^task 0 trial 0: 8/8 steps, .* ETA ", output, re.MULTILINE), output  # within the episode
 
     frames = np.stack(imageio.mimread(out / record["video"]))  # the primary view at each policy step
     assert frames.shape == (8, 256, 256, 3)

@@ -178,7 +178,7 @@ def test_the_trainers_targets_are_what_targets_for_joins_for_the_same_batch(tmp_
             batch_size=6,
             model_size="tiny",
             grid=GRID,
-            workers=2,
+            loader_workers=2,
             val_episodes=0,
             resume=False,
         )

@@ -132,7 +132,7 @@ def test_a_resumed_probe_equals_an_uninterrupted_one_and_other_settings_are_refu
     assert resumed["results"] == reference["results"]
     logs = [(tmp_path / name / "metrics.jsonl").read_text() for name in ("reference", "resumed")]
     assert logs[0] == logs[1]
-    with pytest.raises(ConfigMismatch, match=r"--no-resume.*lr: store has 0.001, asked 0.002"):
+    with pytest.raises(ConfigMismatch, match=r"lr: checkpoint has 0.001, asked 0.002.*use --no-resume"):
         probe(data, tmp_path / "resumed", FitSettings(**{**settings.__dict__, "lr": 2e-3}))
 
 

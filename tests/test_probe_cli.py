@@ -31,7 +31,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     plain = write_libero_hdf5(root / "plain", tasks=1, demos=2, steps=4, size=32).path
     run = root / "run"
     train = ["train", "--source", data, "--align-weight", "0", "--out", run, "--steps", "2", "--batch-size", "2"]
-    train += ["--val-episodes", "0", "--model-size", "tiny", "--grid", "4", "--workers", "0"]
+    train += ["--val-episodes", "0", "--model-size", "tiny", "--grid", "4", "--loader-workers", "0"]
     with pytest.raises(SystemExit) as exit_info:
         main([str(a) for a in train])
     assert exit_info.value.code == 0

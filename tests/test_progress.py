@@ -42,3 +42,19 @@ def test_the_terminal_bar_shows_the_figures_too():
     bar = progress.progress_bar("steps", console=Console(file=io.StringIO(), force_terminal=True))
     task = bar.add_task("train", total=3, loss=0.42137)
     assert progress.FieldsColumn().render(bar.tasks[task]).plain == "loss 0.4214"
+
+
+def test_a_task_of_its_own_unit_hidden_tasks_and_the_closing_line(monkeypatch):
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 60)  # no periodic line: what is printed is the closing one
+    log = io.StringIO()
+    with progress.progress_bar("episodes", console=Console(file=log)) as bar:
+        bar.add_task("suite", total=4)  # no progress: no closing line
+        quick = bar.add_task("indexing", total=None)  # short, no figures, never reported: no closing line
+        bar.update(quick, advance=3)
+        within = bar.add_task("episode", total=220, visible=False, unit="steps")
+        hidden = bar.add_task("hidden", total=3, visible=False)
+        bar.update(hidden, advance=1)
+        bar.reset(within, description="task 0 trial 0", visible=True)
+        bar.update(within, completed=8, loss=0.5)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("task 0 trial 0: 8/220 steps, ") and lines[0].endswith("loss 0.5")

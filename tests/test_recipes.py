@@ -12,14 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed import LocalCluster
+from PIL import Image
 from typer.testing import CliRunner
 
 from sfcache.cli.main import app
 from sfcache.errors import ConfigMismatch, SfcacheError, StoreError
 from sfcache.extract import ExtractConfig, extract, plan
-from sfcache.inspect import check, open_store, summarize, verify
+from sfcache.inspect import _hatched, check, label_band, open_store, pca_picture, summarize, verify, vggt_frames
 from sfcache.pooling import pooled_targets
-from sfcache.recipes import RECIPES, recipe_inputs
+from sfcache.recipes import RECIPES, insert_blanks, recipe_inputs
 from sfcache.sources import open_source
 from sfcache.sources.images import decode_image, encode_jpeg
 from sfcache.sources.synthetic import write_lerobot, write_libero_hdf5, write_libero_rlds, write_robotwin
@@ -179,6 +180,20 @@ def test_openpi_store_from_two_cameras_has_three_slots_blank_masked(tmp_path, sc
     assert result.ok and result.mask_errors == 0
     shown = CliRunner().invoke(app, ["inspect-cache", str(tmp_path / "s")], catch_exceptions=False).output
     assert "openpi: matches OpenHelix-Team/Spatial-Forcing openpi-SF" in " ".join(shown.split())
+    assert summary.recipe.jpeg_dct == "islow"  # RoboTwin stores JPEGs: the decode is shown
+    # its picture shows what VGGT saw (the letterbox, padding white) and draws masked tokens hatched
+    picture = pca_picture(cache, tmp_path / "pca.png", steps=1)
+    image, band = np.asarray(Image.open(picture.path).convert("RGB")), label_band(6 * 224, [key.rpartition("/")[0]])
+    assert (picture.width, picture.height) == (6 * 224, band + 224)
+    frame = open_source(written.path, views=("head", "left_wrist")).read(key, 0, 1).frames  # [1, 2, 48, 64, 3]
+    seen = vggt_frames(insert_blanks(frame, cache.views), "letterbox")[0]  # [3, 224, 224, 3]
+    assert (seen[0, :20] == 255).all() and (seen[2] == 255).all()  # white padding, a white blank slot
+    below = 16  # rows under the step label
+    np.testing.assert_array_equal(image[band + below : band + 224, :224], seen[0, below:])
+    blank_pca = image[band : band + 224, 5 * 224 :]
+    assert set(np.unique(blank_pca[:, :, 0]).tolist()) >= {70, 150}  # hatched (and its "masked" label)
+    padding_pca = image[band + 210 : band + 224, 224:448]  # token rows 14-15: the letterbox padding
+    np.testing.assert_array_equal(padding_pca, _hatched((224, 224))[210:224])
     resumed = ExtractConfig(
         source=written.path,
         out=tmp_path / "s",

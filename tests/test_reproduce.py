@@ -10,9 +10,15 @@ import json
 import logging
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import zarr
 from distributed import LocalCluster
+from PIL import Image
 
 from sfcache.cli.main import main
 from sfcache.libero_eval import EvalSummary, wilson_interval
@@ -20,7 +26,8 @@ from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_hdf5, write_libero_rlds
 from sfcache.store import open_cache
 from sfcache.train.loop import CHECKPOINT, METRICS, Trainer
-from sfcache.train.reproduce import SUITES, find_suites
+from sfcache.train.reproduce import RUNS, SUITES, find_suites, plot_success, plot_suite
+from sfcache.vggt import random_weights_warning
 from tests._cli_helpers import run_main
 
 TINY = [
@@ -149,7 +156,8 @@ def test_rlds_interrupted_then_resumed_then_skipped(tmp_path, rlds_root, schedul
     assert [r["extracted_steps"] for r in report["suites"]["libero_spatial"]["cache"]["extract_runs"]] == [18, 2]
     assert "RANDOM VGGT WEIGHTS" in output and "simulator evaluation off (--eval-trials 0): evaluated offline" in output
     assert report["suites"]["libero_spatial"]["evaluation"] is None
-    assert output.rstrip().splitlines()[-3] == f"report: {out / 'report.md'}"
+    printed = [line for line in output.rstrip().splitlines() if not line.startswith("train: ")]  # stderr's last
+    assert printed[-3] == f"report: {out / 'report.md'}"
 
     # finished: nothing is extracted or trained again
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "plots" not in p.parts}
@@ -421,3 +429,35 @@ def test_grid_is_spelled_as_extract_spells_it(tmp_path, rlds_root, capsys, monke
     code, output = run(capsys, "--libero-dir", rlds_root, "--vggt", "random:tiny", "--grid", "4x8")
     assert code == 2 and "--grid 4x8: expected N or NxN (a square grid, e.g. 16 or 16x16)" in output
     assert ReproduceConfig().grid == 16
+
+
+def _red_pixels(png: Path) -> int:
+    """Pure-red pixels in the top tenth of a picture: where the random-weights warning is drawn."""
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    top = rgb[: rgb.shape[0] // 10]
+    return int(((top[..., 0] > 200) & (top[..., 1] < 80) & (top[..., 2] < 80)).sum())
+
+
+def test_plots_mark_single_points_label_both_axes_and_carry_the_random_weights_warning(tmp_path):
+    one = {run: {"train": [{"step": 2, "action_l1": 0.5}], "val": [{"step": 2, "val_action_l1": 0.4}]} for run in RUNS}
+    warning = random_weights_warning("random:tiny+seed0")
+    figures = []
+    real = plt.Figure.savefig
+
+    def kept(fig, *args, **kwargs):
+        figures.append(fig)
+        return real(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt.Figure, "savefig", kept)
+        plot_suite("libero_goal", one, tmp_path / "warned.png", warning)
+        plot_suite("libero_goal", one, tmp_path / "real.png", None)
+    warned, real_weights = figures
+    assert warned.texts[0].get_text().replace("\n", " ") == warning and not real_weights.texts
+    assert _red_pixels(tmp_path / "warned.png") > 200 and _red_pixels(tmp_path / "real.png") == 0
+    for ax in warned.axes:
+        assert ax.get_ylabel().startswith("action L1")
+        assert all(line.get_marker() == "o" for line in ax.get_lines())  # one point each: drawn as a marker
+    evaluation = {run: [{"step": s, "success_rate": 0.5, "ci95": [0.2, 0.8]} for s in (1, 2)] for run in RUNS}
+    plot_success("libero_goal", evaluation, tmp_path / "success.png", warning)
+    assert _red_pixels(tmp_path / "success.png") > 200

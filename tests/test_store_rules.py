@@ -145,7 +145,8 @@ def test_differences_list_each_differing_field_in_the_order_given():
     assert differences(recorded, recorded, recorded) == {}
     assert (
         str(ConfigMismatch("S", differences(recorded, asked, ["vggt.weights_id"])))
-        == "S: configuration differs (vggt.weights_id: store has 'x', asked 'y')"
+        == "S: configuration differs (vggt.weights_id: store has 'x', asked 'y'); use --overwrite to replace it, "
+        "or another --out"
     )
 
 

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import io
 import json
-from dataclasses import replace
+import re
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from sfcache.cli.main import main
+from sfcache.libero_eval import EvalConfig, results_table, summarize
 from sfcache.options import default_of
 from sfcache.train.data import open_training_data
+from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer
 from tests._cli_helpers import kill_9_then_resume
 from tests._train_helpers import GRID, tree_digest, write_dataset, write_store
 
-TINY = ["--model-size", "tiny", "--grid", str(GRID), "--workers", "0", "--warmup-steps", "5"]
+TINY = ["--model-size", "tiny", "--grid", str(GRID), "--loader-workers", "0", "--warmup-steps", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +77,15 @@ def test_sf_train_beats_mean_action_baseline_and_leaves_cache_untouched(data, tm
     assert train[-1]["align_loss"] < train[0]["align_loss"]  # the policy learns the targets too
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tree_digest(store) == before  # training never writes the cache
+    # its evaluation says where its targets came from: summary.json's policy and the table's caption
+    described = CheckpointPolicy(out, device="cpu").describe()
+    assert described["random_weights"].startswith("RANDOM WEIGHTS (random:tiny+seed0): these targets carry no")
+    record = {"task": "t", "task_id": 0, "trial": 0, "success": True, "steps": 5, "seconds": 1.0, "sim_steps": 15}
+    summary = summarize([record], EvalConfig("spatial", tmp_path / "eval", tasks=(0,), trials_per_task=1), described)
+    assert json.loads(json.dumps(asdict(summary)))["policy"]["random_weights"] == described["random_weights"]
+    table = Console(file=io.StringIO(), width=300)
+    table.print(results_table(summary))
+    assert described["random_weights"] in " ".join(table.file.getvalue().split())  # the caption, wrapped
 
 
 def small_config(source: Path, store: Path, out: Path) -> TrainConfig:
@@ -83,7 +97,7 @@ def small_config(source: Path, store: Path, out: Path) -> TrainConfig:
         batch_size=8,
         model_size="tiny",
         grid=GRID,
-        workers=0,
+        loader_workers=0,
         warmup_steps=2,
         save_every=3,
         val_every=3,
@@ -181,6 +195,7 @@ def test_a_store_of_other_views_grid_and_dataset_is_refused_with_each_difference
     assert "views: store has ['wrist', 'primary'], asked ['primary', 'wrist']" in error
     assert "grid: store has [4, 4], asked [8, 8]" in error
     assert "source.fingerprint: store has 'sha256:" in error
+    assert "give the store's --views and --grid and the dataset it was extracted from as --source" in error
     assert f"source.path: store has '{other_source.resolve()}', asked '{source.resolve()}'" in error
 
 
@@ -225,7 +240,9 @@ def test_resuming_against_a_store_of_other_width_is_refused(data, tmp_path, caps
     )
     error = capsys.readouterr().err
     assert status == 2
-    assert "channels: store has 32, asked 16" in error and "resuming a checkpoint" in error
+    assert (
+        f"the checkpoint in {out} was trained with --cache (target channels) 32, you asked 16; use --no-resume" in error
+    )
 
 
 def test_an_unfinished_store_is_a_clear_error(data, tmp_path, capsys):
@@ -296,7 +313,7 @@ def test_samples_decode_only_their_own_frames_and_pad_the_action_chunk(data, mon
         (["--align-weight", "0", "--align-layer", "0"], "--align-layer must be in 1..4"),
         (["--align-weight", "0", "--lr", "-1"], "--lr must be a positive finite number, got -1.0"),
         (["--align-weight", "0", "--lr", "nan"], "--lr must be a positive finite number, got nan"),
-        (["--align-weight", "0", "--workers", "-1"], "these must be >= 0: --workers -1"),
+        (["--align-weight", "0", "--loader-workers", "-1"], "these must be >= 0: --loader-workers -1"),
         (["--align-weight", "0", "--val-episodes", "-1"], "--val-episodes -1"),
         (["--align-weight", "0", "--device", "tpu"], "--device 'tpu': expected auto | cpu | cuda | cuda:N"),
         (
@@ -384,7 +401,13 @@ def test_resuming_with_another_align_weight_names_that_setting(data, tmp_path, c
         *TINY,
     ]
     assert sf(*args) == 0
+    trained = capsys.readouterr().err  # off a terminal: plain progress lines, the last with the step's loss
+    assert re.search(r"^train: 1/1 steps, .* ETA 0:00, loss \d", trained, re.MULTILINE), trained
+    assert sf(*args) == 0
+    assert f"{out} is already complete: 1 of 1 steps trained; nothing to do" in capsys.readouterr().out
     assert sf(*args[: -len(TINY)], "--steps", "2", "--align-weight", "0", *TINY) == 2
     error = capsys.readouterr().err
-    assert "align_weight: store has 0.5, asked 0.0" in error, error
-    assert "other settings" in error and "--no-resume" in error and "other data" not in error
+    assert error.strip().splitlines()[-1] == (
+        f"error: the checkpoint in {out} was trained with --align-weight 0.5, you asked 0.0; use --no-resume (or "
+        "another --out) to start over"
+    ), error

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from sfcache.errors import ConfigMismatch, SfcacheError, differences
+from sfcache.errors import ConfigMismatch, ResumeMismatch, SfcacheError, differences
 from sfcache.recipes import get_recipe
 from sfcache.rows import RowIndex
 from sfcache.sources import Source, open_source, recorded_views
@@ -122,7 +122,10 @@ def open_training_data(
         )
     episodes = _episode_rows(source, targets)
     if val_episodes >= len(episodes):
-        raise SfcacheError(f"{source_path}: {len(episodes)} episodes, cannot hold out {val_episodes} for validation")
+        raise SfcacheError(
+            f"{source_path}: {len(episodes)} episodes, cannot hold out {val_episodes} for validation; "
+            f"use --val-episodes {max(len(episodes) - 1, 0)} or fewer (0: no validation)"
+        )
     held_out = set(np.linspace(0, len(episodes) - 1, val_episodes).round().astype(int).tolist())  # spread out
     train = [e for i, e in enumerate(episodes) if i not in held_out]
     proprio = _proprio_sample(source, train)
@@ -175,15 +178,39 @@ def check_cache_matches(targets: CachedTargets, source: Source, grid: tuple[int,
     if "source.fingerprint" in diff:
         diff.update(differences(recorded, asked, ["source.path"]))
     if diff:
-        raise ConfigMismatch(targets.store, diff)
+        raise ConfigMismatch(
+            targets.store,
+            diff,
+            fix="give the store's --views and --grid and the dataset it was extracted from as --source, "
+            "or extract a store for these with sf extract",
+        )
 
 
-def check_resume(saved: dict, current: dict, where: Path) -> None:
-    """ConfigMismatch if a checkpoint was trained on other data (views, grid, targets, dataset) than this run's."""
+# the flag that sets each part of a run's data identity, as a resume refusal names it
+IDENTITY_FLAGS = {
+    "views": "--views",
+    "grid": "--grid",
+    "channels": "--cache (target channels)",
+    "layer": "--cache-layer",
+    "weights_id": "--cache (VGGT weights)",
+    "jpeg_fast_dct": "--cache (recipe's JPEG decode)",
+    "online_vggt": "--online-vggt",
+}
+
+
+def check_resume(saved: dict, current: dict, run: Path) -> None:
+    """ResumeMismatch naming by its flag each way the checkpoint in `run` was trained on other data (views, grid,
+    targets, dataset) than this run's."""
     fields = [k for k in sorted(set(saved) | set(current)) if k != "source"]
     diff = differences(saved, current, fields + [f"source.{k}" for k in SOURCE_FIELDS])
-    if diff:
-        raise ConfigMismatch(f"{where} (resuming a checkpoint trained with other data)", diff)
+    if "source.fingerprint" in diff:
+        diff.update(differences(saved, current, ["source.path"]))
+    named = {
+        IDENTITY_FLAGS.get(k, f"--source ({k.removeprefix('source.')})" if k.startswith("source.") else k): pair
+        for k, pair in diff.items()
+    }
+    if named:
+        raise ResumeMismatch(run, named)
 
 
 def _episode_rows(source: Source, targets: CachedTargets | None) -> list[EpisodeRows]:

@@ -21,6 +21,7 @@ from sfcache.libero_eval import Observation, jpeg_roundtrip, normalize_gripper
 from sfcache.train.augment import center_boxes, crop_images
 from sfcache.train.loop import CHECKPOINT, load_checkpoint
 from sfcache.train.model import Policy, PolicyConfig, encode_instructions
+from sfcache.vggt import random_weights_warning
 
 JPEG_SOURCES = ("libero_rlds",)  # training frames that were JPEG-decoded
 
@@ -59,7 +60,9 @@ class CheckpointPolicy:
     def describe(self) -> dict:
         """What is evaluated: recorded with the results, so a resumed evaluation must use the same weights."""
         digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        warning = random_weights_warning(self.identity.get("online_vggt") or self.identity.get("weights_id"))
         return {
+            **({"random_weights": warning} if warning else {}),  # its SF targets came from random: VGGT weights
             "checkpoint": str(self.path.resolve()),
             "sha256": digest,
             "step": self.step,

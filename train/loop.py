@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
-from sfcache.errors import ConfigMismatch, SfcacheError, differences, raise_problems
-from sfcache.options import comma_list, comma_text, option
+from sfcache.errors import ConfigMismatch, ResumeMismatch, SfcacheError, differences, raise_problems
+from sfcache.options import comma_list, comma_text, option, square_grid, square_grid_text
 from sfcache.progress import progress_bar
 from sfcache.torch import CachedTargets, SpatialForcingLoss
 from sfcache.train.augment import center_boxes, colour_jitter, crop_images, random_boxes
@@ -51,7 +51,12 @@ class TrainConfig:
     align_weight: float = option(0.5, "SF's alpha; 0 trains the baseline without SF.")
     align_layer: int | None = option(None, "Policy block whose visual tokens are aligned (default: 3/4 of the depth).")
     model_size: str = option("small", " | ".join(SIZES) + ".")
-    grid: int = option(16, "Visual tokens per side; images are grid*14 px (16 -> 224).")
+    grid: int = option(
+        16,
+        "Visual tokens per view, NxN or N per side; images are N*14 px (16x16 -> 224).",
+        parse=square_grid,
+        show=square_grid_text,
+    )
     views: tuple[str, ...] | None = option(
         None, "Comma-separated camera views (default: the cache's).", parse=comma_list, show=comma_text
     )
@@ -67,7 +72,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = option(0, "Seed of the initialisation, batch order and augmentation.")
     resume: bool = option(True, "Continue from OUT/checkpoint.pt if present.")
-    workers: int = option(2, "DataLoader worker processes.")
+    loader_workers: int = option(2, "DataLoader worker processes.")
     augment: bool = option(True, "Random 90% crop + colour jitter.")
     deterministic: bool = option(False, "Deterministic kernels (bitwise resume).")
 
@@ -95,7 +100,11 @@ class TrainConfig:
         small = [f"--{name} {value}" for name, value in counts.items() if value < 1]
         if small:
             problems.append(f"these must be >= 1: {', '.join(small)}")
-        negative = {"warmup-steps": self.warmup_steps, "val-episodes": self.val_episodes, "workers": self.workers}
+        negative = {
+            "warmup-steps": self.warmup_steps,
+            "val-episodes": self.val_episodes,
+            "loader-workers": self.loader_workers,
+        }
         below = [f"--{name} {value}" for name, value in negative.items() if value < 0]
         if below:
             problems.append(f"these must be >= 0: {', '.join(below)}")
@@ -112,6 +121,15 @@ class TrainConfig:
         except SfcacheError as problem:
             problems.append(str(problem))
         raise_problems(problems)
+
+    def warnings(self) -> list[str]:
+        """Settings that run but likely not as meant: what `sf train` prints before it starts."""
+        if self.steps < self.warmup_steps:
+            return [
+                f"--steps {self.steps} is below --warmup-steps {self.warmup_steps}: the learning rate never reaches "
+                f"--lr (the run ends in warm-up); lower --warmup-steps or raise --steps"
+            ]
+        return []
 
 
 @dataclass(frozen=True)
@@ -204,6 +222,25 @@ def compute_losses(
     return {"loss": action_l1 + align_weight * align, "action_l1": action_l1, "align_loss": align}
 
 
+def _run_settings(policy: dict, seed: int, batch_size: int, align_weight: float) -> dict:
+    """A run's settings keyed by the flag that sets each (the policy's size as its --model-size name); the policy
+    fields no flag sets (views, action and proprio sizes: the data's) by name."""
+    dims = (policy["dim"], policy["depth"], policy["heads"])
+    size = next(
+        (name for name, sized in SIZES.items() if tuple(sized) == dims), "dim {}, depth {}, heads {}".format(*dims)
+    )
+    flags = {
+        "--model-size": size,
+        "--align-layer": policy["align_layer"],
+        "--grid": policy["grid"][0],
+        "--seed": seed,
+        "--batch-size": batch_size,
+        "--align-weight": align_weight,
+    }
+    by_flag = ("dim", "depth", "heads", "align_layer", "grid")
+    return {**flags, **{f"policy {k}": v for k, v in policy.items() if k not in by_flag}}
+
+
 class Trainer:
     """Holds the run's state; `run()` trains to `config.steps`, resuming from OUT/checkpoint.pt if asked."""
 
@@ -243,12 +280,16 @@ class Trainer:
             online = {"weights_id": self.online.weights_id, "channels": self.online.channels}
             differ = differences(stored, online, ("weights_id", "channels"))
             if differ:
-                raise ConfigMismatch(c.cache, {f"{name} (vs --online-vggt)": pair for name, pair in differ.items()})
+                raise ConfigMismatch(
+                    c.cache,
+                    {f"{name} (vs --online-vggt)": pair for name, pair in differ.items()},
+                    fix="give --online-vggt the weights the cache was extracted with, or leave out --cache",
+                )
         if self.online:
             self.data.identity["online_vggt"] = self.online.weights_id
         if saved is not None:  # the run's own settings first: they explain a different identity too
             self._check_same_run(saved)
-            check_resume(saved["identity"], self.data.identity, c.cache or c.source)
+            check_resume(saved["identity"], self.data.identity, c.out)
         target_width = self.online.channels if self.online else self.data.targets.channels if self.data.targets else 0
         self.sf_loss = (
             SpatialForcingLoss(self.policy_config.dim, target_width).to(self.device) if c.align_weight > 0 else None
@@ -304,21 +345,19 @@ class Trainer:
         os.replace(partial, self.checkpoint_path)
 
     def _check_same_run(self, saved: dict) -> None:
-        """ConfigMismatch naming each run setting (policy, seed, batch size, alpha) that differs from the
-        checkpoint's."""
-        asked = {
-            "policy": self.policy_config.to_dict(),
-            "seed": self.config.seed,
-            "batch_size": self.config.batch_size,
-            "align_weight": self.config.align_weight,
-        }
-        had = {"policy": _jsonable(saved["policy"]), **{k: saved["config"][k] for k in asked if k != "policy"}}
-        asked["policy"] = _jsonable(asked["policy"])
-        diff = differences(had, asked, ("policy", "seed", "batch_size", "align_weight"))
+        """ResumeMismatch naming each run setting (model size, seed, batch size, alpha, ...) by its flag, when it
+        differs from the checkpoint's."""
+        saved_config = saved["config"]
+        had = _run_settings(
+            _jsonable(saved["policy"]), *(saved_config[k] for k in ("seed", "batch_size", "align_weight"))
+        )
+        c = self.config
+        asked = _run_settings(_jsonable(self.policy_config.to_dict()), c.seed, c.batch_size, c.align_weight)
+        diff = differences(had, asked, list(had))
+        if "--model-size" in diff and c.align_layer is None:
+            diff.pop("--align-layer", None)  # the default layer follows the size: one difference, not two
         if diff:
-            raise ConfigMismatch(
-                f"{self.checkpoint_path} (resuming a run made with other settings; use --no-resume to start over)", diff
-            )
+            raise ResumeMismatch(c.out, diff)
 
     def _restore(self, saved: dict) -> None:
         self.model.load_state_dict(saved["model"])
@@ -353,7 +392,7 @@ class Trainer:
             dataset,
             batch_sampler=batches,
             collate_fn=dataset.collate,
-            num_workers=self.config.workers,
+            num_workers=self.config.loader_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
         )
@@ -430,7 +469,7 @@ class Trainer:
                 metrics = self.train_step(raw)
                 step_times.append(time.perf_counter() - began)
                 self.step += 1
-                bar.advance(task)
+                bar.update(task, advance=1, loss=metrics["loss"])  # plain lines (logs) carry it too
                 if self.step % c.log_every == 0 or self.step == c.steps:
                     self.log(
                         {
@@ -534,11 +573,15 @@ def plot_metrics(metrics_path: Path, png_path: Path, weights_id: str | None = No
     train_rows = [r for r in records if r["split"] == "train"]
     val_rows = [r for r in records if r["split"] == "val"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot([r["step"] for r in train_rows], [r["action_l1"] for r in train_rows], label="train action L1")
+    marker = "o" if len(train_rows) == 1 else None  # one logged step: a point, not an invisible line
+    left.plot(
+        [r["step"] for r in train_rows], [r["action_l1"] for r in train_rows], marker=marker, label="train action L1"
+    )
     if any("align_loss" in r for r in train_rows):
         left.plot(
             [r["step"] for r in train_rows if "align_loss" in r],
             [r["align_loss"] for r in train_rows if "align_loss" in r],
+            marker=marker,
             label="align loss (1 - cos)",
         )
     left.set_xlabel("step")
@@ -547,7 +590,7 @@ def plot_metrics(metrics_path: Path, png_path: Path, weights_id: str | None = No
     left.legend()
     right.plot([r["step"] for r in val_rows], [r["val_action_l1"] for r in val_rows], "o-", label="val action L1")
     right.plot(
-        [r["step"] for r in val_rows], [r["val_mean_action_l1"] for r in val_rows], "--", label="mean-action baseline"
+        [r["step"] for r in val_rows], [r["val_mean_action_l1"] for r in val_rows], "x--", label="mean-action baseline"
     )
     right.set_xlabel("step")
     right.set_ylabel("action L1")

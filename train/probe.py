@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from sfcache.device import DEVICE_CHOICES
-from sfcache.errors import SfcacheError, raise_problems
+from sfcache.errors import ConfigMismatch, SfcacheError, raise_problems
 from sfcache.options import comma_text, option, same_fields
 from sfcache.probe import FitSettings, SourceRows, StoreData, probe, write_token_store
 from sfcache.probe.head import SCALES
@@ -126,24 +126,27 @@ def policy_tokens(
         return model.hidden_states(images, text, proprio, layers).float().cpu().numpy()
 
     described = policy.describe()
-    cache = write_token_store(
-        store,
-        kept,
-        hidden,
-        layers=layers,
-        views=policy.views,
-        grid=config.grid,
-        channels=config.dim,
-        model={
-            "weights": described["checkpoint"],
-            "weights_id": f"sha256:{described['sha256']}",
-            "config": config.to_dict(),
-            "preprocess": f"every {every}th step, centre 90% crop resized to the policy's input (its validation's)",
-            "compute_dtype": "float32",
-        },
-        source=source.describe(),
-        overwrite=overwrite,
-    )
+    try:
+        cache = write_token_store(
+            store,
+            kept,
+            hidden,
+            layers=layers,
+            views=policy.views,
+            grid=config.grid,
+            channels=config.dim,
+            model={
+                "weights": described["checkpoint"],
+                "weights_id": f"sha256:{described['sha256']}",
+                "config": config.to_dict(),
+                "preprocess": f"every {every}th step, centre 90% crop resized to the policy's input (its validation's)",
+                "compute_dtype": "float32",
+            },
+            source=source.describe(),
+            overwrite=overwrite,
+        )
+    except ConfigMismatch as mismatch:  # `sf probe` starts a token store over with --no-resume
+        raise mismatch.with_fix("use --no-resume to start over, or another --out") from None
     rows = SourceRows(source, cache.index, config.image_size[0], center_boxes(1)[0].tolist(), every=every)
     return StoreData(store, depth=rows.depth, frames=rows.frames)
 

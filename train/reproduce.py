@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import textwrap
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
-from sfcache.errors import SfcacheError, SourceError, StoreError, WeightsError, differences
+from sfcache.errors import ConfigMismatch, SfcacheError, SourceError, StoreError, WeightsError, differences
 from sfcache.extract import ExtractConfig, extract
 from sfcache.inspect import summarize
 from sfcache.libero_eval import EvalConfig, evaluate, simulator_available
@@ -34,8 +35,6 @@ from sfcache.options import (
     option,
     option_like,
     same_fields,
-    square_grid,
-    square_grid_text,
     user_path,
 )
 from sfcache.probe import MEAN_DEPTH
@@ -44,7 +43,7 @@ from sfcache.store import open_cache
 from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer, TrainResult
 from sfcache.train.probe import PATCH_EMBEDDING, POLICY, ProbeConfig, run_probe
-from sfcache.vggt.weights import HUB_ID, RANDOM_SPEC, weights_config
+from sfcache.vggt.weights import HUB_ID, RANDOM_SPEC, random_weights_warning, weights_config
 
 __all__ = [
     "SUITES",
@@ -111,11 +110,7 @@ class ReproduceConfig:
     model_size: str = option_like(TrainConfig, "model_size")
     batch_size: int = option_like(TrainConfig, "batch_size")
     grid: int = option_like(
-        TrainConfig,
-        "grid",
-        help="Target grid and policy tokens, NxN or N per side (16x16 -> 224 px images).",
-        parse=square_grid,
-        show=square_grid_text,
+        TrainConfig, "grid", help="Target grid and policy tokens, NxN or N per side (16x16 -> 224 px images)."
     )
     dtype: str = option_like(ExtractConfig, "dtype")
     # the baseline runs are the alpha 0 ones: this alpha is the SF runs' only
@@ -123,7 +118,7 @@ class ReproduceConfig:
     # a report's validation L1 needs more held-out episodes than a quick `sf train`
     val_episodes: int = option_like(TrainConfig, "val_episodes", default=10, help="Held-out episodes per suite.")
     val_every: int = option_like(TrainConfig, "val_every", help="Validate and checkpoint every N steps.")
-    loader_workers: int = option_like(TrainConfig, "workers")
+    loader_workers: int = option_like(TrainConfig, "loader_workers")
     extract_batch_size: int = option_like(ExtractConfig, "batch_size")
     steps_per_shard: int = option_like(ExtractConfig, "steps_per_shard")
     eval_trials: int = option_like(
@@ -184,7 +179,7 @@ class ReproduceConfig:
             (lambda: _extraction_config(checked, suite, checked.out), {"--batch-size": "--extract-batch-size"}),
             (
                 lambda: _training_config(checked, suite, checked.out, checked.out, checked.align_weight),
-                {"--save-every": "--val-every", "--workers": "--loader-workers"},
+                {"--save-every": "--val-every"},
             ),
         ]
         if self.eval_trials > 0:
@@ -407,7 +402,10 @@ def extract_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console:
     if _store_complete(store, cfg, suite):
         console.print(f"  extract: {store} is complete, skipped")
     else:
-        summary = extract(_extraction_config(cfg, suite, store))
+        try:
+            summary = extract(_extraction_config(cfg, suite, store))
+        except ConfigMismatch as mismatch:  # sf reproduce-libero has no --overwrite
+            raise mismatch.with_fix(f"use another --out, or delete {store} to extract it again") from None
         runs.append(
             {
                 k: getattr(summary, k)
@@ -472,7 +470,7 @@ def _training_config(
         **same_fields(cfg, ("steps", "batch_size", "model_size", "grid", "device", "val_episodes")),
         val_every=cfg.val_every,
         save_every=cfg.val_every,
-        workers=cfg.loader_workers,
+        loader_workers=cfg.loader_workers,
     )
 
 
@@ -651,8 +649,9 @@ def _probe_lines(results: dict[str, SuiteResult], random_weights: bool) -> list[
     return [*lines, ""]
 
 
-def plot_success(name: str, evaluation: dict, png: Path) -> None:
-    """Simulator success rate (with its 95% interval) against training steps, with vs without SF."""
+def plot_success(name: str, evaluation: dict, png: Path, warning: str | None = None) -> None:
+    """Simulator success rate (with its 95% interval) against training steps, with vs without SF; `warning` (the
+    random-weights one) across the top in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -666,6 +665,7 @@ def plot_success(name: str, evaluation: dict, png: Path) -> None:
         ax.fill_between(steps, [100 * p["ci95"][0] for p in points], [100 * p["ci95"][1] for p in points], alpha=0.2)
     ax.set(title=f"{name}: LIBERO simulator success", xlabel="training step", ylabel="success (%)", ylim=(0, 100))
     ax.legend()
+    _warn_in_figure(fig, warning)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -674,8 +674,9 @@ def plot_success(name: str, evaluation: dict, png: Path) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-def plot_suite(name: str, runs: dict, png: Path) -> None:
-    """Train and validation action L1 with vs without SF, one figure per suite."""
+def plot_suite(name: str, runs: dict, png: Path, warning: str | None = None) -> None:
+    """Train and validation action L1 with vs without SF, one figure per suite (a single logged point drawn as a
+    marker); `warning` (the random-weights one) across the top in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -684,15 +685,25 @@ def plot_suite(name: str, runs: dict, png: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for run, label in RUNS.items():
         curve = runs[run]
-        left.plot([r["step"] for r in curve["train"]], [r["action_l1"] for r in curve["train"]], label=label)
+        train = curve["train"]
+        marker = "o" if len(train) == 1 else None
+        left.plot([r["step"] for r in train], [r["action_l1"] for r in train], marker=marker, label=label)
         right.plot([r["step"] for r in curve["val"]], [r["val_action_l1"] for r in curve["val"]], "o-", label=label)
-    left.set(title=f"{name}: train action L1", xlabel="step")
-    right.set(title=f"{name}: validation action L1 (held-out episodes)", xlabel="step")
-    left.legend()
-    right.legend()
+    left.set(title=f"{name}: train action L1", xlabel="step", ylabel="action L1 (training batches)")
+    right.set(title=f"{name}: validation action L1", xlabel="step", ylabel="action L1 (held-out episodes)")
+    for ax in (left, right):
+        ax.xaxis.get_major_locator().set_params(integer=True)  # steps, never 1.975
+        ax.legend()
+    _warn_in_figure(fig, warning)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def _warn_in_figure(fig, warning: str | None) -> None:
+    """The random-weights warning as the figure's red title, wrapped to its width (nothing for real weights)."""
+    if warning:
+        fig.suptitle(textwrap.fill(warning, int(fig.get_figwidth() * 11)), color="red", fontweight="bold", fontsize=9)
 
 
 def simulator_note(cfg: ReproduceConfig) -> str:
@@ -795,10 +806,11 @@ def reproduce(cfg: ReproduceConfig, console: Console | None = None) -> Reproduce
         probe = probe_suite(cfg, suite, folder, console)
         plots = [cfg.out / "plots" / f"{suite.name}.png"]
         plots[0].parent.mkdir(exist_ok=True)
-        plot_suite(suite.name, runs, plots[0])
+        warning = random_weights_warning(cache["weights_id"])
+        plot_suite(suite.name, runs, plots[0], warning)
         if evaluation and len(evaluation["sf"]) > 1:
             plots.append(cfg.out / "plots" / f"{suite.name}_success.png")
-            plot_success(suite.name, evaluation, plots[1])
+            plot_success(suite.name, evaluation, plots[1], warning)
         results[suite.name] = SuiteResult(
             path=str(suite.path),
             format=suite.format,

@@ -145,7 +145,12 @@ class HeadRun:
             ) from None
         diff = differences(recorded, self.identity, sorted(set(recorded) | set(self.identity)))
         if diff:
-            raise ConfigMismatch(f"{self.path} (resuming a probe made otherwise; use --no-resume to start over)", diff)
+            raise ConfigMismatch(
+                f"{self.path} (resuming a probe made otherwise)",
+                diff,
+                fix="use --no-resume to start over, or another --out",
+                holder="checkpoint",
+            )
         self.head.load_state_dict(saved["head"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])

@@ -62,9 +62,9 @@ def detect_format(path: Path) -> str:
         if first is None:
             raise SourceError(
                 path,
-                f"cannot tell the dataset format: no meta/info.json (LeRobot), "
-                f"dataset_info.json (RLDS) or .hdf5 files (LIBERO, RoboTwin); "
-                f"formats: {list(FORMATS)}",
+                "cannot tell the dataset format: no meta/info.json (LeRobot), "
+                "dataset_info.json (RLDS) or .hdf5 files (LIBERO, RoboTwin); give the dataset's own folder, "
+                f"or --format one of {', '.join(FORMATS)}",
             )
         path = first
     with open_h5(path) as h5:

@@ -82,6 +82,7 @@ class Source(ABC):
     default_views: tuple[str, ...]
     default_rotate: bool = False  # LIBERO HDF5 stores frames upside down
     jpeg_fast_dct: bool = False  # IFAST JPEG DCT as TF decodes (set by `--recipe openvla-oft`; RLDS reads it)
+    jpeg_frames: bool = False  # the format stores every frame as JPEG bytes, so a read decodes JPEGs
 
     def __init__(
         self,

@@ -74,6 +74,7 @@ class LiberoRLDS(Source):
     """A TFDS version folder, a dataset folder holding one version, or a folder of such datasets."""
 
     format = "libero_rlds"
+    jpeg_frames = True
     view_keys = {"primary": "steps/observation/image", "wrist": "steps/observation/wrist_image"}
     default_views = ("primary", "wrist")
 

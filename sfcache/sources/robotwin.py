@@ -48,6 +48,7 @@ class RoboTwin(Source):
     """A folder of RoboTwin episode files (any level: data/, a task, a config) or one episode file."""
 
     format = "robotwin"
+    jpeg_frames = True
     view_keys = {**CAMERAS[LEGACY], **CAMERAS[XPOLICYLAB]}
     default_views = ("head", "left_wrist", "right_wrist")
 
