@@ -18,6 +18,7 @@ from sfcache.store import open_cache
 from sfcache.train.augment import center_boxes, crop_images
 from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.model import encode_instructions
+from sfcache.train.reproduce import SuiteResult, _probe_lines
 from tests._cli_helpers import kill_9_then_resume, run_main
 
 SMALL = ["--batch-size", "4", "--width", "8", "--device", "cpu"]
@@ -89,6 +90,25 @@ def test_sf_probe_writes_the_report_metrics_and_pictures_from_the_policys_own_to
     for i, layer in enumerate((0, 2)):
         stored = tokens.read(info.key, slice(1, 3), layer=layer).reshape(2, 32, -1)
         np.testing.assert_allclose(stored, expected[:, i].numpy(), rtol=1e-2, atol=1e-2)
+
+
+def test_a_view_without_a_valid_depth_pixel_is_reported_as_a_dash_not_a_traceback(setup, tmp_path, capsys):
+    out = tmp_path / "probe"  # the scene camera is >= 0.78 m away, the wrist camera <= 0.15 m: only wrist counts
+    args = ["probe", setup["run"], "--data", setup["data"], "--out", out, "--max-depth", "0.5", "--steps", "2"]
+    status, printed = run_main(main, capsys, *args, *SMALL)
+    assert status == 0 and "Traceback" not in printed, printed
+    report = json.loads((out / "probe.json").read_text())
+    test = report["results"]["test"]
+    assert test["policy"]["primary"] == {"abs_rel": None, "rmse_m": None, "delta1": None, "pixels": 0}
+    assert test["policy"]["wrist"]["pixels"] > 0
+    words = " ".join(printed.split())  # rich wraps lines
+    assert "test, primary: the policy's AbsRel is -x the patch embedding's and -x the mean depth image's" in words
+    wrist = report["comparison"]["test"]["policy"]["wrist"]["abs_rel_over_patch_embedding"]
+    assert f"test, wrist: the policy's AbsRel is {wrist:.2f}x" in words
+    probe = {run: {"test": test} for run in ("sf", "baseline")}
+    result = SuiteResult("", "libero_hdf5", {}, {}, None, "", [], probe=probe)
+    row = next(line for line in _probe_lines({"goal": result}, False) if line.startswith("| goal | primary |"))
+    assert row == "| goal | primary | - | - | - | - | - |"
 
 
 def test_source_rows_read_the_depth_of_every_nth_step_cropped_as_asked(setup):

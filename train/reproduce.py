@@ -39,6 +39,7 @@ from sfcache.options import (
     user_path,
 )
 from sfcache.probe import MEAN_DEPTH
+from sfcache.probe.metrics import figure
 from sfcache.sources import detect_format, open_source
 from sfcache.store import open_cache
 from sfcache.train.libero_policy import CheckpointPolicy
@@ -623,7 +624,7 @@ def probe_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: C
         policy = report["results"]["test"][POLICY]
         console.print(
             f"  depth probe {RUNS[run]}: AbsRel "
-            + ", ".join(f"{view} {metrics['abs_rel']:.3f}" for view, metrics in policy.items())
+            + ", ".join(f"{view} {figure(metrics['abs_rel'])}" for view, metrics in policy.items())
         )
     return runs
 
@@ -644,7 +645,7 @@ def _probe_lines(results: dict[str, SuiteResult], random_weights: bool) -> list[
         sf, base = probe["sf"]["test"], probe["baseline"]["test"]
         for view in sf[POLICY]:
             cells = [sf[POLICY], base[POLICY], sf[PATCH_EMBEDDING], base[PATCH_EMBEDDING], sf[MEAN_DEPTH]]
-            lines.append(f"| {name} | {view} | " + " | ".join(f"{c[view]['abs_rel']:.3f}" for c in cells) + " |")
+            lines.append(f"| {name} | {view} | " + " | ".join(figure(c[view]["abs_rel"]) for c in cells) + " |")
     lines += ["", "Read each policy's layers against its own patch embedding and the mean-depth image (README)."]
     if random_weights:
         lines.append("The SF policy aligned to RANDOM VGGT weights: its tokens carry no geometry from SF.")
