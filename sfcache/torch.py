@@ -278,11 +278,11 @@ class CachedTargets(torch.utils.data.Dataset):
         **loader: Any,
     ) -> StoredBatches:
         """An iterable of `StoredTargets` like a DataLoader (`sfcache.stored.StoredBatches`), one per batch of rows
-        (`batch_sampler`, e.g. the one your own DataLoader uses, so the two stay in step; else shuffled batches
-        of `batch_size` rows, seeded): each batch one read in a worker into shared memory it reuses, pinned when
-        `pin_memory` (by default when `device` is a GPU); `decode(stored, device)` on the training device makes
-        the targets. `loader`: num_workers (2), prefetch_factor, multiprocessing_context and other DataLoader
-        options."""
+        (`batch_sampler`: a list of batches, or a sampler with `batch_size`; a frozen list given to your own
+        DataLoader too keeps the two in step; else shuffled batches of `batch_size` rows, seeded): each batch one
+        read in a worker into shared memory it reuses, pinned when `pin_memory` (by default when `device` is a
+        GPU); `decode(stored, device)` on the training device makes the targets. `loader`: num_workers (2),
+        prefetch_factor, multiprocessing_context and other DataLoader options."""
         if batch_sampler is None:
             sampler = (
                 torch.utils.data.RandomSampler(self, generator=torch.Generator().manual_seed(seed))
