@@ -833,16 +833,17 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
 
 
 def _check_shard_size(config: StoreConfig, cfg: ExtractConfig) -> None:
-    """Refuse, before any task, a shard too large for a worker's memory (it holds a shard's targets until written)."""
-    per_step = step_bytes(
-        len(config.views), config.grid[0] * config.grid[1], config.channels, cfg.dtype, len(config.layers), False
-    )
+    """Refuse, before any task, a shard too large for a worker's memory (it holds a shard's targets until written:
+    in the stored dtype, or float32 at full C with --reduce, projected only at the write)."""
+    held = cfg.dtype if parse_reduce(cfg.reduce) is None else "float32"
+    tokens = config.grid[0] * config.grid[1]
+    per_step = step_bytes(len(config.views), tokens, config.channels, held, len(config.layers), config.token_mask)
     steps = min(cfg.steps_per_shard, config.num_steps)
     if per_step * steps > MAX_SHARD_BYTES:
         raise SfcacheError(
             f"--steps-per-shard {cfg.steps_per_shard} with --grid {_show_grid(config.grid)}: a shard would hold "
-            f"{per_step * steps / 2**30:.1f} GiB of targets ({per_step / 2**20:.1f} MiB per step), kept in a "
-            f"worker's memory until written; keep it under {MAX_SHARD_BYTES >> 30} GiB (lower --steps-per-shard "
+            f"{per_step * steps / 2**30:.1f} GiB of targets ({per_step / 2**20:.1f} MiB per step of {held}), kept "
+            f"in a worker's memory until written; keep it under {MAX_SHARD_BYTES >> 30} GiB (lower --steps-per-shard "
             "or --grid)"
         )
 

@@ -21,6 +21,7 @@ import zarr
 from distributed import LocalCluster
 from typer.testing import CliRunner
 
+import sfcache.extract as extract_module
 from sfcache.cli.main import app, main
 from sfcache.device import resolve_device
 from sfcache.errors import SfcacheError, StoreError
@@ -300,6 +301,20 @@ def test_a_write_failure_ends_the_run_and_marks_nothing_it_did_not_write(tmp_pat
         extract(cfg, progress=False)
     done = open_cache(out).done_shards()
     assert done.sum() == 1 and not (out / ".sfcache.lock").exists() and not (out / ".sfcache.stop").exists()
+
+
+def test_a_reduce_shard_is_sized_as_the_float32_targets_a_worker_holds_until_the_write(
+    tmp_path, schedulers, monkeypatch
+):
+    written = write_libero_hdf5(tmp_path / "data", tasks=1, demos=2, steps=3, size=64)
+    # random:tiny: 2 views x 256 tokens x 256 channels; int8 + scales 132 KiB a step, float32 512 KiB
+    monkeypatch.setattr(extract_module, "MAX_SHARD_BYTES", 2 * 200 << 10)  # 2 int8 steps fit, 2 float32 do not
+    cfg = ExtractConfig(source=written.path, out=tmp_path / "store", vggt="random:tiny", layers=(-1,), dtype="int8",
+                        reduce="pca:4", steps_per_shard=2, scheduler=schedulers["in-process"])  # fmt: skip
+    with pytest.raises(
+        SfcacheError, match=r"--steps-per-shard 2 with --grid 16x16: .* \(0.5 MiB per step of float32\)"
+    ):
+        extract(cfg, progress=False)
 
 
 def test_episode_pattern_and_dry_run(tmp_path, schedulers):
