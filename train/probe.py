@@ -97,9 +97,10 @@ def default_layers(align_layer: int) -> tuple[int, ...]:
     return tuple(max(1, align_layer - 3 + i) for i in range(len(SCALES)))
 
 
-def depth_source(policy: CheckpointPolicy, dataset: Path) -> Source:
-    """The dataset in the policy's views, checked to be LIBERO HDF5 with depth (one line naming what is missing)."""
-    source = open_source(dataset, views=policy.views)
+def depth_source(dataset: Path, views: tuple[str, ...] | None = None) -> Source:
+    """The dataset in `views` (a policy's), checked to be LIBERO HDF5 with depth (one line naming what is missing);
+    `sf reproduce-libero` checks --probe-dir with it before any work."""
+    source = open_source(dataset, views=views)
     if source.format != "libero_hdf5":
         raise SfcacheError(f"{dataset}: a {source.format} dataset; sf probe reads LIBERO HDF5 with depth")
     source.read(source.episodes()[0].key, 0, 1, frames=False, depth=True)
@@ -156,9 +157,9 @@ def run_probe(config: ProbeConfig) -> dict:
     if not all(0 <= layer <= depth for layer in layers):
         raise SfcacheError(f"--layers {comma_text(layers)}: this policy has blocks 1..{depth} (0 = patch embedding)")
     stored = tuple(sorted({0, *layers}))
-    sources = {"tokens": depth_source(policy, config.data)}  # every input checked before any work
+    sources = {"tokens": depth_source(config.data, policy.views)}  # every input checked before any work
     if config.test_data is not None:
-        sources["tokens_test"] = depth_source(policy, config.test_data)
+        sources["tokens_test"] = depth_source(config.test_data, policy.views)
     try:
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -44,7 +44,7 @@ from sfcache.sources import detect_format, open_source
 from sfcache.store import open_cache
 from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer, TrainResult
-from sfcache.train.probe import PATCH_EMBEDDING, POLICY, ProbeConfig, run_probe
+from sfcache.train.probe import PATCH_EMBEDDING, POLICY, ProbeConfig, depth_source, run_probe
 from sfcache.vggt.weights import HUB_ID, RANDOM_SPEC, weights_config
 
 __all__ = [
@@ -360,12 +360,35 @@ def _check_scheduler(address: str | None) -> list[str]:
         return [f"--scheduler {address}: cannot reach the Dask scheduler ({error}); leave it out for a local cluster"]
 
 
+def probe_data(probe_dir: Path, suite: SuiteData) -> Path:
+    """The suite's LIBERO HDF5 dataset with depth under --probe-dir, checked as `sf probe` checks it."""
+    found, _ = find_suites(probe_dir, (suite.suite,))
+    if not found or found[0].format != "libero_hdf5":
+        raise SfcacheError(f"--probe-dir {probe_dir}: no LIBERO HDF5 {suite.name}/ (with depth) to probe")
+    depth_source(found[0].path)
+    return found[0].path
+
+
+def _check_probe_data(cfg: ReproduceConfig, found: list[SuiteData]) -> list[str]:
+    """A problem per suite to run whose depth data --probe-dir lacks (none without --probe-dir)."""
+    if cfg.probe_dir is None or not cfg.probe_dir.is_dir():  # no probe, or the option's own problem
+        return []
+    problems = []
+    for suite in found:
+        try:
+            probe_data(cfg.probe_dir, suite)
+        except SfcacheError as problem:
+            problems.append(str(problem))
+    return problems
+
+
 def preflight(cfg: ReproduceConfig) -> tuple[list[SuiteData], list[str]]:
     """(suites to run, suites missing); SfcacheError listing every problem with the inputs, before any work."""
     found, missing, data_problems = _check_data(cfg)
     problems = (
         cfg.problems()
         + data_problems
+        + _check_probe_data(cfg, found)
         + _check_vggt(cfg.vggt)
         + _check_device(cfg.device)
         + _check_scheduler(cfg.scheduler)
@@ -603,16 +626,13 @@ def probe_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: C
     """`sf probe` of the SF and the baseline run (each resumes) on the suite's depth dataset, or None."""
     if cfg.probe_dir is None:
         return None
-    found, _ = find_suites(cfg.probe_dir, (suite.suite,))
-    if not found or found[0].format != "libero_hdf5":
-        console.print(f"  depth probe: no LIBERO HDF5 {suite.name} with depth in {cfg.probe_dir}, skipped")
-        return None
+    data = probe_data(cfg.probe_dir, suite)  # checked by preflight
     runs = {}
     for run in RUNS:
         out = folder / run / "probe"
         config = ProbeConfig(
             checkpoint=folder / run,
-            data=found[0].path,
+            data=data,
             out=out,
             steps=cfg.probe_steps,
             every=cfg.probe_every,
@@ -620,7 +640,7 @@ def probe_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: C
         )
         report = run_probe(config)
         runs[run] = {"report": str(out / "probe.json"), "layers": report["about"]["layers"]}
-        runs[run].update(data=str(found[0].path), test=report["results"]["test"])
+        runs[run].update(data=str(data), test=report["results"]["test"])
         policy = report["results"]["test"][POLICY]
         console.print(
             f"  depth probe {RUNS[run]}: AbsRel "
