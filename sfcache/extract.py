@@ -54,7 +54,7 @@ from sfcache.errors import (
     interrupts_deferred,
     raise_problems,
 )
-from sfcache.options import comma_list, comma_text, option, same_fields
+from sfcache.options import comma_list, comma_text, int_list, option, same_fields
 from sfcache.pooling import pooled_targets
 from sfcache.progress import progress_bar
 from sfcache.recipes import Recipe, camera_views, get_recipe, recipe_inputs, resolve_preprocess, slot_layout
@@ -105,13 +105,6 @@ PREPROCESS_MODES = ("sf", "crop", "pad")  # --preprocess; letterbox comes with -
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 
 
-def _parse_layers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ValueError("expected comma-separated layer indices like 23 or -1,11") from None
-
-
 def _parse_grid(text: str) -> tuple[int, int] | None:
     if text == "native":
         return None
@@ -158,7 +151,7 @@ class ExtractConfig:
     layers: tuple[int, ...] = option(
         (-1,),
         "Comma list of VGGT layers; -1 is the last (23 on VGGT-1B, the one SF uses).",
-        parse=_parse_layers,
+        parse=int_list,
         show=comma_text,
     )
     grid: tuple[int, int] | None = option(

@@ -41,6 +41,14 @@ def comma_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(","))
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """'23' or '-1,11' -> (23,) or (-1, 11): what every list-of-layers option (--layers) takes."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError("expected comma-separated integers, e.g. 23 or -1,11") from None
+
+
 def comma_text(values: tuple) -> str:
     return ",".join(map(str, values))
 

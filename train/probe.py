@@ -20,7 +20,7 @@ import torch
 
 from sfcache.device import DEVICE_CHOICES
 from sfcache.errors import SfcacheError, raise_problems
-from sfcache.options import comma_text, option, same_fields
+from sfcache.options import comma_text, int_list, option, same_fields
 from sfcache.probe import FitSettings, SourceRows, StoreData, probe, write_token_store
 from sfcache.probe.head import SCALES
 from sfcache.sources import Source, open_source
@@ -30,13 +30,6 @@ from sfcache.train.model import encode_instructions
 from sfcache.vggt import random_weights_warning
 
 POLICY, PATCH_EMBEDDING = "policy", "patch_embedding"  # the two heads' names in probe.json
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ValueError("expected comma-separated block numbers, e.g. 3,4,5,6") from None
 
 
 @dataclass
