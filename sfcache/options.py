@@ -8,6 +8,7 @@ repeats none of them. Fields made with plain `dataclasses.field` (or a bare defa
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import MISSING
 from pathlib import Path
@@ -88,6 +89,13 @@ def default_of(config: type, name: str) -> Any:
 
 def _field(config: type, name: str) -> dataclasses.Field:
     return next(f for f in dataclasses.fields(config) if f.name == name)
+
+
+def as_flags(message: str, names: tuple[str, ...]) -> str:
+    """A config's message naming its fields (`batch_size`) as the options that set them (`--batch-size`): a
+    command that hands its options on to that config under the same names reports its checks in its own words."""
+    pattern = "|".join(map(re.escape, names))
+    return re.sub(rf"(?<![\w-])({pattern})\b", lambda found: "--" + found[1].replace("_", "-"), message)
 
 
 def same_fields(source: Any, names: tuple[str, ...]) -> dict[str, Any]:

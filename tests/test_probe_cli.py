@@ -129,6 +129,9 @@ def test_a_dataset_without_depth_and_bad_layers_are_one_line_errors(setup, tmp_p
     assert "has no obs/agentview_depth: record it with `sf collect-libero --depth` or `sf render-depth`" in printed
     status, printed = run_main(main, capsys, *base, "--data", setup["data"], "--layers", "1,2")
     assert status == 2 and "--layers needs 4 blocks (a DPT pyramid), got 1,2" in printed
+    status, printed = run_main(main, capsys, *base, "--data", setup["data"], "--lr", "-1", "--max-depth", "0")
+    assert status == 2 and "Traceback" not in printed  # the head's settings' own checks, in sf probe's flags
+    assert "--lr must be a positive finite number, got -1.0; --max-depth must be > 0 metres, got 0.0" in printed
     status, printed = run_main(main, capsys, *base, "--data", setup["data"], "--layers", "1,2,3,9")
     assert status == 2 and "--layers 1,2,3,9: this policy has blocks 1..4 (0 = patch embedding)" in printed
 
