@@ -401,6 +401,8 @@ def test_without_arguments_it_names_the_required_options(capsys):
         (["--loader-workers", "-1"], "these must be >= 0: --loader-workers -1"),
         (["--extract-batch-size", "0"], "--extract-batch-size must be >= 1, got 0"),
         (["--eval-max-steps", "0"], "--eval-max-steps must be >= 1, got 0"),
+        (["--probe-steps", "0"], "--probe-steps must be >= 1, got 0"),  # sf probe's own checks
+        (["--probe-every", "0"], "--probe-every must be >= 1, got 0"),
         (["--dtype", "float8"], "--dtype must be one of float16, bfloat16, int8, not 'float8'"),
     ],
 )

@@ -171,10 +171,6 @@ class ReproduceConfig:
             problems.append(f"--out {self.out}: is a file; expected an output folder (new or to resume)")
         if self.probe_dir is not None and not self.probe_dir.is_dir():
             problems.append(f"--probe-dir {self.probe_dir}: no such directory (LIBERO HDF5 suites with depth)")
-        if self.probe_steps < 1 or self.probe_every < 1:
-            problems.append(
-                f"--probe-steps and --probe-every must be >= 1, got {self.probe_steps} and {self.probe_every}"
-            )
         # the stage configs check device and scheduler, and alpha and held-out episodes less strictly: those are
         # left out (valid values), so each problem is named once
         checked = replace(
@@ -188,6 +184,12 @@ class ReproduceConfig:
                 {"--save-every": "--val-every", "--workers": "--loader-workers"},
             ),
         ]
+        stages.append(
+            (
+                lambda: _probe_config(checked, checked.out, checked.out),
+                {"--steps": "--probe-steps", "--every": "--probe-every"},
+            )
+        )
         if self.eval_trials > 0:
             stages.append(
                 (
@@ -622,6 +624,13 @@ def evaluate_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console
     return runs
 
 
+def _probe_config(cfg: ReproduceConfig, run: Path, data: Path) -> ProbeConfig:
+    """`sf probe` of one run's checkpoint on the suite's depth data, into RUN/probe."""
+    return ProbeConfig(
+        checkpoint=run, data=data, out=run / "probe", steps=cfg.probe_steps, every=cfg.probe_every, device=cfg.device
+    )
+
+
 def probe_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: Console) -> dict | None:
     """`sf probe` of the SF and the baseline run (each resumes) on the suite's depth dataset, or None."""
     if cfg.probe_dir is None:
@@ -630,15 +639,7 @@ def probe_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: C
     runs = {}
     for run in RUNS:
         out = folder / run / "probe"
-        config = ProbeConfig(
-            checkpoint=folder / run,
-            data=data,
-            out=out,
-            steps=cfg.probe_steps,
-            every=cfg.probe_every,
-            device=cfg.device,
-        )
-        report = run_probe(config)
+        report = run_probe(_probe_config(cfg, folder / run, data))
         runs[run] = {"report": str(out / "probe.json"), "layers": report["about"]["layers"]}
         runs[run].update(data=str(data), test=report["results"]["test"])
         policy = report["results"]["test"][POLICY]
