@@ -243,7 +243,7 @@ class _RingReads(torch.utils.data.Dataset):
         info = torch.utils.data.get_worker_info()
         slot = None if info is None or not self.ring.storages else self.ring.claim(info.id, len(rows))
         if slot is None:
-            return self.targets.read_stored(rows)
+            return self.targets.read_stored(rows, memory="shared")
         try:
             parts = self._read(self.ring.storages[info.id][slot], rows)
         except BaseException:
@@ -251,7 +251,7 @@ class _RingReads(torch.utils.data.Dataset):
             raise
         if parts is None:  # a part did not land in the slot
             self.ring.free[info.id, slot] = 1
-            return self.targets.read_stored(rows)
+            return self.targets.read_stored(rows, memory="shared")
         return (info.id, slot, rows, parts)
 
     def _read(self, storage: torch.UntypedStorage, rows: list[int]) -> list | None:

@@ -230,18 +230,15 @@ class CachedTargets(torch.utils.data.Dataset):
         """Targets of flat rows: float32 [B, V, h*w, C], and with the mask bool [B, V, h*w] (one batched read)."""
         return self.decode(self.read_stored(rows))
 
-    def read_stored(self, rows: Sequence[int]) -> StoredTargets:
-        """Flat rows as stored, in one sorted read of the shard files (`sfcache.stored`): in shared memory
-        in a DataLoader worker, in pinned memory where this dataset's `device` is a GPU. `decode` makes targets."""
-        rows = [int(row) for row in rows]
-        memory = (
-            "shared"
-            if torch.utils.data.get_worker_info() is not None
-            else "pinned"
-            if self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
-            else "plain"
-        )
-        return read_stored(self.cache, rows, self.layer, self.return_mask, memory)
+    def read_stored(self, rows: Sequence[int], memory: str | None = None) -> StoredTargets:
+        """Flat rows as stored, in one sorted read of the shard files (`sfcache.stored`). `decode` makes targets.
+        `memory` (`sfcache.stored.read_stored`'s): default pinned where this dataset's `device` is a GPU (outside
+        DataLoader workers), else plain; "shared" only for a batch a DataLoader worker hands to the training
+        process as it is (a batch decoded in the worker needs no shared memory: fresh pages cost more than the read)."""
+        if memory is None:
+            gpu = self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
+            memory = "pinned" if gpu and torch.utils.data.get_worker_info() is None else "plain"
+        return read_stored(self.cache, [int(row) for row in rows], self.layer, self.return_mask, memory)
 
     def decode(
         self,
