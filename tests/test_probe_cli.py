@@ -111,6 +111,15 @@ def test_a_view_without_a_valid_depth_pixel_is_reported_as_a_dash_not_a_tracebac
     assert row == "| goal | primary | - | - | - | - | - |"
 
 
+def test_resuming_with_other_token_settings_names_the_way_out(setup, tmp_path, capsys):
+    args = ["probe", setup["run"], "--data", setup["data"], "--out", tmp_path / "probe", "--steps", "1", *SMALL]
+    assert run_main(main, capsys, *args)[0] == 0
+    status, printed = run_main(main, capsys, *args, "--every", "2")
+    assert status == 2 and "Traceback" not in printed
+    assert "(resuming a token store made otherwise; use --no-resume to start over): configuration differs" in printed
+    assert run_main(main, capsys, *args, "--every", "2", "--no-resume")[0] == 0
+
+
 def test_source_rows_read_the_depth_of_every_nth_step_cropped_as_asked(setup):
     source = open_source(setup["data"])
     cache_index = RowIndex.packed({info.key: -(-info.num_steps // 2) for info in source.episodes()})

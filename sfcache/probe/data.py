@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sfcache.crop import crop_resize
-from sfcache.errors import SfcacheError
+from sfcache.errors import ConfigMismatch, SfcacheError
 from sfcache.progress import progress_bar
 from sfcache.rows import RowIndex, pack_episodes
 from sfcache.sources import EpisodeInfo, Source
@@ -208,7 +208,11 @@ def write_token_store(
         raise SfcacheError(f"{path}: token store layers must be distinct, got {list(layers)}")
     expected = (len(config.layers), len(config.views) * grid[0] * grid[1], channels)
     with lock_store(path):
-        cache = create_store(path, config, overwrite=overwrite)
+        try:
+            cache = create_store(path, config, overwrite=overwrite)
+        except ConfigMismatch as mismatch:  # as HeadRun words its own: the way out named
+            store = f"{mismatch.store} (resuming a token store made otherwise; use --no-resume to start over)"
+            raise ConfigMismatch(store, mismatch.differences) from None
         todo = np.flatnonzero(~cache.done_shards())
         with progress_bar(unit="shards") as bar:
             task = bar.add_task(f"hidden states -> {Path(path).name}", total=config.num_shards)
