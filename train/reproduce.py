@@ -183,13 +183,11 @@ class ReproduceConfig:
                 lambda: _training_config(checked, suite, checked.out, checked.out, checked.align_weight),
                 {"--save-every": "--val-every", "--workers": "--loader-workers"},
             ),
-        ]
-        stages.append(
             (
                 lambda: _probe_config(checked, checked.out, checked.out),
                 {"--steps": "--probe-steps", "--every": "--probe-every"},
-            )
-        )
+            ),
+        ]
         if self.eval_trials > 0:
             stages.append(
                 (
