@@ -123,7 +123,7 @@ class StoredBatches:
     def __init__(
         self,
         targets: Any,
-        batch_sampler: Sequence[Sequence[int]] | Iterable[Sequence[int]],
+        batch_sampler: Iterable[Sequence[int]],
         *,
         num_workers: int = 2,
         pin_memory: bool = False,
