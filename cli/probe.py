@@ -9,6 +9,7 @@ from rich.table import Table
 from sfcache.cli.options import config_command
 from sfcache.options import comma_text
 from sfcache.probe import MEAN_DEPTH
+from sfcache.probe.metrics import figure
 from sfcache.train.probe import PATCH_EMBEDDING, POLICY, ProbeConfig, run_probe
 
 
@@ -28,10 +29,12 @@ def probe(fields: dict) -> None:
         for view in results[POLICY]:
             for name in (POLICY, PATCH_EMBEDDING, MEAN_DEPTH):
                 m = results[name][view]
-                table.add_row(view, names[name], f"{m['abs_rel']:.3f}", f"{m['rmse_m']:.3f}", f"{m['delta1']:.3f}")
+                table.add_row(view, names[name], *(figure(m[key]) for key in ("abs_rel", "rmse_m", "delta1")))
         console.print(table)
         for view, ratios in report["comparison"][set_name][POLICY].items():
-            over = [f"{ratios[f'abs_rel_over_{n}']:.2f}x the {names[n]}'s" for n in (PATCH_EMBEDDING, MEAN_DEPTH)]
+            over = [
+                f"{figure(ratios[f'abs_rel_over_{n}'], 2)}x the {names[n]}'s" for n in (PATCH_EMBEDDING, MEAN_DEPTH)
+            ]
             console.print(f"{set_name}, {view}: the policy's AbsRel is {' and '.join(over)} (below 1: it carries more)")
     if report["about"]["warning"]:
         Console(stderr=True).print(

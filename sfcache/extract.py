@@ -54,7 +54,7 @@ from sfcache.errors import (
     interrupts_deferred,
     raise_problems,
 )
-from sfcache.options import comma_list, comma_text, option, same_fields
+from sfcache.options import comma_list, comma_text, int_list, option, same_fields
 from sfcache.pooling import pooled_targets
 from sfcache.progress import progress_bar
 from sfcache.recipes import Recipe, camera_views, get_recipe, recipe_inputs, resolve_preprocess, slot_layout
@@ -105,13 +105,6 @@ PREPROCESS_MODES = ("sf", "crop", "pad")  # --preprocess; letterbox comes with -
 COMPUTE_DTYPES = ("auto", "bfloat16", "float32")
 
 
-def _parse_layers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ValueError("expected comma-separated layer indices like 23 or -1,11") from None
-
-
 def _parse_grid(text: str) -> tuple[int, int] | None:
     if text == "native":
         return None
@@ -160,7 +153,7 @@ class ExtractConfig:
     layers: tuple[int, ...] = option(
         (-1,),
         "Comma list of VGGT layers; -1 is the last (23 on VGGT-1B, the one SF uses).",
-        parse=_parse_layers,
+        parse=int_list,
         show=comma_text,
     )
     grid: tuple[int, int] | None = option(
@@ -339,7 +332,7 @@ class VGGTWorker(WorkerPlugin):
         device = torch.device(self.job.device)
         dtype = None if self.job.compute_dtype == "auto" else getattr(torch, self.job.compute_dtype)
         self.model, self.weights_id = load_vggt(self.job.weights, device, compute_dtype=dtype)
-        self.device = device
+        self.config, self.device = self.model.config, device  # the config outlives the model (reader threads)
         if worker is not None:  # the lease: a model outlives its client by LEASE_CHECK_S at most
             self.lock_visible = is_locked(self.job.store)  # the client holds it now, if this host sees flocks
             threading.Thread(target=self._lease, args=(worker,), name="sfcache-lease", daemon=True).start()
@@ -348,6 +341,10 @@ class VGGTWorker(WorkerPlugin):
         self.expired.set()
         self.writer.shutdown(wait=True)
         self.model = None
+        self._free_memory()
+
+    def _free_memory(self) -> None:
+        """Hand the device memory of a model no longer referenced back to the driver (and other processes)."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -363,7 +360,8 @@ class VGGTWorker(WorkerPlugin):
     def _lease(self, worker) -> None:
         """Every LEASE_CHECK_S while this plugin is set up: once its client is gone (LEASE_MISSES checks in a row),
         remove the plugin from the scheduler and every worker (teardown frees the model and its GPU memory), so a
-        dead client leaves no model behind; its tasks still running stop at their next shard (`_batches`)."""
+        dead client leaves no model behind; its tasks still running stop at their next batch and free what they
+        held of it when they end (`run`)."""
         misses = 0
         while not self.expired.wait(LEASE_CHECK_S):
             misses = 0 if self.client_alive() else misses + 1
@@ -393,9 +391,14 @@ class VGGTWorker(WorkerPlugin):
 
         A task holds the model from its first batch to its last. A second task on this worker meanwhile
         reads its first batches (its prefetch then blocks) and takes the model the moment this one lets
-        go, while this one waits for its last write: the model does not idle between tasks."""
-        with self.slots:
-            return self._run(shards)
+        go, while this one waits for its last write: the model does not idle between tasks. A task still
+        running when the plugin was torn down held the model past teardown's freeing: it frees it on its way out."""
+        try:
+            with self.slots:
+                return self._run(shards)
+        finally:
+            if self.expired.is_set():
+                self._free_memory()
 
     def _run(self, shards: list[int]) -> dict:
         report = {
@@ -431,6 +434,8 @@ class VGGTWorker(WorkerPlugin):
                             continue
                         break
                     images, mask = inputs
+                    if self.expired.is_set():  # torn down (the lease): stop before the model is used again
+                        break
                     model.take()
                     outputs.append((self._targets(images, "float32" if cache.reduced else cache.dtype), mask))
                     _log_progress(self.job.run, _steps_in(images))
@@ -477,13 +482,15 @@ class VGGTWorker(WorkerPlugin):
 
     def _batches(self, cache, index: RowIndex, shards: list[int], stop_file: Path) -> Iterator[tuple]:
         """(shard, (images, token mask | None) | SourceError, last batch of the shard?) in row order."""
-        img_size = self.model.config.img_size
+        img_size = self.config.img_size
         for shard in shards:
             if stop_file.exists() or current_run(self.job.store) != self.job.run or self.expired.is_set():
                 return  # asked to stop, this run was superseded or has ended, or its client is gone
             rows = cache.shard_rows(shard)
             try:
                 for start in range(rows.start, rows.stop, self.job.batch_size):
+                    if self.expired.is_set():
+                        return
                     stop = min(start + self.job.batch_size, rows.stop)
                     yield shard, self._images(index.pieces(start, stop), img_size), stop == rows.stop
             except SourceError as error:
@@ -503,7 +510,7 @@ class VGGTWorker(WorkerPlugin):
                 job.preprocess,
                 img_size,
                 job.grid,
-                self.model.config.patch_size,
+                self.config.patch_size,
                 on_host=True,
             )
             parts.append((staged, pinned(staged, self.device), frames.shape[2:4]))
@@ -524,7 +531,7 @@ class VGGTWorker(WorkerPlugin):
 
     def _device_images(self, frames: list[tuple[torch.Tensor, tuple[int, int]]]) -> torch.Tensor:
         """The device part of preprocessing, on the model's device: float32 images [B, V, 3, H', W']."""
-        img_size = self.model.config.img_size
+        img_size = self.config.img_size
         with torch.inference_mode():
             return torch.cat(
                 [
@@ -548,7 +555,7 @@ class VGGTWorker(WorkerPlugin):
         index = RowIndex(episodes)
         with self.slots:
             images, mask = self._images(
-                [piece for row in rows for piece in index.pieces(row, row + 1)], self.model.config.img_size
+                [piece for row in rows for piece in index.pieces(row, row + 1)], self.config.img_size
             )
             with self.model_turn:
                 copy = self._targets(images, "float32")
@@ -840,16 +847,17 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> ExtractSummary:
 
 
 def _check_shard_size(config: StoreConfig, cfg: ExtractConfig) -> None:
-    """Refuse, before any task, a shard too large for a worker's memory (it holds a shard's targets until written)."""
-    per_step = step_bytes(
-        len(config.views), config.grid[0] * config.grid[1], config.channels, cfg.dtype, len(config.layers), False
-    )
+    """Refuse, before any task, a shard too large for a worker's memory (it holds a shard's targets until written:
+    in the stored dtype, or float32 at full C with --reduce, projected only at the write)."""
+    held = cfg.dtype if parse_reduce(cfg.reduce) is None else "float32"
+    tokens = config.grid[0] * config.grid[1]
+    per_step = step_bytes(len(config.views), tokens, config.channels, held, len(config.layers), config.token_mask)
     steps = min(cfg.steps_per_shard, config.num_steps)
     if per_step * steps > MAX_SHARD_BYTES:
         raise SfcacheError(
             f"--steps-per-shard {cfg.steps_per_shard} with --grid {_show_grid(config.grid)}: a shard would hold "
-            f"{per_step * steps / 2**30:.1f} GiB of targets ({per_step / 2**20:.1f} MiB per step), kept in a "
-            f"worker's memory until written; keep it under {MAX_SHARD_BYTES >> 30} GiB (lower --steps-per-shard "
+            f"{per_step * steps / 2**30:.1f} GiB of targets ({per_step / 2**20:.1f} MiB per step of {held}), kept "
+            f"in a worker's memory until written; keep it under {MAX_SHARD_BYTES >> 30} GiB (lower --steps-per-shard "
             "or --grid)"
         )
 

@@ -8,6 +8,7 @@ repeats none of them. Fields made with plain `dataclasses.field` (or a bare defa
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import MISSING
 from pathlib import Path
@@ -39,6 +40,14 @@ def option(default: Any = MISSING, help: str = "", **how: Any) -> Any:
 def comma_list(text: str) -> tuple[str, ...]:
     """'a, b' -> ('a', 'b'); what every comma-list option (--views, --suites) takes."""
     return tuple(part.strip() for part in text.split(","))
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """'23' or '-1,11' -> (23,) or (-1, 11): what every list-of-layers option (--layers) takes."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError("expected comma-separated integers, e.g. 23 or -1,11") from None
 
 
 def comma_text(values: tuple) -> str:
@@ -80,6 +89,13 @@ def default_of(config: type, name: str) -> Any:
 
 def _field(config: type, name: str) -> dataclasses.Field:
     return next(f for f in dataclasses.fields(config) if f.name == name)
+
+
+def as_flags(message: str, names: tuple[str, ...]) -> str:
+    """A config's message naming its fields (`batch_size`) as the options that set them (`--batch-size`): a
+    command that hands its options on to that config under the same names reports its checks in its own words."""
+    pattern = "|".join(map(re.escape, names))
+    return re.sub(rf"(?<![\w-])({pattern})\b", lambda found: "--" + found[1].replace("_", "-"), message)
 
 
 def same_fields(source: Any, names: tuple[str, ...]) -> dict[str, Any]:

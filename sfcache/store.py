@@ -166,8 +166,9 @@ def _compressors(codec: str, itemsize: int, checksum: bool) -> tuple:
 
 
 def step_bytes(views: int, tokens: int, channels: int, dtype: str, layers: int, token_mask: bool) -> int:
-    """Uncompressed bytes of one stored step (a version-2 store): all layers, int8 scales, mask."""
-    per_layer = views * tokens * channels * (1 if dtype == "int8" else 2)
+    """Uncompressed bytes of one stored step (a version-2 store): all layers, int8 scales, mask; dtype "float32":
+    the targets a `--reduce` worker holds before projecting them."""
+    per_layer = views * tokens * channels * {"int8": 1, "float32": 4}.get(dtype, 2)
     if dtype == "int8":
         per_layer += views * tokens * (channels // int8_block(channels)) * 4
     return per_layer * layers + (views * tokens if token_mask else 0)

@@ -114,6 +114,10 @@ class StoredBatches:
     of the batch). A worker with no free slot, or a batch larger than a slot, reads into fresh shared memory
     instead: slower, never wrong. With `pin_memory` each batch is copied into pinned memory (torch's caching host
     allocator) and its slot freed at once. `loader`: further DataLoader options (multiprocessing_context, ...).
+
+    `batch_sampler` is a sized sequence of batches (a list: the slots are sized by its largest batch) or a
+    sampler with `batch_size` (BatchSampler); anything else is refused, as sizing the slots would take an extra
+    pass over it (a generator would be used up, a random sampler's generator advanced).
     """
 
     def __init__(
@@ -126,6 +130,14 @@ class StoredBatches:
         prefetch_factor: int = 2,
         **loader: Any,
     ):
+        self.max_rows = getattr(batch_sampler, "batch_size", None)
+        if not isinstance(self.max_rows, int):
+            if not isinstance(batch_sampler, Sequence):
+                raise SfcacheError(
+                    f"batch_sampler: a {type(batch_sampler).__name__} is neither a sequence of batches nor a sampler "
+                    "with batch_size; freeze it with list(...)"
+                )
+            self.max_rows = max(map(len, batch_sampler), default=1)
         self.targets, self.batch_sampler, self.num_workers = targets, batch_sampler, num_workers
         self.pin_memory, self.prefetch_factor, self.loader = pin_memory, prefetch_factor, loader
 
@@ -138,8 +150,7 @@ class StoredBatches:
                 stored = self.targets.read_stored(rows)
                 yield stored.pin_memory() if self.pin_memory else stored
             return
-        rows = getattr(self.batch_sampler, "batch_size", None) or max(map(len, self.batch_sampler), default=1)
-        ring = _Ring(self.targets, rows, self.num_workers, self.prefetch_factor + 2 if _use_count else 0)
+        ring = _Ring(self.targets, self.max_rows, self.num_workers, self.prefetch_factor + 2 if _use_count else 0)
         loader = torch.utils.data.DataLoader(
             _RingReads(self.targets, ring),
             sampler=self.batch_sampler,
@@ -232,7 +243,7 @@ class _RingReads(torch.utils.data.Dataset):
         info = torch.utils.data.get_worker_info()
         slot = None if info is None or not self.ring.storages else self.ring.claim(info.id, len(rows))
         if slot is None:
-            return self.targets.read_stored(rows)
+            return self.targets.read_stored(rows, memory="shared")
         try:
             parts = self._read(self.ring.storages[info.id][slot], rows)
         except BaseException:
@@ -240,7 +251,7 @@ class _RingReads(torch.utils.data.Dataset):
             raise
         if parts is None:  # a part did not land in the slot
             self.ring.free[info.id, slot] = 1
-            return self.targets.read_stored(rows)
+            return self.targets.read_stored(rows, memory="shared")
         return (info.id, slot, rows, parts)
 
     def _read(self, storage: torch.UntypedStorage, rows: list[int]) -> list | None:

@@ -230,18 +230,15 @@ class CachedTargets(torch.utils.data.Dataset):
         """Targets of flat rows: float32 [B, V, h*w, C], and with the mask bool [B, V, h*w] (one batched read)."""
         return self.decode(self.read_stored(rows))
 
-    def read_stored(self, rows: Sequence[int]) -> StoredTargets:
-        """Flat rows as stored, in one sorted read of the shard files (`sfcache.stored`): in shared memory
-        in a DataLoader worker, in pinned memory where this dataset's `device` is a GPU. `decode` makes targets."""
-        rows = [int(row) for row in rows]
-        memory = (
-            "shared"
-            if torch.utils.data.get_worker_info() is not None
-            else "pinned"
-            if self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
-            else "plain"
-        )
-        return read_stored(self.cache, rows, self.layer, self.return_mask, memory)
+    def read_stored(self, rows: Sequence[int], memory: str | None = None) -> StoredTargets:
+        """Flat rows as stored, in one sorted read of the shard files (`sfcache.stored`). `decode` makes targets.
+        `memory` (`sfcache.stored.read_stored`'s): default pinned where this dataset's `device` is a GPU (outside
+        DataLoader workers), else plain; "shared" only for a batch a DataLoader worker hands to the training
+        process as it is (a batch decoded in the worker needs no shared memory: fresh pages cost more than the read)."""
+        if memory is None:
+            gpu = self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
+            memory = "pinned" if gpu and torch.utils.data.get_worker_info() is None else "plain"
+        return read_stored(self.cache, [int(row) for row in rows], self.layer, self.return_mask, memory)
 
     def decode(
         self,
@@ -278,11 +275,11 @@ class CachedTargets(torch.utils.data.Dataset):
         **loader: Any,
     ) -> StoredBatches:
         """An iterable of `StoredTargets` like a DataLoader (`sfcache.stored.StoredBatches`), one per batch of rows
-        (`batch_sampler`, e.g. the one your own DataLoader uses, so the two stay in step; else shuffled batches
-        of `batch_size` rows, seeded): each batch one read in a worker into shared memory it reuses, pinned when
-        `pin_memory` (by default when `device` is a GPU); `decode(stored, device)` on the training device makes
-        the targets. `loader`: num_workers (2), prefetch_factor, multiprocessing_context and other DataLoader
-        options."""
+        (`batch_sampler`: a list of batches, or a sampler with `batch_size`; a frozen list given to your own
+        DataLoader too keeps the two in step; else shuffled batches of `batch_size` rows, seeded): each batch one
+        read in a worker into shared memory it reuses, pinned when `pin_memory` (by default when `device` is a
+        GPU); `decode(stored, device)` on the training device makes the targets. `loader`: num_workers (2),
+        prefetch_factor, multiprocessing_context and other DataLoader options."""
         if batch_sampler is None:
             sampler = (
                 torch.utils.data.RandomSampler(self, generator=torch.Generator().manual_seed(seed))

@@ -166,6 +166,46 @@ def test_missing_or_unfinished_episodes_are_one_clear_error(tmp_path):
     assert str(raised.value).startswith(f"{path}: episode 'b' step 10 (row 20) is in shard 2, which is not extracted")
 
 
+def test_batches_refuse_a_batch_sampler_that_sizing_would_consume_or_advance(tmp_path):
+    targets = CachedTargets(make_store(tmp_path / "s", "float16", False, False))
+
+    class Unsized(torch.utils.data.Sampler):  # a random batch sampler without batch_size: its draws would advance
+        def __iter__(self):
+            return iter(torch.randperm(STEPS).view(-1, 4).tolist())
+
+        def __len__(self):
+            return STEPS // 4
+
+    for sampler in ((batch for batch in [ROWS[:4], ROWS[4:]]), Unsized()):
+        with pytest.raises(
+            SfcacheError, match=r"is neither a sequence of batches nor a sampler with batch_size; freeze"
+        ):
+            targets.batches(sampler, num_workers=2)
+    frozen = list(Unsized())
+    assert [stored.rows.tolist() for stored in targets.batches(frozen, num_workers=1)] == frozen
+
+
+class SharedReads(torch.utils.data.Dataset):
+    """In a DataLoader worker: whether a read decoded there (`dataset[i]`, `WithTargets`, `read_rows`) and one
+    handed out as stored (`memory="shared"`) were allocated in POSIX shared memory."""
+
+    def __init__(self, targets: CachedTargets):
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> tuple[bool, bool]:
+        read = self.targets.read_stored(ROWS)
+        return read.values.is_shared(), self.targets.read_stored(ROWS, memory="shared").values.is_shared()
+
+
+def test_a_read_decoded_in_a_worker_takes_no_shared_memory_one_handed_out_as_stored_does(tmp_path):
+    targets = CachedTargets(make_store(tmp_path / "s", "int8", True, True))
+    loader = torch.utils.data.DataLoader(SharedReads(targets), batch_size=None, num_workers=1)
+    assert list(next(iter(loader))) == [False, True]
+
+
 def test_the_trainers_targets_are_what_targets_for_joins_for_the_same_batch(tmp_path):
     source = write_dataset(tmp_path / "data", demos=2, steps=12)
     store = write_store(tmp_path / "store", source)

@@ -18,6 +18,7 @@ from sfcache.store import open_cache
 from sfcache.train.augment import center_boxes, crop_images
 from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.model import encode_instructions
+from sfcache.train.reproduce import SuiteResult, _probe_lines
 from tests._cli_helpers import kill_9_then_resume, run_main
 
 SMALL = ["--batch-size", "4", "--width", "8", "--device", "cpu"]
@@ -91,6 +92,34 @@ def test_sf_probe_writes_the_report_metrics_and_pictures_from_the_policys_own_to
         np.testing.assert_allclose(stored, expected[:, i].numpy(), rtol=1e-2, atol=1e-2)
 
 
+def test_a_view_without_a_valid_depth_pixel_is_reported_as_a_dash_not_a_traceback(setup, tmp_path, capsys):
+    out = tmp_path / "probe"  # the scene camera is >= 0.78 m away, the wrist camera <= 0.15 m: only wrist counts
+    args = ["probe", setup["run"], "--data", setup["data"], "--out", out, "--max-depth", "0.5", "--steps", "2"]
+    status, printed = run_main(main, capsys, *args, *SMALL)
+    assert status == 0 and "Traceback" not in printed, printed
+    report = json.loads((out / "probe.json").read_text())
+    test = report["results"]["test"]
+    assert test["policy"]["primary"] == {"abs_rel": None, "rmse_m": None, "delta1": None, "pixels": 0}
+    assert test["policy"]["wrist"]["pixels"] > 0
+    words = " ".join(printed.split())  # rich wraps lines
+    assert "test, primary: the policy's AbsRel is -x the patch embedding's and -x the mean depth image's" in words
+    wrist = report["comparison"]["test"]["policy"]["wrist"]["abs_rel_over_patch_embedding"]
+    assert f"test, wrist: the policy's AbsRel is {wrist:.2f}x" in words
+    probe = {run: {"test": test} for run in ("sf", "baseline")}
+    result = SuiteResult("", "libero_hdf5", {}, {}, None, "", [], probe=probe)
+    row = next(line for line in _probe_lines({"goal": result}, False) if line.startswith("| goal | primary |"))
+    assert row == "| goal | primary | - | - | - | - | - |"
+
+
+def test_resuming_with_other_token_settings_names_the_way_out(setup, tmp_path, capsys):
+    args = ["probe", setup["run"], "--data", setup["data"], "--out", tmp_path / "probe", "--steps", "1", *SMALL]
+    assert run_main(main, capsys, *args)[0] == 0
+    status, printed = run_main(main, capsys, *args, "--every", "2")
+    assert status == 2 and "Traceback" not in printed
+    assert "configuration differs" in printed and "use --no-resume to start over, or another --out" in printed
+    assert run_main(main, capsys, *args, "--every", "2", "--no-resume")[0] == 0
+
+
 def test_source_rows_read_the_depth_of_every_nth_step_cropped_as_asked(setup):
     source = open_source(setup["data"])
     cache_index = RowIndex.packed({info.key: -(-info.num_steps // 2) for info in source.episodes()})
@@ -109,6 +138,9 @@ def test_a_dataset_without_depth_and_bad_layers_are_one_line_errors(setup, tmp_p
     assert "has no obs/agentview_depth: record it with `sf collect-libero --depth` or `sf render-depth`" in printed
     status, printed = run_main(main, capsys, *base, "--data", setup["data"], "--layers", "1,2")
     assert status == 2 and "--layers needs 4 blocks (a DPT pyramid), got 1,2" in printed
+    status, printed = run_main(main, capsys, *base, "--data", setup["data"], "--lr", "-1", "--max-depth", "0")
+    assert status == 2 and "Traceback" not in printed  # the head's settings' own checks, in sf probe's flags
+    assert "--lr must be a positive finite number, got -1.0; --max-depth must be > 0 metres, got 0.0" in printed
     status, printed = run_main(main, capsys, *base, "--data", setup["data"], "--layers", "1,2,3,9")
     assert status == 2 and "--layers 1,2,3,9: this policy has blocks 1..4 (0 = patch embedding)" in printed
 

@@ -321,6 +321,18 @@ FAILS = {
     ),
     "unknown random preset": ("{data}", "random:huge", [], ["unknown preset 'huge'"]),
     "bad VGGT file": ("{data}", "{tmp}/bad.pt", [], ["not a PyTorch checkpoint", "facebook/VGGT-1B"]),
+    "probe suite missing": (
+        "{data}",
+        "random:tiny",
+        ["--probe-dir", "{tmp}"],
+        ["--probe-dir {tmp}: no LIBERO HDF5 libero_spatial/ (with depth) to probe"],
+    ),
+    "probe suite without depth": (
+        "{data}",
+        "random:tiny",
+        ["--probe-dir", "{tmp}/plain"],
+        ["has no obs/agentview_depth: record it with `sf collect-libero --depth` or `sf render-depth`"],
+    ),
     "bad scheduler address": (
         "{data}",
         "random:tiny",
@@ -337,8 +349,9 @@ def test_fails_fast_before_any_work(tmp_path, rlds_root, capsys, monkeypatch, ca
     scratch = tmp_path / "scratch"
     (scratch / "libero_spatial_no_noops").mkdir(parents=True)  # empty: not a suite
     (scratch / "bad.pt").write_bytes(b"not a checkpoint")
+    write_libero_hdf5(scratch / "plain", tasks=1, demos=1, steps=2, size=16)  # a suite without depth
     data, vggt, extra, expected = FAILS[case]
-    data, vggt = (text.format(data=rlds_root, tmp=scratch) for text in (data, vggt))
+    data, vggt, *extra = (text.format(data=rlds_root, tmp=scratch) for text in (data, vggt, *extra))
     out = tmp_path / "out"
     code, output = run(capsys, "--libero-dir", data, "--vggt", vggt, "--device", "cpu", "--out", out, *extra)
     assert code == 2, output
@@ -396,6 +409,8 @@ def test_without_arguments_it_names_the_required_options(capsys):
         (["--loader-workers", "-1"], "these must be >= 0: --loader-workers -1"),
         (["--extract-batch-size", "0"], "--extract-batch-size must be >= 1, got 0"),
         (["--eval-max-steps", "0"], "--eval-max-steps must be >= 1, got 0"),
+        (["--probe-steps", "0"], "--probe-steps must be >= 1, got 0"),  # sf probe's own checks
+        (["--probe-every", "0"], "--probe-every must be >= 1, got 0"),
         (["--dtype", "float8"], "--dtype must be one of float16, bfloat16, int8, not 'float8'"),
     ],
 )

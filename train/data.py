@@ -74,7 +74,8 @@ class StepDataset(Dataset):
         """The DataLoader's batch: samples stacked, and with a cache "targets", the rows' `StoredTargets`."""
         batch = default_collate(samples)
         if self.targets is not None:
-            batch["targets"] = self.targets.read_stored(batch["row"].tolist())
+            in_worker = torch.utils.data.get_worker_info() is not None  # the batch leaves the worker as stored
+            batch["targets"] = self.targets.read_stored(batch["row"].tolist(), memory="shared" if in_worker else None)
         return batch
 
 

@@ -10,7 +10,6 @@ both next to the mean-depth-image baseline, on held-out episodes and on --test-d
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from sfcache.device import DEVICE_CHOICES
 from sfcache.errors import ConfigMismatch, SfcacheError, raise_problems
-from sfcache.options import comma_text, option, same_fields
+from sfcache.options import as_flags, comma_text, int_list, option, same_fields
 from sfcache.probe import FitSettings, SourceRows, StoreData, probe, write_token_store
 from sfcache.probe.head import SCALES
 from sfcache.sources import Source, open_source
@@ -30,13 +29,8 @@ from sfcache.train.model import encode_instructions
 from sfcache.vggt import random_weights_warning
 
 POLICY, PATCH_EMBEDDING = "policy", "patch_embedding"  # the two heads' names in probe.json
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ValueError("expected comma-separated block numbers, e.g. 3,4,5,6") from None
+# the FitSettings fields `sf probe` offers under the same names
+SETTINGS = ("steps", "batch_size", "lr", "width", "seed", "test_fraction", "max_depth", "device", "save_every")
 
 
 @dataclass
@@ -72,24 +66,17 @@ class ProbeConfig:
         problems = []
         if self.layers is not None and len(self.layers) != len(SCALES):
             problems.append(f"--layers needs {len(SCALES)} blocks (a DPT pyramid), got {comma_text(self.layers)}")
-        counts = {"steps": self.steps, "batch-size": self.batch_size, "width": self.width}
-        counts.update({"save-every": self.save_every, "every": self.every})
-        small = [f"--{name} {value}" for name, value in counts.items() if value < 1]
-        if small:
-            problems.append(f"these must be >= 1: {', '.join(small)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"--lr must be a positive finite number, got {self.lr}")
-        if not 0 < self.test_fraction < 1:
-            problems.append(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
-        if not self.max_depth > 0:
-            problems.append(f"--max-depth must be > 0 metres, got {self.max_depth}")
+        if self.every < 1:
+            problems.append(f"--every must be >= 1, got {self.every}")
+        try:
+            self.settings()  # FitSettings' own checks, in this command's flags
+        except SfcacheError as problem:
+            problems.append(as_flags(str(problem), SETTINGS))
         raise_problems(problems)
-        self.settings()  # the device word
 
     def settings(self) -> FitSettings:
         """The head's training settings: the fields this config hands on under the same names."""
-        names = ("steps", "batch_size", "lr", "width", "seed", "test_fraction", "max_depth", "device", "save_every")
-        return FitSettings(**same_fields(self, names))
+        return FitSettings(**same_fields(self, SETTINGS))
 
 
 def default_layers(align_layer: int) -> tuple[int, ...]:
@@ -97,9 +84,10 @@ def default_layers(align_layer: int) -> tuple[int, ...]:
     return tuple(max(1, align_layer - 3 + i) for i in range(len(SCALES)))
 
 
-def depth_source(policy: CheckpointPolicy, dataset: Path) -> Source:
-    """The dataset in the policy's views, checked to be LIBERO HDF5 with depth (one line naming what is missing)."""
-    source = open_source(dataset, views=policy.views)
+def depth_source(dataset: Path, views: tuple[str, ...] | None = None) -> Source:
+    """The dataset in `views` (a policy's), checked to be LIBERO HDF5 with depth (one line naming what is missing);
+    `sf reproduce-libero` checks --probe-dir with it before any work."""
+    source = open_source(dataset, views=views)
     if source.format != "libero_hdf5":
         raise SfcacheError(f"{dataset}: a {source.format} dataset; sf probe reads LIBERO HDF5 with depth")
     source.read(source.episodes()[0].key, 0, 1, frames=False, depth=True)
@@ -159,9 +147,9 @@ def run_probe(config: ProbeConfig) -> dict:
     if not all(0 <= layer <= depth for layer in layers):
         raise SfcacheError(f"--layers {comma_text(layers)}: this policy has blocks 1..{depth} (0 = patch embedding)")
     stored = tuple(sorted({0, *layers}))
-    sources = {"tokens": depth_source(policy, config.data)}  # every input checked before any work
+    sources = {"tokens": depth_source(config.data, policy.views)}  # every input checked before any work
     if config.test_data is not None:
-        sources["tokens_test"] = depth_source(policy, config.test_data)
+        sources["tokens_test"] = depth_source(config.test_data, policy.views)
     try:
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

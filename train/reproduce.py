@@ -38,11 +38,12 @@ from sfcache.options import (
     user_path,
 )
 from sfcache.probe import MEAN_DEPTH
+from sfcache.probe.metrics import figure
 from sfcache.sources import detect_format, open_source
 from sfcache.store import open_cache
 from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer, TrainResult
-from sfcache.train.probe import PATCH_EMBEDDING, POLICY, ProbeConfig, run_probe
+from sfcache.train.probe import PATCH_EMBEDDING, POLICY, ProbeConfig, depth_source, run_probe
 from sfcache.vggt.weights import HUB_ID, RANDOM_SPEC, random_weights_warning, weights_config
 
 __all__ = [
@@ -165,10 +166,6 @@ class ReproduceConfig:
             problems.append(f"--out {self.out}: is a file; expected an output folder (new or to resume)")
         if self.probe_dir is not None and not self.probe_dir.is_dir():
             problems.append(f"--probe-dir {self.probe_dir}: no such directory (LIBERO HDF5 suites with depth)")
-        if self.probe_steps < 1 or self.probe_every < 1:
-            problems.append(
-                f"--probe-steps and --probe-every must be >= 1, got {self.probe_steps} and {self.probe_every}"
-            )
         # the stage configs check device and scheduler, and alpha and held-out episodes less strictly: those are
         # left out (valid values), so each problem is named once
         checked = replace(
@@ -180,6 +177,10 @@ class ReproduceConfig:
             (
                 lambda: _training_config(checked, suite, checked.out, checked.out, checked.align_weight),
                 {"--save-every": "--val-every"},
+            ),
+            (
+                lambda: _probe_config(checked, checked.out, checked.out),
+                {"--steps": "--probe-steps", "--every": "--probe-every"},
             ),
         ]
         if self.eval_trials > 0:
@@ -354,12 +355,35 @@ def _check_scheduler(address: str | None) -> list[str]:
         return [f"--scheduler {address}: cannot reach the Dask scheduler ({error}); leave it out for a local cluster"]
 
 
+def probe_data(probe_dir: Path, suite: SuiteData) -> Path:
+    """The suite's LIBERO HDF5 dataset with depth under --probe-dir, checked as `sf probe` checks it."""
+    found, _ = find_suites(probe_dir, (suite.suite,))
+    if not found or found[0].format != "libero_hdf5":
+        raise SfcacheError(f"--probe-dir {probe_dir}: no LIBERO HDF5 {suite.name}/ (with depth) to probe")
+    depth_source(found[0].path)
+    return found[0].path
+
+
+def _check_probe_data(cfg: ReproduceConfig, found: list[SuiteData]) -> list[str]:
+    """A problem per suite to run whose depth data --probe-dir lacks (none without --probe-dir)."""
+    if cfg.probe_dir is None or not cfg.probe_dir.is_dir():  # no probe, or the option's own problem
+        return []
+    problems = []
+    for suite in found:
+        try:
+            probe_data(cfg.probe_dir, suite)
+        except SfcacheError as problem:
+            problems.append(str(problem))
+    return problems
+
+
 def preflight(cfg: ReproduceConfig) -> tuple[list[SuiteData], list[str]]:
     """(suites to run, suites missing); SfcacheError listing every problem with the inputs, before any work."""
     found, missing, data_problems = _check_data(cfg)
     problems = (
         cfg.problems()
         + data_problems
+        + _check_probe_data(cfg, found)
         + _check_vggt(cfg.vggt)
         + _check_device(cfg.device)
         + _check_scheduler(cfg.scheduler)
@@ -596,32 +620,28 @@ def evaluate_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console
     return runs
 
 
+def _probe_config(cfg: ReproduceConfig, run: Path, data: Path) -> ProbeConfig:
+    """`sf probe` of one run's checkpoint on the suite's depth data, into RUN/probe."""
+    return ProbeConfig(
+        checkpoint=run, data=data, out=run / "probe", steps=cfg.probe_steps, every=cfg.probe_every, device=cfg.device
+    )
+
+
 def probe_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: Console) -> dict | None:
     """`sf probe` of the SF and the baseline run (each resumes) on the suite's depth dataset, or None."""
     if cfg.probe_dir is None:
         return None
-    found, _ = find_suites(cfg.probe_dir, (suite.suite,))
-    if not found or found[0].format != "libero_hdf5":
-        console.print(f"  depth probe: no LIBERO HDF5 {suite.name} with depth in {cfg.probe_dir}, skipped")
-        return None
+    data = probe_data(cfg.probe_dir, suite)  # checked by preflight
     runs = {}
     for run in RUNS:
         out = folder / run / "probe"
-        config = ProbeConfig(
-            checkpoint=folder / run,
-            data=found[0].path,
-            out=out,
-            steps=cfg.probe_steps,
-            every=cfg.probe_every,
-            device=cfg.device,
-        )
-        report = run_probe(config)
+        report = run_probe(_probe_config(cfg, folder / run, data))
         runs[run] = {"report": str(out / "probe.json"), "layers": report["about"]["layers"]}
-        runs[run].update(data=str(found[0].path), test=report["results"]["test"])
+        runs[run].update(data=str(data), test=report["results"]["test"])
         policy = report["results"]["test"][POLICY]
         console.print(
             f"  depth probe {RUNS[run]}: AbsRel "
-            + ", ".join(f"{view} {metrics['abs_rel']:.3f}" for view, metrics in policy.items())
+            + ", ".join(f"{view} {figure(metrics['abs_rel'])}" for view, metrics in policy.items())
         )
     return runs
 
@@ -642,7 +662,7 @@ def _probe_lines(results: dict[str, SuiteResult], random_weights: bool) -> list[
         sf, base = probe["sf"]["test"], probe["baseline"]["test"]
         for view in sf[POLICY]:
             cells = [sf[POLICY], base[POLICY], sf[PATCH_EMBEDDING], base[PATCH_EMBEDDING], sf[MEAN_DEPTH]]
-            lines.append(f"| {name} | {view} | " + " | ".join(f"{c[view]['abs_rel']:.3f}" for c in cells) + " |")
+            lines.append(f"| {name} | {view} | " + " | ".join(figure(c[view]["abs_rel"]) for c in cells) + " |")
     lines += ["", "Read each policy's layers against its own patch embedding and the mean-depth image (README)."]
     if random_weights:
         lines.append("The SF policy aligned to RANDOM VGGT weights: its tokens carry no geometry from SF.")

@@ -50,3 +50,8 @@ class DepthMetrics:
                 "pixels": int(pixels),
             }
         return out
+
+
+def figure(value: float | None, digits: int = 3) -> str:
+    """A metric or ratio as printed in tables: "-" for a view without a valid pixel (the metrics' None)."""
+    return "-" if value is None else f"{value:.{digits}f}"
