@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import sfcache
-from sfcache.cli import eval_libero, extract, inspect_cache, inspect_source, reproduce, train
+from sfcache.cli import collect_libero, eval_libero, extract, inspect_cache, inspect_source, reproduce, train
 from sfcache.errors import Interrupted, SfcacheError
 
 app = typer.Typer(
@@ -41,6 +41,7 @@ app.command("inspect-source")(inspect_source.inspect_source)
 app.command("inspect-cache")(inspect_cache.inspect_cache)
 app.command("train")(train.train)
 app.command("eval-libero")(eval_libero.eval_libero)
+app.command("collect-libero")(collect_libero.collect_libero)
 app.command("reproduce-libero")(reproduce.reproduce_libero)
 
 

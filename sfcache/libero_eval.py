@@ -176,11 +176,13 @@ def suite_tasks(suite: str) -> list[Task]:
     return out
 
 
-def make_env(task: Task, resolution: int = RESOLUTION):
-    """LIBERO's off-screen env for `task` with square camera renders, seeded as OFT (seed 0)."""
+def make_env(task: Task, resolution: int = RESOLUTION, depth: bool = False):
+    """LIBERO's off-screen env for `task` with square camera renders (and depth buffers), seeded as OFT (seed 0)."""
     _, _, OffScreenRenderEnv = _libero()
     try:
-        env = OffScreenRenderEnv(bddl_file_name=task.bddl_file, camera_heights=resolution, camera_widths=resolution)
+        env = OffScreenRenderEnv(
+            bddl_file_name=task.bddl_file, camera_heights=resolution, camera_widths=resolution, camera_depths=depth
+        )
     except Exception as error:  # MuJoCo raises its own types when no GL context can be made
         if "gl" in str(error).lower() or "render" in str(error).lower():
             raise SimulatorError(
