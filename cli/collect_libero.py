@@ -21,6 +21,9 @@ def collect_libero(fields: dict) -> None:
     reports = collect(config)
     Console().print(report_table(reports))
     report = write_report(config, reports)
+    for r in reports:
+        for why, count in r.failures.items():
+            typer.echo(f"{r.suite} task {r.task_id}: {count} failed attempt(s): {why}")
     short = [r for r in reports if r.demos < config.episodes]
     for r in short:
         Console(stderr=True).print(

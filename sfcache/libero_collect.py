@@ -45,7 +45,16 @@ from sfcache.libero_eval import (
     quat_to_axis_angle,
     suite_tasks,
 )
-from sfcache.libero_replay import CAMERAS, DEPTH_KEY, RGB_KEY, model_xml, render_states, set_cameras
+from sfcache.libero_replay import (
+    CAMERAS,
+    DEPTH_KEY,
+    OBSERVED_STATE,
+    RGB_KEY,
+    model_xml,
+    render_states,
+    set_cameras,
+    track_observed_state,
+)
 from sfcache.options import comma_text, option
 from sfcache.progress import progress_bar
 
@@ -84,15 +93,12 @@ class CollectConfig:
     seed: int = option(0, "Seed of the placements (attempt k of task t is seeded from seed, t and k).")
     max_steps: int = option(300, "Control steps per attempt before it counts as a failure.")
     max_attempts: int | None = option(None, "Attempts per task before giving up (default: 3 x episodes + 10).")
-    hard_reset_every: int = option(
-        10, "Rebuild the scene (new fixture placement, 5-15 s) every N attempts; between, a reset moves objects only."
-    )
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
         _check_suite(self.suite)
         problems = []
-        for name in ("episodes", "max_steps", "hard_reset_every"):
+        for name in ("episodes", "max_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_attempts is not None and self.max_attempts < 1:
@@ -123,6 +129,7 @@ class Attempt:
     reason: str | None  # why it failed
     steps: int
     seconds: float
+    xml: str = field(repr=False)
     actions: np.ndarray = field(repr=False)
     states: np.ndarray = field(repr=False)
     proprio: dict[str, np.ndarray] = field(repr=False)
@@ -138,19 +145,23 @@ def _proprio(env, obs: dict) -> dict[str, np.ndarray]:
     }
 
 
-def search(env, max_steps: int, hard: bool) -> Attempt:
-    """Reset (hard: rebuild the scene), settle, run the controller; record states, proprio and actions."""
+def search(env, max_steps: int) -> Attempt:
+    """Reset to a fresh random placement (LIBERO re-draws objects and fixtures), settle, run the controller with
+    the cameras off; record the model XML, actions and, per step, the state the observation was taken in and
+    the proprio the policy saw."""
     began = time.perf_counter()
-    env.env.hard_reset = hard
+    env.env.hard_reset = False  # the first reset of a new env builds the model; later ones need not
     set_cameras(env, False)
+    track_observed_state(env)
     obs = env.reset()
+    xml = model_xml(env)  # the fixtures' placement of this attempt is in the model, not in the state
     for _ in range(WAIT_STEPS):
         obs, _, _, _ = env.step(NOOP.tolist())
     controller = PickPlace(env)
     states, actions, proprio = [], [], []
     done, reason = False, None
     while len(actions) < max_steps:
-        states.append(env.env.sim.get_state().flatten())
+        states.append(obs[OBSERVED_STATE])
         proprio.append(_proprio(env, obs))
         action = controller(obs)
         actions.append(action)
@@ -175,6 +186,7 @@ def search(env, max_steps: int, hard: bool) -> Attempt:
         None if success else reason,
         len(actions),
         time.perf_counter() - began,
+        xml,
         np.asarray(actions, dtype=np.float64),
         np.asarray(states, dtype=np.float64),
         {key: np.stack([p[key] for p in proprio]) for key in proprio[0]} if proprio else {},
@@ -195,7 +207,7 @@ def _write_atomically(path: Path, write) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def _write_demo(group: h5py.Group, attempt: Attempt, frames, xml: str) -> None:
+def _write_demo(group: h5py.Group, attempt: Attempt, frames) -> None:
     """One data/demo_<i> group in LIBERO's layout."""
     steps = attempt.steps
     group.create_dataset("actions", data=attempt.actions)
@@ -222,7 +234,7 @@ def _write_demo(group: h5py.Group, attempt: Attempt, frames, xml: str) -> None:
             depth = frames.depth[view]
             group.create_dataset(DEPTH_KEY.format(view), data=depth, chunks=(1, *depth.shape[1:]), **COMPRESSION)
     group.attrs["num_samples"] = steps
-    group.attrs["model_file"] = xml
+    group.attrs["model_file"] = attempt.xml
     group.attrs["init_state"] = attempt.states[0]
 
 
@@ -322,8 +334,8 @@ class TaskFolder:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def stage(self, index: int, attempt: Attempt, frames, xml: str) -> None:
-        _write_atomically(self.path / f"demo_{index}{PART}", lambda h5: _write_demo(h5, attempt, frames, xml))
+    def stage(self, index: int, attempt: Attempt, frames) -> None:
+        _write_atomically(self.path / f"demo_{index}{PART}", lambda h5: _write_demo(h5, attempt, frames))
 
     def save_attrs(self, attrs: dict) -> None:
         (self.path / ATTRS).write_text(json.dumps(attrs))
@@ -428,15 +440,10 @@ def _collect_task(config: CollectConfig, folder: TaskFolder, bar) -> TaskReport:
             if env is None:
                 env = make_env(task, config.resolution, config.depth)
                 goal_of(env)  # UnsupportedTask here would be a parser disagreement: one line, stops the run
-                fresh, xml = True, None
                 folder.save_attrs(_file_attrs(env, task, config))
             number = len(attempts)
             _seed(config, task, number)
-            hard = fresh or number % config.hard_reset_every == 0
-            attempt = search(env, config.max_steps, hard)
-            if hard or xml is None:
-                xml = model_xml(env)
-            fresh = False
+            attempt = search(env, config.max_steps)
             record = {
                 "attempt": number,
                 "success": attempt.success,
@@ -445,8 +452,8 @@ def _collect_task(config: CollectConfig, folder: TaskFolder, bar) -> TaskReport:
             }
             if attempt.success:
                 began = time.perf_counter()
-                frames = render_states(env, attempt.states, config.depth)
-                folder.stage(have, attempt, frames, xml)
+                frames = render_states(env, attempt.states, config.depth, xml=attempt.xml)
+                folder.stage(have, attempt, frames)
                 record["render_s"] = round(time.perf_counter() - began, 3)
                 have += 1
                 bar.update(job, advance=1)
@@ -484,7 +491,7 @@ def _report(config: CollectConfig, folder: TaskFolder, attempts: list[dict]) -> 
 
 
 def report_table(reports: list[TaskReport]) -> Table:
-    table = Table("task", "demos", "controller success", "s/attempt", "s/render", "failures", title="sf collect-libero")
+    table = Table("task", "demos", "controller success", "s/attempt", "s/render", title="sf collect-libero")
     for r in reports:
         table.add_row(
             f"{r.suite} {r.task_id}: {r.task}",
@@ -492,7 +499,6 @@ def report_table(reports: list[TaskReport]) -> Table:
             f"{r.successes}/{r.attempts} ({100 * r.success_rate:.0f}%)",
             f"{r.search_seconds_per_attempt:.1f}",
             f"{r.render_seconds_per_demo:.1f}",
-            "; ".join(f"{n}x {why}" for why, n in r.failures.items()) or "-",
         )
     return table
 
