@@ -21,22 +21,20 @@ from sfcache.libero_control import PickPlace
 from sfcache.libero_eval import NOOP, WAIT_STEPS, make_env, suite_tasks
 from sfcache.libero_replay import (
     CAMERAS,
-    OBSERVED_STATE,
     frames_of,
     load_model,
     model_xml,
     observe,
     render_states,
     set_cameras,
-    track_observed_state,
 )
 
 
 def live(env, max_steps: int, from_xml: bool) -> tuple[dict, dict, np.ndarray, str, float]:
-    """The controller's episode with cameras on: frames and observed states before each action, the model XML
+    """The controller's episode with cameras on: the states before each action with the frames robosuite returns
+    after it (LIBERO's pairing), the model XML
     and the seconds of the episode. `from_xml`: run it in the model loaded from its XML, as replays are."""
     set_cameras(env, True, depth=True)
-    track_observed_state(env)
     env.env.hard_reset = False
     env.reset()
     xml, state = model_xml(env), env.env.sim.get_state().flatten()
@@ -51,12 +49,12 @@ def live(env, max_steps: int, from_xml: bool) -> tuple[dict, dict, np.ndarray, s
     rgb: dict[str, list] = {v: [] for v in CAMERAS}
     depth: dict[str, list] = {v: [] for v in CAMERAS}
     for _ in range(max_steps):
-        states.append(obs[OBSERVED_STATE])
-        images, metres = frames_of(env, obs, depth=True)
+        states.append(env.env.sim.get_state().flatten())
+        obs, _, done, _ = env.step(controller(obs).tolist())
+        images, metres = frames_of(env, obs, depth=True)  # the frames of the state before this action
         for view in CAMERAS:
             rgb[view].append(images[view])
             depth[view].append(metres[view].astype(np.float16))
-        obs, _, done, _ = env.step(controller(obs).tolist())
         if (done and controller.released) or controller.finished:
             break
     return (

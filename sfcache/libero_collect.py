@@ -48,12 +48,10 @@ from sfcache.libero_eval import (
 from sfcache.libero_replay import (
     CAMERAS,
     DEPTH_KEY,
-    OBSERVED_STATE,
     RGB_KEY,
     model_xml,
     render_states,
     set_cameras,
-    track_observed_state,
 )
 from sfcache.options import comma_text, option
 from sfcache.progress import progress_bar
@@ -147,12 +145,10 @@ def _proprio(env, obs: dict) -> dict[str, np.ndarray]:
 
 def search(env, max_steps: int) -> Attempt:
     """Reset to a fresh random placement (LIBERO re-draws objects and fixtures), settle, run the controller with
-    the cameras off; record the model XML, actions and, per step, the state the observation was taken in and
-    the proprio the policy saw."""
+    the cameras off; record the model XML, the actions, the state before each action and the proprio of that
+    state (which robosuite reports in the observation returned after the action, as LIBERO's datasets pair)."""
     began = time.perf_counter()
-    env.env.hard_reset = False  # the first reset of a new env builds the model; later ones need not
     set_cameras(env, False)
-    track_observed_state(env)
     obs = env.reset()
     xml = model_xml(env)  # the fixtures' placement of this attempt is in the model, not in the state
     for _ in range(WAIT_STEPS):
@@ -161,8 +157,7 @@ def search(env, max_steps: int) -> Attempt:
     states, actions, proprio = [], [], []
     done, reason = False, None
     while len(actions) < max_steps:
-        states.append(obs[OBSERVED_STATE])
-        proprio.append(_proprio(env, obs))
+        states.append(env.env.sim.get_state().flatten())
         action = controller(obs)
         actions.append(action)
         try:
@@ -170,6 +165,7 @@ def search(env, max_steps: int) -> Attempt:
         except Exception as error:  # noqa: BLE001  an unstable simulation fails this attempt only
             reason = f"the simulator failed: {type(error).__name__}: {error}"
             break
+        proprio.append(_proprio(env, obs))
         if done and controller.released:  # basket goals count while the object is still held: release first
             break
         if controller.finished:

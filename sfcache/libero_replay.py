@@ -9,11 +9,10 @@ from; a recorder therefore renders its frames here too, from the XML it stores, 
 XML, in this env or a fresh one, renders the same frames bit for bit.
 
 robosuite samples observations (cameras and proprio alike) right after the first physics substep of a
-control step, not at its end; `track_observed_state` adds an observable that records the simulator state
-at that moment, so rendering it gives exactly the frame the live observation had. Frames come out as the simulator
-gives them and as LIBERO's datasets store them: upside down (OpenGL rows). Depth is converted from MuJoCo's
-normalised [0, 1] buffer to metres along the camera axis (`near / (1 - d (1 - near / far))`) and stored as
-float16 [T, H, W].
+control step, from kinematics MuJoCo computed before integrating that substep: the observation `env.step`
+returns after action k shows the state before action k. LIBERO's datasets pair exactly these: `states[k]`
+(the state before action k) with the frames returned after action k, so rendering `states[k]` here gives
+frame k.
 
 `sf collect-libero` searches with cameras off and renders the successful episodes here; `sf render-depth`
 replays existing datasets here.
@@ -35,7 +34,6 @@ CAMERAS = {
 }
 RGB_KEY, DEPTH_KEY = "obs/{}_rgb", "obs/{}_depth"
 DEPTH_DTYPE = np.float16
-OBSERVED_STATE = "sfcache_observed_state"
 
 
 @dataclass
@@ -65,21 +63,6 @@ def metric_depth(sim, normalised: np.ndarray) -> np.ndarray:
 def model_xml(env) -> str:
     """The env's current model as XML, what a dataset stores in each demo's `model_file`."""
     return env.env.sim.model.get_xml()
-
-
-def track_observed_state(env) -> None:
-    """Add the `OBSERVED_STATE` observation: the flattened simulator state when the cameras would sample."""
-    from robosuite.utils.observables import Observable, sensor
-
-    domain = env.env
-    if OBSERVED_STATE in domain._observables:
-        return
-
-    @sensor(modality="sfcache")
-    def observed_state(obs_cache):
-        return domain.sim.get_state().flatten()
-
-    domain.add_observable(Observable(OBSERVED_STATE, observed_state, sampling_rate=domain.control_freq))
 
 
 def load_model(env, xml: str) -> None:
