@@ -9,7 +9,16 @@ from rich.console import Console
 from rich.markup import escape
 
 import sfcache
-from sfcache.cli import collect_libero, eval_libero, extract, inspect_cache, inspect_source, reproduce, train
+from sfcache.cli import (
+    collect_libero,
+    eval_libero,
+    extract,
+    inspect_cache,
+    inspect_source,
+    render_depth,
+    reproduce,
+    train,
+)
 from sfcache.errors import Interrupted, SfcacheError
 
 app = typer.Typer(
@@ -42,6 +51,7 @@ app.command("inspect-cache")(inspect_cache.inspect_cache)
 app.command("train")(train.train)
 app.command("eval-libero")(eval_libero.eval_libero)
 app.command("collect-libero")(collect_libero.collect_libero)
+app.command("render-depth")(render_depth.render_depth_command)
 app.command("reproduce-libero")(reproduce.reproduce_libero)
 
 
