@@ -21,6 +21,7 @@ from sfcache.libero_control import PickPlace
 from sfcache.libero_eval import NOOP, WAIT_STEPS, make_env, suite_tasks
 from sfcache.libero_replay import (
     CAMERAS,
+    forget_model,
     frames_of,
     load_model,
     model_xml,
@@ -37,6 +38,7 @@ def live(env, max_steps: int, from_xml: bool) -> tuple[dict, dict, np.ndarray, s
     set_cameras(env, True, depth=True)
     env.env.hard_reset = False
     env.reset()
+    forget_model(env)
     xml, state = model_xml(env), env.env.sim.get_state().flatten()
     if from_xml:
         load_model(env, xml)

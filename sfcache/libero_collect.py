@@ -49,6 +49,7 @@ from sfcache.libero_replay import (
     CAMERAS,
     DEPTH_KEY,
     RGB_KEY,
+    forget_model,
     model_xml,
     render_states,
     set_cameras,
@@ -150,6 +151,7 @@ def search(env, max_steps: int) -> Attempt:
     began = time.perf_counter()
     set_cameras(env, False)
     obs = env.reset()
+    forget_model(env)
     xml = model_xml(env)  # the fixtures' placement of this attempt is in the model, not in the state
     for _ in range(WAIT_STEPS):
         obs, _, _, _ = env.step(NOOP.tolist())

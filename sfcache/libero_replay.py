@@ -65,11 +65,16 @@ def model_xml(env) -> str:
     return env.env.sim.model.get_xml()
 
 
+def forget_model(env) -> None:
+    """The env's model changed (a reset re-draws the fixtures into it): the next `load_model` must load."""
+    env._sfcache_xml = None
+
+
 def load_model(env, xml: str) -> None:
     """Rebuild the env from a demo's `model_file` XML (mesh paths rewritten for this machine by LIBERO)."""
     from libero.libero.utils.utils import postprocess_model_xml
 
-    if getattr(env, "_sfcache_xml", None) == xml:
+    if getattr(env, "_sfcache_xml", None) == xml:  # still the loaded model: no reset since (`forget_model`)
         return
     try:
         env.env.reset_from_xml_string(postprocess_model_xml(xml, {}))
