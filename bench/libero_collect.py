@@ -26,14 +26,16 @@ from sfcache.libero_replay import (
     load_model,
     model_xml,
     observe,
+    observed_state,
     render_states,
     set_cameras,
+    track_observed_state,
 )
 
 
 def live(env, max_steps: int, from_xml: bool) -> tuple[dict, dict, np.ndarray, str, float]:
-    """The controller's episode with cameras on: the states before each action with the frames robosuite returns
-    after it (LIBERO's pairing), the model XML
+    """The controller's episode with cameras on: the live frames before each action with the observed states
+    collect-libero records, the model XML
     and the seconds of the episode. `from_xml`: run it in the model loaded from its XML, as replays are."""
     set_cameras(env, True, depth=True)
     env.env.hard_reset = False
@@ -43,6 +45,7 @@ def live(env, max_steps: int, from_xml: bool) -> tuple[dict, dict, np.ndarray, s
     if from_xml:
         load_model(env, xml)
         env.env.sim.set_state_from_flattened(state)
+    track_observed_state(env)
     obs = observe(env)
     began = time.perf_counter()
     for _ in range(WAIT_STEPS):
@@ -51,12 +54,12 @@ def live(env, max_steps: int, from_xml: bool) -> tuple[dict, dict, np.ndarray, s
     rgb: dict[str, list] = {v: [] for v in CAMERAS}
     depth: dict[str, list] = {v: [] for v in CAMERAS}
     for _ in range(max_steps):
-        states.append(env.env.sim.get_state().flatten())
-        obs, _, done, _ = env.step(controller(obs).tolist())
-        images, metres = frames_of(env, obs, depth=True)  # the frames of the state before this action
+        states.append(observed_state(env))
+        images, metres = frames_of(env, obs, depth=True)
         for view in CAMERAS:
             rgb[view].append(images[view])
             depth[view].append(metres[view].astype(np.float16))
+        obs, _, done, _ = env.step(controller(obs).tolist())
         if (done and controller.released) or controller.finished:
             break
     return (

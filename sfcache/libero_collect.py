@@ -51,8 +51,10 @@ from sfcache.libero_replay import (
     RGB_KEY,
     forget_model,
     model_xml,
+    observed_state,
     render_states,
     set_cameras,
+    track_observed_state,
 )
 from sfcache.options import comma_text, option
 from sfcache.progress import progress_bar
@@ -146,12 +148,13 @@ def _proprio(env, obs: dict) -> dict[str, np.ndarray]:
 
 def search(env, max_steps: int) -> Attempt:
     """Reset to a fresh random placement (LIBERO re-draws objects and fixtures), settle, run the controller with
-    the cameras off; record the model XML, the actions, the state before each action and the proprio of that
-    state (which robosuite reports in the observation returned after the action, as LIBERO's datasets pair)."""
+    the cameras off; record the model XML, the actions and, before each action, the state the controller's
+    observation shows (`libero_replay.observed_state`) with that observation's proprio."""
     began = time.perf_counter()
     set_cameras(env, False)
     obs = env.reset()
     forget_model(env)
+    track_observed_state(env)
     xml = model_xml(env)  # the fixtures' placement of this attempt is in the model, not in the state
     for _ in range(WAIT_STEPS):
         obs, _, _, _ = env.step(NOOP.tolist())
@@ -159,7 +162,8 @@ def search(env, max_steps: int) -> Attempt:
     states, actions, proprio = [], [], []
     done, reason = False, None
     while len(actions) < max_steps:
-        states.append(env.env.sim.get_state().flatten())
+        states.append(observed_state(env))
+        proprio.append(_proprio(env, obs))
         action = controller(obs)
         actions.append(action)
         try:
@@ -167,7 +171,6 @@ def search(env, max_steps: int) -> Attempt:
         except Exception as error:  # noqa: BLE001  an unstable simulation fails this attempt only
             reason = f"the simulator failed: {type(error).__name__}: {error}"
             break
-        proprio.append(_proprio(env, obs))
         if done and controller.released:  # basket goals count while the object is still held: release first
             break
         if controller.finished:

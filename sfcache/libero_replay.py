@@ -8,11 +8,10 @@ a model loaded from it renders ~3-5% of RGB pixels slightly differently from the
 from; a recorder therefore renders its frames here too, from the XML it stores, and every replay of that
 XML, in this env or a fresh one, renders the same frames bit for bit.
 
-robosuite samples observations (cameras and proprio alike) right after the first physics substep of a
-control step, from kinematics MuJoCo computed before integrating that substep: the observation `env.step`
-returns after action k shows the state before action k. LIBERO's datasets pair exactly these: `states[k]`
-(the state before action k) with the frames returned after action k, so rendering `states[k]` here gives
-frame k.
+robosuite takes a control step's observation (cameras and proprio alike) in its last physics substep, from
+kinematics MuJoCo computed before integrating that substep: what a policy sees is the state one 2 ms substep
+before the step's end. `track_observed_state` keeps that state (`observed_state`), so rendering it gives
+exactly the frame the live observation had.
 
 `sf collect-libero` searches with cameras off and renders the successful episodes here; `sf render-depth`
 replays existing datasets here.
@@ -63,6 +62,25 @@ def metric_depth(sim, normalised: np.ndarray) -> np.ndarray:
 def model_xml(env) -> str:
     """The env's current model as XML, what a dataset stores in each demo's `model_file`."""
     return env.env.sim.model.get_xml()
+
+
+def track_observed_state(env) -> None:
+    """Keep, on the env's current sim, the state before each physics substep (cheap: a copy of ~100 floats)."""
+    sim = env.env.sim
+    if getattr(sim, "_sfcache_step", None) is not None:
+        return
+    step = sim.step
+
+    def tracked(*args, **kwargs):
+        sim._sfcache_before = sim.get_state().flatten()
+        return step(*args, **kwargs)
+
+    sim._sfcache_step, sim.step = step, tracked
+
+
+def observed_state(env) -> np.ndarray:
+    """The state the last `env.step` observation shows (the one before its last physics substep)."""
+    return env.env.sim._sfcache_before
 
 
 def forget_model(env) -> None:
