@@ -158,7 +158,7 @@ class PickPlace:
         self.phase, self.count, self.failure = "approach", 0, None
         self.orientation = None  # desired gripper rotation matrix, fixed at the start
         self.grasp_offset = None  # eef - object position at the grasp, for carrying
-        self.last_z: list[float] = []
+        self.trail: list[np.ndarray] = []  # eef positions in this phase, to notice a blocked motion
         self.is_bowl = "bowl" in self.target
 
     # -- geometry
@@ -198,6 +198,8 @@ class PickPlace:
             raise UnsupportedTask(f"destination {self.destination}: neither an object nor a site")
         owner = next((o for o in scene.objects() if self.destination.startswith(o + "_")), None)
         top = scene.box(owner).high[2] if owner is not None else site[2]  # e.g. basket_1_contain_region: the rim
+        if self.predicate == "in":  # into a container: down to its region (lowering stops early on contact)
+            return np.array([site[0], site[1], top]), min(top, site[2]) + 0.01
         return np.array([site[0], site[1], top]), top + 0.01
 
     # -- control
@@ -212,7 +214,12 @@ class PickPlace:
         return action
 
     def _next(self, phase: str) -> None:
-        self.phase, self.count, self.last_z = phase, 0, []
+        self.phase, self.count, self.trail = phase, 0, []
+
+    def _stalled(self, eef: np.ndarray, steps: int = 4, distance: float = 0.002) -> bool:
+        """The eef moved less than `distance` over the last `steps` steps of this phase (blocked by contact)."""
+        self.trail.append(eef.copy())
+        return len(self.trail) > steps and float(np.linalg.norm(self.trail[-1] - self.trail[-1 - steps])) < distance
 
     def _reached(self, obs: dict, target: np.ndarray, tolerance: float | None = None) -> bool:
         return float(np.linalg.norm(np.asarray(obs["robot0_eef_pos"]) - target)) < (tolerance or self.NEAR)
@@ -232,11 +239,12 @@ class PickPlace:
         object_box = self.scene.box(self.target)
         if self.phase == "approach":
             above = self.grasp + np.array([0, 0, 0.08])
-            if self._reached(obs, above, 0.015) and self.count > 3:
+            over = float(np.linalg.norm((eef - above)[:2])) < 0.015  # out of reach in height: go on from here
+            if (self._reached(obs, above, 0.015) or (self._stalled(eef) and over)) and self.count > 3:
                 self._next("descend")
             return self._move(obs, above, OPEN)
         if self.phase == "descend":
-            if self._reached(obs, self.grasp, 0.008):
+            if self._reached(obs, self.grasp, 0.008) or (self._stalled(eef) and self.count > 5):  # fingers touch
                 self._next("close")
             return self._move(obs, self.grasp, OPEN)
         if self.phase == "close":
@@ -265,9 +273,7 @@ class PickPlace:
             return self._move(obs, over, CLOSE)
         if self.phase == "lower":
             low = np.array([over[0], over[1], bottom_z + (eef[2] - object_box.low[2])])
-            self.last_z.append(eef[2])
-            stalled = len(self.last_z) > 4 and self.last_z[-4] - self.last_z[-1] < 0.002
-            if self._reached(obs, low, 0.008) or stalled:
+            if self._reached(obs, low, 0.008) or self._stalled(eef, 3):
                 self._next("release")
             return self._move(obs, low, CLOSE)
         if self.phase == "release":
