@@ -54,7 +54,7 @@ def live(env, max_steps: int, from_xml: bool) -> tuple[dict, dict, np.ndarray, s
     rgb: dict[str, list] = {v: [] for v in CAMERAS}
     depth: dict[str, list] = {v: [] for v in CAMERAS}
     for _ in range(max_steps):
-        states.append(observed_state(env))
+        states.append(observed_state(obs))
         images, metres = frames_of(env, obs, depth=True)
         for view in CAMERAS:
             rgb[view].append(images[view])

@@ -10,8 +10,9 @@ of rendering every searched step.
 Layout (LIBERO's own, one file per task): OUT/<libero_suite>/<task>_demo.hdf5 with data/demo_<i>/
 {actions, states, robot_states, rewards, dones, obs/{agentview_rgb, eye_in_hand_rgb, ee_states, ee_pos,
 ee_ori, gripper_states, joint_states}} and, with depth, obs/agentview_depth and obs/eye_in_hand_depth
-(float16 [T, H, W] metres, rows upside down like the RGB). Step k pairs the frames of state k with
-action k (what a policy sees before it acts). Images are stored upside down as LIBERO stores them.
+(float16 [T, H, W] metres, rows upside down like the RGB). Step k is what the controller saw when it
+chose action k: `states[k]` is the state its observation shows (`libero_replay.observed_state`), and the
+frames are renders of it, equal to the live camera frames. Images are stored upside down as LIBERO does.
 
 Resuming: every kept demonstration is first written to its own file under
 OUT/.collect/<libero_suite>/<task>/ (temp file, then rename), and every attempt is logged there; a task's
@@ -152,9 +153,9 @@ def search(env, max_steps: int) -> Attempt:
     observation shows (`libero_replay.observed_state`) with that observation's proprio."""
     began = time.perf_counter()
     set_cameras(env, False)
+    track_observed_state(env)
     obs = env.reset()
     forget_model(env)
-    track_observed_state(env)
     xml = model_xml(env)  # the fixtures' placement of this attempt is in the model, not in the state
     for _ in range(WAIT_STEPS):
         obs, _, _, _ = env.step(NOOP.tolist())
@@ -162,7 +163,7 @@ def search(env, max_steps: int) -> Attempt:
     states, actions, proprio = [], [], []
     done, reason = False, None
     while len(actions) < max_steps:
-        states.append(observed_state(env))
+        states.append(observed_state(obs))
         proprio.append(_proprio(env, obs))
         action = controller(obs)
         actions.append(action)

@@ -8,10 +8,10 @@ a model loaded from it renders ~3-5% of RGB pixels slightly differently from the
 from; a recorder therefore renders its frames here too, from the XML it stores, and every replay of that
 XML, in this env or a fresh one, renders the same frames bit for bit.
 
-robosuite takes a control step's observation (cameras and proprio alike) in its last physics substep, from
-kinematics MuJoCo computed before integrating that substep: what a policy sees is the state one 2 ms substep
-before the step's end. `track_observed_state` keeps that state (`observed_state`), so rendering it gives
-exactly the frame the live observation had.
+robosuite takes a control step's observation (cameras and proprio alike) during one physics substep (the
+last one, here), from kinematics MuJoCo computed before integrating that substep: what a policy sees is a
+state 2 ms before the step's end. `track_observed_state` records that state in each observation
+(`observed_state`), so rendering it gives exactly the frame the live observation had.
 
 `sf collect-libero` searches with cameras off and renders the successful episodes here; `sf render-depth`
 replays existing datasets here.
@@ -33,6 +33,7 @@ CAMERAS = {
 }
 RGB_KEY, DEPTH_KEY = "obs/{}_rgb", "obs/{}_depth"
 DEPTH_DTYPE = np.float16
+OBSERVED_STATE = "sfcache_observed_state"
 
 
 @dataclass
@@ -64,9 +65,8 @@ def model_xml(env) -> str:
     return env.env.sim.model.get_xml()
 
 
-def track_observed_state(env) -> None:
-    """Keep, on the env's current sim, the state before each physics substep (cheap: a copy of ~100 floats)."""
-    sim = env.env.sim
+def _keep_state_before_substeps(sim) -> None:
+    """Wrap `sim.step` so that `sim._sfcache_before` is the state before the latest physics substep."""
     if getattr(sim, "_sfcache_step", None) is not None:
         return
     step = sim.step
@@ -76,11 +76,30 @@ def track_observed_state(env) -> None:
         return step(*args, **kwargs)
 
     sim._sfcache_step, sim.step = step, tracked
+    sim._sfcache_before = sim.get_state().flatten()
 
 
-def observed_state(env) -> np.ndarray:
-    """The state the last `env.step` observation shows (the one before its last physics substep)."""
-    return env.env.sim._sfcache_before
+def track_observed_state(env) -> None:
+    """Add the `OBSERVED_STATE` observation: the state whose kinematics the other observations of the same
+    substep read (the state before that substep; robosuite resets all observables' clocks together). A sim
+    rebuilt later (a model loaded from XML) is wrapped when first observed."""
+    domain = env.env
+    _keep_state_before_substeps(domain.sim)
+    if OBSERVED_STATE in domain._observables:
+        return
+    from robosuite.utils.observables import Observable, sensor
+
+    @sensor(modality="sfcache")
+    def observed(obs_cache):
+        _keep_state_before_substeps(domain.sim)
+        return np.array(domain.sim._sfcache_before)
+
+    domain.add_observable(Observable(OBSERVED_STATE, observed, sampling_rate=domain.control_freq))
+
+
+def observed_state(obs: dict) -> np.ndarray:
+    """The state an observation shows (`track_observed_state` must have been called before the step)."""
+    return obs[OBSERVED_STATE]
 
 
 def forget_model(env) -> None:
