@@ -66,11 +66,6 @@ SETTINGS = "settings.json"
 ATTRS = "attrs.json"  # the task file's data-group attributes, kept until the file is assembled
 PART = ".demo"  # staged demonstration files (not .hdf5, so dataset readers never see them)
 COMPRESSION = {"compression": "gzip", "compression_opts": 4}
-# Measured success of the controller per task (successes / attempts, fresh placements); README has the table.
-SOLVED = {
-    "spatial": (0, 1, 3, 5, 7, 8),
-    "object": (0, 2, 4, 5, 7, 8, 9),
-}
 
 
 def _parse_resolution(text: str) -> int:
