@@ -38,14 +38,13 @@ def live(env, max_steps: int, from_xml: bool) -> tuple[dict, dict, np.ndarray, s
     collect-libero records, the model XML
     and the seconds of the episode. `from_xml`: run it in the model loaded from its XML, as replays are."""
     set_cameras(env, True, depth=True)
-    env.env.hard_reset = False
+    track_observed_state(env)  # before the reset, as collect-libero does: its clock runs with the cameras'
     env.reset()
     forget_model(env)
     xml, state = model_xml(env), env.env.sim.get_state().flatten()
     if from_xml:
         load_model(env, xml)
         env.env.sim.set_state_from_flattened(state)
-    track_observed_state(env)
     obs = observe(env)
     began = time.perf_counter()
     for _ in range(WAIT_STEPS):

@@ -252,7 +252,8 @@ class PickPlace:
                 self.grasp_offset = eef - self.scene.position(self.target)
                 self.bottom_offset = eef[2] - object_box.low[2]
                 point, _ = self._destination_point()
-                self.carry_z = max(point[2], object_box.low[2]) + self.bottom_offset + 0.06
+                clear = max(point[2], object_box.low[2]) + self.bottom_offset + 0.06
+                self.carry_z = min(clear, max(point[2], self.grasp[2]) + 0.25)  # within the arm's reach
                 self._next("lift")
             return self._move(obs, self.grasp, CLOSE)
         point, bottom_z = self._destination_point()
@@ -265,9 +266,10 @@ class PickPlace:
         held = eef - self.scene.position(self.target)  # the live grasp offset (the object may have slipped)
         over = np.array([point[0] + held[0], point[1] + held[1], carry_z])
         if self.phase == "carry":
-            if object_box.low[2] < self.grasp[2] - self.bottom_offset - 0.02 and self.count > 5:
-                self.failure = "the object dropped while carried"
+            if float(np.linalg.norm((held - self.grasp_offset)[:2])) > 0.04:  # the live offset would run away
+                self.failure = "the object is not in the gripper (missed or slipped)"
                 self._next("done")
+                return self._move(obs, eef, OPEN)
             if self._reached(obs, over, 0.012):
                 self._next("lower")
             return self._move(obs, over, CLOSE)
