@@ -395,6 +395,9 @@ def test_summary_json_keeps_its_fields_and_the_cli_prints_them(run_dir, tmp_path
         "cpu",
     )
     assert code == 0, output
-    assert seen == [EvalConfig("spatial", run_dir / "eval_libero_spatial", tasks=(0, 3), trials_per_task=2)]
+    # rendered at the checkpoint's training frame size (64 px), not the protocol's 256
+    assert seen == [
+        EvalConfig("spatial", run_dir / "eval_libero_spatial", tasks=(0, 3), trials_per_task=2, resolution=64)
+    ]
     assert "success 50.0% over 4 episodes (15.0 simulator steps/s, 2.0 s/episode)" in output
     assert "0: task 0" in output and "3: task 3" in output
