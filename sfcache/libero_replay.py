@@ -5,8 +5,8 @@ such as the wooden cabinet and the stove are placed into the model at each reset
 the episode's `model_file` XML is loaded first (`reset_from_xml_string`, ~5 s, skipped when the env runs
 that model and has not been reset since), then each state is set and both cameras are rendered. The XML
 stores numbers rounded, so a model loaded from it renders up to ~5% of RGB pixels slightly differently
-from the model it was written from; a recorder therefore renders its frames here too, from the XML it stores, and every replay of that
-XML, in this env or a fresh one, renders the same frames bit for bit.
+from the model it was written from; a recorder therefore renders its frames here too, from the XML it
+stores, and every replay of that XML, in this env or a fresh one, renders the same frames bit for bit.
 
 robosuite takes a control step's observation (cameras and proprio alike) during one physics substep (the
 last one, here), from kinematics MuJoCo computed before integrating that substep: what a policy sees is a
