@@ -15,7 +15,7 @@ SCHEDULER  ?=
 OUT        ?= out/reproduce-libero
 REPRO_ARGS ?=
 
-.PHONY: install lint test demo bench bench-gpu gpu-wheels reproduce-libero clean
+.PHONY: install lint test demo bench bench-closed-loop bench-gpu gpu-wheels reproduce-libero clean
 
 install: $(STAMP)
 
@@ -40,6 +40,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run --out bench-out
+
+# Hours on 2 CPU cores (not in CI): demos -> cache -> SF and baseline policies -> simulator success rates.
+# Every stage resumes: run the same line again to continue. CLOSED_LOOP_ARGS e.g. "--stages eval --trials 50".
+CLOSED_LOOP_ARGS ?=
+bench-closed-loop: $(STAMP)
+	$(PY) -m bench.closed_loop --out out/bench-closed-loop $(CLOSED_LOOP_ARGS)
 
 # bench-gpu on a GPU machine. GPU_PY=python3 uses that machine's own torch; the packages its image lacks
 # come from .whl/ (made here by `make gpu-wheels`, Python 3.12 x86-64), so it needs no network.

@@ -1,7 +1,9 @@
-"""`make demo`: the whole pipeline on the embedded demo data in a few minutes on a CPU.
+"""`make demo`: the whole pipeline on real LIBERO scenes in a few minutes on a CPU.
 
-Each stage runs the real `sf` command in a subprocess, printed as the user would type it, so the
-demo doubles as a transcript of how to use sfcache. Re-running resumes every stage.
+The data is the small dataset `sf collect-libero` recorded in the simulator and the repository keeps in
+data/libero-demo (its README has the command); an installed sfcache without the repository falls back to
+synthetic LIBERO-layout data. Each stage runs the real `sf` command in a subprocess, printed as the user
+would type it, so the demo doubles as a transcript of how to use sfcache. Re-running resumes every stage.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from rich.console import Console
 from sfcache.sources.synthetic import write_demo_dataset
 
 console = Console()
+RECORDED = Path(__file__).resolve().parents[1] / "data" / "libero-demo"  # in the repository, not in a wheel
 
 
 def sf(*args: str) -> None:
@@ -35,13 +38,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
     parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--data", type=Path, default=RECORDED, help="a LIBERO HDF5 dataset")
     args = parser.parse_args()
     out = args.out.resolve()
     data, cache, run, pca = out / "data", out / "cache", out / "train", out / "pca.png"
 
-    console.rule("[bold]sfcache demo: LIBERO-format demo data, random tiny VGGT, CPU")
-    dataset = write_demo_dataset(data) if not data.exists() else next(data.iterdir())
-    console.print(f"demo dataset (LIBERO HDF5 layout): {dataset}")
+    console.rule("[bold]sfcache demo: LIBERO scenes recorded in the simulator, random tiny VGGT, CPU")
+    if args.data.exists():
+        dataset = args.data.resolve()
+        console.print(f"demo dataset (recorded by `sf collect-libero`, see {dataset / 'README.md'}): {dataset}")
+    else:
+        dataset = write_demo_dataset(data) if not data.exists() else next(data.iterdir())
+        console.print(f"{args.data} is not here (sfcache installed without its repository): synthetic {dataset}")
 
     sf("inspect-source", str(dataset))
     sf(

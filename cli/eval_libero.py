@@ -7,7 +7,7 @@ from rich.console import Console
 
 from sfcache.cli.options import config_command, path_text
 from sfcache.device import DEVICE_CHOICES
-from sfcache.libero_eval import EvalConfig, evaluate, results_table
+from sfcache.libero_eval import RESOLUTION, EvalConfig, evaluate, results_table
 from sfcache.options import default_of
 from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.loop import TrainConfig
@@ -23,7 +23,13 @@ def eval_libero(
 ) -> None:
     """Closed-loop success rates in the LIBERO simulator: results.jsonl, summary.json, videos, a table."""
     policy = CheckpointPolicy(path_text(checkpoint, "CHECKPOINT"), device=device, seed=fields["seed"])
-    config = EvalConfig(**{**fields, "out": fields["out"] or policy.path.parent / f"eval_libero_{fields['suite']}"})
+    config = EvalConfig(
+        **{
+            **fields,
+            "out": fields["out"] or policy.path.parent / f"eval_libero_{fields['suite']}",
+            "resolution": policy.render_size(RESOLUTION),  # render the size the policy was trained on
+        }
+    )
     summary = evaluate(policy, config, policy.describe())
     Console().print(results_table(summary))
     typer.echo(

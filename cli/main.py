@@ -18,7 +18,17 @@ def _app():
     import typer
 
     import sfcache
-    from sfcache.cli import eval_libero, extract, inspect_cache, inspect_source, probe, reproduce, train
+    from sfcache.cli import (
+        collect_libero,
+        eval_libero,
+        extract,
+        inspect_cache,
+        inspect_source,
+        probe,
+        render_depth,
+        reproduce,
+        train,
+    )
 
     app = typer.Typer(
         name="sf",
@@ -46,6 +56,8 @@ def _app():
     app.command("inspect-cache")(inspect_cache.inspect_cache)
     app.command("train")(train.train)
     app.command("eval-libero")(eval_libero.eval_libero)
+    app.command("collect-libero")(collect_libero.collect_libero)
+    app.command("render-depth")(render_depth.render_depth_command)
     app.command("reproduce-libero")(reproduce.reproduce_libero)
     app.command("probe")(probe.probe)
     return app

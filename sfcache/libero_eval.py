@@ -178,11 +178,22 @@ def suite_tasks(suite: str) -> list[Task]:
     return out
 
 
-def make_env(task: Task, resolution: int = RESOLUTION):
-    """LIBERO's off-screen env for `task` with square camera renders, seeded as OFT (seed 0)."""
+def make_env(task: Task, resolution: int = RESOLUTION, depth: bool = False):
+    """LIBERO's off-screen env for `task` with square camera renders (and depth buffers), seeded as OFT (seed 0).
+
+    Its resets keep the built model (`hard_reset=False`): LIBERO re-draws the fixtures and objects on every
+    reset from the same random numbers either way (measured: same fixture positions for the same seed; after
+    `set_init_state` and 10 wait steps the states differ by <= 2.3e-3 and 0.26% of pixels, the simulator's
+    warm start), while a rebuild costs 9-18 s per episode here and a reset without it 0.5 s."""
     _, _, OffScreenRenderEnv = _libero()
     try:
-        env = OffScreenRenderEnv(bddl_file_name=task.bddl_file, camera_heights=resolution, camera_widths=resolution)
+        env = OffScreenRenderEnv(
+            bddl_file_name=task.bddl_file,
+            camera_heights=resolution,
+            camera_widths=resolution,
+            camera_depths=depth,
+            hard_reset=False,
+        )
     except Exception as error:  # MuJoCo raises its own types when no GL context can be made
         if "gl" in str(error).lower() or "render" in str(error).lower():
             raise SimulatorError(

@@ -145,6 +145,16 @@ def test_checkpoint_policy_prepares_images_as_validation(run_dir):
     assert chunk.shape == (8, 7) and set(np.unique(chunk[:, -1])) <= {-1.0, 1.0}
     assert np.isfinite(chunk).all()
     assert policy.describe()["step"] == 2 and policy.describe()["views"] == ["primary", "wrist"]
+    # the training frames' size and preparation are in the checkpoint: the simulator renders that size
+    assert policy.frames == {
+        "size": [64, 64],
+        "rotate_180": True,
+        "jpeg_fast_dct": False,
+        "crop_area": 0.9,
+        "augment": True,
+        "resize": "bilinear to 56 px",
+    }
+    assert policy.render_size(256) == 64 and policy.describe()["frames"] == policy.frames
 
 
 def test_missing_simulator_and_backend_are_one_line_errors(run_dir, tmp_path, capsys, monkeypatch):
@@ -208,7 +218,7 @@ def test_short_episode_end_to_end_renders_and_resumes(run_dir, tmp_path, capsys,
     assert re.search(r"^task 0 trial 0: 8/8 steps, .* ETA ", output, re.MULTILINE), output  # within the episode
 
     frames = np.stack(imageio.mimread(out / record["video"]))  # the primary view at each policy step
-    assert frames.shape == (8, 256, 256, 3)
+    assert frames.shape == (8, 64, 64, 3)  # rendered at the checkpoint's training frame size
     assert frames.std() > 20 and (frames.reshape(8, -1).std(axis=1) > 20).all()  # not blank
     assert np.abs(frames[-1].astype(int) - frames[0]).mean() > 0.5  # the arm moved
 
@@ -388,6 +398,9 @@ def test_summary_json_keeps_its_fields_and_the_cli_prints_them(run_dir, tmp_path
         "cpu",
     )
     assert code == 0, output
-    assert seen == [EvalConfig("spatial", run_dir / "eval_libero_spatial", tasks=(0, 3), trials_per_task=2)]
+    # rendered at the checkpoint's training frame size (64 px), not the protocol's 256
+    assert seen == [
+        EvalConfig("spatial", run_dir / "eval_libero_spatial", tasks=(0, 3), trials_per_task=2, resolution=64)
+    ]
     assert "success 50.0% over 4 episodes (15.0 simulator steps/s, 2.0 s/episode)" in output
     assert "0: task 0" in output and "3: task 3" in output

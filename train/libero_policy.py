@@ -1,6 +1,8 @@
 """An `sf train` checkpoint as a LIBERO policy (`sfcache.libero_eval.Policy`).
 
-The observation is prepared exactly as the trainer prepared its validation batches: the views in the
+The checkpoint records the size of its training frames (`frames`); `sf eval-libero` renders the simulator
+at that size (`render_size`), so a policy trained on LIBERO's 128 px frames sees 128 px renders, not 256 px
+ones resized. The observation is then prepared exactly as the trainer prepared its validation batches: the views in the
 checkpoint's order, JPEG round trip when the training frames were JPEG (RLDS), the central 90% crop
 resized bilinearly to the policy's input (training crops a random 90% box, evaluation the centre),
 proprio standardised inside the model, the instruction as bytes. Training actions are LIBERO's own
@@ -55,6 +57,7 @@ class CheckpointPolicy:
         self.model.load_state_dict(state)
         self.views = tuple(self.identity["views"])
         self.source_format = self.identity.get("source", {}).get("format")
+        self.frames: dict | None = saved.get("frames")  # None in checkpoints from before it was recorded
         self._text: dict[str, torch.Tensor] = {}
 
     def describe(self) -> dict:
@@ -69,7 +72,14 @@ class CheckpointPolicy:
             "views": list(self.views),
             "source_format": self.source_format,
             "image_size": list(self.config.image_size),
+            "frames": self.frames,
         }
+
+    def render_size(self, default: int) -> int:
+        """The simulator render size that gives the training frames' size (`default` when unknown or not square)."""
+        if self.frames is None or self.frames["size"][0] != self.frames["size"][1]:
+            return default
+        return int(self.frames["size"][0])
 
     def images(self, observation: Observation) -> torch.Tensor:
         """float [1, V, 3, S, S] in [0, 1]: the checkpoint's views, centre-cropped and resized as in validation."""

@@ -26,7 +26,7 @@ from sfcache.errors import ConfigMismatch, ResumeMismatch, SfcacheError, differe
 from sfcache.options import comma_list, comma_text, option, square_grid, square_grid_text
 from sfcache.progress import progress_bar
 from sfcache.torch import CachedTargets, SpatialForcingLoss
-from sfcache.train.augment import center_boxes, colour_jitter, crop_images, random_boxes
+from sfcache.train.augment import CROP_AREA, center_boxes, colour_jitter, crop_images, random_boxes
 from sfcache.train.data import StepDataset, TrainingData, check_resume, open_training_data
 from sfcache.train.model import SIZES, Policy, PolicyConfig
 from sfcache.train.online import OnlineTargets
@@ -330,12 +330,26 @@ class Trainer:
             "action_count": self.action_count,
             "policy": self.policy_config.to_dict(),
             "identity": self.data.identity,
+            "frames": self._frames(),
             "config": {
                 "seed": self.config.seed,
                 "batch_size": self.config.batch_size,
                 "align_weight": self.config.align_weight,
                 "steps": self.config.steps,
             },
+        }
+
+    def _frames(self) -> dict:
+        """How the policy's input frames were made, so that `sf eval-libero` renders and prepares them alike."""
+        source, first = self.data.train.source, self.data.train.episodes[0]
+        height, width = source.read(first.key, 0, 1).frames.shape[2:4]
+        return {
+            "size": [int(height), int(width)],  # the source's frames, before the crop
+            "rotate_180": bool(source.rotate),
+            "jpeg_fast_dct": bool(source.jpeg_fast_dct),
+            "crop_area": CROP_AREA,  # training: a random box of this area (with --augment), evaluation: the centre
+            "augment": bool(self.config.augment),
+            "resize": f"bilinear to {self.policy_config.image_size[0]} px",
         }
 
     def save(self) -> None:

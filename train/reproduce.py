@@ -28,7 +28,7 @@ from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
 from sfcache.errors import ConfigMismatch, SfcacheError, SourceError, StoreError, WeightsError, differences
 from sfcache.extract import ExtractConfig, extract
 from sfcache.inspect import summarize
-from sfcache.libero_eval import EvalConfig, evaluate, simulator_available
+from sfcache.libero_eval import RESOLUTION, EvalConfig, evaluate, simulator_available
 from sfcache.options import (
     comma_list,
     comma_text,
@@ -577,8 +577,15 @@ def train_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: C
     return runs
 
 
-def _evaluation_config(cfg: ReproduceConfig, suite: SuiteData, out: Path) -> EvalConfig:
-    return EvalConfig(suite=suite.suite, out=out, trials_per_task=cfg.eval_trials, max_steps=cfg.eval_max_steps)
+def _evaluation_config(cfg: ReproduceConfig, suite: SuiteData, out: Path, resolution: int = RESOLUTION) -> EvalConfig:
+    """`resolution`: the render size, the checkpoint's training frame size when known (`render_size`)."""
+    return EvalConfig(
+        suite=suite.suite,
+        out=out,
+        trials_per_task=cfg.eval_trials,
+        max_steps=cfg.eval_max_steps,
+        resolution=resolution,
+    )
 
 
 def _checkpoints_to_evaluate(run: Path, count: int) -> list[Path]:
@@ -600,7 +607,8 @@ def evaluate_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console
         for checkpoint in _checkpoints_to_evaluate(folder / run, cfg.eval_checkpoints):
             policy = CheckpointPolicy(checkpoint, device=cfg.device)
             out = folder / run / "eval_libero" / f"step_{policy.step:06d}"
-            summary = evaluate(policy, _evaluation_config(cfg, suite, out), policy.describe())
+            config = _evaluation_config(cfg, suite, out, policy.render_size(RESOLUTION))
+            summary = evaluate(policy, config, policy.describe())
             points.append(
                 {
                     "step": policy.step,

