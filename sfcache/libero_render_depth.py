@@ -44,7 +44,9 @@ class RenderDepthConfig:
         problems = []
         if not self.dataset.exists():
             problems.append(f"{self.dataset}: no such file or folder")
-        if self.out.resolve() == (self.dataset if self.dataset.is_dir() else self.dataset.parent).resolve():
+        if self.out.is_file():
+            problems.append(f"--out {self.out}: is a file; expected a folder")
+        elif self.out.resolve() == (self.dataset if self.dataset.is_dir() else self.dataset.parent).resolve():
             problems.append(f"--out {self.out}: is the dataset's own folder; choose another")
         raise_problems(problems)
 
