@@ -3,11 +3,14 @@
 Stages, each a real `sf` command that resumes where it stopped (so the run can be done in pieces across
 sessions; re-run the same command line):
 
-1. collect  `sf collect-libero`: N scripted demonstrations per task (fresh placements) at 128 px
+1. collect  `sf collect-libero --depth`: N scripted demonstrations per task (fresh placements) at 128 px,
+            with metric depth for the probe
 2. extract  `sf extract --vggt random:tiny`: the SF arm's targets (random weights: this measures the
             pipeline, not what Spatial Forcing does with real VGGT features)
 3. train    `sf train` twice: SF (`--align-weight 0.5`, the cache) and the baseline (`--align-weight 0`)
 4. eval     `sf eval-libero` of each on the benchmark's init states (trials 0..T-1 per task)
+5. probe    `sf probe` of each (SF's depth probe on held-out episodes of the same demonstrations), beside
+            its two controls: the policy's patch embedding and the mean-depth image
 
 OUT/timings.json accumulates each stage's wall time over all pieces; OUT/results.md is the table
 (success rate with its 95% Wilson interval per task and arm, and the wall times), rewritten at the end of
@@ -25,6 +28,8 @@ import time
 from pathlib import Path
 
 from sfcache.libero_eval import SUITES, wilson_interval
+from sfcache.probe import MEAN_DEPTH
+from sfcache.train.probe import PATCH_EMBEDDING, POLICY
 
 ARMS = {"sf": ["--align-weight", "0.5"], "baseline": ["--align-weight", "0"]}
 
@@ -64,6 +69,17 @@ def table(out: Path, args: argparse.Namespace) -> str:
                 f"| {arm} | {task} | {sum(outcomes)} / {len(outcomes)} | {100 * sum(outcomes) / len(outcomes):.0f}% "
                 f"| {100 * low:.0f}-{100 * high:.0f}% |"
             )
+    lines += [
+        "",
+        "| arm | camera | AbsRel: policy layers | patch embedding | mean-depth image |",
+        "|---|---|---|---|---|",
+    ]
+    for arm in ARMS:
+        report = out / f"probe-{arm}" / "probe.json"
+        results = json.loads(report.read_text())["results"]["test"] if report.exists() else {}
+        for view in results.get(POLICY, {}):
+            figures = [results[name][view]["abs_rel"] for name in (POLICY, PATCH_EMBEDDING, MEAN_DEPTH)]
+            lines.append(f"| {arm} | {view} | " + " | ".join("-" if f is None else f"{f:.3f}" for f in figures) + " |")
     lines += ["", "| stage | wall time (s, all pieces) |", "|---|---|"]
     lines += [f"| {stage} | {seconds} |" for stage, seconds in timings.items()]
     text = "\n".join(lines) + "\n"
@@ -82,14 +98,16 @@ def main() -> None:
     parser.add_argument("--model-size", default="small")
     parser.add_argument("--grid", type=int, default=8, help="visual tokens per side (8 -> 112 px: CPU-sized)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--stages", default="collect,extract,train,eval", help="the stages to run now")
+    parser.add_argument("--probe-steps", type=int, default=2000, help="training steps of each probe head")
+    parser.add_argument("--probe-every", type=int, default=4, help="probe every N-th step of each episode")
+    parser.add_argument("--stages", default="collect,extract,train,eval,probe", help="the stages to run now")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     data, cache, stages = out / "data", out / "cache", args.stages.split(",")
     if "collect" in stages:
         sf(out, "collect", "collect-libero", "--suite", args.suite, "--tasks", args.tasks, "--episodes",
-           str(args.episodes), "--resolution", "128", "--out", str(data))  # fmt: skip
+           str(args.episodes), "--resolution", "128", "--depth", "--out", str(data))  # fmt: skip
     if "extract" in stages:
         sf(out, "extract", "extract", str(data), "--out", str(cache), "--vggt", "random:tiny", "--grid",
            f"{args.grid}x{args.grid}", "--device", args.device)  # fmt: skip
@@ -104,6 +122,11 @@ def main() -> None:
             sf(out, f"eval-{arm}", "eval-libero", str(out / f"train-{arm}"), "--suite", args.suite, "--tasks",
                args.tasks, "--trials-per-task", str(args.trials), "--video", "1", "--out", str(out / f"eval-{arm}"),
                "--device", args.device)  # fmt: skip
+    for arm in ARMS:
+        if "probe" in stages:
+            sf(out, f"probe-{arm}", "probe", str(out / f"train-{arm}"), "--data", str(data / SUITES[args.suite]),
+               "--steps", str(args.probe_steps), "--every", str(args.probe_every), "--device", args.device,
+               "--out", str(out / f"probe-{arm}"))  # fmt: skip
     print(table(out, args))
 
 
