@@ -29,6 +29,7 @@ from pathlib import Path
 
 from sfcache.libero_eval import SUITES, wilson_interval
 from sfcache.probe import MEAN_DEPTH
+from sfcache.probe.metrics import figure
 from sfcache.train.probe import PATCH_EMBEDDING, POLICY
 
 ARMS = {"sf": ["--align-weight", "0.5"], "baseline": ["--align-weight", "0"]}
@@ -79,7 +80,7 @@ def table(out: Path, args: argparse.Namespace) -> str:
         results = json.loads(report.read_text())["results"]["test"] if report.exists() else {}
         for view in results.get(POLICY, {}):
             figures = [results[name][view]["abs_rel"] for name in (POLICY, PATCH_EMBEDDING, MEAN_DEPTH)]
-            lines.append(f"| {arm} | {view} | " + " | ".join("-" if f is None else f"{f:.3f}" for f in figures) + " |")
+            lines.append(f"| {arm} | {view} | " + " | ".join(map(figure, figures)) + " |")
     lines += ["", "| stage | wall time (s, all pieces) |", "|---|---|"]
     lines += [f"| {stage} | {seconds} |" for stage, seconds in timings.items()]
     text = "\n".join(lines) + "\n"
