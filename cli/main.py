@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from functools import cache
 
-from sfcache.errors import Interrupted, SfcacheError, interrupts_raise
+from sfcache.errors import Interrupted, SfcacheError, interrupts_deferred, interrupts_raise
 
 
 @cache
@@ -92,10 +92,15 @@ def _fail(err: SfcacheError) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run `sf`; a signal during the imports or the command is one line (`Interrupted`)."""
+    """Run `sf`; a signal during the imports or the command is one line (`Interrupted`).
+
+    A signal during the imports is held until they finish: raised inside them, some library's `except Exception`
+    could swallow it and the command would run on (torch's import does that)."""
     try:
         with interrupts_raise():
-            run_app(_app(), argv)
+            with interrupts_deferred():
+                app = _app()
+            run_app(app, argv)
     except Interrupted as err:  # arrived while importing, or while the line of another error was printed
         _fail(err)
 
