@@ -43,7 +43,7 @@ from distributed.comm.addressing import get_address_host_port, parse_address
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
-from sfcache import __version__
+from sfcache.version import __version__
 from sfcache.device import DEVICE_CHOICES, HostCopy, check_device, encode_on_device, pinned, resolve_device, to_device
 from sfcache.errors import (
     Interrupted,

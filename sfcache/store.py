@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from sfcache import __version__
+from sfcache.version import __version__
 from sfcache.errors import ConfigMismatch, NotAStore, RunSuperseded, StoreError, differences, interrupts_deferred
 from sfcache.keys import tfds_ids
 from sfcache.options import same_fields
