@@ -43,7 +43,6 @@ from distributed.comm.addressing import get_address_host_port, parse_address
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
-from sfcache.version import __version__
 from sfcache.device import DEVICE_CHOICES, HostCopy, check_device, encode_on_device, pinned, resolve_device, to_device
 from sfcache.errors import (
     Interrupted,
@@ -80,6 +79,7 @@ from sfcache.store import (
     step_bytes,
     store_run,
 )
+from sfcache.version import __version__
 from sfcache.vggt import PRESETS, VGGTConfig, load_vggt, preprocess, weights_config
 from sfcache.vggt.model import resolve_layers
 from sfcache.vggt.preprocess import device_images, output_size

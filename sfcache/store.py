@@ -34,7 +34,6 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from sfcache.version import __version__
 from sfcache.errors import ConfigMismatch, NotAStore, RunSuperseded, StoreError, differences, interrupts_deferred
 from sfcache.keys import tfds_ids
 from sfcache.options import same_fields
@@ -48,6 +47,7 @@ from sfcache.provenance import (
 )
 from sfcache.rows import EpisodeRecord, RowIndex, pack_episodes
 from sfcache.shard_file import DamagedShard, ShardReader, direct_layout, write_shard_file
+from sfcache.version import __version__
 
 __all__ = [
     "CODECS",
