@@ -27,7 +27,7 @@ from rich.table import Table
 from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
 from sfcache.errors import ConfigMismatch, SfcacheError, SourceError, StoreError, WeightsError, differences
 from sfcache.extract import ExtractConfig, extract
-from sfcache.inspect import summarize
+from sfcache.inspection import summarize
 from sfcache.libero_eval import RESOLUTION, EvalConfig, evaluate, simulator_available
 from sfcache.options import (
     comma_list,
