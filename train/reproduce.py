@@ -28,7 +28,8 @@ from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
 from sfcache.errors import ConfigMismatch, SfcacheError, SourceError, StoreError, WeightsError, differences
 from sfcache.extract import ExtractConfig, extract
 from sfcache.inspection import summarize
-from sfcache.libero_eval import RESOLUTION, EvalConfig, evaluate, simulator_available
+from sfcache.libero_eval import EvalConfig, evaluate
+from sfcache.libero_sim import RESOLUTION, simulator_available
 from sfcache.options import (
     comma_list,
     comma_text,
