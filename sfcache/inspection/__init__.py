@@ -1,4 +1,4 @@
-"""Inspect a target store: what it holds, whether it is whole and right, and what its features look like.
+"""Inspect a target store: what it holds, whether it is whole, whether it is right, what its features look like.
 
 Every function returns a frozen result record (`to_json()` is what `sf inspect-cache --json` prints) or
 writes one file; `sf inspect-cache` renders them.

@@ -1,4 +1,4 @@
-"""How an inspection reaches a store's rows and the dataset it was extracted from, as extraction recorded them."""
+"""What every inspection reads through: the complete store, its extracted rows, its source as extraction read it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What a store holds: the summary a user reads before training, and one episode's per-step token norms."""
+"""What a store holds, in figures: the summary a user reads before training, one episode's per-step token norms."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Write small datasets in each exact on-disk format, for tests, benchmarks and `make demo`.
+"""Write small datasets in each exact on-disk format, for tests, benchmarks, `make demo`.
 
 No real dataset can be downloaded here, so these writers reproduce the layouts byte for byte where
 it matters to a reader: keys, dtypes, attributes, file names, folder layout, JPEG/PNG encodings,

@@ -1,4 +1,4 @@
-"""LeRobot datasets, v2.1 and v3.0, with openpi's LIBERO column names or LeRobot's own with video cameras."""
+"""LeRobot datasets (v2.1, v3.0) with openpi's LIBERO column names or LeRobot's own, video cameras included."""
 
 from __future__ import annotations
 

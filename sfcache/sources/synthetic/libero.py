@@ -1,4 +1,4 @@
-"""LIBERO datasets in both release layouts: the HDF5 task files (original, no_noops) and the RLDS TFRecords."""
+"""LIBERO datasets in both release layouts: HDF5 task files (original, no_noops), the RLDS TFRecords."""
 
 from __future__ import annotations
 
