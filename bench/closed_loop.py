@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from sfcache.libero_eval import SUITES, wilson_interval
+from sfcache.libero_results import wilson_interval
+from sfcache.libero_sim import SUITES
 from sfcache.probe import MEAN_DEPTH
 from sfcache.probe.metrics import figure
 from sfcache.train.probe import PATCH_EMBEDDING, POLICY

@@ -27,7 +27,7 @@ from zarr.codecs.numcodecs import BitRound
 from bench import preset_settings, row
 from bench.extract import _bare_loop
 from sfcache.extract import torch_threads
-from sfcache.inspect import token_cosine
+from sfcache.inspection import token_cosine
 from sfcache.reduce import Moments, measure, sample_rows
 from sfcache.sources.synthetic import write_libero_rlds
 from sfcache.store import step_bytes

@@ -25,7 +25,7 @@ from distributed import LocalCluster
 from bench import preset_settings, row, scratch_store_config
 from bench.cpu_cost import cpu_cost_rows
 from sfcache.extract import TASKS_IN_FLIGHT, ExtractConfig, extract, torch_threads
-from sfcache.inspect import token_cosine
+from sfcache.inspection import token_cosine
 from sfcache.pooling import pool_grid
 from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_rlds

@@ -18,7 +18,7 @@ import numpy as np
 
 from sfcache.libero_collect import search
 from sfcache.libero_control import PickPlace
-from sfcache.libero_eval import NOOP, WAIT_STEPS, make_env, suite_tasks
+from sfcache.libero_eval import NOOP, WAIT_STEPS
 from sfcache.libero_replay import (
     CAMERAS,
     forget_model,
@@ -31,6 +31,7 @@ from sfcache.libero_replay import (
     set_cameras,
     track_observed_state,
 )
+from sfcache.libero_sim import make_env, suite_tasks
 
 
 def live(env, max_steps: int, from_xml: bool) -> tuple[dict, dict, np.ndarray, str, float]:

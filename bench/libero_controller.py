@@ -18,7 +18,7 @@ import numpy as np
 
 from sfcache.libero_collect import CollectConfig, _seed, search
 from sfcache.libero_control import UnsupportedTask, goal_of
-from sfcache.libero_eval import SUITES, make_env, suite_tasks
+from sfcache.libero_sim import SUITES, make_env, suite_tasks
 
 
 def main() -> None:

@@ -7,7 +7,9 @@ from rich.console import Console
 
 from sfcache.cli.options import config_command, path_text
 from sfcache.device import DEVICE_CHOICES
-from sfcache.libero_eval import RESOLUTION, EvalConfig, evaluate, results_table
+from sfcache.libero_eval import EvalConfig, evaluate
+from sfcache.libero_results import results_table
+from sfcache.libero_sim import RESOLUTION
 from sfcache.options import default_of
 from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.loop import TrainConfig

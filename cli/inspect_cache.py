@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from sfcache import inspect as inspection
+from sfcache import inspection
 from sfcache.cli.options import path_text
 from sfcache.device import DEVICE_CHOICES, resolve_device
 from sfcache.errors import NotAStore, SfcacheError

@@ -54,7 +54,7 @@ def _app():
     app.command("extract")(extract.extract)
     app.command("inspect-source")(inspect_source.inspect_source)
     app.command("inspect-cache")(inspect_cache.inspect_cache)
-    app.command("train")(train.train)
+    app.command("train")(train.train_command)
     app.command("eval-libero")(eval_libero.eval_libero)
     app.command("collect-libero")(collect_libero.collect_libero)
     app.command("render-depth")(render_depth.render_depth_command)

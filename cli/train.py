@@ -6,19 +6,18 @@ import typer
 from rich.console import Console
 
 from sfcache.cli.options import config_command
-from sfcache.train.loop import TrainConfig
-from sfcache.train.loop import train as run_training
+from sfcache.train.loop import TrainConfig, train
 from sfcache.vggt import random_weights_warning
 
 
 @config_command(TrainConfig)
-def train(fields: dict) -> None:
+def train_command(fields: dict) -> None:
     """Train a small VLA policy; the SF loss aligns its visual tokens with cached VGGT targets."""
     config = TrainConfig(**fields)
     errors = Console(stderr=True)
     for warning in config.warnings():
         errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-    result = run_training(config)
+    result = train(config)
     if result.resumed_from is not None and result.resumed_from >= config.steps:
         typer.echo(
             f"{result.out} is already complete: {result.resumed_from} of {config.steps} steps trained; nothing to do "

@@ -35,17 +35,7 @@ from rich.table import Table
 
 from sfcache.errors import SfcacheError, raise_problems
 from sfcache.libero_control import PickPlace, UnsupportedTask, goal_of
-from sfcache.libero_eval import (
-    NOOP,
-    SUITES,
-    WAIT_STEPS,
-    Task,
-    _check_suite,
-    _parse_tasks,
-    make_env,
-    quat_to_axis_angle,
-    suite_tasks,
-)
+from sfcache.libero_eval import NOOP, WAIT_STEPS, _parse_tasks, quat_to_axis_angle
 from sfcache.libero_replay import (
     CAMERAS,
     DEPTH_KEY,
@@ -57,6 +47,7 @@ from sfcache.libero_replay import (
     set_cameras,
     track_observed_state,
 )
+from sfcache.libero_sim import SUITES, Task, check_suite, make_env, suite_tasks
 from sfcache.options import comma_text, option
 from sfcache.progress import progress_bar
 
@@ -93,7 +84,7 @@ class CollectConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
-        _check_suite(self.suite)
+        check_suite(self.suite)
         problems = []
         for name in ("episodes", "max_steps"):
             if getattr(self, name) < 1:

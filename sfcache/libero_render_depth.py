@@ -22,8 +22,8 @@ import h5py
 import numpy as np
 
 from sfcache.errors import SfcacheError, SourceError, raise_problems
-from sfcache.libero_eval import Task, make_env, suite_tasks
 from sfcache.libero_replay import CAMERAS, DEPTH_KEY, RGB_KEY, render_states
+from sfcache.libero_sim import Task, make_env, suite_tasks
 from sfcache.options import option
 from sfcache.progress import progress_bar
 
@@ -98,7 +98,7 @@ def _task(file: Path, h5: h5py.File, tasks: dict[str, Task]) -> Task:
 
 
 def _installed_tasks() -> dict[str, Task]:
-    from sfcache.libero_eval import SUITES
+    from sfcache.libero_sim import SUITES
 
     return {Path(task.bddl_file).name: task for suite in SUITES for task in suite_tasks(suite)}
 

@@ -128,7 +128,7 @@ def cosine_by_k(tokens: np.ndarray, mean: np.ndarray, components: np.ndarray) ->
 
 def measure(values: np.ndarray, mask: np.ndarray | None, mean: np.ndarray, components: np.ndarray, dtype: str) -> dict:
     """Held-out fidelity through the stored dtype: mean, 1st percentile and worst per-token cosine."""
-    from sfcache.inspect import token_cosine  # inspect imports the store; only needed here
+    from sfcache.inspection import token_cosine  # inspection imports the store; only needed here
 
     coefficients = (values - mean) @ components.T
     stored, scale = encode(coefficients, dtype)

@@ -1,4 +1,4 @@
-"""`sf inspect-cache` and sfcache.inspect on real stores extracted from a fixture dataset with random tiny VGGT."""
+"""`sf inspect-cache` and sfcache.inspection on real stores extracted from a fixture dataset with random tiny VGGT."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from sfcache import inspect as inspection
+from sfcache import inspection
 from sfcache.cli.main import app, main
 from sfcache.errors import StoreError, WeightsError
 from sfcache.extract import ExtractConfig, extract
+from sfcache.inspection import pictures
 from sfcache.sources.synthetic import write_libero_hdf5
 from sfcache.store import StoreConfig, create_store, lock_store, open_cache, read_attrs
 
@@ -366,9 +367,9 @@ def test_pca_png_size_and_tiles(built, tmp_path):
     tasks = list(dict.fromkeys(key.rpartition("/")[0] for key in keys[:2]))
     assert (picture["width"], picture["height"]) == inspection.pca_picture_size((FRAME, FRAME), 2, 3, tasks)
     band = inspection.label_band(4 * FRAME, tasks)
-    lines = len(inspection._wrap(inspection.CAPTION, 4 * FRAME))  # what "PCA L3" and the colours mean
-    lines += sum(len(inspection._wrap(f"task {n}: {task}", 4 * FRAME)) for n, task in enumerate(tasks, 1))
-    assert band == (2 + lines) * inspection.LINE + 4 and lines >= 4
+    lines = len(pictures._wrap(pictures.CAPTION, 4 * FRAME))  # what "PCA L3" and the colours mean
+    lines += sum(len(pictures._wrap(f"task {n}: {task}", 4 * FRAME)) for n, task in enumerate(tasks, 1))
+    assert band == (2 + lines) * pictures.LINE + 4 and lines >= 4
     assert image.shape == (band + 3 * FRAME, 4 * FRAME, 3)
     assert image[:band].max() > 0 and image[:band].min() == 0  # the column labels, written
     first = written.episodes[keys[0]].frames[0]  # [views, H, W, 3]

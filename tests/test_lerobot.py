@@ -46,7 +46,7 @@ def aloha(request, tmp_path_factory) -> syn.Written:
 def test_lerobot_names_and_video_cameras(aloha):
     source = open_source(aloha.path)
     assert source.views == CAMERAS
-    rendered = syn._render_episode(np.zeros((1, 2)), 3, 32, 32)  # decoded video is near the scene
+    rendered = syn.render_episode(np.zeros((1, 2)), 3, 32, 32)  # decoded video is near the scene
     for key, expected in aloha.episodes.items():
         steps = source.read(key)
         np.testing.assert_array_equal(steps.frames, expected.frames)  # exactly the decoded frames

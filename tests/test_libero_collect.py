@@ -19,15 +19,8 @@ import pytest
 from sfcache.cli.main import main
 from sfcache.libero_collect import STAGING, CollectConfig, TaskFolder, task_file
 from sfcache.libero_control import _rotation_vector, _yaw
-from sfcache.libero_eval import simulator_available
 from tests._cli_helpers import run_main, sf_command
-
-MISSING = simulator_available()
-skip_without_simulator = pytest.mark.skipif(MISSING is not None, reason=f"LIBERO simulator not usable: {MISSING}")
-
-
-def needs_simulator(test):
-    return pytest.mark.own_process(pytest.mark.simulator(skip_without_simulator(test)))
+from tests._simulator_helpers import needs_simulator
 
 
 def collect_args(out: Path, *extra) -> list:
@@ -35,7 +28,7 @@ def collect_args(out: Path, *extra) -> list:
 
 
 def the_file(out: Path) -> Path:
-    from sfcache.libero_eval import suite_tasks
+    from sfcache.libero_sim import suite_tasks
 
     return task_file(out, suite_tasks("spatial")[0])
 
@@ -60,7 +53,7 @@ def test_config_is_checked_before_any_simulator_work(tmp_path):
 
 @needs_simulator
 def test_collect_writes_libero_hdf5_that_reads_back_and_replays(tmp_path, capsys):
-    from sfcache.libero_eval import suite_tasks
+    from sfcache.libero_sim import suite_tasks
     from sfcache.sources import open_source
 
     out = tmp_path / "data"
@@ -120,7 +113,7 @@ def test_collect_writes_libero_hdf5_that_reads_back_and_replays(tmp_path, capsys
 
 @needs_simulator
 def test_a_killed_collection_resumes_without_a_corrupt_file(tmp_path):
-    from sfcache.libero_eval import suite_tasks
+    from sfcache.libero_sim import suite_tasks
 
     out = tmp_path / "data"
     folder = TaskFolder(CollectConfig(suite="spatial", out=out, depth=True), suite_tasks("spatial")[0])

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from sfcache import libero_eval
+from sfcache import libero_eval, libero_sim
 from sfcache.cli.main import main
 from sfcache.libero_eval import (
     NOOP,
@@ -26,29 +26,19 @@ from sfcache.libero_eval import (
     center_crop,
     invert_gripper,
     jpeg_roundtrip,
-    make_env,
     normalize_gripper,
     quat_to_axis_angle,
     resize_for_policy,
     run_episode,
-    simulator_available,
-    suite_tasks,
-    wilson_interval,
 )
+from sfcache.libero_results import success_summary, wilson_interval
+from sfcache.libero_sim import make_env, suite_tasks
 from sfcache.sources.synthetic import write_libero_hdf5
 from sfcache.train.augment import center_boxes
 from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.loop import TrainConfig, prepare, train
 from tests._cli_helpers import run_main
-
-MISSING = simulator_available()
-skip_without_simulator = pytest.mark.skipif(MISSING is not None, reason=f"LIBERO simulator not usable: {MISSING}")
-
-
-def needs_simulator(test):
-    """Real simulator tests: marked `simulator` (`-m "not simulator"` leaves them out), skipped only without it,
-    each in its own process (MuJoCo and TensorFlow cannot share one; see conftest.py)."""
-    return pytest.mark.own_process(pytest.mark.simulator(skip_without_simulator(test)))
+from tests._simulator_helpers import needs_simulator
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:
@@ -158,8 +148,10 @@ def test_checkpoint_policy_prepares_images_as_validation(run_dir):
 
 
 def test_missing_simulator_and_backend_are_one_line_errors(run_dir, tmp_path, capsys, monkeypatch):
+    """Each case stands alone: whether this machine has libOSMesa or LIBERO changes none of them."""
+    find_library = libero_sim.ctypes.util.find_library
     monkeypatch.setenv("MUJOCO_GL", "osmesa")
-    monkeypatch.setattr(libero_eval.ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setattr(libero_sim.ctypes.util, "find_library", lambda name: None)
     code, output = run_cli(capsys, "eval-libero", run_dir, "--suite", "spatial", "--out", tmp_path / "a")
     assert code == 2 and "MUJOCO_GL=osmesa needs libOSMesa" in output and "apt-get install libosmesa6" in output
     assert "Traceback" not in output and len(output.strip().splitlines()) == 1
@@ -168,8 +160,13 @@ def test_missing_simulator_and_backend_are_one_line_errors(run_dir, tmp_path, ca
     code, output = run_cli(capsys, "eval-libero", run_dir, "--suite", "spatial", "--out", tmp_path / "b")
     assert code == 2 and "MUJOCO_GL=vulkan: expected osmesa" in output
     monkeypatch.setenv("MUJOCO_GL", "osmesa")
-    real = libero_eval.importlib.util.find_spec
-    monkeypatch.setattr(libero_eval.importlib.util, "find_spec", lambda name: None if name == "libero" else real(name))
+    monkeypatch.setattr(  # libOSMesa found, installed or not, so the missing simulator is what is reported
+        libero_sim.ctypes.util,
+        "find_library",
+        lambda name: "libOSMesa.so.8" if name == "OSMesa" else find_library(name),
+    )
+    real = libero_sim.importlib.util.find_spec
+    monkeypatch.setattr(libero_sim.importlib.util, "find_spec", lambda name: None if name == "libero" else real(name))
     code, output = run_cli(capsys, "eval-libero", run_dir, "--suite", "spatial", "--out", tmp_path / "c")
     assert code == 2 and "not installed: pip install 'sfcache[libero]'" in output
     code, output = run_cli(capsys, "eval-libero", tmp_path / "nothing", "--suite", "spatial")
@@ -259,7 +256,7 @@ def test_goal_state_is_detected_as_success_by_the_loop():
 
 
 def test_eval_config_is_checked_before_any_episode(tmp_path):
-    tasks = [libero_eval.Task("spatial", i, f"t{i}", f"task {i}", "x.bddl", np.zeros((50, 3))) for i in range(10)]
+    tasks = [libero_sim.Task("spatial", i, f"t{i}", f"task {i}", "x.bddl", np.zeros((50, 3))) for i in range(10)]
     with pytest.raises(libero_eval.SfcacheError, match="--tasks 12: spatial has tasks 0..9"):
         libero_eval._check_config(EvalConfig("spatial", tmp_path, tasks=(12,)), tasks)
     with pytest.raises(libero_eval.SfcacheError, match="50 fixed init states"):
@@ -279,15 +276,15 @@ def test_original_libero_first_import_questions_are_answered_by_a_config(tmp_pat
     (package / "libero" / "__init__.py").write_text("answer = input('Do you want to specify a custom path?')\n")
     spec = ModuleSpec("libero", None, is_package=True)
     spec.submodule_search_locations = [str(package)]
-    monkeypatch.setattr(libero_eval.importlib.util, "find_spec", lambda name: spec)
+    monkeypatch.setattr(libero_sim.importlib.util, "find_spec", lambda name: spec)
     monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "config"))
-    libero_eval._write_libero_config()
+    libero_sim._write_libero_config()
     lines = (tmp_path / "config" / "config.yaml").read_text().splitlines()
     assert f"bddl_files: {package / 'libero' / 'bddl_files'}" in lines
     assert f"init_states: {package / 'libero' / 'init_files'}" in lines and len(lines) == 5
     (package / "libero" / "__init__.py").write_text("paths = {}\n")  # a package that never asks
     monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "other"))
-    libero_eval._write_libero_config()
+    libero_sim._write_libero_config()
     assert not (tmp_path / "other").exists()
 
 
@@ -351,7 +348,7 @@ def test_summary_json_keeps_its_fields_and_the_cli_prints_them(run_dir, tmp_path
         for k in range(2)
     ]
     config = EvalConfig("spatial", tmp_path / "eval", tasks=(0, 3), trials_per_task=2)
-    summary = libero_eval.summarize(records, config, {"step": 2})
+    summary = success_summary(records, config, {"step": 2})
     document = json.loads(json.dumps(dataclasses.asdict(summary)))
     assert list(document) == [
         "suite",

@@ -332,10 +332,10 @@ def test_a_join_to_an_episode_of_another_length_fails_clearly(oft):
 
 
 def test_sfcache_imports_after_tensorflow():
-    """TensorFlow first, then sfcache's readers and inspect: no protobuf default-pool clash."""
+    """TensorFlow first, then sfcache's readers and inspection: no protobuf default-pool clash."""
     pytest.importorskip("tensorflow")
     code = (
-        "import tensorflow, sfcache.sources, sfcache.inspect, sfcache.sources.synthetic; "
+        "import tensorflow, sfcache.sources, sfcache.inspection, sfcache.sources.synthetic; "
         "from sfcache.sources.tf_example import Example; "
         "print(tensorflow.train.Example.FromString(Example().SerializeToString()) is not None)"
     )

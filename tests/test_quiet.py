@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
+from sfcache.libero_sim import simulator_available
 
-@pytest.mark.skipif(importlib.util.find_spec("libero") is None, reason="needs the LIBERO simulator (sfcache[libero])")
-def test_importing_the_libero_simulator_prints_no_robosuite_macro_notes():
+
+def test_importing_the_libero_simulator_prints_no_robosuite_macro_notes(monkeypatch):
+    monkeypatch.setenv("MUJOCO_GL", "osmesa")  # the backend the script below renders with
+    monkeypatch.setenv("PYOPENGL_PLATFORM", "osmesa")
+    missing = simulator_available()
+    if missing is not None:
+        pytest.skip(f"LIBERO simulator not usable: {missing}")
     script = (
         "import logging\n"
-        "from sfcache.libero_eval import _libero\n"
+        "from sfcache.libero_sim import _libero\n"
         "_libero()\n"  # the real LIBERO (and robosuite) import, as sf eval-libero does it
         "logging.getLogger('robosuite_logs').warning('robosuite still speaks')\n"
     )

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from sfcache.cli.main import app
 from sfcache.errors import ConfigMismatch, SfcacheError, StoreError
 from sfcache.extract import ExtractConfig, extract, plan
-from sfcache.inspect import _hatched, check, label_band, open_store, pca_picture, summarize, verify, vggt_frames
+from sfcache.inspection import check, label_band, open_store, pca_picture, summarize, verify, vggt_frames
+from sfcache.inspection.pictures import _hatched
 from sfcache.pooling import pooled_targets
 from sfcache.recipes import RECIPES, insert_blanks, recipe_inputs
 from sfcache.sources import open_source

@@ -21,7 +21,7 @@ from distributed import LocalCluster
 from PIL import Image
 
 from sfcache.cli.main import main
-from sfcache.libero_eval import EvalSummary, wilson_interval
+from sfcache.libero_results import EvalSummary, wilson_interval
 from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_hdf5, write_libero_rlds
 from sfcache.store import open_cache

@@ -3,7 +3,7 @@
 Each ```python block (also ```py) runs by default, in a fresh namespace, in a working folder that holds what
 the docs name: `data/libero_spatial` (LIBERO HDF5), `stores/spatial` (extracted from it with `random:tiny`),
 `data/aloha` (LeRobot) and `stores/aloha` (its `--recipe openpi` store), all written here with
-`sfcache/sources/synthetic.py` and the real extractor. A new block therefore runs without any change here.
+`sfcache/sources/synthetic/` and the real extractor. A new block therefore runs without any change here.
 
 A block needing more than that says so in an HTML comment on the last non-blank line above its fence
 (invisible on GitHub), one of:

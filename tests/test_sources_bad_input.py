@@ -24,6 +24,7 @@ from sfcache.errors import SourceError
 from sfcache.sources import open_source
 from sfcache.sources import synthetic as syn
 from sfcache.sources.libero_rlds import read_record, write_record
+from sfcache.sources.synthetic.robotwin import _jpeg_with_marker
 from sfcache.sources.tf_example import Example
 
 
@@ -548,7 +549,7 @@ def xpolicylab_nan_state(w):
 
 def xpolicylab_frame_sizes(w):
     def resize(h5):
-        frames = [syn._jpeg_with_marker(np.zeros((12, 16, 3), np.uint8)) for _ in range(4)]
+        frames = [_jpeg_with_marker(np.zeros((12, 16, 3), np.uint8)) for _ in range(4)]
         replace(h5, "vision/cam_right_wrist/colors", np.array(frames))
 
     return robotwin_case(

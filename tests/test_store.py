@@ -15,7 +15,7 @@ import torch
 import zarr
 
 from sfcache.errors import ConfigMismatch, StoreError
-from sfcache.inspect import token_cosine
+from sfcache.inspection import token_cosine
 from sfcache.sources.base import EpisodeInfo
 from sfcache.store import (
     Cache,

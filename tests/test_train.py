@@ -14,7 +14,8 @@ import torch
 from rich.console import Console
 
 from sfcache.cli.main import main
-from sfcache.libero_eval import EvalConfig, results_table, summarize
+from sfcache.libero_eval import EvalConfig
+from sfcache.libero_results import results_table, success_summary
 from sfcache.options import default_of
 from sfcache.train.data import open_training_data
 from sfcache.train.libero_policy import CheckpointPolicy
@@ -81,7 +82,9 @@ def test_sf_train_beats_mean_action_baseline_and_leaves_cache_untouched(data, tm
     described = CheckpointPolicy(out, device="cpu").describe()
     assert described["random_weights"].startswith("RANDOM WEIGHTS (random:tiny+seed0): these targets carry no")
     record = {"task": "t", "task_id": 0, "trial": 0, "success": True, "steps": 5, "seconds": 1.0, "sim_steps": 15}
-    summary = summarize([record], EvalConfig("spatial", tmp_path / "eval", tasks=(0,), trials_per_task=1), described)
+    summary = success_summary(
+        [record], EvalConfig("spatial", tmp_path / "eval", tasks=(0,), trials_per_task=1), described
+    )
     assert json.loads(json.dumps(asdict(summary)))["policy"]["random_weights"] == described["random_weights"]
     table = Console(file=io.StringIO(), width=300)
     table.print(results_table(summary))

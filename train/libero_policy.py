@@ -1,4 +1,4 @@
-"""An `sf train` checkpoint as a LIBERO policy (`sfcache.libero_eval.Policy`).
+"""An `sf train` checkpoint as a LIBERO policy (`sfcache.libero_eval.LiberoPolicy`).
 
 The checkpoint records the size of its training frames (`frames`); `sf eval-libero` renders the simulator
 at that size (`render_size`), so a policy trained on LIBERO's 128 px frames sees 128 px renders, not 256 px

@@ -27,8 +27,9 @@ from rich.table import Table
 from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
 from sfcache.errors import ConfigMismatch, SfcacheError, SourceError, StoreError, WeightsError, differences
 from sfcache.extract import ExtractConfig, extract
-from sfcache.inspect import summarize
-from sfcache.libero_eval import RESOLUTION, EvalConfig, evaluate, simulator_available
+from sfcache.inspection import summarize
+from sfcache.libero_eval import EvalConfig, evaluate
+from sfcache.libero_sim import RESOLUTION, simulator_available
 from sfcache.options import (
     comma_list,
     comma_text,
