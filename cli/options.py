@@ -17,7 +17,7 @@ from typing import Any
 
 import typer
 
-from sfcache.errors import SfcacheError
+from sfcache.errors import Field, SfcacheError, field_of
 from sfcache.options import OPTION, OptionInfo
 
 
@@ -25,6 +25,24 @@ def flag_of(field: dataclasses.Field) -> str:
     """The option's first flag, as messages name it (--checksum of --checksum/--no-checksum)."""
     info: OptionInfo = field.metadata[OPTION]
     return (info.flag or "--" + field.name.replace("_", "-")).split("/")[0]
+
+
+def flag_names(config: type) -> dict[Field, str]:
+    """How `config`'s command names each of its fields that a message may name: an option by its flag, an argument
+    by its name in capitals (as --help shows it)."""
+    return {
+        field_of(config, field.name): (
+            field.metadata[OPTION].metavar or field.name.upper() if field.metadata[OPTION].argument else flag_of(field)
+        )
+        for field in option_fields(config)
+    }
+
+
+def named_as_flags(error: SfcacheError, config: type) -> None:
+    """Make `error` name each field of `config` as the flag that sets it (other fields keep the library's words:
+    `ExtractConfig.grid`): the one place where a library message about fields becomes a command's."""
+    flags = flag_names(config)
+    error.name_fields(lambda field: flags.get(field, str(field)))
 
 
 def option_fields(config: type, exclude: tuple[str, ...] = ()) -> list[dataclasses.Field]:
@@ -134,7 +152,13 @@ def config_command(
 
         def command(**given: Any) -> Any:
             chosen = {name: value for name, value in given.items() if name in names}
-            return body(field_values(config, chosen, defaults), **{k: v for k, v in given.items() if k not in names})
+            try:
+                return body(
+                    field_values(config, chosen, defaults), **{k: v for k, v in given.items() if k not in names}
+                )
+            except SfcacheError as error:
+                named_as_flags(error, config)
+                raise
 
         command.__signature__ = inspect.Signature(parameters)
         command.__annotations__ = {p.name: p.annotation for p in parameters}
