@@ -28,21 +28,24 @@ def flag_of(field: dataclasses.Field) -> str:
 
 
 def flag_names(config: type) -> dict[Field, str]:
-    """How `config`'s command names each of its fields that a message may name: an option by its flag, an argument
-    by its name in capitals (as --help shows it)."""
-    return {
-        field_of(config, field.name): (
-            field.metadata[OPTION].metavar or field.name.upper() if field.metadata[OPTION].argument else flag_of(field)
-        )
-        for field in option_fields(config)
-    }
+    """How `config`'s command names each field that a message may name: an option by its flag, an argument by its
+    name in capitals (as --help shows it), another config's field it hands an option on to (`option_like`) by that
+    option's flag (reproduce-libero's --extract-batch-size for ExtractConfig.batch_size)."""
+    names = {}
+    for field in option_fields(config):
+        info: OptionInfo = field.metadata[OPTION]
+        names[field_of(config, field.name)] = (info.metavar or field.name.upper()) if info.argument else flag_of(field)
+        if info.like is not None:
+            names[info.like] = flag_of(field)
+    return names
 
 
 def named_as_flags(error: SfcacheError, config: type) -> None:
-    """Make `error` name each field of `config` as the flag that sets it (other fields keep the library's words:
-    `ExtractConfig.grid`): the one place where a library message about fields becomes a command's."""
+    """Make `error` name each field as the flag that sets it in `config`'s command (a field of a config that
+    command does not use: as that config's own command spells it, `--name`): the one place where a library
+    message about config fields becomes a command's."""
     flags = flag_names(config)
-    error.name_fields(lambda field: flags.get(field, str(field)))
+    error.name_fields(lambda field: flags.get(field) or "--" + field.name.replace("_", "-"))
 
 
 def option_fields(config: type, exclude: tuple[str, ...] = ()) -> list[dataclasses.Field]:

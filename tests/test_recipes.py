@@ -148,7 +148,8 @@ def test_openpi_store_from_two_cameras_has_three_slots_blank_masked(tmp_path, sc
         scheduler=scheduler,
     )
     planned = plan(config)
-    assert planned["views"] == ["head", "left_wrist", "blank"] and planned["bytes_per_step"] == 3 * 256 * (256 * 2 + 1)
+    assert planned.selection.layout == ("head", "left_wrist", "blank")
+    assert planned.bytes_per_step == 3 * 256 * (256 * 2 + 1)
     extract(config, progress=False)
     cache = open_store(tmp_path / "s")
     assert check(tmp_path / "s").ok
@@ -285,7 +286,7 @@ def test_views_that_do_not_fit_the_recipe_are_refused(tmp_path, options, message
 def test_openpi_fills_pi0_slots_from_the_default_views(tmp_path):
     written = write_lerobot(tmp_path / "data", episodes=1, steps=1, size=32)
     planned = plan(ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="openpi"))
-    assert planned["recipe"] == "openpi" and planned["views"] == ["primary", "wrist", "blank"]
+    assert planned.selection.recipe.name == "openpi" and planned.selection.layout == ("primary", "wrist", "blank")
 
 
 def test_version_1_store_stays_readable_and_is_not_resumed(tmp_path, scheduler):
