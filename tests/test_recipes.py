@@ -243,7 +243,7 @@ def test_masks_flow_through_cached_targets_dataloader_and_loss(tmp_path, schedul
     nothing.backward()
     assert nothing.item() == 0 and torch.isfinite(tokens.grad).all()
 
-    with pytest.raises(SfcacheError, match="--recipe openpi, but recipe 'openvla-oft'"):
+    with pytest.raises(SfcacheError, match="ExtractConfig.recipe openpi, but recipe 'openvla-oft'"):
         CachedTargets(tmp_path / "s", recipe="openvla-oft")
     with pytest.raises(SfcacheError, match="token mask"):
         CachedTargets(tmp_path / "s", return_mask=False)
@@ -260,7 +260,7 @@ def test_masks_flow_through_cached_targets_dataloader_and_loss(tmp_path, schedul
         ({"recipe": "pi05"}, "--recipe must be one of none, openvla-oft, openpi"),
         ({"recipe": "openpi", "preprocess": "sf"}, "--recipe openpi fixes the VGGT input"),
         ({"preprocess": "letterbox"}, "letterbox comes with --recipe openpi"),
-        ({"compute_dtype": "float16"}, "--compute-dtype must be one of auto, bfloat16, float32"),
+        ({"compute_dtype": "float16"}, "ExtractConfig.compute_dtype must be one of auto, bfloat16, float32"),
     ],
 )
 def test_bad_recipe_options_are_one_clear_error(tmp_path, options, message):

@@ -1,4 +1,4 @@
-"""What `sf extract` is asked to do: `ExtractConfig`, its fields (each also an option) and their checks."""
+"""What `sf extract` is asked to do: `ExtractConfig`, whose fields are its options, all checked at once."""
 
 from __future__ import annotations
 

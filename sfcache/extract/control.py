@@ -1,4 +1,4 @@
-"""Run control over a store's shards: stopping tasks, repairing and confirming shards, reporting task failures."""
+"""Run control over a store's shards: stop tasks, repair shards, confirm written ones, report task failures."""
 
 from __future__ import annotations
 

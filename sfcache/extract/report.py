@@ -1,4 +1,4 @@
-"""What extraction reports: a task's typed report to the client, and a run's summary to its caller."""
+"""What extraction reports: a task's typed report to the client, a run's summary to its caller."""
 
 from __future__ import annotations
 

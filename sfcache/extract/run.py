@@ -1,4 +1,4 @@
-"""The client side of extraction: `extract` holds the store, hands shard tasks out and confirms what they wrote.
+"""The client side of extraction: `extract`, which holds the store while its shard tasks run.
 
 The client (this process) holds the store lock, creates or resumes the store from the run's plan, and hands out
 tasks, each owning whole shards (`sfcache.extract.worker`); it confirms each shard's files against the digests
