@@ -138,13 +138,18 @@ class ConfigMismatch(StoreError):
     OVERWRITE = "use --overwrite to replace it, or another --out"
 
     def __init__(
-        self, store, differences: dict[str, tuple[object, object]], *, fix: str = OVERWRITE, holder: str = "store"
+        self,
+        store,
+        differences: dict[str, tuple[object, object]],
+        *,
+        fix: str | Message = OVERWRITE,
+        holder: str = "store",
     ):
         self.store, self.differences, self.fix, self.holder = str(store), differences, fix, holder
         lines = "; ".join(f"{k}: {holder} has {a!r}, asked {b!r}" for k, (a, b) in differences.items())
-        super().__init__(f"{store}: configuration differs ({lines}); {fix}")
+        super().__init__(Message(f"{store}: configuration differs ({lines}); ", fix))
 
-    def with_fix(self, fix: str) -> ConfigMismatch:
+    def with_fix(self, fix: str | Message) -> ConfigMismatch:
         """The same differences with another remedy (a command whose flag for starting over is not --overwrite)."""
         return type(self)(self.store, self.differences, fix=fix, holder=self.holder)
 
