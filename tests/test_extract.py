@@ -318,7 +318,8 @@ def test_a_reduce_shard_is_sized_as_the_float32_targets_a_worker_holds_until_the
     cfg = ExtractConfig(source=written.path, out=tmp_path / "store", vggt="random:tiny", layers=(-1,), dtype="int8",
                         reduce="pca:4", steps_per_shard=2, scheduler=schedulers["in-process"])  # fmt: skip
     with pytest.raises(
-        SfcacheError, match=r"ExtractConfig.steps_per_shard 2 with ExtractConfig.grid 16x16: .* \(0.5 MiB per step of float32\)"
+        SfcacheError,
+        match=r"ExtractConfig.steps_per_shard 2 with ExtractConfig.grid 16x16: .* \(0.5 MiB per step of float32\)",
     ):
         extract(cfg, progress=False)
 
