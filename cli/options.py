@@ -2,7 +2,8 @@
 
 The config holds each option's default, help text, flag and check; this module only turns its fields into the
 signature typer reads (`__signature__`), and the texts typed back into field values. An empty text means the
-option's default (what make passes for an unset variable).
+option's default (what make passes for an unset variable). The library's errors name config fields
+(`ExtractConfig.layers`); a command's error names them as its flags (`named_as_flags`), so no message is rewritten.
 """
 
 from __future__ import annotations
