@@ -41,7 +41,7 @@ def extract(
     cfg = ExtractConfig(**fields)
     console = Console(soft_wrap=True)
     if dry_run:
-        for line in plan_lines(plan(cfg)):
+        for line in plan_lines(plan(cfg).facts()):
             console.print(line, highlight=False, soft_wrap=True)
         return
     for name in ["distributed", *logging.root.manager.loggerDict]:  # failures reach the user as one line of ours

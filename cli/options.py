@@ -2,7 +2,8 @@
 
 The config holds each option's default, help text, flag and check; this module only turns its fields into the
 signature typer reads (`__signature__`), and the texts typed back into field values. An empty text means the
-option's default (what make passes for an unset variable).
+option's default (what make passes for an unset variable). The library's errors name config fields
+(`ExtractConfig.layers`); a command's error names them as its flags (`named_as_flags`), so no message is rewritten.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import typer
 
-from sfcache.errors import SfcacheError
+from sfcache.errors import Field, SfcacheError, field_of
 from sfcache.options import OPTION, OptionInfo
 
 
@@ -25,6 +26,27 @@ def flag_of(field: dataclasses.Field) -> str:
     """The option's first flag, as messages name it (--checksum of --checksum/--no-checksum)."""
     info: OptionInfo = field.metadata[OPTION]
     return (info.flag or "--" + field.name.replace("_", "-")).split("/")[0]
+
+
+def flag_names(config: type) -> dict[Field, str]:
+    """How `config`'s command names each field that a message may name: an option by its flag, an argument by its
+    name in capitals (as --help shows it), another config's field it hands an option on to (`option_like`) by that
+    option's flag (reproduce-libero's --extract-batch-size for ExtractConfig.batch_size)."""
+    names = {}
+    for field in option_fields(config):
+        info: OptionInfo = field.metadata[OPTION]
+        names[field_of(config, field.name)] = (info.metavar or field.name.upper()) if info.argument else flag_of(field)
+        if info.like is not None:
+            names[info.like] = flag_of(field)
+    return names
+
+
+def named_as_flags(error: SfcacheError, config: type) -> None:
+    """Make `error` name each field as the flag that sets it in `config`'s command (a field of a config that
+    command does not use: as that config's own command spells it, `--name`): the one place where a library
+    message about config fields becomes a command's."""
+    flags = flag_names(config)
+    error.name_fields(lambda field: flags.get(field) or "--" + field.name.replace("_", "-"))
 
 
 def option_fields(config: type, exclude: tuple[str, ...] = ()) -> list[dataclasses.Field]:
@@ -134,7 +156,13 @@ def config_command(
 
         def command(**given: Any) -> Any:
             chosen = {name: value for name, value in given.items() if name in names}
-            return body(field_values(config, chosen, defaults), **{k: v for k, v in given.items() if k not in names})
+            try:
+                return body(
+                    field_values(config, chosen, defaults), **{k: v for k, v in given.items() if k not in names}
+                )
+            except SfcacheError as error:
+                named_as_flags(error, config)
+                raise
 
         command.__signature__ = inspect.Signature(parameters)
         command.__annotations__ = {p.name: p.annotation for p in parameters}

@@ -4,32 +4,114 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 
+@dataclass(frozen=True)
+class Field:
+    """A config field that a message names: `ExtractConfig.layers` in the library's words; `sf` shows the flag
+    that sets it in the command that failed instead (`sfcache.cli.options.flag_names`)."""
+
+    config: str  # the config dataclass's name
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.config}.{self.name}"
+
+
+def field_of(config: type, name: str) -> Field:
+    """`config`'s field `name` as messages name it."""
+    if name not in getattr(config, "__dataclass_fields__", {}):
+        raise AttributeError(f"{config.__name__} has no field {name!r}")
+    return Field(config.__name__, name)
+
+
+class Message(tuple):
+    """Text that names config fields: its parts are strings and `Field`s. `str()` is the library's words
+    (`ExtractConfig.layers 99: ...`); `render` names each field as a caller does (`--layers 99: ...`)."""
+
+    def __new__(cls, *parts: str | Field | Message) -> Message:
+        flat: list[str | Field] = []
+        for part in parts:
+            for piece in part if isinstance(part, Message) else (part,):
+                if isinstance(piece, Field):
+                    flat.append(piece)
+                elif flat and isinstance(flat[-1], str):
+                    flat[-1] += str(piece)
+                elif piece:
+                    flat.append(str(piece))
+        return super().__new__(cls, flat)
+
+    def __getnewargs__(self) -> tuple:
+        return tuple(self)
+
+    def __str__(self) -> str:
+        return "".join(map(str, self))
+
+    def __add__(self, other: str | Field | Message) -> Message:
+        return Message(self, other)
+
+    def __radd__(self, other: str | Field | Message) -> Message:
+        return Message(other, self)
+
+    @property
+    def fields(self) -> tuple[Field, ...]:
+        return tuple(part for part in self if isinstance(part, Field))
+
+    def render(self, name: Callable[[Field], str]) -> str:
+        """The text with each field named by `name` (a command's flag for it)."""
+        return "".join(name(part) if isinstance(part, Field) else part for part in self)
+
+    def renamed(self, fields: Mapping[Field, Field]) -> Message:
+        """The same text naming, for each of `fields`' keys, the field that sets it (a config handing its fields on
+        to another names that config's checks in its own fields)."""
+        return Message(*(fields.get(part, part) if isinstance(part, Field) else part for part in self))
+
+    @staticmethod
+    def join(separator: str, messages: Iterable[str | Message]) -> Message:
+        parts: list[str | Message] = []
+        for message in messages:
+            parts += [separator, message] if parts else [message]
+        return Message(*parts)
+
+
 class SfcacheError(Exception):
-    """An expected, user-fixable problem (bad input, wrong config, missing file)."""
+    """An expected, user-fixable problem (bad input, wrong config, missing file). Its message may name config
+    fields (a `Message`): the library speaks of `ExtractConfig.layers`, `sf` of the flag that sets it."""
+
+    @property
+    def message(self) -> Message:
+        """The message with the fields it names (a plain text names none)."""
+        first = self.args[0] if len(self.args) == 1 else str(self)
+        return first if isinstance(first, Message) else Message(str(first))
+
+    def name_fields(self, name: Callable[[Field], str]) -> None:
+        """From now on say the message with each field it names as `name` calls it: what `sf` does with the error
+        of a command, naming fields as the command's flags (`sfcache.cli.options`)."""
+        if self.message.fields:
+            self.args = (self.message.render(name),)
 
 
-def raise_problems(problems: list[str]) -> None:
+def raise_problems(problems: list[str | Message]) -> None:
     """One SfcacheError listing every problem found: a config reports all of them at once, not the first."""
     if problems:
-        raise SfcacheError("; ".join(problems))
+        raise SfcacheError(Message.join("; ", problems))
 
 
 class SourceError(SfcacheError):
     """A dataset file does not hold what its format promises."""
 
-    def __init__(self, file, what: str, *, episode: str | None = None, key: str | None = None):
+    def __init__(self, file, what: str | Message, *, episode: str | None = None, key: str | None = None):
         self.file, self.episode, self.key, self.what = str(file), episode, key, what
         where = [self.file]
         if episode is not None:
             where.append(f"episode {episode}")
         if key is not None:
             where.append(f"key {key!r}")
-        super().__init__(f"{', '.join(where)}: {what}")
+        super().__init__(Message(f"{', '.join(where)}: ", what))
 
     def __reduce__(self):
         """Rebuild from the fields, so the error survives pickling (Dask workers, skipped lists)."""
@@ -56,13 +138,18 @@ class ConfigMismatch(StoreError):
     OVERWRITE = "use --overwrite to replace it, or another --out"
 
     def __init__(
-        self, store, differences: dict[str, tuple[object, object]], *, fix: str = OVERWRITE, holder: str = "store"
+        self,
+        store,
+        differences: dict[str, tuple[object, object]],
+        *,
+        fix: str | Message = OVERWRITE,
+        holder: str = "store",
     ):
         self.store, self.differences, self.fix, self.holder = str(store), differences, fix, holder
         lines = "; ".join(f"{k}: {holder} has {a!r}, asked {b!r}" for k, (a, b) in differences.items())
-        super().__init__(f"{store}: configuration differs ({lines}); {fix}")
+        super().__init__(Message(f"{store}: configuration differs ({lines}); ", fix))
 
-    def with_fix(self, fix: str) -> ConfigMismatch:
+    def with_fix(self, fix: str | Message) -> ConfigMismatch:
         """The same differences with another remedy (a command whose flag for starting over is not --overwrite)."""
         return type(self)(self.store, self.differences, fix=fix, holder=self.holder)
 

@@ -8,11 +8,12 @@ repeats none of them. Fields made with plain `dataclasses.field` (or a bare defa
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
+
+from sfcache.errors import Field, field_of
 
 OPTION = "sfcache.option"  # the metadata key
 
@@ -30,6 +31,7 @@ class OptionInfo:
     # the command needs a value (marked required in --help); the field's default (None) stays, so an empty text,
     # what make passes for an unset variable, reaches the config, whose checks name the option with the others
     required: bool = False
+    like: Field | None = None  # the other config's field this option is handed on to (`option_like`)
 
 
 def option(default: Any = MISSING, help: str = "", **how: Any) -> Any:
@@ -78,7 +80,7 @@ def option_like(config: type, name: str, default: Any = MISSING, **how: Any) -> 
     field = _field(config, name)
     return dataclasses.field(
         default=field.default if default is MISSING else default,
-        metadata={OPTION: dataclasses.replace(field.metadata[OPTION], **how)},
+        metadata={OPTION: dataclasses.replace(field.metadata[OPTION], like=field_of(config, name), **how)},
     )
 
 
@@ -91,11 +93,16 @@ def _field(config: type, name: str) -> dataclasses.Field:
     return next(f for f in dataclasses.fields(config) if f.name == name)
 
 
-def as_flags(message: str, names: tuple[str, ...]) -> str:
-    """A config's message naming its fields (`batch_size`) as the options that set them (`--batch-size`): a
-    command that hands its options on to that config under the same names reports its checks in its own words."""
-    pattern = "|".join(map(re.escape, names))
-    return re.sub(rf"(?<![\w-])({pattern})\b", lambda found: "--" + found[1].replace("_", "-"), message)
+def handed_on(config: type, renamed: Mapping[Field, str] | None = None) -> dict[Field, Field]:
+    """{another config's field: `config`'s field that sets it}: each option `config` borrows with `option_like`,
+    plus `renamed` ({field: name of `config`'s field}), a field set from an option of another name. A check of that
+    other config then names `config`'s fields (`Message.renamed`), which its command shows as its own flags."""
+    mapping = {
+        info.like: field_of(config, field.name)
+        for field in dataclasses.fields(config)
+        if (info := field.metadata.get(OPTION)) is not None and info.like is not None
+    }
+    return mapping | {other: field_of(config, name) for other, name in (renamed or {}).items()}
 
 
 def same_fields(source: Any, names: tuple[str, ...]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfcache.crop import crop_target_grid
-from sfcache.errors import SfcacheError, StoreError
+from sfcache.errors import Field, Message, SfcacheError, StoreError
 from sfcache.keys import episode_key
 from sfcache.pooling import pool_grid, position_embedding
 from sfcache.rows import RowIndex
@@ -95,9 +95,16 @@ class CachedTargets(torch.utils.data.Dataset):
         self.layer = cache.resolve_layer(layer)
         self.recipe = cache.recipe
         if recipe is not None and recipe != cache.recipe:
+            # the extractor's field, named without importing the extractor (Dask) into users' trainers
+            extracted_with = Field("ExtractConfig", "recipe")
             raise SfcacheError(
-                f"{self.store}: targets were extracted with --recipe {cache.recipe}, but recipe "
-                f"{recipe!r} was asked; re-extract with `sf extract --recipe {recipe}`"
+                Message(
+                    f"{self.store}: targets were extracted with ",
+                    extracted_with,
+                    f" {cache.recipe}, but recipe {recipe!r} was asked; re-extract with ",
+                    extracted_with,
+                    f" {recipe}",
+                )
             )
         if return_mask is False and cache.has_mask:
             raise SfcacheError(

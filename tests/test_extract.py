@@ -21,11 +21,13 @@ import zarr
 from distributed import LocalCluster
 from typer.testing import CliRunner
 
-import sfcache.extract as extract_module
+import sfcache.extract.run as extract_run
+import sfcache.extract.worker as extract_worker
 from sfcache.cli.main import app, main
 from sfcache.device import resolve_device
 from sfcache.errors import SfcacheError, StoreError
 from sfcache.extract import ExtractConfig, VGGTWorker, extract
+from sfcache.extract.plan import select
 from sfcache.pooling import pool_grid
 from sfcache.sources import FORMATS, open_source
 from sfcache.sources.synthetic import write_lerobot, write_libero_hdf5, write_libero_rlds, write_robotwin
@@ -312,11 +314,12 @@ def test_a_reduce_shard_is_sized_as_the_float32_targets_a_worker_holds_until_the
 ):
     written = write_libero_hdf5(tmp_path / "data", tasks=1, demos=2, steps=3, size=64)
     # random:tiny: 2 views x 256 tokens x 256 channels; int8 + scales 132 KiB a step, float32 512 KiB
-    monkeypatch.setattr(extract_module, "MAX_SHARD_BYTES", 2 * 200 << 10)  # 2 int8 steps fit, 2 float32 do not
+    monkeypatch.setattr(extract_run, "MAX_SHARD_BYTES", 2 * 200 << 10)  # 2 int8 steps fit, 2 float32 do not
     cfg = ExtractConfig(source=written.path, out=tmp_path / "store", vggt="random:tiny", layers=(-1,), dtype="int8",
                         reduce="pca:4", steps_per_shard=2, scheduler=schedulers["in-process"])  # fmt: skip
     with pytest.raises(
-        SfcacheError, match=r"--steps-per-shard 2 with --grid 16x16: .* \(0.5 MiB per step of float32\)"
+        SfcacheError,
+        match=r"ExtractConfig.steps_per_shard 2 with ExtractConfig.grid 16x16: .* \(0.5 MiB per step of float32\)",
     ):
         extract(cfg, progress=False)
 
@@ -330,7 +333,7 @@ def test_a_lease_expiring_mid_task_stops_it_at_its_next_batch_and_frees_the_mode
                         batch_size=1, scheduler=schedulers["in-process"])  # fmt: skip
     extract(cfg, progress=False)
     open_cache(out, mode="r+").mark_not_done([0, 1])
-    source, recipe, layout = extract_module._open(cfg, written.path.resolve())
+    selection = select(cfg)
     computed, frees = [], []
     targets, free = VGGTWorker._targets, getattr(VGGTWorker, "_free_memory", lambda plugin: None)
 
@@ -349,15 +352,16 @@ def test_a_lease_expiring_mid_task_stops_it_at_its_next_batch_and_frees_the_mode
 
     monkeypatch.setattr(VGGTWorker, "_free_memory", recorded_free, raising=False)
     with lock_store(out), store_run(out) as run:
-        job = extract_module._Job(
-            source=source, weights="random:tiny", device="cpu", layers=(-1,), grid=None, preprocess=cfg.preprocess,
-            recipe=recipe, layout=layout, compute_dtype="auto", batch_size=1, skip_bad=False, store=out.resolve(),
+        job = extract_worker.Job(
+            source=selection.source, weights="random:tiny", device="cpu", layers=(-1,), grid=None,
+            preprocess=cfg.preprocess, recipe=selection.recipe, layout=selection.layout, compute_dtype="auto",
+            batch_size=1, skip_bad=False, store=out.resolve(),
             workers_per_host={}, run=run,
         )  # fmt: skip
         plugin = VGGTWorker(job, "sfcache-vggt-test")
         plugin.setup()
         report = plugin.run([0, 1])
-    assert len(computed) == 2 and report["error"] is None and report["written"] == {}  # stopped, cleanly
+    assert len(computed) == 2 and report.error is None and report.written == {}  # stopped, cleanly
     assert frees == [None, None]  # teardown's, then the task's own once it let go of the model
 
 

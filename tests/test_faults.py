@@ -712,9 +712,9 @@ def test_scheduler_killed_mid_run_is_one_line_and_the_same_command_resumes_equal
 
 
 def test_a_scheduler_without_workers_is_one_line_naming_it(tmp_path, dataset, monkeypatch, capsys):
-    import sfcache.extract as extract_module
+    import sfcache.extract.cluster as extract_cluster
 
-    monkeypatch.setattr(extract_module, "WORKER_WAIT_S", 1)
+    monkeypatch.setattr(extract_cluster, "WORKER_WAIT_S", 1)
     with LocalCluster(n_workers=0, processes=False, **QUIET) as empty:
         started = time.monotonic()
         err = one_line_error(
@@ -861,7 +861,7 @@ def test_losing_the_scheduler_while_checking_the_store_is_shared_is_one_error(tm
     from distributed.comm import CommClosedError
 
     from sfcache.errors import SfcacheError
-    from sfcache.extract import _check_shared_store
+    from sfcache.extract.cluster import check_shared_store
 
     class GoneClient:
         def run(self, *args, **kwargs):
@@ -869,7 +869,7 @@ def test_losing_the_scheduler_while_checking_the_store_is_shared_is_one_error(tm
 
     cluster = SimpleNamespace(client=GoneClient(), address="tcp://10.1.2.3:8786")
     with pytest.raises(SfcacheError, match=r"lost the Dask scheduler tcp://10\.1\.2\.3:8786"):
-        _check_shared_store(cluster, SimpleNamespace(store=tmp_path, run="run-1"))
+        check_shared_store(cluster, SimpleNamespace(store=tmp_path, run="run-1"))
 
 
 # ----------------------------------------------------------------------------- integrity by default: digests per shard
@@ -951,9 +951,9 @@ def test_a_store_written_before_digests_still_checks_and_says_it_has_none(tmp_pa
 def test_an_unexpected_error_inside_a_task_is_one_line_naming_the_shard_with_its_traceback_in_a_log(
     tmp_path, dataset, scheduler, monkeypatch, capsys, raised, expected
 ):
-    import sfcache.extract as extract_module
+    import sfcache.extract.worker as extract_worker
 
-    original = extract_module.pooled_targets
+    original = extract_worker.pooled_targets
     calls = {"n": 0}
 
     def fails_on_the_fourth_batch(*args, **kwargs):
@@ -962,7 +962,7 @@ def test_an_unexpected_error_inside_a_task_is_one_line_naming_the_shard_with_its
             raise raised
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(extract_module, "pooled_targets", fails_on_the_fourth_batch)
+    monkeypatch.setattr(extract_worker, "pooled_targets", fails_on_the_fourth_batch)
     out = tmp_path / "store"
     argv = ["extract", str(dataset), "--out", str(out), *SHARDED, "--scheduler", scheduler]
     err = one_line_error(capsys, argv)
@@ -1088,12 +1088,12 @@ def test_a_killed_client_leaves_no_plugin_or_model_on_an_external_worker(tmp_pat
 
 
 def test_stopping_tasks_does_not_wait_when_no_worker_is_left(tmp_path):
-    from sfcache.extract import STOP_NAME, _stop_tasks
+    from sfcache.extract.control import STOP_NAME, stop_tasks
 
     with LocalCluster(n_workers=0, processes=False, **QUIET) as empty, Client(empty) as client:
         future = client.submit(sum, [1, 2], key="sfcache-shards-0-0-test")
         started = time.monotonic()
-        _stop_tasks(tmp_path, client, [future], 600)
+        stop_tasks(tmp_path, client, [future], 600)
         assert time.monotonic() - started < 60  # not the 600 s a task would get to finish its shard
     assert not (tmp_path / STOP_NAME).exists()
 

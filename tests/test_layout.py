@@ -8,6 +8,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,3 +50,16 @@ def test_the_applications_install_as_sfcache_train_and_sfcache_cli(tmp_path):
     assert found == [str(REPO / "train" / "loop.py"), str(REPO / "cli" / "main.py"), "None None"]
     scripts = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
     assert scripts["sf"] == "sfcache.cli.main:main"
+
+
+def test_every_library_package_is_listed_for_non_editable_installs():
+    """A package folder missing from pyproject's `packages` would be left out of a wheel (sfcache.extract, ...)."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, folders = set(config["packages"]), config.get("package-dir", {})
+    found = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for init in (REPO / "sfcache").rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
+    assert found <= listed, sorted(found - listed)
+    assert {name for name in listed if name not in folders} <= found  # nothing listed that is not there

@@ -149,7 +149,8 @@ def test_openpi_store_from_two_cameras_has_three_slots_blank_masked(tmp_path, sc
         scheduler=scheduler,
     )
     planned = plan(config)
-    assert planned["views"] == ["head", "left_wrist", "blank"] and planned["bytes_per_step"] == 3 * 256 * (256 * 2 + 1)
+    assert planned.selection.layout == ("head", "left_wrist", "blank")
+    assert planned.bytes_per_step == 3 * 256 * (256 * 2 + 1)
     extract(config, progress=False)
     cache = open_store(tmp_path / "s")
     assert check(tmp_path / "s").ok
@@ -243,7 +244,7 @@ def test_masks_flow_through_cached_targets_dataloader_and_loss(tmp_path, schedul
     nothing.backward()
     assert nothing.item() == 0 and torch.isfinite(tokens.grad).all()
 
-    with pytest.raises(SfcacheError, match="--recipe openpi, but recipe 'openvla-oft'"):
+    with pytest.raises(SfcacheError, match="ExtractConfig.recipe openpi, but recipe 'openvla-oft'"):
         CachedTargets(tmp_path / "s", recipe="openvla-oft")
     with pytest.raises(SfcacheError, match="token mask"):
         CachedTargets(tmp_path / "s", return_mask=False)
@@ -260,7 +261,7 @@ def test_masks_flow_through_cached_targets_dataloader_and_loss(tmp_path, schedul
         ({"recipe": "pi05"}, "--recipe must be one of none, openvla-oft, openpi"),
         ({"recipe": "openpi", "preprocess": "sf"}, "--recipe openpi fixes the VGGT input"),
         ({"preprocess": "letterbox"}, "letterbox comes with --recipe openpi"),
-        ({"compute_dtype": "float16"}, "--compute-dtype must be one of auto, bfloat16, float32"),
+        ({"compute_dtype": "float16"}, "ExtractConfig.compute_dtype must be one of auto, bfloat16, float32"),
     ],
 )
 def test_bad_recipe_options_are_one_clear_error(tmp_path, options, message):
@@ -286,7 +287,7 @@ def test_views_that_do_not_fit_the_recipe_are_refused(tmp_path, options, message
 def test_openpi_fills_pi0_slots_from_the_default_views(tmp_path):
     written = write_lerobot(tmp_path / "data", episodes=1, steps=1, size=32)
     planned = plan(ExtractConfig(source=written.path, out=tmp_path / "s", vggt="random:tiny", recipe="openpi"))
-    assert planned["recipe"] == "openpi" and planned["views"] == ["primary", "wrist", "blank"]
+    assert planned.selection.recipe.name == "openpi" and planned.selection.layout == ("primary", "wrist", "blank")
 
 
 def test_version_1_store_stays_readable_and_is_not_resumed(tmp_path, scheduler):

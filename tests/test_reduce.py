@@ -128,9 +128,9 @@ def test_reduce_values_are_parsed_and_auto_needs_a_cosine(tmp_path):
     for bad in ("pca", "pca:0", "svd:8", "pca:x"):
         with pytest.raises(SfcacheError, match="--reduce must be"):
             parse_reduce(bad)
-    with pytest.raises(SfcacheError, match="pca:auto needs --min-cosine"):
+    with pytest.raises(SfcacheError, match="pca:auto needs ExtractConfig.min_cosine"):
         ExtractConfig(source=tmp_path, out=tmp_path / "o", vggt="random:tiny", reduce="pca:auto")
-    with pytest.raises(SfcacheError, match="--min-cosine applies only with --reduce"):
+    with pytest.raises(SfcacheError, match="ExtractConfig.min_cosine applies only with ExtractConfig.reduce"):
         ExtractConfig(source=tmp_path, out=tmp_path / "o", vggt="random:tiny", min_cosine=0.9)
 
 

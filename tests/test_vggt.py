@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from sfcache.errors import SfcacheError, WeightsError
+from sfcache.errors import Field, SfcacheError, WeightsError
 from sfcache.vggt import PRESETS, VGGTConfig, VGGTFeatures, infer_config, load_vggt, preprocess, weights_config
 from sfcache.vggt.model import resolve_layers
 from sfcache.vggt.preprocess import resize_like_rlds
 
 DATA = Path(__file__).parent / "data"
+LAYERS = Field("ExtractConfig", "layers")
 GOLDEN_IO = load_file(DATA / "vggt_golden_io.safetensors")
 GOLDEN_CASES = sorted({key.rsplit("_", 1)[0] for key in GOLDEN_IO})
 SMALL = VGGTConfig(img_size=42, embed_dim=128, depth=3, patch_embed_depth=1)
@@ -279,14 +280,15 @@ def test_negative_layers_count_from_the_end(small_model, small_images):
 @pytest.mark.parametrize(
     "layers, flag, distinct, message",
     [
-        ((-2, 0), "--layers", False, None),
-        ((5,), "--layers", False, r"^--layers 5: this VGGT has layers 0\.\.3 \(or -4\.\.-1; -1 is the last"),
-        ((1, -5), "--cache-layer", False, r"^--cache-layer -5: this VGGT has layers 0\.\.3"),
-        ((), "--layers", False, r"^--layers \(none\): this VGGT has layers 0\.\.3"),
-        ((3, -1), "--layers", True, r"^--layers 3,-1: names the same layer twice"),
+        ((-2, 0), LAYERS, False, None),
+        ((5,), LAYERS, False, r"^ExtractConfig\.layers 5: this VGGT has layers 0\.\.3 \(or -4\.\.-1; -1 is the last"),
+        ((1, -5), Field("TrainConfig", "cache_layer"), False, r"^TrainConfig\.cache_layer -5: this VGGT has layers"),
+        ((), LAYERS, False, r"^ExtractConfig\.layers \(none\): this VGGT has layers 0\.\.3"),
+        ((3, -1), LAYERS, True, r"^ExtractConfig\.layers 3,-1: names the same layer twice"),
+        ((7,), "layers", False, r"^layers 7: this VGGT has layers 0\.\.3"),  # a direct call's argument
     ],
 )
-def test_resolve_layers_names_the_flag_the_layer_and_the_range(layers, flag, distinct, message):
+def test_resolve_layers_names_the_config_field_the_layer_and_the_range(layers, flag, distinct, message):
     if message is None:
         assert resolve_layers(layers, 4, flag, distinct) == (2, 0)
         assert resolve_layers((3, -1), 4) == (3, 3)  # one layer under two names is fine for the model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from sfcache.errors import Field
 from sfcache.pooling import pooled_targets
 from sfcache.torch import pooled_position_embedding
 from sfcache.vggt import load_vggt, preprocess
@@ -20,7 +21,7 @@ class OnlineTargets:
     def __init__(self, weights: str, device: torch.device, layer: int | None, grid: tuple[int, int]):
         self.model, self.weights_id = load_vggt(weights, device)
         self.device, self.grid = device, grid
-        (self.layer,) = self.model.resolve_layers([-1 if layer is None else layer], flag="--cache-layer")
+        (self.layer,) = self.model.resolve_layers([-1 if layer is None else layer], Field("TrainConfig", "cache_layer"))
         self.img_size = self.model.config.img_size
         side = self.img_size // self.model.config.patch_size
         self.native = (side, side)  # "sf" mode feeds a square image

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sfcache.device import DEVICE_CHOICES
-from sfcache.errors import ConfigMismatch, SfcacheError, raise_problems
-from sfcache.options import as_flags, comma_text, int_list, option, same_fields
+from sfcache.errors import ConfigMismatch, Message, SfcacheError, field_of, raise_problems
+from sfcache.options import comma_text, int_list, option, same_fields
 from sfcache.probe import FitSettings, SourceRows, StoreData, probe, write_token_store
 from sfcache.probe.head import SCALES
 from sfcache.sources import Source, open_source
@@ -63,15 +64,18 @@ class ProbeConfig:
     def __post_init__(self):
         self.checkpoint, self.data, self.out = Path(self.checkpoint), Path(self.data), Path(self.out)
         self.test_data = Path(self.test_data) if self.test_data else None
+        named = partial(field_of, ProbeConfig)
         problems = []
         if self.layers is not None and len(self.layers) != len(SCALES):
-            problems.append(f"--layers needs {len(SCALES)} blocks (a DPT pyramid), got {comma_text(self.layers)}")
+            problems.append(
+                Message(named("layers"), f" needs {len(SCALES)} blocks (a DPT pyramid), got {comma_text(self.layers)}")
+            )
         if self.every < 1:
-            problems.append(f"--every must be >= 1, got {self.every}")
+            problems.append(Message(named("every"), f" must be >= 1, got {self.every}"))
         try:
-            self.settings()  # FitSettings' own checks, in this command's flags
+            self.settings()  # FitSettings' own checks, naming this config's fields
         except SfcacheError as problem:
-            problems.append(as_flags(str(problem), SETTINGS))
+            problems.append(problem.message.renamed({field_of(FitSettings, name): named(name) for name in SETTINGS}))
         raise_problems(problems)
 
     def settings(self) -> FitSettings:

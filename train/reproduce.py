@@ -25,7 +25,16 @@ from rich.console import Console
 from rich.table import Table
 
 from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
-from sfcache.errors import ConfigMismatch, SfcacheError, SourceError, StoreError, WeightsError, differences
+from sfcache.errors import (
+    ConfigMismatch,
+    Message,
+    SfcacheError,
+    SourceError,
+    StoreError,
+    WeightsError,
+    differences,
+    field_of,
+)
 from sfcache.extract import ExtractConfig, extract
 from sfcache.inspection import summarize
 from sfcache.libero_eval import EvalConfig, evaluate
@@ -33,6 +42,7 @@ from sfcache.libero_sim import RESOLUTION, simulator_available
 from sfcache.options import (
     comma_list,
     comma_text,
+    handed_on,
     option,
     option_like,
     same_fields,
@@ -145,7 +155,7 @@ class ReproduceConfig:
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
 
-    def problems(self) -> list[str]:
+    def problems(self) -> list[str | Message]:
         """What is wrong with the options: this config's own checks, then those of each stage's config built
         from it (device and scheduler are `preflight`'s), each naming the option as `sf reproduce-libero` does."""
         problems = []
@@ -174,15 +184,12 @@ class ReproduceConfig:
         )
         suite = SuiteData(SUITES[0], Path("."), "libero_rlds")
         stages = [
-            (lambda: _extraction_config(checked, suite, checked.out), {"--batch-size": "--extract-batch-size"}),
+            (lambda: _extraction_config(checked, suite, checked.out), {}),
             (
                 lambda: _training_config(checked, suite, checked.out, checked.out, checked.align_weight),
                 {"--save-every": "--val-every"},
             ),
-            (
-                lambda: _probe_config(checked, checked.out, checked.out),
-                {"--steps": "--probe-steps", "--every": "--probe-every"},
-            ),
+            (lambda: _probe_config(checked, checked.out, checked.out), {}),
         ]
         if self.eval_trials > 0:
             stages.append(
@@ -191,17 +198,20 @@ class ReproduceConfig:
                     {"--trials-per-task": "--eval-trials", "--max-steps": "--eval-max-steps"},
                 )
             )
+        fields = handed_on(ReproduceConfig, {field_of(TrainConfig, "save_every"): "val_every"})
         for build, flags in stages:
             try:
                 build()
             except SfcacheError as problem:
-                problems.append(_named_as_given(str(problem), flags))
+                message = problem.message
+                problems.append(message.renamed(fields) if message.fields else _flags_as_given(str(message), flags))
         return problems
 
 
-def _named_as_given(message: str, flags: dict[str, str]) -> str:
-    """A stage config's message with its flags renamed to the reproduce options they come from (`flags`); one
-    option feeding two fields (--val-every) is named once."""
+def _flags_as_given(message: str, flags: dict[str, str]) -> str:
+    """A stage check that still names flags, not fields (TrainConfig's, EvalConfig's; going once they name fields),
+    with its flags renamed to the reproduce options they come from (`flags`); one option feeding two fields
+    (--val-every) is named once."""
     renamed = re.sub(r"(?<![\w-])--[a-z-]+\b", lambda found: flags.get(found[0], found[0]), message)
     return re.sub(r"(--[a-z-]+ \S+)(, \1)+", r"\1", renamed)
 
@@ -390,7 +400,7 @@ def preflight(cfg: ReproduceConfig) -> tuple[list[SuiteData], list[str]]:
         + _check_scheduler(cfg.scheduler)
     )
     if problems:
-        raise SfcacheError("nothing was run:\n  - " + "\n  - ".join(problems))
+        raise SfcacheError(Message("nothing was run:\n  - ", Message.join("\n  - ", problems)))
     return found, missing
 
 

@@ -15,13 +15,14 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sfcache.device import check_device, resolve_device
-from sfcache.errors import ConfigMismatch, SfcacheError, differences, raise_problems
+from sfcache.errors import ConfigMismatch, Message, SfcacheError, differences, field_of, raise_problems
 from sfcache.probe.data import ProbeData
 from sfcache.probe.head import SCALES, DPTHead
 from sfcache.probe.metrics import DepthMetrics, valid_pixels
@@ -52,17 +53,18 @@ class FitSettings:
     def __post_init__(self):
         counts = {"steps": self.steps, "batch_size": self.batch_size, "width": self.width}
         counts.update(save_every=self.save_every, log_every=self.log_every, eval_batch=self.eval_batch)
-        problems = [f"{name} must be >= 1, got {value}" for name, value in counts.items() if value < 1]
+        named = partial(field_of, FitSettings)
+        problems = [Message(named(name), f" must be >= 1, got {value}") for name, value in counts.items() if value < 1]
         if not (math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"lr must be a positive finite number, got {self.lr}")
+            problems.append(Message(named("lr"), f" must be a positive finite number, got {self.lr}"))
         if not 0 < self.test_fraction < 1:
-            problems.append(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+            problems.append(Message(named("test_fraction"), f" must be in (0, 1), got {self.test_fraction}"))
         if not self.max_depth > 0:
-            problems.append(f"max_depth must be > 0 metres, got {self.max_depth}")
+            problems.append(Message(named("max_depth"), f" must be > 0 metres, got {self.max_depth}"))
         try:
             check_device(self.device)
         except SfcacheError as problem:
-            problems.append(str(problem))
+            problems.append(problem.message)
         raise_problems(problems)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from sfcache.errors import SfcacheError, WeightsError
+from sfcache.errors import Field, Message, SfcacheError, WeightsError
 from sfcache.vggt.config import VGGTConfig
 from sfcache.vggt.dinov2 import DINOV2_LAYER_SCALE_INIT, build_patch_embed
 from sfcache.vggt.layers import Block, LayerScale, rope_2d_tables
@@ -84,19 +84,23 @@ def auto_compute_dtype(device: torch.device) -> torch.dtype:
 
 
 def resolve_layers(
-    layers: Sequence[int], depth: int, flag: str = "--layers", distinct: bool = False
+    layers: Sequence[int], depth: int, name: Field | str = "layers", distinct: bool = False
 ) -> tuple[int, ...]:
     """Layer indices of a `depth`-block VGGT as non-negative ints (negative count from the end, like SF's -1).
-    SfcacheError naming `flag`, the layers asked and the valid range; `distinct` also refuses one layer named twice."""
+    SfcacheError naming `name` (the config field that asked them, e.g. `ExtractConfig.layers`), the layers asked
+    and the valid range; `distinct` also refuses one layer named twice."""
     bad = [int(layer) for layer in layers if not -depth <= layer < depth]
     if bad or not layers:
         raise SfcacheError(
-            f"{flag} {','.join(map(str, bad or layers)) or '(none)'}: this VGGT has layers "
-            f"0..{depth - 1} (or -{depth}..-1; -1 is the last, the one SF uses)"
+            Message(
+                name,
+                f" {','.join(map(str, bad or layers)) or '(none)'}: this VGGT has layers "
+                f"0..{depth - 1} (or -{depth}..-1; -1 is the last, the one SF uses)",
+            )
         )
     resolved = tuple(int(layer) % depth for layer in layers)
     if distinct and len(set(resolved)) != len(resolved):
-        raise SfcacheError(f"{flag} {','.join(map(str, layers))}: names the same layer twice")
+        raise SfcacheError(Message(name, f" {','.join(map(str, layers))}: names the same layer twice"))
     return resolved
 
 
@@ -141,9 +145,9 @@ class VGGTFeatures(nn.Module):
     def compute_dtype_for(self, device: torch.device) -> torch.dtype:
         return self.compute_dtype or auto_compute_dtype(device)
 
-    def resolve_layers(self, layers: Sequence[int], flag: str = "layers") -> tuple[int, ...]:
+    def resolve_layers(self, layers: Sequence[int], name: Field | str = "layers") -> tuple[int, ...]:
         """`layers` of this model as non-negative ints (see the module's `resolve_layers`)."""
-        return resolve_layers(layers, self.config.depth, flag)
+        return resolve_layers(layers, self.config.depth, name)
 
     def forward(self, images: Tensor, layers: Sequence[int] = (-1,)) -> dict[int, Tensor]:
         """images float [B, S, 3, H, W] in [0, 1], H and W multiples of the patch size.
