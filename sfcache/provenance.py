@@ -105,7 +105,8 @@ class _Record:
             if valid is not None and not valid(value):
                 raise _damaged(where, key, expected, value)
             nested = spec.metadata.get(RECORD)
-            if nested is not None and (isinstance(value, Mapping) or (complete and value is ABSENT)):
+            lacking = complete and value is ABSENT and spec.default is not None  # an optional record may be absent
+            if nested is not None and (isinstance(value, Mapping) or lacking):
                 nested.validate(value if isinstance(value, Mapping) else {}, where, complete, key + ".")
             if not complete:
                 continue

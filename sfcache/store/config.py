@@ -1,4 +1,4 @@
-"""What a store is asked to hold (`StoreConfig`, with its `Reduction`), and the provenance that records it."""
+"""What a store is asked to hold (`StoreConfig`, with its `Reduction`), recorded as its provenance."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The stored encoding of target values (float16, bfloat16 bits, int8 with scales), in numpy and in torch.
+"""The stored encoding of target values (float16, bfloat16 bits, int8 with scales), numpy beside torch.
 
 The numpy pair (`encode`, `decode`) is the store's own; the torch pair (`encode_on_device`, `widen`) runs the same
 rule on any device, bit for bit (tests/test_device.py, tests/test_loader.py compare them). torch is imported by the

@@ -1,4 +1,4 @@
-"""The store's arrays: their names, shapes, chunks, shards and codecs (ARCHITECTURE.md "Store layout")."""
+"""The store's arrays: each one's name, shape, chunks, shards, codecs (ARCHITECTURE.md "Store layout")."""
 
 from __future__ import annotations
 
