@@ -138,7 +138,7 @@ def store_run(path: str | Path, wait: float = 60.0) -> Iterator[str]:
     """Make this extraction run the only one allowed to write the store; yields its run id.
 
     The id goes into STORE/.sfcache.run under an exclusive flock; every shard write holds a shared
-    flock on that file and writes only while the file holds its task's run id (`Cache.write_shard(run=)`).
+    flock on that file and writes only while the file holds its task's run id (`StoreWriter.write_shard(run=)`).
     So once a new run has started, or this one has ended, no task of an older client (killed, or cut off
     from a cluster that lives on) can write a shard or set a done flag any more. Call inside `lock_store`.
     """
