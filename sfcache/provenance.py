@@ -1,7 +1,7 @@
 """A store's provenance, attrs["sfcache"] (ARCHITECTURE.md "Store layout"), as typed records that own its schema.
 
 Read once from zarr.json by `Cache` (`cache.provenance`) and written by `StoreConfig`; dicts exist only at the
-JSON edge (`from_attrs`, `to_attrs`). Each field declares once what it is (`recorded`): identity (a resume must
+JSON edge (`from_attrs`, `to_attrs`). Each field declares once what it is (`declared`): identity (a resume must
 match it: `differences`), required (every complete `sf extract` records it) or informational, and what a valid
 value looks like, so that each record validates itself (`validate`: one StoreError naming the bad field). Fields
 a version-1 store lacks read as their documented defaults (recipe "none", mask "none", checksum "none").
@@ -31,7 +31,7 @@ __all__ = [
     "dataset_differences",
     "differences",
     "identity_fields",
-    "recorded",
+    "declared",
 ]
 
 DTYPES = ("float16", "bfloat16", "int8")  # what `targets.dtype` may be (sfcache.store.encoding encodes each)
@@ -45,7 +45,7 @@ REQUIRED, CHECK, RECORD, EXCEPT_KEYS, REQUIRED_KEYS, SHOWN_AS = (
 )
 
 
-def recorded(
+def declared(
     default=MISSING,
     *,
     identity: bool = False,
@@ -131,9 +131,9 @@ def identity_fields(record: type, prefix: str = "") -> list[str]:
 
 
 def differences(recorded: Mapping, asked: Mapping, record: type | None = None) -> dict[str, tuple[object, object]]:
-    """{field: (recorded, asked)} for each identity field of `record` (default `Provenance`: two attrs["sfcache"]
-    with version-1 defaults filled in) whose values differ: what a resume must match, for `ConfigMismatch` or
-    `ResumeMismatch`."""
+    """{field: (recorded, asked)} for each identity field of `record` whose values differ: what a resume must
+    match, for `ConfigMismatch` or `ResumeMismatch`. With the default `Provenance`, two attrs["sfcache"] whose
+    version-1 fields hold their defaults (`Provenance.from_attrs(attrs).to_attrs()`)."""
     record = record or Provenance
     diff: dict[str, tuple[object, object]] = {}
     for name in identity_fields(record):
@@ -187,17 +187,17 @@ class VggtProvenance(_Record):
     """The model that made the targets: weights as asked, their id (sha256 or random preset+seed), architecture,
     preprocessing mode and compute dtype."""
 
-    weights: str | None = recorded(None, required=True, **_TEXT)  # as asked: a moved checkpoint is the same model
-    weights_id: str | None = recorded(None, identity=True, required=True, **_TEXT)
-    config: Mapping = recorded(  # VGGTConfig fields
+    weights: str | None = declared(None, required=True, **_TEXT)  # as asked: a moved checkpoint is the same model
+    weights_id: str | None = declared(None, identity=True, required=True, **_TEXT)
+    config: Mapping = declared(  # VGGTConfig fields
         identity=True,
         required=True,
         default_factory=dict,
         valid=lambda v: v is ABSENT or isinstance(v or {}, dict),
         expected="an object of VGGTConfig fields",
     )
-    compute_dtype: str | None = recorded(None, identity=True, required=True, **_TEXT)
-    preprocess: str | None = recorded(None, identity=True, required=True, **_TEXT)
+    compute_dtype: str | None = declared(None, identity=True, required=True, **_TEXT)
+    preprocess: str | None = declared(None, identity=True, required=True, **_TEXT)
 
     @property
     def depth(self) -> int:
@@ -246,19 +246,19 @@ _STRING = {"valid": lambda v: isinstance(v, str), "expected": "a string"}
 class ReduceProvenance(_Record):
     """`--reduce pca:...`: the request (the store's identity) and, once fitted, K, fidelity and size per layer."""
 
-    method: str = recorded(**_STRING)  # part of the request, but not compared: "asked" names the method
-    asked: str = recorded(identity=True, **_STRING)
-    min_cosine: float | None = recorded(
+    method: str = declared(**_STRING)  # part of the request, but not compared: "asked" names the method
+    asked: str = declared(identity=True, **_STRING)
+    min_cosine: float | None = declared(
         identity=True,
         valid=lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
         expected="null or a number",
     )
-    sample_steps: int = recorded(identity=True, **_COUNT)
-    held_out_steps: int = recorded(identity=True, **_COUNT)
-    k: Mapping[int, int] | None = recorded(
+    sample_steps: int = declared(identity=True, **_COUNT)
+    held_out_steps: int = declared(identity=True, **_COUNT)
+    k: Mapping[int, int] | None = declared(
         None, valid=lambda v: _layer_keys(v, lambda n: _is_int(n, 1)), expected="null or {layer: K}"
     )
-    fidelity: Mapping[int, Fidelity] | None = recorded(
+    fidelity: Mapping[int, Fidelity] | None = declared(
         None,
         valid=lambda v: _layer_keys(v, lambda f: isinstance(f, dict) and set(f) == {"k", "mean", "p1", "worst"}),
         expected="null or {layer: {k, mean, p1, worst}}",
@@ -302,37 +302,37 @@ class ReduceProvenance(_Record):
 class TargetsProvenance(_Record):
     """What the stored targets are: layers (absolute indices), grid, views (VGGT order), width and encoding."""
 
-    layers: tuple[int, ...] = recorded(
+    layers: tuple[int, ...] = declared(
         identity=True,
         required=True,
         valid=lambda v: isinstance(v, list) and bool(v) and all(map(_is_int, v)),
         expected="a non-empty list of layer indices",
     )
-    grid: tuple[int, int] = recorded(
+    grid: tuple[int, int] = declared(
         identity=True, required=True, valid=_is_grid, expected="[height, width] of positive integers"
     )
-    views: tuple[str, ...] = recorded(
+    views: tuple[str, ...] = declared(
         identity=True,
         required=True,
         valid=lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v),
         expected="a non-empty list of view names",
     )
-    channels: int = recorded(identity=True, required=True, valid=lambda v: _is_int(v, 1), expected="a positive integer")
-    dtype: str = recorded(
+    channels: int = declared(identity=True, required=True, valid=lambda v: _is_int(v, 1), expected="a positive integer")
+    dtype: str = declared(
         identity=True, required=True, valid=lambda v: v in DTYPES, expected=f"one of {', '.join(DTYPES)}"
     )
-    codec: str = recorded("none", identity=True, required=True)
-    native_grid: tuple[int, int] | None = recorded(  # VGGT's patch grid before pooling
+    codec: str = declared("none", identity=True, required=True)
+    native_grid: tuple[int, int] | None = declared(  # VGGT's patch grid before pooling
         None,
         valid=lambda v: v in (None, ABSENT) or _is_grid(v),
         expected="null or [height, width] of positive integers",
     )
     aspect_ratio: float | None = None  # preprocessed image width / height
-    checksum: str = recorded("none", identity=True)  # "none" | "crc32c"
+    checksum: str = declared("none", identity=True)  # "none" | "crc32c"
     position_embedding: str = "not baked in"
-    mask: str = recorded("none", identity=True)  # "none" | "tokens" (absent in version 1: "none")
+    mask: str = declared("none", identity=True)  # "none" | "tokens" (absent in version 1: "none")
     int8_block: int | None = None  # int8 stores: channels per scale
-    reduce: ReduceProvenance | None = recorded(
+    reduce: ReduceProvenance | None = declared(
         None,
         record=ReduceProvenance,
         valid=lambda v: v in (None, ABSENT) or isinstance(v, dict),
@@ -397,30 +397,30 @@ def _at_least(low: int) -> dict:
 class Provenance(_Record):
     """attrs["sfcache"]: how a store was made, its shards and its episode index."""
 
-    format_version: int = recorded(identity=True, required=True)  # checked against the readable versions by Cache
-    sfcache_version: str | None = recorded(required=True)
-    created: str | None = recorded(required=True)
-    num_steps: int = recorded(required=True, **_at_least(0))
-    steps_per_shard: int = recorded(identity=True, required=True, **_at_least(1))
-    num_shards: int = recorded(required=True, **_at_least(0))
-    selection: str | None = recorded(None, identity=True)  # the --episodes pattern
-    recipe: str = recorded("none", identity=True)  # absent in version 1: "none"
-    episodes: tuple[EpisodeRecord, ...] = recorded(
+    format_version: int = declared(identity=True, required=True)  # checked against the readable versions by Cache
+    sfcache_version: str | None = declared(required=True)
+    created: str | None = declared(required=True)
+    num_steps: int = declared(required=True, **_at_least(0))
+    steps_per_shard: int = declared(identity=True, required=True, **_at_least(1))
+    num_shards: int = declared(required=True, **_at_least(0))
+    selection: str | None = declared(None, identity=True)  # the --episodes pattern
+    recipe: str = declared("none", identity=True)  # absent in version 1: "none"
+    episodes: tuple[EpisodeRecord, ...] = declared(
         identity=True,
         required=True,
         valid=lambda v: isinstance(v, list) and all(map(_is_episode, v)),
         expected="a list of [key, instruction, start, length]",
         **{SHOWN_AS: _episodes_summary},
     )
-    vggt: VggtProvenance = recorded(
+    vggt: VggtProvenance = declared(
         record=VggtProvenance,
         valid=lambda v: v is ABSENT or isinstance(v, dict),
         expected="an object (weights, weights_id, config, preprocess, compute_dtype)",
     )
-    targets: TargetsProvenance = recorded(
+    targets: TargetsProvenance = declared(
         record=TargetsProvenance, valid=lambda v: isinstance(v, dict), expected="an object"
     )
-    source: Mapping = recorded(  # Source.describe()
+    source: Mapping = declared(  # Source.describe()
         identity=True,
         valid=lambda v: v is ABSENT or isinstance(v, dict),
         expected="an object (the source's describe())",

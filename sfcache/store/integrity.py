@@ -52,9 +52,9 @@ class Integrity:
     ) -> dict[str, list[int] | None]:
         """[size, CRC32C] of each target array's file of a shard (None where missing), as seen from here.
 
-        The writer records these (`StoreWriter.write_shard`) and reports them; the extraction client compares them with its
-        own view of the file system before it counts the shard done (a worker writing to a private /tmp is
-        caught), and `digest_problem` compares them with the record. CRC32C (hardware, ~17 GB/s here) rather
+        The writer records these (`StoreWriter.write_shard`) and reports them; the extraction client compares them
+        with its own view of the file system before it counts the shard done (a worker writing to a private /tmp
+        is caught), and `digest_problem` compares them with the record. CRC32C (hardware, ~17 GB/s here) rather
         than a cryptographic hash: it guards against rot and misplaced files, not against an attacker.
         """
         digests: dict[str, list[int] | None] = {}
