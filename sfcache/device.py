@@ -1,7 +1,8 @@
-"""What crosses between the host and the model's device during extraction, and the cast to the stored dtype.
+"""The model's device: the one `--device` rule, then every copy between it and the host during extraction.
 
 Only uint8 frames go to the device (pinned host memory, non-blocking copy) and only stored bytes come
-back (cast there: float16 / bfloat16 bits / int8 with scales), copied into pinned memory without
+back (cast there by `sfcache.store.encoding.encode_on_device`: float16 / bfloat16 bits / int8 with scales,
+re-exported here for the extractor), copied into pinned memory without
 blocking the thread that launches the work; a CUDA event tells the writer thread when they are there.
 So copies in, VGGT, pooling and copies out are queued back to back on the GPU, and the CPU never
 waits for the GPU except in the writer, when it needs the bytes. On the CPU all of it is a no-op.
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from sfcache.errors import SfcacheError
-from sfcache.store import DTYPES, Encoded, int8_block
+from sfcache.store.encoding import Encoded, encode_on_device
 
 __all__ = ["DEVICE_CHOICES", "HostCopy", "check_device", "encode_on_device", "pinned", "resolve_device", "to_device"]
 
@@ -54,29 +55,6 @@ def pinned(array: np.ndarray, device: torch.device) -> torch.Tensor:
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Queue the copy of a `pinned` tensor to `device` (returns at once on CUDA; the tensor itself on CPU)."""
     return tensor.to(device, non_blocking=True)
-
-
-def encode_on_device(values: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`sfcache.store.encode` on the values' own device, bit for bit (tested on CPU): float32 [..., C] ->
-    (stored, int8 scales [..., C // block] or None). bfloat16 comes back as int16 bits (see `HostCopy`).
-
-    torch's float -> bfloat16 conversion rounds to nearest even like `encode`'s bit arithmetic; int8
-    uses the same float32 max / 127, division and round-half-even.
-    """
-    values = values.float()
-    if dtype == "float32":  # not encoded: the fit sample of --reduce, or a reduced store's projection on the host
-        return values, None
-    if dtype == "float16":
-        return values.half(), None
-    if dtype == "bfloat16":
-        return values.to(torch.bfloat16).view(torch.int16), None
-    if dtype == "int8":
-        blocks = values.reshape(*values.shape[:-1], -1, int8_block(values.shape[-1]))
-        scale = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        stored = (blocks / safe).round().clamp(-127, 127).to(torch.int8).reshape(values.shape)
-        return stored, scale[..., 0]
-    raise ValueError(f"unknown target dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
 
 
 class HostCopy:

@@ -16,6 +16,7 @@ from typing import Any
 from sfcache.errors import Field, field_of
 
 OPTION = "sfcache.option"  # the metadata key
+IDENTITY = "sfcache.identity"  # metadata key of a field a resume must match (`sfcache.provenance.identity_fields`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +35,11 @@ class OptionInfo:
     like: Field | None = None  # the other config's field this option is handed on to (`option_like`)
 
 
-def option(default: Any = MISSING, help: str = "", **how: Any) -> Any:
-    """A dataclass field with a default (none: required) that is also a CLI option; `how`: `OptionInfo`'s fields."""
-    return dataclasses.field(default=default, metadata={OPTION: OptionInfo(help=help, **how)})
+def option(default: Any = MISSING, help: str = "", identity: bool = False, **how: Any) -> Any:
+    """A dataclass field with a default (none: required) that is also a CLI option; `how`: `OptionInfo`'s fields.
+    `identity`: a resumed run must ask for the same value."""
+    metadata = {OPTION: OptionInfo(help=help, **how), **({IDENTITY: True} if identity else {})}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def comma_list(text: str) -> tuple[str, ...]:

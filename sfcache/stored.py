@@ -5,7 +5,8 @@ through shared memory, pays the widening on the workers' CPUs and collates sampl
 read once (`Cache.read_encoded`: sorted, each run of rows back to back in a shard one preadv) straight into the
 memory it leaves the process in: shared memory in a DataLoader worker (handed to the training process without
 a copy), pinned memory in a training process that feeds a GPU, and kept in the stored dtype; the widening,
-int8 scales and PCA reconstruction run where the batch is used (`widen`, called by `CachedTargets.decode`).
+int8 scales and PCA reconstruction run where the batch is used (`sfcache.store.encoding.widen`, called by
+`CachedTargets.decode`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from sfcache.errors import SfcacheError
 from sfcache.store import Cache, layer_array
 
-__all__ = ["StoredBatches", "StoredTargets", "read_stored", "widen"]
+__all__ = ["StoredBatches", "StoredTargets", "read_stored"]
 
 MEMORY = ("plain", "shared", "pinned")
 ALIGN = 64  # bytes: where each part of a batch starts in a ring slot
@@ -277,14 +278,3 @@ class _RingReads(torch.utils.data.Dataset):
 
 def _address(array: np.ndarray) -> int:
     return array.__array_interface__["data"][0]
-
-
-def widen(values: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-    """float32 values of a stored batch on its device, bit for bit `sfcache.store.decode`: float16 and bfloat16
-    widened, int8 times its scale per token and channel block (or a version-1 store's per channel)."""
-    if values.dtype != torch.int8:
-        return values.float()
-    if scales.dim() == 3:  # format version 1: [B, V, C]
-        return values.float() * scales[:, :, None, :]
-    blocks = values.reshape(*scales.shape, values.shape[-1] // max(scales.shape[-1], 1)).float()
-    return (blocks * scales[..., None]).reshape(values.shape)

@@ -26,7 +26,8 @@ from sfcache.keys import episode_key
 from sfcache.pooling import pool_grid, position_embedding
 from sfcache.rows import RowIndex
 from sfcache.store import open_cache
-from sfcache.stored import StoredBatches, StoredTargets, read_stored, widen
+from sfcache.store.encoding import widen
+from sfcache.stored import StoredBatches, StoredTargets, read_stored
 
 __all__ = [
     "CachedTargets",

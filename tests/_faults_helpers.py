@@ -12,7 +12,7 @@ from distributed import WorkerPlugin
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from sfcache.errors import RunSuperseded
-from sfcache.store import Cache
+from sfcache.store import StoreWriter
 
 
 class LoggedSlowWrites(WorkerPlugin):
@@ -24,7 +24,7 @@ class LoggedSlowWrites(WorkerPlugin):
         self.log, self.delay = str(log), delay
 
     def setup(self, worker=None):
-        original = Cache.write_shard
+        original = StoreWriter.write_shard
         log, delay = self.log, self.delay
 
         def write_shard(cache, shard, targets, mask=None, **kwargs):
@@ -39,7 +39,7 @@ class LoggedSlowWrites(WorkerPlugin):
                 handle.write(f"{shard} {os.getpid()}\n")
             return digests
 
-        Cache.write_shard = write_shard
+        StoreWriter.write_shard = write_shard
 
 
 def dask_setup(worker):

@@ -270,7 +270,7 @@ def test_bad_frames_fail_cleanly_or_are_skipped(tmp_path, schedulers, capsys):
 
 
 def test_a_write_failure_ends_the_run_and_marks_nothing_it_did_not_write(tmp_path, schedulers, monkeypatch):
-    import sfcache.store as store_module
+    import sfcache.store.writer as store_module
 
     written = write_libero_hdf5(tmp_path / "data", tasks=1, demos=2, steps=3, size=64)
     out = tmp_path / "store"

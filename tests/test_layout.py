@@ -63,3 +63,12 @@ def test_every_library_package_is_listed_for_non_editable_installs():
     }
     assert found <= listed, sorted(found - listed)
     assert {name for name in listed if name not in folders} <= found  # nothing listed that is not there
+
+
+def test_each_module_of_the_split_packages_says_its_one_job_in_one_line():
+    """The house rule for a package's modules: the opening line states one job (no "and")."""
+    packages = ("store", "extract", "inspection")
+    for module in sorted(m for p in packages for m in (REPO / "sfcache" / p).glob("*.py")):
+        doc = ast.get_docstring(ast.parse(module.read_text())) or ""
+        first = doc.splitlines()[0] if doc else ""
+        assert first.endswith(".") and " and " not in first, f"{module.name}: {first!r}"

@@ -14,7 +14,7 @@ from sfcache.errors import SfcacheError, StoreError
 from sfcache.reduce import request
 from sfcache.sources import EpisodeInfo
 from sfcache.store import Reduction, StoreConfig, create_store, decode, encode, lock_store, pack_episodes
-from sfcache.stored import widen
+from sfcache.store.encoding import widen
 from sfcache.torch import CachedTargets, StoredTargets, WithTargets
 from sfcache.train.augment import random_boxes
 from sfcache.train.loop import StepBatches, TrainConfig, Trainer, prepare

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from sfcache.errors import ConfigMismatch, ResumeMismatch, SfcacheError, differences
+from sfcache.provenance import DATASET, dataset_differences
 from sfcache.recipes import get_recipe
 from sfcache.rows import RowIndex
 from sfcache.sources import Source, open_source, recorded_views
@@ -160,12 +161,11 @@ def _proprio_sample(
     return torch.from_numpy(np.concatenate(rows).astype(np.float32))
 
 
-SOURCE_FIELDS = ("format", "variant", "rotate", "fingerprint")
 TRAINER_RECIPES = ("none", "openvla-oft")  # what this trainer's inputs and augmentation match
 
 
 def _source_identity(describe: dict) -> dict:
-    return {k: describe.get(k) for k in (*SOURCE_FIELDS, "path")}
+    return {k: describe.get(k) for k in (*DATASET, "path")}
 
 
 def check_cache_matches(targets: CachedTargets, source: Source, grid: tuple[int, int]) -> None:
@@ -175,9 +175,10 @@ def check_cache_matches(targets: CachedTargets, source: Source, grid: tuple[int,
     """
     recorded = {"views": list(targets.views), "grid": list(targets.grid), "source": targets.cache.provenance.source}
     asked = {"views": list(source.views), "grid": list(grid), "source": source.describe()}
-    diff = differences(recorded, asked, ["views", "grid", *(f"source.{field}" for field in SOURCE_FIELDS)])
-    if "source.fingerprint" in diff:
-        diff.update(differences(recorded, asked, ["source.path"]))
+    diff = {
+        **differences(recorded, asked, ["views", "grid"]),
+        **dataset_differences(recorded["source"], asked["source"]),
+    }
     if diff:
         raise ConfigMismatch(
             targets.store,
@@ -203,9 +204,10 @@ def check_resume(saved: dict, current: dict, run: Path) -> None:
     """ResumeMismatch naming by its flag each way the checkpoint in `run` was trained on other data (views, grid,
     targets, dataset) than this run's."""
     fields = [k for k in sorted(set(saved) | set(current)) if k != "source"]
-    diff = differences(saved, current, fields + [f"source.{k}" for k in SOURCE_FIELDS])
-    if "source.fingerprint" in diff:
-        diff.update(differences(saved, current, ["source.path"]))
+    diff = {
+        **differences(saved, current, fields),
+        **dataset_differences(saved.get("source") or {}, current.get("source") or {}),
+    }
     named = {
         IDENTITY_FLAGS.get(k, f"--source ({k.removeprefix('source.')})" if k.startswith("source.") else k): pair
         for k, pair in diff.items()

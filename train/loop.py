@@ -25,6 +25,7 @@ from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
 from sfcache.errors import ConfigMismatch, ResumeMismatch, SfcacheError, differences, raise_problems
 from sfcache.options import comma_list, comma_text, option, square_grid, square_grid_text
 from sfcache.progress import progress_bar
+from sfcache.provenance import identity_fields
 from sfcache.torch import CachedTargets, SpatialForcingLoss
 from sfcache.train.augment import CROP_AREA, center_boxes, colour_jitter, crop_images, random_boxes
 from sfcache.train.data import StepDataset, TrainingData, check_resume, open_training_data
@@ -43,12 +44,12 @@ class TrainConfig:
     out: Path = option(help="Run folder: checkpoint.pt, metrics.jsonl, loss_curves.png.")
     cache: Path | None = option(None, "Target store made by `sf extract` (read only).")
     steps: int = option(2000, "Optimizer steps in total (a resumed run counts on).")
-    batch_size: int = option(16, "Steps per optimizer step.")
+    batch_size: int = option(16, "Steps per optimizer step.", identity=True)
     lr: float = option(3e-4, "Peak AdamW learning rate (linear warmup, cosine decay).")
     weight_decay: float = 0.01
     warmup_steps: int = option(100, "Steps of linear learning-rate warmup.")
     grad_clip: float = 1.0
-    align_weight: float = option(0.5, "SF's alpha; 0 trains the baseline without SF.")
+    align_weight: float = option(0.5, "SF's alpha; 0 trains the baseline without SF.", identity=True)
     align_layer: int | None = option(None, "Policy block whose visual tokens are aligned (default: 3/4 of the depth).")
     model_size: str = option("small", " | ".join(SIZES) + ".")
     grid: int = option(
@@ -70,7 +71,7 @@ class TrainConfig:
     val_samples: int = 256
     save_every: int = option(200, "Checkpoint every N steps.")
     log_every: int = 10
-    seed: int = option(0, "Seed of the initialisation, batch order and augmentation.")
+    seed: int = option(0, "Seed of the initialisation, batch order and augmentation.", identity=True)
     resume: bool = option(True, "Continue from OUT/checkpoint.pt if present.")
     loader_workers: int = option(2, "DataLoader worker processes.")
     augment: bool = option(True, "Random 90% crop + colour jitter.")
@@ -222,6 +223,12 @@ def compute_losses(
     return {"loss": action_l1 + align_weight * align, "action_l1": action_l1, "align_loss": align}
 
 
+def run_identity(config: TrainConfig) -> dict:
+    """The settings a resumed run must repeat, as the checkpoint's "config" records them (the fields of TrainConfig
+    declared identity; the policy's shape is compared through its own record)."""
+    return {name: getattr(config, name) for name in identity_fields(TrainConfig)}
+
+
 def _run_settings(policy: dict, seed: int, batch_size: int, align_weight: float) -> dict:
     """A run's settings keyed by the flag that sets each (the policy's size as its --model-size name); the policy
     fields no flag sets (views, action and proprio sizes: the data's) by name."""
@@ -331,12 +338,7 @@ class Trainer:
             "policy": self.policy_config.to_dict(),
             "identity": self.data.identity,
             "frames": self._frames(),
-            "config": {
-                "seed": self.config.seed,
-                "batch_size": self.config.batch_size,
-                "align_weight": self.config.align_weight,
-                "steps": self.config.steps,
-            },
+            "config": {**run_identity(self.config), "steps": self.config.steps},
         }
 
     def _frames(self) -> dict:
@@ -362,11 +364,9 @@ class Trainer:
         """ResumeMismatch naming each run setting (model size, seed, batch size, alpha, ...) by its flag, when it
         differs from the checkpoint's."""
         saved_config = saved["config"]
-        had = _run_settings(
-            _jsonable(saved["policy"]), *(saved_config[k] for k in ("seed", "batch_size", "align_weight"))
-        )
+        had = _run_settings(_jsonable(saved["policy"]), **{k: saved_config[k] for k in identity_fields(TrainConfig)})
         c = self.config
-        asked = _run_settings(_jsonable(self.policy_config.to_dict()), c.seed, c.batch_size, c.align_weight)
+        asked = _run_settings(_jsonable(self.policy_config.to_dict()), **run_identity(c))
         diff = differences(had, asked, list(had))
         if "--model-size" in diff and c.align_layer is None:
             diff.pop("--align-layer", None)  # the default layer follows the size: one difference, not two

@@ -50,10 +50,11 @@ from sfcache.options import (
 )
 from sfcache.probe import MEAN_DEPTH
 from sfcache.probe.metrics import figure
+from sfcache.provenance import dataset_differences, identity_fields
 from sfcache.sources import detect_format, open_source
 from sfcache.store import open_cache
 from sfcache.train.libero_policy import CheckpointPolicy
-from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer, TrainResult
+from sfcache.train.loop import CHECKPOINT, METRICS, TrainConfig, Trainer, TrainResult, run_identity
 from sfcache.train.probe import PATCH_EMBEDDING, POLICY, ProbeConfig, depth_source, run_probe
 from sfcache.vggt.weights import HUB_ID, RANDOM_SPEC, random_weights_warning, weights_config
 
@@ -415,19 +416,10 @@ def _store_complete(store: Path, cfg: ReproduceConfig, suite: SuiteData) -> bool
     except StoreError:
         return False
     made = cache.provenance
-    stored = {
-        "weights": made.vggt.weights,
-        "grid": tuple(made.targets.grid),
-        "dtype": made.targets.dtype,
-        "fingerprint": made.source.get("fingerprint"),
-    }
-    asked = {
-        "weights": cfg.vggt,
-        "grid": (cfg.grid, cfg.grid),
-        "dtype": cfg.dtype,
-        "fingerprint": open_source(suite.path, suite.format).fingerprint(),
-    }
-    return bool(done) and not differences(stored, asked, ("weights", "grid", "dtype", "fingerprint"))
+    stored = {"weights": made.vggt.weights, "grid": tuple(made.targets.grid), "dtype": made.targets.dtype}
+    asked = {"weights": cfg.vggt, "grid": (cfg.grid, cfg.grid), "dtype": cfg.dtype}
+    same_data = not dataset_differences(made.source, open_source(suite.path, suite.format).describe())
+    return bool(done) and same_data and not differences(stored, asked, ("weights", "grid", "dtype"))
 
 
 def extract_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: Console) -> dict:
@@ -513,7 +505,7 @@ def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-RUN_SETTINGS = ("step", "seed", "batch_size", "align_weight", "steps")  # what a finished run must match
+RUN_SETTINGS = ("step", *identity_fields(TrainConfig), "steps")  # what a finished run must match
 
 
 def _training_finished(config: TrainConfig) -> bool:
@@ -522,13 +514,7 @@ def _training_finished(config: TrainConfig) -> bool:
     if not checkpoint.exists():
         return False
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-    asked = {
-        "step": config.steps,
-        "seed": config.seed,
-        "batch_size": config.batch_size,
-        "align_weight": config.align_weight,
-        "steps": config.steps,
-    }
+    asked = {"step": config.steps, **run_identity(config), "steps": config.steps}
     final_val = any(r["split"] == "val" and r["step"] == config.steps for r in _read_metrics(config.out / METRICS))
     return not differences({"step": saved["step"], **saved["config"]}, asked, RUN_SETTINGS) and final_val
 
