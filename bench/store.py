@@ -1,4 +1,4 @@
-"""Writer throughput at real shapes: `Cache.write_shard` MiB/s against a plain write + fsync of the same bytes.
+"""Writer throughput at real shapes: `StoreWriter.write_shard` MiB/s against a plain write + fsync of the same bytes.
 
 Real shapes: [steps, 2 views, 256 tokens, 2048 channels] (VGGT-1B, 16x16 grid), 32 steps per shard, in both
 presets (the store does not depend on the model). `write_mib_per_s_<dtype>` is extraction's path: values

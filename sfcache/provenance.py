@@ -436,21 +436,41 @@ class Provenance(_Record):
                 raise _damaged(where, f"episodes[{index}]", "[key, instruction, start, length]", episode)
         super().validate(attrs, where, complete, prefix)
 
-    def check_index(self, where: Path) -> None:
-        """StoreError unless the episode index tiles rows [0, num_steps) back to back, in num_shards shards
-        (checked before the first read, so `inspect.check` can still list every inconsistency of an index)."""
+    def index_problems(self) -> list[tuple[str, str]]:
+        """Every way the episode index fails to tile rows [0, num_steps) back to back in num_shards shards, as
+        (attribute, what is wrong): the one packing rule, raised by `check_index`, listed whole by the inspector."""
+        problems, row, keys = [], 0, set()
+        for index, (key, _, start, length) in enumerate(self.episodes):
+            if key in keys:
+                problems.append((f"episodes[{index}]", f"episode {key} is listed twice in the index"))
+            keys.add(key)
+            if start != row:
+                problems.append(
+                    (
+                        f"episodes[{index}]",
+                        f"episode {key} starts at row {start}, expected {row} (rows must be contiguous)",
+                    )
+                )
+            row = start + length
+        if row != self.num_steps:
+            problems.append(("num_steps", f"episodes add up to {row} rows, num_steps says {self.num_steps}"))
         shards = -(-self.num_steps // self.steps_per_shard)
         if self.num_shards != shards:
-            raise _damaged(where, "num_shards", f"ceil(num_steps / steps_per_shard) = {shards}", self.num_shards)
-        row = 0
-        for index, episode in enumerate(self.episodes):
-            if episode.start != row:
-                expected = f"to start at row {row} (episodes are packed back to back)"
-                raise _damaged(where, f"episodes[{index}]", expected, list(episode))
-            row += episode.length
-        if row != self.num_steps:
-            expected = f"lengths summing to num_steps = {self.num_steps}, not {row}"
-            raise _damaged(where, "episodes", expected, f"{len(self.episodes)} episodes")
+            problems.append(
+                (
+                    "num_shards",
+                    f"{self.num_shards}, expected {shards} ({self.num_steps} steps / {self.steps_per_shard} per shard)",
+                )
+            )
+        return problems
+
+    def check_index(self, where: Path) -> None:
+        """StoreError naming the first of `index_problems` (checked before the first read)."""
+        for attribute, problem in self.index_problems()[:1]:
+            raise StoreError(
+                f"{where}: attributes.sfcache.{attribute}: {problem}; the store is damaged: delete it and run "
+                "`sf extract` again"
+            )
 
     @classmethod
     def from_attrs(cls, attrs: Mapping) -> Provenance:

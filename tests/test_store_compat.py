@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sfcache.errors import ConfigMismatch, StoreError
-from sfcache.inspect import check
+from sfcache.inspection import check
 from sfcache.provenance import (
     Provenance,
     ReduceProvenance,

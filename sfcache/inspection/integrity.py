@@ -1,8 +1,7 @@
-"""Whether a store is whole: every done shard read back and cross-checked against what was recorded."""
+"""Whether a store is whole: every done shard read back, then cross-checked against what was recorded."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,26 +120,9 @@ def _check_digests(cache: Cache, shard: int, fail) -> bool:
 
 
 def _check_index(cache: Cache, fail) -> None:
-    """Episodes packed back to back from row 0, lengths adding up to num_steps, shard count matching."""
-    expected_start, keys = 0, set()
-    for key, _, start, length in cache.provenance.episodes:
-        if key in keys:
-            fail(f"episode {key}", "listed twice in the index")
-        keys.add(key)
-        if start != expected_start:
-            fail(f"episode {key}", f"starts at row {start}, expected {expected_start} (rows must be contiguous)")
-        if not (isinstance(length, int) and length > 0):
-            fail(f"episode {key}", f"length {length!r}, expected a positive integer")
-            return
-        expected_start = start + length
-    if expected_start != cache.num_steps:
-        fail("zarr.json num_steps", f"episodes add up to {expected_start} rows, num_steps says {cache.num_steps}")
-    shards = math.ceil(cache.num_steps / cache.steps_per_shard)
-    if cache.num_shards != shards:
-        fail(
-            "zarr.json num_shards",
-            f"{cache.num_shards}, expected {shards} ({cache.num_steps} steps / {cache.steps_per_shard} per shard)",
-        )
+    """Every inconsistency of the episode index (`Provenance.index_problems`), not only the first."""
+    for attribute, problem in cache.provenance.index_problems():
+        fail(f"zarr.json {attribute}", problem)
 
 
 def _check_arrays(cache: Cache, fail) -> dict[int | str, list[str]] | None:

@@ -1,6 +1,6 @@
 """What a store promises against what is on disk: its arrays, each shard file against its recorded digest.
 
-`sfcache.inspect.check` and the extractor's resume ask these of a `Cache` (a mixin: it needs the cache's arrays).
+`sfcache.inspection.check` and the extractor's resume ask these of a `Cache` (a mixin: it needs the cache's arrays).
 """
 
 from __future__ import annotations
