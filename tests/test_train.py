@@ -414,3 +414,37 @@ def test_resuming_with_another_align_weight_names_that_setting(data, tmp_path, c
         f"error: the checkpoint in {out} was trained with --align-weight 0.5, you asked 0.0; use --no-resume (or "
         "another --out) to start over"
     ), error
+
+
+def test_the_head_regresses_actions_in_training_bounds_and_old_checkpoints_load_as_raw(data):
+    """Actions are scaled per dimension to [-1, 1] by the training set's 1st-99th percentiles (OpenVLA-OFT), so a
+    small dimension (LIBERO's rotation deltas) weighs as much in the loss as a large one; outputs stay raw."""
+    from sfcache.sources import open_source
+    from sfcache.train.model import Policy, PolicyConfig
+
+    source_path, _ = data
+    training = open_training_data(source_path, None, None, (GRID, GRID), chunk=2, text_len=8, val_episodes=1)
+    source = open_source(source_path)
+    actions = np.concatenate([source.read(e.key, 0, e.length, frames=False).actions for e in training.train.episodes])
+    low, high = training.action_bounds
+    np.testing.assert_allclose(low.numpy(), np.quantile(actions, 0.01, axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(high.numpy(), np.quantile(actions, 0.99, axis=0), rtol=1e-5, atol=1e-6)
+
+    config = PolicyConfig.sized("tiny", grid=(2, 2), action_dim=2, proprio_dim=3, chunk=1)
+    bounds = (torch.tensor([-0.5, 0.0]), torch.tensor([1.5, 0.1]))
+    model = Policy(config, action_bounds=bounds)
+    torch.nn.init.zeros_(model.action_head.weight), torch.nn.init.zeros_(model.action_head.bias)
+    images, text, proprio = (
+        torch.rand(1, 2, 3, 28, 28),
+        torch.ones(1, config.text_len, dtype=torch.long),
+        torch.zeros(1, 3),
+    )
+    predicted, _ = model(images, text, proprio)
+    assert predicted[0, 0].tolist() == pytest.approx([0.5, 0.05])  # the head's 0 is the middle of the bounds
+    error = model.action_error(predicted, predicted + torch.tensor([0.1, 0.01]))
+    assert error[0, 0].tolist() == pytest.approx([0.1, 0.2])  # a 0.01 miss in a 0.1-wide dimension counts double
+
+    old = {k: v for k, v in model.state_dict().items() if k not in ("action_low", "action_high")}
+    loaded = Policy(config, action_bounds=bounds)
+    loaded.load_state_dict(old)
+    assert loaded.action_low.tolist() == [-1, -1] and loaded.action_high.tolist() == [1, 1]

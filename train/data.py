@@ -90,6 +90,7 @@ class TrainingData:
     action_dim: int
     proprio_mean: torch.Tensor  # over a sample of training steps, to standardise the policy's input
     proprio_std: torch.Tensor
+    action_bounds: tuple[torch.Tensor, torch.Tensor]  # per-dimension 1st / 99th percentile of training actions
     targets: CachedTargets | None
     identity: dict  # recorded in checkpoints; a resume must see the same
 
@@ -137,6 +138,7 @@ def open_training_data(
         views=tuple(source.views),
         proprio_mean=proprio.mean(0),
         proprio_std=_spread(proprio),
+        action_bounds=_action_bounds(source, train),
         action_dim=source.read(train[0].key, 0, 1).actions.shape[1],
         targets=targets,
         identity=identity,
@@ -146,6 +148,20 @@ def open_training_data(
 def _spread(proprio: torch.Tensor) -> torch.Tensor:
     """Per-dimension std for standardising; 1 where one sample leaves it undefined, floored against zero."""
     return proprio.std(0).clamp(min=1e-3) if len(proprio) > 1 else torch.ones(proprio.shape[1])
+
+
+def _action_bounds(
+    source: Source, episodes: list[EpisodeRows], max_episodes: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1st and 99th percentile per action dimension over every step of up to `max_episodes` evenly spaced training
+    episodes (OpenVLA-OFT's q01/q99 bounds); a dimension that hardly varies keeps the scale of raw actions."""
+    chosen = [episodes[int(i)] for i in np.unique(np.linspace(0, len(episodes) - 1, max_episodes).round())]
+    actions = np.concatenate([source.read(e.key, 0, e.length, frames=False).actions for e in chosen])
+    low, high = np.quantile(actions.astype(np.float64), [0.01, 0.99], axis=0)
+    flat = high - low < 1e-3
+    middle = (low + high) / 2
+    low, high = np.where(flat, middle - 1, low), np.where(flat, middle + 1, high)
+    return torch.from_numpy(low.astype(np.float32)), torch.from_numpy(high.astype(np.float32))
 
 
 def _proprio_sample(

@@ -214,9 +214,9 @@ def prepare(
 def compute_losses(
     model: Policy, sf_loss: SpatialForcingLoss | None, batch: Batch, align_weight: float
 ) -> dict[str, torch.Tensor]:
-    """L = L1(actions) + alpha * L_align (SF's L_SF); L_align only when alpha > 0."""
+    """L = L1(actions in the head's [-1, 1] units) + alpha * L_align (SF's L_SF); L_align only when alpha > 0."""
     predicted, visual = model(batch.images, batch.text, batch.proprio)
-    action_l1 = (predicted.float() - batch.actions).abs().mean()
+    action_l1 = model.action_error(predicted.float(), batch.actions).mean()
     if sf_loss is None or align_weight == 0:
         return {"loss": action_l1, "action_l1": action_l1}
     align = sf_loss(visual, batch.targets)
@@ -278,7 +278,9 @@ class Trainer:
             action_dim=self.data.action_dim,
         )
         torch.manual_seed(c.seed)
-        self.model = Policy(self.policy_config, self.data.proprio_mean, self.data.proprio_std).to(self.device)
+        self.model = Policy(
+            self.policy_config, self.data.proprio_mean, self.data.proprio_std, self.data.action_bounds
+        ).to(self.device)
         self.online = (
             OnlineTargets(c.online_vggt, self.device, c.cache_layer, self.policy_config.grid) if c.online_vggt else None
         )

@@ -3,7 +3,9 @@
 Shaped like OpenVLA-OFT at toy scale: a patch-14 stem gives 16x16 visual tokens per 224 px view,
 one bidirectional transformer reads [visual | instruction | action queries], the proprio embedding
 is added to every query (a direct path from state to action), and the queries regress an action
-chunk (L1). `forward` also returns the visual tokens after block
+chunk (L1 on actions scaled per dimension to [-1, 1] by the training set's 1st-99th percentiles, as OpenVLA-OFT
+normalises them: otherwise the small rotation deltas weigh nothing in the loss, and their bias, integrated over
+an episode, turns the gripper away). `forward` also returns the visual tokens after block
 `align_layer`, where the Spatial Forcing loss attaches; `hidden_states` those of any blocks (for `sf probe`).
 """
 
@@ -60,6 +62,11 @@ def encode_instructions(texts: list[str], length: int) -> torch.Tensor:
     return out
 
 
+def identity_bounds(action_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds under which the head's output is the action itself."""
+    return -torch.ones(action_dim), torch.ones(action_dim)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block with a padding mask."""
 
@@ -82,7 +89,11 @@ class Policy(nn.Module):
     """images [B, V, 3, H, W] in [0, 1], text [B, L], proprio [B, P] -> actions [B, chunk, A], visual tokens."""
 
     def __init__(
-        self, config: PolicyConfig, proprio_mean: torch.Tensor | None = None, proprio_std: torch.Tensor | None = None
+        self,
+        config: PolicyConfig,
+        proprio_mean: torch.Tensor | None = None,
+        proprio_std: torch.Tensor | None = None,
+        action_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__()
         if not 1 <= config.align_layer <= config.depth:
@@ -95,6 +106,10 @@ class Policy(nn.Module):
         # proprio is standardised with training-set statistics (saved with the weights)
         self.register_buffer("proprio_mean", torch.zeros(c.proprio_dim) if proprio_mean is None else proprio_mean)
         self.register_buffer("proprio_std", torch.ones(c.proprio_dim) if proprio_std is None else proprio_std)
+        # the head predicts actions in [-1, 1] per dimension; these training-set bounds map them back (saved too)
+        low, high = action_bounds or identity_bounds(c.action_dim)
+        self.register_buffer("action_low", low.float())
+        self.register_buffer("action_high", high.float())
         self.stem = nn.Conv2d(3, c.dim, kernel_size=c.patch, stride=c.patch)
         self.visual_pos = nn.Parameter(torch.randn(c.views, tokens, c.dim) * 0.02)
         self.text_embed = nn.Embedding(257, c.dim, padding_idx=0)
@@ -137,8 +152,19 @@ class Policy(nn.Module):
             x = block(x, keep)
             if depth == c.align_layer:
                 aligned = x[:, :visual]
-        actions = self.action_head(self.norm(x[:, -c.chunk :]))
+        scaled = self.action_head(self.norm(x[:, -c.chunk :]))
+        actions = self.action_low + (scaled + 1) / 2 * (self.action_high - self.action_low)
         return actions, aligned
+
+    def action_error(self, predicted: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Per-element |error| in the head's [-1, 1] units: the training loss weighs every action dimension alike."""
+        return (predicted - actions).abs() * (2 / (self.action_high - self.action_low))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints from before action bounds were recorded regressed raw actions: identity bounds."""
+        for name, value in zip(("action_low", "action_high"), identity_bounds(self.config.action_dim), strict=True):
+            state_dict.setdefault(prefix + name, value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def hidden_states(
         self, images: torch.Tensor, text: torch.Tensor, proprio: torch.Tensor, layers: Sequence[int]
