@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import textwrap
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -185,36 +184,22 @@ class ReproduceConfig:
         )
         suite = SuiteData(SUITES[0], Path("."), "libero_rlds")
         stages = [
-            (lambda: _extraction_config(checked, suite, checked.out), {}),
-            (
-                lambda: _training_config(checked, suite, checked.out, checked.out, checked.align_weight),
-                {"--save-every": "--val-every"},
+            lambda: _extraction_config(checked, suite, checked.out),
+            # save_every is set from --val-every too: checked as val_every alone, so it is named once
+            lambda: TrainConfig(
+                **_training_fields(checked, suite, checked.out, checked.out, checked.align_weight) | {"save_every": 1}
             ),
-            (lambda: _probe_config(checked, checked.out, checked.out), {}),
+            lambda: _probe_config(checked, checked.out, checked.out),
         ]
         if self.eval_trials > 0:
-            stages.append(
-                (
-                    lambda: _evaluation_config(checked, suite, checked.out),
-                    {"--trials-per-task": "--eval-trials", "--max-steps": "--eval-max-steps"},
-                )
-            )
-        fields = handed_on(ReproduceConfig, {field_of(TrainConfig, "save_every"): "val_every"})
-        for build, flags in stages:
+            stages.append(lambda: _evaluation_config(checked, suite, checked.out))
+        fields = handed_on(ReproduceConfig)
+        for build in stages:
             try:
                 build()
             except SfcacheError as problem:
-                message = problem.message
-                problems.append(message.renamed(fields) if message.fields else _flags_as_given(str(message), flags))
+                problems.append(problem.message.renamed(fields))
         return problems
-
-
-def _flags_as_given(message: str, flags: dict[str, str]) -> str:
-    """A stage check that still names flags, not fields (TrainConfig's, EvalConfig's; going once they name fields),
-    with its flags renamed to the reproduce options they come from (`flags`); one option feeding two fields
-    (--val-every) is named once."""
-    renamed = re.sub(r"(?<![\w-])--[a-z-]+\b", lambda found: flags.get(found[0], found[0]), message)
-    return re.sub(r"(--[a-z-]+ \S+)(, \1)+", r"\1", renamed)
 
 
 @dataclass(frozen=True)
@@ -343,15 +328,16 @@ def _check_hub_cache(repo_id: str) -> list[str]:
     return [f"--vggt {repo_id}: not in the local Hugging Face cache, and this command downloads nothing; {GET_VGGT}"]
 
 
-def _check_device(device: str) -> list[str]:
+def _check_device(device: str) -> list[Message]:
+    named = field_of(ReproduceConfig, "device")
     try:
-        check_device(device)
+        check_device(device, named)
     except SfcacheError:
-        return [f"--device {device}: expected {DEVICE_CHOICES}"]
+        return [Message(named, f" {device}: expected {DEVICE_CHOICES}")]
     try:
-        resolve_device(device)
+        resolve_device(device, name=named)
     except SfcacheError as problem:
-        return [f"--device {device}: {problem} (--device auto picks a GPU when there is one)"]
+        return [Message(problem.message, " (", named, " auto picks a GPU when there is one)")]
     return []
 
 
@@ -489,7 +475,12 @@ def _extraction_config(cfg: ReproduceConfig, suite: SuiteData, store: Path) -> E
 def _training_config(
     cfg: ReproduceConfig, suite: SuiteData, store: Path, out: Path, align_weight: float
 ) -> TrainConfig:
-    return TrainConfig(
+    return TrainConfig(**_training_fields(cfg, suite, store, out, align_weight))
+
+
+def _training_fields(cfg: ReproduceConfig, suite: SuiteData, store: Path, out: Path, align_weight: float) -> dict:
+    """The `TrainConfig` fields of one run of a suite."""
+    return dict(
         source=suite.path,
         out=out,
         cache=store if align_weight > 0 else None,
