@@ -34,7 +34,7 @@ from sfcache.errors import Message, SfcacheError, SourceError
 from sfcache.extract.control import STOP_NAME
 from sfcache.extract.report import ShardFailure, TaskReport, cause
 from sfcache.pooling import pooled_targets
-from sfcache.recipes import PREPROCESS, Recipe, recipe_inputs
+from sfcache.recipes import Recipe, recipe_inputs
 from sfcache.rows import RowIndex
 from sfcache.sources import Source
 from sfcache.store import current_run, is_locked, open_cache
@@ -267,14 +267,9 @@ class VGGTWorker(WorkerPlugin):
         if len(shapes) > 1:
             raise SourceError(
                 self.job.source.path,
-                Message(
-                    f"episodes {[key for key, _, _ in pieces]} preprocess to different image sizes {sorted(shapes)} "
-                    "with ",
-                    PREPROCESS,
-                    f" {self.job.preprocess}; expected one size (use ",
-                    PREPROCESS,
-                    " sf or pad for mixed frame sizes)",
-                ),
+                f"episodes {[key for key, _, _ in pieces]} preprocess to "
+                f"different image sizes {sorted(shapes)} with --preprocess {self.job.preprocess}; "
+                "expected one size (use --preprocess sf or pad for mixed frame sizes)",
             )
         frames = [(host, size) for _, host, size in parts]
         mask = None if masks[0] is None else np.concatenate(masks)
