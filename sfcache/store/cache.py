@@ -45,13 +45,9 @@ def existing_attrs(path: Path) -> dict | None:
     try:
         attributes = json.loads(meta.read_text()).get("attributes", {})
     except (OSError, ValueError, AttributeError) as err:
-        raise StoreError(
-            Message(
-                f"{meta}: unreadable Zarr metadata ({err}); the store is damaged and cannot be told from other data, "
-                "so ",
-                extraction_field("overwrite"),
-                f" will not replace it: delete {path} and run again",
-            )
+        raise StoreError(  # text, not fields: `sf inspect-cache --check` reports it as it reads
+            f"{meta}: unreadable Zarr metadata ({err}); the store is damaged and cannot be told "
+            f"from other data, so --overwrite will not replace it: delete {path} and run again"
         ) from None
     if not isinstance(attributes, dict):
         raise StoreError(
