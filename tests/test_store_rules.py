@@ -20,7 +20,7 @@ from sfcache.sources.base import EpisodeInfo
 from sfcache.store import create_store, lock_store, open_cache, pack_episodes
 from sfcache.store.cache import REPAIR
 from sfcache.store.run_control import OUT
-from sfcache.store.writer import OVERWRITE
+from sfcache.store.writer import OVERWRITE, create
 from sfcache.train.loop import TrainConfig
 from tests.test_reduce import low_rank, write_reduced
 from tests.test_store import build, make_config
@@ -254,7 +254,7 @@ def test_store_errors_name_extraction_fields_and_sf_extract_prints_its_flags(tmp
     """A library user reads ExtractConfig.overwrite (what to set), `sf extract` its flag."""
     build(tmp_path / "s")
     with lock_store(tmp_path / "s"), pytest.raises(StoreError) as raised:
-        create_store(tmp_path / "s", make_config())
+        create(tmp_path / "s", make_config())
     overwrite = Field("ExtractConfig", "overwrite")
     assert str(raised.value).endswith(f": already holds a store; resume it, or create it again with {overwrite}")
     assert raised.value.message.fields == (overwrite,)
