@@ -311,7 +311,12 @@ class Trainer:
                 raise ConfigMismatch(
                     c.cache,
                     {f"{name} (vs --online-vggt)": pair for name, pair in differ.items()},
-                    fix="give --online-vggt the weights the cache was extracted with, or leave out --cache",
+                    fix=Message(
+                        "give ",
+                        field_of(TrainConfig, "online_vggt"),
+                        " the weights the cache was extracted with, or leave out ",
+                        field_of(TrainConfig, "cache"),
+                    ),
                 )
         if self.online:
             self.data.identity["online_vggt"] = self.online.weights_id
@@ -574,6 +579,9 @@ def load_checkpoint(
     return saved
 
 
+OUT = field_of(TrainConfig, "out")
+
+
 def _writable_folder(out: Path) -> None:
     """Create the run folder and prove it takes files now, before any data is read."""
     try:
@@ -581,10 +589,12 @@ def _writable_folder(out: Path) -> None:
         with tempfile.TemporaryFile(dir=out):
             pass
     except FileExistsError:
-        raise SfcacheError(f"--out {out}: is a file; expected a run folder (new or from an earlier sf train)") from None
+        raise SfcacheError(
+            Message(OUT, f" {out}: is a file; expected a run folder (new or from an earlier sf train)")
+        ) from None
     except OSError as error:
         raise SfcacheError(
-            f"--out {out}: cannot write there ({error.strerror or error}); choose a writable folder"
+            Message(OUT, f" {out}: cannot write there ({error.strerror or error}); choose a writable folder")
         ) from None
 
 
