@@ -16,6 +16,7 @@ import json
 import os
 import textwrap
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -158,25 +159,42 @@ class ReproduceConfig:
     def problems(self) -> list[str | Message]:
         """What is wrong with the options: this config's own checks, then those of each stage's config built
         from it (device and scheduler are `preflight`'s), each naming the option as `sf reproduce-libero` does."""
+        named = partial(field_of, ReproduceConfig)
         problems = []
         unknown = [s for s in self.suites if s not in SUITES]
         if unknown or not self.suites:
-            problems.append(f"--suites {','.join(self.suites)}: choose from {','.join(SUITES)}")
+            problems.append(Message(named("suites"), f" {','.join(self.suites)}: choose from {','.join(SUITES)}"))
         if self.align_weight <= 0:
             problems.append(
-                f"--align-weight must be > 0 for the SF runs (the baseline uses 0), got {self.align_weight}"
+                Message(
+                    named("align_weight"),
+                    f" must be > 0 for the SF runs (the baseline uses 0), got {self.align_weight}",
+                )
             )
         if self.eval_trials < 0 or self.eval_checkpoints < 1:
             problems.append(
-                f"--eval-trials must be >= 0 and --eval-checkpoints >= 1, got {self.eval_trials} and "
-                f"{self.eval_checkpoints}"
+                Message(
+                    named("eval_trials"),
+                    " must be >= 0 and ",
+                    named("eval_checkpoints"),
+                    f" >= 1, got {self.eval_trials} and {self.eval_checkpoints}",
+                )
             )
         if self.val_episodes < 1:
-            problems.append(f"--val-episodes must be >= 1 (validation L1 is the evaluation), got {self.val_episodes}")
+            problems.append(
+                Message(
+                    named("val_episodes"),
+                    f" must be >= 1 (validation L1 is the evaluation), got {self.val_episodes}",
+                )
+            )
         if self.out.is_file():
-            problems.append(f"--out {self.out}: is a file; expected an output folder (new or to resume)")
+            problems.append(
+                Message(named("out"), f" {self.out}: is a file; expected an output folder (new or to resume)")
+            )
         if self.probe_dir is not None and not self.probe_dir.is_dir():
-            problems.append(f"--probe-dir {self.probe_dir}: no such directory (LIBERO HDF5 suites with depth)")
+            problems.append(
+                Message(named("probe_dir"), f" {self.probe_dir}: no such directory (LIBERO HDF5 suites with depth)")
+            )
         # the stage configs check device and scheduler, and alpha and held-out episodes less strictly: those are
         # left out (valid values), so each problem is named once
         checked = replace(
