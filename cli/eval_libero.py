@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 
 from sfcache.cli.options import config_command, path_text
-from sfcache.device import DEVICE_CHOICES
+from sfcache.device import DEVICE_CHOICES, resolve_device
 from sfcache.libero_eval import EvalConfig, evaluate
 from sfcache.libero_results import results_table
 from sfcache.libero_sim import RESOLUTION
@@ -24,6 +24,7 @@ def eval_libero(
     ),
 ) -> None:
     """Closed-loop success rates in the LIBERO simulator: results.jsonl, summary.json, videos, a table."""
+    resolve_device(device, name="--device")  # first: the policy would name it as its argument, device
     policy = CheckpointPolicy(path_text(checkpoint, "CHECKPOINT"), device=device, seed=fields["seed"])
     config = EvalConfig(
         **{

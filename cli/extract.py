@@ -7,7 +7,7 @@ import logging
 import typer
 from rich.console import Console
 
-from sfcache.cli.options import config_command
+from sfcache.cli.options import config_command, said_as_flags
 from sfcache.extract import ExtractConfig, plan
 from sfcache.extract import extract as run_extract
 from sfcache.vggt import random_weights_warning
@@ -90,7 +90,8 @@ def extract(
     if warning:
         console.print(f"[bold red]{warning}[/]", highlight=False, soft_wrap=True)
     for fixed in summary.repaired:
-        console.print(f"[yellow]redid shard {fixed['shard']}:[/] {fixed['why']}", highlight=False, soft_wrap=True)
+        why = said_as_flags(fixed["why"], ExtractConfig)
+        console.print(f"[yellow]redid shard {fixed['shard']}:[/] {why}", highlight=False, soft_wrap=True)
     for skipped in summary.skipped_episodes:
         console.print(f"[yellow]skipped episode:[/] {skipped}", highlight=False, soft_wrap=True)
     for failure in summary.failed:

@@ -87,6 +87,8 @@ def inspect_cache(
             raise
         _emit(report, as_json)  # the check already says what is wrong with the store
         raise typer.Exit(1) from None
+    if layer is not None:
+        cache.resolve_layer(layer, "--layer")  # refused as this command names it
     report["summary"] = inspection.summarize(cache)
     if episode is not None:
         report["episode"] = inspection.episode_report(cache, episode, layer)
@@ -97,7 +99,7 @@ def inspect_cache(
                 verify,
                 seed=seed,
                 weights=vggt,
-                device=resolve_device(device),
+                device=resolve_device(device, name="--device"),
                 threshold=threshold,
                 source_path=source,
                 progress=bar,

@@ -18,7 +18,7 @@ from typing import Any
 
 import typer
 
-from sfcache.errors import Field, SfcacheError, field_of
+from sfcache.errors import Field, Message, SfcacheError, field_of
 from sfcache.options import OPTION, OptionInfo
 
 
@@ -41,12 +41,22 @@ def flag_names(config: type) -> dict[Field, str]:
     return names
 
 
-def named_as_flags(error: SfcacheError, config: type) -> None:
-    """Make `error` name each field as the flag that sets it in `config`'s command (a field of a config that
-    command does not use: as that config's own command spells it, `--name`): the one place where a library
-    message about config fields becomes a command's."""
+def flag_namer(config: type) -> Callable[[Field], str]:
+    """How `config`'s command names a field: the flag that sets it (a field of a config that command does not use:
+    as that config's own command spells it, `--name`): the one place where a library message about config fields
+    becomes a command's."""
     flags = flag_names(config)
-    error.name_fields(lambda field: flags.get(field) or "--" + field.name.replace("_", "-"))
+    return lambda field: flags.get(field) or "--" + field.name.replace("_", "-")
+
+
+def named_as_flags(error: SfcacheError, config: type) -> None:
+    """Make `error` name each field as the flag that sets it in `config`'s command."""
+    error.name_fields(flag_namer(config))
+
+
+def said_as_flags(message: str | Message, config: type) -> str:
+    """`message` (a warning) naming each field as the flag that sets it in `config`'s command."""
+    return message.render(flag_namer(config)) if isinstance(message, Message) else message
 
 
 def option_fields(config: type, exclude: tuple[str, ...] = ()) -> list[dataclasses.Field]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-from sfcache.cli.options import config_command
+from sfcache.cli.options import config_command, said_as_flags
 from sfcache.train.loop import TrainConfig, train
 from sfcache.vggt import random_weights_warning
 
@@ -16,7 +16,7 @@ def train_command(fields: dict) -> None:
     config = TrainConfig(**fields)
     errors = Console(stderr=True)
     for warning in config.warnings():
-        errors.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        errors.print(f"[yellow]warning:[/] {said_as_flags(warning, TrainConfig)}", highlight=False, soft_wrap=True)
     result = train(config)
     if result.resumed_from is not None and result.resumed_from >= config.steps:
         typer.echo(

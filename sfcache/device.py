@@ -1,4 +1,4 @@
-"""The model's device: the one `--device` rule, then every copy between it and the host during extraction.
+"""The model's device: the one rule for a device setting, then every copy between it and the host during extraction.
 
 Only uint8 frames go to the device (pinned host memory, non-blocking copy) and only stored bytes come
 back (cast there by `sfcache.store.encoding.encode_on_device`: float16 / bfloat16 bits / int8 with scales,
@@ -15,7 +15,7 @@ import re
 import numpy as np
 import torch
 
-from sfcache.errors import SfcacheError
+from sfcache.errors import Field, Message, SfcacheError
 from sfcache.store.encoding import Encoded, encode_on_device
 
 __all__ = ["DEVICE_CHOICES", "HostCopy", "check_device", "encode_on_device", "pinned", "resolve_device", "to_device"]
@@ -23,24 +23,27 @@ __all__ = ["DEVICE_CHOICES", "HostCopy", "check_device", "encode_on_device", "pi
 DEVICE_CHOICES = "auto | cpu | cuda | cuda:N"  # what every --device accepts
 
 
-def check_device(asked: str) -> None:
-    """SfcacheError unless `asked` is one of DEVICE_CHOICES (checked before anything is loaded or started)."""
+def check_device(asked: str, name: Field | str = "device") -> None:
+    """SfcacheError unless `asked` is one of DEVICE_CHOICES (checked before anything is loaded or started); the
+    message names the device as `name` (the config field that holds it)."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", asked or ""):
-        raise SfcacheError(f"--device {asked!r}: expected {DEVICE_CHOICES}")
+        raise SfcacheError(Message(name, f" {asked!r}: expected {DEVICE_CHOICES}"))
 
 
-def resolve_device(asked: str, gpus: int | None = None) -> torch.device:
-    """The device for --device `asked` on a machine with `gpus` visible CUDA GPUs (this process's by default):
-    auto is the first GPU if there is one, else the CPU; asking for a GPU that is not there is an SfcacheError."""
-    check_device(asked)
+def resolve_device(asked: str, gpus: int | None = None, name: Field | str = "device") -> torch.device:
+    """The device for `asked` on a machine with `gpus` visible CUDA GPUs (this process's by default): auto is the
+    first GPU if there is one, else the CPU; asking for a GPU that is not there is an SfcacheError naming `name`."""
+    check_device(asked, name)
     gpus = torch.cuda.device_count() if gpus is None else gpus
     if asked == "auto":
         return torch.device("cuda" if gpus else "cpu")
     device = torch.device(asked)
     if device.type == "cuda" and not gpus:
-        raise SfcacheError(f"--device {asked}: no CUDA GPU is visible here")
+        raise SfcacheError(Message(name, f" {asked}: no CUDA GPU is visible here"))
     if device.type == "cuda" and (device.index or 0) >= gpus:
-        raise SfcacheError(f"--device {asked}: only {gpus} CUDA GPU(s) are visible here (cuda:0..cuda:{gpus - 1})")
+        raise SfcacheError(
+            Message(name, f" {asked}: only {gpus} CUDA GPU(s) are visible here (cuda:0..cuda:{gpus - 1})")
+        )
     return device
 
 

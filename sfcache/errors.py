@@ -29,6 +29,12 @@ def field_of(config: type, name: str) -> Field:
     return Field(config.__name__, name)
 
 
+def extraction_field(name: str) -> Field:
+    """`sfcache.extract.ExtractConfig`'s field `name` for the modules extraction builds on (the store, this one),
+    which cannot import it: what their messages tell a user to set (`sf extract` shows its flag)."""
+    return Field("ExtractConfig", name)
+
+
 class Message(tuple):
     """Text that names config fields: its parts are strings and `Field`s. `str()` is the library's words
     (`ExtractConfig.layers 99: ...`); `render` names each field as a caller does (`--layers 99: ...`)."""
@@ -133,9 +139,9 @@ class NotAStore(StoreError):
 
 class ConfigMismatch(StoreError):
     """What is asked differs from what a store (or checkpoint: `holder`) holds; the message lists each difference
-    and ends with `fix`, what to do about it (a store's: start it over with --overwrite)."""
+    and ends with `fix`, what to do about it (a store's: start it over with ExtractConfig.overwrite)."""
 
-    OVERWRITE = "use --overwrite to replace it, or another --out"
+    OVERWRITE = Message("use ", extraction_field("overwrite"), " to replace it, or another ", extraction_field("out"))
 
     def __init__(
         self,
@@ -150,7 +156,7 @@ class ConfigMismatch(StoreError):
         super().__init__(Message(f"{store}: configuration differs ({lines}); ", fix))
 
     def with_fix(self, fix: str | Message) -> ConfigMismatch:
-        """The same differences with another remedy (a command whose flag for starting over is not --overwrite)."""
+        """The same differences with another remedy (a caller that starts over otherwise than with overwrite)."""
         return type(self)(self.store, self.differences, fix=fix, holder=self.holder)
 
     def __reduce__(self):

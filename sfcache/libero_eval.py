@@ -19,12 +19,13 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from sfcache.errors import SfcacheError, raise_problems
+from sfcache.errors import Message, SfcacheError, field_of, raise_problems
 from sfcache.libero_results import EvalSummary, success_summary
 from sfcache.libero_sim import RESOLUTION, SUITES, Task, check_suite, make_env, suite_tasks
 from sfcache.options import comma_text, option
@@ -277,17 +278,18 @@ class EvalConfig:
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
         check_suite(self.suite)
+        named = partial(field_of, EvalConfig)
         problems = []
         if self.trials_per_task < 1:
-            problems.append(f"--trials-per-task must be >= 1, got {self.trials_per_task}")
+            problems.append(Message(named("trials_per_task"), f" must be >= 1, got {self.trials_per_task}"))
         if self.max_steps is not None and self.max_steps < 1:
-            problems.append(f"--max-steps must be >= 1, got {self.max_steps}")
+            problems.append(Message(named("max_steps"), f" must be >= 1, got {self.max_steps}"))
         if self.video < 0:
-            problems.append(f"--video must be >= 0, got {self.video}")
+            problems.append(Message(named("video"), f" must be >= 0, got {self.video}"))
         if self.tasks is not None and (not self.tasks or min(self.tasks) < 0):
-            problems.append(f"--tasks {','.join(map(str, self.tasks))}: expected task indices >= 0")
+            problems.append(Message(named("tasks"), f" {','.join(map(str, self.tasks))}: expected task indices >= 0"))
         if self.out.is_file():
-            problems.append(f"--out {self.out}: is a file; expected a results folder")
+            problems.append(Message(named("out"), f" {self.out}: is a file; expected a results folder"))
         raise_problems(problems)
 
     @property
@@ -301,12 +303,20 @@ def _check_config(config: EvalConfig, tasks: list[Task]) -> list[Task]:
     available = min(len(t.init_states) for t in tasks)
     if config.trials_per_task > available:
         problems.append(
-            f"--trials-per-task {config.trials_per_task}: the suite has {available} fixed init states per task"
+            Message(
+                field_of(EvalConfig, "trials_per_task"),
+                f" {config.trials_per_task}: the suite has {available} fixed init states per task",
+            )
         )
     chosen = list(config.tasks) if config.tasks is not None else [t.index for t in tasks]
     wrong = [i for i in chosen if not 0 <= i < len(tasks)]
     if wrong or not chosen:
-        problems.append(f"--tasks {','.join(map(str, chosen))}: {config.suite} has tasks 0..{len(tasks) - 1}")
+        problems.append(
+            Message(
+                field_of(EvalConfig, "tasks"),
+                f" {','.join(map(str, chosen))}: {config.suite} has tasks 0..{len(tasks) - 1}",
+            )
+        )
     raise_problems(problems)
     return [tasks[i] for i in dict.fromkeys(chosen)]
 
@@ -349,7 +359,12 @@ def _start(config: EvalConfig, policy_info: dict) -> None:
         diff = {k: (had.get(k), v) for k, v in json.loads(json.dumps(asked)).items() if had.get(k) != v}
         if diff:
             lines = "; ".join(f"{k}: folder has {a!r}, asked {b!r}" for k, (a, b) in diff.items())
-            raise SfcacheError(f"{config.out}: holds results of another evaluation ({lines}); use another --out")
+            raise SfcacheError(
+                Message(
+                    f"{config.out}: holds results of another evaluation ({lines}); use another ",
+                    field_of(EvalConfig, "out"),
+                )
+            )
     config.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(asked, indent=1))
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sfcache.errors import SfcacheError
+from sfcache.errors import Message, SfcacheError, extraction_field
 from sfcache.vggt.preprocess import POLICY_SIZE, host_frames, letterbox_mask, preprocess
 
 __all__ = [
@@ -38,6 +38,8 @@ __all__ = [
     "slot_layout",
 ]
 
+# the settings messages name
+RECIPE, PREPROCESS, VIEWS = (extraction_field(name) for name in ("recipe", "preprocess", "views"))
 BLANK = "blank"  # a camera slot with no camera: a white frame, its tokens masked
 
 
@@ -81,22 +83,22 @@ def get_recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
     except KeyError:
-        raise SfcacheError(f"--recipe must be one of {', '.join(RECIPES)}, not {name!r}") from None
+        raise SfcacheError(Message(RECIPE, f" must be one of {', '.join(RECIPES)}, not {name!r}")) from None
 
 
 def resolve_preprocess(recipe: Recipe, asked: str | None, user_modes: Sequence[str]) -> str:
-    """The VGGT input mode: the recipe's, else --preprocess (default sf). A conflicting --preprocess is an error."""
+    """The VGGT input mode: the recipe's, else the one asked (default sf). A conflicting one is an error."""
     if recipe.preprocess is not None:
         if asked not in (None, recipe.preprocess):
             raise SfcacheError(
-                f"--recipe {recipe.name} fixes the VGGT input ({recipe.preprocess}); drop --preprocess {asked}"
+                Message(
+                    RECIPE, f" {recipe.name} fixes the VGGT input ({recipe.preprocess}); drop ", PREPROCESS, f" {asked}"
+                )
             )
         return recipe.preprocess
     if asked is not None and asked not in user_modes:
-        raise SfcacheError(
-            f"--preprocess must be one of {', '.join(user_modes)}, not {asked!r}"
-            + (" (letterbox comes with --recipe openpi)" if asked == "letterbox" else "")
-        )
+        letterbox = Message(" (letterbox comes with ", RECIPE, " openpi)") if asked == "letterbox" else ""
+        raise SfcacheError(Message(PREPROCESS, f" must be one of {', '.join(user_modes)}, not {asked!r}", letterbox))
     return asked or "sf"
 
 
@@ -106,7 +108,7 @@ def camera_views(asked: tuple[str, ...] | None) -> tuple[str, ...] | None:
         return None
     cameras = tuple(view for view in asked if view != BLANK)
     if not cameras:
-        raise SfcacheError(f"--views {','.join(asked)}: at least one camera view is needed besides {BLANK}")
+        raise SfcacheError(Message(VIEWS, f" {','.join(asked)}: at least one camera view is needed besides {BLANK}"))
     return cameras
 
 
@@ -119,16 +121,23 @@ def slot_layout(recipe: Recipe, asked: tuple[str, ...] | None, source_views: tup
     layout = tuple(source_views) if asked is None else tuple(BLANK if v == BLANK else next(cameras) for v in asked)
     if recipe.views is not None and layout != recipe.views:
         raise SfcacheError(
-            f"--recipe {recipe.name} takes views {','.join(recipe.views)} in that order, got {','.join(layout)}"
+            Message(
+                RECIPE, f" {recipe.name} takes views {','.join(recipe.views)} in that order, got {','.join(layout)}"
+            )
         )
     if not recipe.slots:
         if BLANK in layout:
-            raise SfcacheError(f"--views {','.join(layout)}: {BLANK} slots exist only with --recipe openpi")
+            raise SfcacheError(
+                Message(VIEWS, f" {','.join(layout)}: {BLANK} slots exist only with ", RECIPE, " openpi")
+            )
         return layout
     if len(layout) > len(recipe.slots):
         raise SfcacheError(
-            f"--recipe {recipe.name} has {len(recipe.slots)} camera slots "
-            f"({', '.join(recipe.slots)}); got {len(layout)} views {','.join(layout)}"
+            Message(
+                RECIPE,
+                f" {recipe.name} has {len(recipe.slots)} camera slots ({', '.join(recipe.slots)}); "
+                f"got {len(layout)} views {','.join(layout)}",
+            )
         )
     return layout + (BLANK,) * (len(recipe.slots) - len(layout))
 

@@ -15,7 +15,7 @@ import logging
 
 import numpy as np
 
-from sfcache.errors import SfcacheError
+from sfcache.errors import Message, SfcacheError, extraction_field
 from sfcache.store import Reduction, decode, encode
 
 __all__ = [
@@ -39,6 +39,7 @@ K_STEP = 8  # `pca:auto` tries K in multiples of 8: int8 then keeps >= 8 channel
 # `--min-cosine` bounds the held-out *mean*; a few tokens (an object the sample rarely shows, a view's border)
 # can lie off the basis while the mean passes. A 1st percentile or worst this far below the mean is reported.
 TAIL_GAP = {"p1": 0.05, "worst": 0.2}
+REDUCE, MIN_COSINE = extraction_field("reduce"), extraction_field("min_cosine")  # the settings messages name
 COSINE_CHUNK = 4096  # held-out tokens per chunk of the K scan (bounds its memory to ~64 MiB at C = 2048)
 
 
@@ -51,7 +52,7 @@ def parse_reduce(text: str) -> int | str | None:
         return "auto"
     if method == "pca" and k.isdigit() and int(k) >= 1:
         return int(k)
-    raise SfcacheError(f"--reduce must be none, pca:K (K >= 1 components) or pca:auto, not {text!r}")
+    raise SfcacheError(Message(REDUCE, f" must be none, pca:K (K >= 1 components) or pca:auto, not {text!r}"))
 
 
 def request(reduce: str, min_cosine: float | None, num_steps: int) -> dict:
@@ -70,7 +71,9 @@ def sample_rows(num_steps: int, steps: int = SAMPLE_STEPS) -> tuple[np.ndarray, 
     """(fit rows, held-out rows): up to `steps` rows evenly spread over [0, num_steps), every
     HELD_OUT_EVERY-th held out (at least one of each)."""
     if num_steps < 2:
-        raise SfcacheError(f"--reduce needs at least 2 steps to fit and measure a basis, the selection has {num_steps}")
+        raise SfcacheError(
+            Message(REDUCE, f" needs at least 2 steps to fit and measure a basis, the selection has {num_steps}")
+        )
     rows = np.unique(np.linspace(0, num_steps - 1, min(steps, num_steps)).round().astype(np.int64))
     held = rows[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY] if rows.size >= HELD_OUT_EVERY else rows[-1:]
     return np.setdiff1d(rows, held), held
@@ -165,7 +168,9 @@ def fit(
         else:
             if k_asked > channels:
                 raise SfcacheError(
-                    f"--reduce pca:{k_asked}: layer {layer} has only {channels} channels; choose K <= {channels}"
+                    Message(
+                        REDUCE, f" pca:{k_asked}: layer {layer} has only {channels} channels; choose K <= {channels}"
+                    )
                 )
             k = k_asked
             figures = measure(values, mask, mean, components[:k], dtype)
@@ -196,17 +201,31 @@ def check_fidelity(reduction: Reduction) -> None:
     for layer, components in reduction.components.items() if floor is not None else ():
         if reduction.request["asked"] == "pca:auto" and len(components) == components.shape[1]:
             raise SfcacheError(
-                f"--reduce pca:auto: layer {layer} reaches --min-cosine {floor} only with all "
-                f"{components.shape[1]} channels, so nothing is saved; extract without --reduce, or "
-                "lower --min-cosine"
+                Message(
+                    REDUCE,
+                    f" pca:auto: layer {layer} reaches ",
+                    MIN_COSINE,
+                    f" {floor} only with all {components.shape[1]} channels, so nothing is saved; extract without ",
+                    REDUCE,
+                    ", or lower ",
+                    MIN_COSINE,
+                )
             )
     low = {layer: f for layer, f in (reduction.fidelity or {}).items() if floor is not None and f["mean"] < floor}
     if low:
         layer, figures = next(iter(low.items()))
         raise SfcacheError(
-            f"--reduce {reduction.request['asked']}: layer {layer} reconstructs held-out steps at mean per-token "
-            f"cosine {figures['mean']:.5f} with K={figures['k']}, below --min-cosine {floor}; refusing to write this "
-            "store (use a larger K, pca:auto, or a lower --min-cosine, with --overwrite if the store exists)"
+            Message(
+                REDUCE,
+                f" {reduction.request['asked']}: layer {layer} reconstructs held-out steps at mean per-token cosine "
+                f"{figures['mean']:.5f} with K={figures['k']}, below ",
+                MIN_COSINE,
+                f" {floor}; refusing to write this store (use a larger K, pca:auto, or a lower ",
+                MIN_COSINE,
+                ", with ",
+                extraction_field("overwrite"),
+                " if the store exists)",
+            )
         )
     for line in tail_warnings(reduction):
         logging.getLogger("sfcache").warning("warning: %s", line)

@@ -226,10 +226,10 @@ def test_every_device_word_resolves_by_the_gpus_the_computing_machine_sees(asked
 @pytest.mark.parametrize(
     "asked, gpus, message",
     [
-        ("gpu", 1, "--device 'gpu': expected auto | cpu | cuda | cuda:N"),
+        ("gpu", 1, "device 'gpu': expected auto | cpu | cuda | cuda:N"),
         ("cuda:", 1, "expected auto | cpu | cuda | cuda:N"),
-        ("cuda", 0, "--device cuda: no CUDA GPU is visible here"),
-        ("cuda:2", 2, "--device cuda:2: only 2 CUDA GPU(s) are visible here (cuda:0..cuda:1)"),
+        ("cuda", 0, "device cuda: no CUDA GPU is visible here"),
+        ("cuda:2", 2, "device cuda:2: only 2 CUDA GPU(s) are visible here (cuda:0..cuda:1)"),
     ],
 )
 def test_a_device_that_is_not_there_or_not_a_device_is_one_clear_error(asked, gpus, message):

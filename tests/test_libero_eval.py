@@ -257,7 +257,7 @@ def test_goal_state_is_detected_as_success_by_the_loop():
 
 def test_eval_config_is_checked_before_any_episode(tmp_path):
     tasks = [libero_sim.Task("spatial", i, f"t{i}", f"task {i}", "x.bddl", np.zeros((50, 3))) for i in range(10)]
-    with pytest.raises(libero_eval.SfcacheError, match="--tasks 12: spatial has tasks 0..9"):
+    with pytest.raises(libero_eval.SfcacheError, match="EvalConfig.tasks 12: spatial has tasks 0..9"):
         libero_eval._check_config(EvalConfig("spatial", tmp_path, tasks=(12,)), tasks)
     with pytest.raises(libero_eval.SfcacheError, match="50 fixed init states"):
         libero_eval._check_config(EvalConfig("spatial", tmp_path, trials_per_task=51), tasks)

@@ -258,9 +258,9 @@ def test_masks_flow_through_cached_targets_dataloader_and_loss(tmp_path, schedul
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"recipe": "pi05"}, "--recipe must be one of none, openvla-oft, openpi"),
-        ({"recipe": "openpi", "preprocess": "sf"}, "--recipe openpi fixes the VGGT input"),
-        ({"preprocess": "letterbox"}, "letterbox comes with --recipe openpi"),
+        ({"recipe": "pi05"}, "ExtractConfig.recipe must be one of none, openvla-oft, openpi"),
+        ({"recipe": "openpi", "preprocess": "sf"}, "ExtractConfig.recipe openpi fixes the VGGT input"),
+        ({"preprocess": "letterbox"}, "letterbox comes with ExtractConfig.recipe openpi"),
         ({"compute_dtype": "float16"}, "ExtractConfig.compute_dtype must be one of auto, bfloat16, float32"),
     ],
 )
@@ -273,7 +273,7 @@ def test_bad_recipe_options_are_one_clear_error(tmp_path, options, message):
     "options, message",
     [
         ({"recipe": "openvla-oft", "views": ("head", "left_wrist")}, "takes views primary,wrist"),
-        ({"views": ("head", "blank")}, "blank slots exist only with --recipe openpi"),
+        ({"views": ("head", "blank")}, "blank slots exist only with ExtractConfig.recipe openpi"),
         ({"recipe": "openpi", "views": ("head", "left_wrist", "right_wrist", "blank")}, "has 3 camera slots"),
         ({"recipe": "openpi", "views": ("blank",)}, "at least one camera view"),
     ],

@@ -126,7 +126,7 @@ def test_auto_picks_the_smallest_k_that_reaches_the_cosine(tmp_path, dtype):
 def test_reduce_values_are_parsed_and_auto_needs_a_cosine(tmp_path):
     assert parse_reduce("none") is None and parse_reduce("pca:64") == 64 and parse_reduce("pca:auto") == "auto"
     for bad in ("pca", "pca:0", "svd:8", "pca:x"):
-        with pytest.raises(SfcacheError, match="--reduce must be"):
+        with pytest.raises(SfcacheError, match="ExtractConfig.reduce must be"):
             parse_reduce(bad)
     with pytest.raises(SfcacheError, match="pca:auto needs ExtractConfig.min_cosine"):
         ExtractConfig(source=tmp_path, out=tmp_path / "o", vggt="random:tiny", reduce="pca:auto")
@@ -267,7 +267,7 @@ def test_a_store_below_min_cosine_is_refused_and_not_written(dataset, scheduler,
         reduce="pca:1",
         min_cosine=0.9999,
     )
-    with pytest.raises(SfcacheError, match=r"cosine 0\.\d+ with K=1, below --min-cosine 0.9999; refusing"):
+    with pytest.raises(SfcacheError, match=r"cosine 0\.\d+ with K=1, below ExtractConfig.min_cosine 0.9999; refusing"):
         extract(config, progress=False)
     assert not (tmp_path / "store" / "zarr.json").exists()
 

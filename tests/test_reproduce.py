@@ -26,7 +26,7 @@ from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_hdf5, write_libero_rlds
 from sfcache.store import open_cache
 from sfcache.train.loop import CHECKPOINT, METRICS, Trainer
-from sfcache.train.reproduce import RUNS, SUITES, find_suites, plot_success, plot_suite
+from sfcache.train.reproduce import RUNS, SUITES, ReproduceConfig, find_suites, plot_success, plot_suite
 from sfcache.vggt import random_weights_warning
 from tests._cli_helpers import run_main
 
@@ -476,3 +476,19 @@ def test_plots_mark_single_points_label_both_axes_and_carry_the_random_weights_w
     evaluation = {run: [{"step": s, "success_rate": 0.5, "ci95": [0.2, 0.8]} for s in (1, 2)] for run in RUNS}
     plot_success("libero_goal", evaluation, tmp_path / "success.png", warning)
     assert _red_pixels(tmp_path / "success.png") > 200
+
+
+def test_train_and_eval_config_problems_name_reproduce_fields_and_print_its_flags(tmp_path, capsys):
+    """TrainConfig's and EvalConfig's checks, renamed to the reproduce options that set them: the library names
+    ReproduceConfig's fields (--val-every feeds two TrainConfig fields and is named once), the command its flags."""
+    config = ReproduceConfig(val_every=0, steps=0, eval_max_steps=0, out=tmp_path / "o")
+    assert [str(problem) for problem in config.problems()] == [
+        "these must be >= 1: ReproduceConfig.steps 0, ReproduceConfig.val_every 0",
+        "ReproduceConfig.eval_max_steps must be >= 1, got 0",
+    ]
+    code, output = run(
+        capsys, "--libero-dir", tmp_path, "--vggt", "random:tiny", "--device", "cpu", "--out", tmp_path / "o",
+        "--val-every", "0", "--steps", "0", "--eval-max-steps", "0",
+    )  # fmt: skip
+    assert code == 2 and "these must be >= 1: --steps 0, --val-every 0\n" in output, output
+    assert "--eval-max-steps must be >= 1, got 0" in output and "Config" not in output

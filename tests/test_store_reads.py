@@ -144,7 +144,8 @@ def test_damaged_shards_raise_one_line_naming_the_file(tmp_path, checksum, damag
         cache.read_rows([0, 4, 6])
     message = str(error.value)  # the one damaged file, not every file the request touched
     assert message.startswith(f"{file}: reading {VALUES} shard(s) [1] failed") and "\n" not in message
-    assert message.endswith("the file is damaged: run `sf extract` again with the same options and --repair")
+    repair = "run `sf extract` again with the same options and ExtractConfig.repair"
+    assert message.endswith(f"the file is damaged: {repair}")
     if damage != "index offset":  # zarr reads a chunk past the data without complaint
         with pytest.raises(StoreError) as error:
             through_zarr(cache).read_rows([0, 4, 6])

@@ -9,12 +9,19 @@ import sys
 import numpy as np
 import pytest
 
-from sfcache.errors import ConfigMismatch, StoreError, differences
+from sfcache.cli.options import named_as_flags
+from sfcache.errors import ConfigMismatch, Field, StoreError, differences, field_of
+from sfcache.extract import ExtractConfig
 from sfcache.keys import episode_key, tfds_ids
 from sfcache.provenance import Fidelity, Provenance
+from sfcache.recipes import PREPROCESS, RECIPE, VIEWS
 from sfcache.rows import RowIndex
 from sfcache.sources.base import EpisodeInfo
 from sfcache.store import create_store, lock_store, open_cache, pack_episodes
+from sfcache.store.cache import REPAIR
+from sfcache.store.run_control import OUT
+from sfcache.store.writer import OVERWRITE, create
+from sfcache.train.loop import TrainConfig
 from tests.test_reduce import low_rank, write_reduced
 from tests.test_store import build, make_config
 
@@ -145,8 +152,8 @@ def test_differences_list_each_differing_field_in_the_order_given():
     assert differences(recorded, recorded, recorded) == {}
     assert (
         str(ConfigMismatch("S", differences(recorded, asked, ["vggt.weights_id"])))
-        == "S: configuration differs (vggt.weights_id: store has 'x', asked 'y'); use --overwrite to replace it, "
-        "or another --out"
+        == "S: configuration differs (vggt.weights_id: store has 'x', asked 'y'); use ExtractConfig.overwrite to "
+        "replace it, or another ExtractConfig.out"
     )
 
 
@@ -238,3 +245,40 @@ def test_the_loader_api_imports_no_dataset_reader():
         check=True,
     ).stdout.strip()
     assert loaded == "[]"
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def test_store_errors_name_extraction_fields_and_sf_extract_prints_its_flags(tmp_path):
+    """A library user reads ExtractConfig.overwrite (what to set), `sf extract` its flag."""
+    build(tmp_path / "s")
+    with lock_store(tmp_path / "s"), pytest.raises(StoreError) as raised:
+        create(tmp_path / "s", make_config())
+    overwrite = Field("ExtractConfig", "overwrite")
+    assert str(raised.value).endswith(f": already holds a store; resume it, or create it again with {overwrite}")
+    assert raised.value.message.fields == (overwrite,)
+    mismatch = ConfigMismatch("S", {"dtype": ("float16", "int8")})
+    named_as_flags(raised.value, ExtractConfig)
+    named_as_flags(mismatch, ExtractConfig)
+    assert str(raised.value).endswith("resume it, or create it again with --overwrite")
+    assert str(mismatch).endswith("; use --overwrite to replace it, or another --out")
+
+
+def test_store_messages_name_fields_extract_config_has():
+    """The store names ExtractConfig's fields without importing it: each one it names must be there."""
+    for field in [*ConfigMismatch.OVERWRITE.fields, OUT, OVERWRITE, *REPAIR.fields, RECIPE, PREPROCESS, VIEWS]:
+        assert field_of(ExtractConfig, field.name) == field
+
+
+def test_a_layer_not_stored_names_what_chooses_it(tmp_path):
+    with lock_store(tmp_path / "s"):
+        cache = create_store(tmp_path / "s", make_config(layers=(1, 3)))
+    with pytest.raises(StoreError, match=r"stored layers: \[1, 3\] \(choose with layer=\)$"):
+        cache.resolve_layer(2)  # a reader's argument
+    cache_layer = Field("TrainConfig", "cache_layer")
+    with pytest.raises(StoreError) as raised:
+        cache.resolve_layer(2, cache_layer)
+    assert str(raised.value).endswith("(choose with TrainConfig.cache_layer)")
+    named_as_flags(raised.value, TrainConfig)
+    assert str(raised.value).endswith("(choose with --cache-layer)")

@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 
 from sfcache.cli.main import main
+from sfcache.errors import Field, SfcacheError
 from sfcache.libero_eval import EvalConfig
 from sfcache.libero_results import results_table, success_summary
 from sfcache.options import default_of
@@ -448,3 +449,20 @@ def test_the_head_regresses_actions_in_training_bounds_and_old_checkpoints_load_
     loaded = Policy(config, action_bounds=bounds)
     loaded.load_state_dict(old)
     assert loaded.action_low.tolist() == [-1, -1] and loaded.action_high.tolist() == [1, 1]
+
+
+def test_a_train_config_problem_names_the_field_and_sf_train_prints_its_flag(data, tmp_path, capsys):
+    source, _ = data
+    with pytest.raises(SfcacheError) as raised:
+        TrainConfig(source=source, out=tmp_path / "run", align_weight=0, steps=0, lr=-1)
+    assert str(raised.value) == (
+        "these must be >= 1: TrainConfig.steps 0; TrainConfig.lr must be a positive finite number, got -1"
+    )
+    assert Field("TrainConfig", "lr") in raised.value.message.fields
+    assert sf("train", "--source", str(source), "--out", str(tmp_path / "run"), "--align-weight", "0",
+              "--steps", "0", "--lr", "-1") == 2  # fmt: skip
+    error = capsys.readouterr().err
+    assert "these must be >= 1: --steps 0; --lr must be a positive finite number, got -1" in error
+    assert "TrainConfig" not in error
+    (warning,) = TrainConfig(source=source, out=tmp_path / "run", steps=1, align_weight=0).warnings()
+    assert str(warning).startswith("TrainConfig.steps 1 is below TrainConfig.warmup_steps 100")

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from sfcache.errors import ConfigMismatch, ResumeMismatch, SfcacheError, differences
+from sfcache.errors import ConfigMismatch, Field, ResumeMismatch, SfcacheError, differences
 from sfcache.provenance import DATASET, dataset_differences
 from sfcache.recipes import get_recipe
 from sfcache.rows import RowIndex
 from sfcache.sources import Source, open_source, recorded_views
+from sfcache.store import open_cache
 from sfcache.torch import CachedTargets
 from sfcache.train.model import encode_instructions
 
@@ -106,7 +107,10 @@ def open_training_data(
     cache_layer: int | None = None,
 ) -> TrainingData:
     """Open source and cache, check they belong together, and split episodes into train / validation."""
-    targets = CachedTargets(cache_path, layer=cache_layer) if cache_path else None
+    targets = None
+    if cache_path:  # the layer named as the option that chose it, not as the loader's argument
+        layer = open_cache(cache_path).resolve_layer(cache_layer, Field("TrainConfig", "cache_layer"))
+        targets = CachedTargets(cache_path, layer=layer)
     if targets is not None and targets.recipe not in TRAINER_RECIPES:
         raise SfcacheError(
             f"{cache_path}: extracted with --recipe {targets.recipe}, but sf train trains an "

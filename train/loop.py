@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,15 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from sfcache.device import DEVICE_CHOICES, check_device, resolve_device
-from sfcache.errors import ConfigMismatch, ResumeMismatch, SfcacheError, differences, raise_problems
+from sfcache.errors import (
+    ConfigMismatch,
+    Message,
+    ResumeMismatch,
+    SfcacheError,
+    differences,
+    field_of,
+    raise_problems,
+)
 from sfcache.options import comma_list, comma_text, option, square_grid, square_grid_text
 from sfcache.progress import progress_bar
 from sfcache.provenance import identity_fields
@@ -80,55 +89,67 @@ class TrainConfig:
     def __post_init__(self):
         self.source, self.out = Path(self.source), Path(self.out)
         self.cache = Path(self.cache) if self.cache else None
+        named = partial(field_of, TrainConfig)
         problems = []
         if self.model_size not in SIZES:
-            problems.append(f"--model-size must be one of {list(SIZES)}, got {self.model_size!r}")
+            problems.append(Message(named("model_size"), f" must be one of {list(SIZES)}, got {self.model_size!r}"))
         if self.align_weight < 0:
-            problems.append(f"--align-weight must be >= 0, got {self.align_weight}")
+            problems.append(Message(named("align_weight"), f" must be >= 0, got {self.align_weight}"))
         if self.align_weight > 0 and self.cache is None and self.online_vggt is None:
             problems.append(
-                "--align-weight > 0 needs targets: give --cache STORE or --online-vggt WEIGHTS "
-                "(or --align-weight 0 for the baseline without SF)"
+                Message(
+                    named("align_weight"),
+                    " > 0 needs targets: give ",
+                    named("cache"),
+                    " STORE or ",
+                    named("online_vggt"),
+                    " WEIGHTS (or ",
+                    named("align_weight"),
+                    " 0 for the baseline without SF)",
+                )
             )
-        counts = {
-            "steps": self.steps,
-            "batch-size": self.batch_size,
-            "val-every": self.val_every,
-            "save-every": self.save_every,
-            "log-every": self.log_every,
-            "grid": self.grid,
-        }
-        small = [f"--{name} {value}" for name, value in counts.items() if value < 1]
+        counts = ("steps", "batch_size", "val_every", "save_every", "log_every", "grid")
+        small = [Message(named(name), f" {getattr(self, name)}") for name in counts if getattr(self, name) < 1]
         if small:
-            problems.append(f"these must be >= 1: {', '.join(small)}")
-        negative = {
-            "warmup-steps": self.warmup_steps,
-            "val-episodes": self.val_episodes,
-            "loader-workers": self.loader_workers,
-        }
-        below = [f"--{name} {value}" for name, value in negative.items() if value < 0]
+            problems.append(Message("these must be >= 1: ", Message.join(", ", small)))
+        negative = ("warmup_steps", "val_episodes", "loader_workers")
+        below = [Message(named(name), f" {getattr(self, name)}") for name in negative if getattr(self, name) < 0]
         if below:
-            problems.append(f"these must be >= 0: {', '.join(below)}")
+            problems.append(Message("these must be >= 0: ", Message.join(", ", below)))
         if not (math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"--lr must be a positive finite number, got {self.lr}")
+            problems.append(Message(named("lr"), f" must be a positive finite number, got {self.lr}"))
         depth = SIZES[self.model_size][1] if self.model_size in SIZES else None
         if depth and self.align_layer is not None and not 1 <= self.align_layer <= depth:
             problems.append(
-                f"--align-layer must be in 1..{depth} for --model-size {self.model_size} "
-                f"(default {round(depth * 3 / 4)}), got {self.align_layer}"
+                Message(
+                    named("align_layer"),
+                    f" must be in 1..{depth} for ",
+                    named("model_size"),
+                    f" {self.model_size} (default {round(depth * 3 / 4)}), got {self.align_layer}",
+                )
             )
         try:
-            check_device(self.device)
+            check_device(self.device, named("device"))
         except SfcacheError as problem:
-            problems.append(str(problem))
+            problems.append(problem.message)
         raise_problems(problems)
 
     def warnings(self) -> list[str]:
         """Settings that run but likely not as meant: what `sf train` prints before it starts."""
         if self.steps < self.warmup_steps:
+            named = partial(field_of, TrainConfig)
             return [
-                f"--steps {self.steps} is below --warmup-steps {self.warmup_steps}: the learning rate never reaches "
-                f"--lr (the run ends in warm-up); lower --warmup-steps or raise --steps"
+                Message(
+                    named("steps"),
+                    f" {self.steps} is below ",
+                    named("warmup_steps"),
+                    f" {self.warmup_steps}: the learning rate never reaches ",
+                    named("lr"),
+                    " (the run ends in warm-up); lower ",
+                    named("warmup_steps"),
+                    " or raise ",
+                    named("steps"),
+                )
             ]
         return []
 
@@ -253,7 +274,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = c = config
-        self.device = resolve_device(c.device)
+        self.device = resolve_device(c.device, name=field_of(TrainConfig, "device"))
         if c.deterministic:
             torch.use_deterministic_algorithms(True)
         _writable_folder(c.out)
@@ -292,7 +313,12 @@ class Trainer:
                 raise ConfigMismatch(
                     c.cache,
                     {f"{name} (vs --online-vggt)": pair for name, pair in differ.items()},
-                    fix="give --online-vggt the weights the cache was extracted with, or leave out --cache",
+                    fix=Message(
+                        "give ",
+                        field_of(TrainConfig, "online_vggt"),
+                        " the weights the cache was extracted with, or leave out ",
+                        field_of(TrainConfig, "cache"),
+                    ),
                 )
         if self.online:
             self.data.identity["online_vggt"] = self.online.weights_id
@@ -555,6 +581,9 @@ def load_checkpoint(
     return saved
 
 
+OUT = field_of(TrainConfig, "out")
+
+
 def _writable_folder(out: Path) -> None:
     """Create the run folder and prove it takes files now, before any data is read."""
     try:
@@ -562,10 +591,12 @@ def _writable_folder(out: Path) -> None:
         with tempfile.TemporaryFile(dir=out):
             pass
     except FileExistsError:
-        raise SfcacheError(f"--out {out}: is a file; expected a run folder (new or from an earlier sf train)") from None
+        raise SfcacheError(
+            Message(OUT, f" {out}: is a file; expected a run folder (new or from an earlier sf train)")
+        ) from None
     except OSError as error:
         raise SfcacheError(
-            f"--out {out}: cannot write there ({error.strerror or error}); choose a writable folder"
+            Message(OUT, f" {out}: cannot write there ({error.strerror or error}); choose a writable folder")
         ) from None
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import textwrap
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -159,25 +159,42 @@ class ReproduceConfig:
     def problems(self) -> list[str | Message]:
         """What is wrong with the options: this config's own checks, then those of each stage's config built
         from it (device and scheduler are `preflight`'s), each naming the option as `sf reproduce-libero` does."""
+        named = partial(field_of, ReproduceConfig)
         problems = []
         unknown = [s for s in self.suites if s not in SUITES]
         if unknown or not self.suites:
-            problems.append(f"--suites {','.join(self.suites)}: choose from {','.join(SUITES)}")
+            problems.append(Message(named("suites"), f" {','.join(self.suites)}: choose from {','.join(SUITES)}"))
         if self.align_weight <= 0:
             problems.append(
-                f"--align-weight must be > 0 for the SF runs (the baseline uses 0), got {self.align_weight}"
+                Message(
+                    named("align_weight"),
+                    f" must be > 0 for the SF runs (the baseline uses 0), got {self.align_weight}",
+                )
             )
         if self.eval_trials < 0 or self.eval_checkpoints < 1:
             problems.append(
-                f"--eval-trials must be >= 0 and --eval-checkpoints >= 1, got {self.eval_trials} and "
-                f"{self.eval_checkpoints}"
+                Message(
+                    named("eval_trials"),
+                    " must be >= 0 and ",
+                    named("eval_checkpoints"),
+                    f" >= 1, got {self.eval_trials} and {self.eval_checkpoints}",
+                )
             )
         if self.val_episodes < 1:
-            problems.append(f"--val-episodes must be >= 1 (validation L1 is the evaluation), got {self.val_episodes}")
+            problems.append(
+                Message(
+                    named("val_episodes"),
+                    f" must be >= 1 (validation L1 is the evaluation), got {self.val_episodes}",
+                )
+            )
         if self.out.is_file():
-            problems.append(f"--out {self.out}: is a file; expected an output folder (new or to resume)")
+            problems.append(
+                Message(named("out"), f" {self.out}: is a file; expected an output folder (new or to resume)")
+            )
         if self.probe_dir is not None and not self.probe_dir.is_dir():
-            problems.append(f"--probe-dir {self.probe_dir}: no such directory (LIBERO HDF5 suites with depth)")
+            problems.append(
+                Message(named("probe_dir"), f" {self.probe_dir}: no such directory (LIBERO HDF5 suites with depth)")
+            )
         # the stage configs check device and scheduler, and alpha and held-out episodes less strictly: those are
         # left out (valid values), so each problem is named once
         checked = replace(
@@ -185,36 +202,22 @@ class ReproduceConfig:
         )
         suite = SuiteData(SUITES[0], Path("."), "libero_rlds")
         stages = [
-            (lambda: _extraction_config(checked, suite, checked.out), {}),
-            (
-                lambda: _training_config(checked, suite, checked.out, checked.out, checked.align_weight),
-                {"--save-every": "--val-every"},
+            lambda: _extraction_config(checked, suite, checked.out),
+            # save_every is set from --val-every too: checked as val_every alone, so it is named once
+            lambda: TrainConfig(
+                **_training_fields(checked, suite, checked.out, checked.out, checked.align_weight) | {"save_every": 1}
             ),
-            (lambda: _probe_config(checked, checked.out, checked.out), {}),
+            lambda: _probe_config(checked, checked.out, checked.out),
         ]
         if self.eval_trials > 0:
-            stages.append(
-                (
-                    lambda: _evaluation_config(checked, suite, checked.out),
-                    {"--trials-per-task": "--eval-trials", "--max-steps": "--eval-max-steps"},
-                )
-            )
-        fields = handed_on(ReproduceConfig, {field_of(TrainConfig, "save_every"): "val_every"})
-        for build, flags in stages:
+            stages.append(lambda: _evaluation_config(checked, suite, checked.out))
+        fields = handed_on(ReproduceConfig)
+        for build in stages:
             try:
                 build()
             except SfcacheError as problem:
-                message = problem.message
-                problems.append(message.renamed(fields) if message.fields else _flags_as_given(str(message), flags))
+                problems.append(problem.message.renamed(fields))
         return problems
-
-
-def _flags_as_given(message: str, flags: dict[str, str]) -> str:
-    """A stage check that still names flags, not fields (TrainConfig's, EvalConfig's; going once they name fields),
-    with its flags renamed to the reproduce options they come from (`flags`); one option feeding two fields
-    (--val-every) is named once."""
-    renamed = re.sub(r"(?<![\w-])--[a-z-]+\b", lambda found: flags.get(found[0], found[0]), message)
-    return re.sub(r"(--[a-z-]+ \S+)(, \1)+", r"\1", renamed)
 
 
 @dataclass(frozen=True)
@@ -343,15 +346,16 @@ def _check_hub_cache(repo_id: str) -> list[str]:
     return [f"--vggt {repo_id}: not in the local Hugging Face cache, and this command downloads nothing; {GET_VGGT}"]
 
 
-def _check_device(device: str) -> list[str]:
+def _check_device(device: str) -> list[Message]:
+    named = field_of(ReproduceConfig, "device")
     try:
-        check_device(device)
+        check_device(device, named)
     except SfcacheError:
-        return [f"--device {device}: expected {DEVICE_CHOICES}"]
+        return [Message(named, f" {device}: expected {DEVICE_CHOICES}")]
     try:
-        resolve_device(device)
+        resolve_device(device, name=named)
     except SfcacheError as problem:
-        return [f"--device {device}: {problem} (--device auto picks a GPU when there is one)"]
+        return [Message(problem.message, " (", named, " auto picks a GPU when there is one)")]
     return []
 
 
@@ -489,7 +493,12 @@ def _extraction_config(cfg: ReproduceConfig, suite: SuiteData, store: Path) -> E
 def _training_config(
     cfg: ReproduceConfig, suite: SuiteData, store: Path, out: Path, align_weight: float
 ) -> TrainConfig:
-    return TrainConfig(
+    return TrainConfig(**_training_fields(cfg, suite, store, out, align_weight))
+
+
+def _training_fields(cfg: ReproduceConfig, suite: SuiteData, store: Path, out: Path, align_weight: float) -> dict:
+    """The `TrainConfig` fields of one run of a suite."""
+    return dict(
         source=suite.path,
         out=out,
         cache=store if align_weight > 0 else None,

@@ -58,7 +58,7 @@ def connect(cfg: ExtractConfig, stack: ExitStack) -> Cluster:
             raise SfcacheError(
                 Message(named("device"), f" {cfg.device}, but some workers of {cfg.scheduler} have no GPU")
             )
-        device = resolve_device(cfg.device, gpus)
+        device = resolve_device(cfg.device, gpus, named("device"))
         gpu_resources = all(info.get("resources", {}).get("GPU", 0) >= 1 for info in infos)
         return Cluster(
             client,
@@ -67,7 +67,7 @@ def connect(cfg: ExtractConfig, stack: ExitStack) -> Cluster:
             str(device),
             GPU_SHARE if device.type == "cuda" and gpu_resources else None,
         )
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, name=named("device"))
     gpus = _visible_gpus() if device.type == "cuda" else []
     if device.index is not None:  # cuda:N: that GPU alone, which its worker then sees as its only one
         gpus = [gpus[device.index]]

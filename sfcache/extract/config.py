@@ -146,7 +146,7 @@ class ExtractConfig:
         if self.codec not in CODECS:
             problems.append(Message(named("codec"), f" must be one of {', '.join(CODECS)}, not {self.codec!r}"))
         try:
-            check_device(self.device)
+            check_device(self.device, named("device"))
         except SfcacheError as problem:
             problems.append(problem.message)
         for name in ("batch_size", "steps_per_shard"):

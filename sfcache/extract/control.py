@@ -82,7 +82,8 @@ def repair(cache, full: bool) -> list[dict]:
 
     Always: a shard file that is missing. With `full` (--repair): every done shard's files are also compared with
     the digests recorded when they were written (any changed byte, or another shard's file in its place), then
-    decoded (checksums, when the store has them) and checked for NaN/Inf.
+    decoded (checksums, when the store has them) and checked for NaN/Inf. Returns {"shard", "why"} per shard
+    cleared; a `why` that names config fields is a `Message`.
     """
     broken = {shard: f"{file} is missing" for shard, file in cache.missing_shard_files().items()}
     if full:
@@ -94,7 +95,7 @@ def repair(cache, full: bool) -> list[dict]:
                 try:
                     values = cache.read_rows(cache.shard_rows(shard), layer=layer)
                 except StoreError as error:
-                    broken[shard] = str(error)
+                    broken[shard] = error.message  # names the repair setting, as the command shows it
                     break
                 if not np.isfinite(values).all():
                     broken[shard] = f"layer {layer} holds NaN or Inf"

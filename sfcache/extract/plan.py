@@ -159,7 +159,7 @@ def plan(cfg: ExtractConfig) -> ExtractPlan:
     """What `extract` would do, without Dask or a model forward (`sf extract --dry-run`): the model's architecture
     from the weights' config (none given: VGGT-1B, the model SF uses), the device resolved here as the local run
     does, so a GPU that is not there fails the dry run too (a --scheduler's workers resolve it themselves)."""
-    device = cfg.device if cfg.scheduler else str(resolve_device(cfg.device))
+    device = cfg.device if cfg.scheduler else str(resolve_device(cfg.device, name=named("device")))
     selection = select(cfg)
     model = weights_config(cfg.vggt) if cfg.vggt else PRESETS["vggt-1b"]
     return make_plan(cfg, selection, model, device)

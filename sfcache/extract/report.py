@@ -66,7 +66,7 @@ class ExtractSummary:
     adopted_steps: int  # written by an earlier attempt (a dead worker or client), confirmed by this run
     already_done_steps: int  # done (confirmed) before this run
     failed: list[dict]  # ShardFailure as a dict: {"shard", "file", "what", "episode", "key", "message"}
-    repaired: list[dict]  # {"shard", "why"}
+    repaired: list[dict]  # {"shard", "why"}: why is text or a `Message` naming config fields
     run: str  # the run id (the store's write fence)
     skipped_episodes: list[str]
     basis: str  # none | fitted | reused

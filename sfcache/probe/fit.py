@@ -62,7 +62,7 @@ class FitSettings:
         if not self.max_depth > 0:
             problems.append(Message(named("max_depth"), f" must be > 0 metres, got {self.max_depth}"))
         try:
-            check_device(self.device)
+            check_device(self.device, named("device"))
         except SfcacheError as problem:
             problems.append(problem.message)
         raise_problems(problems)

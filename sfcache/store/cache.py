@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from sfcache.errors import NotAStore, StoreError
+from sfcache.errors import Field, Message, NotAStore, StoreError, extraction_field
 from sfcache.keys import tfds_ids
 from sfcache.provenance import Provenance
 from sfcache.rows import EpisodeRecord, RowIndex
@@ -35,6 +35,8 @@ from sfcache.store.layout import (
 
 __all__ = ["Cache", "read_attrs"]
 
+REPAIR = Message("run `sf extract` again with the same options and ", extraction_field("repair"))
+
 
 def existing_attrs(path: Path) -> dict | None:
     meta = path / "zarr.json"
@@ -43,7 +45,7 @@ def existing_attrs(path: Path) -> dict | None:
     try:
         attributes = json.loads(meta.read_text()).get("attributes", {})
     except (OSError, ValueError, AttributeError) as err:
-        raise StoreError(
+        raise StoreError(  # text, not fields: `sf inspect-cache --check` reports it as it reads
             f"{meta}: unreadable Zarr metadata ({err}); the store is damaged and cannot be told "
             f"from other data, so --overwrite will not replace it: delete {path} and run again"
         ) from None
@@ -181,9 +183,10 @@ class Cache(Integrity):
         """Channels of a layer's stored array: `channels`, or its K coefficients on a reduced store."""
         return int(self.provenance.targets.reduce.k[layer]) if self.reduced else self.channels
 
-    def resolve_layer(self, layer: int | None) -> int:
+    def resolve_layer(self, layer: int | None, name: Field | str = "layer=") -> int:
         """The stored layer to read: None is the only stored one; a negative index counts back from VGGT's depth.
-        StoreError naming the stored layers when there is no such (or, for None, no single) layer."""
+        StoreError naming the stored layers when there is no such (or, for None, no single) layer, and `name`, what
+        chooses it (a reader's argument by default; a config field where a config chose it)."""
         if layer is None and len(self.layers) == 1:
             return self.layers[0]
         absolute = None if layer is None else layer + self.provenance.vggt.depth if layer < 0 else layer
@@ -193,10 +196,8 @@ class Cache(Integrity):
                 if layer is None
                 else f"layer {layer} is not stored"
             )
-            raise StoreError(
-                f"{self.path}: {asked}; stored layers: {list(self.layers)} (pass layer=, or --layer / "
-                "--cache-layer on the command line)"
-            )
+            stored = f"stored layers: {list(self.layers)}"
+            raise StoreError(Message(f"{self.path}: {asked}; {stored} (choose with ", name, ")"))
         return absolute
 
     # -- index
@@ -301,8 +302,11 @@ class Cache(Integrity):
         """
         if not decoded and (self.dtype != "float16" or self.reduced):
             raise StoreError(
-                f"{self.path}: only float16 stores without --reduce are read undecoded; this one is "
-                f"{self.dtype}{' and reduced' if self.reduced else ''}"
+                Message(
+                    f"{self.path}: only float16 stores without ",
+                    extraction_field("reduce"),
+                    f" are read undecoded; this one is {self.dtype}{' and reduced' if self.reduced else ''}",
+                )
             )
         stored, scale, token_mask = self.read_encoded(rows, layer=layer, mask=mask)
         values = decode(stored, self.dtype, scale) if decoded else stored
@@ -352,8 +356,11 @@ class Cache(Integrity):
     def _damaged(self, name: str, shards: list[int], err: Exception) -> StoreError:
         files = ", ".join(str(self.shard_file(name, shard)) for shard in shards)
         return StoreError(
-            f"{files}: reading {name} shard(s) {shards} failed ({type(err).__name__}: {err}); "
-            "the file is damaged: run `sf extract` again with the same options and --repair"
+            Message(
+                f"{files}: reading {name} shard(s) {shards} failed ({type(err).__name__}: {err}); ",
+                "the file is damaged: ",
+                REPAIR,
+            )
         )
 
     def _read(self, name: str, rows: np.ndarray, empty=None) -> np.ndarray:
@@ -429,7 +436,7 @@ class Cache(Integrity):
                 raise self._missing_file_error(file, shard)
             problem = self.digest_problem(shard) if self.verify else None
             if problem:
-                raise StoreError(f"{problem}; run `sf extract` again with the same options and --repair")
+                raise StoreError(Message(f"{problem}; ", REPAIR))
         self._known_done.update(shards)
 
     @staticmethod

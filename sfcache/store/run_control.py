@@ -13,13 +13,14 @@ from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sfcache.errors import RunSuperseded, StoreError, interrupts_deferred
+from sfcache.errors import Message, RunSuperseded, StoreError, extraction_field, interrupts_deferred
 
 __all__ = ["LOCK_NAME", "RUN_NAME", "current_run", "is_locked", "lock_store", "run_fence", "store_run"]
 
 LOCK_NAME = ".sfcache.lock"
 RUN_NAME = ".sfcache.run"  # the id of the one extraction run allowed to write (see store_run)
 RUN_ENDED = "ended"
+OUT = extraction_field("out")  # the store's folder, as messages tell a user to change it
 
 
 @contextmanager
@@ -32,7 +33,7 @@ def lock_store(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise StoreError(f"{path}: is a file; a store is a directory (choose another --out)")
+        raise StoreError(Message(f"{path}: is a file; a store is a directory (choose another ", OUT, ")"))
     created = not path.exists()
     lock = path / LOCK_NAME
     with ExitStack() as critical:
@@ -42,8 +43,11 @@ def lock_store(path: str | Path) -> Iterator[Path]:
             descriptor = _hold_lock_file(lock)
         except OSError as err:
             raise StoreError(
-                f"{lock}: cannot create the store lock ({err.strerror}); --out must be a writable "
-                "directory on a file system with file locks"
+                Message(
+                    f"{lock}: cannot create the store lock ({err.strerror}); ",
+                    OUT,
+                    " must be a writable directory on a file system with file locks",
+                )
             ) from None
         mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         try:
@@ -160,7 +164,9 @@ def _fence(path: Path, token: str, wait: float, remove: bool = False) -> None:
     try:
         descriptor = os.open(marker, os.O_CREAT | os.O_RDWR, 0o644)
     except OSError as err:
-        raise StoreError(f"{marker}: cannot create the run marker ({err.strerror}); --out must be writable") from None
+        raise StoreError(
+            Message(f"{marker}: cannot create the run marker ({err.strerror}); ", OUT, " must be writable")
+        ) from None
     try:
         deadline = time.monotonic() + wait
         while True:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from sfcache.errors import ConfigMismatch, StoreError
+from sfcache.errors import ConfigMismatch, Message, StoreError, extraction_field
 from sfcache.provenance import Provenance, differences
 from sfcache.shard_file import direct_layout, write_shard_file
 from sfcache.store.cache import Cache, existing_attrs
@@ -37,11 +37,12 @@ from sfcache.store.layout import (
     create_digests,
     layer_array,
 )
-from sfcache.store.run_control import LOCK_NAME, RUN_NAME, run_fence
+from sfcache.store.run_control import LOCK_NAME, OUT, RUN_NAME, run_fence
 
 __all__ = ["StoreWriter", "create", "create_store", "resumable_reduction", "resume"]
 
-KEPT = (LOCK_NAME, RUN_NAME, ERROR_LOG)  # what clearing a store for --overwrite keeps (lock and run: held by flock)
+OVERWRITE = extraction_field("overwrite")
+KEPT = (LOCK_NAME, RUN_NAME, ERROR_LOG)  # what clearing a store to overwrite it keeps (lock and run: held by flock)
 
 
 def create_store(path: str | Path, config: StoreConfig, overwrite: bool = False) -> StoreWriter:
@@ -63,17 +64,24 @@ def create(path: str | Path, config: StoreConfig, overwrite: bool = False) -> St
     with _writable(path):
         existing = _existing(path)
         if existing is not None and "sfcache" in existing and not overwrite:
-            raise StoreError(f"{path}: already holds a store; resume it, or create it again with --overwrite")
+            raise StoreError(Message(f"{path}: already holds a store; resume it, or create it again with ", OVERWRITE))
         if existing is not None or _has_foreign_files(path):
             if existing is None or not ({"sfcache", "sfcache_creating"} & set(existing)):
                 raise StoreError(
-                    f"{path}: exists and is not an sfcache store; refusing to replace it "
-                    "(choose another --out or delete it yourself)"
+                    Message(
+                        f"{path}: exists and is not an sfcache store; refusing to replace it (choose another ",
+                        OUT,
+                        " or delete it yourself)",
+                    )
                 )
             _clear(path)
         if config.reduce and not config.reduce.fitted:
             raise StoreError(
-                f"{path}: --reduce {config.reduce.request.get('asked')} needs its fitted basis to create the store"
+                Message(
+                    f"{path}: ",
+                    extraction_field("reduce"),
+                    f" {config.reduce.request.get('asked')} needs its fitted basis to create the store",
+                )
             )
         root = zarr.create_group(store=str(path), zarr_format=3, attributes={"sfcache_creating": True})
         create_arrays(root, config)
@@ -128,8 +136,11 @@ def _writable(path: Path) -> Iterator[None]:
         yield
     except OSError as err:
         raise StoreError(
-            f"{path}: creating the store failed ({err}); make --out writable and run again "
-            "(a half-created store is recreated)"
+            Message(
+                f"{path}: creating the store failed ({err}); make ",
+                OUT,
+                " writable and run again (a half-created store is recreated)",
+            )
         ) from None
 
 
@@ -264,7 +275,7 @@ class StoreWriter(Cache):
                 done[int(shard)] = 1
         except OSError as err:
             raise StoreError(
-                f"{self.path}: cannot mark shards {list(shards)} done ({err}); --out must be writable"
+                Message(f"{self.path}: cannot mark shards {list(shards)} done ({err}); ", OUT, " must be writable")
             ) from None
 
     def _record_digests(self, shard: int, digests: Mapping[str, list[int] | None]) -> None:
@@ -289,6 +300,8 @@ class StoreWriter(Cache):
                     self.shard_file(name, int(shard)).unlink(missing_ok=True)
         except OSError as err:
             raise StoreError(
-                f"{self.path}: cannot reset shards {list(shards)} for redoing ({err}); --out must be writable"
+                Message(
+                    f"{self.path}: cannot reset shards {list(shards)} for redoing ({err}); ", OUT, " must be writable"
+                )
             ) from None
         self._known_done.difference_update(int(s) for s in shards)
