@@ -187,7 +187,7 @@ def no_work(monkeypatch):
         "sfcache.cli.extract.run_extract",
         "sfcache.cli.eval_libero.evaluate",
         "sfcache.train.reproduce.extract",
-        "sfcache.train.reproduce.train",
+        "sfcache.train.reproduce.train_keeping_snapshots",
         "sfcache.train.probe.write_token_store",
         "sfcache.train.probe.probe",
         "sfcache.cli.collect_libero.collect",

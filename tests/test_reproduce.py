@@ -162,7 +162,7 @@ def test_rlds_interrupted_then_resumed_then_skipped(tmp_path, rlds_root, schedul
     # finished: nothing is extracted or trained again
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "plots" not in p.parts}
     monkeypatch.setattr("sfcache.train.reproduce.extract", lambda *a, **k: pytest.fail("extracted again"))
-    monkeypatch.setattr("sfcache.train.reproduce.train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr("sfcache.train.reproduce.train_keeping_snapshots", lambda *a, **k: pytest.fail("trained again"))
     code, output = run(capsys, *args)
     assert code == 0, output
     assert output.count("skipped") == 3
@@ -345,7 +345,9 @@ FAILS = {
 @pytest.mark.parametrize("case", FAILS)
 def test_fails_fast_before_any_work(tmp_path, rlds_root, capsys, monkeypatch, case):
     monkeypatch.setattr("sfcache.train.reproduce.extract", lambda *a, **k: pytest.fail("extraction started"))
-    monkeypatch.setattr("sfcache.train.reproduce.train", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(
+        "sfcache.train.reproduce.train_keeping_snapshots", lambda *a, **k: pytest.fail("training started")
+    )
     scratch = tmp_path / "scratch"
     (scratch / "libero_spatial_no_noops").mkdir(parents=True)  # empty: not a suite
     (scratch / "bad.pt").write_bytes(b"not a checkpoint")

@@ -546,7 +546,7 @@ class SnapshotTrainer(Trainer):
         os.replace(partial, snapshot)
 
 
-def train(config: TrainConfig, snapshots: bool = False) -> TrainResult:
+def train_keeping_snapshots(config: TrainConfig, snapshots: bool = False) -> TrainResult:
     """`sfcache.train.loop.train`, keeping a weights snapshot at every checkpoint when asked."""
     return (SnapshotTrainer if snapshots else Trainer)(config).run()
 
@@ -559,7 +559,7 @@ def train_suite(cfg: ReproduceConfig, suite: SuiteData, folder: Path, console: C
         if _training_finished(config):
             console.print(f"  train {RUNS[run]}: {config.out} finished {cfg.steps} steps, skipped")
         else:
-            summary = train(config, snapshots=cfg.eval_checkpoints > 1)
+            summary = train_keeping_snapshots(config, snapshots=cfg.eval_checkpoints > 1)
             resumed = f" (resumed from step {summary.resumed_from})" if summary.resumed_from is not None else ""
             console.print(f"  train {RUNS[run]} (alpha {align_weight}): {summary.steps} steps{resumed}")
         records = _read_metrics(config.out / METRICS)
