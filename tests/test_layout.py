@@ -72,3 +72,22 @@ def test_each_module_of_the_split_packages_says_its_one_job_in_one_line():
         doc = ast.get_docstring(ast.parse(module.read_text())) or ""
         first = doc.splitlines()[0] if doc else ""
         assert first.endswith(".") and " and " not in first, f"{module.name}: {first!r}"
+
+
+def test_the_store_sits_below_what_reads_and_writes_through_it():
+    """Data flows one way: the store package never imports the extractor, the inspector or the loaders above it,
+    and no library module takes a name from the package root (`sfcache/__init__` is the users' door)."""
+    above = ("sfcache.extract", "sfcache.inspection", "sfcache.torch", "sfcache.stored", "sfcache.integrations")
+    for module in sorted((REPO / "sfcache" / "store").rglob("*.py")):
+        assert not [n for n in _imports(module) if n.startswith(above)], module.name
+    for module in sorted((REPO / "sfcache").rglob("*.py")):
+        tree = ast.parse(module.read_text())
+        rooted = [
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "sfcache" and node.level == 0
+            for alias in node.names
+            if not (REPO / "sfcache" / alias.name).with_suffix(".py").exists()
+            and not (REPO / "sfcache" / alias.name).is_dir()
+        ]
+        assert not rooted, f"{module.relative_to(REPO)} imports {rooted} from the package root"
