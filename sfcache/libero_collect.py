@@ -27,13 +27,14 @@ import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import h5py
 import numpy as np
 from rich.table import Table
 
-from sfcache.errors import SfcacheError, raise_problems
+from sfcache.errors import Message, SfcacheError, field_of, raise_problems
 from sfcache.libero_control import PickPlace, UnsupportedTask, goal_of
 from sfcache.libero_eval import NOOP, WAIT_STEPS, _parse_tasks, quat_to_axis_angle
 from sfcache.libero_replay import (
@@ -47,7 +48,7 @@ from sfcache.libero_replay import (
     set_cameras,
     track_observed_state,
 )
-from sfcache.libero_sim import SUITES, Task, check_suite, make_env, suite_tasks
+from sfcache.libero_sim import SUITES, Task, check_suite, make_env, suite_tasks, task_index_problems
 from sfcache.options import comma_text, option
 from sfcache.progress import progress_bar
 
@@ -84,17 +85,17 @@ class CollectConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
-        check_suite(self.suite)
+        named = partial(field_of, CollectConfig)
+        check_suite(self.suite, named("suite"))
         problems = []
         for name in ("episodes", "max_steps"):
             if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                problems.append(Message(named(name), f" must be >= 1, got {getattr(self, name)}"))
         if self.max_attempts is not None and self.max_attempts < 1:
-            problems.append(f"--max-attempts must be >= 1, got {self.max_attempts}")
-        if not self.tasks or min(self.tasks) < 0:
-            problems.append(f"--tasks {comma_text(self.tasks)}: expected task indices >= 0")
+            problems.append(Message(named("max_attempts"), f" must be >= 1, got {self.max_attempts}"))
+        problems += task_index_problems(self.tasks, named("tasks"))
         if self.out.is_file():
-            problems.append(f"--out {self.out}: is a file; expected a dataset folder")
+            problems.append(Message(named("out"), f" {self.out}: is a file; expected a dataset folder"))
         raise_problems(problems)
 
     @property
@@ -292,7 +293,10 @@ class TaskFolder:
             diff = [f"{k}: has {recorded.get(k)!r}, asked {v!r}" for k, v in asked.items() if recorded.get(k) != v]
             if diff:
                 raise SfcacheError(
-                    f"{self.final}: collected with other settings ({'; '.join(diff)}); use another --out"
+                    Message(
+                        f"{self.final}: collected with other settings ({'; '.join(diff)}); use another ",
+                        field_of(CollectConfig, "out"),
+                    )
                 )
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / SETTINGS).write_text(json.dumps(asked))
@@ -379,6 +383,12 @@ class TaskReport:
     file: str
 
 
+def _task_named(config: CollectConfig, index: int) -> Message:
+    """A task as the settings that choose it (`CollectConfig.suite spatial CollectConfig.tasks 3`)."""
+    named = partial(field_of, CollectConfig)
+    return Message(named("suite"), f" {config.suite} ", named("tasks"), f" {index}")
+
+
 def check_tasks(config: CollectConfig, tasks: list[Task]) -> list[Task]:
     """The chosen tasks; one error naming every index that does not exist or whose goal has no script."""
     from libero.libero.envs.bddl_utils import robosuite_parse_problem
@@ -386,13 +396,18 @@ def check_tasks(config: CollectConfig, tasks: list[Task]) -> list[Task]:
     problems, chosen = [], []
     for index in dict.fromkeys(config.tasks):
         if not 0 <= index < len(tasks):
-            problems.append(f"--tasks {index}: {config.suite} has tasks 0..{len(tasks) - 1}")
+            problems.append(
+                Message(field_of(CollectConfig, "tasks"), f" {index}: {config.suite} has tasks 0..{len(tasks) - 1}")
+            )
             continue
         goal = robosuite_parse_problem(tasks[index].bddl_file)["goal_state"]
         if len(goal) != 1 or len(goal[0]) != 3 or goal[0][0].lower() not in ("on", "in"):
             problems.append(
-                f"--suite {config.suite} --tasks {index} ({tasks[index].instruction}): goal {goal} has no script "
-                f"(the controller picks one object and places it on or in another)"
+                Message(
+                    _task_named(config, index),
+                    f" ({tasks[index].instruction}): goal {goal} has no script "
+                    "(the controller picks one object and places it on or in another)",
+                )
             )
         chosen.append(tasks[index])
     raise_problems(problems)
@@ -457,7 +472,7 @@ def _collect_task(config: CollectConfig, folder: TaskFolder, bar) -> TaskReport:
         if folder.staged() and (have >= config.episodes or len(attempts) >= config.attempt_limit):
             folder.assemble()
     except UnsupportedTask as error:
-        raise SfcacheError(f"--suite {config.suite} --tasks {task.index}: {error}") from None
+        raise SfcacheError(Message(_task_named(config, task.index), f": {error}")) from None
     finally:
         if env is not None:
             env.close()

@@ -27,7 +27,7 @@ import numpy as np
 
 from sfcache.errors import Message, SfcacheError, field_of, raise_problems
 from sfcache.libero_results import EvalSummary, success_summary
-from sfcache.libero_sim import RESOLUTION, SUITES, Task, check_suite, make_env, suite_tasks
+from sfcache.libero_sim import RESOLUTION, SUITES, Task, check_suite, make_env, suite_tasks, task_index_problems
 from sfcache.options import comma_text, option
 from sfcache.progress import progress_bar
 from sfcache.vggt.preprocess import resize_like_rlds
@@ -277,8 +277,8 @@ class EvalConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
-        check_suite(self.suite)
         named = partial(field_of, EvalConfig)
+        check_suite(self.suite, named("suite"))
         problems = []
         if self.trials_per_task < 1:
             problems.append(Message(named("trials_per_task"), f" must be >= 1, got {self.trials_per_task}"))
@@ -286,8 +286,8 @@ class EvalConfig:
             problems.append(Message(named("max_steps"), f" must be >= 1, got {self.max_steps}"))
         if self.video < 0:
             problems.append(Message(named("video"), f" must be >= 0, got {self.video}"))
-        if self.tasks is not None and (not self.tasks or min(self.tasks) < 0):
-            problems.append(Message(named("tasks"), f" {','.join(map(str, self.tasks))}: expected task indices >= 0"))
+        if self.tasks is not None:
+            problems += task_index_problems(self.tasks, named("tasks"))
         if self.out.is_file():
             problems.append(Message(named("out"), f" {self.out}: is a file; expected a results folder"))
         raise_problems(problems)

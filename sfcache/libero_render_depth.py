@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from sfcache.errors import SfcacheError, SourceError, raise_problems
+from sfcache.errors import Message, SfcacheError, SourceError, field_of, raise_problems
 from sfcache.libero_replay import CAMERAS, DEPTH_KEY, RGB_KEY, render_states
 from sfcache.libero_sim import Task, make_env, suite_tasks
 from sfcache.options import option
@@ -41,13 +41,14 @@ class RenderDepthConfig:
     def __post_init__(self):
         object.__setattr__(self, "dataset", Path(self.dataset))
         object.__setattr__(self, "out", Path(self.out))
+        out = field_of(RenderDepthConfig, "out")
         problems = []
         if not self.dataset.exists():
             problems.append(f"{self.dataset}: no such file or folder")
         if self.out.is_file():
-            problems.append(f"--out {self.out}: is a file; expected a folder")
+            problems.append(Message(out, f" {self.out}: is a file; expected a folder"))
         elif self.out.resolve() == (self.dataset if self.dataset.is_dir() else self.dataset.parent).resolve():
-            problems.append(f"--out {self.out}: is the dataset's own folder; choose another")
+            problems.append(Message(out, f" {self.out}: is the dataset's own folder; choose another"))
         raise_problems(problems)
 
 

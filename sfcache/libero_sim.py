@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from sfcache.errors import SfcacheError
+from sfcache.errors import Field, Message, SfcacheError
 from sfcache.quiet import quiet_robosuite
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "SimulatorError",
     "Task",
     "check_suite",
+    "task_index_problems",
     "make_env",
     "simulator_available",
     "suite_tasks",
@@ -159,7 +160,16 @@ def make_env(task: Task, resolution: int = RESOLUTION, depth: bool = False):
     return env
 
 
-def check_suite(suite: str) -> None:
-    """SfcacheError naming the suites when `suite` is none of them (the one --suite check)."""
+def check_suite(suite: str, name: Field | str = "suite") -> None:
+    """SfcacheError naming the suites when `suite` is none of them (the one suite check); the message names the
+    suite as `name` (the config field that holds it)."""
     if suite not in SUITES:
-        raise SfcacheError(f"--suite {suite}: choose one of {', '.join(SUITES)}")
+        raise SfcacheError(Message(name, f" {suite}: choose one of {', '.join(SUITES)}"))
+
+
+def task_index_problems(tasks: tuple[int, ...], name: Field) -> list[Message]:
+    """The problem with chosen task indices before a suite is loaded (none chosen, or one below 0), named as `name`:
+    the one rule of every config that picks tasks (each suite's size is checked once it is loaded)."""
+    if tasks and min(tasks) >= 0:
+        return []
+    return [Message(name, f" {','.join(map(str, tasks))}: expected task indices >= 0")]

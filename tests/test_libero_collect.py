@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 
 from sfcache.cli.main import main
-from sfcache.libero_collect import STAGING, CollectConfig, TaskFolder, task_file
+from sfcache.errors import SfcacheError
+from sfcache.libero_collect import SETTINGS, STAGING, CollectConfig, TaskFolder, task_file
 from sfcache.libero_control import _rotation_vector, _yaw
+from sfcache.libero_render_depth import RenderDepthConfig
+from sfcache.libero_sim import Task
 from tests._cli_helpers import run_main, sf_command
 from tests._simulator_helpers import needs_simulator
 
@@ -42,10 +45,56 @@ def test_rotation_vector_inverts_a_yaw():
 
 
 def test_config_is_checked_before_any_simulator_work(tmp_path):
-    with pytest.raises(Exception, match="--episodes must be >= 1"):
+    with pytest.raises(SfcacheError, match="CollectConfig.episodes must be >= 1"):
         CollectConfig(suite="spatial", out=tmp_path, episodes=0)
-    with pytest.raises(Exception, match="--suite nine"):
+    with pytest.raises(SfcacheError, match="CollectConfig.suite nine: choose one of spatial"):
         CollectConfig(suite="nine", out=tmp_path)
+    with pytest.raises(SfcacheError, match=r"CollectConfig.tasks 2,-1: expected task indices >= 0"):
+        CollectConfig(suite="spatial", out=tmp_path, tasks=(2, -1))
+
+
+def test_collect_problems_name_config_fields_and_sf_prints_its_flags(tmp_path, capsys):
+    """The library names CollectConfig's fields; `sf collect-libero` the flags that set them."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(SfcacheError) as caught:
+        CollectConfig(suite="spatial", out=a_file, episodes=0, max_attempts=0)
+    assert str(caught.value) == (
+        "CollectConfig.episodes must be >= 1, got 0; CollectConfig.max_attempts must be >= 1, got 0; "
+        f"CollectConfig.out {a_file}: is a file; expected a dataset folder"
+    )
+    code, output = run_main(
+        main, capsys, "collect-libero", "--suite", "spatial", "--out", a_file, "--episodes", "0", "--max-attempts", "0"
+    )
+    assert code == 2 and "Traceback" not in output and "Config" not in output
+    assert (
+        "--episodes must be >= 1, got 0; --max-attempts must be >= 1, got 0; "
+        f"--out {a_file}: is a file; expected a dataset folder"
+    ) in output
+    code, output = run_main(main, capsys, "collect-libero", "--suite", "nine", "--out", tmp_path / "data")
+    assert code == 2 and "--suite nine: choose one of spatial, object, goal, 10" in output
+
+
+def test_a_resume_with_other_settings_names_the_out_field(tmp_path):
+    config = CollectConfig(suite="spatial", out=tmp_path)
+    task = Task("spatial", 0, "pick", "pick it", "pick_demo.bddl", np.zeros((1, 1)))
+    folder = TaskFolder(config, task)
+    folder.path.mkdir(parents=True)
+    (folder.path / SETTINGS).write_text(json.dumps({**config.recorded(), "depth": True}))
+    with pytest.raises(SfcacheError, match=r"depth: has True, asked False\); use another CollectConfig.out$"):
+        folder.check_settings()
+
+
+def test_render_depth_problems_name_config_fields_and_sf_prints_its_flags(tmp_path, capsys):
+    dataset = tmp_path / "data"
+    dataset.mkdir()
+    for out, problem in [(dataset, "is the dataset's own folder; choose another"), (tmp_path / "f", "is a file")]:
+        if out.name == "f":
+            out.write_text("x")
+        with pytest.raises(SfcacheError, match=f"^RenderDepthConfig.out {out}: {problem}"):
+            RenderDepthConfig(dataset=dataset, out=out)
+        code, output = run_main(main, capsys, "render-depth", dataset, "--out", out)
+        assert code == 2 and f"--out {out}: {problem}" in output and "Config" not in output
 
 
 # ----------------------------------------------------------------------------- the real simulator

@@ -265,6 +265,10 @@ def test_eval_config_is_checked_before_any_episode(tmp_path):
         3,
         1,
     ]
+    with pytest.raises(libero_eval.SfcacheError, match="^EvalConfig.suite nine: choose one of spatial"):
+        EvalConfig("nine", tmp_path)
+    with pytest.raises(libero_eval.SfcacheError, match="^EvalConfig.tasks -1: expected task indices >= 0$"):
+        EvalConfig("spatial", tmp_path, tasks=(-1,))
 
 
 def test_original_libero_first_import_questions_are_answered_by_a_config(tmp_path, monkeypatch):
