@@ -188,8 +188,10 @@ def run_episode(
     wait_steps: int = WAIT_STEPS,
     record: bool = False,
     on_step: Callable[[int], None] | None = None,
+    replan_steps: int | None = None,
 ) -> EpisodeResult:
     """One episode: reset to `init_state`, wait, then chunks open loop until `done` (success) or `max_steps`;
+    the first `replan_steps` actions of each chunk run before the policy is asked again (None: all of them);
     `on_step(steps)` after each policy step (progress within an episode)."""
     began = time.perf_counter()
     env.reset()
@@ -208,7 +210,7 @@ def run_episode(
             if not np.isfinite(chunk).all():
                 error = f"the policy returned NaN or Inf actions at step {steps}"
                 break
-            queue = list(chunk)
+            queue = list(chunk[:replan_steps])
         try:
             obs, _, done, _ = env.step(queue.pop(0).tolist())
         except Exception as exc:  # noqa: BLE001  an unstable simulation ends this episode as a failure, as in OFT
@@ -272,6 +274,11 @@ class EvalConfig:
         + ", ".join(f"{s} {n}" for s, n in MAX_STEPS.items())
         + "); shorter only for quick checks.",
     )
+    replan_steps: int | None = option(
+        None,
+        "Actions run from each predicted chunk before the policy is asked again (default: the whole chunk, "
+        "as OpenVLA-OFT; openpi's LIBERO client runs 5).",
+    )
     resolution: int = RESOLUTION
     wait_steps: int = WAIT_STEPS
 
@@ -286,6 +293,8 @@ class EvalConfig:
             problems.append(Message(named("max_steps"), f" must be >= 1, got {self.max_steps}"))
         if self.video < 0:
             problems.append(Message(named("video"), f" must be >= 0, got {self.video}"))
+        if self.replan_steps is not None and self.replan_steps < 1:
+            problems.append(Message(named("replan_steps"), f" must be >= 1, got {self.replan_steps}"))
         if self.tasks is not None:
             problems += task_index_problems(self.tasks, named("tasks"))
         if self.out.is_file():
@@ -351,6 +360,7 @@ def _start(config: EvalConfig, policy_info: dict) -> None:
         "step_limit": config.step_limit,
         "resolution": config.resolution,
         "wait_steps": config.wait_steps,
+        "replan_steps": config.replan_steps,  # absent in older folders: None, the whole chunk
         "policy": policy_info,
     }
     path = config.out / CONFIG
@@ -407,6 +417,7 @@ def evaluate(policy: LiberoPolicy, config: EvalConfig, policy_info: dict | None 
                         config.wait_steps,
                         record=trial < config.video,
                         on_step=lambda steps: bar.update(within, completed=steps),
+                        replan_steps=config.replan_steps,
                     )
                     record = {
                         "task": task.instruction,

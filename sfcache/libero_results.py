@@ -96,7 +96,8 @@ def success_summary(records: Iterable[dict], config: EvalConfig, policy_info: di
         and config.resolution == RESOLUTION
         and config.trials_per_task == 50
         and config.tasks is None
-        else "shortened (not the protocol's tasks, trials, step limit or resolution)",
+        and config.replan_steps is None
+        else "shortened (not the protocol's tasks, trials, step limit, resolution or whole chunks)",
         **_rate(records),
         tasks=[TaskSuccess(task_id=i, task=rs[0]["task"], **_rate(rs)) for i, rs in sorted(tasks.items())],
         videos=[r["video"] for r in records if "video" in r],

@@ -21,6 +21,7 @@ from sfcache import libero_eval, libero_sim
 from sfcache.cli.main import main
 from sfcache.libero_eval import (
     NOOP,
+    WAIT_STEPS,
     EvalConfig,
     Observation,
     center_crop,
@@ -226,6 +227,8 @@ def test_short_episode_end_to_end_renders_and_resumes(run_dir, tmp_path, capsys,
     assert (out / "results.jsonl").read_text().count("\n") == 1
     code, output = run_cli(capsys, *args[:-4], "--out", out, "--seed", "8")
     assert code == 2 and "holds results of another evaluation" in output and "seed" in output
+    code, output = run_cli(capsys, *args, "--replan-steps", "4")  # another protocol: not mixed into these results
+    assert code == 2 and "replan_steps: folder has None, asked 4" in output
 
 
 @needs_simulator
@@ -296,7 +299,7 @@ class _ScriptedEnv:
     """Stands in for OffScreenRenderEnv in loop tests: fixed observations, and a step that may fail."""
 
     def __init__(self, fail_at: int | None = None):
-        self.fail_at, self.calls = fail_at, 0
+        self.fail_at, self.calls, self.actions = fail_at, 0, []
         self.obs = {
             "agentview_image": np.zeros((8, 8, 3), np.uint8),
             "robot0_eye_in_hand_image": np.zeros((8, 8, 3), np.uint8),
@@ -313,6 +316,7 @@ class _ScriptedEnv:
 
     def step(self, action):
         self.calls += 1
+        self.actions.append(action)
         if self.fail_at is not None and self.calls > 10 + self.fail_at:
             raise RuntimeError("MuJoCo: simulation unstable")
         return self.obs, 0.0, False, {}
@@ -326,6 +330,21 @@ def test_nan_actions_and_simulator_errors_end_the_episode_as_a_failure():
     assert not result.success and result.steps == 3 and "simulator failed at step 3" in result.error
     with pytest.raises(libero_eval.SfcacheError, match="expected \\[chunk, 7\\]"):  # a policy bug still stops
         run_episode(_ScriptedEnv(), lambda obs: np.zeros((8, 6)), "task", np.zeros(1), max_steps=2)
+
+
+def test_replanning_runs_the_first_actions_of_each_chunk_then_asks_again():
+    def numbered_chunks(obs: Observation) -> np.ndarray:
+        numbered_chunks.calls += 1
+        chunk = np.tile(NOOP, (8, 1))
+        chunk[:, 0] = 10 * numbered_chunks.calls + np.arange(8)  # action k of call c: 10c + k
+        return chunk
+
+    for replan, executed in ((None, [10, 11, 12, 13, 14, 15, 16, 17, 20]), (3, [10, 11, 12, 20, 21, 22, 30, 31, 32])):
+        env, numbered_chunks.calls = _ScriptedEnv(), 0
+        result = run_episode(env, numbered_chunks, "task", np.zeros(1), max_steps=9, replan_steps=replan)
+        assert result.steps == 9 and [a[0] for a in env.actions[WAIT_STEPS:]] == executed
+    with pytest.raises(libero_eval.SfcacheError, match="^EvalConfig.replan_steps must be >= 1, got 0$"):
+        EvalConfig("spatial", Path("out"), replan_steps=0)
 
 
 def test_a_torn_results_line_is_cut_before_new_records(tmp_path):

@@ -417,19 +417,33 @@ def test_resuming_with_another_align_weight_names_that_setting(data, tmp_path, c
     ), error
 
 
-def test_the_head_regresses_actions_in_training_bounds_and_old_checkpoints_load_as_raw(data):
+def test_the_head_regresses_actions_in_training_bounds_and_old_checkpoints_load_as_raw(data, monkeypatch):
     """Actions are scaled per dimension to [-1, 1] by the training set's 1st-99th percentiles (OpenVLA-OFT), so a
-    small dimension (LIBERO's rotation deltas) weighs as much in the loss as a large one; outputs stay raw."""
-    from sfcache.sources import open_source
+    small dimension (LIBERO's rotation deltas) weighs as much in the loss as a large one; outputs stay raw.
+    Those bounds and the proprio statistics come from one pass over the training episodes' vectors."""
+    from sfcache.sources import Source, open_source
     from sfcache.train.model import Policy, PolicyConfig
 
     source_path, _ = data
+    reads, read = [], Source.read
+
+    def counted(self, key, start=0, stop=None, **kwargs):
+        reads.append((key, start, stop, kwargs.get("frames", True)))
+        return read(self, key, start, stop, **kwargs)
+
+    monkeypatch.setattr(Source, "read", counted)
     training = open_training_data(source_path, None, None, (GRID, GRID), chunk=2, text_len=8, val_episodes=1)
+    monkeypatch.setattr(Source, "read", read)
+    whole = [(e.key, 0, e.length, False) for e in training.train.episodes]
+    assert [r for r in reads if r[3] is False] == whole  # each training episode's vectors read once, no frames
     source = open_source(source_path)
-    actions = np.concatenate([source.read(e.key, 0, e.length, frames=False).actions for e in training.train.episodes])
+    steps = [source.read(e.key, 0, e.length, frames=False) for e in training.train.episodes]
+    actions, proprio = np.concatenate([s.actions for s in steps]), np.concatenate([s.proprio for s in steps])
     low, high = training.action_bounds
     np.testing.assert_allclose(low.numpy(), np.quantile(actions, 0.01, axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(high.numpy(), np.quantile(actions, 0.99, axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(training.proprio_mean.numpy(), proprio.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(training.proprio_std.numpy(), proprio.std(0, ddof=1).clip(min=1e-3), rtol=1e-5)
 
     config = PolicyConfig.sized("tiny", grid=(2, 2), action_dim=2, proprio_dim=3, chunk=1)
     bounds = (torch.tensor([-0.5, 0.0]), torch.tensor([1.5, 0.1]))

@@ -135,50 +135,44 @@ def open_training_data(
         )
     held_out = set(np.linspace(0, len(episodes) - 1, val_episodes).round().astype(int).tolist())  # spread out
     train = [e for i, e in enumerate(episodes) if i not in held_out]
-    proprio = _proprio_sample(source, train)
+    statistics = vector_statistics(source, train)
     return TrainingData(
         train=StepDataset(source, train, chunk, text_len, targets),
         val=StepDataset(source, [e for i, e in enumerate(episodes) if i in held_out], chunk, text_len, targets),
         views=tuple(source.views),
-        proprio_mean=proprio.mean(0),
-        proprio_std=_spread(proprio),
-        action_bounds=_action_bounds(source, train),
+        proprio_mean=statistics.proprio_mean,
+        proprio_std=statistics.proprio_std,
+        action_bounds=(statistics.action_low, statistics.action_high),
         action_dim=source.read(train[0].key, 0, 1).actions.shape[1],
         targets=targets,
         identity=identity,
     )
 
 
-def _spread(proprio: torch.Tensor) -> torch.Tensor:
-    """Per-dimension std for standardising; 1 where one sample leaves it undefined, floored against zero."""
-    return proprio.std(0).clamp(min=1e-3) if len(proprio) > 1 else torch.ones(proprio.shape[1])
+@dataclass(frozen=True)
+class VectorStatistics:
+    """Training-set statistics the policy keeps with its weights: proprio standardisation and action bounds."""
+
+    proprio_mean: torch.Tensor
+    proprio_std: torch.Tensor
+    action_low: torch.Tensor  # per-dimension 1st percentile (OpenVLA-OFT's q01)
+    action_high: torch.Tensor  # 99th percentile
 
 
-def _action_bounds(
-    source: Source, episodes: list[EpisodeRows], max_episodes: int = 256
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """1st and 99th percentile per action dimension over every step of up to `max_episodes` evenly spaced training
-    episodes (OpenVLA-OFT's q01/q99 bounds); a dimension that hardly varies keeps the scale of raw actions."""
+def vector_statistics(source: Source, episodes: list[EpisodeRows], max_episodes: int = 256) -> VectorStatistics:
+    """Statistics over every step of up to `max_episodes` evenly spaced training episodes, read in one pass
+    without frames (on RLDS each record is parsed once). A proprio dimension that hardly varies gets std 1e-3 or
+    more; an action dimension that hardly varies keeps the scale of raw actions."""
     chosen = [episodes[int(i)] for i in np.unique(np.linspace(0, len(episodes) - 1, max_episodes).round())]
-    actions = np.concatenate([source.read(e.key, 0, e.length, frames=False).actions for e in chosen])
-    low, high = np.quantile(actions.astype(np.float64), [0.01, 0.99], axis=0)
+    steps = [source.read(e.key, 0, e.length, frames=False) for e in chosen]
+    proprio = np.concatenate([s.proprio for s in steps]).astype(np.float64)
+    actions = np.concatenate([s.actions for s in steps]).astype(np.float64)
+    std = proprio.std(0, ddof=1).clip(min=1e-3) if len(proprio) > 1 else np.ones(proprio.shape[1])
+    low, high = np.quantile(actions, [0.01, 0.99], axis=0)
     flat = high - low < 1e-3
     middle = (low + high) / 2
     low, high = np.where(flat, middle - 1, low), np.where(flat, middle + 1, high)
-    return torch.from_numpy(low.astype(np.float32)), torch.from_numpy(high.astype(np.float32))
-
-
-def _proprio_sample(
-    source: Source, episodes: list[EpisodeRows], per_episode: int = 2, max_episodes: int = 64
-) -> torch.Tensor:
-    """Proprio of a few evenly spaced steps of up to `max_episodes` episodes: float32 [N, P]."""
-    chosen = [episodes[int(i)] for i in np.unique(np.linspace(0, len(episodes) - 1, max_episodes).round())]
-    rows = [
-        source.read(e.key, step, step + 1).proprio
-        for e in chosen
-        for step in np.unique(np.linspace(0, e.length - 1, per_episode).round().astype(int))
-    ]
-    return torch.from_numpy(np.concatenate(rows).astype(np.float32))
+    return VectorStatistics(*(torch.from_numpy(a.astype(np.float32)) for a in (proprio.mean(0), std, low, high)))
 
 
 TRAINER_RECIPES = ("none", "openvla-oft")  # what this trainer's inputs and augmentation match
