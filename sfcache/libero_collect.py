@@ -48,7 +48,15 @@ from sfcache.libero_replay import (
     set_cameras,
     track_observed_state,
 )
-from sfcache.libero_sim import SUITES, Task, check_suite, make_env, suite_tasks, task_index_problems
+from sfcache.libero_sim import (
+    SUITES,
+    Task,
+    check_suite,
+    make_env,
+    missing_task_problems,
+    suite_tasks,
+    task_index_problems,
+)
 from sfcache.options import comma_text, option
 from sfcache.progress import progress_bar
 
@@ -393,13 +401,9 @@ def check_tasks(config: CollectConfig, tasks: list[Task]) -> list[Task]:
     """The chosen tasks; one error naming every index that does not exist or whose goal has no script."""
     from libero.libero.envs.bddl_utils import robosuite_parse_problem
 
-    problems, chosen = [], []
-    for index in dict.fromkeys(config.tasks):
-        if not 0 <= index < len(tasks):
-            problems.append(
-                Message(field_of(CollectConfig, "tasks"), f" {index}: {config.suite} has tasks 0..{len(tasks) - 1}")
-            )
-            continue
+    problems = missing_task_problems(config.tasks, config.suite, len(tasks), field_of(CollectConfig, "tasks"))
+    chosen = []
+    for index in dict.fromkeys(i for i in config.tasks if 0 <= i < len(tasks)):
         goal = robosuite_parse_problem(tasks[index].bddl_file)["goal_state"]
         if len(goal) != 1 or len(goal[0]) != 3 or goal[0][0].lower() not in ("on", "in"):
             problems.append(

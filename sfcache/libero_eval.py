@@ -27,7 +27,16 @@ import numpy as np
 
 from sfcache.errors import Message, SfcacheError, field_of, raise_problems
 from sfcache.libero_results import EvalSummary, success_summary
-from sfcache.libero_sim import RESOLUTION, SUITES, Task, check_suite, make_env, suite_tasks, task_index_problems
+from sfcache.libero_sim import (
+    RESOLUTION,
+    SUITES,
+    Task,
+    check_suite,
+    make_env,
+    missing_task_problems,
+    suite_tasks,
+    task_index_problems,
+)
 from sfcache.options import comma_text, option
 from sfcache.progress import progress_bar
 from sfcache.vggt.preprocess import resize_like_rlds
@@ -318,14 +327,7 @@ def _check_config(config: EvalConfig, tasks: list[Task]) -> list[Task]:
             )
         )
     chosen = list(config.tasks) if config.tasks is not None else [t.index for t in tasks]
-    wrong = [i for i in chosen if not 0 <= i < len(tasks)]
-    if wrong or not chosen:
-        problems.append(
-            Message(
-                field_of(EvalConfig, "tasks"),
-                f" {','.join(map(str, chosen))}: {config.suite} has tasks 0..{len(tasks) - 1}",
-            )
-        )
+    problems += missing_task_problems(chosen, config.suite, len(tasks), field_of(EvalConfig, "tasks"))
     raise_problems(problems)
     return [tasks[i] for i in dict.fromkeys(chosen)]
 

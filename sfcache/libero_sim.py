@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes.util
 import importlib.util
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "Task",
     "check_suite",
     "task_index_problems",
+    "missing_task_problems",
     "make_env",
     "simulator_available",
     "suite_tasks",
@@ -173,3 +175,9 @@ def task_index_problems(tasks: tuple[int, ...], name: Field) -> list[Message]:
     if tasks and min(tasks) >= 0:
         return []
     return [Message(name, f" {','.join(map(str, tasks))}: expected task indices >= 0")]
+
+
+def missing_task_problems(tasks: Iterable[int], suite: str, count: int, name: Field) -> list[Message]:
+    """The problem with chosen task indices once the suite is loaded: those past its `count` tasks, in one message."""
+    missing = [index for index in dict.fromkeys(tasks) if not 0 <= index < count]
+    return [Message(name, f" {','.join(map(str, missing))}: {suite} has tasks 0..{count - 1}")] if missing else []

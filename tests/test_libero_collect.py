@@ -101,6 +101,20 @@ def test_render_depth_problems_name_config_fields_and_sf_prints_its_flags(tmp_pa
 
 
 @needs_simulator
+def test_missing_and_unscripted_tasks_are_named_in_one_error(tmp_path):
+    from sfcache.libero_collect import check_tasks
+    from sfcache.libero_sim import suite_tasks
+
+    with pytest.raises(SfcacheError) as caught:
+        check_tasks(CollectConfig(suite="goal", out=tmp_path, tasks=(1, 12, 0, 15)), suite_tasks("goal"))
+    assert str(caught.value) == (
+        "CollectConfig.tasks 12,15: goal has tasks 0..9; CollectConfig.suite goal CollectConfig.tasks 0 (open the "
+        "middle drawer of the cabinet): goal [['open', 'wooden_cabinet_1_middle_region']] has no script (the "
+        "controller picks one object and places it on or in another)"
+    )
+
+
+@needs_simulator
 def test_collect_writes_libero_hdf5_that_reads_back_and_replays(tmp_path, capsys):
     from sfcache.libero_sim import suite_tasks
     from sfcache.sources import open_source
