@@ -49,18 +49,24 @@ def sf(out: Path, stage: str, *args: str) -> None:
         raise SystemExit(f"`sf {args[0]}` failed (exit {done.returncode}); fix it and run the same command again")
 
 
+def eval_folder(out: Path, arm: str, args: argparse.Namespace) -> Path:
+    """Each arm's evaluation, one folder per replanning setting (a folder refuses results of another)."""
+    return out / (f"eval-{arm}" + (f"-replan{args.replan_steps}" if args.replan_steps else ""))
+
+
 def table(out: Path, args: argparse.Namespace) -> str:
     """results.md: success per task and arm (95% Wilson interval), and the wall time of each stage."""
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
     lines = [
         f"# closed loop: {SUITES[args.suite]} tasks {args.tasks}, {args.episodes} demos/task, "
-        f"{args.steps} train steps ({args.model_size}, grid {args.grid}), {args.trials} trials/task",
+        f"{args.steps} train steps ({args.model_size}, grid {args.grid}), {args.trials} trials/task, "
+        f"{'replanning every ' + str(args.replan_steps) if args.replan_steps else 'whole'} chunks",
         "",
         "| arm | task | successes / trials | success | 95% interval |",
         "|---|---|---|---|---|",
     ]
     for arm in ARMS:
-        results = out / f"eval-{arm}" / "results.jsonl"
+        results = eval_folder(out, arm, args) / "results.jsonl"
         records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
         by_task: dict[int, list[bool]] = {}
         for record in records:
@@ -93,11 +99,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("out/bench-closed-loop"))
     parser.add_argument("--suite", default="spatial")
-    parser.add_argument("--tasks", default="0,1,3", help="tasks the controller solves (README's table)")
+    parser.add_argument("--tasks", default="0,2,5", help="tasks the controller solves (README's table)")
     parser.add_argument("--episodes", type=int, default=50, help="demonstrations per task")
     parser.add_argument("--trials", type=int, default=20, help="evaluation episodes per task (protocol: 50)")
-    parser.add_argument("--steps", type=int, default=3000, help="training steps per arm")
-    parser.add_argument("--model-size", default="small")
+    parser.add_argument("--steps", type=int, default=36000, help="training steps per arm")
+    parser.add_argument("--model-size", default="tiny")
+    parser.add_argument("--replan-steps", type=int, default=None, help="eval-libero --replan-steps (default: none)")
     parser.add_argument("--grid", type=int, default=8, help="visual tokens per side (8 -> 112 px: CPU-sized)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--probe-steps", type=int, default=2000, help="training steps of each probe head")
@@ -117,13 +124,14 @@ def main() -> None:
         if "train" in stages:
             sf(out, f"train-{arm}", "train", "--source", str(data), "--out", str(out / f"train-{arm}"),
                *(["--cache", str(cache)] if arm == "sf" else []), *weight, "--steps", str(args.steps),
-               "--model-size", args.model_size, "--grid", str(args.grid), "--device", args.device,
-               "--val-every", "500", "--save-every", "250")  # fmt: skip
+               "--model-size", args.model_size, "--grid", str(args.grid), "--device", args.device, "--warmup-steps",
+               "200", "--val-episodes", "3", "--val-every", "2000", "--save-every", "500")  # fmt: skip
     for arm in ARMS:
         if "eval" in stages:
             sf(out, f"eval-{arm}", "eval-libero", str(out / f"train-{arm}"), "--suite", args.suite, "--tasks",
-               args.tasks, "--trials-per-task", str(args.trials), "--video", "1", "--out", str(out / f"eval-{arm}"),
-               "--device", args.device)  # fmt: skip
+               args.tasks, "--trials-per-task", str(args.trials), "--video", "1", "--out",
+               str(eval_folder(out, arm, args)), "--device", args.device,
+               *(["--replan-steps", str(args.replan_steps)] if args.replan_steps else []))  # fmt: skip
     for arm in ARMS:
         if "probe" in stages:
             sf(out, f"probe-{arm}", "probe", str(out / f"train-{arm}"), "--data", str(data / SUITES[args.suite]),
