@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="0,2,5", help="tasks the controller solves (README's table)")
     parser.add_argument("--episodes", type=int, default=50, help="demonstrations per task")
     parser.add_argument("--trials", type=int, default=20, help="evaluation episodes per task (protocol: 50)")
-    parser.add_argument("--steps", type=int, default=36000, help="training steps per arm")
+    parser.add_argument("--steps", type=int, default=28000, help="training steps per arm")
     parser.add_argument("--model-size", default="tiny")
     parser.add_argument("--replan-steps", type=int, default=None, help="eval-libero --replan-steps (default: none)")
     parser.add_argument("--grid", type=int, default=8, help="visual tokens per side (8 -> 112 px: CPU-sized)")
