@@ -3,8 +3,8 @@
 Stages, each a real `sf` command that resumes where it stopped (so the run can be done in pieces across
 sessions; re-run the same command line):
 
-1. collect  `sf collect-libero --depth`: N scripted demonstrations per task (fresh placements) at 128 px,
-            with metric depth for the probe
+1. collect  `sf collect-libero --depth --action-noise S`: N scripted demonstrations per task (fresh
+            placements) at 128 px, with metric depth for the probe and noise-injected recoveries
 2. extract  `sf extract --vggt random:tiny`: the SF arm's targets (random weights: this measures the
             pipeline, not what Spatial Forcing does with real VGGT features)
 3. train    `sf train` twice: SF (`--align-weight 0.5`, the cache) and the baseline (`--align-weight 0`)
@@ -58,7 +58,8 @@ def table(out: Path, args: argparse.Namespace) -> str:
     """results.md: success per task and arm (95% Wilson interval), and the wall time of each stage."""
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
     lines = [
-        f"# closed loop: {SUITES[args.suite]} tasks {args.tasks}, {args.episodes} demos/task, "
+        f"# closed loop: {SUITES[args.suite]} tasks {args.tasks}, {args.episodes} demos/task "
+        f"(action noise {args.action_noise}), "
         f"{args.steps} train steps ({args.model_size}, grid {args.grid}), {args.trials} trials/task, "
         f"{'replanning every ' + str(args.replan_steps) if args.replan_steps else 'whole'} chunks",
         "",
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--suite", default="spatial")
     parser.add_argument("--tasks", default="0,2,5", help="tasks the controller solves (README's table)")
     parser.add_argument("--episodes", type=int, default=50, help="demonstrations per task")
+    parser.add_argument("--action-noise", type=float, default=0.3, help="collect-libero --action-noise")
     parser.add_argument("--trials", type=int, default=20, help="evaluation episodes per task (protocol: 50)")
     parser.add_argument("--steps", type=int, default=28000, help="training steps per arm")
     parser.add_argument("--model-size", default="tiny")
@@ -116,7 +118,8 @@ def main() -> None:
     data, cache, stages = out / "data", out / "cache", args.stages.split(",")
     if "collect" in stages:
         sf(out, "collect", "collect-libero", "--suite", args.suite, "--tasks", args.tasks, "--episodes",
-           str(args.episodes), "--resolution", "128", "--depth", "--out", str(data))  # fmt: skip
+           str(args.episodes), "--resolution", "128", "--depth", "--action-noise", str(args.action_noise), "--out",
+           str(data))  # fmt: skip
     if "extract" in stages:
         sf(out, "extract", "extract", str(data), "--out", str(cache), "--vggt", "random:tiny", "--grid",
            f"{args.grid}x{args.grid}", "--device", args.device)  # fmt: skip

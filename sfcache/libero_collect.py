@@ -7,6 +7,13 @@ own goal check calls a success are kept; those are then rendered by replaying th
 (`sfcache.libero_replay`), which gives the frames live rendering would have given at a fraction of the cost
 of rendering every searched step.
 
+With `--action-noise S` (DART-style noise injection) the environment executes the controller's action plus
+Gaussian noise of standard deviation S on its three position components (clipped to [-1, 1]), while the
+file's `actions` hold the controller's own action at each step: the correction a demonstrator makes from
+wherever the noise pushed the arm. A policy trained on them has seen states off the clean path and how to
+get back, and the controller's re-grasps after a missed grasp; replaying `states` is unaffected, but
+re-executing `actions` does not retrace the episode.
+
 Layout (LIBERO's own, one file per task): OUT/<libero_suite>/<task>_demo.hdf5 with data/demo_<i>/
 {actions, states, robot_states, rewards, dones, obs/{agentview_rgb, eye_in_hand_rgb, ee_states, ee_pos,
 ee_ori, gripper_states, joint_states}} and, with depth, obs/agentview_depth and obs/eye_in_hand_depth
@@ -26,7 +33,7 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
@@ -90,6 +97,11 @@ class CollectConfig:
     seed: int = option(0, "Seed of the placements (attempt k of task t is seeded from seed, t and k).")
     max_steps: int = option(300, "Control steps per attempt before it counts as a failure.")
     max_attempts: int | None = option(None, "Attempts per task before giving up (default: 3 x episodes + 10).")
+    action_noise: float = option(
+        0.0,
+        "Std of Gaussian noise added to the executed position actions (DART); the file stores the controller's "
+        "clean actions. 0: none.",
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
@@ -99,6 +111,8 @@ class CollectConfig:
         for name in ("episodes", "max_steps"):
             if getattr(self, name) < 1:
                 problems.append(Message(named(name), f" must be >= 1, got {getattr(self, name)}"))
+        if not 0.0 <= self.action_noise <= 1.0:
+            problems.append(Message(named("action_noise"), f" must be in [0, 1], got {self.action_noise}"))
         if self.max_attempts is not None and self.max_attempts < 1:
             problems.append(Message(named("max_attempts"), f" must be >= 1, got {self.max_attempts}"))
         problems += task_index_problems(self.tasks, named("tasks"))
@@ -112,7 +126,16 @@ class CollectConfig:
 
     def recorded(self) -> dict:
         """What every file of one dataset must share (a resume with other settings is refused)."""
-        return {"suite": self.suite, "resolution": self.resolution, "depth": self.depth, "seed": self.seed}
+        return {
+            "suite": self.suite,
+            "resolution": self.resolution,
+            "depth": self.depth,
+            "seed": self.seed,
+            "action_noise": self.action_noise,
+        }
+
+
+DEFAULTS = {f.name: f.default for f in fields(CollectConfig) if f.default is not MISSING}
 
 
 # ----------------------------------------------------------------------------- one attempt
@@ -142,10 +165,12 @@ def _proprio(env, obs: dict) -> dict[str, np.ndarray]:
     }
 
 
-def search(env, max_steps: int) -> Attempt:
+def search(env, max_steps: int, action_noise: float = 0.0, rng: np.random.Generator | None = None) -> Attempt:
     """Reset to a fresh random placement (LIBERO re-draws objects and fixtures), settle, run the controller with
-    the cameras off; record the model XML, the actions and, before each action, the state the controller's
-    observation shows (`libero_replay.observed_state`) with that observation's proprio."""
+    the cameras off; record the model XML, the controller's actions and, before each action, the state the
+    controller's observation shows (`libero_replay.observed_state`) with that observation's proprio. With
+    `action_noise`, what runs is the action plus noise on its position components (drawn from `rng`)."""
+    rng = rng if rng is not None else np.random.default_rng()
     began = time.perf_counter()
     set_cameras(env, False)
     track_observed_state(env)
@@ -163,8 +188,11 @@ def search(env, max_steps: int) -> Attempt:
         proprio.append(_proprio(env, obs))
         action = controller(obs)
         actions.append(action)
+        executed = action.copy()
+        if action_noise:
+            executed[:3] = np.clip(executed[:3] + rng.normal(0.0, action_noise, 3), -1.0, 1.0)
         try:
-            obs, _, done, _ = env.step(action.tolist())
+            obs, _, done, _ = env.step(executed.tolist())
         except Exception as error:  # noqa: BLE001  an unstable simulation fails this attempt only
             reason = f"the simulator failed: {type(error).__name__}: {error}"
             break
@@ -298,6 +326,7 @@ class TaskFolder:
         elif (self.path / SETTINGS).exists():
             recorded = json.loads((self.path / SETTINGS).read_text())
         if recorded is not None:
+            recorded = {**DEFAULTS, **recorded}  # files written before a setting existed had its default
             diff = [f"{k}: has {recorded.get(k)!r}, asked {v!r}" for k, v in asked.items() if recorded.get(k) != v]
             if diff:
                 raise SfcacheError(
@@ -418,8 +447,11 @@ def check_tasks(config: CollectConfig, tasks: list[Task]) -> list[Task]:
     return chosen
 
 
-def _seed(config: CollectConfig, task: Task, attempt: int) -> None:
-    np.random.seed((config.seed * 1_000_003 + task.index * 10_007 + attempt) % 2**32)
+def _seed(config: CollectConfig, task: Task, attempt: int) -> np.random.Generator:
+    """Seed LIBERO's placements (numpy's global generator); return the attempt's own generator for the noise."""
+    seed = (config.seed * 1_000_003 + task.index * 10_007 + attempt) % 2**32
+    np.random.seed(seed)
+    return np.random.default_rng(seed)
 
 
 def collect(config: CollectConfig) -> list[TaskReport]:
@@ -450,8 +482,8 @@ def _collect_task(config: CollectConfig, folder: TaskFolder, bar) -> TaskReport:
                 goal_of(env)  # UnsupportedTask here would be a parser disagreement: one line, stops the run
                 folder.save_attrs(_file_attrs(env, task, config))
             number = len(attempts)
-            _seed(config, task, number)
-            attempt = search(env, config.max_steps)
+            rng = _seed(config, task, number)
+            attempt = search(env, config.max_steps, config.action_noise, rng)
             record = {
                 "attempt": number,
                 "success": attempt.success,

@@ -3,7 +3,9 @@
 It reads the task's goal (`parsed_problem["goal_state"]`: one `on` / `in` predicate, object -> destination)
 and steers the end effector with OSC_POSE delta actions (position x 0.05 m, rotation x 0.5 rad, world frame;
 gripper -1 open, +1 close) through waypoints: above the grasp point, down, close, lift, over the destination
-(corrected with the held object's live pose), down until the object nearly touches, open, up. Object sizes
+(corrected with the held object's live pose), down until the object nearly touches, open, up. A grasp that
+lifts without the object (the object stays down while the gripper rises) opens and starts again from above
+the object, at most `REGRASPS` times, so noisy demonstrations show recoveries. Object sizes
 come from MuJoCo's geom bounding boxes, so no per-object table is needed. Bowls are pinched at the rim
 (fingers close along y); boxes are grasped across their short side (the gripper turns to it).
 
@@ -151,11 +153,13 @@ class PickPlace:
 
     # waypoint tolerances (m) and step budgets per phase
     NEAR, CLOSE_STEPS, RELEASE_STEPS, RETREAT_STEPS, PHASE_STEPS = 0.01, 12, 10, 12, 80
+    REGRASPS, LEFT_BEHIND = 2, 0.03  # retries of a missed grasp; how far (m) the gripper rises without the object
 
     def __init__(self, env):
         self.scene = Scene(env)
         self.predicate, self.target, self.destination = goal_of(env)
         self.phase, self.count, self.failure = "approach", 0, None
+        self.regrasps = 0
         self.orientation = None  # desired gripper rotation matrix, fixed at the start
         self.grasp_offset = None  # eef - object position at the grasp, for carrying
         self.trail: list[np.ndarray] = []  # eef positions in this phase, to notice a blocked motion
@@ -260,6 +264,12 @@ class PickPlace:
         carry_z = self.carry_z
         if self.phase == "lift":
             lifted = np.array([*self.grasp[:2], carry_z])
+            left_behind = (eef - self.scene.position(self.target))[2] - self.grasp_offset[2] > self.LEFT_BEHIND
+            if left_behind and self.regrasps < self.REGRASPS:  # a missed grasp: open, and again from above it
+                self.regrasps += 1
+                self.grasp = self._grasp_point()
+                self._next("approach")
+                return self._move(obs, self.grasp + np.array([0, 0, 0.08]), OPEN)
             if eef[2] > carry_z - 0.02:
                 self._next("carry")
             return self._move(obs, lifted, CLOSE)

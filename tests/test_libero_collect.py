@@ -51,6 +51,8 @@ def test_config_is_checked_before_any_simulator_work(tmp_path):
         CollectConfig(suite="nine", out=tmp_path)
     with pytest.raises(SfcacheError, match=r"CollectConfig.tasks 2,-1: expected task indices >= 0"):
         CollectConfig(suite="spatial", out=tmp_path, tasks=(2, -1))
+    with pytest.raises(SfcacheError, match=r"^CollectConfig.action_noise must be in \[0, 1\], got 1.5$"):
+        CollectConfig(suite="spatial", out=tmp_path, action_noise=1.5)
 
 
 def test_collect_problems_name_config_fields_and_sf_prints_its_flags(tmp_path, capsys):
@@ -83,6 +85,14 @@ def test_a_resume_with_other_settings_names_the_out_field(tmp_path):
     (folder.path / SETTINGS).write_text(json.dumps({**config.recorded(), "depth": True}))
     with pytest.raises(SfcacheError, match=r"depth: has True, asked False\); use another CollectConfig.out$"):
         folder.check_settings()
+    # a folder from before --action-noise existed was collected without noise: it resumes without, not with
+    before = {k: v for k, v in config.recorded().items() if k != "action_noise"}
+    (folder.path / SETTINGS).write_text(json.dumps(before))
+    folder.check_settings()
+    (folder.path / SETTINGS).write_text(json.dumps(before))
+    noisy = TaskFolder(CollectConfig(suite="spatial", out=tmp_path, action_noise=0.3), task)
+    with pytest.raises(SfcacheError, match=r"action_noise: has 0.0, asked 0.3\); use another CollectConfig.out$"):
+        noisy.check_settings()
 
 
 def test_render_depth_problems_name_config_fields_and_sf_prints_its_flags(tmp_path, capsys):
@@ -112,6 +122,55 @@ def test_missing_and_unscripted_tasks_are_named_in_one_error(tmp_path):
         "middle drawer of the cabinet): goal [['open', 'wooden_cabinet_1_middle_region']] has no script (the "
         "controller picks one object and places it on or in another)"
     )
+
+
+@needs_simulator
+def test_noise_runs_but_the_clean_actions_are_stored_and_a_missed_grasp_is_retried():
+    from sfcache import libero_collect
+    from sfcache.libero_collect import search
+    from sfcache.libero_eval import WAIT_STEPS
+    from sfcache.libero_sim import make_env, suite_tasks
+
+    env = make_env(suite_tasks("spatial")[0], 128, False)
+    executed = []
+    step = env.step
+    env.step = lambda action: (executed.append(action), step(action))[1]
+    np.random.seed(3)
+    attempt = search(env, 300, 0.3, np.random.default_rng(5))
+    assert attempt.success, attempt.reason
+    ran = np.asarray(executed[WAIT_STEPS:])
+    noise = np.random.default_rng(5).normal(0.0, 0.3, (attempt.steps, 3))  # the draws, in order, 3 per step
+    np.testing.assert_array_equal(ran[:, 3:], attempt.actions[:, 3:])  # rotation and gripper run as chosen
+    np.testing.assert_allclose(ran[:, :3], np.clip(attempt.actions[:, :3] + noise, -1, 1), atol=1e-12)
+    assert np.abs(ran[:, :3] - attempt.actions[:, :3]).mean() > 0.1
+
+    # a grasp closed beside the bowl lifts without it: the controller opens and grasps again, and succeeds
+    controllers = []
+
+    class MissesOnce(libero_collect.PickPlace):
+        def __init__(self, env):
+            super().__init__(env)
+            controllers.append(self)
+
+        def _next(self, phase):
+            super()._next(phase)
+            if phase == "descend" and self.regrasps == 0:  # aim 6 cm outward from the bowl, on the first try only
+                outward = (self.grasp - self.scene.position(self.target)) * np.array([1, 1, 0])
+                self.grasp = self.grasp + 0.06 * outward / np.linalg.norm(outward)
+
+    env.env.hard_reset = True
+    libero_collect.PickPlace = MissesOnce
+    try:
+        np.random.seed(4)
+        attempt = search(env, 300)
+    finally:
+        libero_collect.PickPlace = MissesOnce.__bases__[0]
+        env.close()
+    assert attempt.success, attempt.reason
+    assert controllers[-1].regrasps == 1
+    gripper = attempt.actions[:, 6]
+    closings = np.flatnonzero((gripper[1:] == 1) & (gripper[:-1] == -1))
+    assert len(closings) == 2  # closed twice: the miss, then the grasp that carried the bowl
 
 
 @needs_simulator
