@@ -18,7 +18,7 @@ from sfcache.store import open_cache
 from sfcache.train.augment import center_boxes, crop_images
 from sfcache.train.libero_policy import CheckpointPolicy
 from sfcache.train.model import encode_instructions
-from sfcache.train.reproduce import SuiteResult, _probe_lines
+from sfcache.train.reproduce_report import SuiteResult, _probe_lines
 from tests._cli_helpers import kill_9_then_resume, run_main
 
 SMALL = ["--batch-size", "4", "--width", "8", "--device", "cpu"]

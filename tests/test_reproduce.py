@@ -26,7 +26,8 @@ from sfcache.sources import open_source
 from sfcache.sources.synthetic import write_libero_hdf5, write_libero_rlds
 from sfcache.store import open_cache
 from sfcache.train.loop import CHECKPOINT, METRICS, Trainer
-from sfcache.train.reproduce import RUNS, SUITES, ReproduceConfig, find_suites, plot_success, plot_suite
+from sfcache.train.reproduce_config import SUITES, ReproduceConfig, find_suites
+from sfcache.train.reproduce_report import RUNS, plot_success, plot_suite
 from sfcache.vggt import random_weights_warning
 from tests._cli_helpers import run_main
 

@@ -21,7 +21,8 @@ from sfcache.device import resolve_device
 from sfcache.errors import SfcacheError
 from sfcache.libero_eval import Observation, jpeg_roundtrip, normalize_gripper
 from sfcache.train.augment import center_boxes, crop_images
-from sfcache.train.loop import CHECKPOINT, load_checkpoint
+from sfcache.train.checkpoint import load_checkpoint
+from sfcache.train.loop import CHECKPOINT
 from sfcache.train.model import Policy, PolicyConfig, encode_instructions
 from sfcache.vggt import random_weights_warning
 

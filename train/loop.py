@@ -37,10 +37,11 @@ from sfcache.progress import progress_bar
 from sfcache.provenance import identity_fields
 from sfcache.torch import CachedTargets, SpatialForcingLoss
 from sfcache.train.augment import CROP_AREA, center_boxes, colour_jitter, crop_images, random_boxes
+from sfcache.train.checkpoint import load_checkpoint
 from sfcache.train.data import StepDataset, TrainingData, check_resume, open_training_data
 from sfcache.train.model import SIZES, Policy, PolicyConfig
 from sfcache.train.online import OnlineTargets
-from sfcache.vggt import random_weights_warning
+from sfcache.train.plots import plot_metrics
 
 CHECKPOINT, METRICS, PLOT = "checkpoint.pt", "metrics.jsonl", "loss_curves.png"
 
@@ -546,41 +547,6 @@ class Trainer:
         )
 
 
-REQUIRED_CHECKPOINT_KEYS = (
-    "step",
-    "model",
-    "sf_loss",
-    "optimizer",
-    "scheduler",
-    "rng",
-    "action_sum",
-    "action_count",
-    "policy",
-    "identity",
-    "config",
-)
-
-
-def load_checkpoint(
-    path: Path,
-    required: tuple[str, ...] = REQUIRED_CHECKPOINT_KEYS,
-    advice: str = "delete it or pass --no-resume to start over",
-) -> dict:
-    """A checkpoint written by `sf train` holding `required`; a truncated or foreign file is a one-line error
-    ending in `advice` (what to do)."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch.load raises many kinds (unpickling, zip, EOF) for a damaged file
-        raise SfcacheError(
-            f"{path}: not a readable sf train checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); {advice}"
-        ) from None
-    missing = [k for k in required if not isinstance(saved, dict) or k not in saved]
-    if missing:
-        raise SfcacheError(f"{path}: not an sf train checkpoint (missing {', '.join(missing)}); {advice}")
-    return saved
-
-
 OUT = field_of(TrainConfig, "out")
 
 
@@ -603,59 +569,6 @@ def _writable_folder(out: Path) -> None:
 def train(config: TrainConfig) -> TrainResult:
     """Train a policy with (or without) the SF loss; returns where results are and the last validation."""
     return Trainer(config).run()
-
-
-def plot_metrics(metrics_path: Path, png_path: Path, weights_id: str | None = None) -> None:
-    """Loss curves (train action L1, alignment loss, validation L1 vs the mean-action baseline) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = (
-        [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        if metrics_path.exists()
-        else []
-    )
-    train_rows = [r for r in records if r["split"] == "train"]
-    val_rows = [r for r in records if r["split"] == "val"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    marker = "o" if len(train_rows) == 1 else None  # one logged step: a point, not an invisible line
-    left.plot(
-        [r["step"] for r in train_rows], [r["action_l1"] for r in train_rows], marker=marker, label="train action L1"
-    )
-    if any("align_loss" in r for r in train_rows):
-        left.plot(
-            [r["step"] for r in train_rows if "align_loss" in r],
-            [r["align_loss"] for r in train_rows if "align_loss" in r],
-            marker=marker,
-            label="align loss (1 - cos)",
-        )
-    left.set_xlabel("step")
-    left.set_ylabel("train loss")
-    left.set_title("training")
-    left.legend()
-    right.plot([r["step"] for r in val_rows], [r["val_action_l1"] for r in val_rows], "o-", label="val action L1")
-    right.plot(
-        [r["step"] for r in val_rows], [r["val_mean_action_l1"] for r in val_rows], "x--", label="mean-action baseline"
-    )
-    right.set_xlabel("step")
-    right.set_ylabel("action L1")
-    right.set_title("validation (held-out episodes)")
-    right.legend()
-    random_weights = random_weights_warning(weights_id) is not None
-    fig.suptitle(
-        "SF targets: "
-        + (
-            f"VGGT {weights_id}" + (" (RANDOM weights, no geometry)" if random_weights else "")
-            if weights_id
-            else "none (baseline without SF)"
-        ),
-        color="red" if random_weights else "black",
-    )
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 def _jsonable(value):
