@@ -547,7 +547,13 @@ def report_table(reports: list[TaskReport]) -> Table:
 
 
 def write_report(config: CollectConfig, reports: list[TaskReport]) -> Path:
+    """OUT/.collect/report_<suite>.json: these tasks' reports replace their earlier ones, other tasks' stay (tasks
+    collected by separate processes share the file; each writes it whole, temp file then rename)."""
     path = config.out / STAGING / f"report_{SUITES[config.suite]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([asdict(r) for r in reports], indent=1))
+    fresh = {r.task_id: asdict(r) for r in reports}
+    kept = [r for r in json.loads(path.read_text()) if r["task_id"] not in fresh] if path.exists() else []
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(sorted([*kept, *fresh.values()], key=lambda r: r["task_id"]), indent=1))
+    os.replace(temporary, path)
     return path

@@ -18,7 +18,15 @@ import pytest
 
 from sfcache.cli.main import main
 from sfcache.errors import SfcacheError
-from sfcache.libero_collect import SETTINGS, STAGING, CollectConfig, TaskFolder, task_file
+from sfcache.libero_collect import (
+    SETTINGS,
+    STAGING,
+    CollectConfig,
+    TaskFolder,
+    TaskReport,
+    task_file,
+    write_report,
+)
 from sfcache.libero_control import _rotation_vector, _yaw
 from sfcache.libero_render_depth import RenderDepthConfig
 from sfcache.libero_sim import Task
@@ -93,6 +101,19 @@ def test_a_resume_with_other_settings_names_the_out_field(tmp_path):
     noisy = TaskFolder(CollectConfig(suite="spatial", out=tmp_path, action_noise=0.3), task)
     with pytest.raises(SfcacheError, match=r"action_noise: has 0.0, asked 0.3\); use another CollectConfig.out$"):
         noisy.check_settings()
+
+
+def test_the_report_keeps_the_tasks_other_processes_collected(tmp_path):
+    config = CollectConfig(suite="spatial", out=tmp_path)
+
+    def report(task_id: int, demos: int) -> TaskReport:
+        return TaskReport("libero_spatial", task_id, f"task {task_id}", demos, demos, demos, 1.0, {}, 1.0, 2.0, "f")
+
+    write_report(config, [report(5, 3)])
+    write_report(config, [report(0, 2), report(2, 1)])
+    path = write_report(config, [report(5, 4)])  # task 5 again: its new report replaces the old one
+    assert [(r["task_id"], r["demos"]) for r in json.loads(path.read_text())] == [(0, 2), (2, 1), (5, 4)]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report_libero_spatial.json"]
 
 
 def test_render_depth_problems_name_config_fields_and_sf_prints_its_flags(tmp_path, capsys):
