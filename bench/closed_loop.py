@@ -4,7 +4,7 @@ Stages, each a real `sf` command that resumes where it stopped (so the run can b
 sessions; re-run the same command line):
 
 1. collect  `sf collect-libero --depth --action-noise S`: N scripted demonstrations per task (fresh
-            placements) at 128 px, with metric depth for the probe and noise-injected recoveries
+            placements) at 128 px, with metric depth for the probe (noise-injected recoveries with S > 0)
 2. extract  `sf extract --vggt random:tiny`: the SF arm's targets (random weights: this measures the
             pipeline, not what Spatial Forcing does with real VGGT features)
 3. train    `sf train` twice: SF (`--align-weight 0.5`, the cache) and the baseline (`--align-weight 0`)
@@ -102,7 +102,9 @@ def main() -> None:
     parser.add_argument("--suite", default="spatial")
     parser.add_argument("--tasks", default="0,2,5", help="tasks the controller solves (README's table)")
     parser.add_argument("--episodes", type=int, default=50, help="demonstrations per task")
-    parser.add_argument("--action-noise", type=float, default=0.3, help="collect-libero --action-noise")
+    parser.add_argument(
+        "--action-noise", type=float, default=0.0, help="collect-libero --action-noise (README: 0.3 hurt task 5)"
+    )
     parser.add_argument("--trials", type=int, default=20, help="evaluation episodes per task (protocol: 50)")
     parser.add_argument("--steps", type=int, default=28000, help="training steps per arm")
     parser.add_argument("--model-size", default="tiny")
