@@ -179,6 +179,10 @@ class PickPlace:
         z = max(box.low[2] + 0.5 * height, box.high[2] - 0.035)
         return np.array([box.center[0], box.center[1], z])
 
+    def _above_grasp(self) -> np.ndarray:
+        """Where the approach heads (and a re-grasp returns to): 8 cm above the grasp point."""
+        return self.grasp + np.array([0, 0, 0.08])
+
     def _gripper_yaw(self) -> float:
         """Yaw turn (rad) that puts the fingers (closing along world y) across the object's short side."""
         if self.is_bowl:
@@ -242,7 +246,7 @@ class PickPlace:
             return self._move(obs, eef, OPEN)
         object_box = self.scene.box(self.target)
         if self.phase == "approach":
-            above = self.grasp + np.array([0, 0, 0.08])
+            above = self._above_grasp()
             over = float(np.linalg.norm((eef - above)[:2])) < 0.015  # out of reach in height: go on from here
             if (self._reached(obs, above, 0.015) or (self._stalled(eef) and over)) and self.count > 3:
                 self._next("descend")
@@ -269,7 +273,7 @@ class PickPlace:
                 self.regrasps += 1
                 self.grasp = self._grasp_point()
                 self._next("approach")
-                return self._move(obs, self.grasp + np.array([0, 0, 0.08]), OPEN)
+                return self._move(obs, self._above_grasp(), OPEN)
             if eef[2] > carry_z - 0.02:
                 self._next("carry")
             return self._move(obs, lifted, CLOSE)
